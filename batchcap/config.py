@@ -1,0 +1,183 @@
+"""Frozen configuration objects, built once in the CLI layer and passed explicitly.
+
+Nothing in batchcap reads a module-level device, path or setting: every stage takes
+the dataclass that describes it. Each dataclass round-trips through ``to_dict`` /
+``from_dict`` so that it can be written beside outputs and into model files.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    """A JSON-ready dict of a config dataclass (tuples become lists)."""
+    return dataclasses.asdict(obj)
+
+
+def from_dict(cls: type[T], data: dict[str, Any]) -> T:
+    """Rebuild ``cls`` from ``data``, ignoring unknown keys and restoring tuples."""
+    known = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in known:
+            continue
+        if isinstance(value, list):
+            value = tuple(value)
+        kwargs[key] = value
+    return cls(**kwargs)  # type: ignore[call-arg]
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How pixels become the encoder's input tensor; stored in every model file.
+
+    ``resize`` is ``"squash"`` (resize to ``input_size`` ignoring the aspect ratio, as the
+    Keras tutorials and the shipped Flickr8k photos do) or ``"crop"`` (timm's: resize the
+    shorter side to ``size / crop_pct``, then centre-crop).
+    """
+
+    input_size: tuple[int, int, int] = (3, 299, 299)
+    resize: str = "squash"
+    interpolation: str = "bicubic"
+    crop_pct: float = 1.0
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+
+    def __post_init__(self) -> None:
+        if self.resize not in ("squash", "crop"):
+            raise ValueError(f"resize must be 'squash' or 'crop', not {self.resize!r}")
+        if len(self.input_size) != 3 or self.input_size[0] != 3:
+            raise ValueError(f"input_size must be (3, H, W), not {self.input_size!r}")
+
+    @property
+    def height(self) -> int:
+        return int(self.input_size[1])
+
+    @property
+    def width(self) -> int:
+        return int(self.input_size[2])
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """Which timm network extracts features, and where its weights come from.
+
+    ``weights`` is a local file (safetensors or a ``weights_only`` torch state dict);
+    ``None`` with ``pretrained=True`` means timm's download (online users only).
+    """
+
+    name: str = "legacy_xception"
+    weights: str | None = None
+    pretrained: bool = False
+    spatial: bool = True
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    """Hyper-parameters that rebuild the LSTM caption decoder."""
+
+    vocab_size: int
+    feature_dim: int = 2048
+    embed_dim: int = 256
+    hidden_dim: int = 512
+    num_layers: int = 1
+    dropout: float = 0.5
+    attention: bool = True
+    attention_dim: int = 512
+
+
+@dataclass(frozen=True)
+class BeamConfig:
+    """Caption search settings shared by ``run``, ``eval`` and ``bench``.
+
+    A hypothesis' score is ``sum(log p) / length ** length_penalty``; ``beam_size=1``
+    is greedy decoding.
+    """
+
+    beam_size: int = 5
+    max_len: int = 20
+    min_len: int = 1
+    length_penalty: float = 0.0
+    no_repeat_ngram: int = 0
+    n_best: int = 1
+
+    def __post_init__(self) -> None:
+        if self.beam_size < 1:
+            raise ValueError("beam size must be at least 1")
+        if self.max_len < 1 or self.min_len < 0 or self.min_len > self.max_len:
+            raise ValueError(
+                f"need 0 <= min_len <= max_len and max_len >= 1 (got {self.min_len}, {self.max_len})"
+            )
+        if not 1 <= self.n_best <= self.beam_size:
+            raise ValueError(f"n_best must be between 1 and the beam size ({self.beam_size})")
+        if self.no_repeat_ngram < 0:
+            raise ValueError("no_repeat_ngram must be >= 0")
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """Where and how tensors are computed: resolved device and precision, batching."""
+
+    device: str = "cpu"
+    precision: str = "fp32"  # resolved: fp32 | bf16 | fp16
+    batch_size: int = 32
+    workers: int = 2
+    channels_last: bool = True
+
+
+@dataclass(frozen=True)
+class ImagePolicy:
+    """What the input stage does to every file before it becomes pixels or a status."""
+
+    max_pixels: int = 89_478_485  # Pillow's own bomb threshold
+    background: tuple[int, int, int] = (255, 255, 255)
+    draft: bool = True
+    image_keys: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything ``batchcap run`` was asked to do, written beside its output."""
+
+    sources: tuple[str, ...]
+    out: str
+    format: str = "parquet"
+    files_from: str | None = None
+    shard_index: int = 0
+    shard_count: int = 1
+    overwrite: bool = False
+    incremental: bool = True
+    max_failures: str = "0.5"
+    commit_every: int = 512
+    log_every: float = 30.0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything ``batchcap train`` needs; stored in the model file's training record."""
+
+    data: str
+    out: str
+    format: str = "auto"
+    epochs: int = 20
+    batch_size: int = 64
+    lr: float = 4e-4
+    weight_decay: float = 1e-4
+    grad_clip: float = 5.0
+    warmup_steps: int = 200
+    min_word_count: int = 5
+    max_caption_len: int = 20
+    seed: int = 1234
+    cache_dir: str | None = None
+    resume: bool = False
+    augment: bool = False
+    finetune_encoder: bool = False
+    encoder_lr: float = 1e-5
+    val_beam_size: int = 3
+    val_images: int = 1000
+    patience: int = 4
+    extra: dict[str, Any] = field(default_factory=dict)

@@ -1,0 +1,111 @@
+"""The LSTM caption decoder (Show, Attend and Tell style), built around a step function.
+
+Image features enter twice, for different reasons:
+
+* their mean initialises the LSTM state ``(h, c)`` -- the network knows the whole
+  picture before it writes the first word (Show and Tell);
+* at every step, soft attention over the encoder's spatial map (``R`` regions) gives
+  a context vector fed with the word embedding -- each word can look at a different
+  part of the picture (Show, Attend and Tell). With ``attention=False`` the context is
+  the pooled feature at every step, which is the tutorial's "merge" model with state.
+
+``step`` carries ``(h, c)`` so a caption costs one LSTM step per word, never a re-run
+over the prefix. All state tensors are batch-first so a beam search can reorder them
+with one ``index_select`` each, without knowing what they are.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from batchcap.config import DecoderConfig
+
+# The decoder state: (h, c, memory, keys), every tensor (N, ...) batch-first.
+State = tuple[torch.Tensor, ...]
+
+
+class CaptionDecoder(nn.Module):
+    """Word-by-word caption generator conditioned on image features."""
+
+    def __init__(self, cfg: DecoderConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.attention_dim
+        self.feature_proj = nn.Linear(cfg.feature_dim, d)
+        self.init_h = nn.Linear(d, cfg.num_layers * cfg.hidden_dim)
+        self.init_c = nn.Linear(d, cfg.num_layers * cfg.hidden_dim)
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.embed_dim)
+        if cfg.attention:
+            self.att_key = nn.Linear(d, d)
+            self.att_query = nn.Linear(cfg.hidden_dim, d)
+            self.att_score = nn.Linear(d, 1)
+            self.att_gate = nn.Linear(cfg.hidden_dim, d)
+        cells = [nn.LSTMCell(cfg.embed_dim + d, cfg.hidden_dim)]
+        cells += [nn.LSTMCell(cfg.hidden_dim, cfg.hidden_dim) for _ in range(cfg.num_layers - 1)]
+        self.cells = nn.ModuleList(cells)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.out = nn.Linear(cfg.hidden_dim, cfg.vocab_size)
+
+    # -- state ---------------------------------------------------------------------------
+    def init_state(self, features: torch.Tensor) -> State:
+        """Initial state from encoder features ``(N, R, F)`` or pooled ``(N, F)``."""
+        features = features.float()
+        if features.dim() == 2:
+            features = features[:, None, :]  # (N, 1, F)
+        memory = F.relu(self.feature_proj(features))  # (N, R, D)
+        mean = memory.mean(dim=1)  # (N, D)
+        n, layers, hid = memory.shape[0], self.cfg.num_layers, self.cfg.hidden_dim
+        h = torch.tanh(self.init_h(mean)).view(n, layers, hid)  # (N, L, H)
+        c = torch.tanh(self.init_c(mean)).view(n, layers, hid)  # (N, L, H)
+        keys = self.att_key(memory) if self.cfg.attention else memory[:, :0]  # (N, R, D) or empty
+        return (h, c, memory, keys)
+
+    def _context(self, h_top: torch.Tensor, memory: torch.Tensor, keys: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if not self.cfg.attention:
+            return memory.mean(dim=1), None  # (N, D)
+        scores = self.att_score(torch.tanh(keys + self.att_query(h_top)[:, None, :]))  # (N, R, 1)
+        alpha = torch.softmax(scores.squeeze(-1), dim=1)  # (N, R)
+        context = torch.bmm(alpha[:, None, :], memory).squeeze(1)  # (N, D)
+        context = torch.sigmoid(self.att_gate(h_top)) * context  # gated, as in SAT
+        return context, alpha
+
+    def _advance(self, tokens: torch.Tensor, state: State
+                 ) -> tuple[torch.Tensor, State, torch.Tensor | None]:
+        h, c, memory, keys = state
+        context, alpha = self._context(h[:, -1], memory, keys)
+        x = torch.cat([self.embed(tokens), context], dim=1)  # (N, E + D)
+        hs, cs = [], []
+        for layer, cell in enumerate(self.cells):
+            h_l, c_l = cell(x, (h[:, layer], c[:, layer]))  # (N, H) each
+            hs.append(h_l)
+            cs.append(c_l)
+            x = self.dropout(h_l) if layer + 1 < len(self.cells) else h_l
+        logits = self.out(self.dropout(x))  # (N, V)
+        return logits, (torch.stack(hs, 1), torch.stack(cs, 1), memory, keys), alpha
+
+    # -- inference -----------------------------------------------------------------------
+    def step(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        """One word for each of N hypotheses: fp32 log-probabilities ``(N, V)`` and new state."""
+        logits, state, _ = self._advance(tokens, state)
+        return torch.log_softmax(logits.float(), dim=-1), state
+
+    # -- training ------------------------------------------------------------------------
+    def forward(self, features: torch.Tensor, captions: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Teacher-forced logits ``(N, T-1, V)`` for ``captions`` ``(N, T)`` = ``<start> w1 .. <end> <pad>..``.
+
+        Also returns the attention weights ``(N, T-1, R)`` (``None`` without attention),
+        which training uses for the doubly stochastic regulariser.
+        """
+        state = self.init_state(features)
+        steps = captions.shape[1] - 1
+        logits, alphas = [], []
+        for t in range(steps):
+            step_logits, state, alpha = self._advance(captions[:, t], state)
+            logits.append(step_logits)
+            if alpha is not None:
+                alphas.append(alpha)
+        stacked_alpha = torch.stack(alphas, 1) if alphas else None
+        return torch.stack(logits, 1), stacked_alpha

@@ -1,0 +1,266 @@
+"""The self-describing model file: one ``.safetensors`` with decoder weights + JSON metadata.
+
+Layout (format version 1):
+
+* tensors ``decoder.*`` -- the caption decoder's state dict (fp32 or fp16);
+  optionally ``encoder.*`` -- the encoder's own weights, when embedded;
+* metadata key ``batchcap.format`` = ``"batchcap-model"``, ``batchcap.format_version`` = ``"1"``,
+  and ``batchcap.meta`` = a JSON document holding everything needed to rebuild and trust
+  the model: encoder name and weights identity, resolved preprocessing, decoder
+  hyper-parameters, vocabulary, caption length, training summary and metrics, and
+  ``tensors_sha256`` -- a hash over every tensor's name, dtype, shape and bytes.
+
+Loading reads the header with plain JSON, never unpickles, and refuses files that are
+not batchcap models, come from a newer format, are truncated or corrupt.
+Saving writes a temp file beside the target and ``os.replace``s it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from batchcap.config import DecoderConfig, Preprocess, from_dict, to_dict
+from batchcap.text import Vocabulary
+
+FORMAT_NAME = "batchcap-model"
+FORMAT_VERSION = 1
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+class ModelFileError(Exception):
+    """A model file that cannot be used, with a message that says why and what to do."""
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """Which encoder produced the training features, so captioning uses the same one.
+
+    ``weights_sha256`` identifies the local weights file (``None`` for timm's pretrained
+    download, identified by ``pretrained_tag``); ``weights_file`` is the file name to
+    look for beside the model file and among the packaged assets.
+    """
+
+    name: str = "legacy_xception"
+    pretrained_tag: str | None = None
+    weights_sha256: str | None = None
+    weights_file: str | None = None
+    spatial: bool = True
+    feature_dim: int = 2048
+
+
+@dataclass
+class CaptionModel:
+    """A loaded model file: configs, vocabulary and tensors, ready to build modules from."""
+
+    encoder: EncoderSpec
+    preprocess: Preprocess
+    decoder: DecoderConfig
+    vocab: Vocabulary
+    max_caption_len: int
+    decoder_state: dict[str, torch.Tensor]
+    encoder_state: dict[str, torch.Tensor] | None = None
+    training: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    name: str = "batchcap-model"
+    tensors_sha256: str = ""
+    path: str | None = None
+
+    @property
+    def identity(self) -> str:
+        """``name@hash12``: what the output's ``model`` column records."""
+        return f"{self.name}@{self.tensors_sha256[:12]}"
+
+    def metadata(self) -> dict[str, Any]:
+        """The JSON document stored in the file (and printed by ``batchcap info``)."""
+        return {
+            "name": self.name,
+            "encoder": to_dict(self.encoder),
+            "preprocess": to_dict(self.preprocess),
+            "decoder": to_dict(self.decoder),
+            "vocabulary": list(self.vocab.words),
+            "special_tokens": {"pad": 0, "start": 1, "end": 2, "unk": 3},
+            "max_caption_len": self.max_caption_len,
+            "training": self.training,
+            "metrics": self.metrics,
+            "tensors_sha256": self.tensors_sha256,
+            "encoder_embedded": self.encoder_state is not None,
+        }
+
+    def build_decoder(self) -> "torch.nn.Module":
+        """The decoder module with this file's weights, in eval mode, fp32."""
+        from batchcap.decoder import CaptionDecoder
+
+        module = CaptionDecoder(self.decoder)
+        module.load_state_dict({k: v.float() for k, v in self.decoder_state.items()})
+        return module.eval()
+
+
+def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    """Hash of every tensor's name, dtype, shape and bytes, independent of file layout."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous().cpu()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+def file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
+    """sha256 of a file's bytes (the identity of a local encoder weights file)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike[str],
+                            metadata: dict[str, str]) -> None:
+    """Write ``tensors`` to ``path`` via a temp file in the same folder + ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_model(model: CaptionModel, path: str | os.PathLike[str], half: bool = False) -> CaptionModel:
+    """Save ``model`` atomically; ``half=True`` stores floating tensors as fp16.
+
+    Returns the model with ``tensors_sha256`` set to the hash of what was written.
+    """
+    tensors = {f"decoder.{k}": (v.half() if half and v.is_floating_point() else v)
+               for k, v in model.decoder_state.items()}
+    if model.encoder_state is not None:
+        tensors.update({f"encoder.{k}": v for k, v in model.encoder_state.items()})
+    model.tensors_sha256 = tensors_sha256(tensors)
+    metadata = {
+        "batchcap.format": FORMAT_NAME,
+        "batchcap.format_version": str(FORMAT_VERSION),
+        "batchcap.meta": json.dumps(model.metadata(), sort_keys=True),
+    }
+    atomic_save_safetensors(tensors, path, metadata)
+    return model
+
+
+def read_header(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The safetensors JSON header of ``path``, after checking the file is complete.
+
+    Raises ``ModelFileError`` for a missing, non-safetensors, truncated or padded file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"{path}: no such model file")
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        raw_len = fh.read(8)
+        if len(raw_len) < 8:
+            raise ModelFileError(f"{path}: not a batchcap model file (too short to be safetensors)")
+        (header_len,) = struct.unpack("<Q", raw_len)
+        if header_len > min(_MAX_HEADER, size - 8):
+            raise ModelFileError(
+                f"{path}: not a batchcap model file, or truncated (header claims {header_len} bytes, "
+                f"file has {size}); re-download or re-train it")
+        raw_header = fh.read(header_len)
+    try:
+        header = json.loads(raw_header)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelFileError(f"{path}: not a batchcap model file (header is not safetensors JSON)") from exc
+    if not isinstance(header, dict):
+        raise ModelFileError(f"{path}: not a batchcap model file (unexpected header)")
+    data_end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    expected = 8 + header_len + data_end
+    if size < expected:
+        raise ModelFileError(
+            f"{path}: truncated model file ({size} of {expected} bytes); re-download or re-train it")
+    if size > expected:
+        raise ModelFileError(f"{path}: corrupt model file ({size - expected} unexpected trailing bytes)")
+    return header
+
+
+def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The batchcap metadata document of a model file, without loading tensors."""
+    header = read_header(path)
+    meta = header.get("__metadata__") or {}
+    if meta.get("batchcap.format") != FORMAT_NAME:
+        raise ModelFileError(
+            f"{path}: not a batchcap model file (a safetensors file without batchcap metadata; "
+            "encoder weights go to --encoder-weights, models to --model)")
+    try:
+        version = int(meta.get("batchcap.format_version", ""))
+    except ValueError as exc:
+        raise ModelFileError(f"{path}: corrupt model file (bad format version)") from exc
+    if version > FORMAT_VERSION:
+        raise ModelFileError(
+            f"{path}: model format version {version} is newer than this batchcap understands "
+            f"({FORMAT_VERSION}); upgrade batchcap (pip install -U batchcap)")
+    try:
+        return json.loads(meta["batchcap.meta"])
+    except (KeyError, json.JSONDecodeError) as exc:
+        raise ModelFileError(f"{path}: corrupt model file (unreadable batchcap metadata)") from exc
+
+
+def load_model(path: str | os.PathLike[str], verify: bool = True) -> CaptionModel:
+    """Load and validate a model file; never executes code from it."""
+    meta = read_metadata(path)
+    try:
+        tensors = load_file(str(path))
+    except Exception as exc:  # safetensors raises its own error types
+        raise ModelFileError(f"{path}: corrupt model file ({exc})") from exc
+    if verify and tensors_sha256(tensors) != meta.get("tensors_sha256"):
+        raise ModelFileError(
+            f"{path}: corrupt model file (tensor checksum does not match the one recorded); "
+            "re-download or re-train it")
+    try:
+        vocab = Vocabulary(tuple(meta["vocabulary"]))
+        decoder = from_dict(DecoderConfig, meta["decoder"])
+        model = CaptionModel(
+            name=meta.get("name", "batchcap-model"),
+            encoder=from_dict(EncoderSpec, meta["encoder"]),
+            preprocess=from_dict(Preprocess, meta["preprocess"]),
+            decoder=decoder,
+            vocab=vocab,
+            max_caption_len=int(meta["max_caption_len"]),
+            decoder_state={k[len("decoder."):]: v for k, v in tensors.items() if k.startswith("decoder.")},
+            encoder_state={k[len("encoder."):]: v for k, v in tensors.items() if k.startswith("encoder.")}
+            or None,
+            training=meta.get("training", {}),
+            metrics=meta.get("metrics", {}),
+            tensors_sha256=meta.get("tensors_sha256", ""),
+            path=str(path),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ModelFileError(f"{path}: corrupt model file (metadata incomplete: {exc})") from exc
+    if len(vocab) != decoder.vocab_size:
+        raise ModelFileError(
+            f"{path}: corrupt model file (vocabulary has {len(vocab)} words, decoder expects "
+            f"{decoder.vocab_size})")
+    return model
+
+
+def check_encoder_weights(model: CaptionModel, weights_path: str | os.PathLike[str]) -> str:
+    """Refuse encoder weights whose sha256 differs from the one the model was trained with."""
+    digest = file_sha256(weights_path)
+    expected = model.encoder.weights_sha256
+    if expected and digest != expected:
+        raise ModelFileError(
+            f"encoder weights {weights_path} (sha256 {digest[:12]}…) are not the ones this model was "
+            f"trained with (sha256 {expected[:12]}…, file {model.encoder.weights_file or '?'}); "
+            "pass the matching --encoder-weights or retrain the decoder on these weights")
+    return digest

@@ -1,0 +1,97 @@
+"""Caption text: the one normalisation function, and the vocabulary.
+
+``normalize_caption`` is used by training (to build targets), evaluation (before
+scoring) and captioning (to detokenise), so the three can never disagree.
+"""
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections import Counter
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
+SPECIAL_TOKENS = (PAD, START, END, UNK)
+
+_NON_WORD = re.compile(r"[^a-z0-9' ]+")
+_SPACES = re.compile(r"\s+")
+
+
+def normalize_caption(text: str) -> list[str]:
+    """Lower-case, strip accents and punctuation, split on whitespace.
+
+    Keeps letters, digits and apostrophes inside words ("man's"); drops tokens that
+    are only apostrophes and single-letter tokens other than "a" (Flickr8k's stray
+    "s" left from "man 's" is folded back onto its word).
+    """
+    text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii")
+    text = text.lower().replace("-", " ")
+    text = _NON_WORD.sub(" ", text)
+    words: list[str] = []
+    for word in _SPACES.split(text.strip()):
+        word = word.strip("'")
+        if not word:
+            continue
+        if len(word) == 1 and word not in ("a",) and not word.isdigit():
+            if word == "s" and words:
+                words[-1] = words[-1] + "s"
+            continue
+        words.append(word)
+    return words
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """Word <-> id mapping; ids 0..3 are ``<pad> <start> <end> <unk>``."""
+
+    words: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if self.words[: len(SPECIAL_TOKENS)] != SPECIAL_TOKENS:
+            raise ValueError(f"vocabulary must start with {SPECIAL_TOKENS}")
+        object.__setattr__(self, "_index", {w: i for i, w in enumerate(self.words)})
+
+    @classmethod
+    def build(cls, captions: Iterable[Sequence[str]], min_count: int = 5) -> "Vocabulary":
+        """Words seen at least ``min_count`` times, most frequent first (ties by word)."""
+        counts = Counter(word for caption in captions for word in caption)
+        kept = sorted((w for w, c in counts.items() if c >= min_count and w not in SPECIAL_TOKENS),
+                      key=lambda w: (-counts[w], w))
+        return cls(SPECIAL_TOKENS + tuple(kept))
+
+    def __len__(self) -> int:
+        return len(self.words)
+
+    @property
+    def pad_id(self) -> int:
+        return 0
+
+    @property
+    def start_id(self) -> int:
+        return 1
+
+    @property
+    def end_id(self) -> int:
+        return 2
+
+    @property
+    def unk_id(self) -> int:
+        return 3
+
+    def encode(self, words: Sequence[str]) -> list[int]:
+        """Word ids of ``words`` (unknown words become ``<unk>``); no start/end added."""
+        index = self._index  # type: ignore[attr-defined]
+        return [index.get(w, 3) for w in words]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """The caption text of ``ids``, stopping at ``<end>`` and dropping specials."""
+        out = []
+        for i in ids:
+            i = int(i)
+            if i == self.end_id:
+                break
+            if i < len(SPECIAL_TOKENS):
+                continue
+            out.append(self.words[i])
+        return " ".join(out)
