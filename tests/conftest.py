@@ -1,0 +1,85 @@
+"""Shared fixtures: tiny random-weight models, generated images, and the optional ../shared data."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from batchcap.config import DecoderConfig, Preprocess
+from batchcap.decoder import CaptionDecoder
+from batchcap.modelfile import CaptionModel, EncoderSpec, save_model
+from batchcap.text import SPECIAL_TOKENS, Vocabulary
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("BATCHCAP_SHARED", REPO.parent / "shared"))
+TINY_WORDS = ("a", "dog", "cat", "man", "runs", "on", "the", "grass", "red", "blue", "ball", "in", "water")
+
+
+def shared_path(*parts: str) -> Path:
+    """A path inside ../shared, or skip the test when it is absent (a user's clone has none)."""
+    path = SHARED.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"{path} not present (../shared is only on the project's machines)")
+    return path
+
+
+def make_tiny_model(path: Path, seed: int = 0, attention: bool = True, name: str = "tiny") -> CaptionModel:
+    """A complete model file with a random ``test_efficientnet`` encoder embedded (64x64 input)."""
+    import timm
+
+    torch.manual_seed(seed)
+    encoder = timm.create_model("test_efficientnet", num_classes=0).eval()
+    vocab = Vocabulary(SPECIAL_TOKENS + TINY_WORDS)
+    cfg = DecoderConfig(vocab_size=len(vocab), feature_dim=encoder.num_features, embed_dim=16,
+                        hidden_dim=32, attention=attention, attention_dim=16, dropout=0.0)
+    decoder = CaptionDecoder(cfg)
+    with torch.no_grad():  # make <end> likely enough that random captions end
+        decoder.out.bias[vocab.end_id] += 1.5
+    model = CaptionModel(
+        name=name,
+        encoder=EncoderSpec(name="test_efficientnet", spatial=True, feature_dim=encoder.num_features),
+        preprocess=Preprocess(input_size=(3, 64, 64), resize="squash", interpolation="bilinear",
+                              mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)),
+        decoder=cfg,
+        vocab=vocab,
+        max_caption_len=12,
+        decoder_state=decoder.state_dict(),
+        encoder_state=encoder.state_dict(),
+        training={"data": "random weights (test fixture)"},
+    )
+    return save_model(model, path)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Path of a tiny random-weight model file (embedded encoder), shared by the session."""
+    path = tmp_path_factory.mktemp("models") / "tiny.safetensors"
+    make_tiny_model(path)
+    return path
+
+
+def write_images(folder: Path, count: int, size: tuple[int, int] = (48, 40), seed: int = 0,
+                 fmt: str = "JPEG", prefix: str = "img") -> list[Path]:
+    """``count`` small random-noise pictures in ``folder`` (created), returned in name order."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    ext = {"JPEG": "jpg", "PNG": "png"}[fmt]
+    for i in range(count):
+        array = rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
+        path = folder / f"{prefix}{i:05d}.{ext}"
+        Image.fromarray(array).save(path, format=fmt)
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> Path:
+    """A folder of 20 small JPEGs."""
+    folder = tmp_path / "photos"
+    write_images(folder, 20)
+    return folder

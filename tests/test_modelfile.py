@@ -1,0 +1,108 @@
+"""The model file: round trip, and each refusal with its message."""
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from batchcap.modelfile import (FORMAT_VERSION, ModelFileError, check_encoder_weights, load_model,
+                                read_metadata, save_model)
+from conftest import make_tiny_model
+
+
+def test_round_trip_keeps_tensors_and_metadata(tmp_path: Path) -> None:
+    saved = make_tiny_model(tmp_path / "m.safetensors", seed=3)
+    loaded = load_model(tmp_path / "m.safetensors")
+    assert loaded.metadata() == saved.metadata()
+    assert set(loaded.decoder_state) == set(saved.decoder_state)
+    for key, tensor in saved.decoder_state.items():
+        assert torch.equal(loaded.decoder_state[key], tensor)
+    assert loaded.encoder_state is not None and saved.encoder_state is not None
+    for key, tensor in saved.encoder_state.items():
+        assert torch.equal(loaded.encoder_state[key], tensor)
+    assert loaded.identity.startswith("tiny@") and len(loaded.tensors_sha256) == 64
+    decoder = loaded.build_decoder()
+    assert not decoder.training
+
+
+def test_save_is_atomic_and_leaves_no_temp_files(tmp_path: Path) -> None:
+    make_tiny_model(tmp_path / "m.safetensors")
+    make_tiny_model(tmp_path / "m.safetensors", seed=1)  # overwrite in place
+    assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]
+
+
+def test_refuses_a_file_that_is_not_a_model(tmp_path: Path) -> None:
+    plain = tmp_path / "weights.safetensors"
+    save_file({"x": torch.zeros(3)}, plain)
+    with pytest.raises(ModelFileError, match="not a batchcap model file"):
+        load_model(plain)
+    text = tmp_path / "notes.txt"
+    text.write_text("hello, I am not a model at all")
+    with pytest.raises(ModelFileError, match="not a batchcap model file"):
+        load_model(text)
+
+
+def test_refuses_a_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ModelFileError, match="no such model file"):
+        load_model(tmp_path / "nope.safetensors")
+
+
+def test_refuses_a_truncated_file(tmp_path: Path) -> None:
+    path = tmp_path / "m.safetensors"
+    make_tiny_model(path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 1000])
+    with pytest.raises(ModelFileError, match="truncated"):
+        load_model(path)
+
+
+def test_refuses_flipped_bytes(tmp_path: Path) -> None:
+    path = tmp_path / "m.safetensors"
+    make_tiny_model(path)
+    data = bytearray(path.read_bytes())
+    data[-10] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(ModelFileError, match="checksum"):
+        load_model(path)
+
+
+def _rewrite_metadata(path: Path, change) -> None:
+    data = path.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + n])
+    change(header["__metadata__"])
+    raw = json.dumps(header).encode()
+    raw += b" " * ((8 - len(raw) % 8) % 8)
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n:])
+
+
+def test_refuses_a_newer_format_version(tmp_path: Path) -> None:
+    path = tmp_path / "m.safetensors"
+    make_tiny_model(path)
+    _rewrite_metadata(path, lambda m: m.update({"batchcap.format_version": str(FORMAT_VERSION + 1)}))
+    with pytest.raises(ModelFileError, match="newer than this batchcap"):
+        read_metadata(path)
+
+
+def test_refuses_encoder_weights_with_another_hash(tmp_path: Path) -> None:
+    model = make_tiny_model(tmp_path / "m.safetensors")
+    weights = tmp_path / "enc.safetensors"
+    save_file({"w": torch.ones(2)}, weights)
+    model.encoder = type(model.encoder)(**{**model.encoder.__dict__, "weights_sha256": "0" * 64,
+                                           "weights_file": "enc.safetensors"})
+    with pytest.raises(ModelFileError, match="not the ones this model was trained with"):
+        check_encoder_weights(model, weights)
+
+
+def test_package_never_unpickles() -> None:
+    package = Path(__file__).resolve().parents[1] / "batchcap"
+    for source in package.rglob("*.py"):
+        text = source.read_text()
+        assert "import pickle" not in text and "pickle.load" not in text, source
+        for line in text.splitlines():
+            if "torch.load(" in line:
+                assert "weights_only=True" in line, f"{source}: {line.strip()}"
