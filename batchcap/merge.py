@@ -9,8 +9,9 @@ when:
 * the parts do not share one schema or one format;
 * an id occurs more than once (within a part or across parts);
 * the parts were made with different models or caption settings (the ``model`` column,
-  and the run configuration stored in Parquet metadata key ``batchcap`` or beside a JSONL
-  file as ``<part>.meta.json``, minus the keys that legitimately differ per shard);
+  and the ``resume_settings`` of the run configuration stored in Parquet metadata key
+  ``batchcap`` or beside a JSONL file as ``<part>.meta.json``, minus the keys that
+  legitimately differ per shard);
 * the row count or the ids do not match what the caller expected (``expected_count``,
   ``expected_ids`` from an input listing).
 
@@ -294,8 +295,17 @@ def _check_same_schema(infos: list[_Part]) -> None:
 
 
 def _settings(config: dict[str, Any]) -> dict[str, Any]:
-    """The run configuration minus the keys that differ per part (see PER_PART_KEYS)."""
-    return {k: (_settings(v) if isinstance(v, dict) else v)
+    """What must agree between parts: the metadata's ``resume_settings`` (the settings
+    ``batchcap run`` refuses to resume across) and format when present, else the whole
+    configuration; minus the keys that differ per part by design (PER_PART_KEYS)."""
+    if isinstance(config.get("resume_settings"), dict):
+        config = {"resume_settings": config["resume_settings"], "format": config.get("format"),
+                  "schema_version": config.get("schema_version")}
+    return _without_per_part(config)
+
+
+def _without_per_part(config: dict[str, Any]) -> dict[str, Any]:
+    return {k: (_without_per_part(v) if isinstance(v, dict) else v)
             for k, v in config.items() if k not in PER_PART_KEYS}
 
 
@@ -380,6 +390,9 @@ def _merged_meta(infos: list[_Part]) -> dict[str, Any] | None:
     if config is None:
         return None
     meta = {k: v for k, v in config.items() if k not in ("shard", "shards", "out", "output")}
+    if isinstance(meta.get("run_config"), dict):  # as batchcap.sink writes it
+        meta["run_config"] = {k: v for k, v in meta["run_config"].items()
+                              if k not in ("shard", "shards", "out", "output")}
     meta["merge"] = {"parts": [info.name for info in infos], "rows": sum(i.rows for i in infos)}
     return meta
 

@@ -200,3 +200,26 @@ def test_mixed_formats_and_output_among_parts_refused(parquet_parts: list[Path],
     assert_refused([parquet_parts[0], j], tmp_path / "m.parquet", "jsonl but the output is parquet")
     with pytest.raises(MergeError, match="also given as a part"):
         merge_outputs([str(p) for p in parquet_parts], str(parquet_parts[0]))
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "jsonl"])
+def test_parts_written_by_the_sink(tmp_path: Path, fmt: str) -> None:
+    """Real part outputs: per-shard run_config differs, resume_settings must agree."""
+    sink = pytest.importorskip("batchcap.sink")
+
+    def part(k: int, ids: list[str], beam: int = 3) -> Path:
+        out = tmp_path / f"part-{k}.{fmt}"
+        store = sink.OutputStore.open(out, None, resume_settings={"model": "tiny@abc123", "beam_size": beam},
+                                      run_config={"shard": f"{k}/2", "input": "/data"}, commit_every=2)
+        store.add({key: value for key, value in row.items() if key != "created_at"} for row in rows(ids))
+        store.finalize()
+        return out
+
+    parts = [part(0, ids_of(0, 5)), part(1, ids_of(5, 9))]
+    out = tmp_path / f"merged.{fmt}"
+    report = merge_outputs([str(p) for p in parts], str(out), expected_parts=2, expected_count=9)
+    assert report.rows == 9
+    meta = sink.read_output_meta(out)
+    assert meta["resume_settings"]["beam_size"] == 3 and "shard" not in meta["run_config"]
+    part(2, ids_of(9, 10), beam=5)
+    assert_refused([*parts, tmp_path / f"part-2.{fmt}"], tmp_path / f"m2.{fmt}", "beam_size: 3 vs 5")
