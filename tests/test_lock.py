@@ -1,0 +1,63 @@
+"""The output lock, exercised with real processes (flock is per open file, so threads won't do)."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from batchcap.lock import LockHeld, hold_lock, lock_path_for
+
+HOLDER = """
+import sys, time
+from batchcap.lock import hold_lock
+with hold_lock(sys.argv[1]):
+    print("locked", flush=True)
+    time.sleep(60)
+"""
+
+
+def start_holder(out: Path) -> subprocess.Popen[str]:
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(out)], stdout=subprocess.PIPE, text=True,
+                            cwd=Path(__file__).resolve().parents[1])
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+def test_lock_is_exclusive_and_released_on_exit(tmp_path: Path) -> None:
+    out = tmp_path / "captions.parquet"
+    with hold_lock(out) as path:
+        assert path == lock_path_for(out) and path.exists()
+    with hold_lock(out):  # released: can be taken again
+        pass
+    assert lock_path_for(out).exists()  # kept on purpose (deleting a flock'd file races)
+
+
+def test_second_holder_fails_fast_with_who_holds_it(tmp_path: Path) -> None:
+    out = tmp_path / "captions.parquet"
+    proc = start_holder(out)
+    try:
+        start = time.monotonic()
+        with pytest.raises(LockHeld) as info:
+            with hold_lock(out):
+                pass
+        assert time.monotonic() - start < 1.0
+        message = str(info.value)
+        assert f"pid {proc.pid}" in message and "another batchcap run" in message and str(out) in message
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_lock_of_killed_holder_never_blocks(tmp_path: Path) -> None:
+    out = tmp_path / "captions.parquet"
+    proc = start_holder(out)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    with hold_lock(out):  # the kernel released it when the holder died
+        assert f"{os.getpid()}" in lock_path_for(out).read_text()

@@ -1,0 +1,288 @@
+"""OutputStore: parts, resume state, refusal, overwrite, incremental merge, atomic finalize."""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+import pytest
+
+from batchcap.sink import (COLUMNS, SCHEMA, OutputStore, ResumeRefused, infer_format, meta_path_for,
+                           read_output_meta, work_dir_for)
+
+SETTINGS = {"model": "tiny@0123456789ab", "beam_size": 3, "max_len": 12, "min_len": 1, "n_best": 1}
+CONFIG = {"sources": ["photos/"], "workers": 1, "resume_settings": SETTINGS}
+
+
+def row(i: int, status: str = "ok", caption: str | None = None, size: int | None = 100,
+        mtime_ns: int | None = 1_000) -> dict[str, Any]:
+    ok = status == "ok"
+    return {
+        "id": f"img{i:05d}.jpg", "source": f"photos/img{i:05d}.jpg",
+        "caption": (caption or f"a dog number {i}") if ok else None,
+        "score": -1.25 if ok else None,
+        "n_best": [{"caption": "a dog", "score": -1.25}, {"caption": "a cat", "score": -2.5}] if ok else None,
+        "status": status, "error": None if ok else f"{status}: boom",
+        "width": 48, "height": 40, "size": size, "mtime_ns": mtime_ns,
+        "model": SETTINGS["model"],
+        "created_at": dt.datetime(2026, 1, 2, 3, 4, 5, 678000, tzinfo=dt.timezone.utc),
+    }
+
+
+def read_rows(out: Path, fmt: str) -> list[dict[str, Any]]:
+    if fmt == "parquet":
+        return pq.read_table(out).to_pylist()
+    lines = out.read_text(encoding="utf-8").splitlines()
+    return [json.loads(line) for line in lines]
+
+
+def open_store(out: Path, fmt: str, settings: dict[str, Any] = SETTINGS, overwrite: bool = False,
+               commit_every: int = 4) -> OutputStore:
+    return OutputStore.open(out, fmt, settings, CONFIG, overwrite=overwrite, commit_every=commit_every)
+
+
+@pytest.fixture(params=["parquet", "jsonl"])
+def fmt(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture
+def out(tmp_path: Path, fmt: str) -> Path:
+    return tmp_path / f"captions.{fmt}"
+
+
+def parts_of(out: Path) -> list[str]:
+    return sorted(p.name for p in work_dir_for(out).glob("part-*.parquet"))
+
+
+def test_commits_parts_and_reopen_knows_done(out: Path, fmt: str) -> None:
+    store = open_store(out, fmt)
+    assert store.done == {} and store.previous_rows == 0
+    store.add([row(i) for i in range(3)])
+    assert parts_of(out) == []  # below commit_every: still buffered
+    store.add([row(3), row(4, status="corrupt")])
+    assert len(parts_of(out)) == 1
+    store.add([row(5)])  # buffered, lost by the "kill" below
+    del store
+
+    again = open_store(out, fmt)
+    assert set(again.done) == {f"img{i:05d}.jpg" for i in range(5)}
+    assert again.done["img00004.jpg"] == (100, 1_000)
+    assert again.previous_rows == 5
+    again.add([row(5)])
+    again.commit()
+    again.commit()  # nothing buffered: no empty part
+    names = parts_of(out)
+    assert len(names) == 2 and names[0].startswith("part-00000001-") and names[1].startswith("part-00000002-")
+
+
+def test_finalize_writes_readable_output_and_cleans_up(out: Path, fmt: str) -> None:
+    store = open_store(out, fmt)
+    store.add([row(i) for i in range(10)] + [row(10, status="corrupt")])
+    summary = store.finalize()
+    assert (summary.rows_total, summary.rows_new, summary.rows_replaced) == (11, 11, 0)
+    assert summary.path == str(out)
+    assert not work_dir_for(out).exists()
+    assert not list(out.parent.glob("*.tmp-*"))
+    rows = read_rows(out, fmt)
+    assert [r["id"] for r in rows] == [f"img{i:05d}.jpg" for i in range(11)]
+    assert rows[10]["status"] == "corrupt" and rows[10]["caption"] is None and rows[10]["score"] is None
+    assert rows[0]["n_best"] == [{"caption": "a dog", "score": -1.25}, {"caption": "a cat", "score": -2.5}]
+    if fmt == "parquet":
+        assert pq.read_schema(out).remove_metadata().equals(SCHEMA)
+        assert rows[0]["created_at"] == dt.datetime(2026, 1, 2, 3, 4, 5, 678000, tzinfo=dt.timezone.utc)
+    else:
+        assert list(rows[0]) == list(COLUMNS)
+        assert rows[0]["created_at"] == "2026-01-02T03:04:05.678Z"
+
+
+def test_run_config_is_stored_with_the_output(out: Path, fmt: str) -> None:
+    store = open_store(out, fmt)
+    store.add([row(0)])
+    store.finalize()
+    if fmt == "parquet":
+        meta = json.loads(pq.read_schema(out).metadata[b"batchcap"])
+    else:
+        meta = json.loads(meta_path_for(out).read_text())
+        for line in out.read_text().splitlines():  # the .jsonl itself holds rows only
+            assert set(json.loads(line)) == set(COLUMNS)
+    assert meta["run_config"] == CONFIG
+    assert meta["resume_settings"] == SETTINGS
+    assert meta["format"] == fmt
+    assert read_output_meta(out) == meta
+
+
+def test_refuses_changed_settings_naming_them(out: Path, fmt: str) -> None:
+    store = open_store(out, fmt)
+    store.add([row(i) for i in range(4)])  # committed, run unfinished
+    changed = {**SETTINGS, "beam_size": 5}
+    with pytest.raises(ResumeRefused, match=r"beam_size: 3 -> 5.*--overwrite"):
+        open_store(out, fmt, changed)
+    open_store(out, fmt).finalize()  # same settings: fine; now only the final output holds them
+    assert not work_dir_for(out).exists()
+    with pytest.raises(ResumeRefused, match=r"beam_size: 3 -> 5"):
+        open_store(out, fmt, changed)
+    with pytest.raises(ResumeRefused, match=r"new_option: null -> true"):
+        open_store(out, fmt, {**SETTINGS, "new_option": True})
+
+
+def test_refuses_foreign_or_unreadable_output(out: Path, fmt: str) -> None:
+    out.write_text("not ours\n")
+    with pytest.raises(ResumeRefused, match="--overwrite"):
+        open_store(out, fmt)
+    store = open_store(out, fmt, overwrite=True)
+    assert store.done == {}
+
+
+def test_overwrite_starts_over(out: Path, fmt: str) -> None:
+    store = open_store(out, fmt)
+    store.add([row(i) for i in range(6)])
+    store.finalize()
+    store = open_store(out, fmt)
+    store.add([row(i) for i in range(6, 10)])  # an unfinished second run
+    changed = {**SETTINGS, "beam_size": 5}
+    fresh = open_store(out, fmt, changed, overwrite=True)
+    assert fresh.done == {} and fresh.previous_rows == 0
+    assert not out.exists() and parts_of(out) == []
+    fresh.add([row(100)])
+    fresh.finalize()
+    assert [r["id"] for r in read_rows(out, fmt)] == ["img00100.jpg"]
+    assert open_store(out, fmt, changed).done == {"img00100.jpg": (100, 1_000)}
+
+
+def test_incremental_finalize_replaces_by_id(out: Path, fmt: str) -> None:
+    store = open_store(out, fmt)
+    store.add([row(i) for i in range(8)])
+    store.finalize()
+
+    store = open_store(out, fmt)
+    assert len(store.done) == 8
+    store.add([row(3, caption="a changed picture", size=200, mtime_ns=2_000), row(8), row(9)])
+    summary = store.finalize()
+    assert (summary.rows_total, summary.rows_new, summary.rows_replaced) == (10, 2, 1)
+    rows = read_rows(out, fmt)
+    ids = [r["id"] for r in rows]
+    assert sorted(ids) == [f"img{i:05d}.jpg" for i in range(10)] and len(set(ids)) == 10
+    changed = next(r for r in rows if r["id"] == "img00003.jpg")
+    assert changed["caption"] == "a changed picture" and changed["size"] == 200
+    assert open_store(out, fmt).done["img00003.jpg"] == (200, 2_000)
+
+
+def test_later_part_replaces_earlier_row_of_same_id(out: Path, fmt: str) -> None:
+    store = open_store(out, fmt, commit_every=1)
+    store.add([row(1, status="unreadable")])
+    assert "img00001.jpg" not in store.done  # retried next time
+    store.add([row(1)])
+    assert store.done["img00001.jpg"] == (100, 1_000)
+    store.finalize()
+    rows = read_rows(out, fmt)
+    assert len(rows) == 1 and rows[0]["status"] == "ok"
+
+
+@pytest.mark.parametrize("status,done", [("missing", False), ("unreadable", False), ("shard_error", False),
+                                         ("corrupt", True), ("too_large", True)])
+def test_which_failures_count_as_done(out: Path, fmt: str, status: str, done: bool) -> None:
+    store = open_store(out, fmt)
+    store.add([row(0, status=status, size=None, mtime_ns=None)])
+    store.finalize()
+    again = open_store(out, fmt)
+    assert ("img00000.jpg" in again.done) is done
+    assert again.previous_rows == 1
+
+
+def test_refinalize_after_kill_between_replace_and_cleanup(out: Path, fmt: str, monkeypatch) -> None:
+    store = open_store(out, fmt)
+    store.add([row(i) for i in range(5)])
+    store.finalize()
+    store = open_store(out, fmt)
+    store.add([row(2, caption="replaced", size=7), row(5), row(6)])
+
+    import batchcap.sink as sink
+
+    def killed(work: Path) -> None:
+        raise KeyboardInterrupt("killed after os.replace")
+
+    monkeypatch.setattr(sink, "_remove_work", killed)
+    with pytest.raises(KeyboardInterrupt):
+        store.finalize()
+    monkeypatch.undo()
+    assert parts_of(out)  # the clean-up never happened
+    first = sorted(read_rows(out, fmt), key=lambda r: r["id"])
+
+    again = open_store(out, fmt)
+    assert again.done["img00002.jpg"] == (7, 1_000) and len(again.done) == 7
+    again.finalize()
+    second = sorted(read_rows(out, fmt), key=lambda r: r["id"])
+    assert second == first
+    assert [r["id"] for r in second] == [f"img{i:05d}.jpg" for i in range(7)]
+    assert next(r for r in second if r["id"] == "img00002.jpg")["caption"] == "replaced"
+    assert not work_dir_for(out).exists()
+
+
+def test_temp_files_are_ignored_and_removed(out: Path, fmt: str) -> None:
+    store = open_store(out, fmt)
+    store.add([row(i) for i in range(4)])
+    work = work_dir_for(out)
+    (work / ".tmp-deadbeef.parquet").write_bytes(b"PAR1 half a part")  # a commit cut short
+    stale_final = out.with_name(out.name + ".tmp-0123abcd")
+    stale_final.write_bytes(b"half a final output")
+    again = open_store(out, fmt)
+    assert len(again.done) == 4
+    assert not (work / ".tmp-deadbeef.parquet").exists() and not stale_final.exists()
+    again.finalize()
+    assert len(read_rows(out, fmt)) == 4
+
+
+def test_finished_rerun_rewrites_nothing(out: Path, fmt: str) -> None:
+    store = open_store(out, fmt)
+    store.add([row(i) for i in range(5)])
+    store.finalize()
+    before = os.stat(out)
+    again = open_store(out, fmt)
+    summary = again.finalize()
+    assert (summary.rows_total, summary.rows_new, summary.rewritten) == (5, 0, False)
+    assert os.stat(out).st_ino == before.st_ino and not work_dir_for(out).exists()
+
+
+def test_empty_run_writes_an_empty_valid_output(out: Path, fmt: str) -> None:
+    summary = open_store(out, fmt).finalize()
+    assert summary.rows_total == 0 and out.exists()
+    assert read_rows(out, fmt) == []
+
+
+def test_large_merge_streams_in_row_groups(out: Path, fmt: str, monkeypatch) -> None:
+    import batchcap.sink as sink
+
+    monkeypatch.setattr(sink, "ROW_GROUP_ROWS", 50)
+    store = open_store(out, fmt, commit_every=37)
+    store.add([row(i) for i in range(300)])
+    store.finalize()
+    store = open_store(out, fmt, commit_every=37)
+    store.add([row(i, caption="again") for i in range(250, 400)])
+    summary = store.finalize()
+    assert (summary.rows_total, summary.rows_new, summary.rows_replaced) == (400, 100, 50)
+    rows = read_rows(out, fmt)
+    assert len(rows) == 400 and len({r["id"] for r in rows}) == 400
+    if fmt == "parquet":
+        assert pq.ParquetFile(out).num_row_groups > 1
+
+
+def test_rows_are_checked(out: Path, fmt: str) -> None:
+    store = open_store(out, fmt)
+    with pytest.raises(ValueError, match="unknown output columns"):
+        store.add([{**row(0), "colour": "red"}])
+    with pytest.raises(ValueError, match="string id"):
+        store.add([{"status": "ok"}])
+
+
+def test_infer_format() -> None:
+    assert infer_format("a/b.parquet") == "parquet"
+    assert infer_format("a/b.JSONL") == "jsonl"
+    assert infer_format("a/b.out", "jsonl") == "jsonl"
+    with pytest.raises(ValueError, match="--format"):
+        infer_format("a/b.csv")
+    with pytest.raises(ValueError, match="format must be"):
+        infer_format("a/b.parquet", "csv")
