@@ -25,14 +25,12 @@ from __future__ import annotations
 import csv
 import glob
 import hashlib
-import io
 import json
 import os
 import re
 import tarfile
 from collections import defaultdict
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 SPLITS = ("train", "val", "test")
@@ -294,6 +292,398 @@ def load_flickr8k(root: str, images: str | None = None) -> CaptionDataset:
     return _check_nonempty(dataset, token_path)
 
 
+# --------------------------------------------------------------------------- Kaggle Flickr8k
+
+
+def read_kaggle_captions(path: str, notes: list[str]) -> dict[str, list[str]]:
+    """Captions per image from Kaggle's ``captions.txt`` (CSV, header ``image,caption``).
+
+    Parsed with :mod:`csv`, so quoted captions may hold commas and quotes; an unquoted caption
+    with commas is joined back (image names hold no commas).
+    """
+    name = os.path.basename(path)
+    captions: dict[str, list[str]] = {}
+    empty = 0
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        if header is None:
+            raise DatasetError(f"{name} is empty: expected a CSV with header image,caption")
+        if [h.strip().lower() for h in header[:2]] != ["image", "caption"]:
+            raise DatasetError(f"{name} line 1: expected the header image,caption, "
+                               f"got {','.join(header)[:80]!r}")
+        for row in reader:
+            if not row or not any(cell.strip() for cell in row):
+                continue
+            if len(row) < 2 or not row[0].strip():
+                raise DatasetError(f"{name} line {reader.line_num}: expected image,caption, "
+                                   f"got {','.join(row)[:80]!r}")
+            image_id, caption = row[0].strip(), ",".join(row[1:]).strip()
+            if not caption:
+                empty += 1
+                continue
+            captions.setdefault(image_id, []).append(caption)
+    if empty:
+        notes.append(f"{name}: skipped {empty} empty captions")
+    if not captions:
+        raise DatasetError(f"{name} holds no captions: expected a CSV with header image,caption")
+    return captions
+
+
+def load_kaggle(root: str, images: str | None = None, captions_file: str | None = None) -> CaptionDataset:
+    """Kaggle's Flickr8k (``captions.txt`` + ``Images/``); official split files are used when beside it."""
+    captions_path = captions_file or os.path.join(root, "captions.txt")
+    if not os.path.isfile(captions_path):
+        raise DatasetError(f"{root}: no captions.txt (Kaggle Flickr8k layout: captions.txt + Images/)")
+    notes: list[str] = []
+    captions = read_kaggle_captions(captions_path, notes)
+    split_files = _find_flickr_split_files([root, os.path.join(root, "Flickr8k_text")])
+    ids = _official_or_hash_split(captions, split_files, notes, os.path.basename(captions_path))
+    image_dir = images or _first_dir(root, ("Images", "images") + _FLICKR_IMAGE_DIRS[:2]) or root
+    by_split = {s: [(i, captions[i], os.path.join(image_dir, i)) for i in ids[s]] for s in SPLITS}
+    splits, missing = _place_folder_records(by_split)
+    dataset = CaptionDataset("kaggle", root, splits, missing, notes)
+    _missing_notes(dataset, image_dir)
+    return _check_nonempty(dataset, captions_path)
+
+
+# --------------------------------------------------------------------------- Karpathy split JSON
+
+_KARPATHY_IMAGE_DIRS = {
+    "flickr8k": ("Flicker8k_Dataset", "Flickr8k_Dataset", "Images", "images"),
+    "flickr30k": ("flickr30k-images", "flickr30k_images", "Images", "images"),
+    "coco": ("images", "coco", "."),
+}
+
+
+def _load_json(path: str) -> Any:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as error:
+        raise DatasetError(f"{os.path.basename(path)}: not valid JSON ({error})") from None
+    except UnicodeDecodeError:
+        raise DatasetError(f"{os.path.basename(path)}: not UTF-8 JSON") from None
+
+
+def load_karpathy(path: str, images: str | None = None) -> CaptionDataset:
+    """Karpathy's split JSON: ``{"images": [{"filename", "filepath"?, "split", "sentences": [{"raw"}]}]}``.
+
+    The image folder is ``images`` or the first of the usual names beside the JSON; COCO's
+    ``filepath`` (``train2014``/``val2014``) is a subfolder of it (tried without, too).
+    """
+    name = os.path.basename(path)
+    data = _load_json(path)
+    expected = 'expected {"images": [{"filename", "split", "sentences": [{"raw"}]}], "dataset": ...}'
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        raise DatasetError(f"{name}: {expected}")
+    if not data["images"]:
+        raise DatasetError(f"{name} lists no images: {expected}")
+    kind = str(data.get("dataset") or re.sub(r"^dataset_|\.json$", "", name)).lower()
+    root = os.path.dirname(os.path.abspath(path))
+    image_dir = images or _first_dir(root, _KARPATHY_IMAGE_DIRS.get(kind, ("Images", "images"))) or root
+    notes: list[str] = []
+    by_split: dict[str, list[tuple[str, list[str], str]]] = {s: [] for s in SPLITS}
+    listing: dict[str, set[str]] = {}
+    seen: set[str] = set()
+    other_splits: dict[str, int] = defaultdict(int)
+    no_captions = 0
+    for index, entry in enumerate(data["images"]):
+        if not isinstance(entry, dict) or not isinstance(entry.get("filename"), str) \
+                or not isinstance(entry.get("sentences"), list):
+            raise DatasetError(f"{name}: images[{index}]: {expected}")
+        filepath = str(entry.get("filepath") or "")
+        image_id = f"{filepath}/{entry['filename']}" if filepath and kind == "coco" else entry["filename"]
+        split = canonical_split(str(entry.get("split", "")))
+        if split is None:
+            other_splits[str(entry.get("split"))] += 1
+            continue
+        captions = [str(s.get("raw") or " ".join(s.get("tokens") or [])).strip()
+                    for s in entry["sentences"] if isinstance(s, dict)]
+        captions = [c for c in captions if c]
+        if not captions:
+            no_captions += 1
+            continue
+        if image_id in seen:
+            continue
+        seen.add(image_id)
+        image_path = os.path.join(image_dir, filepath, entry["filename"])
+        if filepath and entry["filename"] not in _file_listing(os.path.join(image_dir, filepath), listing) \
+                and entry["filename"] in _file_listing(image_dir, listing):
+            image_path = os.path.join(image_dir, entry["filename"])
+        by_split[split].append((image_id, captions, image_path))
+    for split_name, count in sorted(other_splits.items()):
+        notes.append(f"{name}: {count} images with unknown split {split_name!r}; left out")
+    if no_captions:
+        notes.append(f"{name}: {no_captions} images without sentences; left out")
+    if any(e.get("split") == "restval" for e in data["images"] if isinstance(e, dict)):
+        notes.append("Karpathy 'restval' images are counted as train")
+    splits, missing = _place_folder_records(by_split)
+    dataset = CaptionDataset("karpathy", path, splits, missing, notes)
+    _missing_notes(dataset, image_dir)
+    return _check_nonempty(dataset, path)
+
+
+# --------------------------------------------------------------------------- COCO caption JSON
+
+
+def _coco_split_tag(name: str) -> tuple[str | None, str]:
+    """(canonical split, folder tag such as ``train2014``) read from a ``captions_*.json`` name."""
+    stem = re.sub(r"\.json$", "", os.path.basename(name), flags=re.IGNORECASE)
+    tag = re.sub(r"^captions_?", "", stem, flags=re.IGNORECASE)
+    for word in re.split(r"[^a-zA-Z]+", tag):
+        split = canonical_split(word)
+        if split is not None:
+            return split, tag
+    return None, tag
+
+
+def _coco_files(path: str) -> list[str]:
+    if os.path.isfile(path):
+        return [path]
+    found: list[str] = []
+    for folder in (os.path.join(path, "annotations"), path):
+        found += sorted(glob.glob(os.path.join(glob.escape(folder), "captions_*.json")))
+        if found:
+            break
+    return found
+
+
+def _coco_image_dir(root: str, tag: str, images: str | None) -> str:
+    """The folder of one annotation file's images: ``<base>/<tag>`` (``train2014/``) or ``<base>`` itself."""
+    if images:
+        return os.path.join(images, tag) if os.path.isdir(os.path.join(images, tag)) else images
+    for base in (root, os.path.join(root, "images")):
+        if os.path.isdir(os.path.join(base, tag)):
+            return os.path.join(base, tag)
+    return os.path.join(root, "images") if os.path.isdir(os.path.join(root, "images")) else root
+
+
+def load_coco(path: str, images: str | None = None) -> CaptionDataset:
+    """COCO caption annotations: ``{"images": [{"id", "file_name"}], "annotations": [...]}``.
+
+    ``path`` is one ``captions_*.json`` or a folder with ``annotations/captions_*.json``. The split
+    comes from each file name (``captions_val2014.json`` -> val); images are looked for in a
+    folder named after the file (``train2014/``) under ``images``, the dataset folder or its
+    ``images/``. A single file whose name names no split is split by hash of the file name.
+    """
+    files = _coco_files(path)
+    if not files:
+        raise DatasetError(f"{path}: no captions_*.json (looked in annotations/ and the folder itself)")
+    root = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    dataset_root = os.path.dirname(root) if os.path.basename(root) == "annotations" else root
+    notes: list[str] = []
+    by_split: dict[str, list[tuple[str, list[str], str]]] = {s: [] for s in SPLITS}
+    expected = 'expected {"images": [{"id", "file_name"}], "annotations": [{"image_id", "caption"}]}'
+    image_dirs = []
+    for file in files:
+        name = os.path.basename(file)
+        data = _load_json(file)
+        if not isinstance(data, dict) or not isinstance(data.get("images"), list) \
+                or not isinstance(data.get("annotations"), list):
+            raise DatasetError(f"{name}: {expected}")
+        if not data["annotations"]:
+            raise DatasetError(f"{name} holds no captions: {expected}")
+        split, tag = _coco_split_tag(name)
+        image_dir = _coco_image_dir(dataset_root, tag, images)
+        image_dirs.append(image_dir)
+        file_names: dict[Any, str] = {}
+        for index, image in enumerate(data["images"]):
+            if not isinstance(image, dict) or "id" not in image \
+                    or not isinstance(image.get("file_name"), str):
+                raise DatasetError(f"{name}: images[{index}]: {expected}")
+            file_names[image["id"]] = image["file_name"]
+        captions: dict[Any, list[str]] = {}
+        orphans = 0
+        for index, ann in enumerate(data["annotations"]):
+            if not isinstance(ann, dict) or "image_id" not in ann or not isinstance(ann.get("caption"), str):
+                raise DatasetError(f"{name}: annotations[{index}]: {expected}")
+            if ann["image_id"] not in file_names:
+                orphans += 1
+                continue
+            caption = ann["caption"].strip()
+            if caption:
+                captions.setdefault(ann["image_id"], []).append(caption)
+        if orphans:
+            notes.append(f"{name}: {orphans} captions for image ids not in its images list; skipped")
+        uncaptioned = len(file_names) - len(captions)
+        if uncaptioned:
+            notes.append(f"{name}: {uncaptioned} images without captions; left out")
+        if split is None:
+            notes.append(f"{name}: no train/val/test in the file name: made a deterministic "
+                         f"{HASH_SPLIT[0]}/{HASH_SPLIT[1]}/{HASH_SPLIT[2]} split by SHA-1 of the file name")
+        for image_id in sorted(captions, key=lambda i: file_names[i]):
+            file_name = file_names[image_id]
+            target = split or hash_split(file_name)
+            by_split[target].append((file_name, captions[image_id], os.path.join(image_dir, file_name)))
+    splits, missing = _place_folder_records(by_split)
+    dataset = CaptionDataset("coco", path, splits, missing, notes)
+    _missing_notes(dataset, ", ".join(sorted(set(image_dirs))))
+    return _check_nonempty(dataset, path)
+
+
+# --------------------------------------------------------------------------- WebDataset shards
+
+_WDS_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+_WDS_SPLIT_WORD = re.compile(r"(?<![a-z])(train|training|val|valid|validation|dev|test|testing)(?![a-z])")
+
+
+def _braceexpand(pattern: str) -> list[str]:
+    """``shard-{000..002}.tar`` -> the three names (uses webdataset's ``braceexpand`` dependency)."""
+    try:
+        from braceexpand import braceexpand
+    except ImportError:  # pragma: no cover - braceexpand comes with webdataset
+        return [pattern]
+    return list(braceexpand(pattern))
+
+
+def wds_shards(spec: str) -> list[str]:
+    """Local shard paths for a ``.tar`` path, brace pattern, glob or folder of ``.tar`` files (sorted)."""
+    if os.path.isdir(spec):
+        shards = sorted(glob.glob(os.path.join(glob.escape(spec), "**", "*.tar"), recursive=True))
+    else:
+        shards = []
+        for name in _braceexpand(spec):
+            if any(ch in name for ch in "*?["):
+                shards += sorted(glob.glob(name, recursive=True))
+            else:
+                shards.append(name)
+    if not shards:
+        raise DatasetError(f"{spec}: no .tar shards found")
+    absent = [s for s in shards if not os.path.isfile(s)]
+    if absent:
+        raise DatasetError(f"{len(absent)} shards not found, e.g. {absent[0]}")
+    return shards
+
+
+def _wds_split(shard: str) -> str | None:
+    match = _WDS_SPLIT_WORD.search(os.path.basename(shard).lower())
+    if match is not None:
+        return canonical_split(match.group(1))
+    # A folder named exactly after the split: .../val/shard-000.tar (not any folder containing the word).
+    return canonical_split(os.path.basename(os.path.dirname(os.path.abspath(shard))))
+
+
+def _wds_captions(ext: str, data: bytes) -> list[str]:
+    """Captions from a ``txt`` member (one per line) or a ``json`` one (``caption`` or ``captions``)."""
+    text = data.decode("utf-8-sig")
+    if ext == "txt":
+        return [line.strip() for line in text.splitlines() if line.strip()]
+    value = json.loads(text)
+    if not isinstance(value, dict):
+        raise ValueError("json is not an object")
+    found = value.get("captions", value.get("caption"))
+    if isinstance(found, str):
+        found = [found]
+    if not isinstance(found, list):
+        raise ValueError("json has no 'caption' (string) or 'captions' (list)")
+    return [str(c).strip() for c in found if str(c).strip()]
+
+
+def _shard_id(shard: str, shards: Sequence[str]) -> str:
+    """A short stable name for a shard: its file name, or its path below the common folder if names repeat."""
+    names = [os.path.basename(s) for s in shards]
+    if len(set(names)) == len(names):
+        return os.path.basename(shard)
+    common = os.path.commonpath([os.path.abspath(s) for s in shards])
+    return os.path.relpath(os.path.abspath(shard), common)
+
+
+def load_wds(spec: str) -> CaptionDataset:
+    """WebDataset shards: per key an image (jpg/jpeg/png/webp) plus ``txt`` or ``json`` captions.
+
+    Only caption members are read; images are listed, not decoded. The split comes from the
+    shard's name or folder (``train``/``val``/``dev``/``test`` as a word), else from a hash of
+    ``<shard>/<key>``. A sample with an unreadable caption member is skipped with a note (bad
+    data is a row); samples with captions but no image go to ``missing``.
+    """
+    shards = wds_shards(spec)
+    notes: list[str] = []
+    splits, missing = _empty_splits()
+    bad: list[str] = []
+    uncaptioned = 0
+    hashed = 0
+    for shard in shards:
+        shard_name = _shard_id(shard, shards)
+        shard_split = _wds_split(shard)
+        samples: dict[str, dict[str, Any]] = {}
+        try:
+            with tarfile.open(shard, "r") as tar:
+                for member in tar:
+                    if not member.isfile():
+                        continue
+                    key, ext = _split_member_name(member.name)
+                    if key.startswith("__") or not ext:
+                        continue
+                    ext = ext.lower()
+                    sample = samples.setdefault(key, {})
+                    if ext in _WDS_IMAGE_EXTS:
+                        sample["image"] = True
+                    elif ext in ("txt", "json") and ext not in sample:
+                        f = tar.extractfile(member)
+                        sample[ext] = f.read() if f is not None else b""
+        except (tarfile.TarError, OSError) as error:
+            raise DatasetError(f"{shard}: not a readable tar file ({error})") from None
+        for key, sample in samples.items():
+            image_id = f"{shard_name}/{key}"
+            captions: list[str] = []
+            for ext in ("json", "txt"):
+                if ext in sample and not captions:
+                    try:
+                        captions = _wds_captions(ext, sample[ext])
+                    except (ValueError, UnicodeDecodeError) as error:
+                        bad.append(f"{image_id}.{ext} ({error})")
+            if not captions:
+                uncaptioned += "txt" not in sample and "json" not in sample
+                continue
+            split = shard_split
+            if split is None:
+                split, hashed = hash_split(image_id), hashed + 1
+            if not sample.get("image"):
+                missing[split].append(image_id)
+                continue
+            splits[split].append(CaptionRecord(image_id, tuple(captions), shard=shard, key=key))
+    if bad:
+        notes.append(f"skipped {len(bad)} samples with unreadable captions, e.g. {bad[0]}")
+    if uncaptioned:
+        notes.append(f"skipped {uncaptioned} samples with no txt or json captions")
+    if hashed:
+        notes.append(f"{hashed} samples in shards whose name says no split: deterministic "
+                     f"{HASH_SPLIT[0]}/{HASH_SPLIT[1]}/{HASH_SPLIT[2]} split by SHA-1 of <shard>/<key>")
+    dataset = CaptionDataset("wds", spec, splits, missing, notes)
+    for split in SPLITS:
+        if missing[split]:
+            notes.append(f"{split}: {len(missing[split])} captioned samples have no image member")
+    if not any(splits.values()) and not any(missing.values()):
+        raise DatasetError(f"{spec}: no samples with an image and txt/json captions in {len(shards)} shards "
+                           "(expected KEY.jpg|png|webp + KEY.txt or KEY.json with caption/captions)")
+    return dataset
+
+
+def iter_wds_images(records: Iterable[CaptionRecord]) -> Iterator[tuple[CaptionRecord, bytes]]:
+    """``(record, image bytes)`` for WebDataset records, reading each shard once, in shard order.
+
+    Records whose image member is absent are not yielded (compare counts to find them).
+    """
+    by_shard: dict[str, dict[str, CaptionRecord]] = defaultdict(dict)
+    for record in records:
+        if record.shard is None or record.key is None:
+            raise ValueError(f"record {record.image_id!r} is not a WebDataset record")
+        by_shard[record.shard][record.key] = record
+    for shard, wanted in by_shard.items():
+        done: set[str] = set()
+        with tarfile.open(shard, "r") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                key, ext = _split_member_name(member.name)
+                if key in wanted and key not in done and ext.lower() in _WDS_IMAGE_EXTS:
+                    f = tar.extractfile(member)
+                    if f is not None:
+                        done.add(key)
+                        yield wanted[key], f.read()
+
+
 # --------------------------------------------------------------------------- image bytes
 
 
@@ -329,26 +719,79 @@ def detect_format(path: str) -> str:
     if os.path.isfile(path):
         if name.endswith(".token.txt"):
             return "flickr8k"
-    if os.path.isdir(path):
+        if name.endswith(".tar"):
+            return "wds"
+        if name.endswith((".txt", ".csv")):
+            return "kaggle"
+        if name.endswith(".json"):
+            if name.startswith("dataset_"):
+                return "karpathy"
+            if name.startswith("captions_"):
+                return "coco"
+            data = _load_json(path)
+            if isinstance(data, dict) and isinstance(data.get("annotations"), list):
+                return "coco"
+            if isinstance(data, dict) and isinstance(data.get("images"), list) and data["images"] \
+                    and isinstance(data["images"][0], dict) and "sentences" in data["images"][0]:
+                return "karpathy"
+    elif os.path.isdir(path):
         if _find_flickr_text_dir(path) is not None:
             return "flickr8k"
+        if os.path.isfile(os.path.join(path, "captions.txt")):
+            return "kaggle"
+        if glob.glob(os.path.join(glob.escape(path), "dataset_*.json")):
+            return "karpathy"
+        if _coco_files(path):
+            return "coco"
+        if glob.glob(os.path.join(glob.escape(path), "*.tar")) or \
+                glob.glob(os.path.join(glob.escape(path), "*", "*.tar")):
+            return "wds"
+    elif any(ch in path for ch in "{*?[") or path.endswith(".tar"):
+        return "wds"
+    else:
+        raise DatasetError(f"{path}: no such file or folder\n{LAYOUTS}")
     raise DatasetError(f"{path}: not a recognised caption dataset\n{LAYOUTS}")
 
 
 def load_caption_dataset(path: str | os.PathLike[str], format: str = "auto", *,
                          images: str | os.PathLike[str] | None = None) -> CaptionDataset:
-    """Read the caption dataset at ``path``; ``format="auto"`` detects it; ``images`` overrides the photo folder."""
+    """Read the caption dataset at ``path``; ``format="auto"`` detects it; ``images`` overrides the photos.
+
+    Raises :class:`DatasetError` for a user error (nothing recognisable, an empty or malformed
+    caption file); images listed but absent are reported in ``missing`` and ``notes`` instead.
+    """
     path = os.fspath(path)
     image_dir = os.fspath(images) if images is not None else None
     if image_dir is not None and not os.path.isdir(image_dir):
         raise DatasetError(f"image folder {image_dir} does not exist")
-    fmt = detect_format(path) if format == "auto" else format
-    if fmt not in FORMATS:
+    if format not in FORMATS + ("auto",):
         raise DatasetError(f"unknown dataset format {format!r}: expected auto or one of {', '.join(FORMATS)}")
+    fmt = detect_format(path) if format == "auto" else format
     if fmt == "flickr8k":
-        root = _flickr_root(path)
-        return load_flickr8k(root, image_dir)
-    raise DatasetError(f"format {fmt!r} is not implemented yet")
+        return load_flickr8k(_flickr_root(path), image_dir)
+    if fmt == "kaggle":
+        if os.path.isfile(path):
+            return load_kaggle(os.path.dirname(os.path.abspath(path)), image_dir, captions_file=path)
+        return load_kaggle(path, image_dir)
+    if fmt == "karpathy":
+        return load_karpathy(_karpathy_file(path), image_dir)
+    if fmt == "coco":
+        return load_coco(path, image_dir)
+    if image_dir is not None:
+        raise DatasetError("images= does not apply to WebDataset shards (the images are inside the tars)")
+    return load_wds(path)
+
+
+def _karpathy_file(path: str) -> str:
+    if os.path.isfile(path):
+        return path
+    found = sorted(glob.glob(os.path.join(glob.escape(path), "dataset_*.json")))
+    if not found:
+        raise DatasetError(f"{path}: no dataset_*.json (Karpathy split file)")
+    if len(found) > 1:
+        raise DatasetError(f"{path} holds several Karpathy split files; pass one: "
+                           + ", ".join(os.path.basename(f) for f in found))
+    return found[0]
 
 
 def _flickr_root(path: str) -> str:
@@ -362,13 +805,8 @@ def _flickr_root(path: str) -> str:
     return path
 
 
-# --------------------------------------------------------------------------- WebDataset helpers
-
-_WDS_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-
-
 def _split_member_name(name: str) -> tuple[str, str]:
     """WebDataset's key/extension split: the key is the path up to the first dot of the base name."""
     folder, base = os.path.split(name)
-    stem, dot, ext = base.partition(".")
-    return (os.path.join(folder, stem) if folder else stem), ext
+    stem, _, ext = base.partition(".")
+    return (f"{folder}/{stem}" if folder else stem), ext
