@@ -245,29 +245,38 @@ def read_flickr8k_tokens(path: str, notes: list[str]) -> dict[str, list[str]]:
     captions: dict[str, list[str]] = {}
     bogus: dict[str, int] = {}
     empty = 0
-    with open(path, encoding="utf-8-sig", newline=None) as f:  # universal newlines: CRLF -> \n
-        for lineno, line in enumerate(f, start=1):
-            line = line.rstrip("\r\n")
-            if not line.strip():
-                continue
-            match = _TOKEN_LINE.match(line)
-            if match is None:
-                raise DatasetError(f"{name} line {lineno}: expected IMAGE#N<TAB>caption, got {line[:80]!r}")
-            image_id, caption = match["image"].strip(), match["caption"].strip()
-            if not image_id.lower().endswith(IMAGE_EXTENSIONS):
-                bogus[image_id] = bogus.get(image_id, 0) + 1
-                continue
-            if not caption:
-                empty += 1
-                continue
-            captions.setdefault(image_id, []).append(caption)
+    try:
+        with open(path, encoding="utf-8-sig", newline=None) as f:  # universal newlines: CRLF -> \n
+            lines = f.read().split("\n")
+    except UnicodeDecodeError as error:
+        raise DatasetError(f"{name}: not UTF-8 text ({error.reason} at byte {error.start}); "
+                           "expected lines of IMAGE#N<TAB>caption") from None
+    for lineno, line in enumerate(lines, start=1):
+        line = line.rstrip("\r\n")
+        if not line.strip():
+            continue
+        match = _TOKEN_LINE.match(line)
+        if match is None:
+            raise DatasetError(f"{name} line {lineno}: expected IMAGE#N<TAB>caption, got {line[:80]!r}")
+        image_id, caption = match["image"].strip(), match["caption"].strip()
+        if not image_id.lower().endswith(IMAGE_EXTENSIONS):
+            bogus[image_id] = bogus.get(image_id, 0) + 1
+            continue
+        if not caption:
+            empty += 1
+            continue
+        captions.setdefault(image_id, []).append(caption)
+    _skipped_notes(name, bogus, empty, notes)
+    if not captions:
+        raise DatasetError(f"{name} holds no captions: expected lines of IMAGE#N<TAB>caption")
+    return captions
+
+
+def _skipped_notes(name: str, bogus: dict[str, int], empty: int, notes: list[str]) -> None:
     for image_id, count in bogus.items():
         notes.append(f"skipped bogus id {image_id} ({count} captions): not an image file name")
     if empty:
         notes.append(f"{name}: skipped {empty} empty captions")
-    if not captions:
-        raise DatasetError(f"{name} holds no captions: expected lines of IMAGE#N<TAB>caption")
-    return captions
 
 
 def load_flickr8k(root: str, images: str | None = None) -> CaptionDataset:
@@ -280,11 +289,11 @@ def load_flickr8k(root: str, images: str | None = None) -> CaptionDataset:
     captions = read_flickr8k_tokens(token_path, notes)
     split_files = _find_flickr_split_files([text_dir, root])
     ids = _official_or_hash_split(captions, split_files, notes, "Flickr8k.token.txt")
-    image_dir = images or _first_dir(root, _FLICKR_IMAGE_DIRS) or _first_dir(text_dir, (".",))
-    if images is None and _first_dir(root, _FLICKR_IMAGE_DIRS) is None:
+    image_dir = images or _first_dir(root, _FLICKR_IMAGE_DIRS)
+    if image_dir is None:
+        image_dir = text_dir
         notes.append(f"no image folder ({', '.join(_FLICKR_IMAGE_DIRS[:3])}) under {root}: "
                      f"looking for photos beside the text files")
-    assert image_dir is not None
     by_split = {s: [(i, captions[i], os.path.join(image_dir, i)) for i in ids[s]] for s in SPLITS}
     splits, missing = _place_folder_records(by_split)
     dataset = CaptionDataset("flickr8k", root, splits, missing, notes)
@@ -301,11 +310,20 @@ def read_kaggle_captions(path: str, notes: list[str]) -> dict[str, list[str]]:
     Parsed with :mod:`csv`, so quoted captions may hold commas and quotes; an unquoted caption
     with commas is joined back (image names hold no commas).
     """
+    try:
+        return _read_kaggle_captions(path, notes)
+    except (csv.Error, UnicodeDecodeError) as error:
+        raise DatasetError(f"{os.path.basename(path)}: not a UTF-8 CSV with header image,caption "
+                           f"({error})") from None
+
+
+def _read_kaggle_captions(path: str, notes: list[str]) -> dict[str, list[str]]:
     name = os.path.basename(path)
     captions: dict[str, list[str]] = {}
+    bogus: dict[str, int] = {}
     empty = 0
     with open(path, encoding="utf-8-sig", newline="") as f:
-        reader = csv.reader(f)
+        reader = csv.reader(f, strict=True)
         header = next(reader, None)
         if header is None:
             raise DatasetError(f"{name} is empty: expected a CSV with header image,caption")
@@ -319,12 +337,14 @@ def read_kaggle_captions(path: str, notes: list[str]) -> dict[str, list[str]]:
                 raise DatasetError(f"{name} line {reader.line_num}: expected image,caption, "
                                    f"got {','.join(row)[:80]!r}")
             image_id, caption = row[0].strip(), ",".join(row[1:]).strip()
+            if not image_id.lower().endswith(IMAGE_EXTENSIONS):
+                bogus[image_id] = bogus.get(image_id, 0) + 1
+                continue
             if not caption:
                 empty += 1
                 continue
             captions.setdefault(image_id, []).append(caption)
-    if empty:
-        notes.append(f"{name}: skipped {empty} empty captions")
+    _skipped_notes(name, bogus, empty, notes)
     if not captions:
         raise DatasetError(f"{name} holds no captions: expected a CSV with header image,caption")
     return captions

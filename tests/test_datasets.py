@@ -105,6 +105,9 @@ def test_flickr8k_malformed_and_empty_token_files_are_refused(tmp_path: Path) ->
     token.write_bytes(b"\r\n\r\n")
     with pytest.raises(DatasetError, match="no captions"):
         load_caption_dataset(root)
+    token.write_bytes(b"a0.jpg#0\tA caf\xe9 .\r\n")  # Latin-1, not UTF-8
+    with pytest.raises(DatasetError, match="not UTF-8 text"):
+        load_caption_dataset(root)
 
 
 def test_nothing_found_lists_layouts(tmp_path: Path) -> None:
@@ -198,6 +201,9 @@ def test_kaggle_bad_header_and_empty_file_are_refused(tmp_path: Path) -> None:
         load_caption_dataset(root)
     (root / "captions.txt").write_text("image,caption\nk0.jpg,a dog\nk1.jpg\n")
     with pytest.raises(DatasetError, match="line 3: expected image,caption"):
+        load_caption_dataset(root)
+    (root / "captions.txt").write_text('image,caption\nk0.jpg,"a dog\n')
+    with pytest.raises(DatasetError, match="not a UTF-8 CSV with header image,caption"):
         load_caption_dataset(root)
 
 
@@ -381,3 +387,17 @@ def test_wds_empty_or_absent_shards_are_refused(tmp_path: Path) -> None:
         load_caption_dataset(str(tmp_path / "nope-{0..1}.tar"))
     with pytest.raises(DatasetError, match="no such file or folder"):
         load_caption_dataset(tmp_path / "nothing-here")
+
+
+def test_json_detected_by_content_and_wds_split_folders(tmp_path: Path) -> None:
+    import json
+    (tmp_path / "mine.json").write_text(json.dumps(_karpathy([("", "a.jpg", "val")], "flickr8k")))
+    assert detect_format(str(tmp_path / "mine.json")) == "karpathy"
+    _coco_file(tmp_path / "ann.json", "x", range(2))
+    assert detect_format(str(tmp_path / "ann.json")) == "coco"
+    assert len(load_caption_dataset(tmp_path / "ann.json").splits["train"]) == 0  # photos absent: missing
+    make_shard(tmp_path / "wds" / "train" / "shard-000.tar", 0, 3)
+    make_shard(tmp_path / "wds" / "test" / "shard-000.tar", 3, 2)
+    ds = load_caption_dataset(tmp_path / "wds", "wds")
+    assert [len(ds.splits[s]) for s in ("train", "val", "test")] == [3, 0, 2]
+    assert ds.splits["test"][0].image_id == "test/shard-000.tar/s0003"  # repeated names: path kept
