@@ -322,7 +322,7 @@ def _local_path(source: str, base: Path) -> Path | None:
 
 def _member_key(name: str) -> tuple[str, str] | None:
     """WebDataset's split of a member name into (key, extension): the first dot of the base name."""
-    match = re.match(r"^((?:.*/|)[^./][^.]*)\.([^/]*)$", name)
+    match = re.match(r"^((?:.*/|)[^.]+)[.]([^/]*)$", name)  # webdataset's base_plus_ext
     return (match.group(1), match.group(2).lower()) if match else None
 
 
@@ -497,7 +497,7 @@ def _run_facts(meta: dict[str, Any], scan: _Scan) -> list[tuple[str, str]]:
     flat = _flatten(meta)
     facts: list[tuple[str, str]] = []
     models = list(scan.models)
-    meta_model = _lookup(flat, "model", "name")
+    meta_model = _lookup(flat, "model")
     if models:
         facts.append(("Model" if len(models) == 1 else "Models",
                       ", ".join(f"{m} ({scan.models[m]:,})" if len(models) > 1 else m for m in models)))
@@ -507,12 +507,12 @@ def _run_facts(meta: dict[str, Any], scan: _Scan) -> list[tuple[str, str]]:
     if beam:
         facts.append(("Beam", ", ".join(beam)))
     for label, names in (("Precision", ("precision",)), ("Device", ("device",)),
-                         ("batchcap", ("batchcap_version", "version"))):
+                         ("Version", ("batchcap_version", "version"))):
         value = _lookup(flat, *names)
         if value is not None:
-            facts.append((label, str(value)))
-    started = _parse_time(_lookup(flat, "started_at", "started", "start_time", "start"))
-    finished = _parse_time(_lookup(flat, "finished_at", "finished", "end_time", "ended_at", "end"))
+            facts.append((label, f"batchcap {value}" if label == "Version" else str(value)))
+    started = _parse_time(_lookup(flat, "started_at", "started", "start_time"))
+    finished = _parse_time(_lookup(flat, "finished_at", "finished", "end_time", "ended_at"))
     if started is None and scan.first_created:
         started = _parse_time(scan.first_created)
     if finished is None and scan.last_created:

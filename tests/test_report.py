@@ -242,6 +242,10 @@ def test_report_in_headless_chromium(tmp_path: Path) -> None:
     check_page(dom, rows)
     assert "6 of 9 shown" not in dom and "9 of 9 shown" in dom  # the script ran and counted the cards
     assert dom.count('<article class="card') == 9
+    filtered = _chromium(tmp_path, "--dump-dom", page.as_uri() + "#status=corrupt&q=truncated").stdout
+    assert "1 of 9 shown" in filtered
+    assert len(re.findall(r'<article class="card[^"]*"', filtered)) == 9
+    assert len(re.findall(r'<article class="card [^"]*hidden"', filtered)) == 8  # only the corrupt one left
     shot = tmp_path / "report.png"
     _chromium(tmp_path, f"--screenshot={shot}", "--window-size=1280,1600", "--hide-scrollbars", page.as_uri())
     with Image.open(shot) as png:
