@@ -7,6 +7,10 @@ a file that another process may have just opened and locked would let two runs h
 "the" lock on two different inodes. Its contents (pid, host, start time of the holder)
 exist only to make the refusal message useful.
 
+A forked child (a DataLoader worker) would share the lock and keep it after its parent
+is killed, until it notices and exits; so the lock's descriptor is closed in every
+forked child (closing a shared descriptor does not unlock; only the last close does).
+
 ``flock`` works on local file systems and on NFS (Linux maps it to NFS byte-range locks);
 on Lustre the client must be mounted with ``-o flock``.
 """
@@ -23,6 +27,20 @@ from pathlib import Path
 from typing import Iterator
 
 LOCK_SUFFIX = ".lock"
+_HELD_FDS: set[int] = set()
+
+
+def _close_in_child() -> None:
+    """After ``fork``: drop this process' copy of every held lock (the parent keeps its lock)."""
+    for fd in _HELD_FDS:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD_FDS.clear()
+
+
+os.register_at_fork(after_in_child=_close_in_child)
 
 
 class LockHeld(Exception):
@@ -62,9 +80,11 @@ def hold_lock(out: str | os.PathLike[str]) -> Iterator[Path]:
         data = (json.dumps(info) + "\n").encode()
         os.ftruncate(fd, 0)
         os.pwrite(fd, data, 0)
+        _HELD_FDS.add(fd)
         try:
             yield path
         finally:
+            _HELD_FDS.discard(fd)
             fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)

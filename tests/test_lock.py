@@ -61,3 +61,32 @@ def test_lock_of_killed_holder_never_blocks(tmp_path: Path) -> None:
     proc.wait()
     with hold_lock(out):  # the kernel released it when the holder died
         assert f"{os.getpid()}" in lock_path_for(out).read_text()
+
+
+FORKING_HOLDER = """
+import os, sys, time
+from batchcap.lock import hold_lock
+with hold_lock(sys.argv[1]):
+    if os.fork() == 0:  # like a DataLoader worker: outlives a parent killed with -9
+        time.sleep(30)
+        os._exit(0)
+    print("locked", flush=True)
+    time.sleep(60)
+"""
+
+
+def test_forked_children_do_not_keep_the_lock(tmp_path: Path) -> None:
+    out = tmp_path / "captions.parquet"
+    proc = subprocess.Popen([sys.executable, "-c", FORKING_HOLDER, str(out)], stdout=subprocess.PIPE,
+                            text=True, cwd=Path(__file__).resolve().parents[1], start_new_session=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "locked"
+        with pytest.raises(LockHeld):
+            with hold_lock(out):
+                pass
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        with hold_lock(out):  # the orphaned child is still alive, yet the lock is free
+            pass
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
