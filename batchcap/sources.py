@@ -217,10 +217,20 @@ class FileReader:
 
 
 def shard_name(url: str) -> str:
-    """The basename that prefixes a tar sample's id (``pipe:cat /a/b.tar`` -> ``b.tar``)."""
-    tail = url.rstrip().split()[-1] if url.startswith("pipe:") else url
-    tail = tail.split("?", 1)[0].rstrip("/")
-    return posixpath.basename(tail.replace(os.sep, "/")) or tail
+    """The basename that prefixes a tar sample's id (``pipe:cat /a/b.tar`` -> ``b.tar``).
+
+    For a ``pipe:`` command it is the last word that names a tar (``.tar``, ``.tgz``,
+    ``.tar.gz``), else the command's last word.
+    """
+    def base(word: str) -> str:
+        word = word.strip("'\"").split("?", 1)[0].rstrip("/")
+        return posixpath.basename(word.replace(os.sep, "/")) or word
+
+    if url.startswith("pipe:"):
+        words = url[5:].split() or [url]
+        tars = [w for w in words if _is_tar_name(base(w))]
+        return base(tars[-1] if tars else words[-1])
+    return base(url)
 
 
 @dataclass(frozen=True)
@@ -238,7 +248,7 @@ class TarReader:
         basename). A sample being assembled when the damage hit is still yielded when
         it has an image: every member read so far arrived whole.
         """
-        from webdataset import gopen
+        from webdataset.gopen import gopen
         from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
         name = shard_name(url)
@@ -253,7 +263,7 @@ class TarReader:
 
         stream = None
         try:
-            stream = gopen.gopen(url, "rb")
+            stream = gopen(url, "rb")
             for member in tar_file_iterator(stream):
                 key, suffix = base_plus_ext(member["fname"])
                 if key is None:
