@@ -404,8 +404,8 @@ def _check_previous(out: Path, previous: dict[str, Any] | None, meta: dict[str, 
     if previous.get("format", meta["format"]) != meta["format"]:
         raise ResumeRefused(f"{what} is {previous.get('format')}, not {meta['format']}; "
                             "rerun with --overwrite to start over, or choose another --out")
-    old = previous.get("resume_settings") or {}
-    new = meta["resume_settings"]
+    old = _flatten(previous.get("resume_settings") or {})
+    new = _flatten(meta["resume_settings"])
     differ = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
     if differ:
         changes = "; ".join(f"{k}: {json.dumps(old.get(k))} -> {json.dumps(new.get(k))}" for k in differ)
@@ -413,6 +413,17 @@ def _check_previous(out: Path, previous: dict[str, Any] | None, meta: dict[str, 
             f"refusing to continue {out}: {what} was made with other settings ({changes}). "
             "Mixing them would put captions from different settings in one file; rerun with "
             "--overwrite to start over, or choose another --out")
+
+
+def _flatten(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested settings as ``{"beam.beam_size": 3, ...}``, so a refusal names the leaf that changed."""
+    flat: dict[str, Any] = {}
+    for key, value in settings.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def _final_meta(out: Path, fmt: str) -> dict[str, Any] | None:

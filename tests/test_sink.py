@@ -129,6 +129,13 @@ def test_refuses_changed_settings_naming_them(out: Path, fmt: str) -> None:
         open_store(out, fmt, {**SETTINGS, "new_option": True})
 
 
+def test_refusal_names_the_nested_setting_that_changed(out: Path, fmt: str) -> None:
+    nested = {"model": "tiny@0123456789ab", "beam": {"beam_size": 3, "max_len": 12}}
+    open_store(out, fmt, nested).finalize()
+    with pytest.raises(ResumeRefused, match=r"\(beam\.beam_size: 3 -> 5\)"):
+        open_store(out, fmt, {**nested, "beam": {"beam_size": 5, "max_len": 12}})
+
+
 def test_refuses_foreign_or_unreadable_output(out: Path, fmt: str) -> None:
     out.write_text("not ours\n")
     with pytest.raises(ResumeRefused, match="--overwrite"):
