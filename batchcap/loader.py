@@ -27,7 +27,7 @@ from batchcap.config import ImagePolicy, Preprocess
 from batchcap.decode import SHARD_ERROR, UNSUPPORTED, Decoded, allow_pillow_up_to, decode_bytes, decode_file
 from batchcap.sharding import in_shard
 from batchcap.sources import (FileEntry, Ignored, InputItem, MemberEntry, ShardFailure, SourceSet,
-                              TarReader, shard_name)
+                              TarReader, fingerprinted, shard_name)
 
 #: A worker sends a batch with only counts once this many inputs were skipped or ignored,
 #: so a resumed run over a finished collection still shows progress.
@@ -153,10 +153,14 @@ class BatchDataset(IterableDataset):
             builder.ignored += 1
         elif isinstance(entry, ShardFailure):
             builder.add(entry.item, Decoded(SHARD_ERROR, entry.error))
-        elif self._is_done(entry):
-            builder.skipped += 1
         elif isinstance(entry, FileEntry):
-            builder.add(entry.item, decode_file(entry.item.source, self.preprocess, self.policy))
+            item = fingerprinted(entry.item)  # stat only what this worker owns
+            if self._is_done(item, member=False):
+                builder.skipped += 1
+            else:
+                builder.add(item, decode_file(item.source, self.preprocess, self.policy))
+        elif self._is_done(entry.item, member=True):
+            builder.skipped += 1
         elif entry.data is None:
             builder.add(entry.item, Decoded(UNSUPPORTED, f"no image member (looked for "
                                                          f"{', '.join(self.policy.image_keys)}; "
@@ -166,12 +170,12 @@ class BatchDataset(IterableDataset):
         if builder.full():
             yield builder.take()
 
-    def _is_done(self, entry: FileEntry | MemberEntry) -> bool:
+    def _is_done(self, item: InputItem, member: bool) -> bool:
         """A tar member is done when its id is known; a file when its fingerprint also matches."""
-        fingerprint = self.done.get(entry.item.id)
+        fingerprint = self.done.get(item.id)
         if fingerprint is None:
             return False
-        return isinstance(entry, MemberEntry) or tuple(fingerprint) == (entry.item.size, entry.item.mtime_ns)
+        return member or tuple(fingerprint) == (item.size, item.mtime_ns)
 
 
 def _worker_init(_: int) -> None:

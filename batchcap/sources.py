@@ -21,6 +21,7 @@ small frozen dataclass of paths, so a :class:`SourceSet` pickles into worker pro
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import glob
 import os
 import posixpath
@@ -64,7 +65,7 @@ class InputItem:
 
 @dataclass(frozen=True)
 class FileEntry:
-    """A candidate picture on disk; decoded by reading ``item.source``."""
+    """A candidate picture on disk; decoded by reading ``item.source`` (fingerprint not yet taken)."""
 
     item: InputItem
 
@@ -107,13 +108,17 @@ def one_line(message: object, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _fingerprint(path: str) -> tuple[int | None, int | None]:
-    """(size, mtime_ns) following symlinks; (None, None) when the file cannot be stat'ed."""
+def fingerprinted(item: InputItem) -> InputItem:
+    """``item`` with the (size, mtime_ns) of its file, following symlinks; None, None when it cannot be stat'ed.
+
+    Readers list names only; the loader stats the inputs it owns, so N workers walking
+    the same tree do not each stat every file.
+    """
     try:
-        st = os.stat(path)
+        st = os.stat(item.source)
     except OSError:
-        return None, None
-    return st.st_size, st.st_mtime_ns
+        return dataclasses.replace(item, size=None, mtime_ns=None)
+    return dataclasses.replace(item, size=st.st_size, mtime_ns=st.st_mtime_ns)
 
 
 # -- readers -------------------------------------------------------------------------------
@@ -165,8 +170,7 @@ class FolderReader:
             if not is_image_name(entry.name):
                 yield Ignored(rel)
                 continue
-            size, mtime_ns = _fingerprint(entry.path)
-            yield FileEntry(InputItem(id=rel, source=entry.path, size=size, mtime_ns=mtime_ns))
+            yield FileEntry(InputItem(id=rel, source=entry.path))
 
     @staticmethod
     def _sorted(path: str) -> Iterator[os.DirEntry[str]]:
@@ -194,8 +198,7 @@ class ListReader:
 
     def entries(self) -> Iterator[FileEntry]:
         for line in self._lines():
-            size, mtime_ns = _fingerprint(line)
-            yield FileEntry(InputItem(id=line, source=line, size=size, mtime_ns=mtime_ns))
+            yield FileEntry(InputItem(id=line, source=line))
 
     def count(self) -> int:
         return sum(1 for _ in self._lines())
@@ -209,8 +212,7 @@ class FileReader:
     kind: str = field(default="file", init=False)
 
     def entries(self) -> Iterator[FileEntry]:
-        size, mtime_ns = _fingerprint(self.path)
-        yield FileEntry(InputItem(id=self.path, source=self.path, size=size, mtime_ns=mtime_ns))
+        yield FileEntry(InputItem(id=self.path, source=self.path))
 
     def count(self) -> int:
         return 1
@@ -336,7 +338,8 @@ def _stdin_to_file() -> str:
     fd, path = tempfile.mkstemp(prefix="batchcap-files-from-", suffix=".txt")
     with os.fdopen(fd, "wb") as out:
         shutil.copyfileobj(sys.stdin.buffer, out)
-    atexit.register(lambda: os.path.exists(path) and os.unlink(path))
+    owner = os.getpid()  # forked workers must not remove it
+    atexit.register(lambda: os.getpid() == owner and os.path.exists(path) and os.unlink(path))
     return path
 
 

@@ -257,7 +257,7 @@ def test_real_flickr_photos_decode() -> None:
 
 def test_draft_stays_close_to_full_decode(tmp_path: Path) -> None:
     folder = shared_path("data", "flickr8k-sample", "Flicker8k_Dataset")
-    photos = sorted(folder.glob("*.jpg"))[:6]
+    photos = sorted(folder.glob("*.jpg"))[:4]
     pre = Preprocess()  # 299 x 299 squash, bicubic
     for photo in photos:
         big = Image.open(photo).convert("RGB").resize((2000, 1500), Image.Resampling.BICUBIC)
@@ -266,4 +266,4 @@ def test_draft_stays_close_to_full_decode(tmp_path: Path) -> None:
         drafted = decode_bytes(data, pre, ImagePolicy(draft=True)).tensor.float()
         mad = (full - drafted).abs().mean().item()
         cos = torch.nn.functional.cosine_similarity(full.flatten() - 127.5, drafted.flatten() - 127.5, dim=0)
-        assert mad < 3.0 and cos > 0.995, (photo.name, mad, cos.item())
+        assert mad < 1.5 and cos > 0.999, (photo.name, mad, cos.item())

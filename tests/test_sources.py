@@ -14,7 +14,7 @@ from PIL import Image
 from batchcap.config import ImagePolicy, Preprocess
 from batchcap.loader import iter_batches
 from batchcap.sources import (FileEntry, FolderReader, Ignored, MemberEntry, ShardFailure, SourceError,
-                              TarReader, open_sources, shard_name)
+                              TarReader, fingerprinted, open_sources, shard_name)
 from conftest import write_images
 
 PRE = Preprocess(input_size=(3, 16, 16), resize="squash", interpolation="bilinear")
@@ -66,7 +66,7 @@ def test_folder_walk_is_sorted_recursive_and_relative(tmp_path: Path) -> None:
     ids = [e.item.id for e in entries if isinstance(e, FileEntry)]
     assert ids == ["Z.JPG", "a/deep/img00000.png", "a/deep/img00001.png", "b/img00000.jpg", "b/img00001.jpg"]
     assert sorted(e.path for e in entries if isinstance(e, Ignored)) == [".git", "readme.md"]
-    item = next(e.item for e in entries if isinstance(e, FileEntry))
+    item = fingerprinted(next(e.item for e in entries if isinstance(e, FileEntry)))
     st = os.stat(tmp_path / "Z.JPG")
     assert (item.size, item.mtime_ns) == (st.st_size, st.st_mtime_ns)
     assert ids == [e.item.id for e in FolderReader(str(tmp_path)).entries() if isinstance(e, FileEntry)]
