@@ -48,17 +48,24 @@ class CaptionDecoder(nn.Module):
         self.out = nn.Linear(cfg.hidden_dim, cfg.vocab_size)
 
     # -- state ---------------------------------------------------------------------------
-    def init_state(self, features: torch.Tensor) -> State:
-        """Initial state from encoder features ``(N, R, F)`` or pooled ``(N, F)``."""
+    def init_state(self, features: torch.Tensor, image_index: torch.Tensor | None = None) -> State:
+        """Initial state from encoder features ``(M, R, F)`` or pooled ``(M, F)``.
+
+        ``image_index`` (N,) maps each of N captions to its image, so an image's features
+        are projected once however many captions it has (training batches hold all of an
+        image's references); without it N = M.
+        """
         features = features.float()
         if features.dim() == 2:
             features = features[:, None, :]  # (N, 1, F)
-        memory = F.relu(self.feature_proj(features))  # (N, R, D)
+        memory = F.relu(self.feature_proj(features))  # (M, R, D)
+        keys = self.att_key(memory) if self.cfg.attention else memory[:, :0]  # (M, R, D) or empty
+        if image_index is not None:
+            memory, keys = memory[image_index], keys[image_index]  # (N, R, D)
         mean = memory.mean(dim=1)  # (N, D)
         n, layers, hid = memory.shape[0], self.cfg.num_layers, self.cfg.hidden_dim
         h = torch.tanh(self.init_h(mean)).view(n, layers, hid)  # (N, L, H)
         c = torch.tanh(self.init_c(mean)).view(n, layers, hid)  # (N, L, H)
-        keys = self.att_key(memory) if self.cfg.attention else memory[:, :0]  # (N, R, D) or empty
         return (h, c, memory, keys)
 
     def _context(self, h_top: torch.Tensor, memory: torch.Tensor, keys: torch.Tensor
@@ -92,14 +99,14 @@ class CaptionDecoder(nn.Module):
         return torch.log_softmax(logits.float(), dim=-1), state
 
     # -- training ------------------------------------------------------------------------
-    def forward(self, features: torch.Tensor, captions: torch.Tensor
+    def forward(self, features: torch.Tensor, captions: torch.Tensor, image_index: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Teacher-forced logits ``(N, T-1, V)`` for ``captions`` ``(N, T)`` = ``<start> w1 .. <end> <pad>..``.
 
         Also returns the attention weights ``(N, T-1, R)`` (``None`` without attention),
         which training uses for the doubly stochastic regulariser.
         """
-        state = self.init_state(features)
+        state = self.init_state(features, image_index)
         steps = captions.shape[1] - 1
         logits, alphas = [], []
         for t in range(steps):

@@ -1,0 +1,537 @@
+"""The ``batchcap`` command line: a thin click layer over the library.
+
+Every command builds frozen config objects from its options and hands them to one
+library function. Option bundles shared between commands are decorators. User errors
+become ``click.ClickException`` messages (exit 1) or ``click.UsageError`` (exit 2);
+bugs stay tracebacks.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from batchcap import __version__
+
+F = Callable[..., Any]
+
+# Exceptions that carry a user-facing message (imported lazily: heavy modules).
+_USER_ERRORS: tuple[type[BaseException], ...] | None = None
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    global _USER_ERRORS
+    if _USER_ERRORS is None:
+        from batchcap.datasets import DatasetError
+        from batchcap.encoder import EncoderError
+        from batchcap.merge import MergeError
+        from batchcap.modelfile import ModelFileError
+        from batchcap.report import ReportError
+        from batchcap.sources import SourceError
+
+        _USER_ERRORS = (ModelFileError, EncoderError, SourceError, DatasetError, MergeError, ReportError)
+    return _USER_ERRORS
+
+
+def user_errors(func: F) -> F:
+    """Turn library errors that describe bad input into clean messages, not tracebacks."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except _user_errors() as exc:
+            raise click.ClickException(str(exc)) from exc
+
+    return wrapper
+
+
+# -- option bundles --------------------------------------------------------------------------
+def model_options(func: F) -> F:
+    """--model and --encoder-weights: which model file, and where its encoder weights are."""
+    func = click.option("--encoder-weights", type=click.Path(dir_okay=False), envvar="BATCHCAP_ENCODER_WEIGHTS",
+                        default=None, show_envvar=True,
+                        help="Encoder weights (safetensors or weights-only torch file), when the model "
+                             "file neither embeds nor ships them.")(func)
+    func = click.option("--model", "model", type=click.Path(dir_okay=False), default=None,
+                        help="Model file (.safetensors from `batchcap train`). Default: the model shipped "
+                             "with batchcap.")(func)
+    return func
+
+
+def runtime_options(func: F) -> F:
+    """--device, --precision, --batch-size, --workers: how the tensors are computed."""
+    func = click.option("--workers", default="auto", show_default=True,
+                        help="Decoding worker processes (a number, or auto).")(func)
+    func = click.option("--batch-size", type=click.IntRange(1, 65536), default=32, show_default=True,
+                        help="Images per encoder batch.")(func)
+    func = click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto",
+                        show_default=True,
+                        help="auto: bf16 on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX), else fp32.")(func)
+    func = click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")(func)
+    return func
+
+
+def beam_options(func: F) -> F:
+    """Caption search settings, shared by run, eval and bench."""
+    func = click.option("--n-best", type=click.IntRange(1), default=1, show_default=True,
+                        help="Captions returned per image (with scores); at most --beam.")(func)
+    func = click.option("--no-repeat-ngram", type=click.IntRange(0), default=0, show_default=True,
+                        help="Forbid repeating any n-gram of this size (0: off).")(func)
+    func = click.option("--length-penalty", type=float, default=0.0, show_default=True,
+                        help="ALPHA in score = log p / length**ALPHA (0: raw log-probability).")(func)
+    func = click.option("--min-len", type=click.IntRange(0), default=1, show_default=True,
+                        help="Fewest words before <end> is allowed.")(func)
+    func = click.option("--max-len", type=click.IntRange(1), default=None,
+                        help="Most words per caption. Default: the model's maximum.")(func)
+    func = click.option("--beam", type=click.IntRange(1), default=3, show_default=True,
+                        help="Beam width (1 = greedy).")(func)
+    return func
+
+
+def input_options(func: F) -> F:
+    """How inputs are found and decoded."""
+    func = click.option("--image-key", "image_keys", default="jpg,jpeg,png,webp", show_default=True,
+                        help="WebDataset: extensions to take the image from, first present wins.")(func)
+    func = click.option("--no-draft", is_flag=True, help="Decode large JPEGs at full size (slower).")(func)
+    func = click.option("--background", default="255,255,255", show_default=True,
+                        help="R,G,B composited under transparent pixels.")(func)
+    func = click.option("--max-pixels", type=click.IntRange(1), default=89_478_485, show_default=True,
+                        help="Refuse pictures larger than this (checked from the header).")(func)
+    func = click.option("--shard", default=None,
+                        help="I/N: caption only shard I of N (default: SLURM_ARRAY_TASK_ID/COUNT if set).")(func)
+    func = click.option("--files-from", type=click.Path(allow_dash=True), default=None,
+                        help="Read input paths from FILE, one per line ('-' for stdin).")(func)
+    return func
+
+
+def output_options(func: F) -> F:
+    """Where the captions go and how progress is committed."""
+    func = click.option("--log-every", type=float, default=30.0, show_default=True,
+                        help="Seconds between progress lines when not on a terminal.")(func)
+    func = click.option("--max-failures", default="0.5", show_default=True,
+                        help="Exit non-zero when failed inputs exceed this count (10) or fraction (0.05, 5%).")(func)
+    func = click.option("--commit-every", type=click.IntRange(1), default=512, show_default=True,
+                        help="Rows per committed part; a kill loses at most this many.")(func)
+    func = click.option("--overwrite", is_flag=True, help="Start over instead of resuming.")(func)
+    func = click.option("--format", "fmt", type=click.Choice(["parquet", "jsonl"]), default=None,
+                        help="Output format. Default: from the --out suffix.")(func)
+    func = click.option("--out", "-o", required=True, type=click.Path(dir_okay=False),
+                        help="Output file (.parquet or .jsonl).")(func)
+    return func
+
+
+# -- builders ---------------------------------------------------------------------------------
+def build_runtime(device: str, precision: str, batch_size: int, workers: str) -> Any:
+    """A resolved :class:`RuntimeConfig` (device and precision made concrete)."""
+    from batchcap.config import RuntimeConfig
+    from batchcap.encoder import resolve_device, resolve_precision
+
+    resolved = resolve_device(device)
+    if workers == "auto":
+        n_workers = max(1, min(8, (os.cpu_count() or 2) - 1))
+    else:
+        try:
+            n_workers = int(workers)
+        except ValueError:
+            raise click.BadParameter(f"{workers!r} is not a number or auto", param_hint="--workers") from None
+        if n_workers < 0:
+            raise click.BadParameter("must be >= 0", param_hint="--workers")
+    return RuntimeConfig(device=str(resolved), precision=resolve_precision(precision, resolved),
+                         batch_size=batch_size, workers=n_workers, channels_last=True)
+
+
+def build_beam(beam: int, max_len: int | None, min_len: int, length_penalty: float, no_repeat_ngram: int,
+               n_best: int, model_max_len: int) -> Any:
+    """A validated :class:`BeamConfig`; bad combinations are usage errors."""
+    from batchcap.config import BeamConfig
+
+    try:
+        return BeamConfig(beam_size=beam, max_len=max_len or model_max_len, min_len=min_len,
+                          length_penalty=length_penalty, no_repeat_ngram=no_repeat_ngram, n_best=n_best)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from exc
+
+
+def build_policy(max_pixels: int, background: str, no_draft: bool, image_keys: str) -> Any:
+    from batchcap.config import ImagePolicy
+
+    try:
+        rgb = tuple(int(v) for v in background.split(","))
+        if len(rgb) != 3 or not all(0 <= v <= 255 for v in rgb):
+            raise ValueError
+    except ValueError:
+        raise click.BadParameter(f"{background!r}: expected R,G,B with values 0-255",
+                                 param_hint="--background") from None
+    keys = tuple(k.strip().lower().lstrip(".") for k in image_keys.split(",") if k.strip())
+    return ImagePolicy(max_pixels=max_pixels, background=rgb, draft=not no_draft,  # type: ignore[arg-type]
+                       image_keys=keys)
+
+
+# -- the group ---------------------------------------------------------------------------------
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="batchcap")
+def cli() -> None:
+    """Caption image collections: Xception features, LSTM beam search, resumable Parquet/JSONL.
+
+    \b
+    Start here:
+        batchcap run ./photos --out captions.parquet
+        batchcap report captions.parquet --html report.html
+    """
+
+
+@cli.command()
+@click.argument("sources", nargs=-1)
+@input_options
+@output_options
+@model_options
+@runtime_options
+@beam_options
+@user_errors
+def run(sources: tuple[str, ...], files_from: str | None, shard: str | None, max_pixels: int, background: str,
+        no_draft: bool, image_keys: str, out: str, fmt: str | None, overwrite: bool, commit_every: int,
+        max_failures: str, log_every: float, model: str | None, encoder_weights: str | None, device: str,
+        precision: str, batch_size: int, workers: str, beam: int, max_len: int | None, min_len: int,
+        length_penalty: float, no_repeat_ngram: int, n_best: int) -> None:
+    """Caption every picture in SOURCES (folders, files, WebDataset shards) into --out.
+
+    Rerunning the same command resumes: only pictures not yet in the output are
+    captioned, and pictures whose size or modification time changed are captioned
+    again. A second run on the same output while one is active exits at once.
+
+    \b
+    Examples:
+        batchcap run ./photos --out captions.parquet
+        batchcap run 'shards/train-{0000..0099}.tar' --out captions.jsonl --beam 5 --n-best 3
+        batchcap run ./photos --out part-0.parquet --shard 0/4
+    """
+    from batchcap.captioner import resolve_model_path
+    from batchcap.config import RunConfig
+    from batchcap.lock import LockHeld
+    from batchcap.modelfile import read_metadata
+    from batchcap.progress import EXIT_LOCKED, EXIT_RESUME_REFUSED, parse_max_failures
+    from batchcap.runner import run_job
+    from batchcap.sharding import resolve_shard
+    from batchcap.sink import ResumeRefused, infer_format
+
+    if not sources and not files_from:
+        raise click.UsageError("give at least one SOURCE (folder, image, .tar shard) or --files-from FILE")
+    try:
+        parse_max_failures(max_failures)
+        shard_index, shard_count = resolve_shard(shard, os.environ)
+        fmt = infer_format(out, fmt)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from exc
+    model_path = resolve_model_path(model)
+    meta = read_metadata(model_path)
+    beam_cfg = build_beam(beam, max_len, min_len, length_penalty, no_repeat_ngram, n_best,
+                          int(meta["max_caption_len"]))
+    cfg = RunConfig(sources=tuple(sources), out=out, format=fmt, files_from=files_from, shard_index=shard_index,
+                    shard_count=shard_count, overwrite=overwrite, max_failures=max_failures,
+                    commit_every=commit_every, log_every=log_every)
+    runtime = build_runtime(device, precision, batch_size, workers)
+    policy = build_policy(max_pixels, background, no_draft, image_keys)
+    try:
+        result = run_job(cfg, model_path, beam_cfg, runtime, policy, encoder_weights=encoder_weights)
+    except LockHeld as exc:
+        click.echo(f"Error: {exc}", err=True)
+        sys.exit(EXIT_LOCKED)
+    except ResumeRefused as exc:
+        click.echo(f"Error: {exc}", err=True)
+        sys.exit(EXIT_RESUME_REFUSED)
+    sys.exit(result.exit_code)
+
+
+@cli.command()
+@click.argument("data")
+@click.option("--out", "-o", required=True, type=click.Path(dir_okay=False), help="Model file to write.")
+@click.option("--format", "fmt", default="auto", show_default=True,
+              type=click.Choice(["auto", "flickr8k", "kaggle", "karpathy", "coco", "wds"]),
+              help="Dataset layout (auto-detected by default).")
+@click.option("--images", type=click.Path(file_okay=False), default=None,
+              help="Image folder, when it is not where the layout expects it.")
+@click.option("--encoder", "encoder_name", default="legacy_xception", show_default=True,
+              help="timm model name of the encoder.")
+@click.option("--encoder-weights", type=click.Path(dir_okay=False), envvar="BATCHCAP_ENCODER_WEIGHTS",
+              default=None, show_envvar=True,
+              help="Local encoder weights; without them timm downloads pretrained weights (online only).")
+@click.option("--input-size", type=click.IntRange(32), default=None,
+              help="Encoder input side in pixels. Default: the encoder's own (299 for Xception).")
+@click.option("--resize", type=click.Choice(["squash", "crop"]), default="squash", show_default=True,
+              help="squash: resize to a square ignoring aspect (as the Keras tutorials); crop: timm's resize + "
+                   "centre crop. Stored in the model file so captioning uses the same.")
+@click.option("--pooled", is_flag=True, help="Pooled features only (no attention over the spatial map).")
+@click.option("--epochs", type=click.IntRange(1), default=20, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True,
+              help="Images per step (each with all of its captions).")
+@click.option("--lr", type=float, default=4e-4, show_default=True, help="Peak learning rate (AdamW).")
+@click.option("--weight-decay", type=float, default=1e-4, show_default=True)
+@click.option("--grad-clip", type=float, default=5.0, show_default=True, help="Max gradient norm.")
+@click.option("--warmup-steps", type=click.IntRange(0), default=200, show_default=True)
+@click.option("--dropout", type=click.FloatRange(0, 0.9), default=0.5, show_default=True)
+@click.option("--embed-dim", type=click.IntRange(8), default=256, show_default=True)
+@click.option("--hidden-dim", type=click.IntRange(8), default=512, show_default=True)
+@click.option("--attention-dim", type=click.IntRange(8), default=512, show_default=True)
+@click.option("--layers", type=click.IntRange(1, 4), default=1, show_default=True, help="Stacked LSTM layers.")
+@click.option("--min-word-count", type=click.IntRange(1), default=5, show_default=True,
+              help="Words seen fewer times in training captions become <unk>.")
+@click.option("--max-caption-len", type=click.IntRange(2), default=20, show_default=True)
+@click.option("--label-smoothing", type=click.FloatRange(0, 0.5), default=0.0, show_default=True)
+@click.option("--attention-penalty", type=click.FloatRange(0), default=1.0, show_default=True,
+              help="Weight of Show-Attend-Tell's doubly stochastic attention penalty.")
+@click.option("--val-beam", type=click.IntRange(1), default=3, show_default=True,
+              help="Beam width used to score the validation split each epoch.")
+@click.option("--val-images", type=click.IntRange(1), default=1000, show_default=True)
+@click.option("--patience", type=click.IntRange(1), default=4, show_default=True,
+              help="Stop after this many epochs without a better validation CIDEr.")
+@click.option("--seed", type=int, default=1234, show_default=True)
+@click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
+              help="Feature cache folder. Default: .batchcap-features beside --out.")
+@click.option("--resume", is_flag=True, help="Continue from the checkpoint beside --out.")
+@click.option("--augment", is_flag=True, help="Also train on horizontally flipped pictures (a second cached view).")
+@click.option("--finetune-encoder", is_flag=True,
+              help="Fine-tune the encoder too (no feature cache; needs a GPU to be practical).")
+@click.option("--encoder-lr", type=float, default=1e-5, show_default=True,
+              help="Learning rate of the encoder with --finetune-encoder.")
+@click.option("--half", is_flag=True, help="Store the decoder weights as fp16 (half the file size).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto",
+              show_default=True, help="Precision of the encoder when computing features.")
+@click.option("--workers", default="auto", show_default=True, help="Image decoding processes.")
+@user_errors
+def train(data: str, out: str, fmt: str, images: str | None, encoder_name: str, encoder_weights: str | None,
+          input_size: int | None, resize: str, pooled: bool, epochs: int, batch_size: int, lr: float,
+          weight_decay: float, grad_clip: float, warmup_steps: int, dropout: float, embed_dim: int,
+          hidden_dim: int, attention_dim: int, layers: int, min_word_count: int, max_caption_len: int,
+          label_smoothing: float, attention_penalty: float, val_beam: int, val_images: int, patience: int,
+          seed: int, cache_dir: str | None, resume: bool, augment: bool, finetune_encoder: bool,
+          encoder_lr: float, half: bool, device: str, precision: str, workers: str) -> None:
+    """Train a caption decoder on DATA and write one self-describing model file.
+
+    DATA is a Flickr8k folder (Flickr8k.token.txt + split files + photos), a Kaggle
+    captions.txt folder, a Karpathy split JSON, COCO caption JSON + images, or
+    WebDataset shards with jpg + txt/json. Encoder features are cached and reused.
+
+    \b
+    Example:
+        batchcap train ../shared/data/flickr8k --out flickr8k.safetensors \\
+            --encoder-weights ../shared/weights/legacy_xception.keras_imagenet.safetensors
+    """
+    from batchcap.config import EncoderConfig, Preprocess, TrainConfig
+    from batchcap.datasets import load_caption_dataset
+    from batchcap.train import describe_encoder, train as train_decoder
+
+    if finetune_encoder:
+        raise click.UsageError("--finetune-encoder is not available in this version: train on cached features "
+                               "(the default), or fine-tune outside batchcap")
+    runtime = build_runtime(device, precision, batch_size, workers)
+    preprocess = _encoder_preprocess(encoder_name, resize, input_size)
+    cfg = TrainConfig(data=data, out=out, format=fmt, epochs=epochs, batch_size=batch_size, lr=lr,
+                      weight_decay=weight_decay, grad_clip=grad_clip, warmup_steps=warmup_steps,
+                      min_word_count=min_word_count, max_caption_len=max_caption_len, seed=seed,
+                      cache_dir=cache_dir, resume=resume, augment=augment, finetune_encoder=finetune_encoder,
+                      encoder_lr=encoder_lr, val_beam_size=val_beam, val_images=val_images, patience=patience,
+                      extra={"label_smoothing": label_smoothing, "attention_penalty": attention_penalty,
+                             "half": half})
+    dataset = load_caption_dataset(data, fmt, images=images)
+    for note in dataset.notes:
+        click.echo(f"note: {note}", err=True)
+    choice = describe_encoder(EncoderConfig(name=encoder_name, weights=encoder_weights, spatial=not pooled),
+                              preprocess)
+    decoder_cfg = {"embed_dim": embed_dim, "hidden_dim": hidden_dim, "num_layers": layers, "dropout": dropout,
+                   "attention": not pooled, "attention_dim": attention_dim}
+    model = train_decoder(cfg, dataset, choice, decoder_cfg, runtime, log=lambda m: click.echo(m, err=True))
+    click.echo(json.dumps({"model": out, "metrics": model.metrics}, indent=2))
+
+
+def _encoder_preprocess(encoder_name: str, resize: str, input_size: int | None) -> Any:
+    """The encoder's preprocessing from timm, with the chosen resize mode (and input size)."""
+    import timm
+    from timm.data import resolve_model_data_config
+
+    from batchcap.preprocess import from_timm
+
+    try:
+        network = timm.create_model(encoder_name, pretrained=False, num_classes=0)
+    except RuntimeError as exc:
+        raise click.BadParameter(str(exc), param_hint="--encoder") from exc
+    pre = from_timm(resolve_model_data_config(network), resize=resize)
+    if input_size:
+        from dataclasses import replace
+
+        pre = replace(pre, input_size=(3, input_size, input_size))
+    return pre
+
+
+@cli.command(name="eval")
+@click.argument("data")
+@click.option("--split", default="val", show_default=True, help="train, val (Flickr8k dev) or test.")
+@click.option("--format", "fmt", default="auto", show_default=True,
+              type=click.Choice(["auto", "flickr8k", "kaggle", "karpathy", "coco", "wds"]))
+@click.option("--images", type=click.Path(file_okay=False), default=None, help="Image folder override.")
+@click.option("--limit", type=click.IntRange(1), default=None, help="Score only the first N images.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None,
+              help="Write scores and per-image captions to this JSON file.")
+@model_options
+@runtime_options
+@beam_options
+@user_errors
+def evaluate(data: str, split: str, fmt: str, images: str | None, limit: int | None, json_out: str | None,
+             model: str | None, encoder_weights: str | None, device: str, precision: str, batch_size: int,
+             workers: str, beam: int, max_len: int | None, min_len: int, length_penalty: float,
+             no_repeat_ngram: int, n_best: int) -> None:
+    """Caption a split of DATA the way `run` does and score it with the COCO caption metrics.
+
+    BLEU-1..4, METEOR (needs Java), ROUGE-L and CIDEr-D from pycocoevalcap, with the
+    COCO toolkit's PTB tokenizer when Java is available.
+
+    \b
+    Example:
+        batchcap eval ../shared/data/flickr8k --split val --beam 3 --json dev-scores.json
+    """
+    from batchcap.captioner import resolve_model_path
+    from batchcap.datasets import load_caption_dataset
+    from batchcap.evaluate import evaluate_split, format_scores
+    from batchcap.modelfile import load_model
+
+    model_obj = load_model(resolve_model_path(model))
+    beam_cfg = build_beam(beam, max_len, min_len, length_penalty, no_repeat_ngram, n_best,
+                          model_obj.max_caption_len)
+    runtime = build_runtime(device, precision, batch_size, workers)
+    dataset = load_caption_dataset(data, fmt, images=images)
+    if split not in dataset.splits or not dataset.splits[split]:
+        raise click.ClickException(f"{data} has no images in split {split!r} "
+                                   f"(it has: {', '.join(s for s, r in dataset.splits.items() if r)})")
+    result = evaluate_split(dataset, split, model_obj, runtime, beam_cfg, encoder_weights=encoder_weights,
+                            limit=limit, log=lambda m: click.echo(m, err=True))
+    click.echo(format_scores(result))
+    if json_out:
+        Path(json_out).write_text(json.dumps(result, indent=2) + "\n")
+        click.echo(f"wrote {json_out}", err=True)
+
+
+@cli.command()
+@click.argument("model", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print the full metadata as JSON.")
+@click.option("--vocab", "show_vocab", is_flag=True, help="Also list the vocabulary.")
+@user_errors
+def info(model: str | None, as_json: bool, show_vocab: bool) -> None:
+    """Show what a model file holds: encoder, preprocessing, decoder, vocabulary, training and scores.
+
+    Without MODEL, describes the model shipped with batchcap.
+
+    \b
+    Examples:
+        batchcap info
+        batchcap info flickr8k.safetensors --json
+    """
+    from batchcap.captioner import resolve_model_path
+    from batchcap.info import describe_model
+    from batchcap.modelfile import load_model
+
+    loaded = load_model(resolve_model_path(model))
+    meta = loaded.metadata()
+    if as_json:
+        click.echo(json.dumps(meta, indent=2))
+        return
+    describe_model(loaded, show_vocab=show_vocab)
+
+
+@cli.command()
+@click.argument("parts", nargs=-1, required=True)
+@click.option("--out", "-o", required=True, type=click.Path(dir_okay=False), help="Merged output file.")
+@click.option("--format", "fmt", type=click.Choice(["parquet", "jsonl"]), default=None,
+              help="Output format. Default: from the --out suffix.")
+@click.option("--expect-parts", type=click.IntRange(1), default=None,
+              help="Refuse unless parts part-0..part-(N-1) are all present.")
+@click.option("--expect-count", type=click.IntRange(0), default=None,
+              help="Refuse unless the merged output has exactly this many rows.")
+@click.option("--expect-listing", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Refuse unless the ids are exactly those in this file (one per line).")
+@user_errors
+def merge(parts: tuple[str, ...], out: str, fmt: str | None, expect_parts: int | None, expect_count: int | None,
+          expect_listing: str | None) -> None:
+    """Combine part outputs (e.g. from a Slurm array) into one file, after verifying them.
+
+    Refuses, writing nothing, when a part is missing or unreadable, an id appears
+    twice, parts come from different models or settings, or counts do not match.
+
+    \b
+    Example:
+        batchcap merge out/part-*.parquet --expect-parts 8 --out captions.parquet
+    """
+    from batchcap.merge import merge_outputs, read_listing
+
+    expected_ids = read_listing(expect_listing) if expect_listing else None
+    report = merge_outputs(list(parts), out, fmt=fmt, expected_ids=expected_ids, expected_count=expect_count,
+                           expected_parts=expect_parts)
+    click.echo(report.summary())
+
+
+@cli.command()
+@click.argument("output", type=click.Path(exists=True, dir_okay=False))
+@click.option("--html", "html_path", required=True, type=click.Path(dir_okay=False), help="HTML file to write.")
+@click.option("--limit", type=click.IntRange(1), default=1000, show_default=True,
+              help="Show at most this many captioned pictures (after ordering).")
+@click.option("--sample", type=click.IntRange(1), default=None,
+              help="Show a random sample of this many pictures instead.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for --sample.")
+@click.option("--order", type=click.Choice(["score", "id"]), default="score", show_default=True,
+              help="score: lowest confidence first, so doubtful captions come first.")
+@click.option("--link-images", is_flag=True, help="Link the original files instead of embedding thumbnails.")
+@click.option("--thumb-size", type=click.IntRange(32, 1024), default=192, show_default=True)
+@user_errors
+def report(output: str, html_path: str, limit: int, sample: int | None, seed: int, order: str,
+           link_images: bool, thumb_size: int) -> None:
+    """Write a self-contained HTML page of thumbnails and captions from a run's OUTPUT.
+
+    \b
+    Example:
+        batchcap report captions.parquet --html report.html
+    """
+    from batchcap.report import write_report
+
+    summary = write_report(output, html_path, limit=limit, sample=sample, seed=seed, link_images=link_images,
+                           thumb_size=thumb_size, order=order)
+    click.echo(f"wrote {html_path} ({summary})")
+
+
+@cli.command()
+@click.argument("images", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print results as JSON.")
+@click.option("--count", type=click.IntRange(8), default=128, show_default=True,
+              help="Images to generate when IMAGES is not given.")
+@click.option("--size", default="224x224", show_default=True, help="WxH of generated JPEGs.")
+@click.option("--repeats", type=click.IntRange(1), default=3, show_default=True,
+              help="Timed repetitions per measurement (the median is reported).")
+@model_options
+@runtime_options
+@beam_options
+@user_errors
+def bench(images: str | None, as_json: bool, count: int, size: str, repeats: int, model: str | None,
+          encoder_weights: str | None, device: str, precision: str, batch_size: int, workers: str, beam: int,
+          max_len: int | None, min_len: int, length_penalty: float, no_repeat_ngram: int, n_best: int) -> None:
+    """Measure this machine: encoder images/s per precision, decode rate, beam search, end-to-end run.
+
+    \b
+    Examples:
+        batchcap bench
+        batchcap bench ./photos --batch-size 64 --json
+    """
+    from batchcap.bench import run_bench
+
+    run_bench(images=images, as_json=as_json, count=count, size=size, repeats=repeats, model=model,
+              encoder_weights=encoder_weights, device=device, precision=precision, batch_size=batch_size,
+              workers=workers, beam=beam, max_len=max_len, min_len=min_len, length_penalty=length_penalty,
+              no_repeat_ngram=no_repeat_ngram, n_best=n_best)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli(prog_name="batchcap")

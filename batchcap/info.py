@@ -1,0 +1,48 @@
+"""``batchcap info``: a model file's metadata, printed for people."""
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+from batchcap.modelfile import CaptionModel
+
+
+def describe_model(model: CaptionModel, show_vocab: bool = False, console: Console | None = None) -> None:
+    """Print encoder, preprocessing, decoder, vocabulary, training data and scores of ``model``."""
+    console = console or Console()
+    table = Table(title=f"{model.identity}  ({model.path})", show_header=False, title_justify="left")
+    table.add_column("what", style="bold")
+    table.add_column("value", overflow="fold")
+    enc = model.encoder
+    weights = ("embedded in the model file" if model.encoder_state is not None else
+               f"{enc.weights_file or '?'} (sha256 {enc.weights_sha256})" if enc.weights_sha256 else
+               f"timm pretrained ({enc.pretrained_tag})")
+    table.add_row("encoder", f"{enc.name}, {'spatial map' if enc.spatial else 'pooled'} features, "
+                             f"{enc.feature_dim}-d")
+    table.add_row("encoder weights", weights)
+    pre = model.preprocess
+    table.add_row("preprocessing", f"{pre.resize} to {pre.width}x{pre.height}, {pre.interpolation}, "
+                                   f"crop_pct {pre.crop_pct}, mean {pre.mean}, std {pre.std}")
+    dec = model.decoder
+    n_params = sum(t.numel() for t in model.decoder_state.values())
+    table.add_row("decoder", f"LSTM x{dec.num_layers}, hidden {dec.hidden_dim}, embedding {dec.embed_dim}, "
+                             f"{'soft attention ' + str(dec.attention_dim) + '-d' if dec.attention else 'no attention'}"
+                             f", dropout {dec.dropout}, {n_params / 1e6:.2f} M parameters")
+    table.add_row("vocabulary", f"{len(model.vocab)} words (ids 0-3: <pad> <start> <end> <unk>)")
+    table.add_row("max caption length", f"{model.max_caption_len} words")
+    data = model.training.get("data") or {}
+    if isinstance(data, dict) and "splits" in data:
+        splits = ", ".join(f"{name} {s.get('images', 0)} images" for name, s in data["splits"].items()
+                           if s.get("images"))
+        table.add_row("training data", f"{data.get('format')} at {data.get('root')}: {splits}")
+    elif data:
+        table.add_row("training data", str(data))
+    if model.training.get("epoch"):
+        table.add_row("selected epoch", str(model.training["epoch"]))
+    metrics = {k: v for k, v in model.metrics.items() if isinstance(v, (int, float))}
+    if metrics:
+        where = model.metrics.get("selected_on", "")
+        table.add_row(f"scores ({where})", ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+    console.print(table)
+    if show_vocab:
+        console.print(" ".join(model.vocab.words))

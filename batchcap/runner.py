@@ -1,0 +1,154 @@
+"""``batchcap run``: source -> decode -> encode -> beam search -> sink, resumable.
+
+The whole job reads as the sentence above: :func:`run_job` takes the lock, opens the
+output store (which knows what is already captioned), streams decoded batches from
+the input stage, captions them, hands rows to the store, and finalises the output.
+The model's tensors are loaded lazily, on the first batch that has pictures, so a
+rerun of a finished job does no model or image work at all.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import platform
+import sys
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+from batchcap import __version__
+from batchcap.config import BeamConfig, ImagePolicy, RunConfig, RuntimeConfig, to_dict
+from batchcap.loader import Batch, ItemResult
+from batchcap.modelfile import CaptionModel, load_model, read_metadata
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """How a run ended: the exit code the CLI returns, and the summary it printed."""
+
+    exit_code: int
+    summary: dict[str, Any]
+
+
+def model_identity(meta: dict[str, Any]) -> str:
+    """``name@hash12`` from a model file's metadata (what the ``model`` column records)."""
+    return f"{meta.get('name', 'batchcap-model')}@{str(meta.get('tensors_sha256', ''))[:12]}"
+
+
+def resume_settings(meta: dict[str, Any], beam: BeamConfig) -> dict[str, Any]:
+    """The settings a resumed run must share with the first: model and caption search.
+
+    Device, precision, batch size and workers are execution details and may change
+    between attempts (a job pre-empted on a GPU node may resume on a CPU node).
+    """
+    return {"model": model_identity(meta), "preprocess": meta.get("preprocess"), "beam": to_dict(beam)}
+
+
+def _ok_row(item: ItemResult, text: str, score: float, n_best: tuple[tuple[str, float], ...], n: int,
+            model: str, now: dt.datetime) -> dict[str, Any]:
+    return {
+        "id": item.item.id, "source": item.item.source, "caption": text, "score": score,
+        "n_best": [{"caption": c, "score": s} for c, s in n_best[:n]] if n > 1 else None,
+        "status": "ok", "error": None, "width": item.width, "height": item.height,
+        "size": item.item.size, "mtime_ns": item.item.mtime_ns, "model": model, "created_at": now,
+    }
+
+
+def _failed_row(item: ItemResult, model: str, now: dt.datetime) -> dict[str, Any]:
+    return {
+        "id": item.item.id, "source": item.item.source, "caption": None, "score": None, "n_best": None,
+        "status": item.status, "error": item.error, "width": item.width, "height": item.height,
+        "size": item.item.size, "mtime_ns": item.item.mtime_ns, "model": model, "created_at": now,
+    }
+
+
+class _LazyCaptioner:
+    """Builds the :class:`~batchcap.captioner.Captioner` on first use."""
+
+    def __init__(self, model_path: Path, encoder_weights: str | None, runtime: RuntimeConfig,
+                 beam: BeamConfig) -> None:
+        self.model_path, self.encoder_weights = model_path, encoder_weights
+        self.runtime, self.beam = runtime, beam
+        self._captioner: Any = None
+        self.model: CaptionModel | None = None
+
+    def __call__(self, batch: Batch) -> list[Any]:
+        if self._captioner is None:
+            import torch
+
+            from batchcap.captioner import Captioner
+
+            if self.runtime.device == "cpu":
+                torch.set_num_threads(max(1, torch.get_num_threads()))
+            self.model = load_model(self.model_path)
+            self._captioner = Captioner(self.model, self.runtime, self.beam, self.encoder_weights)
+        return self._captioner(batch.images)
+
+
+def run_job(cfg: RunConfig, model_path: Path, beam: BeamConfig, runtime: RuntimeConfig, policy: ImagePolicy,
+            encoder_weights: str | None = None, stream: TextIO | None = None) -> RunResult:
+    """Caption every input of ``cfg`` not yet in ``cfg.out``; returns the exit code and summary."""
+    from batchcap.loader import iter_batches
+    from batchcap.lock import hold_lock
+    from batchcap.progress import EXIT_OK, EXIT_TOO_MANY_FAILURES, Progress, parse_max_failures
+    from batchcap.sink import OutputStore
+    from batchcap.sources import open_sources
+
+    stream = stream if stream is not None else sys.stderr
+    max_failures = parse_max_failures(cfg.max_failures)
+    meta = read_metadata(model_path)
+    from batchcap.config import Preprocess, from_dict
+
+    preprocess = from_dict(Preprocess, meta["preprocess"])
+    if beam.max_len > 2 * int(meta.get("max_caption_len", beam.max_len)):
+        raise ValueError(f"--max-len {beam.max_len} is far beyond the {meta.get('max_caption_len')} words "
+                         "this model was trained to write")
+    identity = model_identity(meta)
+    sources = open_sources(cfg.sources, cfg.files_from, policy)
+    out = Path(cfg.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    run_config = {
+        "batchcap_version": __version__,
+        "started_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "host": platform.node(),
+        "model": identity,
+        "model_path": str(model_path),
+        "run": to_dict(cfg),
+        "beam": to_dict(beam),
+        "runtime": to_dict(runtime),
+        "image_policy": to_dict(policy),
+        "preprocess": meta.get("preprocess"),
+    }
+    with hold_lock(out):
+        store = OutputStore.open(out, cfg.format, resume_settings(meta, beam), run_config,
+                                 overwrite=cfg.overwrite, commit_every=cfg.commit_every)
+        total = sources.count(cfg.shard_index, cfg.shard_count)
+        captioner = _LazyCaptioner(model_path, encoder_weights, runtime, beam)
+        with Progress(total, log_every=cfg.log_every, stream=stream) as progress:
+            for batch in iter_batches(sources, preprocess, policy, batch_size=runtime.batch_size,
+                                      workers=runtime.workers, shard_index=cfg.shard_index,
+                                      shard_count=cfg.shard_count, done=store.done,
+                                      pin_memory=runtime.device.startswith("cuda")):
+                now = dt.datetime.now(dt.timezone.utc)
+                rows = []
+                if batch.ok:
+                    captions = captioner(batch)
+                    rows += [_ok_row(item, c.text, c.score, c.n_best, beam.n_best, identity, now)
+                             for item, c in zip(batch.ok, captions)]
+                rows += [_failed_row(item, identity, now) for item in batch.failed]
+                store.add(rows)
+                progress.advance(ok=len(batch.ok), failed=Counter(i.status for i in batch.failed),
+                                 skipped=batch.skipped, ignored=batch.ignored)
+            final = store.finalize()
+            processed = progress.processed
+            extra: dict[str, Any] = {"rows in output": final.rows_total, "new rows": final.rows_new,
+                                     "replaced rows": final.rows_replaced}
+            if processed == 0:
+                extra["note"] = "nothing new to caption: every input is already in the output"
+            summary = progress.summary(str(out), extra=extra)
+    failed = sum(progress.failed.values())
+    if max_failures.exceeded(failed, processed):
+        print(f"error: {failed} of {processed} inputs failed, more than --max-failures {cfg.max_failures}",
+              file=stream)
+        return RunResult(EXIT_TOO_MANY_FAILURES, summary)
+    return RunResult(EXIT_OK, summary)

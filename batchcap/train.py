@@ -1,0 +1,350 @@
+"""Training the caption decoder: cached encoder features, teacher forcing, selection by CIDEr.
+
+The flow is ``dataset -> vocabulary -> feature cache -> epochs -> best model file``:
+
+* captions are normalised with :func:`batchcap.text.normalize_caption` (the same function
+  evaluation and captioning use) and the vocabulary is built from the train split;
+* encoder features come from :class:`batchcap.features.FeatureCache`, computed once per
+  (encoder, weights, preprocessing) and reused across epochs and runs;
+* a step holds ``batch_size`` images with all of their reference captions, so each
+  image's features are projected once per step;
+* AdamW, gradient clipping, linear warm-up then cosine decay, dropout, Show-Attend-Tell's
+  doubly stochastic attention penalty, fixed seeds;
+* after every epoch the model captions the validation images with beam search and the
+  epoch with the best CIDEr-D is kept (BLEU-4 is logged too); a checkpoint is written
+  atomically each epoch (safetensors, no pickle) so ``--resume`` continues after a kill.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from batchcap import __version__
+from batchcap.beam import beam_search
+from batchcap.config import BeamConfig, DecoderConfig, EncoderConfig, Preprocess, RuntimeConfig, TrainConfig, to_dict
+from batchcap.datasets import CaptionDataset, CaptionRecord
+from batchcap.decoder import CaptionDecoder
+from batchcap.encoder import Encoder, WeightsSource, build_backbone
+from batchcap.features import FeatureCache, FeatureKey
+from batchcap.metrics import score_captions
+from batchcap.modelfile import CaptionModel, EncoderSpec, atomic_save_safetensors, file_sha256, save_model
+from batchcap.text import Vocabulary, normalize_caption
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class Split:
+    """One split in memory: features per image, and every caption as padded token ids."""
+
+    image_ids: list[str]
+    features: torch.Tensor  # fp16 (M, R, F)
+    captions: torch.Tensor  # long (C, T) = <start> w.. <end> <pad>..
+    caption_image: torch.Tensor  # long (C,) index into image_ids
+    references: dict[str, list[str]]  # raw reference captions, for scoring
+
+
+def encode_captions(records: list[CaptionRecord], keep: dict[str, int], vocab: Vocabulary, max_len: int
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token matrix ``(C, max_len + 2)`` and caption->image index for records whose image is in ``keep``."""
+    rows, owners = [], []
+    for record in records:
+        if record.image_id not in keep:
+            continue
+        for text in record.captions:
+            words = normalize_caption(text)[:max_len]
+            if not words:
+                continue
+            ids = [vocab.start_id] + vocab.encode(words) + [vocab.end_id]
+            rows.append(ids + [vocab.pad_id] * (max_len + 2 - len(ids)))
+            owners.append(keep[record.image_id])
+    return torch.tensor(rows, dtype=torch.long), torch.tensor(owners, dtype=torch.long)
+
+
+def build_split(records: list[CaptionRecord], cache: FeatureCache, vocab: Vocabulary, max_len: int,
+                limit: int | None = None) -> Split:
+    """Load cached features for ``records`` (those that have them) and tokenise their captions."""
+    cached = cache.cached_ids()
+    usable = [r for r in records if r.image_id in cached]
+    if limit is not None:
+        usable = usable[:limit]
+    ids, features = cache.load([r.image_id for r in usable])
+    keep = {image_id: n for n, image_id in enumerate(ids)}
+    captions, owners = encode_captions(usable, keep, vocab, max_len)
+    return Split(ids, features, captions, owners, {r.image_id: list(r.captions) for r in usable})
+
+
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    """Linear warm-up to 1, then cosine decay to 0.1 at ``total`` steps."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def caption_features(decoder: CaptionDecoder, features: torch.Tensor, vocab: Vocabulary, beam: BeamConfig,
+                     batch_size: int = 100) -> list[str]:
+    """Beam-search captions for cached features, in order (validation and eval)."""
+    decoder.eval()
+    out: list[str] = []
+    banned = (vocab.pad_id, vocab.start_id, vocab.unk_id)
+    with torch.inference_mode():
+        for start in range(0, features.shape[0], batch_size):
+            state = decoder.init_state(features[start:start + batch_size].float())
+            result = beam_search(decoder.step, state, beam, start_id=vocab.start_id, end_id=vocab.end_id,
+                                 pad_id=vocab.pad_id, banned_ids=banned)
+            out.extend(vocab.decode(row[0]) for row in result.tokens.tolist())
+    return out
+
+
+def validate(decoder: CaptionDecoder, split: Split, vocab: Vocabulary, beam: BeamConfig) -> dict[str, Any]:
+    """BLEU and CIDEr-D of beam-search captions on ``split`` (batchcap tokenisation: fast, no Java)."""
+    captions = caption_features(decoder, split.features, vocab, beam)
+    predictions = dict(zip(split.image_ids, captions))
+    scores = score_captions(predictions, split.references, full=False)
+    scores["examples"] = [[i, predictions[i]] for i in split.image_ids[:3]]
+    return scores
+
+
+# -- checkpoints (safetensors + JSON; never pickle) ----------------------------------------
+def save_checkpoint(path: Path, decoder: CaptionDecoder, optimizer: torch.optim.Optimizer,
+                    state: dict[str, Any]) -> None:
+    """Decoder weights, AdamW moments and the loop state, written atomically."""
+    tensors = {f"model.{k}": v for k, v in decoder.state_dict().items()}
+    names = {id(p): n for n, p in decoder.named_parameters()}
+    steps = {}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            s = optimizer.state.get(p)
+            if not s:
+                continue
+            name = names[id(p)]
+            tensors[f"adam.exp_avg.{name}"] = s["exp_avg"]
+            tensors[f"adam.exp_avg_sq.{name}"] = s["exp_avg_sq"]
+            steps[name] = float(s["step"])
+    meta = {"state": json.dumps(state), "adam_steps": json.dumps(steps)}
+    atomic_save_safetensors(tensors, path, meta)
+
+
+def load_checkpoint(path: Path, decoder: CaptionDecoder, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Restore what :func:`save_checkpoint` wrote; returns the loop state."""
+    tensors = load_file(str(path))
+    with safe_open(str(path), "pt") as fh:
+        meta = fh.metadata()
+    decoder.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    steps = json.loads(meta["adam_steps"])
+    for name, p in decoder.named_parameters():
+        if name in steps:
+            optimizer.state[p] = {"step": torch.tensor(steps[name]),
+                                  "exp_avg": tensors[f"adam.exp_avg.{name}"],
+                                  "exp_avg_sq": tensors[f"adam.exp_avg_sq.{name}"]}
+    return json.loads(meta["state"])
+
+
+# -- the loop --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class EncoderChoice:
+    """The encoder the features come from: config, weights, and what the model file records."""
+
+    config: EncoderConfig
+    source: WeightsSource
+    preprocess: Preprocess
+    spec: EncoderSpec
+
+
+def describe_encoder(cfg: EncoderConfig, preprocess: Preprocess) -> EncoderChoice:
+    """Resolve the encoder's weights identity (sha256 of the file, or timm's tag) for the model file."""
+    if cfg.weights:
+        digest = file_sha256(cfg.weights)
+        source = WeightsSource("file", path=cfg.weights)
+        spec = EncoderSpec(name=cfg.name, weights_sha256=digest, weights_file=Path(cfg.weights).name,
+                           spatial=cfg.spatial)
+    else:
+        source = WeightsSource("pretrained")
+        spec = EncoderSpec(name=cfg.name, pretrained_tag=cfg.name, spatial=cfg.spatial)
+    return EncoderChoice(cfg, source, preprocess, spec)
+
+
+def extract_features(dataset: CaptionDataset, splits: list[str], choice: EncoderChoice, runtime: RuntimeConfig,
+                     cache_dir: str, views: tuple[str, ...], log: Log) -> tuple[dict[str, FeatureCache], dict]:
+    """Fill the feature caches (one per view) for ``splits``; returns caches and failures per id."""
+    weights_id = choice.spec.weights_sha256 or f"pretrained:{choice.spec.pretrained_tag}"
+    encoder: Encoder | None = None
+    caches: dict[str, FeatureCache] = {}
+    failures: dict[str, str] = {}
+    items = [(r.image_id, r) for s in splits for r in dataset.splits.get(s, [])]
+    for view in views:
+        key = FeatureKey(choice.config.name, weights_id, choice.preprocess, choice.config.spatial,
+                         runtime.precision, view)
+        cache = FeatureCache(cache_dir, key)
+        caches[view] = cache
+        todo = [(i, r) for i, r in items if i not in cache.cached_ids()]
+        if not todo:
+            log(f"features ({view}): all {len(items)} cached in {cache.dir}")
+            continue
+        if encoder is None:
+            encoder = Encoder(build_backbone(choice.config, choice.source), choice.preprocess, runtime,
+                              spatial=choice.config.spatial)
+        log(f"features ({view}): computing {len(todo)} of {len(items)} into {cache.dir}")
+        started = time.time()
+        failed = cache.extract(todo, encoder, runtime, on_progress=_every(log, started))
+        failures.update(failed)
+        log(f"features ({view}): done in {time.time() - started:.0f} s, {len(failed)} unreadable")
+    return caches, failures
+
+
+def _every(log: Log, started: float, seconds: float = 30.0) -> Callable[[int, int], None]:
+    last = [started]
+
+    def report(done: int, total: int) -> None:
+        now = time.time()
+        if now - last[0] >= seconds or done == total:
+            last[0] = now
+            log(f"  {done}/{total} images, {done / max(1e-9, now - started):.1f} img/s")
+    return report
+
+
+def train(cfg: TrainConfig, dataset: CaptionDataset, choice: EncoderChoice, decoder_cfg: dict[str, Any],
+          runtime: RuntimeConfig, log: Log = print) -> CaptionModel:
+    """Train a decoder on ``dataset``'s train split, select on its val split, save ``cfg.out``."""
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    out = Path(cfg.out)
+    if cfg.finetune_encoder:
+        raise NotImplementedError("--finetune-encoder is handled by train_finetune")
+    train_records = dataset.splits.get("train", [])
+    val_records = dataset.splits.get("val", [])
+    if not train_records:
+        raise ValueError("the dataset has no training images")
+    vocab = Vocabulary.build((normalize_caption(c) for r in train_records for c in r.captions),
+                             min_count=cfg.min_word_count)
+    log(f"vocabulary: {len(vocab)} words (min count {cfg.min_word_count})")
+    views = ("plain", "hflip") if cfg.augment else ("plain",)
+    cache_dir = cfg.cache_dir or str(out.parent / ".batchcap-features")
+    caches, failures = extract_features(dataset, ["train", "val"], choice, runtime, cache_dir, views, log)
+    train_split = build_split(train_records, caches["plain"], vocab, cfg.max_caption_len)
+    train_views = [train_split.features] + [build_split(train_records, caches[v], vocab, cfg.max_caption_len)
+                                            .features for v in views[1:]]
+    val_split = build_split(val_records, caches["plain"], vocab, cfg.max_caption_len, limit=cfg.val_images)
+    if not val_split.image_ids:
+        raise ValueError("the dataset has no usable validation images: model selection needs a val split")
+    log(f"train: {len(train_split.image_ids)} images, {train_split.captions.shape[0]} captions; "
+        f"val: {len(val_split.image_ids)} images")
+
+    feature_dim = int(train_split.features.shape[-1])
+    dcfg = DecoderConfig(vocab_size=len(vocab), feature_dim=feature_dim, **decoder_cfg)
+    decoder = CaptionDecoder(dcfg).to(runtime.device)
+    optimizer = torch.optim.AdamW(decoder.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = math.ceil(len(train_split.image_ids) / cfg.batch_size)
+    total_steps = steps_per_epoch * cfg.epochs
+    checkpoint = out.with_name(out.name + ".ckpt")
+    log_path = out.with_name(out.name + ".log.jsonl")
+    loop = {"epoch": 0, "step": 0, "best": None, "best_epoch": None, "bad_epochs": 0, "history": []}
+    if cfg.resume and checkpoint.exists():
+        loop = load_checkpoint(checkpoint, decoder, optimizer)
+        log(f"resumed from {checkpoint} after epoch {loop['epoch']}")
+    val_beam = BeamConfig(beam_size=cfg.val_beam_size, max_len=cfg.max_caption_len)
+    per_image = [[] for _ in train_split.image_ids]
+    for c, owner in enumerate(train_split.caption_image.tolist()):
+        per_image[owner].append(c)
+    best_model: CaptionModel | None = None
+    alpha_c = float(cfg.extra.get("attention_penalty", 1.0))
+
+    for epoch in range(loop["epoch"] + 1, cfg.epochs + 1):
+        decoder.train()
+        generator = torch.Generator().manual_seed(cfg.seed + epoch)
+        order = torch.randperm(len(train_split.image_ids), generator=generator).tolist()
+        started, total_loss, total_tokens = time.time(), 0.0, 0
+        for start in range(0, len(order), cfg.batch_size):
+            images = order[start:start + cfg.batch_size]
+            rows = [c for i in images for c in per_image[i]]
+            local = {img: n for n, img in enumerate(images)}
+            image_index = torch.tensor([local[o] for o in train_split.caption_image[rows].tolist()])
+            view = train_views[int(torch.randint(len(train_views), (1,), generator=generator))]
+            feats = view[images].float().to(runtime.device)
+            caps = train_split.captions[rows].to(runtime.device)
+            length = int((caps != vocab.pad_id).sum(1).max())
+            caps = caps[:, :length]
+            for group in optimizer.param_groups:
+                group["lr"] = cfg.lr * lr_factor(loop["step"], cfg.warmup_steps, total_steps)
+            logits, alphas = decoder(feats, caps, image_index)  # (N, T-1, V), (N, T-1, R)
+            targets = caps[:, 1:]
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                   ignore_index=vocab.pad_id, label_smoothing=float(cfg.extra.get("label_smoothing", 0.0)))
+            if alphas is not None and alpha_c > 0:
+                mask = (targets != vocab.pad_id).float()[:, :, None]  # (N, T-1, 1)
+                coverage = (alphas * mask).sum(1)  # (N, R)
+                loss = loss + alpha_c * ((1.0 - coverage) ** 2).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(decoder.parameters(), cfg.grad_clip)
+            optimizer.step()
+            loop["step"] += 1
+            tokens = int((targets != vocab.pad_id).sum())
+            total_loss += float(loss) * tokens
+            total_tokens += tokens
+            if loop["step"] % 50 == 0:
+                log(f"epoch {epoch} step {loop['step']}/{total_steps} loss {total_loss / total_tokens:.3f} "
+                    f"({(start + len(images)) / (time.time() - started):.0f} img/s)")
+        train_time = time.time() - started
+        scores = validate(decoder, val_split, vocab, val_beam)
+        record = {"epoch": epoch, "step": loop["step"], "train_loss": total_loss / max(1, total_tokens),
+                  "train_seconds": round(train_time, 1), "val": scores, "time": time.time()}
+        loop["history"].append({k: v for k, v in record.items() if k != "time"})
+        with open(log_path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record) + "\n")
+        log(f"epoch {epoch}: loss {record['train_loss']:.3f}, val BLEU-4 {scores['BLEU-4']:.3f}, "
+            f"CIDEr {scores['CIDEr']:.3f}, e.g. {scores['examples'][0][1]!r}")
+        improved = loop["best"] is None or scores["CIDEr"] > loop["best"]
+        if improved:
+            loop["best"], loop["best_epoch"], loop["bad_epochs"] = scores["CIDEr"], epoch, 0
+            best_model = _model_file(cfg, choice, dcfg, vocab, decoder, dataset, failures, loop, scores)
+            save_model(best_model, out, half=bool(cfg.extra.get("half", False)))
+            log(f"saved {out} (best so far)")
+        else:
+            loop["bad_epochs"] += 1
+        loop["epoch"] = epoch
+        save_checkpoint(checkpoint, decoder, optimizer, loop)
+        if loop["bad_epochs"] >= cfg.patience:
+            log(f"stopping: no CIDEr improvement for {cfg.patience} epochs")
+            break
+    if best_model is None:
+        from batchcap.modelfile import load_model
+
+        best_model = load_model(out)
+    return best_model
+
+
+def _model_file(cfg: TrainConfig, choice: EncoderChoice, dcfg: DecoderConfig, vocab: Vocabulary,
+                decoder: CaptionDecoder, dataset: CaptionDataset, failures: dict[str, str], loop: dict[str, Any],
+                scores: dict[str, Any]) -> CaptionModel:
+    state = {k: v.detach().cpu().clone() for k, v in decoder.state_dict().items()}
+    return CaptionModel(
+        name=Path(cfg.out).stem,
+        encoder=EncoderSpec(**{**to_dict(choice.spec), "feature_dim": dcfg.feature_dim}),
+        preprocess=choice.preprocess,
+        decoder=dcfg,
+        vocab=vocab,
+        max_caption_len=cfg.max_caption_len,
+        decoder_state=state,
+        training={
+            "batchcap_version": __version__,
+            "data": dataset.summary(),
+            "unreadable_images": len(failures),
+            "config": {k: v for k, v in to_dict(cfg).items() if k not in ("out",)},
+            "epoch": loop["epoch"] + 1 if loop["best_epoch"] is None else loop["best_epoch"],
+            "history": loop["history"],
+        },
+        metrics={"selected_on": "val", "tokenizer": scores.get("tokenizer"),
+                 **{k: v for k, v in scores.items() if k.startswith(("BLEU", "CIDEr"))}},
+    )
