@@ -111,7 +111,7 @@ def allow_pillow_up_to(policy: ImagePolicy) -> None:
 
 
 def _orientation(img: Image.Image) -> int:
-    """EXIF orientation 1..8; 1 when absent or unreadable (a broken EXIF block is no reason to drop a photo)."""
+    """EXIF orientation 1..8; 1 when absent or unreadable (broken EXIF is no reason to drop a photo)."""
     try:
         value = img.getexif().get(_EXIF_ORIENTATION, 1)
     except DATA_ERRORS:

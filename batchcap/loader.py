@@ -88,7 +88,8 @@ class _Builder:
             self.failed.append(result)
 
     def full(self) -> bool:
-        return len(self.ok) + len(self.failed) >= self.batch_size or self.ignored + self.skipped >= COUNT_FLUSH
+        items, counted = len(self.ok) + len(self.failed), self.ignored + self.skipped
+        return items >= self.batch_size or counted >= COUNT_FLUSH
 
     def empty(self) -> bool:
         return not (self.ok or self.failed or self.ignored or self.skipped)

@@ -49,7 +49,8 @@ def parse_shard(text: str) -> tuple[int, int]:
     except ValueError:
         raise SourceError(f"--shard {text!r}: expected I/N, e.g. 0/4 for the first of four jobs") from None
     if count < 1 or not 0 <= index < count:
-        raise SourceError(f"--shard {text!r}: need 0 <= I < N (shards are numbered from 0), e.g. 0/{max(count, 1)}")
+        raise SourceError(f"--shard {text!r}: need 0 <= I < N (shards are numbered from 0), "
+                          f"e.g. 0/{max(count, 1)}")
     return index, count
 
 
@@ -80,7 +81,8 @@ def resolve_shard(option: str | None, environ: Mapping[str, str]) -> tuple[int, 
     low = _env_int(environ, "SLURM_ARRAY_TASK_MIN") if "SLURM_ARRAY_TASK_MIN" in environ else 0
     step = _env_int(environ, "SLURM_ARRAY_TASK_STEP") if "SLURM_ARRAY_TASK_STEP" in environ else 1
     if step < 1 or (task_id - low) % step:
-        raise SourceError(f"Slurm array task {task_id} does not fit min {low} / step {step}; pass --shard I/N")
+        raise SourceError(f"Slurm array task {task_id} does not fit min {low} / step {step}; "
+                          "pass --shard I/N")
     index = (task_id - low) // step
     if count < 1 or not 0 <= index < count:
         raise SourceError(

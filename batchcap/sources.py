@@ -109,7 +109,7 @@ def one_line(message: object, limit: int = 300) -> str:
 
 
 def fingerprinted(item: InputItem) -> InputItem:
-    """``item`` with the (size, mtime_ns) of its file, following symlinks; None, None when it cannot be stat'ed.
+    """``item`` with its file's (size, mtime_ns), following symlinks; (None, None) if stat fails.
 
     Readers list names only; the loader stats the inputs it owns, so N workers walking
     the same tree do not each stat every file.

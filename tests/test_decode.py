@@ -223,7 +223,8 @@ def test_code_errors_are_not_rows() -> None:
 
 
 def test_to_rgb_handles_every_mode() -> None:
-    modes = ["1", "L", "P", "RGB", "RGBA", "CMYK", "YCbCr", "LA", "PA", "I", "F", "I;16", "LAB", "HSV", "RGBX"]
+    modes = ["1", "L", "P", "RGB", "RGBA", "CMYK", "YCbCr", "LA", "PA", "I", "F", "I;16", "LAB", "HSV",
+             "RGBX"]
     for mode in modes:
         out = to_rgb(Image.new(mode, (4, 4)), (255, 255, 255))
         assert out.mode == "RGB" and out.size == (4, 4), mode

@@ -35,7 +35,8 @@ def write_shards(folder: Path, shards: int, per_shard: int, prefix: str = "shard
         path = folder / f"{prefix}-{s:04d}.tar"
         with wds.TarWriter(str(path)) as sink:
             for i in range(per_shard):
-                sink.write({"__key__": f"s{s}_{i:03d}", "jpg": jpeg_bytes(s * 1000 + i), "txt": f"caption {i}"})
+                sink.write({"__key__": f"s{s}_{i:03d}", "jpg": jpeg_bytes(s * 1000 + i),
+                            "txt": f"caption {i}"})
         paths.append(path)
     return paths
 
