@@ -208,8 +208,9 @@ def _lenient(value: Any, name: str) -> Any:
         if pa.types.is_integer(kind):
             return int(value)
         if name == "n_best" and isinstance(value, list):
-            return [{"caption": _clean(str(d.get("caption"))), "score": float(d["score"]) if d.get("score") is not None
-                     else None} for d in value if isinstance(d, dict)]
+            return [{"caption": _clean(str(d.get("caption"))),
+                     "score": None if d.get("score") is None else float(d["score"])}
+                    for d in value if isinstance(d, dict)]
     except (TypeError, ValueError):
         return None
     return None
@@ -610,8 +611,8 @@ def _render(*, title: str, output: Path, meta: dict[str, Any], scan: _Scan, rows
             f'{_esc(f.get("status") or "unknown")}</span></td>'
             f'<td class="mono">{_esc(f.get("id"))}</td><td>{_esc(f.get("error"))}</td>'
             f'<td class="mono src">{_esc(f.get("source"))}</td></tr>' for f in scan.failures)
-        more_html = (f'<p class="note">{more:,} more failed rows not listed (the first {failure_cap:,} are).</p>'
-                     if more > 0 else "")
+        more_html = (f'<p class="note">{more:,} more failed rows not listed '
+                     f'(the first {failure_cap:,} are).</p>' if more > 0 else "")
         failures_html = (f'<section id="failures"><h2>Failures <span class="count">{failed:,}</span></h2>'
                          '<div class="tablewrap"><table><thead><tr><th>Status</th><th>Id</th><th>Error</th>'
                          f'<th>Source</th></tr></thead><tbody>{rows_html}</tbody></table></div>'
@@ -661,9 +662,10 @@ def write_report(output_path: str | os.PathLike[str], html_path: str | os.PathLi
         batches, meta = _jsonl_batches(output, counter)
     meta = meta if isinstance(meta, dict) else {}
     scan = _scan(batches, keep=limit, sample=sample, seed=seed, order=order, failure_cap=failure_cap)
-    shown_table = _keep_first(scan.candidates, _sort_keys(order), limit) if scan.candidates is not None else None
-    rows = shown_table.drop_columns([c for c in ("_seq", "_rand") if c in shown_table.column_names]).to_pylist() \
-        if shown_table is not None else []
+    rows: list[dict[str, Any]] = []
+    if scan.candidates is not None:
+        shown = _keep_first(scan.candidates, _sort_keys(order), limit)
+        rows = shown.drop_columns([c for c in ("_seq", "_rand") if c in shown.column_names]).to_pylist()
     flat = _flatten(meta)
     exts = _lookup(flat, "image_keys")
     exts = tuple(str(e).lower() for e in exts) if isinstance(exts, (list, tuple)) and exts else IMAGE_EXTS

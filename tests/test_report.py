@@ -1,10 +1,11 @@
-"""The HTML report: hand-written Parquet/JSONL outputs with real pictures, read back as HTML and in chromium."""
+"""The HTML report: hand-written Parquet/JSONL outputs with real pictures, checked as text and in chromium."""
 from __future__ import annotations
 
 import base64
 import html
 import io
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -89,6 +90,11 @@ def data_uris(text: str) -> list[str]:
     return re.findall(r'src="data:image/jpeg;base64,([A-Za-z0-9+/=]+)"', text)
 
 
+def card_ids(page: Path) -> list[str]:
+    """The ids of the cards on ``page``, in display order."""
+    return re.findall(r'<p class="id" title="[^"]*">([^<]*)</p>', page.read_text("utf-8"))
+
+
 def check_page(text: str, rows: list[dict]) -> None:
     """Every caption (escaped), every ok picture, the filter, and every failure with its error."""
     assert "<script>alert" not in text
@@ -125,15 +131,14 @@ def test_order_and_thumbnails(tmp_path: Path) -> None:
     out = write_parquet(tmp_path / "c.parquet", rows)
     write_report(out, tmp_path / "r.html", thumb_size=40)
     text = (tmp_path / "r.html").read_text("utf-8")
-    ids = re.findall(r'<p class="id" title="[^"]*">([^<]*)</p>', text)
+    ids = card_ids(tmp_path / "r.html")
     assert ids[:6] == [r["id"] for r in reversed(rows[:6])]  # lowest score first, failures last
     thumbs = [Image.open(io.BytesIO(base64.b64decode(uri))) for uri in data_uris(text)]
     assert all(max(t.size) <= 40 for t in thumbs)
     rotated = thumbs[ids.index(rows[1]["id"])]
     assert rotated.height > rotated.width  # EXIF orientation 6 applied
     write_report(out, tmp_path / "by_id.html", order="id")
-    by_id = re.findall(r'<p class="id" title="[^"]*">([^<]*)</p>', (tmp_path / "by_id.html").read_text("utf-8"))
-    assert by_id == sorted(r["id"] for r in rows)
+    assert card_ids(tmp_path / "by_id.html") == sorted(r["id"] for r in rows)
 
 
 def test_limit_and_sample(tmp_path: Path) -> None:
@@ -146,7 +151,7 @@ def test_limit_and_sample(tmp_path: Path) -> None:
     assert summary.failures_listed == 3 and "listed but not found" in text  # failures always listed
     first = write_report(out, tmp_path / "s1.html", sample=4, seed=7, limit=None)
     again = write_report(out, tmp_path / "s2.html", sample=4, seed=7, limit=None)
-    ids = [re.findall(r'<p class="id"[^>]*>([^<]*)<', (tmp_path / n).read_text("utf-8")) for n in ("s1.html", "s2.html")]
+    ids = [card_ids(tmp_path / name) for name in ("s1.html", "s2.html")]
     assert first.shown == again.shown == 4 and ids[0] == ids[1] and len(set(ids[0])) == 4
     assert write_report(out, tmp_path / "s3.html", sample=100).shown == 9
     assert write_report(out, tmp_path / "f.html", failure_cap=1).failures_listed == 1
@@ -251,5 +256,5 @@ def test_report_in_headless_chromium(tmp_path: Path) -> None:
     with Image.open(shot) as png:
         assert png.size == (1280, 1600)
         assert len(png.convert("L").getcolors(1 << 16) or range(1 << 16)) > 50  # not a blank page
-    if (copy := Path(__import__("os").environ.get("BATCHCAP_REPORT_SCREENSHOT", ""))).name:
-        shutil.copy(shot, copy)
+    if os.environ.get("BATCHCAP_REPORT_SCREENSHOT"):  # keep the picture, e.g. as a CI artefact
+        shutil.copy(shot, os.environ["BATCHCAP_REPORT_SCREENSHOT"])
