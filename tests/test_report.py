@@ -258,3 +258,22 @@ def test_report_in_headless_chromium(tmp_path: Path) -> None:
         assert len(png.convert("L").getcolors(1 << 16) or range(1 << 16)) > 50  # not a blank page
     if os.environ.get("BATCHCAP_REPORT_SCREENSHOT"):  # keep the picture, e.g. as a CI artefact
         shutil.copy(shot, os.environ["BATCHCAP_REPORT_SCREENSHOT"])
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "jsonl"])
+def test_reads_what_the_real_sink_writes(tmp_path: Path, fmt: str) -> None:
+    """Rows written through ``batchcap.sink.OutputStore`` (its schema, its metadata layout) render."""
+    from batchcap.sink import OutputStore
+
+    rows = make_rows(tmp_path, n_ok=3)
+    out = tmp_path / f"captions.{fmt}"
+    store = OutputStore.open(out, None, resume_settings={"model": META["model"], "beam": META["beam"]},
+                             run_config={"runtime": META["runtime"], "started_at": META["started_at"],
+                                         "finished_at": META["finished_at"]})
+    store.add(rows)
+    store.finalize()
+    summary = write_report(out, tmp_path / "r.html")
+    text = (tmp_path / "r.html").read_text("utf-8")
+    assert summary.total_rows == 6 and summary.thumbnails == 3
+    check_page(text, rows)
+    assert "bf16" not in text and "fp32" in text and "batchcap 0." in text
