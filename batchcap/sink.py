@@ -91,6 +91,7 @@ class FinalizeSummary:
     rows_new: int
     rows_replaced: int
     rewritten: bool
+    rows_dropped: int = 0  # stale retry-status rows (see ``RETRY_STATUSES``) not emitted again
 
 
 def infer_format(out: str | os.PathLike[str], fmt: str | None = None) -> str:
@@ -127,7 +128,8 @@ class OutputStore:
     """
 
     def __init__(self, out: Path, fmt: str, meta: dict[str, Any], commit_every: int,
-                 done: dict[str, Fingerprint], previous_rows: int, next_seq: int) -> None:
+                 done: dict[str, Fingerprint], previous_rows: int, next_seq: int,
+                 final_retry_rows: int = 0) -> None:
         self.out = out
         self.fmt = fmt
         self.meta = meta
@@ -137,6 +139,8 @@ class OutputStore:
         self.rows_added = 0
         self.parts_committed = 0
         self._next_seq = next_seq
+        self._first_seq = next_seq  # parts below this came from earlier, killed attempts
+        self._final_retry_rows = final_retry_rows
         self._buffer: list[dict[str, Any]] = []
         self._finalized = False
 
@@ -193,13 +197,14 @@ class OutputStore:
 
         done: dict[str, Fingerprint] = {}
         seen: set[str] = set()
+        final_retry_rows = 0
         if out.exists():
             for chunk in _read_done_final(out, fmt):
-                _fold_done(done, seen, chunk)
+                final_retry_rows += _fold_done(done, seen, chunk)
         for _, path in parts:
             _fold_done(done, seen, _read_done_parquet(path))
         next_seq = (parts[-1][0] + 1) if parts else 1
-        return cls(out, fmt, meta, commit_every, done, len(seen), next_seq)
+        return cls(out, fmt, meta, commit_every, done, len(seen), next_seq, final_retry_rows)
 
     # -- writing ---------------------------------------------------------------------
 
@@ -246,81 +251,104 @@ class OutputStore:
         return work / name
 
     def finalize(self) -> FinalizeSummary:
-        """Commit, merge the previous output and all parts into ``out`` atomically, clean up."""
+        """Commit, merge the previous output and all parts into ``out`` atomically, clean up.
+
+        Call it after a full pass over the inputs. Rows with a ``RETRY_STATUSES`` status
+        are never ``done``, so that pass emitted a fresh row for every such input still in
+        the sources; older ones (from the previous output or a killed attempt) are stale --
+        a ``shard_error`` for a shard that now reads to its end -- and are dropped.
+        """
         self.commit()
         self._finalized = True
         out, work = self.out, self.work_dir
         parts = _list_parts(work)
-        if not parts and out.exists():
+        if not parts and out.exists() and not self._final_retry_rows:
             # Nothing new: keep the output as it is (a finished rerun rewrites nothing).
             total = _count_final_rows(out, self.fmt)
             _remove_work(work)
             return FinalizeSummary(str(out), total, 0, 0, rewritten=False)
 
-        # Which part row is the last one for its id (later parts replace earlier rows).
+        # Which part row is the last one for its id (later parts replace earlier rows),
+        # and whether it is kept (not a stale retry-status row of an earlier attempt).
         keep_masks: list[list[bool]] = [[] for _ in parts]
         part_ids: set[str] = set()
+        kept_ids: set[str] = set()
         for index in range(len(parts) - 1, -1, -1):
-            ids = pq.read_table(parts[index][1], columns=["id"]).column("id").to_pylist()
+            seq, path = parts[index]
+            table = pq.read_table(path, columns=["id", "status"])
+            ids, statuses = table.column("id").to_pylist(), table.column("status").to_pylist()
+            stale = seq < self._first_seq
             mask = [False] * len(ids)
             for row in range(len(ids) - 1, -1, -1):
                 if ids[row] not in part_ids:
                     part_ids.add(ids[row])
-                    mask[row] = True
+                    if not (stale and statuses[row] in RETRY_STATUSES):
+                        kept_ids.add(ids[row])
+                        mask[row] = True
             keep_masks[index] = mask
 
         tmp = out.with_name(f"{out.name}.tmp-{secrets.token_hex(6)}")
         if self.fmt == "parquet":
-            kept_old, replaced = self._write_parquet(tmp, parts, keep_masks, part_ids)
+            kept_old, replaced, dropped = self._write_parquet(tmp, parts, keep_masks, part_ids, kept_ids)
         else:
             meta_file = meta_path_for(out)
             meta_tmp = out.with_name(f"{out.name}.tmp-{secrets.token_hex(6)}")
             # The meta file goes first: whenever the .jsonl exists, its meta describes it.
             _atomic_write_bytes(meta_file, (json.dumps(self.meta, indent=2, sort_keys=True) + "\n").encode(),
                                 tmp=meta_tmp)
-            kept_old, replaced = self._write_jsonl(tmp, parts, keep_masks, part_ids)
+            kept_old, replaced, dropped = self._write_jsonl(tmp, parts, keep_masks, part_ids, kept_ids)
         _fsync_file(tmp)
         os.replace(tmp, out)
         _fsync_dir(out.parent)
         _remove_work(work)
-        return FinalizeSummary(str(out), kept_old + len(part_ids), len(part_ids) - replaced, replaced,
-                               rewritten=True)
+        return FinalizeSummary(str(out), kept_old + len(kept_ids), len(kept_ids) - replaced, replaced,
+                               rewritten=True, rows_dropped=dropped + len(part_ids) - len(kept_ids))
 
     def _write_parquet(self, tmp: Path, parts: list[tuple[int, Path]], keep_masks: list[list[bool]],
-                       part_ids: set[str]) -> tuple[int, int]:
+                       part_ids: set[str], kept_ids: set[str]) -> tuple[int, int, int]:
         schema = SCHEMA.with_metadata({METADATA_KEY: json.dumps(self.meta, sort_keys=True)})
         id_set = pa.array(sorted(part_ids), type=pa.string())
-        kept_old = replaced = 0
+        kept_set = pa.array(sorted(kept_ids), type=pa.string())
+        retry_set = pa.array(sorted(RETRY_STATUSES), type=pa.string())
+        kept_old = replaced = dropped = 0
         with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
             buffer = _RowGroupBuffer(writer, schema)
             if self.out.exists():
                 source = pq.ParquetFile(self.out)
                 for group in range(source.num_row_groups):
                     table = _conform(source.read_row_group(group))
-                    clash = pc.is_in(table.column("id"), value_set=id_set)
-                    n_clash = pc.sum(clash).as_py() or 0
-                    if n_clash:
-                        table = table.filter(pc.invert(clash))
-                        replaced += n_clash
+                    n_rows = table.num_rows
+                    superseded = pc.is_in(table.column("id"), value_set=id_set)
+                    stale = pc.fill_null(pc.is_in(table.column("status"), value_set=retry_set), False)
+                    drop = pc.or_(superseded, stale)
+                    n_replaced = pc.sum(pc.is_in(table.column("id"), value_set=kept_set)).as_py() or 0
+                    if pc.any(drop).as_py():
+                        table = table.filter(pc.invert(drop))
+                    replaced += n_replaced
+                    dropped += n_rows - table.num_rows - n_replaced
                     kept_old += table.num_rows
                     buffer.add(table)
             for (_, path), mask in zip(parts, keep_masks):
                 table = _conform(pq.read_table(path))
                 buffer.add(table.filter(pa.array(mask, type=pa.bool_())))
             buffer.flush()
-        return kept_old, replaced
+        return kept_old, replaced, dropped
 
     def _write_jsonl(self, tmp: Path, parts: list[tuple[int, Path]], keep_masks: list[list[bool]],
-                     part_ids: set[str]) -> tuple[int, int]:
-        kept_old = replaced = 0
+                     part_ids: set[str], kept_ids: set[str]) -> tuple[int, int, int]:
+        kept_old = replaced = dropped = 0
         with open(tmp, "w", encoding="utf-8", newline="\n") as dst:
             if self.out.exists():
                 with open(self.out, encoding="utf-8") as src:
                     for line in src:
                         if not line.strip():
                             continue
-                        if json.loads(line)["id"] in part_ids:
+                        old = json.loads(line)
+                        if old["id"] in kept_ids:
                             replaced += 1
+                            continue
+                        if old["id"] in part_ids or old.get("status") in RETRY_STATUSES:
+                            dropped += 1
                             continue
                         dst.write(line if line.endswith("\n") else line + "\n")
                         kept_old += 1
@@ -333,7 +361,7 @@ class OutputStore:
                         if mask[offset + i]:
                             dst.write(row_to_json(row) + "\n")
                     offset += len(rows)
-        return kept_old, replaced
+        return kept_old, replaced, dropped
 
 
 def row_to_json(row: dict[str, Any]) -> str:
@@ -439,13 +467,17 @@ def _final_meta(out: Path, fmt: str) -> dict[str, Any] | None:
 
 
 def _fold_done(done: dict[str, Fingerprint], seen: set[str],
-               rows: Iterable[tuple[str, int | None, int | None, str]]) -> None:
+               rows: Iterable[tuple[str, int | None, int | None, str]]) -> int:
+    """Fold rows (in order) into ``done``; returns how many had a retry status."""
+    retry = 0
     for rid, size, mtime_ns, status in rows:
         seen.add(rid)
         if status in RETRY_STATUSES:
             done.pop(rid, None)
+            retry += 1
         else:
             done[rid] = (size, mtime_ns)
+    return retry
 
 
 def _read_done_parquet(path: Path) -> Iterator[tuple[str, int | None, int | None, str]]:

@@ -293,3 +293,35 @@ def test_infer_format() -> None:
         infer_format("a/b.csv")
     with pytest.raises(ValueError, match="format must be"):
         infer_format("a/b.parquet", "csv")
+
+
+def test_stale_retry_rows_are_dropped_when_not_emitted_again(out: Path, fmt: str) -> None:
+    shard_error = {**row(99, status="shard_error", size=None, mtime_ns=None), "id": "train-0001.tar"}
+    store = open_store(out, fmt, commit_every=1)
+    store.add([row(0, size=None, mtime_ns=None), shard_error, row(1, status="missing")])
+    store.finalize()
+    assert len(read_rows(out, fmt)) == 3
+
+    # The shard now reads to its end, the missing file is back: the next pass emits
+    # no shard_error row, and an ok row for the file.
+    store = open_store(out, fmt, commit_every=1)
+    assert set(store.done) == {"img00000.jpg"}
+    store.add([row(1)])
+    store.commit()
+    del store  # killed: this attempt's parts are now an earlier attempt's
+    store = open_store(out, fmt, commit_every=1)
+    summary = store.finalize()
+    rows = {r["id"]: r["status"] for r in read_rows(out, fmt)}
+    assert rows == {"img00000.jpg": "ok", "img00001.jpg": "ok"}
+    assert (summary.rows_total, summary.rows_replaced, summary.rows_dropped) == (2, 1, 1)
+
+    # A retry-status row emitted by the attempt that finalizes is kept.
+    store = open_store(out, fmt, commit_every=1)
+    store.add([{**shard_error, "id": "train-0002.tar"}])
+    summary = store.finalize()
+    assert {r["id"] for r in read_rows(out, fmt)} == {"img00000.jpg", "img00001.jpg", "train-0002.tar"}
+
+    # ... until a finished rerun (no parts) no longer emits it: the output is rewritten without it.
+    summary = open_store(out, fmt).finalize()
+    assert summary.rewritten and summary.rows_dropped == 1 and summary.rows_total == 2
+    assert not open_store(out, fmt).finalize().rewritten
