@@ -15,13 +15,13 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Mapping, TextIO
 
-# Exit codes of ``batchcap run``. A crash (a bug, an uncaught exception) is Python's own 1.
-EXIT_OK = 0
-EXIT_CRASH = 1
-EXIT_USAGE = 2  # click's own for usage errors
-EXIT_LOCKED = 3
-EXIT_RESUME_REFUSED = 4
-EXIT_TOO_MANY_FAILURES = 5
+# Exit codes of ``batchcap run``; cron and Slurm scripts branch on them.
+EXIT_OK = 0  # every input has a row; failures within --max-failures
+EXIT_CRASH = 1  # a bug: an uncaught exception and its traceback (Python's own 1)
+EXIT_USAGE = 2  # the command cannot run as given: bad option (click's 2), missing source or model
+EXIT_LOCKED = 3  # another run is writing this output; nothing was done
+EXIT_RESUME_REFUSED = 4  # the existing output was made with other settings; nothing was done
+EXIT_TOO_MANY_FAILURES = 5  # the output is complete, but more inputs failed than --max-failures
 
 
 @dataclass(frozen=True)
@@ -70,7 +70,9 @@ def _fmt_seconds(seconds: float | None) -> str:
     seconds = int(round(seconds))
     hours, rest = divmod(seconds, 3600)
     minutes, secs = divmod(rest, 60)
-    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else (f"{minutes}m{secs:02d}s" if minutes else f"{secs}s")
+    if hours:
+        return f"{hours}h{minutes:02d}m{secs:02d}s"
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
 class Progress:

@@ -370,7 +370,8 @@ def row_to_json(row: dict[str, Any]) -> str:
     for key in COLUMNS:
         value = row.get(key)
         if isinstance(value, dt.datetime):
-            value = value.astimezone(dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+            value = value.astimezone(dt.timezone.utc).isoformat(timespec="milliseconds")
+            value = value.replace("+00:00", "Z")
         elif isinstance(value, float) and not math.isfinite(value):
             value = None
         elif key == "n_best" and value:

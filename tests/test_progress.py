@@ -71,7 +71,8 @@ def test_tty_draws_a_rich_bar() -> None:
 @pytest.mark.parametrize("text,expected", [
     ("10", MaxFailures(count=10)), ("0", MaxFailures(count=0)), (" 7 ", MaxFailures(count=7)),
     ("0.05", MaxFailures(fraction=0.05)), ("5%", MaxFailures(fraction=0.05)),
-    ("1.0", MaxFailures(fraction=1.0)), ("100%", MaxFailures(fraction=1.0)), (".5", MaxFailures(fraction=0.5)),
+    ("1.0", MaxFailures(fraction=1.0)), ("100%", MaxFailures(fraction=1.0)),
+    (".5", MaxFailures(fraction=0.5)),
 ])
 def test_parse_max_failures(text: str, expected: MaxFailures) -> None:
     assert parse_max_failures(text) == expected

@@ -29,7 +29,8 @@ CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 
 
 def command(sources: list[Path], out: Path, model: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "batchcap", "run", *map(str, sources), "--out", str(out), "--model", str(model),
+    return [sys.executable, "-m", "batchcap", "run", *map(str, sources), "--out", str(out),
+            "--model", str(model),
             "--workers", "1", "--batch-size", "16", "--commit-every", "16", "--device", "cpu",
             "--precision", "fp32", "--log-every", "1", *extra]
 
@@ -177,6 +178,7 @@ def test_sigkill_at_any_moment_then_rerun_captions_every_input_once(tmp_path: Pa
             assert not work_dir_for(out).exists()
     finally:
         reap_groups(pgids)  # orphaned DataLoader workers
+    print(f"{fmt}: {len(kills)} kills landed ({', '.join(kills)}) over {chain + 1} output(s)")
     assert len(kills) >= 5, f"only {len(kills)} kills landed: {kills}"
     assert {"during a part commit", "right as a part appears", "during finalize"} & set(kills), kills
 
@@ -198,7 +200,8 @@ def test_second_run_on_a_locked_output_exits_at_once(tmp_path: Path, tiny_model_
 
 
 @pytest.mark.slow
-def test_changed_settings_are_refused_and_overwrite_starts_over(tmp_path: Path, tiny_model_path: Path) -> None:
+def test_changed_settings_are_refused_and_overwrite_starts_over(tmp_path: Path,
+                                                                tiny_model_path: Path) -> None:
     folder = tmp_path / "photos"
     write_images(folder, 12)
     out = tmp_path / "captions.jsonl"
@@ -239,7 +242,8 @@ def test_incremental_rerun_captions_only_new_and_changed_files(tmp_path: Path, t
     os.utime(touched, ns=(stat.st_atime_ns, stat.st_mtime_ns + 5_000_000_000))
     grown = run(command([folder], out, tiny_model_path))
     assert grown.returncode == EXIT_OK, grown.stdout
-    assert re.search(r"ok:\s+4\n", grown.stdout) and re.search(r"skipped \(already done\):\s+9\n", grown.stdout)
+    assert re.search(r"ok:\s+4\n", grown.stdout)
+    assert re.search(r"skipped \(already done\):\s+9\n", grown.stdout)
     rows = {r["id"]: r for r in assert_exactly_once(out, ids_of(folder))}
     assert len(rows) == 13
     assert rows["img00004.jpg"]["mtime_ns"] == stat.st_mtime_ns + 5_000_000_000

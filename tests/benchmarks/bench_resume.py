@@ -72,7 +72,7 @@ print(json.dumps({"maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxr
 """
 
 
-def run_measured(cmd: list[str], **kwargs) -> tuple[float, int, subprocess.CompletedProcess[str] | None, str]:
+def run_measured(cmd: list[str], **kwargs: object) -> tuple[float, int, str]:
     """Run ``cmd``; wall seconds, peak RSS in KiB (max over it and its reaped children), output."""
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
@@ -83,7 +83,7 @@ def run_measured(cmd: list[str], **kwargs) -> tuple[float, int, subprocess.Compl
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{output}")
-    return wall, usage.ru_maxrss, None, output
+    return wall, usage.ru_maxrss, output
 
 
 def make_folder(folder: Path, n: int) -> None:
@@ -123,7 +123,7 @@ def bench_library(tmp: Path, n: int, small: int, fmt: str) -> dict:
     finished_output(folder, out, settings)
     runs = []
     for _ in range(3):
-        wall, _, _, output = run_measured([sys.executable, "-c", RERUN, str(folder), str(out),
+        wall, _, output = run_measured([sys.executable, "-c", RERUN, str(folder), str(out),
                                            json.dumps(settings)], cwd=REPO)
         figures = json.loads(output.strip().splitlines()[-1])
         assert figures["work"] == 0 and figures["skipped"] == n and not figures["rewritten"], figures
@@ -132,7 +132,7 @@ def bench_library(tmp: Path, n: int, small: int, fmt: str) -> dict:
     results[f"rerun_{n}_{fmt}"] = min(runs, key=lambda r: r["wall_s"])
     for count in (small, n):
         target = tmp / f"rss{count}.{fmt}"
-        _, rss, _, output = run_measured([sys.executable, "-c", WRITE, str(count), str(target)], cwd=REPO)
+        _, rss, _ = run_measured([sys.executable, "-c", WRITE, str(count), str(target)], cwd=REPO)
         results[f"store_peak_rss_mib_{count}_{fmt}"] = round(rss / 1024, 1)
     return results
 
@@ -150,7 +150,7 @@ def bench_cli(tmp: Path, n: int, small: int) -> dict:
         write_images(folder, count, size=(32, 24))
         cmd = batchcap + ["run", str(folder), "--out", str(out), "--model", str(model), "--workers", "1",
                           "--batch-size", "64", "--device", "cpu"]
-        wall, rss, _, _ = run_measured(cmd, cwd=REPO)
+        wall, rss, _ = run_measured(cmd, cwd=REPO)
         results[f"cli_run_{count}"] = {"wall_s": round(wall, 1), "peak_rss_mib": round(rss / 1024, 1)}
         if count == n:
             walls = [run_measured(cmd, cwd=REPO)[0] for _ in range(3)]
@@ -159,7 +159,8 @@ def bench_cli(tmp: Path, n: int, small: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=10_000)
     parser.add_argument("--small", type=int, default=1_000)
     parser.add_argument("--cli", action="store_true", help="also time the real batchcap run")
