@@ -104,7 +104,7 @@ def input_options(func: F) -> F:
     func = click.option("--max-pixels", type=click.IntRange(1), default=89_478_485, show_default=True,
                         help="Refuse pictures larger than this (checked from the header).")(func)
     func = click.option("--shard", default=None,
-                        help="I/N: caption only shard I of N (default: SLURM_ARRAY_TASK_ID/COUNT if set).")(func)
+                        help="I/N: caption only shard I of N, chosen by a hash of the picture id (of the tar name for shards); default: SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT when set.")(func)
     func = click.option("--files-from", type=click.Path(allow_dash=True), default=None,
                         help="Read input paths from FILE, one per line ('-' for stdin).")(func)
     return func
@@ -476,20 +476,23 @@ def merge(parts: tuple[str, ...], out: str, fmt: str | None, expect_parts: int |
 
 @cli.command()
 @click.argument("output", type=click.Path(exists=True, dir_okay=False))
-@click.option("--html", "html_path", required=True, type=click.Path(dir_okay=False), help="HTML file to write.")
-@click.option("--limit", type=click.IntRange(1), default=1000, show_default=True,
-              help="Show at most this many captioned pictures (after ordering).")
-@click.option("--sample", type=click.IntRange(1), default=None,
-              help="Show a random sample of this many pictures instead.")
+@click.option("--html", "html_path", type=click.Path(dir_okay=False), default=None,
+              help="Where to write the page [default: OUTPUT with .html].")
+@click.option("--limit", type=click.IntRange(min=0), default=1000, show_default=True,
+              help="Show the first N cards after ordering (0: all). Failures are always listed.")
+@click.option("--sample", type=click.IntRange(min=1), default=None, help="Show a random sample of N rows instead.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for --sample.")
 @click.option("--order", type=click.Choice(["score", "id"]), default="score", show_default=True,
               help="score: lowest confidence first, so doubtful captions come first.")
 @click.option("--link-images", is_flag=True, help="Link the original files instead of embedding thumbnails.")
 @click.option("--thumb-size", type=click.IntRange(32, 1024), default=192, show_default=True)
 @user_errors
-def report(output: str, html_path: str, limit: int, sample: int | None, seed: int, order: str,
+def report(output: str, html_path: str | None, limit: int, sample: int | None, seed: int, order: str,
            link_images: bool, thumb_size: int) -> None:
-    """Write a self-contained HTML page of thumbnails and captions from a run's OUTPUT.
+    """Write a self-contained HTML page of a run's OUTPUT: thumbnails, captions, failures.
+
+    Lowest-confidence captions come first; the page filters by status and searches
+    captions, and needs no server or network. Works on Parquet and JSONL outputs.
 
     \b
     Example:
@@ -497,9 +500,11 @@ def report(output: str, html_path: str, limit: int, sample: int | None, seed: in
     """
     from batchcap.report import write_report
 
-    summary = write_report(output, html_path, limit=limit, sample=sample, seed=seed, link_images=link_images,
-                           thumb_size=thumb_size, order=order)
-    click.echo(f"wrote {html_path} ({summary})")
+    html_path = html_path or str(Path(output).with_suffix(".html"))
+    s = write_report(output, html_path, limit=limit, sample=sample, seed=seed, link_images=link_images,
+                     thumb_size=thumb_size, order=order)
+    click.echo(f"{s.html}: {s.shown:,} of {s.total_rows:,} rows, {s.thumbnails:,} thumbnails, "
+               f"{s.html_bytes / 1e6:.1f} MB in {s.seconds:.1f} s")
 
 
 @cli.command()
