@@ -71,6 +71,28 @@ def test_train_command(tmp_path: Path) -> None:
                     "--encoder-weights", "x.safetensors", "--epochs", "3"]
 
 
+def test_submit_builds_array_and_dependent_merge(tmp_path: Path) -> None:
+    """submit.sh with a recording stand-in for sbatch: array size, GPUs, afterok dependency."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "calls.txt"
+    fake = bin_dir / "sbatch"
+    fake.write_text('#!/bin/sh\necho "$TASKS|$INPUT|$*" >> "$CALLS"\n'
+                    'n=$(wc -l < "$CALLS"); echo "$((100 + n));cluster"\n')
+    fake.chmod(0o755)
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", CALLS=str(calls), GRES="gpu:1",
+               ARRAY_LIMIT="2", SBATCH_ARGS="--partition=gpu --time=1:00:00")
+    result = subprocess.run([str(SLURM_DIR / "submit.sh"), "photos", str(tmp_path / "out"), "5"], env=env,
+                            cwd=tmp_path, capture_output=True, text=True, timeout=30, check=True)
+    assert result.stdout.startswith("array_job=101 merge_job=102 tasks=5 ")
+    caption, merge = calls.read_text().splitlines()
+    assert caption.startswith(f"5|{tmp_path}/photos|")
+    assert "--array=0-4%2" in caption and "--gres=gpu:1" in caption and "--partition=gpu" in caption
+    assert caption.endswith("caption-array.sbatch")
+    assert "--dependency=afterok:101" in merge and "--gres" not in merge and merge.endswith("merge.sbatch")
+    assert (tmp_path / "out" / "logs").is_dir()
+
+
 # --- a real Slurm -------------------------------------------------------------------------------
 
 def _slurm_problem() -> str | None:
