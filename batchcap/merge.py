@@ -120,6 +120,9 @@ def merge_outputs(
     _check_part_names(part_paths, out, expected_parts)
 
     infos = [_open_part(path, out_fmt) for path in part_paths]
+    if len({info.name for info in infos}) < len(infos):  # same file names in other folders
+        for info in infos:
+            info.label = info.path
     _check_same_schema(infos)
     _check_same_settings(infos)
     ids = _check_ids(infos)
@@ -161,9 +164,11 @@ class _Part:
     def rows(self) -> int:
         return len(self.ids)
 
+    label: str | None = None  # how messages name the part; the file name unless ambiguous
+
     @property
     def name(self) -> str:
-        return Path(self.path).name
+        return self.label or Path(self.path).name
 
 
 def _open_part(path: str, out_fmt: str) -> _Part:

@@ -223,3 +223,12 @@ def test_parts_written_by_the_sink(tmp_path: Path, fmt: str) -> None:
     assert meta["resume_settings"]["beam_size"] == 3 and "shard" not in meta["run_config"]
     part(2, ids_of(9, 10), beam=5)
     assert_refused([*parts, tmp_path / f"part-2.{fmt}"], tmp_path / f"m2.{fmt}", "beam_size: 3 vs 5")
+
+
+def test_same_file_names_in_two_folders_are_named_by_path(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a = write_parquet(tmp_path / "a" / "part-0.parquet", ids_of(0, 3))
+    b = write_parquet(tmp_path / "b" / "part-0.parquet", ids_of(2, 4))
+    err = assert_refused([a, b], tmp_path / "m.parquet", "more than once")
+    assert f"in {a}, {b}" in str(err)
