@@ -17,7 +17,8 @@ when:
 
 Only then are the rows streamed (a row group, or a line, at a time) into a temp file beside
 ``out`` that is ``os.replace``d into place: a refused or crashed merge leaves no output.
-The ids are held in memory during verification (one dict entry per row); the rows are not.
+The ids are held in memory during verification (a dict entry per row, about 150 bytes: some
+150 MB per million rows); the rows are not.
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 META_KEY = b"batchcap"
@@ -119,13 +121,15 @@ def merge_outputs(
     part_paths = [str(p) for p in parts]
     _check_part_names(part_paths, out, expected_parts)
 
-    infos = [_open_part(path, out_fmt) for path in part_paths]
+    index = _IdIndex()
+    infos = [_open_part(path, out_fmt, index, number) for number, path in enumerate(part_paths)]
     if len({info.name for info in infos}) < len(infos):  # same file names in other folders
         for info in infos:
             info.label = info.path
     _check_same_schema(infos)
     _check_same_settings(infos)
-    ids = _check_ids(infos)
+    index.check(infos)
+    ids = index.owner
     _check_expected(ids, expected_count, expected_ids)
 
     meta = _merged_meta(infos)
@@ -156,14 +160,9 @@ class _Part:
     fmt: str
     schema: pa.Schema | None
     config: dict[str, Any] | None
-    ids: list[str]
     models: set[str]
     statuses: Counter[str]
-
-    @property
-    def rows(self) -> int:
-        return len(self.ids)
-
+    rows: int = 0
     label: str | None = None  # how messages name the part; the file name unless ambiguous
 
     @property
@@ -171,7 +170,36 @@ class _Part:
         return self.label or Path(self.path).name
 
 
-def _open_part(path: str, out_fmt: str) -> _Part:
+class _IdIndex:
+    """Every id seen so far and the part holding it; repeats are noted, not raised, until ``check``."""
+
+    def __init__(self) -> None:
+        self.owner: dict[str, int] = {}
+        self.repeats: dict[str, list[int]] = {}
+
+    def add(self, ids: Iterable[str], part: int) -> int:
+        """Record ``ids`` of part number ``part``; returns how many there were."""
+        count = 0
+        owner = self.owner
+        for id_ in ids:
+            count += 1
+            if id_ in owner:
+                self.repeats.setdefault(id_, [owner[id_]]).append(part)
+            else:
+                owner[id_] = part
+        return count
+
+    def check(self, infos: list["_Part"]) -> None:
+        """MergeError naming the repeated ids and the parts that hold them."""
+        if not self.repeats:
+            return
+        named = [f"{id_!r} in {', '.join(infos[i].name for i in where)}"
+                 for id_, where in list(self.repeats.items())[:_MAX_NAMED]]
+        more = f" and {len(self.repeats) - _MAX_NAMED} more" if len(self.repeats) > _MAX_NAMED else ""
+        raise MergeError(f"{len(self.repeats)} id(s) occur more than once: {'; '.join(named)}{more}")
+
+
+def _open_part(path: str, out_fmt: str, index: _IdIndex, number: int) -> _Part:
     if not os.path.isfile(path):
         raise MergeError(f"part {path} is missing (no such file)")
     part_fmt = format_of(path)
@@ -180,13 +208,13 @@ def _open_part(path: str, out_fmt: str) -> _Part:
                          "merge parts into a file of their own format")
     try:
         if part_fmt == "parquet":
-            return _scan_parquet(path)
-        return _scan_jsonl(path)
+            return _scan_parquet(path, index, number)
+        return _scan_jsonl(path, index, number)
     except OSError as exc:
         raise MergeError(f"part {path} is unreadable: {exc}") from exc
 
 
-def _scan_parquet(path: str) -> _Part:
+def _scan_parquet(path: str, index: _IdIndex, number: int) -> _Part:
     try:
         pf = pq.ParquetFile(path)
         schema = pf.schema_arrow
@@ -194,12 +222,13 @@ def _scan_parquet(path: str) -> _Part:
         if missing:
             raise MergeError(f"part {path} is not a batchcap output: no column(s) {', '.join(missing)}")
         part = _Part(path, "parquet", schema.remove_metadata(), _parquet_config(path, schema),
-                     [], set(), Counter())
+                     set(), Counter())
         for i in range(pf.num_row_groups):
             table = pf.read_row_group(i, columns=["id", "model", "status"])
-            part.ids.extend(str(v) for v in table.column("id").to_pylist())
+            part.rows += index.add(map(str, table.column("id").to_pylist()), number)
             part.models.update(m for m in table.column("model").unique().to_pylist() if m)
-            part.statuses.update(str(s) for s in table.column("status").to_pylist())
+            for item in pc.value_counts(table.column("status")).to_pylist():
+                part.statuses[str(item["values"])] += item["counts"]
         return part
     except (pa.ArrowException, ValueError) as exc:  # truncated, corrupt, not Parquet
         raise MergeError(f"part {path} is unreadable: {exc}") from exc
@@ -231,7 +260,7 @@ def _iter_jsonl(path: str) -> Iterator[tuple[int, str, dict[str, Any]]]:
             yield number, line, obj
 
 
-def _scan_jsonl(path: str) -> _Part:
+def _scan_jsonl(path: str, index: _IdIndex, number: int) -> _Part:
     config = None
     meta_path = path + ".meta.json"
     if os.path.exists(meta_path):
@@ -240,9 +269,9 @@ def _scan_jsonl(path: str) -> _Part:
                 config = json.load(f)
         except (OSError, json.JSONDecodeError) as exc:
             raise MergeError(f"part {path}: cannot read {meta_path}: {exc}") from exc
-    part = _Part(path, "jsonl", None, config, [], set(), Counter())
+    part = _Part(path, "jsonl", None, config, set(), Counter())
     for _, _, obj in _iter_jsonl(path):
-        part.ids.append(str(obj["id"]))
+        part.rows += index.add((str(obj["id"]),), number)
         if obj.get("model"):
             part.models.add(str(obj["model"]))
         part.statuses[str(obj.get("status"))] += 1
@@ -343,24 +372,6 @@ def _check_same_settings(infos: list[_Part]) -> None:
             raise MergeError(f"parts {first.name} and {info.name} were made with different settings: {shown}")
 
 
-def _check_ids(infos: list[_Part]) -> dict[str, int]:
-    """Map id -> part index; MergeError naming the repeated ids and their parts."""
-    owner: dict[str, int] = {}
-    dups: dict[str, list[int]] = {}
-    for index, info in enumerate(infos):
-        for id_ in info.ids:
-            if id_ in owner:
-                dups.setdefault(id_, [owner[id_]]).append(index)
-            else:
-                owner[id_] = index
-    if dups:
-        named = [f"{id_!r} in {', '.join(infos[i].name for i in where)}"
-                 for id_, where in list(dups.items())[:_MAX_NAMED]]
-        more = f" and {len(dups) - _MAX_NAMED} more" if len(dups) > _MAX_NAMED else ""
-        raise MergeError(f"{len(dups)} id(s) occur more than once: {'; '.join(named)}{more}")
-    return owner
-
-
 def _check_expected(ids: dict[str, int], expected_count: int | None,
                     expected_ids: Iterable[str] | None) -> None:
     if expected_count is not None and len(ids) != expected_count:
@@ -423,7 +434,7 @@ def _write_parquet(infos: list[_Part], out: str, meta: dict[str, Any] | None) ->
         schema = schema.with_metadata({META_KEY: json.dumps(meta, sort_keys=True).encode()})
     tmp = _temp_beside(out)
     try:
-        with pq.ParquetWriter(tmp, schema) as writer:
+        with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:  # as batchcap.sink writes
             for info in infos:
                 pf = pq.ParquetFile(info.path)
                 for i in range(pf.num_row_groups):
