@@ -53,7 +53,7 @@ fi
 PATH="/usr/sbin:/usr/bin:/sbin:/bin:$PATH"
 
 # --- configuration ----------------------------------------------------------------------
-host="$(hostname -s)"
+host="$(hostname -s 2>/dev/null || uname -n)"; host="${host%%.*}"
 mkdir -p "$CONF_DIR" "$LOG_DIR" "$SPOOL_CTL" "$SPOOL_D" "$RUN_DIR"
 
 # `slurmd -C` prints the node line as slurmd itself will detect the hardware, so the
