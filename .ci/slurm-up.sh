@@ -6,7 +6,8 @@
 #
 #   - installs munge, slurmctld, slurmd, slurm-client (apt, no recommends)
 #   - writes /etc/slurm/slurm.conf for this host only: cgroup-free (proctrack/linuxproc,
-#     task/none), no accounting, select/cons_tres with CR_CPU (memory is not a consumable,
+#     task/none), no accounting, addresses on 127.0.0.1 (no DNS needed for the host name),
+#     select/cons_tres with CR_CPU (memory is not a consumable,
 #     so several array tasks share the node), node line taken from `slurmd -C`
 #   - creates the munge key, starts munged, slurmctld and slurmd as root
 #   - waits until `sinfo` shows the node idle (SLURM_UP_TIMEOUT seconds, default 90)
@@ -69,7 +70,7 @@ new_conf="$(mktemp)"
 cat > "$new_conf" <<CONF
 # Written by batchcap .ci/slurm-up.sh: a one-node cluster for tests. Edits are overwritten.
 ClusterName=batchcap
-SlurmctldHost=$host
+SlurmctldHost=$host(127.0.0.1)
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
@@ -96,7 +97,7 @@ InactiveLimit=0
 KillWait=5
 MinJobAge=600
 MaxArraySize=10001
-$node_line State=UNKNOWN
+$node_line NodeAddr=127.0.0.1 State=UNKNOWN
 PartitionName=$PARTITION Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 CONF
 
