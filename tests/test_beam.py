@@ -233,3 +233,12 @@ def test_cuda_matches_reference() -> None:
     got, want = run_both(decoder, features(17, 6).cuda(), BeamConfig(beam_size=3, max_len=8, n_best=2))
     assert got.tokens.device.type == "cuda"
     assert_same(BeamResult(*(x.cpu() for x in (got.tokens, got.lengths, got.scores, got.ended))), want)
+
+
+def test_fewer_candidates_than_beams_and_empty_batch() -> None:
+    decoder = make_decoder(2, vocab=6)  # two usable words, each at most once
+    got, want = run_both(decoder, features(2, 4), BeamConfig(beam_size=5, max_len=4, n_best=5, no_repeat_ngram=1))
+    assert_same(got, want)
+    assert torch.isinf(got.scores[:, 2:]).all() and (got.lengths[:, 2:] == 0).all()
+    empty, _ = run_both(decoder, features(2, 0), BeamConfig(beam_size=3, max_len=5, n_best=2))
+    assert empty.tokens.shape == (0, 2, 5)
