@@ -65,6 +65,7 @@ SCHEMA = pa.schema([
     ("created_at", pa.timestamp("ms", tz="UTC")),
 ])
 COLUMNS: tuple[str, ...] = tuple(SCHEMA.names)
+_COLUMN_SET = frozenset(COLUMNS)
 DONE_COLUMNS = ["id", "size", "mtime_ns", "status"]
 
 # Failures that say nothing about the file's content: the next run tries these again
@@ -214,7 +215,7 @@ class OutputStore:
             raise RuntimeError("add() after finalize()")
         now = None
         for row in rows:
-            unknown = set(row) - set(COLUMNS)
+            unknown = row.keys() - _COLUMN_SET
             if unknown:
                 raise ValueError(f"unknown output columns {sorted(unknown)}; known: {list(COLUMNS)}")
             if not isinstance(row.get("id"), str) or not isinstance(row.get("status"), str):
