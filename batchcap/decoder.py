@@ -6,8 +6,14 @@ Image features enter twice, for different reasons:
   picture before it writes the first word (Show and Tell);
 * at every step, soft attention over the encoder's spatial map (``R`` regions) gives
   a context vector fed with the word embedding -- each word can look at a different
-  part of the picture (Show, Attend and Tell). With ``attention=False`` the context is
-  the pooled feature at every step, which is the tutorial's "merge" model with state.
+  part of the picture (Show, Attend and Tell, with its sigmoid gate on the context).
+  With ``attention=False`` the context is the pooled feature at every step, which is
+  the tutorial's "merge" model with state.
+
+Attention scores are scaled dot products between a query from ``h`` and per-region
+keys (Luong's "general" form) rather than SAT's additive MLP: the additive form
+materialises an ``(N, R, D)`` tensor at every step, and on CPU that memory traffic,
+not the LSTM, dominated the cost of a training step.
 
 ``step`` carries ``(h, c)`` so a caption costs one LSTM step per word, never a re-run
 over the prefix. All state tensors are batch-first so a beam search can reorder them
@@ -39,44 +45,49 @@ class CaptionDecoder(nn.Module):
         if cfg.attention:
             self.att_key = nn.Linear(d, d)
             self.att_query = nn.Linear(cfg.hidden_dim, d)
-            self.att_score = nn.Linear(d, 1)
             self.att_gate = nn.Linear(cfg.hidden_dim, d)
         cells = [nn.LSTMCell(cfg.embed_dim + d, cfg.hidden_dim)]
         cells += [nn.LSTMCell(cfg.hidden_dim, cfg.hidden_dim) for _ in range(cfg.num_layers - 1)]
         self.cells = nn.ModuleList(cells)
         self.dropout = nn.Dropout(cfg.dropout)
         self.out = nn.Linear(cfg.hidden_dim, cfg.vocab_size)
+        self._scale = d ** -0.5
 
     # -- state ---------------------------------------------------------------------------
-    def init_state(self, features: torch.Tensor, image_index: torch.Tensor | None = None) -> State:
+    def init_state(self, features: torch.Tensor, captions_per_image: int = 1) -> State:
         """Initial state from encoder features ``(M, R, F)`` or pooled ``(M, F)``.
 
-        ``image_index`` (N,) maps each of N captions to its image, so an image's features
-        are projected once however many captions it has (training batches hold all of an
-        image's references); without it N = M.
+        The state describes ``N = M * captions_per_image`` hypotheses, image-major: the
+        memory and keys stay per image ``(M, R, D)`` and only ``h, c`` are per hypothesis,
+        so training with all of an image's references costs one projection per image.
+        Beam search uses ``captions_per_image=1`` (every state tensor has N rows).
         """
         features = features.float()
         if features.dim() == 2:
-            features = features[:, None, :]  # (N, 1, F)
+            features = features[:, None, :]  # (M, 1, F)
         memory = F.relu(self.feature_proj(features))  # (M, R, D)
         keys = self.att_key(memory) if self.cfg.attention else memory[:, :0]  # (M, R, D) or empty
-        if image_index is not None:
-            memory, keys = memory[image_index], keys[image_index]  # (N, R, D)
-        mean = memory.mean(dim=1)  # (N, D)
-        n, layers, hid = memory.shape[0], self.cfg.num_layers, self.cfg.hidden_dim
-        h = torch.tanh(self.init_h(mean)).view(n, layers, hid)  # (N, L, H)
-        c = torch.tanh(self.init_c(mean)).view(n, layers, hid)  # (N, L, H)
+        mean = memory.mean(dim=1)  # (M, D)
+        m, layers, hid = memory.shape[0], self.cfg.num_layers, self.cfg.hidden_dim
+        h = torch.tanh(self.init_h(mean)).view(m, layers, hid)  # (M, L, H)
+        c = torch.tanh(self.init_c(mean)).view(m, layers, hid)  # (M, L, H)
+        if captions_per_image > 1:
+            h = h.repeat_interleave(captions_per_image, dim=0)  # (N, L, H)
+            c = c.repeat_interleave(captions_per_image, dim=0)  # (N, L, H)
         return (h, c, memory, keys)
 
     def _context(self, h_top: torch.Tensor, memory: torch.Tensor, keys: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        m, regions, d = memory.shape
+        per_image = h_top.shape[0] // m  # C hypotheses share each image's memory
         if not self.cfg.attention:
-            return memory.mean(dim=1), None  # (N, D)
-        scores = self.att_score(torch.tanh(keys + self.att_query(h_top)[:, None, :]))  # (N, R, 1)
-        alpha = torch.softmax(scores.squeeze(-1), dim=1)  # (N, R)
-        context = torch.bmm(alpha[:, None, :], memory).squeeze(1)  # (N, D)
+            return memory.mean(dim=1).repeat_interleave(per_image, dim=0), None  # (N, D)
+        query = (self.att_query(h_top) * self._scale).view(m, per_image, d)  # (M, C, D)
+        scores = torch.bmm(query, keys.transpose(1, 2))  # (M, C, R)
+        alpha = torch.softmax(scores.float(), dim=-1).to(memory.dtype)  # (M, C, R)
+        context = torch.bmm(alpha, memory).reshape(m * per_image, d)  # (N, D)
         context = torch.sigmoid(self.att_gate(h_top)) * context  # gated, as in SAT
-        return context, alpha
+        return context, alpha.reshape(m * per_image, regions)
 
     def _advance(self, tokens: torch.Tensor, state: State
                  ) -> tuple[torch.Tensor, State, torch.Tensor | None]:
@@ -99,14 +110,15 @@ class CaptionDecoder(nn.Module):
         return torch.log_softmax(logits.float(), dim=-1), state
 
     # -- training ------------------------------------------------------------------------
-    def forward(self, features: torch.Tensor, captions: torch.Tensor, image_index: torch.Tensor | None = None
+    def forward(self, features: torch.Tensor, captions: torch.Tensor, captions_per_image: int = 1
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Teacher-forced logits ``(N, T-1, V)`` for ``captions`` ``(N, T)`` = ``<start> w1 .. <end> <pad>..``.
 
-        Also returns the attention weights ``(N, T-1, R)`` (``None`` without attention),
-        which training uses for the doubly stochastic regulariser.
+        ``N = M * captions_per_image``, image-major. Also returns the attention weights
+        ``(N, T-1, R)`` (``None`` without attention), which training uses for the doubly
+        stochastic regulariser.
         """
-        state = self.init_state(features, image_index)
+        state = self.init_state(features, captions_per_image)
         steps = captions.shape[1] - 1
         logits, alphas = [], []
         for t in range(steps):

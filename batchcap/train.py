@@ -6,8 +6,9 @@ The flow is ``dataset -> vocabulary -> feature cache -> epochs -> best model fil
   evaluation and captioning use) and the vocabulary is built from the train split;
 * encoder features come from :class:`batchcap.features.FeatureCache`, computed once per
   (encoder, weights, preprocessing) and reused across epochs and runs;
-* a step holds ``batch_size`` images with all of their reference captions, so each
-  image's features are projected once per step;
+* a step holds ``batch_size`` images with five of their reference captions each (all
+  of Flickr8k's), so each image's features are projected once per step;
+* the decoder runs under bf16 autocast when the precision is bf16 (fp32 master weights);
 * AdamW, gradient clipping, linear warm-up then cosine decay, dropout, Show-Attend-Tell's
   doubly stochastic attention penalty, fixed seeds;
 * after every epoch the model captions the validation images with beam search and the
@@ -254,11 +255,13 @@ def train(cfg: TrainConfig, dataset: CaptionDataset, choice: EncoderChoice, deco
         loop = load_checkpoint(checkpoint, decoder, optimizer)
         log(f"resumed from {checkpoint} after epoch {loop['epoch']}")
     val_beam = BeamConfig(beam_size=cfg.val_beam_size, max_len=cfg.max_caption_len)
-    per_image = [[] for _ in train_split.image_ids]
+    per_image: list[list[int]] = [[] for _ in train_split.image_ids]
     for c, owner in enumerate(train_split.caption_image.tolist()):
         per_image[owner].append(c)
     best_model: CaptionModel | None = None
     alpha_c = float(cfg.extra.get("attention_penalty", 1.0))
+    per_step = int(cfg.extra.get("captions_per_image", 5))
+    amp = runtime.precision == "bf16"
 
     for epoch in range(loop["epoch"] + 1, cfg.epochs + 1):
         decoder.train()
@@ -266,10 +269,8 @@ def train(cfg: TrainConfig, dataset: CaptionDataset, choice: EncoderChoice, deco
         order = torch.randperm(len(train_split.image_ids), generator=generator).tolist()
         started, total_loss, total_tokens = time.time(), 0.0, 0
         for start in range(0, len(order), cfg.batch_size):
-            images = order[start:start + cfg.batch_size]
-            rows = [c for i in images for c in per_image[i]]
-            local = {img: n for n, img in enumerate(images)}
-            image_index = torch.tensor([local[o] for o in train_split.caption_image[rows].tolist()])
+            images = [i for i in order[start:start + cfg.batch_size] if per_image[i]]
+            rows = [c for i in images for c in _pick(per_image[i], per_step, generator)]
             view = train_views[int(torch.randint(len(train_views), (1,), generator=generator))]
             feats = view[images].float().to(runtime.device)
             caps = train_split.captions[rows].to(runtime.device)
@@ -277,13 +278,15 @@ def train(cfg: TrainConfig, dataset: CaptionDataset, choice: EncoderChoice, deco
             caps = caps[:, :length]
             for group in optimizer.param_groups:
                 group["lr"] = cfg.lr * lr_factor(loop["step"], cfg.warmup_steps, total_steps)
-            logits, alphas = decoder(feats, caps, image_index)  # (N, T-1, V), (N, T-1, R)
+            with torch.autocast(torch.device(runtime.device).type, dtype=torch.bfloat16, enabled=amp):
+                logits, alphas = decoder(feats, caps, per_step)  # (N, T-1, V), (N, T-1, R)
+            logits = logits.float()
             targets = caps[:, 1:]
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
                                    ignore_index=vocab.pad_id, label_smoothing=float(cfg.extra.get("label_smoothing", 0.0)))
             if alphas is not None and alpha_c > 0:
                 mask = (targets != vocab.pad_id).float()[:, :, None]  # (N, T-1, 1)
-                coverage = (alphas * mask).sum(1)  # (N, R)
+                coverage = (alphas.float() * mask).sum(1)  # (N, R)
                 loss = loss + alpha_c * ((1.0 - coverage) ** 2).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -291,7 +294,7 @@ def train(cfg: TrainConfig, dataset: CaptionDataset, choice: EncoderChoice, deco
             optimizer.step()
             loop["step"] += 1
             tokens = int((targets != vocab.pad_id).sum())
-            total_loss += float(loss) * tokens
+            total_loss += float(loss.detach()) * tokens
             total_tokens += tokens
             if loop["step"] % 50 == 0:
                 log(f"epoch {epoch} step {loop['step']}/{total_steps} loss {total_loss / total_tokens:.3f} "
@@ -323,6 +326,17 @@ def train(cfg: TrainConfig, dataset: CaptionDataset, choice: EncoderChoice, deco
 
         best_model = load_model(out)
     return best_model
+
+
+def _pick(captions: list[int], count: int, generator: torch.Generator) -> list[int]:
+    """Exactly ``count`` of an image's captions: a random subset, or all plus random repeats."""
+    if len(captions) == count:
+        return captions
+    if len(captions) > count:
+        picks = torch.randperm(len(captions), generator=generator)[:count].tolist()
+        return [captions[i] for i in picks]
+    extra = torch.randint(len(captions), (count - len(captions),), generator=generator).tolist()
+    return captions + [captions[i] for i in extra]
 
 
 def _model_file(cfg: TrainConfig, choice: EncoderChoice, dcfg: DecoderConfig, vocab: Vocabulary,

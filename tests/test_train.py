@@ -1,0 +1,95 @@
+"""Training learns: captions of generated shape pictures beat a baseline that ignores the image."""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+from click.testing import CliRunner
+from PIL import Image, ImageDraw
+from safetensors.torch import save_file
+
+from batchcap.cli import cli
+from batchcap.metrics import score_captions
+from batchcap.modelfile import load_model
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (30, 60, 220), "yellow": (230, 220, 30)}
+SHAPES = ("circle", "square")
+SIDES = ("left", "right")
+
+
+def _draw(colour: str, shape: str, side: str, rng: np.random.Generator) -> Image.Image:
+    img = Image.new("RGB", (64, 64), tuple(int(v) for v in rng.integers(90, 140, 3)))
+    draw = ImageDraw.Draw(img)
+    cx = (16 if side == "left" else 48) + int(rng.integers(-3, 4))
+    cy = 32 + int(rng.integers(-8, 9))
+    r = int(rng.integers(9, 13))
+    box = (cx - r, cy - r, cx + r, cy + r)
+    (draw.ellipse if shape == "circle" else draw.rectangle)(box, fill=COLOURS[colour])
+    return img
+
+
+def write_shapes_dataset(root: Path, n_train: int = 240, n_val: int = 48, seed: int = 0) -> None:
+    """A Flickr8k-layout dataset whose captions say colour, shape and side of one shape."""
+    rng = np.random.default_rng(seed)
+    photos = root / "Flicker8k_Dataset"
+    text = root / "Flickr8k_text"
+    photos.mkdir(parents=True)
+    text.mkdir()
+    tokens, splits = [], {"train": [], "dev": []}
+    for split, count in (("train", n_train), ("dev", n_val)):
+        for i in range(count):
+            colour = list(COLOURS)[int(rng.integers(len(COLOURS)))]
+            shape = SHAPES[int(rng.integers(2))]
+            side = SIDES[int(rng.integers(2))]
+            name = f"{split}{i:04d}.jpg"
+            _draw(colour, shape, side, rng).save(photos / name, quality=95)
+            splits[split].append(name)
+            phrasings = [f"a {colour} {shape} on the {side}", f"a {shape} in {colour} on the {side} side"]
+            tokens += [f"{name}#{k}\t{p} .\r\n" for k, p in enumerate(phrasings)]
+    (text / "Flickr8k.token.txt").write_text("".join(tokens), newline="")
+    (text / "Flickr_8k.trainImages.txt").write_text("\n".join(splits["train"]) + "\n")
+    (text / "Flickr_8k.devImages.txt").write_text("\n".join(splits["dev"]) + "\n")
+    (text / "Flickr_8k.testImages.txt").write_text("")
+
+
+@pytest.mark.slow
+def test_training_learns_from_pictures(tmp_path: Path) -> None:
+    data = tmp_path / "shapes"
+    write_shapes_dataset(data)
+    torch.manual_seed(0)
+    encoder = timm.create_model("test_efficientnet", num_classes=0)
+    weights = tmp_path / "encoder.safetensors"
+    save_file(encoder.state_dict(), weights)
+    out = tmp_path / "shapes.safetensors"
+    result = CliRunner().invoke(cli, [
+        "train", str(data), "--out", str(out), "--encoder", "test_efficientnet", "--encoder-weights", str(weights),
+        "--input-size", "64", "--epochs", "15", "--batch-size", "16", "--lr", "5e-3", "--warmup-steps", "10",
+        "--embed-dim", "32", "--hidden-dim", "64", "--attention-dim", "32", "--dropout", "0.1",
+        "--min-word-count", "1", "--max-caption-len", "8", "--patience", "15", "--precision", "fp32",
+        "--workers", "0", "--device", "cpu", "--cache-dir", str(tmp_path / "cache"),
+    ])
+    assert result.exit_code == 0, result.output
+    model = load_model(out)
+    assert model.training["data"]["splits"]["train"]["images"] == 240
+    assert model.preprocess.width == 64 and model.encoder.name == "test_efficientnet"
+    log = [json.loads(line) for line in (tmp_path / "shapes.safetensors.log.jsonl").read_text().splitlines()]
+    assert len(log) == 15 and log[-1]["train_loss"] < log[0]["train_loss"]
+
+    evaluated = CliRunner().invoke(cli, ["eval", str(data), "--split", "val", "--model", str(out),
+                                         "--encoder-weights", str(weights), "--beam", "3", "--precision", "fp32",
+                                         "--workers", "0", "--device", "cpu", "--json", str(tmp_path / "s.json")])
+    assert evaluated.exit_code == 0, evaluated.output
+    scores = json.loads((tmp_path / "s.json").read_text())
+    references = {c["image_id"]: c["references"] for c in scores["captions"]}
+    # The best a model that ignores the picture can do: one caption for every image.
+    train_refs = [line.split("\t")[1].strip(" .\r\n") for line in
+                  (data / "Flickr8k_text" / "Flickr8k.token.txt").read_text().splitlines() if "train" in line]
+    constant = Counter(train_refs).most_common(1)[0][0]
+    baseline = score_captions({k: constant for k in references}, references, full=False)
+    learned = scores["scores"]["BLEU-4"]
+    assert learned > baseline["BLEU-4"] + 0.15, (learned, baseline["BLEU-4"])
