@@ -57,7 +57,8 @@ def rowwise(decoder: CaptionDecoder) -> StepFn:
             log_probs, new = decoder.step(tokens[i:i + 1], rows)
             outs.append((log_probs, new, rows))
         new_state = tuple(
-            state[j] if all(new[j] is rows[j] for _, new, rows in outs) else torch.cat([o[1][j] for o in outs])
+            state[j] if all(new[j] is rows[j] for _, new, rows in outs)
+            else torch.cat([o[1][j] for o in outs])
             for j in range(len(state)))
         return torch.cat([o[0] for o in outs]), new_state
     return step
@@ -237,8 +238,12 @@ def test_cuda_matches_reference() -> None:
 
 def test_fewer_candidates_than_beams_and_empty_batch() -> None:
     decoder = make_decoder(2, vocab=6)  # two usable words, each at most once
-    got, want = run_both(decoder, features(2, 4), BeamConfig(beam_size=5, max_len=4, n_best=5, no_repeat_ngram=1))
+    cfg = BeamConfig(beam_size=5, max_len=4, n_best=5, no_repeat_ngram=1)
+    got, want = run_both(decoder, features(2, 4), cfg)
     assert_same(got, want)
     assert torch.isinf(got.scores[:, 2:]).all() and (got.lengths[:, 2:] == 0).all()
-    empty, _ = run_both(decoder, features(2, 0), BeamConfig(beam_size=3, max_len=5, n_best=2))
-    assert empty.tokens.shape == (0, 2, 5)
+    with torch.inference_mode():
+        empty = beam_search(decoder.step, decoder.init_state(features(2, 0)),
+                            BeamConfig(beam_size=3, max_len=5, n_best=2),
+                            start_id=START, end_id=END, banned_ids=BANNED)
+    assert empty.tokens.shape == (0, 2, 5) and empty.scores.shape == (0, 2)

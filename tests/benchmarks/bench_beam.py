@@ -95,7 +95,8 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     decoder = make_decoder(args.vocab, args.end_bias, args.device)
-    feats = torch.randn(args.batch, args.regions, 2048, generator=torch.Generator().manual_seed(1)).to(args.device)
+    gen = torch.Generator().manual_seed(1)
+    feats = torch.randn(args.batch, args.regions, 2048, generator=gen).to(args.device)
     print(f"device={args.device} threads={torch.get_num_threads()} B={args.batch} V={args.vocab} "
           f"max_len={args.max_len} R={args.regions} torch={torch.__version__}")
     kw = dict(start_id=START, end_id=END, banned_ids=BANNED)
@@ -117,8 +118,8 @@ def main() -> None:
 
             def per_image():
                 with torch.inference_mode(), autocast():
-                    parts = [reference_beam_search(decoder.step, decoder.init_state(feats[b:b + 1]), cfg, **kw)
-                             for b in range(n_ref)]
+                    parts = [reference_beam_search(decoder.step, decoder.init_state(feats[b:b + 1]),
+                                                   cfg, **kw) for b in range(n_ref)]
                 return torch.cat([p.tokens for p in parts])
 
             batched()  # warm-up
