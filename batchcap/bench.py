@@ -296,7 +296,8 @@ def measure_loader(list_file: Path, count: int, preprocess: Preprocess, policy: 
 
     def run() -> None:
         sources = open_sources((), str(list_file), policy)
-        n = sum(len(b) for b in iter_batches(sources, preprocess, policy, batch_size=batch_size, workers=workers))
+        batches = iter_batches(sources, preprocess, policy, batch_size=batch_size, workers=workers)
+        n = sum(len(b) for b in batches)
         assert n == count, (n, count)
 
     seconds, _ = timed(run, repeats)
@@ -404,11 +405,12 @@ def run_bench(*, images: str | None, as_json: bool, count: int, size: str, repea
     from batchcap.decode import decode_file
     from batchcap.modelfile import load_model
 
-    quiet = False
+    quiet = False  # notes go to stderr in both modes; JSON alone goes to stdout
     model_path = resolve_model_path(model)
     loaded = load_model(model_path)
     runtime = build_runtime(device, precision, batch_size, workers)
-    beam_cfg = build_beam(beam, max_len, min_len, length_penalty, no_repeat_ngram, n_best, loaded.max_caption_len)
+    beam_cfg = build_beam(beam, max_len, min_len, length_penalty, no_repeat_ngram, n_best,
+                          loaded.max_caption_len)
     dev = torch.device(runtime.device)
     policy = ImagePolicy()
     results: dict[str, Any] = {"machine": machine_info(dev)}
@@ -466,20 +468,20 @@ def run_bench(*, images: str | None, as_json: bool, count: int, size: str, repea
         del captioner, backbone
 
         # the whole job, then the tutorial-style path on a few of the same pictures
-        results["end_to_end"] = measure_end_to_end(paths, model_path, beam_cfg, runtime, policy, encoder_weights,
-                                                   repeats, work, quiet)
+        results["end_to_end"] = measure_end_to_end(paths, model_path, beam_cfg, runtime, policy,
+                                                   encoder_weights, repeats, work, quiet)
         n_ref = max(1, min(reference_images, len(paths)))
         _note(f"tutorial-style reference: {n_ref} pictures", quiet)
         results["reference"] = measure_reference(loaded, paths[:n_ref], encoder_weights, dev,
                                                  beam_cfg.max_len, beam_cfg.min_len)
 
     enc = same[0]["images_per_s"] if same else None
-    e2e = results["end_to_end"]
+    e2e, ref_rate = results["end_to_end"], results["reference"]["images_per_s"]
     results["ratios"] = {
         "end_to_end_steady_vs_encoder": (e2e["steady_images_per_s"] / enc)
         if enc and e2e["steady_images_per_s"] else None,
         "end_to_end_whole_run_vs_encoder": e2e["whole_run_images_per_s"] / enc if enc else None,
-        "end_to_end_whole_run_vs_reference": e2e["whole_run_images_per_s"] / results["reference"]["images_per_s"],
+        "end_to_end_whole_run_vs_reference": e2e["whole_run_images_per_s"] / ref_rate,
         "encoder_vs_fp32": {_label(r): r["images_per_s"] / rows[0]["images_per_s"] for r in rows},
     }
     results["suggested"] = suggest(results["batch_sizes"], results["decode"]["images_per_s"], dev)
@@ -506,9 +508,10 @@ def print_tables(results: dict[str, Any]) -> None:
 
     console = Console()
     m, s = results["machine"], results["settings"]
+    load = ", ".join(f"{v:.1f}" for v in m["load_average"] or [])
     console.print(f"[bold]batchcap bench[/bold] on {m['host']}: {m.get('gpu') or m['cpu']}, "
                   f"{m['cpus_usable']} CPUs usable, torch {m['torch']} with {m['torch_threads']} threads, "
-                  f"device {m['device']}; load average {', '.join(f'{v:.1f}' for v in m['load_average'] or [])}")
+                  f"device {m['device']}; load average {load}")
     src = s["source"]
     console.print(f"model {s['model_identity']}; {src['images']} pictures "
                   f"({'generated ' + src['generated'] if 'generated' in src else src['folder']}); "
@@ -527,7 +530,8 @@ def print_tables(results: dict[str, Any]) -> None:
                           f"{row['images_per_s'] / base:.2f}x")
     console.print(table)
 
-    e2e, ref, dec, load, beam = (results[k] for k in ("end_to_end", "reference", "decode", "loader", "beam"))
+    e2e, ref, dec = results["end_to_end"], results["reference"], results["decode"]
+    loader, beam = results["loader"], results["beam"]
     ratios = results["ratios"]
     table = Table(title="Pipeline")
     table.add_column("stage")
@@ -535,10 +539,11 @@ def print_tables(results: dict[str, Any]) -> None:
     table.add_column("what was measured")
     table.add_row("decode + resize", f"{_fmt(dec['images_per_s'])} images/s",
                   f"one process, {dec['images']} pictures")
-    table.add_row("loader", f"{_fmt(load['images_per_s'])} images/s",
-                  f"{load['workers']} workers, whole pass incl. start-up")
+    table.add_row("loader", f"{_fmt(loader['images_per_s'])} images/s",
+                  f"{loader['workers']} workers, whole pass incl. start-up")
     table.add_row("beam search", f"{_fmt(beam['captions_per_s'])} captions/s",
-                  f"beam {beam['beam']}, batch {beam['batch_size']}, {beam['mean_words']:.1f} words on average")
+                  f"beam {beam['beam']}, batch {beam['batch_size']}, "
+                  f"{beam['mean_words']:.1f} words on average")
     table.add_row("run, steady state", f"{_fmt(e2e['steady_images_per_s'])} images/s",
                   f"(N - n) / (t(N) - t(n)), N={e2e['images']}, n={e2e['part_images']}; "
                   f"{_fmt(ratios['end_to_end_steady_vs_encoder'], 2)} of the encoder alone")

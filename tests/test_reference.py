@@ -50,10 +50,12 @@ def test_reference_greedy_matches_beam_one(tiny_model_path: Path, seed: int, att
     make_tiny_model(model_path, seed=seed, attention=attention)
     model = load_model(model_path)
     runtime = RuntimeConfig(device="cpu", precision="fp32", batch_size=8, workers=0)
-    captioner = Captioner(model, runtime, BeamConfig(beam_size=1, max_len=model.max_caption_len, min_len=min_len))
+    beam = BeamConfig(beam_size=1, max_len=model.max_caption_len, min_len=min_len)
+    captioner = Captioner(model, runtime, beam)
     ref = ReferenceCaptioner(model, min_len=min_len)
     regions = 4 if attention else 1
-    features = 3 * torch.randn(8, regions, model.decoder.feature_dim, generator=torch.Generator().manual_seed(seed))
+    gen = torch.Generator().manual_seed(seed)
+    features = 3 * torch.randn(8, regions, model.decoder.feature_dim, generator=gen)  # (B, R, F)
     ours = [c.text for c in captioner.search(features)]
     assert ours == [ref.greedy(features[i:i + 1]) for i in range(len(features))]
     assert len(set(ours)) > 1
@@ -76,7 +78,11 @@ def test_reference_reruns_the_prefix(tiny_model_path: Path, tmp_path: Path) -> N
     ref = ReferenceCaptioner(model, max_len=5, min_len=5)  # exactly 5 words, then stop
     calls = []
     step = ref.decoder.step
-    ref.decoder.step = lambda tokens, state: calls.append(int(tokens[0])) or step(tokens, state)  # type: ignore
+    def counting_step(tokens: torch.Tensor, state: tuple[torch.Tensor, ...]) -> object:
+        calls.append(int(tokens[0]))
+        return step(tokens, state)
+
+    ref.decoder.step = counting_step  # type: ignore[method-assign]
     caption = ref.caption(write_images(tmp_path, 1)[0])
     assert len(caption.split()) == 5
     assert len(calls) == 1 + 2 + 3 + 4 + 5
