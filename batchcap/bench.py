@@ -255,11 +255,16 @@ def measure_encoder(backbone: torch.nn.Module, model: CaptionModel, device: torc
     gen = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (batch_size, 3, pre.height, pre.width), dtype=torch.uint8,
                            generator=gen).to(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     seconds, calls = timed(lambda: encoder(images), repeats, device, warmup=2,
                            min_seconds=0.5 if device.type == "cuda" else 0.0)
-    return {"precision": variant.precision, "channels_last": variant.channels_last, "batch_size": batch_size,
-            "images_per_s": batch_size / seconds, "seconds_per_batch": seconds, "batches_per_repeat": calls,
-            "repeats": repeats}
+    row = {"precision": variant.precision, "channels_last": variant.channels_last, "batch_size": batch_size,
+           "images_per_s": batch_size / seconds, "seconds_per_batch": seconds, "batches_per_repeat": calls,
+           "repeats": repeats}
+    if device.type == "cuda":
+        row["peak_memory_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return row
 
 
 def batch_size_sweep(batch_size: int, device: torch.device) -> list[int]:

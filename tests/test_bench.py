@@ -85,3 +85,19 @@ def test_suggest_prefers_the_smallest_batch_near_the_best() -> None:
     got = suggest(sweep, decode_rate=40.0, device=torch.device("cuda"))
     assert got["batch_size"] == 32
     assert got["workers_needed_to_keep_up"] == 4  # 1.25 * 97 / 40 rounded up
+
+
+@pytest.mark.cuda
+def test_bench_on_cuda(tiny_model_path: Path) -> None:
+    """The CUDA path: fp16 and (where supported) bf16 rows, pinned batches, a GPU run."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    args = [a if a != "cpu" else "cuda" for a in TINY_ARGS]
+    result = CliRunner().invoke(cli, ["bench", "--model", str(tiny_model_path), "--json", *args])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["machine"]["device"].startswith("cuda") and report["machine"]["gpu"]
+    assert ("fp16", True) in [(r["precision"], r["channels_last"]) for r in report["encoder"]]
+    assert all(r["peak_memory_mib"] > 0 for r in report["encoder"])
+    assert report["end_to_end"]["precision"] in ("bf16", "fp16")
+    assert report["end_to_end"]["whole_run_images_per_s"] > 0
