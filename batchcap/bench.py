@@ -342,14 +342,13 @@ def measure_end_to_end(paths: list[Path], model_path: Path, beam: BeamConfig, ru
 
     def run(n: int) -> None:
         counter[0] += 1
-        out = workdir / f"out-{counter[0]}.parquet"
+        out = workdir / f"run-{counter[0]}" / "captions.parquet"  # with its lock and work folder
         cfg = RunConfig(sources=(), out=str(out), files_from=str(lists[n]), log_every=1e9, overwrite=True)
         result = run_job(cfg, model_path, beam, runtime, policy, encoder_weights=encoder_weights,
                          stream=io.StringIO())
         if result.exit_code != 0:
             raise RuntimeError(f"batchcap run failed during the benchmark: {result.summary}")
-        shutil.rmtree(out.with_name(out.name + ".parts"), ignore_errors=True)
-        out.unlink(missing_ok=True)
+        shutil.rmtree(out.parent, ignore_errors=True)
 
     device = torch.device(runtime.device)
     _note(f"end to end: {n_all} pictures, {repeats} runs (+1 warm-up)", quiet)
