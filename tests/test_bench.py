@@ -65,7 +65,7 @@ def test_bench_table_on_a_folder(tiny_model_path: Path, tmp_path: Path) -> None:
 
 def test_bench_refuses_a_missing_folder(tiny_model_path: Path, tmp_path: Path) -> None:
     result = CliRunner().invoke(cli, ["bench", str(tmp_path / "nope"), "--model", str(tiny_model_path)])
-    assert result.exit_code == 1
+    assert result.exit_code == 2  # a user error, not a crash
     assert "needs a folder of pictures" in result.output
 
 
