@@ -409,7 +409,13 @@ def run_bench(*, images: str | None, as_json: bool, count: int, size: str, repea
     from batchcap.decode import decode_file
     from batchcap.modelfile import load_model
 
+    import click
+
     quiet = False  # notes go to stderr in both modes; JSON alone goes to stdout
+    try:
+        generated_size = parse_size(size)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--size") from None
     model_path = resolve_model_path(model)
     loaded = load_model(model_path)
     runtime = build_runtime(device, precision, batch_size, workers)
@@ -426,7 +432,7 @@ def run_bench(*, images: str | None, as_json: bool, count: int, size: str, repea
             source = {"folder": str(images), "images": len(paths)}
         else:
             _note(f"writing {count} {size} JPEGs", quiet)
-            paths = write_bench_images(work / "images", count, parse_size(size))
+            paths = write_bench_images(work / "images", count, generated_size)
             source = {"generated": size, "images": len(paths)}
         results["settings"] = {"model": str(model_path), "model_identity": loaded.identity, "source": source,
                                "runtime": to_dict(runtime), "beam": to_dict(beam_cfg), "repeats": repeats,

@@ -69,6 +69,11 @@ def test_bench_refuses_a_missing_folder(tiny_model_path: Path, tmp_path: Path) -
     assert "needs a folder of pictures" in result.output
 
 
+def test_bench_refuses_a_bad_size(tiny_model_path: Path) -> None:
+    result = CliRunner().invoke(cli, ["bench", "--model", str(tiny_model_path), "--size", "huge"])
+    assert result.exit_code == 2 and "--size" in result.output and "WxH" in result.output
+
+
 def test_generated_pictures(tmp_path: Path) -> None:
     paths = write_bench_images(tmp_path, 5, (120, 90), distinct=2)
     assert len(paths) == 5 and paths[0].read_bytes() == paths[2].read_bytes() != paths[1].read_bytes()
