@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import io
+import itertools
 import json
 import math
 import os
@@ -351,9 +352,9 @@ def measure_end_to_end(paths: list[Path], model_path: Path, beam: BeamConfig, ru
         shutil.rmtree(out.parent, ignore_errors=True)
 
     device = torch.device(runtime.device)
-    _note(f"end to end: {n_all} pictures, {repeats} runs (+1 warm-up)", quiet)
+    _note(f"end to end: {n_all} pictures, {repeats} runs (+1 warm-up)")
     t_all, _ = timed(lambda: run(n_all), repeats, device)
-    _note(f"end to end: first {n_part} pictures, {repeats} runs (+1 warm-up), for the steady state", quiet)
+    _note(f"end to end: first {n_part} pictures, {repeats} runs (+1 warm-up), for the steady state")
     t_part, _ = timed(lambda: run(n_part), repeats, device)
     steady = (n_all - n_part) / (t_all - t_part) if t_all > t_part and n_all > n_part else None
     return {"images": n_all, "whole_run_seconds": t_all, "whole_run_images_per_s": n_all / t_all,
@@ -408,13 +409,13 @@ def run_bench(*, images: str | None, as_json: bool, count: int, size: str, repea
     from batchcap.cli import build_beam, build_runtime
     from batchcap.decode import decode_file
     from batchcap.modelfile import load_model
+    from batchcap.sources import SourceError
 
-    import click
-
-    quiet = False  # notes go to stderr in both modes; JSON alone goes to stdout
     try:
         generated_size = parse_size(size)
     except ValueError as exc:
+        import click
+
         raise click.BadParameter(str(exc), param_hint="--size") from None
     model_path = resolve_model_path(model)
     loaded = load_model(model_path)
@@ -431,7 +432,7 @@ def run_bench(*, images: str | None, as_json: bool, count: int, size: str, repea
             paths = list_images(images, limit=count)
             source = {"folder": str(images), "images": len(paths)}
         else:
-            _note(f"writing {count} {size} JPEGs", quiet)
+            _note(f"writing {count} {size} JPEGs")
             paths = write_bench_images(work / "images", count, generated_size)
             source = {"generated": size, "images": len(paths)}
         results["settings"] = {"model": str(model_path), "model_identity": loaded.identity, "source": source,
@@ -443,7 +444,7 @@ def run_bench(*, images: str | None, as_json: bool, count: int, size: str, repea
         backbone = captioner.encoder.backbone
         rows = []
         for variant in encoder_variants(dev, runtime.precision):
-            _note(f"encoder {variant.label}, batch {runtime.batch_size}", quiet)
+            _note(f"encoder {variant.label}, batch {runtime.batch_size}")
             rows.append(measure_encoder(backbone, loaded, dev, variant, runtime.batch_size, repeats))
         results["encoder"] = rows
         run_variant = Variant(runtime.precision, runtime.channels_last)
@@ -454,7 +455,7 @@ def run_bench(*, images: str | None, as_json: bool, count: int, size: str, repea
             for bs in batch_size_sweep(runtime.batch_size, dev):
                 if bs == runtime.batch_size and same:
                     continue
-                _note(f"encoder {run_variant.label}, batch {bs}", quiet)
+                _note(f"encoder {run_variant.label}, batch {bs}")
                 try:
                     sweep_rows.append(measure_encoder(backbone, loaded, dev, run_variant, bs, repeats))
                 except torch.cuda.OutOfMemoryError:
@@ -462,26 +463,28 @@ def run_bench(*, images: str | None, as_json: bool, count: int, size: str, repea
         results["batch_sizes"] = sorted(sweep_rows, key=lambda r: r["batch_size"])
 
         # input stage
-        _note(f"decode: {len(paths)} pictures in one process", quiet)
+        _note(f"decode: {len(paths)} pictures in one process")
         results["decode"] = measure_decode(paths, loaded.preprocess, policy, repeats)
         list_file = work / "all.txt"
         list_file.write_text("".join(f"{p}\n" for p in paths), encoding="utf-8")
-        _note(f"loader: {runtime.workers} workers", quiet)
+        _note(f"loader: {runtime.workers} workers")
         results["loader"] = measure_loader(list_file, len(paths), loaded.preprocess, policy,
                                            runtime.batch_size, runtime.workers, repeats)
 
         # beam search on real features
-        first = [decode_file(str(p), loaded.preprocess, policy) for p in paths[:runtime.batch_size]]
-        batch = torch.stack([d.tensor for d in first if d.tensor is not None])
-        _note(f"beam search: {len(batch)} captions, beam {beam_cfg.beam_size}", quiet)
-        results["beam"] = measure_beam(captioner, batch, repeats)
+        decoded = (decode_file(str(p), loaded.preprocess, policy) for p in paths)
+        tensors = list(itertools.islice((d.tensor for d in decoded if d.tensor is not None), runtime.batch_size))
+        if not tensors:
+            raise SourceError(f"{images}: none of the first {len(paths)} pictures could be decoded")
+        _note(f"beam search: {len(tensors)} captions, beam {beam_cfg.beam_size}")
+        results["beam"] = measure_beam(captioner, torch.stack(tensors), repeats)
         del captioner, backbone
 
         # the whole job, then the tutorial-style path on a few of the same pictures
         results["end_to_end"] = measure_end_to_end(paths, model_path, beam_cfg, runtime, policy,
-                                                   encoder_weights, repeats, work, quiet)
+                                                   encoder_weights, repeats, work)
         n_ref = max(1, min(reference_images, len(paths)))
-        _note(f"tutorial-style reference: {n_ref} pictures", quiet)
+        _note(f"tutorial-style reference: {n_ref} pictures")
         results["reference"] = measure_reference(loaded, paths[:n_ref], encoder_weights, dev,
                                                  beam_cfg.max_len, beam_cfg.min_len)
 
