@@ -472,8 +472,8 @@ def run_bench(*, images: str | None, as_json: bool, count: int, size: str, repea
                                            runtime.batch_size, runtime.workers, repeats)
 
         # beam search on real features
-        decoded = (decode_file(str(p), loaded.preprocess, policy) for p in paths)
-        tensors = list(itertools.islice((d.tensor for d in decoded if d.tensor is not None), runtime.batch_size))
+        decoded = (decode_file(str(p), loaded.preprocess, policy).tensor for p in paths)
+        tensors = list(itertools.islice((t for t in decoded if t is not None), runtime.batch_size))
         if not tensors:
             raise SourceError(f"{images}: none of the first {len(paths)} pictures could be decoded")
         _note(f"beam search: {len(tensors)} captions, beam {beam_cfg.beam_size}")
