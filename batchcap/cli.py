@@ -2,8 +2,8 @@
 
 Every command builds frozen config objects from its options and hands them to one
 library function. Option bundles shared between commands are decorators. User errors
-become ``click.ClickException`` messages (exit 1) or ``click.UsageError`` (exit 2);
-bugs stay tracebacks.
+(bad options, a missing source, a file that is not a model) become one-line messages
+with exit code 2; bugs stay tracebacks (exit 1), so the two are never confused.
 """
 from __future__ import annotations
 
@@ -46,7 +46,9 @@ def user_errors(func: F) -> F:
         try:
             return func(*args, **kwargs)
         except _user_errors() as exc:
-            raise click.ClickException(str(exc)) from exc
+            error = click.ClickException(str(exc))
+            error.exit_code = 2  # the command cannot run as given; exit 1 stays "crash"
+            raise error from exc
 
     return wrapper
 

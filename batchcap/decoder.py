@@ -79,7 +79,7 @@ class CaptionDecoder(nn.Module):
     def _context(self, h_top: torch.Tensor, memory: torch.Tensor, keys: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
         m, regions, d = memory.shape
-        per_image = h_top.shape[0] // m  # C hypotheses share each image's memory
+        per_image = h_top.shape[0] // max(1, m)  # C hypotheses share each image's memory
         if not self.cfg.attention:
             return memory.mean(dim=1).repeat_interleave(per_image, dim=0), None  # (N, D)
         query = (self.att_query(h_top) * self._scale).view(m, per_image, d)  # (M, C, D)

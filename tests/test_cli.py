@@ -41,7 +41,7 @@ def test_a_bad_model_file_is_a_message_not_a_traceback(tmp_path: Path, image_fol
     bogus.write_text("this is not a model")
     result = CliRunner().invoke(cli, ["run", str(image_folder), "--out", str(tmp_path / "o.parquet"),
                                       "--model", str(bogus)])
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert "not a batchcap model file" in result.output and "Traceback" not in result.output
 
 
@@ -57,7 +57,7 @@ def test_usage_errors_exit_2(tmp_path: Path, image_folder: Path, tiny_model_path
     result = runner.invoke(cli, base + ["--max-failures", "lots"])
     assert result.exit_code == 2
     result = runner.invoke(cli, ["run", str(tmp_path / "nowhere"), "--out", out, "--model", str(tiny_model_path)])
-    assert result.exit_code == 1 and "nowhere" in result.output
+    assert result.exit_code == 2 and "nowhere" in result.output and "Traceback" not in result.output
 
 
 def test_info_prints_the_model(tiny_model_path: Path) -> None:
