@@ -513,7 +513,7 @@ def report(output: str, html_path: str | None, limit: int, sample: int | None, s
 @click.argument("images", required=False)
 @click.option("--json", "as_json", is_flag=True, help="Print results as JSON.")
 @click.option("--count", type=click.IntRange(8), default=128, show_default=True,
-              help="Images to generate when IMAGES is not given.")
+              help="Pictures to use: generated ones when IMAGES is not given, else the first COUNT of IMAGES.")
 @click.option("--size", default="224x224", show_default=True, help="WxH of generated JPEGs.")
 @click.option("--repeats", type=click.IntRange(1), default=3, show_default=True,
               help="Timed repetitions per measurement (the median is reported).")

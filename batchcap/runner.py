@@ -74,12 +74,8 @@ class _LazyCaptioner:
 
     def __call__(self, batch: Batch) -> list[Any]:
         if self._captioner is None:
-            import torch
-
             from batchcap.captioner import Captioner
 
-            if self.runtime.device == "cpu":
-                torch.set_num_threads(max(1, torch.get_num_threads()))
             self.model = load_model(self.model_path)
             self._captioner = Captioner(self.model, self.runtime, self.beam, self.encoder_weights)
         return self._captioner(batch.images)
