@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import struct
 from pathlib import Path
 
@@ -33,6 +34,9 @@ def test_save_is_atomic_and_leaves_no_temp_files(tmp_path: Path) -> None:
     make_tiny_model(tmp_path / "m.safetensors")
     make_tiny_model(tmp_path / "m.safetensors", seed=1)  # overwrite in place
     assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "m.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
 
 
 def test_refuses_a_file_that_is_not_a_model(tmp_path: Path) -> None:
