@@ -298,7 +298,8 @@ def run(sources: tuple[str, ...], files_from: str | None, shard: str | None, max
 @click.option("--resume", is_flag=True, help="Continue from the checkpoint beside --out.")
 @click.option("--augment", is_flag=True, help="Also train on horizontally flipped pictures (a second cached view).")
 @click.option("--finetune-encoder", is_flag=True,
-              help="Fine-tune the encoder too (no feature cache; needs a GPU to be practical).")
+              help="Fine-tune the encoder too, at --encoder-lr (no feature cache; the encoder is embedded in "
+                   "the model file). Practical on a GPU; very slow on a CPU.")
 @click.option("--encoder-lr", type=float, default=1e-5, show_default=True,
               help="Learning rate of the encoder with --finetune-encoder.")
 @click.option("--half", is_flag=True, help="Store the decoder weights as fp16 (half the file size).")
@@ -329,9 +330,6 @@ def train(data: str, out: str, fmt: str, images: str | None, encoder_name: str, 
     from batchcap.datasets import load_caption_dataset
     from batchcap.train import describe_encoder, train as train_decoder
 
-    if finetune_encoder:
-        raise click.UsageError("--finetune-encoder is not available in this version: train on cached features "
-                               "(the default), or fine-tune outside batchcap")
     runtime = build_runtime(device, precision, batch_size, workers)
     preprocess = _encoder_preprocess(encoder_name, resize, input_size)
     cfg = TrainConfig(data=data, out=out, format=fmt, epochs=epochs, batch_size=batch_size, lr=lr,

@@ -44,14 +44,15 @@ class FeatureKey:
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
 
 
-class _ImageFiles(torch.utils.data.Dataset):
+class ImageFiles(torch.utils.data.Dataset):
     """Decode + preprocess image files in DataLoader workers; a failure yields an error string."""
 
     def __init__(self, items: Sequence[tuple[str, "str | CaptionRecord"]], preprocess: Preprocess,
-                 hflip: bool) -> None:
+                 hflip: bool, random_flip: bool = False) -> None:
         self.items = list(items)
         self.preprocess = preprocess
         self.hflip = hflip
+        self.random_flip = random_flip  # training augmentation: mirror half of the pictures
 
     def __len__(self) -> int:
         return len(self.items)
@@ -67,14 +68,14 @@ class _ImageFiles(torch.utils.data.Dataset):
                 opened = Image.open(io.BytesIO(read_image_bytes(where)))
             with opened as img:
                 img = ImageOps.exif_transpose(img.convert("RGB"))
-                if self.hflip:
+                if self.hflip or (self.random_flip and torch.rand(()) < 0.5):
                     img = ImageOps.mirror(img)
                 return image_id, to_input_tensor(img, self.preprocess), None
         except (OSError, ValueError, Image.DecompressionBombError) as exc:
             return image_id, None, f"{exc.__class__.__name__}: {exc}"
 
 
-def _collate(batch: list[tuple[str, torch.Tensor | None, str | None]]
+def collate_images(batch: list[tuple[str, torch.Tensor | None, str | None]]
              ) -> tuple[list[str], torch.Tensor | None, list[tuple[str, str]]]:
     ok = [(i, t) for i, t, e in batch if t is not None]
     failed = [(i, e or "") for i, t, e in batch if t is None]
@@ -117,9 +118,9 @@ class FeatureCache:
         failures: dict[str, str] = {}
         if not todo:
             return failures
-        dataset = _ImageFiles(todo, self.key.preprocess, hflip=self.key.view == "hflip")
+        dataset = ImageFiles(todo, self.key.preprocess, hflip=self.key.view == "hflip")
         loader = torch.utils.data.DataLoader(dataset, batch_size=runtime.batch_size, num_workers=runtime.workers,
-                                             collate_fn=_collate)
+                                             collate_fn=collate_images)
         next_chunk = len(self.chunks())
         pending_ids: list[str] = []
         pending: list[torch.Tensor] = []

@@ -23,7 +23,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -35,8 +35,8 @@ from batchcap.beam import beam_search
 from batchcap.config import BeamConfig, DecoderConfig, EncoderConfig, Preprocess, RuntimeConfig, TrainConfig, to_dict
 from batchcap.datasets import CaptionDataset, CaptionRecord
 from batchcap.decoder import CaptionDecoder
-from batchcap.encoder import Encoder, WeightsSource, build_backbone
-from batchcap.features import FeatureCache, FeatureKey
+from batchcap.encoder import Encoder, WeightsSource, autocast, build_backbone
+from batchcap.features import FeatureCache, FeatureKey, collate_images, ImageFiles
 from batchcap.metrics import score_captions
 from batchcap.modelfile import CaptionModel, EncoderSpec, atomic_save_safetensors, file_sha256, save_model
 from batchcap.text import Vocabulary, normalize_caption
@@ -49,7 +49,8 @@ class Split:
     """One split in memory: features per image, and every caption as padded token ids."""
 
     image_ids: list[str]
-    features: torch.Tensor  # fp16 (M, R, F)
+    features: torch.Tensor  # fp16 (M, R, F); empty when fine-tuning the encoder
+    records: list[CaptionRecord]
     captions: torch.Tensor  # long (C, T) = <start> w.. <end> <pad>..
     caption_image: torch.Tensor  # long (C,) index into image_ids
     references: dict[str, list[str]]  # raw reference captions, for scoring
@@ -72,17 +73,27 @@ def encode_captions(records: list[CaptionRecord], keep: dict[str, int], vocab: V
     return torch.tensor(rows, dtype=torch.long), torch.tensor(owners, dtype=torch.long)
 
 
-def build_split(records: list[CaptionRecord], cache: FeatureCache, vocab: Vocabulary, max_len: int,
+def build_split(records: list[CaptionRecord], cache: FeatureCache | None, vocab: Vocabulary, max_len: int,
                 limit: int | None = None) -> Split:
-    """Load cached features for ``records`` (those that have them) and tokenise their captions."""
-    cached = cache.cached_ids()
-    usable = [r for r in records if r.image_id in cached]
+    """Load cached features for ``records`` (those that have them) and tokenise their captions.
+
+    Without a cache (encoder fine-tuning) every record is kept and ``features`` is empty:
+    they are computed from the pictures at each step.
+    """
+    if cache is None:
+        usable = list(records)
+    else:
+        cached = cache.cached_ids()
+        usable = [r for r in records if r.image_id in cached]
     if limit is not None:
         usable = usable[:limit]
-    ids, features = cache.load([r.image_id for r in usable])
+    if cache is None:
+        ids, features = [r.image_id for r in usable], torch.empty(0)
+    else:
+        ids, features = cache.load([r.image_id for r in usable])
     keep = {image_id: n for n, image_id in enumerate(ids)}
     captions, owners = encode_captions(usable, keep, vocab, max_len)
-    return Split(ids, features, captions, owners, {r.image_id: list(r.captions) for r in usable})
+    return Split(ids, features, usable, captions, owners, {r.image_id: list(r.captions) for r in usable})
 
 
 def lr_factor(step: int, warmup: int, total: int) -> float:
@@ -108,9 +119,10 @@ def caption_features(decoder: CaptionDecoder, features: torch.Tensor, vocab: Voc
     return out
 
 
-def validate(decoder: CaptionDecoder, split: Split, vocab: Vocabulary, beam: BeamConfig) -> dict[str, Any]:
+def validate(decoder: CaptionDecoder, split: Split, features: torch.Tensor, vocab: Vocabulary,
+             beam: BeamConfig) -> dict[str, Any]:
     """BLEU and CIDEr-D of beam-search captions on ``split`` (batchcap tokenisation: fast, no Java)."""
-    captions = caption_features(decoder, split.features, vocab, beam)
+    captions = caption_features(decoder, features, vocab, beam)
     predictions = dict(zip(split.image_ids, captions))
     scores = score_captions(predictions, split.references, full=False)
     scores["examples"] = [[i, predictions[i]] for i in split.image_ids[:3]]
@@ -118,9 +130,9 @@ def validate(decoder: CaptionDecoder, split: Split, vocab: Vocabulary, beam: Bea
 
 
 # -- checkpoints (safetensors + JSON; never pickle) ----------------------------------------
-def save_checkpoint(path: Path, decoder: CaptionDecoder, optimizer: torch.optim.Optimizer,
+def save_checkpoint(path: Path, decoder: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     state: dict[str, Any]) -> None:
-    """Decoder weights, AdamW moments and the loop state, written atomically."""
+    """Trained weights (decoder, and encoder when fine-tuned), AdamW moments and the loop state, atomically."""
     tensors = {f"model.{k}": v for k, v in decoder.state_dict().items()}
     names = {id(p): n for n, p in decoder.named_parameters()}
     steps = {}
@@ -137,7 +149,7 @@ def save_checkpoint(path: Path, decoder: CaptionDecoder, optimizer: torch.optim.
     atomic_save_safetensors(tensors, path, meta)
 
 
-def load_checkpoint(path: Path, decoder: CaptionDecoder, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+def load_checkpoint(path: Path, decoder: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """Restore what :func:`save_checkpoint` wrote; returns the loop state."""
     tensors = load_file(str(path))
     with safe_open(str(path), "pt") as fh:
@@ -204,6 +216,78 @@ def extract_features(dataset: CaptionDataset, splits: list[str], choice: Encoder
     return caches, failures
 
 
+class CachedFeatures:
+    """Step features from the feature cache: one fp16 tensor per view (plain, and hflip with --augment)."""
+
+    trainable: torch.nn.Module | None = None
+
+    def __init__(self, views: list[torch.Tensor], device: str) -> None:
+        self.views = views
+        self.device = device
+
+    def epoch(self, batches: list[list[int]], generator: torch.Generator
+              ) -> Iterator[tuple[list[int], torch.Tensor]]:
+        """``(images, features (M, R, F))`` per step; each step draws one view at random."""
+        for images in batches:
+            view = self.views[int(torch.randint(len(self.views), (1,), generator=generator))]
+            yield images, view[images].float().to(self.device)
+
+    def val_features(self, split: Split) -> torch.Tensor:
+        return split.features
+
+
+class FinetunedEncoder:
+    """Step features computed by the encoder being trained, from pictures decoded in workers.
+
+    The encoder's batch-norm statistics stay frozen (eval mode: batches of a few dozen
+    pictures would only add noise to ImageNet's); its weights train at ``encoder_lr``.
+    Pictures that cannot be read are left out of the step, with their captions.
+    """
+
+    def __init__(self, backbone: torch.nn.Module, preprocess: Preprocess, records: list[CaptionRecord],
+                 runtime: RuntimeConfig, augment: bool) -> None:
+        self.trainable = backbone.to(runtime.device).eval()
+        self.preprocess, self.records, self.runtime, self.augment = preprocess, records, runtime, augment
+        self.mean = torch.tensor(preprocess.mean, device=runtime.device).view(1, 3, 1, 1) * 255.0
+        self.std = torch.tensor(preprocess.std, device=runtime.device).view(1, 3, 1, 1) * 255.0
+        self.index = {r.image_id: n for n, r in enumerate(records)}
+
+    def _forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = (images.to(self.runtime.device).float() - self.mean) / self.std  # (B, 3, H, W)
+        fmap = self.trainable.forward_features(x)  # (B, F, h, w)
+        return fmap.float().flatten(2).transpose(1, 2)  # (B, h*w, F)
+
+    def _loader(self, records: list[CaptionRecord], batches: list[list[int]], flip: bool) -> Any:
+        dataset = ImageFiles([(r.image_id, r) for r in records], self.preprocess, hflip=False,
+                              random_flip=flip)
+        return torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=self.runtime.workers,
+                                           collate_fn=collate_images)
+
+    def epoch(self, batches: list[list[int]], generator: torch.Generator
+              ) -> Iterator[tuple[list[int], torch.Tensor]]:
+        for ids, images, _failed in self._loader(self.records, batches, self.augment):
+            if images is not None:
+                yield [self.index[i] for i in ids], self._forward(images)
+
+    def val_features(self, split: Split) -> torch.Tensor:
+        """Features of the validation pictures under the encoder as trained so far."""
+        index = {i: n for n, i in enumerate(split.image_ids)}
+        batches = [list(range(s, min(s + self.runtime.batch_size, len(split.records))))
+                   for s in range(0, len(split.records), self.runtime.batch_size)]
+        out = torch.zeros(0)
+        rows: list[torch.Tensor] = []
+        order: list[int] = []
+        with torch.inference_mode(), autocast(self.runtime):
+            for ids, images, _failed in self._loader(split.records, batches, flip=False):
+                if images is not None:
+                    rows.append(self._forward(images).float().cpu())
+                    order.extend(index[i] for i in ids)
+        if rows:
+            out = torch.zeros(len(split.image_ids), *rows[0].shape[1:])
+            out[torch.tensor(order)] = torch.cat(rows)
+        return out
+
+
 def _every(log: Log, started: float, seconds: float = 30.0) -> Callable[[int, int], None]:
     last = [started]
 
@@ -221,8 +305,6 @@ def train(cfg: TrainConfig, dataset: CaptionDataset, choice: EncoderChoice, deco
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     out = Path(cfg.out)
-    if cfg.finetune_encoder:
-        raise NotImplementedError("--finetune-encoder is handled by train_finetune")
     train_records = dataset.splits.get("train", [])
     val_records = dataset.splits.get("val", [])
     if not train_records:
@@ -230,29 +312,45 @@ def train(cfg: TrainConfig, dataset: CaptionDataset, choice: EncoderChoice, deco
     vocab = Vocabulary.build((normalize_caption(c) for r in train_records for c in r.captions),
                              min_count=cfg.min_word_count)
     log(f"vocabulary: {len(vocab)} words (min count {cfg.min_word_count})")
-    views = ("plain", "hflip") if cfg.augment else ("plain",)
-    cache_dir = cfg.cache_dir or str(out.parent / ".batchcap-features")
-    caches, failures = extract_features(dataset, ["train", "val"], choice, runtime, cache_dir, views, log)
-    train_split = build_split(train_records, caches["plain"], vocab, cfg.max_caption_len)
-    train_views = [train_split.features] + [build_split(train_records, caches[v], vocab, cfg.max_caption_len)
-                                            .features for v in views[1:]]
-    val_split = build_split(val_records, caches["plain"], vocab, cfg.max_caption_len, limit=cfg.val_images)
+    failures: dict[str, str] = {}
+    if cfg.finetune_encoder:
+        train_split = build_split(train_records, None, vocab, cfg.max_caption_len)
+        val_split = build_split(val_records, None, vocab, cfg.max_caption_len, limit=cfg.val_images)
+        backbone = build_backbone(choice.config, choice.source)
+        source: CachedFeatures | FinetunedEncoder = FinetunedEncoder(
+            backbone, choice.preprocess, train_split.records, runtime, cfg.augment)
+        feature_dim = int(backbone.num_features)
+    else:
+        views = ("plain", "hflip") if cfg.augment else ("plain",)
+        cache_dir = cfg.cache_dir or str(out.parent / ".batchcap-features")
+        caches, failures = extract_features(dataset, ["train", "val"], choice, runtime, cache_dir, views, log)
+        train_split = build_split(train_records, caches["plain"], vocab, cfg.max_caption_len)
+        source = CachedFeatures([train_split.features] + [
+            build_split(train_records, caches[v], vocab, cfg.max_caption_len).features for v in views[1:]],
+            runtime.device)
+        val_split = build_split(val_records, caches["plain"], vocab, cfg.max_caption_len, limit=cfg.val_images)
+        feature_dim = int(train_split.features.shape[-1])
     if not val_split.image_ids:
         raise ValueError("the dataset has no usable validation images: model selection needs a val split")
     log(f"train: {len(train_split.image_ids)} images, {train_split.captions.shape[0]} captions; "
         f"val: {len(val_split.image_ids)} images")
 
-    feature_dim = int(train_split.features.shape[-1])
     dcfg = DecoderConfig(vocab_size=len(vocab), feature_dim=feature_dim, **decoder_cfg)
     decoder = CaptionDecoder(dcfg).to(runtime.device)
-    optimizer = torch.optim.AdamW(decoder.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    groups = [{"params": list(decoder.parameters()), "lr": cfg.lr, "base_lr": cfg.lr}]
+    trained = torch.nn.ModuleDict({"decoder": decoder})
+    if source.trainable is not None:
+        groups.append({"params": list(source.trainable.parameters()), "lr": cfg.encoder_lr,
+                       "base_lr": cfg.encoder_lr})
+        trained["encoder"] = source.trainable
+    optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(train_split.image_ids) / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
     checkpoint = out.with_name(out.name + ".ckpt")
     log_path = out.with_name(out.name + ".log.jsonl")
     loop = {"epoch": 0, "step": 0, "best": None, "best_epoch": None, "bad_epochs": 0, "history": []}
     if cfg.resume and checkpoint.exists():
-        loop = load_checkpoint(checkpoint, decoder, optimizer)
+        loop = load_checkpoint(checkpoint, trained, optimizer)
         log(f"resumed from {checkpoint} after epoch {loop['epoch']}")
     val_beam = BeamConfig(beam_size=cfg.val_beam_size, max_len=cfg.max_caption_len)
     per_image: list[list[int]] = [[] for _ in train_split.image_ids]
@@ -268,16 +366,16 @@ def train(cfg: TrainConfig, dataset: CaptionDataset, choice: EncoderChoice, deco
         generator = torch.Generator().manual_seed(cfg.seed + epoch)
         order = torch.randperm(len(train_split.image_ids), generator=generator).tolist()
         started, total_loss, total_tokens = time.time(), 0.0, 0
-        for start in range(0, len(order), cfg.batch_size):
-            images = [i for i in order[start:start + cfg.batch_size] if per_image[i]]
+        batches = [[i for i in order[start:start + cfg.batch_size] if per_image[i]]
+                   for start in range(0, len(order), cfg.batch_size)]
+        done_images = 0
+        for images, feats in source.epoch([b for b in batches if b], generator):
             rows = [c for i in images for c in _pick(per_image[i], per_step, generator)]
-            view = train_views[int(torch.randint(len(train_views), (1,), generator=generator))]
-            feats = view[images].float().to(runtime.device)
             caps = train_split.captions[rows].to(runtime.device)
             length = int((caps != vocab.pad_id).sum(1).max())
             caps = caps[:, :length]
             for group in optimizer.param_groups:
-                group["lr"] = cfg.lr * lr_factor(loop["step"], cfg.warmup_steps, total_steps)
+                group["lr"] = group["base_lr"] * lr_factor(loop["step"], cfg.warmup_steps, total_steps)
             with torch.autocast(torch.device(runtime.device).type, dtype=torch.bfloat16, enabled=amp):
                 logits, alphas = decoder(feats, caps, per_step)  # (N, T-1, V), (N, T-1, R)
             logits = logits.float()
@@ -290,17 +388,18 @@ def train(cfg: TrainConfig, dataset: CaptionDataset, choice: EncoderChoice, deco
                 loss = loss + alpha_c * ((1.0 - coverage) ** 2).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(decoder.parameters(), cfg.grad_clip)
+            torch.nn.utils.clip_grad_norm_(trained.parameters(), cfg.grad_clip)
             optimizer.step()
             loop["step"] += 1
             tokens = int((targets != vocab.pad_id).sum())
             total_loss += float(loss.detach()) * tokens
             total_tokens += tokens
+            done_images += len(images)
             if loop["step"] % 50 == 0:
                 log(f"epoch {epoch} step {loop['step']}/{total_steps} loss {total_loss / total_tokens:.3f} "
-                    f"({(start + len(images)) / (time.time() - started):.0f} img/s)")
+                    f"({done_images / (time.time() - started):.0f} img/s)")
         train_time = time.time() - started
-        scores = validate(decoder, val_split, vocab, val_beam)
+        scores = validate(decoder, val_split, source.val_features(val_split), vocab, val_beam)
         record = {"epoch": epoch, "step": loop["step"], "train_loss": total_loss / max(1, total_tokens),
                   "train_seconds": round(train_time, 1), "val": scores, "time": time.time()}
         loop["history"].append({k: v for k, v in record.items() if k != "time"})
@@ -311,13 +410,14 @@ def train(cfg: TrainConfig, dataset: CaptionDataset, choice: EncoderChoice, deco
         improved = loop["best"] is None or scores["CIDEr"] > loop["best"]
         if improved:
             loop["best"], loop["best_epoch"], loop["bad_epochs"] = scores["CIDEr"], epoch, 0
-            best_model = _model_file(cfg, choice, dcfg, vocab, decoder, dataset, failures, loop, scores)
+            best_model = _model_file(cfg, choice, dcfg, vocab, decoder, dataset, failures, loop, scores,
+                                     encoder=source.trainable)
             save_model(best_model, out, half=bool(cfg.extra.get("half", False)))
             log(f"saved {out} (best so far)")
         else:
             loop["bad_epochs"] += 1
         loop["epoch"] = epoch
-        save_checkpoint(checkpoint, decoder, optimizer, loop)
+        save_checkpoint(checkpoint, trained, optimizer, loop)
         if loop["bad_epochs"] >= cfg.patience:
             log(f"stopping: no CIDEr improvement for {cfg.patience} epochs")
             break
@@ -341,11 +441,18 @@ def _pick(captions: list[int], count: int, generator: torch.Generator) -> list[i
 
 def _model_file(cfg: TrainConfig, choice: EncoderChoice, dcfg: DecoderConfig, vocab: Vocabulary,
                 decoder: CaptionDecoder, dataset: CaptionDataset, failures: dict[str, str], loop: dict[str, Any],
-                scores: dict[str, Any]) -> CaptionModel:
+                scores: dict[str, Any], encoder: torch.nn.Module | None = None) -> CaptionModel:
+    """The model file's contents; a fine-tuned encoder is embedded (its weights are new)."""
     state = {k: v.detach().cpu().clone() for k, v in decoder.state_dict().items()}
+    spec = EncoderSpec(**{**to_dict(choice.spec), "feature_dim": dcfg.feature_dim})
+    encoder_state = None
+    if encoder is not None:
+        spec = EncoderSpec(name=spec.name, spatial=spec.spatial, feature_dim=spec.feature_dim)
+        encoder_state = {k: v.detach().cpu().clone() for k, v in encoder.state_dict().items()}
     return CaptionModel(
         name=Path(cfg.out).stem,
-        encoder=EncoderSpec(**{**to_dict(choice.spec), "feature_dim": dcfg.feature_dim}),
+        encoder=spec,
+        encoder_state=encoder_state,
         preprocess=choice.preprocess,
         decoder=dcfg,
         vocab=vocab,

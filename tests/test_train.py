@@ -93,3 +93,31 @@ def test_training_learns_from_pictures(tmp_path: Path) -> None:
     baseline = score_captions({k: constant for k in references}, references, full=False)
     learned = scores["scores"]["BLEU-4"]
     assert learned > baseline["BLEU-4"] + 0.15, (learned, baseline["BLEU-4"])
+
+
+def test_finetuning_the_encoder_embeds_it_and_captions_run(tmp_path: Path, image_folder: Path) -> None:
+    data = tmp_path / "shapes"
+    write_shapes_dataset(data, n_train=16, n_val=8)
+    torch.manual_seed(0)
+    weights = tmp_path / "encoder.safetensors"
+    original = timm.create_model("test_efficientnet", num_classes=0).state_dict()
+    save_file(original, weights)
+    out = tmp_path / "tuned.safetensors"
+    runner = CliRunner()
+    result = runner.invoke(cli, [
+        "train", str(data), "--out", str(out), "--encoder", "test_efficientnet", "--encoder-weights", str(weights),
+        "--input-size", "64", "--epochs", "2", "--batch-size", "8", "--embed-dim", "16", "--hidden-dim", "32",
+        "--attention-dim", "16", "--min-word-count", "1", "--max-caption-len", "8", "--finetune-encoder",
+        "--encoder-lr", "1e-2", "--augment", "--precision", "fp32", "--workers", "0", "--device", "cpu",
+    ])
+    assert result.exit_code == 0, result.output
+    model = load_model(out)
+    assert model.encoder_state is not None and model.encoder.weights_sha256 is None
+    changed = [k for k, v in model.encoder_state.items() if v.is_floating_point() and not torch.equal(v, original[k])]
+    assert changed, "the encoder's weights did not train"
+    assert not (tmp_path / ".batchcap-features").exists()  # no feature cache when fine-tuning
+    captions = runner.invoke(cli, ["run", str(image_folder), "--out", str(tmp_path / "c.jsonl"), "--model", str(out),
+                                   "--precision", "fp32", "--workers", "0"])
+    assert captions.exit_code == 0, captions.output
+    rows = [json.loads(line) for line in (tmp_path / "c.jsonl").read_text().splitlines()]
+    assert len(rows) == 20 and all(r["status"] == "ok" and r["caption"] for r in rows)
