@@ -81,9 +81,6 @@ class Captioner:
 
     def __init__(self, model: CaptionModel, runtime: RuntimeConfig, beam: BeamConfig,
                  encoder_weights: str | None = None) -> None:
-        if beam.max_len > model.max_caption_len * 2:
-            raise ValueError(f"--max-len {beam.max_len} is far beyond what this model was trained for "
-                             f"({model.max_caption_len} words)")
         self.model = model
         self.runtime = runtime
         self.beam = beam

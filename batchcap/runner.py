@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from batchcap import __version__
-from batchcap.config import BeamConfig, ImagePolicy, RunConfig, RuntimeConfig, to_dict
+from batchcap.config import BeamConfig, ImagePolicy, Preprocess, RunConfig, RuntimeConfig, from_dict, to_dict
 from batchcap.loader import Batch, ItemResult
 from batchcap.modelfile import CaptionModel, load_model, read_metadata
 
@@ -93,12 +93,7 @@ def run_job(cfg: RunConfig, model_path: Path, beam: BeamConfig, runtime: Runtime
     stream = stream if stream is not None else sys.stderr
     max_failures = parse_max_failures(cfg.max_failures)
     meta = read_metadata(model_path)
-    from batchcap.config import Preprocess, from_dict
-
     preprocess = from_dict(Preprocess, meta["preprocess"])
-    if beam.max_len > 2 * int(meta.get("max_caption_len", beam.max_len)):
-        raise ValueError(f"--max-len {beam.max_len} is far beyond the {meta.get('max_caption_len')} words "
-                         "this model was trained to write")
     identity = model_identity(meta)
     sources = open_sources(cfg.sources, cfg.files_from, policy)
     out = Path(cfg.out)
