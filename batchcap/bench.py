@@ -397,7 +397,7 @@ def suggest(sweep: list[dict[str, Any]], decode_rate: float, device: torch.devic
 
 # -- the command -------------------------------------------------------------------------------
 def run_bench(*, images: str | None, as_json: bool, count: int, size: str, repeats: int, model: str | None,
-              encoder_weights: str | None, device: str, precision: str, batch_size: int, workers: str,
+              encoder_weights: str | None, device: str, precision: str, batch_size: int | None, workers: str,
               beam: int, max_len: int | None, min_len: int, length_penalty: float, no_repeat_ngram: int,
               n_best: int, reference_images: int = 8, sweep: bool = True) -> dict[str, Any]:
     """Measure everything ``batchcap bench`` reports; print a table (or JSON) and return the results.

@@ -62,23 +62,27 @@ def test_training_learns_from_pictures(tmp_path: Path) -> None:
     data = tmp_path / "shapes"
     write_shapes_dataset(data)
     torch.manual_seed(0)
-    encoder = timm.create_model("test_efficientnet", num_classes=0)
+    # A random-weight encoder: its features still separate colours and sides, which is all
+    # the decoder needs to beat a caption that ignores the picture.
+    encoder = timm.create_model("resnet10t", num_classes=0)
     weights = tmp_path / "encoder.safetensors"
     save_file(encoder.state_dict(), weights)
     out = tmp_path / "shapes.safetensors"
     result = CliRunner().invoke(cli, [
-        "train", str(data), "--out", str(out), "--encoder", "test_efficientnet", "--encoder-weights", str(weights),
-        "--input-size", "64", "--epochs", "15", "--batch-size", "16", "--lr", "5e-3", "--warmup-steps", "10",
+        "train", str(data), "--out", str(out), "--encoder", "resnet10t", "--encoder-weights", str(weights),
+        "--input-size", "64", "--epochs", "20", "--batch-size", "16", "--lr", "5e-3", "--warmup-steps", "10",
         "--embed-dim", "32", "--hidden-dim", "64", "--attention-dim", "32", "--dropout", "0.1",
-        "--min-word-count", "1", "--max-caption-len", "8", "--patience", "15", "--precision", "fp32",
+        "--min-word-count", "1", "--max-caption-len", "8", "--patience", "20", "--precision", "fp32",
+        # SAT's penalty wants more regions than words; this encoder's map has only 2x2.
+        "--attention-penalty", "0",
         "--workers", "0", "--device", "cpu", "--cache-dir", str(tmp_path / "cache"),
     ])
     assert result.exit_code == 0, result.output
     model = load_model(out)
     assert model.training["data"]["splits"]["train"]["images"] == 240
-    assert model.preprocess.width == 64 and model.encoder.name == "test_efficientnet"
+    assert model.preprocess.width == 64 and model.encoder.name == "resnet10t"
     log = [json.loads(line) for line in (tmp_path / "shapes.safetensors.log.jsonl").read_text().splitlines()]
-    assert len(log) == 15 and log[-1]["train_loss"] < log[0]["train_loss"]
+    assert len(log) == 20 and log[-1]["train_loss"] < log[0]["train_loss"]
 
     evaluated = CliRunner().invoke(cli, ["eval", str(data), "--split", "val", "--model", str(out),
                                          "--encoder-weights", str(weights), "--beam", "3", "--precision", "fp32",
@@ -91,8 +95,9 @@ def test_training_learns_from_pictures(tmp_path: Path) -> None:
                   (data / "Flickr8k_text" / "Flickr8k.token.txt").read_text().splitlines() if "train" in line]
     constant = Counter(train_refs).most_common(1)[0][0]
     baseline = score_captions({k: constant for k in references}, references, full=False)
-    learned = scores["scores"]["BLEU-4"]
-    assert learned > baseline["BLEU-4"] + 0.15, (learned, baseline["BLEU-4"])
+    learned = scores["scores"]
+    assert learned["BLEU-4"] > baseline["BLEU-4"] + 0.2, (learned, baseline)
+    assert learned["CIDEr"] > baseline["CIDEr"] + 1.0, (learned, baseline)
 
 
 def test_finetuning_the_encoder_embeds_it_and_captions_run(tmp_path: Path, image_folder: Path) -> None:
