@@ -7,13 +7,14 @@ This is where the model file, the encoder weights and the runtime settings meet:
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from batchcap.beam import beam_search
+from batchcap.beam import BeamResult, beam_search
 from batchcap.config import BeamConfig, EncoderConfig, RuntimeConfig
 from batchcap.encoder import (ASSETS_DIR, ENV_WEIGHTS, Encoder, EncoderError, WeightsSource, build_backbone,
                               find_referenced_weights)
@@ -67,6 +68,18 @@ def resolve_encoder_weights(model: CaptionModel, explicit: str | None = None,
         f"or in the package; pass --encoder-weights FILE or set {ENV_WEIGHTS}")
 
 
+def per_token_scores(result: BeamResult, length_penalty: float) -> torch.Tensor:
+    """Mean log-probability per token (``<end>`` included) of each hypothesis.
+
+    The beam ranks by ``sum / length ** length_penalty``; the output's ``score`` column is
+    always the length-normalised ``sum / length``, so it compares across captions of
+    different lengths (and across runs with different ``--length-penalty``).
+    """
+    length = (result.lengths + result.ended.long()).clamp(min=1).float()  # (B, n)
+    raw = result.scores.float() * length.pow(length_penalty)  # (B, n) summed log-probs
+    return raw / length
+
+
 @dataclass(frozen=True)
 class Caption:
     """One image's result: the best caption, its score, and the n-best list."""
@@ -105,12 +118,12 @@ class Captioner:
         result = beam_search(self.decoder.step, state, self.beam, start_id=vocab.start_id, end_id=vocab.end_id,
                              pad_id=vocab.pad_id, banned_ids=self.banned)
         tokens = result.tokens.cpu().tolist()
-        scores = result.scores.float().cpu().tolist()
+        scores = per_token_scores(result, self.beam.length_penalty).cpu().tolist()
         captions = []
         for image_tokens, image_scores in zip(tokens, scores):
-            texts = [vocab.decode(t) for t in image_tokens]
-            captions.append(Caption(texts[0], float(image_scores[0]),
-                                    tuple(zip(texts, (float(s) for s in image_scores)))))
+            ranked = [(vocab.decode(t), float(sc)) for t, sc in zip(image_tokens, image_scores)
+                      if math.isfinite(sc)]  # a slot stays empty when fewer hypotheses existed
+            captions.append(Caption(ranked[0][0], ranked[0][1], tuple(ranked)))
         return captions
 
     def __call__(self, images: torch.Tensor) -> list[Caption]:

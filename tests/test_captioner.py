@@ -1,0 +1,66 @@
+"""The captioner's output: per-word scores, empty n-best slots, and the packaged default model."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from batchcap.beam import BeamResult
+from batchcap.captioner import DEFAULT_MODEL, Captioner, per_token_scores
+from batchcap.config import BeamConfig, RuntimeConfig
+from batchcap.modelfile import load_model
+
+
+def test_scores_are_mean_log_probability_per_token_whatever_the_penalty() -> None:
+    lengths = torch.tensor([[2, 5]])
+    ended = torch.tensor([[True, False]])
+    raw = torch.tensor([[-6.0, -10.0]])  # 3 tokens (2 words + <end>), 5 tokens (cut at max_len)
+    for alpha in (0.0, 0.7, 1.0):
+        ranked = raw / (lengths + ended.long()).float() ** alpha
+        result = BeamResult(tokens=torch.zeros(1, 2, 5, dtype=torch.long), lengths=lengths, scores=ranked,
+                            ended=ended)
+        assert torch.allclose(per_token_scores(result, alpha), torch.tensor([[-2.0, -2.0]]))
+
+
+def test_n_best_never_holds_empty_slots(tiny_model_path: Path, tmp_path: Path) -> None:
+    model = load_model(tiny_model_path)
+    captioner = Captioner(model, RuntimeConfig(precision="fp32", channels_last=False),
+                          BeamConfig(beam_size=5, n_best=5, max_len=3))
+    images = torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8)
+    for caption in captioner(images):
+        assert caption.n_best and all(score > float("-inf") for _, score in caption.n_best)
+        assert caption.text == caption.n_best[0][0] and caption.score == caption.n_best[0][1]
+
+
+@pytest.mark.slow
+def test_the_packaged_model_captions_photos_offline(tmp_path: Path) -> None:
+    if not DEFAULT_MODEL.is_file():
+        pytest.skip("no packaged default model in this checkout")
+    from click.testing import CliRunner
+
+    from batchcap.cli import cli
+    from conftest import shared_path
+
+    photos = shared_path("data", "flickr8k-sample", "Flicker8k_Dataset")
+    subset = tmp_path / "photos"
+    subset.mkdir()
+    for path in sorted(photos.glob("*.jpg"))[:6]:
+        (subset / path.name).write_bytes(path.read_bytes())
+    out = tmp_path / "captions.jsonl"
+    result = CliRunner().invoke(cli, ["run", str(subset), "--out", str(out), "--workers", "0"],
+                                env={"BATCHCAP_ENCODER_WEIGHTS": ""})
+    assert result.exit_code == 0, result.output
+    import json
+
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 6 and all(r["status"] == "ok" for r in rows)
+    vocabulary = set(load_model(DEFAULT_MODEL).vocab.words)
+    for row in rows:
+        words = row["caption"].split()
+        assert 3 <= len(words) <= 20 and set(words) <= vocabulary
+        assert -5.0 < row["score"] < 0.0
+    # Flickr8k's world is people and dogs; these photos show both.
+    text = " ".join(r["caption"] for r in rows)
+    assert any(w in text for w in ("dog", "man", "girl", "boy", "woman", "people"))
+
