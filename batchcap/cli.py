@@ -329,7 +329,7 @@ def train(data: str, out: str, fmt: str, images: str | None, encoder_name: str, 
         batchcap train ../shared/data/flickr8k --out flickr8k.safetensors \\
             --encoder-weights ../shared/weights/legacy_xception.keras_imagenet.safetensors
     """
-    from batchcap.config import EncoderConfig, Preprocess, TrainConfig
+    from batchcap.config import EncoderConfig, TrainConfig
     from batchcap.datasets import load_caption_dataset
     from batchcap.train import describe_encoder, train as train_decoder
 

@@ -55,7 +55,7 @@ def evaluate_split(dataset: CaptionDataset, split: str, model: CaptionModel, run
         for batch in iter_batches(sources, model.preprocess, policy, batch_size=runtime.batch_size,
                                   workers=runtime.workers):
             if batch.ok:
-                for item, caption in zip(batch.ok, captioner(batch.images)):
+                for item, caption in zip(batch.ok, captioner(batch.images), strict=True):
                     predictions[id_map.get(item.item.id, item.item.id)] = caption.text
             for item in batch.failed:
                 failures[id_map.get(item.item.id, item.item.id)] = f"{item.status}: {item.error}"

@@ -125,7 +125,7 @@ def run_job(cfg: RunConfig, model_path: Path, beam: BeamConfig, runtime: Runtime
                 if batch.ok:
                     captions = captioner(batch)
                     rows += [_ok_row(item, c.text, c.score, c.n_best, beam.n_best, identity, now)
-                             for item, c in zip(batch.ok, captions)]
+                             for item, c in zip(batch.ok, captions, strict=True)]
                 rows += [_failed_row(item, identity, now) for item in batch.failed]
                 store.add(rows)
                 progress.advance(ok=len(batch.ok), failed=Counter(i.status for i in batch.failed),
