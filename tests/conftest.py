@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -75,6 +76,15 @@ def write_images(folder: Path, count: int, size: tuple[int, int] = (48, 40), see
         Image.fromarray(array).save(path, format=fmt)
         paths.append(path)
     return paths
+
+
+@pytest.fixture
+def one_torch_thread() -> Iterator[None]:
+    """Run a test at one torch thread: on a busy 2-core machine two OpenMP threads can be 100x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

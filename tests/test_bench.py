@@ -18,13 +18,7 @@ TINY_ARGS = ["--count", "8", "--size", "64x48", "--repeats", "1", "--batch-size"
              "--device", "cpu", "--beam", "2"]
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """One thread: on a shared, busy machine two OpenMP threads can be 100x slower, and this is a test."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_bench_json(tiny_model_path: Path) -> None:

@@ -10,8 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from batchcap.modelfile import (FORMAT_VERSION, ModelFileError, check_encoder_weights, load_model,
-                                read_metadata, save_model)
+from batchcap.modelfile import FORMAT_VERSION, ModelFileError, check_encoder_weights, load_model, read_metadata
 from conftest import make_tiny_model
 
 

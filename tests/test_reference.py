@@ -33,13 +33,7 @@ def reference_greedy(model_path: Path, paths: list[Path], min_len: int = 1,
     return [ref.caption(p) for p in paths]
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """Both paths at one thread: on a shared, busy machine two OpenMP threads can be 100x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.mark.parametrize("seed,attention,min_len", [(0, True, 1), (1, False, 1), (2, True, 4)])
