@@ -10,7 +10,6 @@ where it stopped.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 from dataclasses import dataclass
@@ -18,13 +17,12 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import torch
-from PIL import Image, ImageOps
 from safetensors.torch import load_file
 
-from batchcap.config import Preprocess, RuntimeConfig, to_dict
+from batchcap.config import ImagePolicy, Preprocess, RuntimeConfig, to_dict
 from batchcap.datasets import CaptionRecord, read_image_bytes
+from batchcap.decode import decode_bytes, decode_file
 from batchcap.modelfile import atomic_save_safetensors
-from batchcap.preprocess import to_input_tensor
 
 
 @dataclass(frozen=True)
@@ -45,34 +43,41 @@ class FeatureKey:
 
 
 class ImageFiles(torch.utils.data.Dataset):
-    """Decode + preprocess image files in DataLoader workers; a failure yields an error string."""
+    """Pictures for training, decoded by the same stage as ``batchcap run`` (:mod:`batchcap.decode`).
 
-    def __init__(self, items: Sequence[tuple[str, "str | CaptionRecord"]], preprocess: Preprocess,
-                 hflip: bool, random_flip: bool = False) -> None:
+    Sharing the decode policy (EXIF, modes, alpha, draft, limits) and the preprocessing
+    is what keeps training features and captioning features from drifting apart. A
+    failure yields its status and message instead of a tensor.
+    """
+
+    def __init__(self, items: Sequence[tuple[str, str | CaptionRecord]], preprocess: Preprocess,
+                 hflip: bool, random_flip: bool = False, policy: ImagePolicy = ImagePolicy()) -> None:
         self.items = list(items)
         self.preprocess = preprocess
         self.hflip = hflip
         self.random_flip = random_flip  # training augmentation: mirror half of the pictures
+        self.policy = policy
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, index: int) -> tuple[str, torch.Tensor | None, str | None]:
         image_id, where = self.items[index]
-        try:
-            if isinstance(where, str):
-                opened = Image.open(where)
-            elif where.path is not None:
-                opened = Image.open(where.path)
-            else:
-                opened = Image.open(io.BytesIO(read_image_bytes(where)))
-            with opened as img:
-                img = ImageOps.exif_transpose(img.convert("RGB"))
-                if self.hflip or (self.random_flip and torch.rand(()) < 0.5):
-                    img = ImageOps.mirror(img)
-                return image_id, to_input_tensor(img, self.preprocess), None
-        except (OSError, ValueError, Image.DecompressionBombError) as exc:
-            return image_id, None, f"{exc.__class__.__name__}: {exc}"
+        if isinstance(where, str) or where.path is not None:
+            decoded = decode_file(where if isinstance(where, str) else where.path, self.preprocess, self.policy)
+        else:
+            try:
+                data = read_image_bytes(where)
+            except OSError as exc:
+                return image_id, None, f"unreadable: {exc}"
+            decoded = decode_bytes(data, self.preprocess, self.policy)
+        if decoded.tensor is None:
+            return image_id, None, f"{decoded.status}: {decoded.error}"
+        tensor = decoded.tensor
+        # Mirroring after the resize equals mirroring before it: squash and centre crop are symmetric.
+        if self.hflip or (self.random_flip and torch.rand(()) < 0.5):
+            tensor = tensor.flip(-1)
+        return image_id, tensor, None
 
 
 def collate_images(batch: list[tuple[str, torch.Tensor | None, str | None]]
