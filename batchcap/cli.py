@@ -272,6 +272,8 @@ def run(sources: tuple[str, ...], files_from: str | None, shard: str | None, max
               help="squash: resize to a square ignoring aspect (as the Keras tutorials); crop: timm's resize + "
                    "centre crop. Stored in the model file so captioning uses the same.")
 @click.option("--pooled", is_flag=True, help="Pooled features only (no attention over the spatial map).")
+@click.option("--deep-output", is_flag=True,
+              help="Predict words from embedding + LSTM state + attention context (SAT's deep output layer).")
 @click.option("--epochs", type=click.IntRange(1), default=20, show_default=True)
 @click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True,
               help="Images per step (each with all of its captions).")
@@ -312,7 +314,8 @@ def run(sources: tuple[str, ...], files_from: str | None, shard: str | None, max
 @click.option("--workers", default="auto", show_default=True, help="Image decoding processes.")
 @user_errors
 def train(data: str, out: str, fmt: str, images: str | None, encoder_name: str, encoder_weights: str | None,
-          input_size: int | None, resize: str, pooled: bool, epochs: int, batch_size: int, lr: float,
+          input_size: int | None, resize: str, pooled: bool, deep_output: bool, epochs: int, batch_size: int,
+          lr: float,
           weight_decay: float, grad_clip: float, warmup_steps: int, dropout: float, embed_dim: int,
           hidden_dim: int, attention_dim: int, layers: int, min_word_count: int, max_caption_len: int,
           label_smoothing: float, attention_penalty: float, val_beam: int, val_images: int, patience: int,
@@ -348,7 +351,7 @@ def train(data: str, out: str, fmt: str, images: str | None, encoder_name: str, 
     choice = describe_encoder(EncoderConfig(name=encoder_name, weights=encoder_weights, spatial=not pooled),
                               preprocess)
     decoder_cfg = {"embed_dim": embed_dim, "hidden_dim": hidden_dim, "num_layers": layers, "dropout": dropout,
-                   "attention": not pooled, "attention_dim": attention_dim}
+                   "attention": not pooled, "attention_dim": attention_dim, "deep_output": deep_output}
     model = train_decoder(cfg, dataset, choice, decoder_cfg, runtime, log=lambda m: click.echo(m, err=True))
     click.echo(json.dumps({"model": out, "metrics": model.metrics}, indent=2))
 

@@ -88,6 +88,7 @@ class DecoderConfig:
     dropout: float = 0.5
     attention: bool = True
     attention_dim: int = 512
+    deep_output: bool = False  # SAT's output layer: words from embedding + h + context, not h alone
 
 
 @dataclass(frozen=True)

@@ -50,7 +50,12 @@ class CaptionDecoder(nn.Module):
         cells += [nn.LSTMCell(cfg.hidden_dim, cfg.hidden_dim) for _ in range(cfg.num_layers - 1)]
         self.cells = nn.ModuleList(cells)
         self.dropout = nn.Dropout(cfg.dropout)
-        self.out = nn.Linear(cfg.hidden_dim, cfg.vocab_size)
+        if cfg.deep_output:  # logits = L_o tanh(E y_{t-1} + L_h h_t + L_z z_t), SAT eq. 7
+            self.out_h = nn.Linear(cfg.hidden_dim, cfg.embed_dim)
+            self.out_z = nn.Linear(d, cfg.embed_dim)
+            self.out = nn.Linear(cfg.embed_dim, cfg.vocab_size)
+        else:
+            self.out = nn.Linear(cfg.hidden_dim, cfg.vocab_size)
         self._scale = d ** -0.5
 
     # -- state ---------------------------------------------------------------------------
@@ -93,13 +98,16 @@ class CaptionDecoder(nn.Module):
                  ) -> tuple[torch.Tensor, State, torch.Tensor | None]:
         h, c, memory, keys = state
         context, alpha = self._context(h[:, -1], memory, keys)
-        x = torch.cat([self.embed(tokens), context], dim=1)  # (N, E + D)
+        embedded = self.embed(tokens)  # (N, E)
+        x = torch.cat([embedded, context], dim=1)  # (N, E + D)
         hs, cs = [], []
         for layer, cell in enumerate(self.cells):
             h_l, c_l = cell(x, (h[:, layer], c[:, layer]))  # (N, H) each
             hs.append(h_l)
             cs.append(c_l)
             x = self.dropout(h_l) if layer + 1 < len(self.cells) else h_l
+        if self.cfg.deep_output:
+            x = torch.tanh(embedded + self.out_h(x) + self.out_z(context))  # (N, E)
         logits = self.out(self.dropout(x))  # (N, V)
         return logits, (torch.stack(hs, 1), torch.stack(cs, 1), memory, keys), alpha
 

@@ -109,3 +109,19 @@ def test_package_never_unpickles() -> None:
         for line in text.splitlines():
             if "torch.load(" in line:
                 assert "weights_only=True" in line, f"{source}: {line.strip()}"
+
+
+def test_files_from_before_a_new_decoder_field_still_load(tmp_path: Path) -> None:
+    """New DecoderConfig fields default to the old behaviour, so older version-1 files keep working."""
+    path = tmp_path / "m.safetensors"
+    make_tiny_model(path)
+
+    def drop_field(meta: dict) -> None:
+        doc = json.loads(meta["batchcap.meta"])
+        del doc["decoder"]["deep_output"]
+        meta["batchcap.meta"] = json.dumps(doc)
+
+    _rewrite_metadata(path, drop_field)
+    model = load_model(path)
+    assert model.decoder.deep_output is False
+    model.build_decoder()  # the weights still fit
