@@ -12,6 +12,8 @@ import pytest
 
 from batchcap.merge import MergeError, MergeReport, merge_outputs, read_listing
 
+# Written out on purpose: the output schema is a promise to users (README "Output"), and
+# test_output_schema_is_stable fails if the sink's drifts from it.
 SCHEMA = pa.schema([
     ("id", pa.string()),
     ("source", pa.string()),
@@ -29,6 +31,12 @@ SCHEMA = pa.schema([
 ])
 CONFIG = {"model": "tiny@abc123", "beam_size": 3, "max_len": 12, "precision": "fp32",
           "version": "0.1.0"}
+
+
+def test_output_schema_is_stable() -> None:
+    from batchcap.sink import SCHEMA as SINK_SCHEMA
+
+    assert SINK_SCHEMA.remove_metadata().equals(SCHEMA), SINK_SCHEMA
 
 
 def rows(ids: list[str], model: str = "tiny@abc123", status: str = "ok") -> list[dict[str, Any]]:
