@@ -242,23 +242,37 @@ def read_flickr8k_tokens(path: str, notes: list[str]) -> dict[str, list[str]]:
     are skipped with a note; a line that is not ``IMAGE#N<TAB>caption`` raises :class:`DatasetError`.
     """
     name = os.path.basename(path)
-    captions: dict[str, list[str]] = {}
-    bogus: dict[str, int] = {}
-    empty = 0
     try:
         with open(path, encoding="utf-8-sig", newline=None) as f:  # universal newlines: CRLF -> \n
             lines = f.read().split("\n")
     except UnicodeDecodeError as error:
         raise DatasetError(f"{name}: not UTF-8 text ({error.reason} at byte {error.start}); "
                            "expected lines of IMAGE#N<TAB>caption") from None
-    for lineno, line in enumerate(lines, start=1):
-        line = line.rstrip("\r\n")
-        if not line.strip():
-            continue
-        match = _TOKEN_LINE.match(line)
-        if match is None:
-            raise DatasetError(f"{name} line {lineno}: expected IMAGE#N<TAB>caption, got {line[:80]!r}")
-        image_id, caption = match["image"].strip(), match["caption"].strip()
+
+    def pairs() -> Iterator[tuple[str, str]]:
+        for lineno, line in enumerate(lines, start=1):
+            line = line.rstrip("\r\n")
+            if not line.strip():
+                continue
+            match = _TOKEN_LINE.match(line)
+            if match is None:
+                raise DatasetError(f"{name} line {lineno}: expected IMAGE#N<TAB>caption, got {line[:80]!r}")
+            yield match["image"].strip(), match["caption"].strip()
+
+    return _group_captions(pairs(), name, notes, "lines of IMAGE#N<TAB>caption")
+
+
+def _group_captions(pairs: Iterable[tuple[str, str]], name: str, notes: list[str], expected: str
+                    ) -> dict[str, list[str]]:
+    """Captions per image id from ``(image id, caption)`` pairs, shared by the line-based readers.
+
+    Ids that are not image file names are skipped and counted, empty captions too; a file
+    with no caption at all is refused with what was ``expected``.
+    """
+    captions: dict[str, list[str]] = {}
+    bogus: dict[str, int] = {}
+    empty = 0
+    for image_id, caption in pairs:
         if not image_id.lower().endswith(IMAGE_EXTENSIONS):
             bogus[image_id] = bogus.get(image_id, 0) + 1
             continue
@@ -268,7 +282,7 @@ def read_flickr8k_tokens(path: str, notes: list[str]) -> dict[str, list[str]]:
         captions.setdefault(image_id, []).append(caption)
     _skipped_notes(name, bogus, empty, notes)
     if not captions:
-        raise DatasetError(f"{name} holds no captions: expected lines of IMAGE#N<TAB>caption")
+        raise DatasetError(f"{name} holds no captions: expected {expected}")
     return captions
 
 
@@ -319,9 +333,6 @@ def read_kaggle_captions(path: str, notes: list[str]) -> dict[str, list[str]]:
 
 def _read_kaggle_captions(path: str, notes: list[str]) -> dict[str, list[str]]:
     name = os.path.basename(path)
-    captions: dict[str, list[str]] = {}
-    bogus: dict[str, int] = {}
-    empty = 0
     with open(path, encoding="utf-8-sig", newline="") as f:
         reader = csv.reader(f, strict=True)
         header = next(reader, None)
@@ -330,24 +341,17 @@ def _read_kaggle_captions(path: str, notes: list[str]) -> dict[str, list[str]]:
         if [h.strip().lower() for h in header[:2]] != ["image", "caption"]:
             raise DatasetError(f"{name} line 1: expected the header image,caption, "
                                f"got {','.join(header)[:80]!r}")
-        for row in reader:
-            if not row or not any(cell.strip() for cell in row):
-                continue
-            if len(row) < 2 or not row[0].strip():
-                raise DatasetError(f"{name} line {reader.line_num}: expected image,caption, "
-                                   f"got {','.join(row)[:80]!r}")
-            image_id, caption = row[0].strip(), ",".join(row[1:]).strip()
-            if not image_id.lower().endswith(IMAGE_EXTENSIONS):
-                bogus[image_id] = bogus.get(image_id, 0) + 1
-                continue
-            if not caption:
-                empty += 1
-                continue
-            captions.setdefault(image_id, []).append(caption)
-    _skipped_notes(name, bogus, empty, notes)
-    if not captions:
-        raise DatasetError(f"{name} holds no captions: expected a CSV with header image,caption")
-    return captions
+
+        def pairs() -> Iterator[tuple[str, str]]:
+            for row in reader:
+                if not row or not any(cell.strip() for cell in row):
+                    continue
+                if len(row) < 2 or not row[0].strip():
+                    raise DatasetError(f"{name} line {reader.line_num}: expected image,caption, "
+                                       f"got {','.join(row)[:80]!r}")
+                yield row[0].strip(), ",".join(row[1:]).strip()
+
+        return _group_captions(pairs(), name, notes, "a CSV with header image,caption")
 
 
 def load_kaggle(root: str, images: str | None = None, captions_file: str | None = None) -> CaptionDataset:
