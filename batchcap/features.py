@@ -14,10 +14,10 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
 
 from batchcap.config import ImagePolicy, Preprocess, RuntimeConfig, to_dict
 from batchcap.datasets import CaptionRecord, read_image_bytes
@@ -106,13 +106,7 @@ class FeatureCache:
 
     def cached_ids(self) -> set[str]:
         """Ids whose features are already on disk (read from chunk metadata only)."""
-        from safetensors import safe_open
-
-        ids: set[str] = set()
-        for chunk in self.chunks():
-            with safe_open(str(chunk), "pt") as fh:
-                ids.update(json.loads(fh.metadata()["ids"]))
-        return ids
+        return {i for chunk in self.chunks() for i in self._chunk_ids(chunk)}
 
     def extract(self, items: Sequence[tuple[str, "str | CaptionRecord"]], encoder: Callable[[torch.Tensor], torch.Tensor],
                 runtime: RuntimeConfig, chunk_size: int = 256,
@@ -155,30 +149,33 @@ class FeatureCache:
         return failures
 
     def load(self, ids: Sequence[str] | None = None) -> tuple[list[str], torch.Tensor]:
-        """All cached features (or those of ``ids``, in that order) as one fp16 tensor."""
-        all_ids: list[str] = []
-        tensors = []
-        for chunk in self.chunks():
-            from safetensors import safe_open
+        """All cached features (or those of ``ids``, in that order) as one fp16 tensor.
 
-            with safe_open(str(chunk), "pt") as fh:
-                all_ids.extend(json.loads(fh.metadata()["ids"]))
-            tensors.append(load_file(str(chunk))["features"])
-        if not tensors:
-            return [], torch.empty(0)
-        features = torch.cat(tensors)
+        Chunks are read one at a time and only the wanted rows are kept, so loading the
+        validation split never holds the whole cache (gigabytes for Flickr8k) in memory.
+        """
         if ids is None:
-            return all_ids, features
-        index = {i: n for n, i in enumerate(all_ids)}
-        rows = torch.tensor([index[i] for i in ids], dtype=torch.long)
-        return list(ids), features.index_select(0, rows)
+            ids = [i for chunk in self.chunks() for i in self._chunk_ids(chunk)]
+        wanted = {image_id: row for row, image_id in enumerate(ids)}
+        out: torch.Tensor | None = None
+        found = 0
+        for chunk in self.chunks():
+            chunk_ids = self._chunk_ids(chunk)
+            pairs = [(n, wanted[i]) for n, i in enumerate(chunk_ids) if i in wanted]
+            if not pairs:
+                continue
+            with safe_open(str(chunk), "pt") as fh:
+                features = fh.get_tensor("features")  # fp16 (n, R, F)
+            if out is None:
+                out = torch.empty((len(ids), *features.shape[1:]), dtype=features.dtype)
+            src, dst = (torch.tensor(v, dtype=torch.long) for v in zip(*pairs))
+            out[dst] = features[src]
+            found += len(pairs)
+        if found != len(ids):
+            raise KeyError(f"{len(ids) - found} of the requested ids are not in the feature cache {self.dir}")
+        return list(ids), out if out is not None else torch.empty(0)
 
-
-def iter_chunks(cache: FeatureCache) -> Iterator[tuple[list[str], torch.Tensor]]:
-    """Chunks one at a time: ``(ids, fp16 features)``, for memory-bounded consumers."""
-    from safetensors import safe_open
-
-    for chunk in cache.chunks():
+    @staticmethod
+    def _chunk_ids(chunk: Path) -> list[str]:
         with safe_open(str(chunk), "pt") as fh:
-            ids = json.loads(fh.metadata()["ids"])
-        yield ids, load_file(str(chunk))["features"]
+            return json.loads(fh.metadata()["ids"])

@@ -19,7 +19,7 @@ from typing import Any, TextIO
 from batchcap import __version__
 from batchcap.config import BeamConfig, ImagePolicy, Preprocess, RunConfig, RuntimeConfig, from_dict, to_dict
 from batchcap.loader import Batch, ItemResult
-from batchcap.modelfile import CaptionModel, load_model, read_metadata
+from batchcap.modelfile import load_model, read_metadata
 
 
 @dataclass(frozen=True)
@@ -70,14 +70,13 @@ class _LazyCaptioner:
         self.model_path, self.encoder_weights = model_path, encoder_weights
         self.runtime, self.beam = runtime, beam
         self._captioner: Any = None
-        self.model: CaptionModel | None = None
 
     def __call__(self, batch: Batch) -> list[Any]:
         if self._captioner is None:
             from batchcap.captioner import Captioner
 
-            self.model = load_model(self.model_path)
-            self._captioner = Captioner(self.model, self.runtime, self.beam, self.encoder_weights)
+            self._captioner = Captioner(load_model(self.model_path), self.runtime, self.beam,
+                                        self.encoder_weights)
         return self._captioner(batch.images)
 
 
