@@ -33,8 +33,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         from batchcap.modelfile import ModelFileError
         from batchcap.report import ReportError
         from batchcap.sources import SourceError
+        from batchcap.train import TrainingError
 
-        _USER_ERRORS = (ModelFileError, EncoderError, SourceError, DatasetError, MergeError, ReportError)
+        _USER_ERRORS = (ModelFileError, EncoderError, SourceError, DatasetError, MergeError, ReportError,
+                        TrainingError)
     return _USER_ERRORS
 
 
@@ -277,7 +279,8 @@ def run(sources: tuple[str, ...], files_from: str | None, shard: str | None, max
 @click.option("--epochs", type=click.IntRange(1), default=20, show_default=True)
 @click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True,
               help="Images per step (each with all of its captions).")
-@click.option("--lr", type=float, default=4e-4, show_default=True, help="Peak learning rate (AdamW).")
+@click.option("--lr", type=float, default=None,
+              help="Peak learning rate (AdamW). Default: 4e-4, or 5e-5 with --self-critical.")
 @click.option("--weight-decay", type=float, default=1e-4, show_default=True)
 @click.option("--grad-clip", type=float, default=5.0, show_default=True, help="Max gradient norm.")
 @click.option("--warmup-steps", type=click.IntRange(0), default=200, show_default=True)
@@ -307,6 +310,14 @@ def run(sources: tuple[str, ...], files_from: str | None, shard: str | None, max
                    "the model file). Practical on a GPU; very slow on a CPU.")
 @click.option("--encoder-lr", type=float, default=1e-5, show_default=True,
               help="Learning rate of the encoder with --finetune-encoder.")
+@click.option("--init-model", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Start from this model file: its decoder weights, architecture, vocabulary and encoder "
+                   "settings (decoder-shape options are then ignored).")
+@click.option("--self-critical", is_flag=True,
+              help="Fine-tune --init-model on the CIDEr-D of its own sampled captions (self-critical "
+                   "sequence training) instead of on the reference words.")
+@click.option("--samples-per-image", type=click.IntRange(2), default=5, show_default=True,
+              help="Captions sampled per image in a --self-critical step.")
 @click.option("--half", is_flag=True, help="Store the decoder weights as fp16 (half the file size).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto",
@@ -315,12 +326,13 @@ def run(sources: tuple[str, ...], files_from: str | None, shard: str | None, max
 @user_errors
 def train(data: str, out: str, fmt: str, images: str | None, encoder_name: str, encoder_weights: str | None,
           input_size: int | None, resize: str, pooled: bool, deep_output: bool, epochs: int, batch_size: int,
-          lr: float,
+          lr: float | None,
           weight_decay: float, grad_clip: float, warmup_steps: int, dropout: float, embed_dim: int,
           hidden_dim: int, attention_dim: int, layers: int, min_word_count: int, max_caption_len: int,
           label_smoothing: float, attention_penalty: float, val_beam: int, val_images: int, patience: int,
           seed: int, cache_dir: str | None, resume: bool, augment: bool, finetune_encoder: bool,
-          encoder_lr: float, half: bool, device: str, precision: str, workers: str) -> None:
+          encoder_lr: float, init_model: str | None, self_critical: bool, samples_per_image: int, half: bool,
+          device: str, precision: str, workers: str) -> None:
     """Train a caption decoder on DATA and write one self-describing model file.
 
     DATA is a Flickr8k folder (Flickr8k.token.txt + split files + photos), a Kaggle
@@ -328,8 +340,11 @@ def train(data: str, out: str, fmt: str, images: str | None, encoder_name: str, 
     WebDataset shards with jpg + txt/json. Encoder features are cached and reused.
 
     \b
-    Example:
+    Examples:
         batchcap train ../shared/data/flickr8k --out flickr8k.safetensors \\
+            --encoder-weights ../shared/weights/legacy_xception.keras_imagenet.safetensors
+        batchcap train ../shared/data/flickr8k --out flickr8k-scst.safetensors \\
+            --init-model flickr8k.safetensors --self-critical --epochs 10 \\
             --encoder-weights ../shared/weights/legacy_xception.keras_imagenet.safetensors
     """
     from batchcap.config import EncoderConfig, TrainConfig
@@ -337,12 +352,31 @@ def train(data: str, out: str, fmt: str, images: str | None, encoder_name: str, 
     from batchcap.train import describe_encoder, train as train_decoder
 
     runtime = build_runtime(device, precision, batch_size, workers)
-    preprocess = _encoder_preprocess(encoder_name, resize, input_size)
+    if init_model:  # the encoder, preprocessing, decoder shape and vocabulary are the start model's
+        from batchcap.captioner import resolve_encoder_weights
+        from batchcap.modelfile import load_model
+
+        ctx = click.get_current_context()
+        fixed = [f"--{name.replace('_', '-')}" for name in _MODEL_SHAPE_OPTIONS
+                 if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT]
+        if fixed:
+            raise click.UsageError(f"{', '.join(fixed)}: with --init-model the encoder, preprocessing, decoder "
+                                   "shape and vocabulary come from the model file; leave these options out")
+        start = load_model(init_model)
+        encoder_name, pooled, preprocess = start.encoder.name, not start.encoder.spatial, start.preprocess
+        if start.encoder_state is None:
+            source = resolve_encoder_weights(start, encoder_weights)
+            encoder_weights = source.path if source.kind == "file" else None
+    else:
+        preprocess = _encoder_preprocess(encoder_name, resize, input_size)
+    if lr is None:
+        lr = 5e-5 if self_critical else 4e-4
     cfg = TrainConfig(data=data, out=out, format=fmt, epochs=epochs, batch_size=batch_size, lr=lr,
                       weight_decay=weight_decay, grad_clip=grad_clip, warmup_steps=warmup_steps,
                       min_word_count=min_word_count, max_caption_len=max_caption_len, seed=seed,
                       cache_dir=cache_dir, resume=resume, augment=augment, finetune_encoder=finetune_encoder,
                       encoder_lr=encoder_lr, val_beam_size=val_beam, val_images=val_images, patience=patience,
+                      init_model=init_model, self_critical=self_critical, samples_per_image=samples_per_image,
                       extra={"label_smoothing": label_smoothing, "attention_penalty": attention_penalty,
                              "half": half})
     dataset = load_caption_dataset(data, fmt, images=images)
@@ -354,6 +388,11 @@ def train(data: str, out: str, fmt: str, images: str | None, encoder_name: str, 
                    "attention": not pooled, "attention_dim": attention_dim, "deep_output": deep_output}
     model = train_decoder(cfg, dataset, choice, decoder_cfg, runtime, log=lambda m: click.echo(m, err=True))
     click.echo(json.dumps({"model": out, "metrics": model.metrics}, indent=2))
+
+
+# train options that --init-model takes from the model file instead.
+_MODEL_SHAPE_OPTIONS = ("encoder_name", "input_size", "resize", "pooled", "deep_output", "embed_dim", "hidden_dim",
+                        "attention_dim", "layers", "dropout", "min_word_count")
 
 
 def _encoder_preprocess(encoder_name: str, resize: str, input_size: int | None) -> Any:

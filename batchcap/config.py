@@ -181,4 +181,7 @@ class TrainConfig:
     val_beam_size: int = 3
     val_images: int = 1000
     patience: int = 4
+    init_model: str | None = None  # start from this model file's decoder and vocabulary
+    self_critical: bool = False  # optimise CIDEr-D of sampled captions (needs init_model)
+    samples_per_image: int = 5  # captions sampled per image in a self-critical step
     extra: dict[str, Any] = field(default_factory=dict)

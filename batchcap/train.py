@@ -13,7 +13,10 @@ The flow is ``dataset -> vocabulary -> feature cache -> epochs -> best model fil
   doubly stochastic attention penalty, fixed seeds;
 * after every epoch the model captions the validation images with beam search and the
   epoch with the best CIDEr-D is kept (BLEU-4 is logged too); a checkpoint is written
-  atomically each epoch (safetensors, no pickle) so ``--resume`` continues after a kill.
+  atomically each epoch (safetensors, no pickle) so ``--resume`` continues after a kill;
+* ``--init-model`` starts from a trained model file (its decoder, vocabulary and encoder),
+  and ``--self-critical`` then fine-tunes it on the CIDEr-D of its own sampled captions
+  (:mod:`batchcap.scst`) instead of on the reference words.
 """
 from __future__ import annotations
 
@@ -38,10 +41,16 @@ from batchcap.decoder import CaptionDecoder
 from batchcap.encoder import Encoder, WeightsSource, autocast, build_backbone
 from batchcap.features import FeatureCache, FeatureKey, collate_images, ImageFiles
 from batchcap.metrics import score_captions
-from batchcap.modelfile import CaptionModel, EncoderSpec, atomic_save_safetensors, file_sha256, save_model
+from batchcap.modelfile import (CaptionModel, EncoderSpec, atomic_save_safetensors, file_sha256, load_model,
+                                save_model)
+from batchcap.scst import CiderD, sample_captions, self_critical_loss
 from batchcap.text import Vocabulary, normalize_caption
 
 Log = Callable[[str], None]
+
+
+class TrainingError(Exception):
+    """A training request that cannot work as given (no data in a split, a start model that does not fit)."""
 
 
 @dataclass
@@ -308,10 +317,15 @@ def train(cfg: TrainConfig, dataset: CaptionDataset, choice: EncoderChoice, deco
     train_records = dataset.splits.get("train", [])
     val_records = dataset.splits.get("val", [])
     if not train_records:
-        raise ValueError("the dataset has no training images")
-    vocab = Vocabulary.build((normalize_caption(c) for r in train_records for c in r.captions),
-                             min_count=cfg.min_word_count)
-    log(f"vocabulary: {len(vocab)} words (min count {cfg.min_word_count})")
+        raise TrainingError("the dataset has no training images")
+    start_model = load_start_model(cfg, choice)
+    if start_model is not None:
+        vocab = start_model.vocab
+        log(f"starting from {cfg.init_model}: its decoder and vocabulary ({len(vocab)} words)")
+    else:
+        vocab = Vocabulary.build((normalize_caption(c) for r in train_records for c in r.captions),
+                                 min_count=cfg.min_word_count)
+        log(f"vocabulary: {len(vocab)} words (min count {cfg.min_word_count})")
     failures: dict[str, str] = {}
     if cfg.finetune_encoder:
         train_split = build_split(train_records, None, vocab, cfg.max_caption_len)
@@ -331,12 +345,19 @@ def train(cfg: TrainConfig, dataset: CaptionDataset, choice: EncoderChoice, deco
         val_split = build_split(val_records, caches["plain"], vocab, cfg.max_caption_len, limit=cfg.val_images)
         feature_dim = int(train_split.features.shape[-1])
     if not val_split.image_ids:
-        raise ValueError("the dataset has no usable validation images: model selection needs a val split")
+        raise TrainingError("the dataset has no usable validation images: model selection needs a val split")
     log(f"train: {len(train_split.image_ids)} images, {train_split.captions.shape[0]} captions; "
         f"val: {len(val_split.image_ids)} images")
 
     dcfg = DecoderConfig(vocab_size=len(vocab), feature_dim=feature_dim, **decoder_cfg)
+    if start_model is not None:
+        dcfg = start_model.decoder
+        if dcfg.feature_dim != feature_dim:
+            raise TrainingError(f"{cfg.init_model} expects {dcfg.feature_dim}-dim features; the encoder gives "
+                                f"{feature_dim}")
     decoder = CaptionDecoder(dcfg).to(runtime.device)
+    if start_model is not None:
+        decoder.load_state_dict({k: v.float() for k, v in start_model.decoder_state.items()})
     groups = [{"params": list(decoder.parameters()), "lr": cfg.lr, "base_lr": cfg.lr}]
     trained = torch.nn.ModuleDict({"decoder": decoder})
     if source.trainable is not None:
@@ -360,48 +381,56 @@ def train(cfg: TrainConfig, dataset: CaptionDataset, choice: EncoderChoice, deco
     alpha_c = float(cfg.extra.get("attention_penalty", 1.0))
     per_step = int(cfg.extra.get("captions_per_image", 5))
     amp = runtime.precision == "bf16"
+    rewarder = SelfCriticalReward(train_split, vocab) if cfg.self_critical else None
+    banned = (vocab.pad_id, vocab.start_id, vocab.unk_id)
 
     for epoch in range(loop["epoch"] + 1, cfg.epochs + 1):
-        decoder.train()
+        # Self-critical samples come from the policy that captions at run time (no dropout):
+        # measured on Flickr8k dev, it learns faster than sampling through dropout.
+        decoder.train(rewarder is None)
         generator = torch.Generator().manual_seed(cfg.seed + epoch)
         order = torch.randperm(len(train_split.image_ids), generator=generator).tolist()
         started, total_loss, total_tokens = time.time(), 0.0, 0
         batches = [[i for i in order[start:start + cfg.batch_size] if per_image[i]]
                    for start in range(0, len(order), cfg.batch_size)]
         done_images = 0
+        total_reward = 0.0
         for images, feats in source.epoch([b for b in batches if b], generator):
-            rows = [c for i in images for c in _pick(per_image[i], per_step, generator)]
-            caps = train_split.captions[rows].to(runtime.device)
-            length = int((caps != vocab.pad_id).sum(1).max())
-            caps = caps[:, :length]
             for group in optimizer.param_groups:
                 group["lr"] = group["base_lr"] * lr_factor(loop["step"], cfg.warmup_steps, total_steps)
             with torch.autocast(torch.device(runtime.device).type, dtype=torch.bfloat16, enabled=amp):
-                logits, alphas = decoder(feats, caps, per_step)  # (N, T-1, V), (N, T-1, R)
-            logits = logits.float()
-            targets = caps[:, 1:]
-            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                                   ignore_index=vocab.pad_id, label_smoothing=float(cfg.extra.get("label_smoothing", 0.0)))
-            if alphas is not None and alpha_c > 0:
-                mask = (targets != vocab.pad_id).float()[:, :, None]  # (N, T-1, 1)
-                coverage = (alphas.float() * mask).sum(1)  # (N, R)
-                loss = loss + alpha_c * ((1.0 - coverage) ** 2).mean()
+                if rewarder is not None:
+                    samples = sample_captions(decoder, feats, cfg.samples_per_image, cfg.max_caption_len,
+                                              start_id=vocab.start_id, end_id=vocab.end_id,
+                                              pad_id=vocab.pad_id, banned_ids=banned)
+                    rewards = rewarder(images, samples.tokens, cfg.samples_per_image)
+                    loss = self_critical_loss(samples, rewards, cfg.samples_per_image)
+                    tokens = int(samples.mask.sum())
+                    total_reward += float(rewards.sum())
+                else:
+                    rows = [c for i in images for c in _pick(per_image[i], per_step, generator)]
+                    captions = train_split.captions[rows].to(runtime.device)
+                    loss, tokens = _teacher_forced_loss(decoder, feats, captions, per_step, vocab.pad_id, alpha_c,
+                                                        float(cfg.extra.get("label_smoothing", 0.0)))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(trained.parameters(), cfg.grad_clip)
             optimizer.step()
             loop["step"] += 1
-            tokens = int((targets != vocab.pad_id).sum())
             total_loss += float(loss.detach()) * tokens
             total_tokens += tokens
             done_images += len(images)
             if loop["step"] % 50 == 0:
-                log(f"epoch {epoch} step {loop['step']}/{total_steps} loss {total_loss / total_tokens:.3f} "
+                progress = (f"reward {total_reward / (done_images * cfg.samples_per_image):.3f}" if rewarder
+                            else f"loss {total_loss / total_tokens:.3f}")
+                log(f"epoch {epoch} step {loop['step']}/{total_steps} {progress} "
                     f"({done_images / (time.time() - started):.0f} img/s)")
         train_time = time.time() - started
         scores = validate(decoder, val_split, source.val_features(val_split), vocab, val_beam)
         record = {"epoch": epoch, "step": loop["step"], "train_loss": total_loss / max(1, total_tokens),
                   "train_seconds": round(train_time, 1), "val": scores, "time": time.time()}
+        if rewarder is not None:
+            record["train_reward"] = total_reward / max(1, done_images * cfg.samples_per_image)
         loop["history"].append({k: v for k, v in record.items() if k != "time"})
         with open(log_path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(record) + "\n")
@@ -411,7 +440,7 @@ def train(cfg: TrainConfig, dataset: CaptionDataset, choice: EncoderChoice, deco
         if improved:
             loop["best"], loop["best_epoch"], loop["bad_epochs"] = scores["CIDEr"], epoch, 0
             best_model = _model_file(cfg, choice, dcfg, vocab, decoder, dataset, failures, loop, scores,
-                                     encoder=source.trainable)
+                                     encoder=source.trainable, start_model=start_model)
             save_model(best_model, out, half=bool(cfg.extra.get("half", False)))
             log(f"saved {out} (best so far)")
         else:
@@ -422,10 +451,70 @@ def train(cfg: TrainConfig, dataset: CaptionDataset, choice: EncoderChoice, deco
             log(f"stopping: no CIDEr improvement for {cfg.patience} epochs")
             break
     if best_model is None:
-        from batchcap.modelfile import load_model
-
         best_model = load_model(out)
     return best_model
+
+
+def _teacher_forced_loss(decoder: CaptionDecoder, feats: torch.Tensor, caps: torch.Tensor, per_step: int,
+                         pad_id: int, attention_penalty: float, label_smoothing: float) -> tuple[torch.Tensor, int]:
+    """Cross-entropy on the reference words (plus SAT's attention penalty), and the number of target tokens."""
+    caps = caps[:, :int((caps != pad_id).sum(1).max())]
+    logits, alphas = decoder(feats, caps, per_step)  # (N, T-1, V), (N, T-1, R)
+    logits = logits.float()
+    targets = caps[:, 1:]
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=pad_id,
+                           label_smoothing=label_smoothing)
+    if alphas is not None and attention_penalty > 0:
+        mask = (targets != pad_id).float()[:, :, None]  # (N, T-1, 1)
+        coverage = (alphas.float() * mask).sum(1)  # (N, R)
+        loss = loss + attention_penalty * ((1.0 - coverage) ** 2).mean()
+    return loss, int((targets != pad_id).sum())
+
+
+class SelfCriticalReward:
+    """CIDEr-D of sampled captions against their image's training references.
+
+    Document frequencies come from the whole train split and each image's reference
+    vectors are computed once, so a step only vectorises the samples.
+    """
+
+    def __init__(self, split: Split, vocab: Vocabulary) -> None:
+        refs = [[normalize_caption(c) for c in split.references[i]] for i in split.image_ids]
+        self.cider = CiderD(refs)
+        self.prepared = [self.cider.prepare(r) for r in refs]
+        self.vocab = vocab
+
+    def __call__(self, images: list[int], tokens: torch.Tensor, samples_per_image: int) -> torch.Tensor:
+        """Rewards ``(len(images) * samples_per_image,)`` for image-major sampled ``tokens``."""
+        rewards = [self.cider.score(self.vocab.decode(row).split(), self.prepared[images[n // samples_per_image]])
+                   for n, row in enumerate(tokens.tolist())]
+        return torch.tensor(rewards, dtype=torch.float32)
+
+
+def load_start_model(cfg: TrainConfig, choice: EncoderChoice) -> CaptionModel | None:
+    """The model ``--init-model`` names, checked against the features training will use."""
+    if cfg.init_model is None:
+        if cfg.self_critical:
+            raise TrainingError("--self-critical fine-tunes a trained model: pass it with --init-model MODEL "
+                             "(train one with cross-entropy first)")
+        return None
+    if cfg.finetune_encoder:
+        raise TrainingError("--init-model cannot be combined with --finetune-encoder")
+    model = load_model(cfg.init_model)
+    if model.encoder_state is not None:
+        raise TrainingError(f"{cfg.init_model} embeds a fine-tuned encoder; --init-model needs a model "
+                            "trained on cached features of a stock encoder")
+    weights_id = choice.spec.weights_sha256 or choice.spec.pretrained_tag
+    theirs = model.encoder.weights_sha256 or model.encoder.pretrained_tag
+    mismatches = [f"{what}: model {a!r}, now {b!r}" for what, a, b in (
+        ("encoder", model.encoder.name, choice.config.name),
+        ("encoder weights", theirs, weights_id),
+        ("spatial features", model.encoder.spatial, choice.config.spatial),
+        ("preprocessing", to_dict(model.preprocess), to_dict(choice.preprocess))) if a != b]
+    if mismatches:
+        raise TrainingError(f"{cfg.init_model} was trained on other features ({'; '.join(mismatches)}); use "
+                            f"the encoder options it was trained with (see `batchcap info {cfg.init_model}`)")
+    return model
 
 
 def _pick(captions: list[int], count: int, generator: torch.Generator) -> list[int]:
@@ -441,8 +530,13 @@ def _pick(captions: list[int], count: int, generator: torch.Generator) -> list[i
 
 def _model_file(cfg: TrainConfig, choice: EncoderChoice, dcfg: DecoderConfig, vocab: Vocabulary,
                 decoder: CaptionDecoder, dataset: CaptionDataset, failures: dict[str, str], loop: dict[str, Any],
-                scores: dict[str, Any], encoder: torch.nn.Module | None = None) -> CaptionModel:
-    """The model file's contents; a fine-tuned encoder is embedded (its weights are new)."""
+                scores: dict[str, Any], encoder: torch.nn.Module | None = None,
+                start_model: CaptionModel | None = None) -> CaptionModel:
+    """The model file's contents; a fine-tuned encoder is embedded (its weights are new).
+
+    A model trained from ``--init-model`` keeps its start model's identity and training
+    record under ``training.init_model``, so its whole history stays in one file.
+    """
     state = {k: v.detach().cpu().clone() for k, v in decoder.state_dict().items()}
     spec = EncoderSpec(**{**to_dict(choice.spec), "feature_dim": dcfg.feature_dim})
     encoder_state = None
@@ -465,6 +559,8 @@ def _model_file(cfg: TrainConfig, choice: EncoderChoice, dcfg: DecoderConfig, vo
             "config": {k: v for k, v in to_dict(cfg).items() if k not in ("out",)},
             "epoch": loop["epoch"] + 1 if loop["best_epoch"] is None else loop["best_epoch"],
             "history": loop["history"],
+            **({"init_model": {"identity": start_model.identity, "training": start_model.training}}
+               if start_model is not None else {}),
         },
         metrics={"selected_on": "val", "tokenizer": scores.get("tokenizer"),
                  **{k: v for k, v in scores.items() if k.startswith(("BLEU", "CIDEr"))}},
