@@ -30,15 +30,22 @@ def describe_model(model: CaptionModel, show_vocab: bool = False, console: Conso
                              f", dropout {dec.dropout}, {n_params / 1e6:.2f} M parameters")
     table.add_row("vocabulary", f"{len(model.vocab)} words (ids 0-3: <pad> <start> <end> <unk>)")
     table.add_row("max caption length", f"{model.max_caption_len} words")
-    data = model.training.get("data") or {}
+    training = model.training
+    if training.get("averaged"):
+        table.add_row("averaged from", ", ".join(f"{m['identity']} x {m['weight']:.2f}" for m in training["averaged"]))
+        training = training["averaged"][0].get("training") or {}
+    if training.get("init_model"):
+        objective = "self-critical (CIDEr-D)" if training.get("config", {}).get("self_critical") else "teacher forcing"
+        table.add_row("fine-tuned from", f"{training['init_model'].get('identity')} ({objective})")
+    data = training.get("data") or {}
     if isinstance(data, dict) and "splits" in data:
         splits = ", ".join(f"{name} {s.get('images', 0)} images" for name, s in data["splits"].items()
                            if s.get("images"))
         table.add_row("training data", f"{data.get('format')} at {data.get('root')}: {splits}")
     elif data:
         table.add_row("training data", str(data))
-    if model.training.get("epoch"):
-        table.add_row("selected epoch", str(model.training["epoch"]))
+    if training.get("epoch"):
+        table.add_row("selected epoch", str(training["epoch"]))
     metrics = {k: v for k, v in model.metrics.items() if isinstance(v, (int, float))}
     if metrics:
         where = model.metrics.get("selected_on", "")
