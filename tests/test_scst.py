@@ -15,7 +15,8 @@ from batchcap.cli import cli
 from batchcap.config import DecoderConfig
 from batchcap.decoder import CaptionDecoder
 from batchcap.modelfile import load_model
-from batchcap.scst import CiderD, Samples, sample_captions, self_critical_loss
+from batchcap.scst import END_WORD, CaptionReward, CiderD, Samples, sample_captions, self_critical_loss
+from batchcap.text import SPECIAL_TOKENS, Vocabulary
 from tests.test_train import write_shapes_dataset
 
 WORDS = "a dog cat man runs on the grass red blue ball in water jumps over".split()
@@ -45,6 +46,27 @@ def test_cider_d_equals_pycocoevalcap_per_image(seed: int) -> None:
 def test_cider_d_refuses_an_empty_corpus() -> None:
     with pytest.raises(ValueError, match="at least one image"):
         CiderD([])
+
+
+def test_reward_counts_the_end_so_a_caption_cut_mid_phrase_loses() -> None:
+    words = "two dogs play in front of a house on the grass".split()
+    vocab = Vocabulary(SPECIAL_TOKENS + tuple(dict.fromkeys(words)))
+    references = [["two dogs play in front of a house".split(), "two dogs play on the grass".split()],
+                  ["a dog on the grass".split()]]
+    reward = CaptionReward(references, vocab)
+
+    def row(text: str, ended: bool = True) -> list[int]:
+        ids = vocab.encode(text.split()) + ([vocab.end_id] if ended else [])
+        return ids + [vocab.pad_id] * (10 - len(ids))
+
+    cut, whole = "two dogs play in front of a", "two dogs play in front of a house"
+    assert reward.words(row(cut)) == [*cut.split(), END_WORD]
+    assert reward.words(row(cut, ended=False)) == cut.split()  # stopped by max_len: no end to credit
+    scores = reward([0], torch.tensor([row(cut), row(whole)]), 2).tolist()
+    plain = CiderD(references)
+    plain_scores = [plain.score(text.split(), plain.prepare(references[0])) for text in (cut, whole)]
+    # Counting <end> widens the gap between a dangling caption and a complete one.
+    assert scores[1] - scores[0] > 2 * (plain_scores[1] - plain_scores[0]) > 0, (scores, plain_scores)
 
 
 def _decoder(seed: int = 0, vocab: int = 12) -> CaptionDecoder:
