@@ -281,7 +281,7 @@ def run(sources: tuple[str, ...], files_from: str | None, shard: str | None, max
 @click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True,
               help="Images per step (each with all of its captions).")
 @click.option("--lr", type=float, default=None,
-              help="Peak learning rate (AdamW). Default: 4e-4, or 5e-5 with --self-critical.")
+              help="Peak learning rate (AdamW). Default: 4e-4, or 1e-4 with --self-critical.")
 @click.option("--weight-decay", type=float, default=1e-4, show_default=True)
 @click.option("--grad-clip", type=float, default=5.0, show_default=True, help="Max gradient norm.")
 @click.option("--warmup-steps", type=click.IntRange(0), default=200, show_default=True)
@@ -371,7 +371,7 @@ def train(data: str, out: str, fmt: str, images: str | None, encoder_name: str, 
     else:
         preprocess = _encoder_preprocess(encoder_name, resize, input_size)
     if lr is None:
-        lr = 5e-5 if self_critical else 4e-4
+        lr = 1e-4 if self_critical else 4e-4
     cfg = TrainConfig(data=data, out=out, format=fmt, epochs=epochs, batch_size=batch_size, lr=lr,
                       weight_decay=weight_decay, grad_clip=grad_clip, warmup_steps=warmup_steps,
                       min_word_count=min_word_count, max_caption_len=max_caption_len, seed=seed,
