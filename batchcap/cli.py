@@ -313,7 +313,7 @@ def run(sources: tuple[str, ...], files_from: str | None, shard: str | None, max
               help="Learning rate of the encoder with --finetune-encoder.")
 @click.option("--init-model", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Start from this model file: its decoder weights, architecture, vocabulary and encoder "
-                   "settings (decoder-shape options are then ignored).")
+                   "settings (giving encoder or decoder-shape options as well is refused).")
 @click.option("--self-critical", is_flag=True,
               help="Fine-tune --init-model on the CIDEr-D of its own sampled captions (self-critical "
                    "sequence training) instead of on the reference words.")
