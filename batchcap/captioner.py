@@ -102,8 +102,6 @@ class Captioner:
         backbone = build_backbone(EncoderConfig(name=model.encoder.name, spatial=model.encoder.spatial), source)
         self.encoder = Encoder(backbone, model.preprocess, runtime, spatial=model.encoder.spatial)
         self.decoder = model.build_decoder().to(runtime.device)
-        vocab = model.vocab
-        self.banned = (vocab.pad_id, vocab.start_id, vocab.unk_id)
 
     @torch.inference_mode()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
@@ -116,7 +114,7 @@ class Captioner:
         vocab = self.model.vocab
         state = self.decoder.init_state(features.float())
         result = beam_search(self.decoder.step, state, self.beam, start_id=vocab.start_id, end_id=vocab.end_id,
-                             pad_id=vocab.pad_id, banned_ids=self.banned)
+                             pad_id=vocab.pad_id, banned_ids=vocab.never_generated)
         tokens = result.tokens.cpu().tolist()
         scores = per_token_scores(result, self.beam.length_penalty).cpu().tolist()
         captions = []

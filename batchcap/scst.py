@@ -26,7 +26,7 @@ from typing import Iterable, Sequence
 import torch
 
 from batchcap.decoder import CaptionDecoder
-from batchcap.text import Vocabulary
+from batchcap.text import END, Vocabulary
 
 NGram = tuple[str, ...]
 # One caption as CIDEr-D sees it: per n-gram order, its tf-idf weights; their norms; its length.
@@ -102,9 +102,6 @@ class CiderD:
         return total / self.n / len(references) * 10.0
 
 
-END_WORD = "<end>"
-
-
 class CaptionReward:
     """CIDEr-D of sampled captions against their image's references, counting the caption's end as a word.
 
@@ -118,7 +115,7 @@ class CaptionReward:
     """
 
     def __init__(self, references: Sequence[Sequence[Sequence[str]]], vocab: Vocabulary) -> None:
-        refs = [[[*ref, END_WORD] for ref in image_refs] for image_refs in references]
+        refs = [[[*ref, END] for ref in image_refs] for image_refs in references]
         self.cider = CiderD(refs)
         self.prepared = [self.cider.prepare(r) for r in refs]
         self.vocab = vocab
@@ -126,7 +123,7 @@ class CaptionReward:
     def words(self, row: Sequence[int]) -> list[str]:
         """A sampled row as CIDEr-D sees it: its words, then ``<end>`` if it ended."""
         words = self.vocab.decode(row).split()
-        return [*words, END_WORD] if self.vocab.end_id in row else words
+        return [*words, END] if self.vocab.end_id in row else words
 
     def __call__(self, images: Sequence[int], tokens: torch.Tensor, samples_per_image: int) -> torch.Tensor:
         """Rewards ``(len(images) * samples_per_image,)`` for image-major sampled ``tokens`` ``(N, T)``."""
@@ -140,14 +137,12 @@ class Samples:
     """``N = M * S`` sampled captions, image-major, and the log-probabilities that chose them."""
 
     tokens: torch.Tensor  # long (N, T): word ids, <end> where a caption ended, pad after
-    lengths: torch.Tensor  # long (N,): words before <end> (T when cut at max_len)
     log_probs: torch.Tensor  # float (N, T): log p of each chosen token, 0 after <end>; differentiable
     mask: torch.Tensor  # float (N, T): 1 for the words and the <end> that were chosen
 
 
 def sample_captions(decoder: CaptionDecoder, features: torch.Tensor, samples_per_image: int, max_len: int, *,
-                    start_id: int, end_id: int, pad_id: int, banned_ids: Sequence[int] = (),
-                    generator: torch.Generator | None = None) -> Samples:
+                    start_id: int, end_id: int, pad_id: int, banned_ids: Sequence[int] = ()) -> Samples:
     """Sample ``samples_per_image`` captions for each image from the decoder's distribution.
 
     Runs with autograd on (unlike beam search) so the chosen tokens' log-probabilities
@@ -172,7 +167,7 @@ def sample_captions(decoder: CaptionDecoder, features: torch.Tensor, samples_per
             token = torch.full((rows, 1), end_id, dtype=torch.long, device=device)
         else:
             with torch.no_grad():
-                token = torch.multinomial(log_probs.detach().exp(), 1, generator=generator)  # (N, 1)
+                token = torch.multinomial(log_probs.exp(), 1)  # (N, 1)
         step_mask = alive.float()
         picked_logp.append(log_probs.gather(1, token).squeeze(1) * step_mask)
         masks.append(step_mask)
@@ -182,10 +177,7 @@ def sample_captions(decoder: CaptionDecoder, features: torch.Tensor, samples_per
         tokens = token
         if not bool(alive.any()):
             break
-    out = torch.stack(chosen, 1)  # (N, T)
-    ended = out == end_id
-    lengths = torch.where(ended.any(1), ended.float().argmax(1), torch.full_like(out[:, 0], out.shape[1]))
-    return Samples(out, lengths, torch.stack(picked_logp, 1), torch.stack(masks, 1))
+    return Samples(torch.stack(chosen, 1), torch.stack(picked_logp, 1), torch.stack(masks, 1))
 
 
 def self_critical_loss(samples: Samples, rewards: torch.Tensor, samples_per_image: int) -> torch.Tensor:

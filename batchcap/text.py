@@ -79,6 +79,11 @@ class Vocabulary:
     def unk_id(self) -> int:
         return 3
 
+    @property
+    def never_generated(self) -> tuple[int, ...]:
+        """Ids no caption may contain as a word: ``<pad>``, ``<start>`` and ``<unk>``."""
+        return (self.pad_id, self.start_id, self.unk_id)
+
     def encode(self, words: Sequence[str]) -> list[int]:
         """Word ids of ``words`` (unknown words become ``<unk>``); no start/end added."""
         index = self._index  # type: ignore[attr-defined]

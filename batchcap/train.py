@@ -118,12 +118,11 @@ def caption_features(decoder: CaptionDecoder, features: torch.Tensor, vocab: Voc
     """Beam-search captions for cached features, in order (validation and eval)."""
     decoder.eval()
     out: list[str] = []
-    banned = (vocab.pad_id, vocab.start_id, vocab.unk_id)
     with torch.inference_mode():
         for start in range(0, features.shape[0], batch_size):
             state = decoder.init_state(features[start:start + batch_size].float())
             result = beam_search(decoder.step, state, beam, start_id=vocab.start_id, end_id=vocab.end_id,
-                                 pad_id=vocab.pad_id, banned_ids=banned)
+                                 pad_id=vocab.pad_id, banned_ids=vocab.never_generated)
             out.extend(vocab.decode(row[0]) for row in result.tokens.tolist())
     return out
 
@@ -355,9 +354,7 @@ def train(cfg: TrainConfig, dataset: CaptionDataset, choice: EncoderChoice, deco
         if dcfg.feature_dim != feature_dim:
             raise TrainingError(f"{cfg.init_model} expects {dcfg.feature_dim}-dim features; the encoder gives "
                                 f"{feature_dim}")
-    decoder = CaptionDecoder(dcfg).to(runtime.device)
-    if start_model is not None:
-        decoder.load_state_dict({k: v.float() for k, v in start_model.decoder_state.items()})
+    decoder = (CaptionDecoder(dcfg) if start_model is None else start_model.build_decoder()).to(runtime.device)
     groups = [{"params": list(decoder.parameters()), "lr": cfg.lr, "base_lr": cfg.lr}]
     trained = torch.nn.ModuleDict({"decoder": decoder})
     if source.trainable is not None:
@@ -385,7 +382,6 @@ def train(cfg: TrainConfig, dataset: CaptionDataset, choice: EncoderChoice, deco
     if cfg.self_critical:
         rewarder = CaptionReward([[normalize_caption(c) for c in train_split.references[i]]
                                   for i in train_split.image_ids], vocab)
-    banned = (vocab.pad_id, vocab.start_id, vocab.unk_id)
 
     for epoch in range(loop["epoch"] + 1, cfg.epochs + 1):
         # Self-critical samples come from the policy that captions at run time (no dropout):
@@ -405,7 +401,7 @@ def train(cfg: TrainConfig, dataset: CaptionDataset, choice: EncoderChoice, deco
                 if rewarder is not None:
                     samples = sample_captions(decoder, feats, cfg.samples_per_image, cfg.max_caption_len,
                                               start_id=vocab.start_id, end_id=vocab.end_id,
-                                              pad_id=vocab.pad_id, banned_ids=banned)
+                                              pad_id=vocab.pad_id, banned_ids=vocab.never_generated)
                     rewards = rewarder(images, samples.tokens, cfg.samples_per_image)
                     loss = self_critical_loss(samples, rewards, cfg.samples_per_image)
                     tokens = int(samples.mask.sum())

@@ -15,8 +15,8 @@ from batchcap.cli import cli
 from batchcap.config import DecoderConfig
 from batchcap.decoder import CaptionDecoder
 from batchcap.modelfile import load_model
-from batchcap.scst import END_WORD, CaptionReward, CiderD, Samples, sample_captions, self_critical_loss
-from batchcap.text import SPECIAL_TOKENS, Vocabulary
+from batchcap.scst import CaptionReward, CiderD, Samples, sample_captions, self_critical_loss
+from batchcap.text import END, SPECIAL_TOKENS, Vocabulary
 from tests.test_train import write_shapes_dataset
 
 WORDS = "a dog cat man runs on the grass red blue ball in water jumps over".split()
@@ -60,7 +60,7 @@ def test_reward_counts_the_end_so_a_caption_cut_mid_phrase_loses() -> None:
         return ids + [vocab.pad_id] * (10 - len(ids))
 
     cut, whole = "two dogs play in front of a", "two dogs play in front of a house"
-    assert reward.words(row(cut)) == [*cut.split(), END_WORD]
+    assert reward.words(row(cut)) == [*cut.split(), END]
     assert reward.words(row(cut, ended=False)) == cut.split()  # stopped by max_len: no end to credit
     scores = reward([0], torch.tensor([row(cut), row(whole)]), 2).tolist()
     plain = CiderD(references)
@@ -81,14 +81,13 @@ def test_samples_respect_bans_masks_and_end() -> None:
     s = sample_captions(decoder, features, 7, max_len=5, start_id=1, end_id=2, pad_id=0, banned_ids=(0, 1, 3))
     assert s.tokens.shape[0] == 42 and s.tokens.shape[1] <= 6
     assert s.log_probs.shape == s.tokens.shape == s.mask.shape
-    for row, mask, length, logp in zip(s.tokens.tolist(), s.mask.tolist(), s.lengths.tolist(),
-                                       s.log_probs.tolist()):
+    for row, mask, logp in zip(s.tokens.tolist(), s.mask.tolist(), s.log_probs.tolist()):
         chosen = [t for t, m in zip(row, mask) if m]
         assert chosen[0] != 2, "an empty caption was sampled"
         assert not set(chosen) & {0, 1, 3}, "a banned token was sampled"
         assert 2 not in chosen[:-1], "tokens were chosen after <end>"
         assert chosen[-1] == 2 or len(chosen) == 6  # ended, or forced to end at max_len
-        assert length == len(chosen) - 1 and all(t == 0 for t in row[len(chosen):])
+        assert all(t == 0 for t in row[len(chosen):])
         assert all(p <= 0 for p in logp) and all(p == 0 for p, m in zip(logp, mask) if not m)
     assert s.log_probs.requires_grad
 
@@ -108,9 +107,7 @@ def test_sampling_follows_the_decoders_distribution() -> None:
 
 
 def _samples(log_probs: torch.Tensor) -> Samples:
-    rows = log_probs.shape[0]
-    return Samples(torch.zeros_like(log_probs, dtype=torch.long), torch.ones(rows, dtype=torch.long), log_probs,
-                   torch.ones_like(log_probs))
+    return Samples(torch.zeros_like(log_probs, dtype=torch.long), log_probs, torch.ones_like(log_probs))
 
 
 def test_equal_rewards_give_no_gradient_and_better_samples_gain_probability() -> None:
