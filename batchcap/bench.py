@@ -103,11 +103,9 @@ def machine_info(device: torch.device) -> dict[str, Any]:
     """What the figures were measured on."""
     from batchcap import __version__
     from batchcap.encoder import cpu_has_native_bf16
+    from batchcap.settings import available_cpus
 
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        usable = os.cpu_count() or 1
+    usable = available_cpus()
     info: dict[str, Any] = {
         "host": platform.node(), "cpu": cpu_model(), "cpu_count": os.cpu_count(), "cpus_usable": usable,
         "cpu_native_bf16": cpu_has_native_bf16(), "torch_threads": torch.get_num_threads(),
@@ -388,7 +386,9 @@ def suggest(sweep: list[dict[str, Any]], decode_rate: float, device: torch.devic
     """
     best = max(r["images_per_s"] for r in sweep)
     chosen = min((r for r in sweep if r["images_per_s"] >= 0.95 * best), key=lambda r: r["batch_size"])
-    cores = os.cpu_count() or 1
+    from batchcap.settings import available_cpus
+
+    cores = available_cpus()
     need = math.ceil(1.25 * chosen["images_per_s"] / decode_rate) if decode_rate > 0 else 1
     cap = max(1, cores - 1) if device.type == "cpu" else cores
     return {"batch_size": chosen["batch_size"], "workers": max(1, min(need, cap)),
@@ -406,7 +406,7 @@ def run_bench(*, images: str | None, as_json: bool, count: int, size: str, repea
     ``count`` generated JPEGs of ``size``.
     """
     from batchcap.captioner import Captioner, resolve_model_path
-    from batchcap.cli import build_beam, build_runtime
+    from batchcap.settings import beam_config, runtime_config
     from batchcap.decode import decode_file
     from batchcap.modelfile import load_model
     from batchcap.sources import SourceError
@@ -419,8 +419,8 @@ def run_bench(*, images: str | None, as_json: bool, count: int, size: str, repea
         raise click.BadParameter(str(exc), param_hint="--size") from None
     model_path = resolve_model_path(model)
     loaded = load_model(model_path)
-    runtime = build_runtime(device, precision, batch_size, workers)
-    beam_cfg = build_beam(beam, max_len, min_len, length_penalty, no_repeat_ngram, n_best,
+    runtime = runtime_config(device, precision, batch_size, workers)
+    beam_cfg = beam_config(beam, max_len, min_len, length_penalty, no_repeat_ngram, n_best,
                           loaded.max_caption_len)
     dev = torch.device(runtime.device)
     policy = ImagePolicy()

@@ -46,8 +46,12 @@ def user_errors(func: F) -> F:
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from batchcap.settings import OptionError
+
         try:
             return func(*args, **kwargs)
+        except OptionError as exc:
+            raise click.BadParameter(exc.message, param_hint=exc.option) from None
         except _user_errors() as exc:
             error = click.ClickException(str(exc))
             error.exit_code = 2  # the command cannot run as given; exit 1 stays "crash"
@@ -132,55 +136,6 @@ def output_options(func: F) -> F:
     return func
 
 
-# -- builders ---------------------------------------------------------------------------------
-def build_runtime(device: str, precision: str, batch_size: int | None, workers: str) -> Any:
-    """A resolved :class:`RuntimeConfig` (device, precision and batch size made concrete)."""
-    from batchcap.config import RuntimeConfig
-    from batchcap.encoder import resolve_device, resolve_precision
-
-    resolved = resolve_device(device)
-    if batch_size is None:
-        batch_size = 128 if resolved.type == "cuda" else 16
-    if workers == "auto":
-        n_workers = max(1, min(8, (os.cpu_count() or 2) - 1))
-    else:
-        try:
-            n_workers = int(workers)
-        except ValueError:
-            raise click.BadParameter(f"{workers!r} is not a number or auto", param_hint="--workers") from None
-        if n_workers < 0:
-            raise click.BadParameter("must be >= 0", param_hint="--workers")
-    return RuntimeConfig(device=str(resolved), precision=resolve_precision(precision, resolved),
-                         batch_size=batch_size, workers=n_workers, channels_last=True)
-
-
-def build_beam(beam: int, max_len: int | None, min_len: int, length_penalty: float, no_repeat_ngram: int,
-               n_best: int, model_max_len: int) -> Any:
-    """A validated :class:`BeamConfig`; bad combinations are usage errors."""
-    from batchcap.config import BeamConfig
-
-    try:
-        return BeamConfig(beam_size=beam, max_len=max_len or model_max_len, min_len=min_len,
-                          length_penalty=length_penalty, no_repeat_ngram=no_repeat_ngram, n_best=n_best)
-    except ValueError as exc:
-        raise click.UsageError(str(exc)) from exc
-
-
-def build_policy(max_pixels: int, background: str, no_draft: bool, image_keys: str) -> Any:
-    from batchcap.config import ImagePolicy
-
-    try:
-        rgb = tuple(int(v) for v in background.split(","))
-        if len(rgb) != 3 or not all(0 <= v <= 255 for v in rgb):
-            raise ValueError
-    except ValueError:
-        raise click.BadParameter(f"{background!r}: expected R,G,B with values 0-255",
-                                 param_hint="--background") from None
-    keys = tuple(k.strip().lower().lstrip(".") for k in image_keys.split(",") if k.strip())
-    return ImagePolicy(max_pixels=max_pixels, background=rgb, draft=not no_draft,  # type: ignore[arg-type]
-                       image_keys=keys)
-
-
 # -- the group ---------------------------------------------------------------------------------
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="batchcap")
@@ -226,6 +181,7 @@ def run(sources: tuple[str, ...], files_from: str | None, shard: str | None, max
     from batchcap.progress import EXIT_LOCKED, EXIT_RESUME_REFUSED, parse_max_failures
     from batchcap.runner import run_job
     from batchcap.sharding import resolve_shard
+    from batchcap.settings import beam_config, image_policy, runtime_config
     from batchcap.sink import ResumeRefused, infer_format
 
     if not sources and not files_from:
@@ -238,13 +194,13 @@ def run(sources: tuple[str, ...], files_from: str | None, shard: str | None, max
         raise click.UsageError(str(exc)) from exc
     model_path = resolve_model_path(model)
     meta = read_metadata(model_path)
-    beam_cfg = build_beam(beam, max_len, min_len, length_penalty, no_repeat_ngram, n_best,
+    beam_cfg = beam_config(beam, max_len, min_len, length_penalty, no_repeat_ngram, n_best,
                           int(meta["max_caption_len"]))
     cfg = RunConfig(sources=tuple(sources), out=out, format=fmt, files_from=files_from, shard_index=shard_index,
                     shard_count=shard_count, overwrite=overwrite, max_failures=max_failures,
                     commit_every=commit_every, log_every=log_every)
-    runtime = build_runtime(device, precision, batch_size, workers)
-    policy = build_policy(max_pixels, background, no_draft, image_keys)
+    runtime = runtime_config(device, precision, batch_size, workers)
+    policy = image_policy(max_pixels, background, no_draft, image_keys)
     try:
         result = run_job(cfg, model_path, beam_cfg, runtime, policy, encoder_weights=encoder_weights)
     except LockHeld as exc:
@@ -350,9 +306,10 @@ def train(data: str, out: str, fmt: str, images: str | None, encoder_name: str, 
     """
     from batchcap.config import EncoderConfig, TrainConfig
     from batchcap.datasets import load_caption_dataset
+    from batchcap.settings import runtime_config
     from batchcap.train import describe_encoder, train as train_decoder
 
-    runtime = build_runtime(device, precision, batch_size, workers)
+    runtime = runtime_config(device, precision, batch_size, workers)
     if init_model:  # the encoder, preprocessing, decoder shape and vocabulary are the start model's
         from batchcap.captioner import resolve_encoder_weights
         from batchcap.modelfile import load_model
@@ -444,12 +401,13 @@ def evaluate(data: str, split: str, fmt: str, images: str | None, limit: int | N
     from batchcap.captioner import resolve_model_path
     from batchcap.datasets import load_caption_dataset
     from batchcap.evaluate import evaluate_split, format_scores
+    from batchcap.settings import beam_config, runtime_config
     from batchcap.modelfile import load_model
 
     model_obj = load_model(resolve_model_path(model))
-    beam_cfg = build_beam(beam, max_len, min_len, length_penalty, no_repeat_ngram, n_best,
+    beam_cfg = beam_config(beam, max_len, min_len, length_penalty, no_repeat_ngram, n_best,
                           model_obj.max_caption_len)
-    runtime = build_runtime(device, precision, batch_size, workers)
+    runtime = runtime_config(device, precision, batch_size, workers)
     dataset = load_caption_dataset(data, fmt, images=images)
     if split not in dataset.splits or not dataset.splits[split]:
         raise click.ClickException(f"{data} has no images in split {split!r} "

@@ -40,6 +40,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image, ImageOps
 
+from batchcap.settings import available_cpus
+
 ORDERS = ("score", "id")
 FAILURE_CAP = 1000
 THUMB_MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb threshold
@@ -671,7 +673,7 @@ def write_report(output_path: str | os.PathLike[str], html_path: str | os.PathLi
     exts = tuple(str(e).lower() for e in exts) if isinstance(exts, (list, tuple)) and exts else IMAGE_EXTS
     exts = exts + tuple(e for e in IMAGE_EXTS if e not in exts)
     thumbs = _thumbnails(rows, base=output.parent, html_dir=html_file.parent, size=thumb_size,
-                         link_images=link_images, exts=exts, workers=workers or min(8, os.cpu_count() or 1))
+                         link_images=link_images, exts=exts, workers=workers or available_cpus())
     how = "lowest score first" if order == "score" else "by id"
     note = f"Showing {len(rows):,} of {scan.total:,} rows, {how}"
     if sample is not None:

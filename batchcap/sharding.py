@@ -16,7 +16,10 @@ from __future__ import annotations
 import hashlib
 from typing import Iterable, Iterator, Mapping
 
-from batchcap.sources import SourceError
+
+
+class ShardError(ValueError):
+    """A ``--shard`` value or Slurm array environment that cannot be mapped to a shard."""
 
 
 def shard_of(key: str, count: int) -> int:
@@ -40,16 +43,16 @@ def select(keys: Iterable[str], index: int, count: int) -> Iterator[str]:
 
 
 def parse_shard(text: str) -> tuple[int, int]:
-    """``"I/N"`` -> (I, N), with 0 <= I < N; :class:`SourceError` otherwise."""
+    """``"I/N"`` -> (I, N), with 0 <= I < N; :class:`ShardError` otherwise."""
     parts = text.strip().split("/")
     try:
         if len(parts) != 2:
             raise ValueError
         index, count = int(parts[0]), int(parts[1])
     except ValueError:
-        raise SourceError(f"--shard {text!r}: expected I/N, e.g. 0/4 for the first of four jobs") from None
+        raise ShardError(f"--shard {text!r}: expected I/N, e.g. 0/4 for the first of four jobs") from None
     if count < 1 or not 0 <= index < count:
-        raise SourceError(f"--shard {text!r}: need 0 <= I < N (shards are numbered from 0), "
+        raise ShardError(f"--shard {text!r}: need 0 <= I < N (shards are numbered from 0), "
                           f"e.g. 0/{max(count, 1)}")
     return index, count
 
@@ -58,7 +61,7 @@ def _env_int(environ: Mapping[str, str], name: str) -> int:
     try:
         return int(environ[name])
     except ValueError:
-        raise SourceError(f"{name}={environ[name]!r} is not an integer; pass --shard I/N instead") from None
+        raise ShardError(f"{name}={environ[name]!r} is not an integer; pass --shard I/N instead") from None
 
 
 def resolve_shard(option: str | None, environ: Mapping[str, str]) -> tuple[int, int]:
@@ -75,17 +78,17 @@ def resolve_shard(option: str | None, environ: Mapping[str, str]) -> tuple[int, 
     if not has_id and not has_count:
         return 0, 1
     if has_id != has_count:
-        raise SourceError("only one of SLURM_ARRAY_TASK_ID / SLURM_ARRAY_TASK_COUNT is set; pass --shard I/N")
+        raise ShardError("only one of SLURM_ARRAY_TASK_ID / SLURM_ARRAY_TASK_COUNT is set; pass --shard I/N")
     task_id = _env_int(environ, "SLURM_ARRAY_TASK_ID")
     count = _env_int(environ, "SLURM_ARRAY_TASK_COUNT")
     low = _env_int(environ, "SLURM_ARRAY_TASK_MIN") if "SLURM_ARRAY_TASK_MIN" in environ else 0
     step = _env_int(environ, "SLURM_ARRAY_TASK_STEP") if "SLURM_ARRAY_TASK_STEP" in environ else 1
     if step < 1 or (task_id - low) % step:
-        raise SourceError(f"Slurm array task {task_id} does not fit min {low} / step {step}; "
+        raise ShardError(f"Slurm array task {task_id} does not fit min {low} / step {step}; "
                           "pass --shard I/N")
     index = (task_id - low) // step
     if count < 1 or not 0 <= index < count:
-        raise SourceError(
+        raise ShardError(
             f"Slurm array task {task_id} (min {low}, step {step}) is not one of {count} tasks "
             "(an array with gaps?); pass --shard I/N"
         )

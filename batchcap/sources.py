@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Iterator, Sequence, Union
 
 from batchcap.config import ImagePolicy
+from batchcap.sharding import in_shard
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
@@ -307,8 +308,6 @@ class SourceSet:
 
     def count(self, shard_index: int = 0, shard_count: int = 1) -> int | None:
         """Candidate pictures (in one shard), by a listing pass; None when tars are involved."""
-        from batchcap.sharding import in_shard
-
         if any(isinstance(r, TarReader) for r in self.readers):
             return None
         total = 0

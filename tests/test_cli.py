@@ -51,7 +51,7 @@ def test_usage_errors_exit_2(tmp_path: Path, image_folder: Path, tiny_model_path
     base = ["run", str(image_folder), "--out", out, "--model", str(tiny_model_path)]
     assert runner.invoke(cli, ["run", "--out", out]).exit_code == 2  # no source
     result = runner.invoke(cli, base + ["--beam", "2", "--n-best", "3"])
-    assert result.exit_code == 2 and "n_best" in result.output
+    assert result.exit_code == 2 and "use --beam 3 or more for --n-best 3" in result.output
     result = runner.invoke(cli, base + ["--shard", "3/2"])
     assert result.exit_code == 2
     result = runner.invoke(cli, base + ["--max-failures", "lots"])

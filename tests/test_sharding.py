@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from batchcap.sharding import in_shard, parse_shard, resolve_shard, select, shard_of
-from batchcap.sources import SourceError
+from batchcap.sharding import ShardError
 
 ids = st.lists(st.text(min_size=1, max_size=30), max_size=60, unique=True)
 counts = st.integers(min_value=1, max_value=12)
@@ -53,7 +53,7 @@ def test_parse_shard() -> None:
     assert parse_shard("0/1") == (0, 1)
     assert parse_shard(" 3/4 ") == (3, 4)
     for bad in ("3/2", "4/4", "-1/4", "1", "a/b", "1/0", "1/2/3", ""):
-        with pytest.raises(SourceError):
+        with pytest.raises(ShardError):
             parse_shard(bad)
 
 
@@ -68,7 +68,7 @@ def test_resolve_shard_prefers_the_option_then_slurm() -> None:
     for env in ({"SLURM_ARRAY_TASK_ID": "7", "SLURM_ARRAY_TASK_COUNT": "5"},
                 {"SLURM_ARRAY_TASK_ID": "x", "SLURM_ARRAY_TASK_COUNT": "5"},
                 {"SLURM_ARRAY_TASK_ID": "1"}):
-        with pytest.raises(SourceError):
+        with pytest.raises(ShardError):
             resolve_shard(None, env)
-    with pytest.raises(SourceError):
+    with pytest.raises(ShardError):
         resolve_shard("3/2", {})

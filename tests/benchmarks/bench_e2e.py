@@ -41,6 +41,7 @@ from batchcap.captioner import Captioner, resolve_encoder_weights, resolve_model
 from batchcap.config import BeamConfig, EncoderConfig, ImagePolicy, RuntimeConfig, to_dict  # noqa: E402
 from batchcap.encoder import ASSETS_DIR, build_backbone, resolve_device, resolve_precision  # noqa: E402
 from batchcap.modelfile import load_model  # noqa: E402
+from batchcap.settings import default_workers  # noqa: E402
 
 SHARED = Path(os.environ.get("BATCHCAP_SHARED", REPO.parent / "shared"))
 
@@ -85,7 +86,7 @@ def main() -> None:
     parser.add_argument("--precision", default="auto",
                         help="For the encoder and the run (auto: bf16 where native).")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--workers", type=int, default=max(1, min(8, (os.cpu_count() or 2) - 1)))
+    parser.add_argument("--workers", type=int, default=default_workers())
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads in this process (default: torch's).")
     parser.add_argument("--beam", type=int, default=3)

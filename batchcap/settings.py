@@ -1,0 +1,84 @@
+"""Command-line values -> validated config objects, for the CLI and for library callers alike.
+
+``cli.py`` and ``bench.py`` both turn user-facing option values into the frozen
+dataclasses of :mod:`batchcap.config`. Doing that here keeps the library free of click:
+a bad value raises :class:`OptionError`, which names the option as the user typed it
+and says what to do; the click layer shows it as a usage error (exit 2).
+"""
+from __future__ import annotations
+
+import os
+
+from batchcap.config import BeamConfig, ImagePolicy, RuntimeConfig
+
+
+class OptionError(ValueError):
+    """A command-line value that cannot be used; ``option`` is the flag as typed (``--beam``)."""
+
+    def __init__(self, option: str, message: str) -> None:
+        super().__init__(f"{option}: {message}")
+        self.option = option
+        self.message = message
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on: the affinity mask (Slurm's, taskset's), not the node's count."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def default_workers(cpus: int | None = None) -> int:
+    """Decoding workers for ``--workers auto``: one per allocated CPU, leaving one for the model."""
+    return max(1, (available_cpus() if cpus is None else cpus) - 1)
+
+
+def runtime_config(device: str, precision: str, batch_size: int | None, workers: str) -> RuntimeConfig:
+    """A resolved :class:`RuntimeConfig`: device, precision, batch size and worker count made concrete."""
+    from batchcap.encoder import resolve_device, resolve_precision
+
+    resolved = resolve_device(device)
+    if batch_size is None:
+        batch_size = 128 if resolved.type == "cuda" else 16
+    if workers == "auto":
+        n_workers = default_workers()
+    else:
+        try:
+            n_workers = int(workers)
+        except ValueError:
+            raise OptionError("--workers", f"{workers!r} is not a number or auto") from None
+        if n_workers < 0:
+            raise OptionError("--workers", "must be 0 (decode in this process) or more")
+    return RuntimeConfig(device=str(resolved), precision=resolve_precision(precision, resolved),
+                         batch_size=batch_size, workers=n_workers, channels_last=True)
+
+
+def beam_config(beam: int, max_len: int | None, min_len: int, length_penalty: float, no_repeat_ngram: int,
+                n_best: int, model_max_len: int) -> BeamConfig:
+    """A validated :class:`BeamConfig`; ``max_len`` None means the model's own maximum."""
+    max_len = max_len or model_max_len
+    if n_best > beam:
+        raise OptionError("--n-best", f"{n_best} is more than the beam keeps; use --beam {n_best} or more "
+                                      f"for --n-best {n_best}")
+    if min_len > max_len:
+        raise OptionError("--min-len", f"{min_len} is longer than --max-len {max_len}; lower --min-len or "
+                                       "raise --max-len")
+    return BeamConfig(beam_size=beam, max_len=max_len, min_len=min_len, length_penalty=length_penalty,
+                      no_repeat_ngram=no_repeat_ngram, n_best=n_best)
+
+
+def image_policy(max_pixels: int, background: str, no_draft: bool, image_keys: str) -> ImagePolicy:
+    """The :class:`ImagePolicy` for ``--max-pixels``, ``--background``, ``--no-draft``, ``--image-key``."""
+    try:
+        rgb = tuple(int(v) for v in background.split(","))
+        if len(rgb) != 3 or not all(0 <= v <= 255 for v in rgb):
+            raise ValueError
+    except ValueError:
+        raise OptionError("--background", f"{background!r}: expected R,G,B with values 0-255, "
+                                          "e.g. 255,255,255") from None
+    keys = tuple(k.strip().lower().lstrip(".") for k in image_keys.split(",") if k.strip())
+    if not keys:
+        raise OptionError("--image-key", "name at least one extension, e.g. jpg,png")
+    return ImagePolicy(max_pixels=max_pixels, background=rgb, draft=not no_draft,  # type: ignore[arg-type]
+                       image_keys=keys)
