@@ -29,6 +29,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     if _USER_ERRORS is None:
         from batchcap.datasets import DatasetError
         from batchcap.encoder import EncoderError
+        from batchcap.metrics import MetricsUnavailable
         from batchcap.merge import MergeError
         from batchcap.modelfile import ModelFileError
         from batchcap.report import ReportError
@@ -37,7 +38,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         from batchcap.train import TrainingError
 
         _USER_ERRORS = (ModelFileError, EncoderError, SourceError, DatasetError, MergeError, ReportError,
-                        TrainingError, AverageError)
+                        TrainingError, AverageError, MetricsUnavailable)
     return _USER_ERRORS
 
 
@@ -298,17 +299,18 @@ def train(data: str, out: str, fmt: str, images: str | None, encoder_name: str, 
 
     \b
     Examples:
-        batchcap train ../shared/data/flickr8k --out flickr8k.safetensors \\
-            --encoder-weights ../shared/weights/legacy_xception.keras_imagenet.safetensors
-        batchcap train ../shared/data/flickr8k --out flickr8k-scst.safetensors \\
-            --init-model flickr8k.safetensors --self-critical --epochs 10 \\
-            --encoder-weights ../shared/weights/legacy_xception.keras_imagenet.safetensors
+        batchcap train flickr8k/ --out flickr8k.safetensors \\
+            --encoder-weights legacy_xception.safetensors
+        batchcap train flickr8k/ --out flickr8k-scst.safetensors \\
+            --init-model flickr8k.safetensors --self-critical --epochs 10
     """
     from batchcap.config import EncoderConfig, TrainConfig
     from batchcap.datasets import load_caption_dataset
+    from batchcap.metrics import require_metrics
     from batchcap.settings import runtime_config
     from batchcap.train import describe_encoder, train as train_decoder
 
+    require_metrics()  # every epoch is scored on the validation split
     runtime = runtime_config(device, precision, batch_size, workers)
     if init_model:  # the encoder, preprocessing, decoder shape and vocabulary are the start model's
         from batchcap.captioner import resolve_encoder_weights
@@ -396,14 +398,16 @@ def evaluate(data: str, split: str, fmt: str, images: str | None, limit: int | N
 
     \b
     Example:
-        batchcap eval ../shared/data/flickr8k --split val --beam 3 --json dev-scores.json
+        batchcap eval flickr8k/ --split val --beam 3 --json dev-scores.json
     """
     from batchcap.captioner import resolve_model_path
     from batchcap.datasets import load_caption_dataset
     from batchcap.evaluate import evaluate_split, format_scores
-    from batchcap.settings import beam_config, runtime_config
+    from batchcap.metrics import require_metrics
     from batchcap.modelfile import load_model
+    from batchcap.settings import beam_config, runtime_config
 
+    require_metrics()
     model_obj = load_model(resolve_model_path(model))
     beam_cfg = beam_config(beam, max_len, min_len, length_penalty, no_repeat_ngram, n_best,
                           model_obj.max_caption_len)
