@@ -519,7 +519,8 @@ def merge(parts: tuple[str, ...], out: str, fmt: str | None, expect_parts: int |
 @cli.command()
 @click.argument("output", type=click.Path(exists=True, dir_okay=False))
 @click.option("--html", "html_path", type=click.Path(dir_okay=False), default=None,
-              help="Where to write the page [default: OUTPUT with .html].")
+              help="Where to write the page [default: OUTPUT + .html, e.g. captions.parquet.html, so "
+                   "reports of captions.parquet and captions.jsonl never replace each other].")
 @click.option("--limit", type=click.IntRange(min=0), default=1000, show_default=True,
               help="Show the first N cards after ordering (0: all). Failures are always listed.")
 @click.option("--sample", type=click.IntRange(min=1), default=None, help="Show a random sample of N rows instead.")
@@ -528,9 +529,11 @@ def merge(parts: tuple[str, ...], out: str, fmt: str | None, expect_parts: int |
               help="score: lowest confidence first, so doubtful captions come first.")
 @click.option("--link-images", is_flag=True, help="Link the original files instead of embedding thumbnails.")
 @click.option("--thumb-size", type=click.IntRange(32, 1024), default=192, show_default=True)
+@click.option("--skip-bad-lines", is_flag=True,
+              help="JSONL: report the readable rows of a damaged file (bad lines are listed) instead of refusing.")
 @user_errors
 def report(output: str, html_path: str | None, limit: int, sample: int | None, seed: int, order: str,
-           link_images: bool, thumb_size: int) -> None:
+           link_images: bool, thumb_size: int, skip_bad_lines: bool) -> None:
     """Write a self-contained HTML page of a run's OUTPUT: thumbnails, captions, failures.
 
     Lowest-confidence captions come first; the page filters by status and searches
@@ -540,13 +543,16 @@ def report(output: str, html_path: str | None, limit: int, sample: int | None, s
     Example:
         batchcap report captions.parquet --html report.html
     """
-    from batchcap.report import write_report
+    from batchcap.report import default_html_path, describe_lines, write_report
 
-    html_path = html_path or str(Path(output).with_suffix(".html"))
+    html_path = html_path or default_html_path(output)
     s = write_report(output, html_path, limit=limit, sample=sample, seed=seed, link_images=link_images,
-                     thumb_size=thumb_size, order=order)
-    click.echo(f"{s.html}: {s.shown:,} of {s.total_rows:,} rows, {s.thumbnails:,} thumbnails, "
+                     thumb_size=thumb_size, order=order, skip_bad_lines=skip_bad_lines)
+    click.echo(f"wrote {s.html}: {s.shown:,} of {s.total_rows:,} rows, {s.thumbnails:,} thumbnails, "
                f"{s.html_bytes / 1e6:.1f} MB in {s.seconds:.1f} s")
+    if s.bad_lines:
+        click.echo(f"warning: {output} is damaged: {s.bad_lines:,} line(s) are not rows and were left out "
+                   f"(line {describe_lines(s.bad_line_numbers)})", err=True)
 
 
 @cli.command()

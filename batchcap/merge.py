@@ -246,8 +246,13 @@ def _parquet_config(path: str, schema: pa.Schema) -> dict[str, Any] | None:
 
 def _iter_jsonl(path: str) -> Iterator[tuple[int, str, dict[str, Any]]]:
     """(line number, line, object) for each non-blank line; MergeError on a bad line."""
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise MergeError(f"part {path} line {number} is not UTF-8 text (byte {exc.start + 1}); "
+                                 "the part is damaged") from exc
             if not line.strip():
                 continue
             try:

@@ -88,6 +88,13 @@ class ReportSummary:
     html_bytes: int
     seconds: float
     models: dict[str, int] = field(default_factory=dict)
+    bad_line_numbers: tuple[int, ...] = ()
+
+
+def describe_lines(numbers: list[int] | tuple[int, ...], most: int = 10) -> str:
+    """``3, 17, 40`` -- the first ``most`` line numbers, and how many more."""
+    shown = ", ".join(str(n) for n in numbers[:most])
+    return shown + (f" and {len(numbers) - most:,} more" if len(numbers) > most else "")
 
 
 # ----------------------------------------------------------------------------- reading
@@ -146,10 +153,26 @@ def _parquet_batches(path: Path) -> tuple[Iterator[pa.Table], dict[str, Any]]:
 
 
 class _LineCounter:
-    """Counts JSONL lines that are not a JSON object (a damaged file must still report)."""
+    """JSONL lines that are not a JSON row; with ``strict`` the first one stops the report.
 
-    def __init__(self) -> None:
-        self.bad = 0
+    A batchcap JSONL output never holds such a line (it is written whole and renamed into
+    place), so one means the file was damaged or edited: by default that is an error
+    naming the line; ``strict=False`` renders the readable rows and lists the bad lines.
+    """
+
+    def __init__(self, path: Path, strict: bool = True) -> None:
+        self.path, self.strict = path, strict
+        self.lines: list[int] = []
+
+    @property
+    def bad(self) -> int:
+        return len(self.lines)
+
+    def damaged(self, number: int, why: str) -> None:
+        if self.strict:
+            raise ReportError(f"{self.path} line {number} {why}: the file is damaged. Rerun with "
+                              "--skip-bad-lines to report the readable rows anyway")
+        self.lines.append(number)
 
 
 def _jsonl_batches(path: Path, counter: _LineCounter) -> tuple[Iterator[pa.Table], dict[str, Any]]:
@@ -176,16 +199,16 @@ def _jsonl_batches(path: Path, counter: _LineCounter) -> tuple[Iterator[pa.Table
     def batches() -> Iterator[pa.Table]:
         rows: list[dict[str, Any]] = []
         with open(path, encoding="utf-8", errors="replace") as fh:
-            for line in fh:
+            for number, line in enumerate(fh, 1):
                 if not line.strip():
                     continue
                 try:
                     row = json.loads(line)
                 except ValueError:
-                    counter.bad += 1
+                    counter.damaged(number, "is not valid JSON")
                     continue
                 if not isinstance(row, dict):
-                    counter.bad += 1
+                    counter.damaged(number, "is not a JSON object")
                     continue
                 rows.append(row)
                 if len(rows) >= BATCH_ROWS:
@@ -586,7 +609,7 @@ def _css_name(status: str) -> str:
 
 
 def _render(*, title: str, output: Path, meta: dict[str, Any], scan: _Scan, rows: list[dict[str, Any]],
-            thumbs: list[_Thumb], note: str, bad_lines: int, failure_cap: int) -> str:
+            thumbs: list[_Thumb], note: str, bad_lines: list[int], failure_cap: int) -> str:
     ok = scan.statuses.get("ok", 0)
     failed = scan.total - ok
     tiles = [("Rows", f"{scan.total:,}", ""), ("Captioned", f"{ok:,}", "ok"),
@@ -597,7 +620,8 @@ def _render(*, title: str, output: Path, meta: dict[str, Any], scan: _Scan, rows
                     for s, n in sorted(scan.statuses.items(), key=lambda kv: (kv[0] != "ok", -kv[1], kv[0])))
     facts = _run_facts(meta, scan)
     if bad_lines:
-        facts.append(("Damaged lines", f"{bad_lines:,} JSONL lines could not be parsed"))
+        facts.append(("Damaged lines", f"{len(bad_lines):,} JSONL lines could not be parsed "
+                                       f"(line {describe_lines(bad_lines)}); they are not in this report"))
     facts_html = "".join(f"<dt>{_esc(k)}</dt><dd>{_esc(v)}</dd>" for k, v in facts)
     meta_html = (f'<details class="config"><summary>Run configuration</summary>'
                  f'<pre>{_esc(json.dumps(meta, indent=2, sort_keys=True, default=str))}</pre></details>'
@@ -633,17 +657,28 @@ def _render(*, title: str, output: Path, meta: dict[str, Any], scan: _Scan, rows
 # ----------------------------------------------------------------------------- entry point
 
 
+def default_html_path(output_path: str | os.PathLike[str]) -> str:
+    """The page ``batchcap report OUTPUT`` writes without ``--html``: OUTPUT + ``.html``.
+
+    Appending (``captions.parquet.html``) rather than replacing the suffix keeps the reports
+    of ``captions.parquet`` and ``captions.jsonl`` from overwriting each other.
+    """
+    return os.fspath(output_path) + ".html"
+
+
 def write_report(output_path: str | os.PathLike[str], html_path: str | os.PathLike[str], *,
                  limit: int | None = 1000, sample: int | None = None, seed: int = 0,
                  link_images: bool = False, thumb_size: int = 192, order: str = "score",
-                 failure_cap: int = FAILURE_CAP, workers: int | None = None) -> ReportSummary:
+                 failure_cap: int = FAILURE_CAP, workers: int | None = None,
+                 skip_bad_lines: bool = False) -> ReportSummary:
     """Render ``output_path`` (a batchcap Parquet or JSONL output) as one HTML page at ``html_path``.
 
     Cards are ordered lowest score first (``order="score"``; failures last) or by id;
     ``sample`` picks that many rows at random (reproducible with ``seed``) before ordering,
     and ``limit`` keeps the first N (``None`` or 0 for all). Thumbnails are embedded JPEG
     data URIs of at most ``thumb_size`` px, or links to the original files when
-    ``link_images``. Raises :class:`ReportError` when the output cannot be read.
+    ``link_images``. Raises :class:`ReportError` when the output cannot be read, or when a
+    JSONL output has a line that is not a row, unless ``skip_bad_lines``.
     """
     started = time.perf_counter()
     if order not in ORDERS:
@@ -657,7 +692,7 @@ def write_report(output_path: str | os.PathLike[str], html_path: str | os.PathLi
     if not output.is_file():
         raise ReportError(f"{output}: no such output file")
     html_file = Path(html_path)
-    counter = _LineCounter()
+    counter = _LineCounter(output, strict=not skip_bad_lines)
     if _detect_format(output) == "parquet":
         batches, meta = _parquet_batches(output)
     else:
@@ -681,7 +716,7 @@ def write_report(output_path: str | os.PathLike[str], html_path: str | os.PathLi
     elif limit is not None and scan.total > limit:
         note += f" (limit {limit:,})"
     text = _render(title=f"batchcap report · {output.name}", output=output, meta=meta, scan=scan, rows=rows,
-                   thumbs=thumbs, note=note + ".", bad_lines=counter.bad, failure_cap=failure_cap)
+                   thumbs=thumbs, note=note + ".", bad_lines=counter.lines, failure_cap=failure_cap)
     data = text.encode("utf-8", errors="replace")  # lone surrogates from JSON must not crash the write
     html_file.parent.mkdir(parents=True, exist_ok=True)
     tmp = html_file.with_name(f".{html_file.name}.{os.getpid()}.tmp")
@@ -691,6 +726,6 @@ def write_report(output_path: str | os.PathLike[str], html_path: str | os.PathLi
         output=str(output), html=str(html_file), total_rows=scan.total, status_counts=dict(scan.statuses),
         shown=len(rows), thumbnails=sum(1 for t in thumbs if t.src and t.src.startswith("data:")),
         placeholders=sum(1 for t in thumbs if not t.src), failures_listed=len(scan.failures),
-        bad_lines=counter.bad, html_bytes=len(data), seconds=time.perf_counter() - started,
+        bad_lines=counter.bad, bad_line_numbers=tuple(counter.lines), html_bytes=len(data), seconds=time.perf_counter() - started,
         models=dict(scan.models),
     )

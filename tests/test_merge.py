@@ -149,6 +149,8 @@ def test_damaged_jsonl_line_is_named(tmp_path: Path) -> None:
     part = write_jsonl(tmp_path / "part-0.jsonl", ids_of(0, 3))
     part.write_text(part.read_text() + '{"id": "img9", "capt')
     assert_refused([part], tmp_path / "m.jsonl", "part-0.jsonl line 4 is not valid JSON")
+    part.write_bytes(part.read_bytes().replace(b'"img00001.jpg"', b'"img\xff0001.jpg"'))
+    assert_refused([part], tmp_path / "m.jsonl", "part-0.jsonl line 2 is not UTF-8 text")
 
 
 def test_duplicate_id_names_id_and_parts(tmp_path: Path) -> None:

@@ -209,9 +209,12 @@ def test_tolerant_of_missing_columns_and_damage(tmp_path: Path) -> None:
     jsonl = tmp_path / "damaged.jsonl"
     jsonl.write_text('{"id": "a", "caption": "fine", "status": "ok", "score": "-0.5", "n_best": 3}\n'
                      '{"id": "b", "capt\n[1, 2]\n\n{"id": "c\\ud800", "status": "ok", "caption": "x"}\n')
-    summary = write_report(jsonl, tmp_path / "damaged.html")
-    assert summary.total_rows == 2 and summary.bad_lines == 2
-    assert "2 JSONL lines could not be parsed" in (tmp_path / "damaged.html").read_text("utf-8")
+    with pytest.raises(ReportError, match=r"damaged.jsonl line 2 is not valid JSON: the file is damaged"):
+        write_report(jsonl, tmp_path / "damaged.html")
+    assert not (tmp_path / "damaged.html").exists()
+    summary = write_report(jsonl, tmp_path / "damaged.html", skip_bad_lines=True)
+    assert summary.total_rows == 2 and summary.bad_lines == 2 and summary.bad_line_numbers == (2, 3)
+    assert "2 JSONL lines could not be parsed (line 2, 3)" in (tmp_path / "damaged.html").read_text("utf-8")
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     assert write_report(empty, tmp_path / "empty.html").total_rows == 0
@@ -277,3 +280,35 @@ def test_reads_what_the_real_sink_writes(tmp_path: Path, fmt: str) -> None:
     assert summary.total_rows == 6 and summary.thumbnails == 3
     check_page(text, rows)
     assert "bf16" not in text and "fp32" in text and "batchcap 0." in text
+
+
+def test_cli_default_pages_of_parquet_and_jsonl_outputs_do_not_collide(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from batchcap.cli import cli
+
+    pq.write_table(pa.table({"id": ["p"], "caption": ["from parquet"], "status": ["ok"]}), tmp_path / "wds.parquet")
+    (tmp_path / "wds.jsonl").write_text(json.dumps({"id": "j", "caption": "from jsonl", "status": "ok"}) + "\n")
+    runner = CliRunner()
+    for name in ("wds.jsonl", "wds.parquet"):
+        result = runner.invoke(cli, ["report", str(tmp_path / name)])
+        assert result.exit_code == 0, result.output
+        assert f"wrote {tmp_path / name}.html:" in result.output
+    assert "from jsonl" in (tmp_path / "wds.jsonl.html").read_text("utf-8")
+    assert "from parquet" in (tmp_path / "wds.parquet.html").read_text("utf-8")
+    assert not (tmp_path / "wds.html").exists()
+
+
+def test_cli_refuses_a_damaged_jsonl_output_naming_the_line(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from batchcap.cli import cli
+
+    jsonl = tmp_path / "out.jsonl"
+    jsonl.write_text(json.dumps({"id": "a", "caption": "fine", "status": "ok"}) + "\n{\"id\": \"b\", \"capt\n")
+    runner = CliRunner()
+    result = runner.invoke(cli, ["report", str(jsonl)])
+    assert result.exit_code == 2 and "line 2 is not valid JSON" in result.output
+    assert "--skip-bad-lines" in result.output and not (tmp_path / "out.jsonl.html").exists()
+    result = runner.invoke(cli, ["report", str(jsonl), "--skip-bad-lines"])
+    assert result.exit_code == 0 and "1 line(s) are not rows and were left out (line 2)" in result.output
