@@ -354,7 +354,9 @@ def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
         for key in sorted(set(a) | set(b)):
             out += _diff(a.get(key), b.get(key), f"{prefix}{key}.")
         return out
-    return [] if a == b else [f"{prefix.rstrip('.')}: {a!r} vs {b!r}"]
+    from batchcap.settings import option_name
+
+    return [] if a == b else [f"{option_name(prefix.rstrip('.'))}: {a!r} vs {b!r}"]
 
 
 def _check_same_settings(infos: list[_Part]) -> None:

@@ -438,7 +438,10 @@ def _check_previous(out: Path, previous: dict[str, Any] | None, meta: dict[str, 
     new = _flatten(meta["resume_settings"])
     differ = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
     if differ:
-        changes = "; ".join(f"{k}: {json.dumps(old.get(k))} -> {json.dumps(new.get(k))}" for k in differ)
+        from batchcap.settings import option_name
+
+        changes = "; ".join(f"{option_name(k)}: {json.dumps(old.get(k))} -> {json.dumps(new.get(k))}"
+                            for k in differ)
         raise ResumeRefused(
             f"refusing to continue {out}: {what} was made with other settings ({changes}). "
             "Mixing them would put captions from different settings in one file; rerun with "

@@ -187,7 +187,7 @@ def test_model_mismatch_in_column(tmp_path: Path) -> None:
 def test_settings_mismatch_in_metadata(tmp_path: Path) -> None:
     a = write_parquet(tmp_path / "part-0.parquet", ids_of(0, 5))
     b = write_parquet(tmp_path / "part-1.parquet", ids_of(5, 9), shard=1, config=dict(CONFIG, beam_size=5))
-    assert_refused([a, b], tmp_path / "m.parquet", "different settings: beam_size: 3 vs 5")
+    assert_refused([a, b], tmp_path / "m.parquet", "different settings: --beam: 3 vs 5")
 
 
 def test_settings_mismatch_jsonl(tmp_path: Path) -> None:
@@ -232,7 +232,7 @@ def test_parts_written_by_the_sink(tmp_path: Path, fmt: str) -> None:
     meta = sink.read_output_meta(out)
     assert meta["resume_settings"]["beam_size"] == 3 and "shard" not in meta["run_config"]
     part(2, ids_of(9, 10), beam=5)
-    assert_refused([*parts, tmp_path / f"part-2.{fmt}"], tmp_path / f"m2.{fmt}", "beam_size: 3 vs 5")
+    assert_refused([*parts, tmp_path / f"part-2.{fmt}"], tmp_path / f"m2.{fmt}", "--beam: 3 vs 5")
 
 
 def test_same_file_names_in_two_folders_are_named_by_path(tmp_path: Path) -> None:

@@ -210,7 +210,7 @@ def test_changed_settings_are_refused_and_overwrite_starts_over(tmp_path: Path,
 
     refused = run(command([folder], out, tiny_model_path, "--beam", "3"))
     assert refused.returncode == EXIT_RESUME_REFUSED, refused.stdout
-    assert "beam_size: 2 -> 3" in refused.stdout and "--overwrite" in refused.stdout
+    assert "--beam: 2 -> 3" in refused.stdout and "--overwrite" in refused.stdout
     assert read_rows(out) == first  # untouched
 
     again = run(command([folder], out, tiny_model_path, "--beam", "3", "--overwrite"))

@@ -57,3 +57,14 @@ def test_available_cpus_follow_the_affinity_mask_not_the_node() -> None:
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
     assert out.split() == ["1", "1"]
     assert available_cpus() == len(os.sched_getaffinity(0))
+
+
+@pytest.mark.parametrize("setting, shown", [
+    ("beam.beam_size", "--beam"), ("resume_settings.beam.n_best", "--n-best"), ("no_repeat_ngram", "--no-repeat-ngram"),
+    ("model", "--model"), ("preprocess.resize", "the model's preprocessing (resize)"),
+    ("schema_version", "schema version"),
+])
+def test_refusals_name_settings_as_options(setting: str, shown: str) -> None:
+    from batchcap.settings import option_name
+
+    assert option_name(setting) == shown

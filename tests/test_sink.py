@@ -119,20 +119,20 @@ def test_refuses_changed_settings_naming_them(out: Path, fmt: str) -> None:
     store = open_store(out, fmt)
     store.add([row(i) for i in range(4)])  # committed, run unfinished
     changed = {**SETTINGS, "beam_size": 5}
-    with pytest.raises(ResumeRefused, match=r"beam_size: 3 -> 5.*--overwrite"):
+    with pytest.raises(ResumeRefused, match=r"--beam: 3 -> 5.*--overwrite"):
         open_store(out, fmt, changed)
     open_store(out, fmt).finalize()  # same settings: fine; now only the final output holds them
     assert not work_dir_for(out).exists()
-    with pytest.raises(ResumeRefused, match=r"beam_size: 3 -> 5"):
+    with pytest.raises(ResumeRefused, match=r"--beam: 3 -> 5"):
         open_store(out, fmt, changed)
-    with pytest.raises(ResumeRefused, match=r"new_option: null -> true"):
+    with pytest.raises(ResumeRefused, match=r"new option: null -> true"):
         open_store(out, fmt, {**SETTINGS, "new_option": True})
 
 
 def test_refusal_names_the_nested_setting_that_changed(out: Path, fmt: str) -> None:
     nested = {"model": "tiny@0123456789ab", "beam": {"beam_size": 3, "max_len": 12}}
     open_store(out, fmt, nested).finalize()
-    with pytest.raises(ResumeRefused, match=r"\(beam\.beam_size: 3 -> 5\)"):
+    with pytest.raises(ResumeRefused, match=r"\(--beam: 3 -> 5\)"):
         open_store(out, fmt, {**nested, "beam": {"beam_size": 5, "max_len": 12}})
 
 
