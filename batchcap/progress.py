@@ -175,7 +175,12 @@ class Progress:
 
     def summary(self, output: str | None = None, *, extra: Mapping[str, Any] | None = None,
                 echo: bool = True) -> dict[str, Any]:
-        """The end-of-run figures as a dict; printed as plain lines to the stream unless ``echo=False``."""
+        """The end-of-run figures as a dict; printed as plain lines to the stream unless ``echo=False``.
+
+        The lines say what *this* process did: ``captioned now`` and ``failed now`` are the
+        inputs it processed; ``already done`` were skipped because the output, or a part an
+        interrupted earlier attempt committed, holds them already.
+        """
         self.__exit__(None, None, None)  # the bar's last frame stays; the summary goes below it
         wall = self._clock() - self._start
         result: dict[str, Any] = {
@@ -194,9 +199,9 @@ class Progress:
         if echo:
             by_status = ", ".join(f"{k} {v}" for k, v in result["failed"].items())
             fields: list[tuple[str, Any]] = [
-                ("ok", self.ok),
-                ("failed", f"{result['failed_total']}" + (f" ({by_status})" if by_status else "")),
-                ("skipped (already done)", self.skipped),
+                ("captioned now", self.ok),
+                ("failed now", f"{result['failed_total']}" + (f" ({by_status})" if by_status else "")),
+                ("already done", self.skipped),
                 ("ignored", self.ignored),
                 *(extra or {}).items(),
             ]

@@ -44,6 +44,23 @@ def resume_settings(meta: dict[str, Any], beam: BeamConfig) -> dict[str, Any]:
     return {"model": model_identity(meta), "preprocess": meta.get("preprocess"), "beam": to_dict(beam)}
 
 
+def output_summary(final: Any, processed: int) -> dict[str, Any]:
+    """Summary lines about the output file, told apart from what this process captioned.
+
+    ``final`` is the store's :class:`~batchcap.sink.FinalizeSummary`. Rows added since the
+    last finalise include those an interrupted attempt committed before this run started:
+    they are counted as ``added to output`` and named, so 128 rows resumed plus 272
+    captioned now reads as 400 added, 128 of them from the earlier attempt.
+    """
+    added = final.rows_new + final.rows_replaced
+    extra: dict[str, Any] = {"rows in output": final.rows_total, "added to output": final.rows_new,
+                             "replaced (file changed)": final.rows_replaced}
+    earlier = max(0, added - processed)
+    if earlier:
+        extra["from earlier attempts"] = f"{earlier} (committed before an interruption, now in the output)"
+    return extra
+
+
 def _ok_row(item: ItemResult, text: str, score: float, n_best: tuple[tuple[str, float], ...], n: int,
             model: str, now: dt.datetime) -> dict[str, Any]:
     return {
@@ -131,8 +148,7 @@ def run_job(cfg: RunConfig, model_path: Path, beam: BeamConfig, runtime: Runtime
                                  skipped=batch.skipped, ignored=batch.ignored)
             final = store.finalize()
             processed = progress.processed
-            extra: dict[str, Any] = {"rows in output": final.rows_total, "new rows": final.rows_new,
-                                     "replaced rows": final.rows_replaced}
+            extra = output_summary(final, processed)
             if processed == 0:
                 extra["note"] = "nothing new to caption: every input is already in the output"
             summary = progress.summary(str(out), extra=extra)

@@ -325,3 +325,21 @@ def test_stale_retry_rows_are_dropped_when_not_emitted_again(out: Path, fmt: str
     summary = open_store(out, fmt).finalize()
     assert summary.rewritten and summary.rows_dropped == 1 and summary.rows_total == 2
     assert not open_store(out, fmt).finalize().rewritten
+
+
+def test_resume_summary_tells_this_run_from_an_interrupted_attempt(out: Path, fmt: str) -> None:
+    from batchcap.runner import output_summary
+
+    first = open_store(out, fmt)
+    first.add([row(i) for i in range(8)])  # committed in parts; then the process was killed
+    resumed = open_store(out, fmt)
+    assert len(resumed.done) == 8
+    resumed.add([row(i) for i in range(8, 20)])  # what the resumed process captioned itself
+    summary = output_summary(resumed.finalize(), processed=12)
+    assert summary["rows in output"] == 20 and summary["added to output"] == 20
+    assert summary["from earlier attempts"].startswith("8 ")
+    rerun = open_store(out, fmt)
+    rerun.add([row(i, caption="new") for i in (3, 20)])  # one changed file, one new one
+    summary = output_summary(rerun.finalize(), processed=2)
+    assert summary["added to output"] == 1 and summary["replaced (file changed)"] == 1
+    assert "from earlier attempts" not in summary
