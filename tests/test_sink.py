@@ -343,3 +343,20 @@ def test_resume_summary_tells_this_run_from_an_interrupted_attempt(out: Path, fm
     summary = output_summary(rerun.finalize(), processed=2)
     assert summary["added to output"] == 1 and summary["replaced (file changed)"] == 1
     assert "from earlier attempts" not in summary
+
+
+def test_outputs_read_back_in_pandas_and_duckdb_as_the_readme_shows(out: Path, fmt: str) -> None:
+    # The README's three-line recipes, run on a real output (list-of-struct n_best, UTC timestamps).
+    pd = pytest.importorskip("pandas")
+    duckdb = pytest.importorskip("duckdb")
+    store = open_store(out, fmt)
+    store.add([row(i) for i in range(5)] + [row(5, status="corrupt")])
+    store.finalize()
+    df = pd.read_parquet(out) if fmt == "parquet" else pd.read_json(out, lines=True)
+    assert len(df) == 6 and sorted(df["status"]) == ["corrupt"] + ["ok"] * 5
+    assert df.loc[df["status"] == "ok", "n_best"].iloc[0][1]["caption"] == "a cat"
+    table = f"'{out}'" if fmt == "parquet" else f"read_json_auto('{out}')"
+    counts = duckdb.sql(f"SELECT status, count(*) AS n FROM {table} GROUP BY status ORDER BY status").fetchall()
+    assert counts == [("corrupt", 1), ("ok", 5)]
+    worst = duckdb.sql(f"SELECT id, caption, score FROM {table} WHERE status = 'ok' ORDER BY score, id LIMIT 2")
+    assert [r[0] for r in worst.fetchall()] == ["img00000.jpg", "img00001.jpg"]
