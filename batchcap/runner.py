@@ -54,7 +54,7 @@ def output_summary(final: Any, processed: int) -> dict[str, Any]:
     """
     added = final.rows_new + final.rows_replaced
     extra: dict[str, Any] = {"rows in output": final.rows_total, "added to output": final.rows_new,
-                             "replaced (file changed)": final.rows_replaced}
+                             "replaced rows": final.rows_replaced}
     earlier = max(0, added - processed)
     if earlier:
         extra["from earlier attempts"] = f"{earlier} (committed before an interruption, now in the output)"

@@ -341,7 +341,7 @@ def test_resume_summary_tells_this_run_from_an_interrupted_attempt(out: Path, fm
     rerun = open_store(out, fmt)
     rerun.add([row(i, caption="new") for i in (3, 20)])  # one changed file, one new one
     summary = output_summary(rerun.finalize(), processed=2)
-    assert summary["added to output"] == 1 and summary["replaced (file changed)"] == 1
+    assert summary["added to output"] == 1 and summary["replaced rows"] == 1
     assert "from earlier attempts" not in summary
 
 
