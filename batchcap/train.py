@@ -483,9 +483,10 @@ def train(cfg: TrainConfig, dataset: CaptionDataset, choice: EncoderChoice, deco
                             else f"loss {totals.mean_loss():.3f}")
                 log(f"epoch {epoch} step {loop['step']}/{total_steps} {progress} "
                     f"({totals.images / (time.time() - started):.0f} img/s)")
+        train_loss = totals.mean_loss()  # waits for the epoch's last steps, so the time below is theirs
         train_time = time.time() - started
         scores = validate(decoder, val_split, source.val_features(val_split), vocab, val_beam)
-        record = {"epoch": epoch, "step": loop["step"], "train_loss": totals.mean_loss(),
+        record = {"epoch": epoch, "step": loop["step"], "train_loss": train_loss,
                   "train_seconds": round(train_time, 1), "val": scores, "time": time.time()}
         if rewarder is not None:
             record["train_reward"] = totals.mean_reward(cfg.samples_per_image)
