@@ -36,6 +36,8 @@ from batchcap.text import SPECIAL_TOKENS, Vocabulary
 from batchcap.train import (CachedFeatures, Split, StepTotals, TrainStep, encode_captions, load_checkpoint,
                             save_checkpoint, validate)
 
+pytestmark = pytest.mark.filterwarnings("ignore:CUDA is not available:UserWarning")  # autocast("cuda") is off
+
 CUDA = RuntimeConfig(device="cuda", precision="bf16", batch_size=8, workers=0)
 WORDS = ("a", "dog", "cat", "runs", "on", "grass")
 
@@ -132,12 +134,16 @@ def trainer(vocab: Vocabulary, split: Split, decoder: CaptionDecoder, fake: Fake
     return TrainStep(decoder, trained, optimizer, cfg, CUDA, vocab, split, total_steps=10), optimizer, trained
 
 
-def test_the_harness_catches_a_cpu_tensor_meeting_a_cuda_model(fake_cuda: FakeCuda) -> None:
+def test_the_harness_catches_a_cpu_tensor_meeting_a_cuda_model_and_counts_host_reads(fake_cuda: FakeCuda) -> None:
     split, vocab = tiny_split()
     with torch.device("cuda"):
         decoder = CaptionDecoder(decoder_config(vocab))
     with pytest.raises(FakeTensorDeviceMismatchError):
         decoder.init_state(split.features.float())  # what validation did before features moved
+    on_gpu = torch.ones(3, device="cuda")
+    assert int((split.captions != 0).sum(1).max()) == 7 and fake_cuda.host_reads == 0  # CPU maths is real
+    int(on_gpu.sum()), on_gpu.cpu()  # what the training step used to do to cut captions, and a copy back
+    assert fake_cuda.host_reads == 2
 
 
 @pytest.mark.parametrize("on_device", [True, False], ids=["cache-on-gpu", "cache-on-cpu"])
@@ -187,6 +193,8 @@ def test_resume_puts_the_adamw_moments_on_the_device(tmp_path: Path, fake_cuda: 
     assert moments["step"].device.type == "cpu"  # where (non-fused) AdamW keeps it
     images, feats = next(CachedFeatures([split.features], "cuda").epoch([[0, 1]], torch.Generator()))
     step(5, images, feats, torch.Generator())  # the first step after a resume
+    save_checkpoint(tmp_path / "again.ckpt", trained, optimizer, {"epoch": 2})  # and the next checkpoint
+    assert (tmp_path / "again.ckpt").stat().st_size > path.stat().st_size // 2
 
 
 def test_beam_search_through_the_captioner_on_the_device(tiny_model_path: Path, fake_cuda: FakeCuda) -> None:
