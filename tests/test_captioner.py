@@ -81,6 +81,18 @@ def test_a_run_whose_encoder_overflows_writes_failure_rows(tiny_model_path: Path
     assert all(r["caption"] is None and "no finite caption" in r["error"] for r in rows)
 
 
+@pytest.mark.cuda
+def test_a_short_batch_on_cuda_is_padded_and_captioned_like_on_the_cpu(tiny_model_path: Path) -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    model = load_model(tiny_model_path)
+    beam = BeamConfig(beam_size=3, max_len=6)
+    images = torch.randint(0, 256, (5, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    on_cpu = Captioner(model, RuntimeConfig(precision="fp32", channels_last=False), beam)(images)
+    on_gpu = Captioner(model, RuntimeConfig(device="cuda", precision="fp32", batch_size=8), beam)(images)
+    assert len(on_gpu) == 5 and sum(a.text == b.text for a, b in zip(on_cpu, on_gpu)) >= 4
+
+
 @pytest.mark.slow
 def test_the_packaged_model_captions_photos_offline(tmp_path: Path) -> None:
     if not DEFAULT_MODEL.is_file():
