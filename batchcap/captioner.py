@@ -7,10 +7,12 @@ This is where the model file, the encoder weights and the runtime settings meet:
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
@@ -20,7 +22,14 @@ from batchcap.encoder import (ASSETS_DIR, ENV_WEIGHTS, Encoder, EncoderError, We
                               find_referenced_weights)
 from batchcap.modelfile import CaptionModel, ModelFileError, check_encoder_weights
 
+if TYPE_CHECKING:
+    from batchcap.loader import Batch
+
 DEFAULT_MODEL = ASSETS_DIR / "default-model.safetensors"
+
+#: The status of a picture that decoded but got no caption: every hypothesis scored NaN or
+#: -inf, as happens with NaN or inf features (an fp16 overflow, for example).
+NO_CAPTION = "no_caption"
 
 
 def resolve_model_path(model: str | None) -> Path:
@@ -82,11 +91,48 @@ def per_token_scores(result: BeamResult, length_penalty: float) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Caption:
-    """One image's result: the best caption, its score, and the n-best list."""
+    """One image's result: the best caption, its score, and the n-best list.
+
+    ``error`` says why an image has no caption (then ``text`` is empty and ``n_best`` too).
+    """
 
     text: str
     score: float
     n_best: tuple[tuple[str, float], ...]
+    error: str | None = None
+
+
+def encode_fixed_size(encode: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor,
+                      batch_size: int) -> torch.Tensor:
+    """``encode(images)``, with a short batch padded by blank pictures up to ``batch_size`` rows.
+
+    On CUDA, cuDNN's autotuner (``cudnn.benchmark``) times its kernels again for every new
+    input shape; padding the last batch of each worker keeps the encoder at one shape.
+    The padding's features are dropped, so the result has one row per picture given.
+    """
+    count = images.shape[0]
+    if 0 < count < batch_size:
+        blank = images.new_zeros((batch_size - count, *images.shape[1:]))
+        return encode(torch.cat([images, blank]))[:count]
+    return encode(images)
+
+
+def caption_batch(captioner: Callable[[torch.Tensor], list[Caption]], batch: "Batch") -> list[Caption]:
+    """Captions for ``batch.ok``; a picture without one moves from ``batch.ok`` to ``batch.failed``.
+
+    So a bad picture becomes its own failure row (status ``no_caption``) and the rest of
+    the batch, and the job, carry on.
+    """
+    captions = captioner(batch.images)
+    kept, failed = [], []
+    for item, caption in zip(batch.ok, captions, strict=True):
+        if caption.error is None:
+            kept.append((item, caption))
+        else:
+            failed.append(dataclasses.replace(item, status=NO_CAPTION, error=caption.error))
+    batch.ok = [item for item, _ in kept]
+    batch.failed = batch.failed + failed
+    return [caption for _, caption in kept]
 
 
 class Captioner:
@@ -102,10 +148,13 @@ class Captioner:
         backbone = build_backbone(EncoderConfig(name=model.encoder.name, spatial=model.encoder.spatial), source)
         self.encoder = Encoder(backbone, model.preprocess, runtime, spatial=model.encoder.spatial)
         self.decoder = model.build_decoder().to(runtime.device)
+        self.fixed_batch = torch.device(runtime.device).type == "cuda"
 
     @torch.inference_mode()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """Features of a ``uint8`` (B, 3, H, W) batch, fp32."""
+        """Features of a ``uint8`` (B, 3, H, W) batch, fp32; on CUDA at one batch shape."""
+        if self.fixed_batch:
+            return encode_fixed_size(self.encoder, images, self.runtime.batch_size)
         return self.encoder(images)
 
     @torch.inference_mode()
@@ -121,7 +170,11 @@ class Captioner:
         for image_tokens, image_scores in zip(tokens, scores):
             ranked = [(vocab.decode(t), float(sc)) for t, sc in zip(image_tokens, image_scores)
                       if math.isfinite(sc)]  # a slot stays empty when fewer hypotheses existed
-            captions.append(Caption(ranked[0][0], ranked[0][1], tuple(ranked)))
+            if ranked:
+                captions.append(Caption(ranked[0][0], ranked[0][1], tuple(ranked)))
+            else:
+                captions.append(Caption("", math.nan, (), error="no finite caption: every hypothesis "
+                                        "scored NaN or -inf (NaN or inf encoder features?)"))
         return captions
 
     def __call__(self, images: torch.Tensor) -> list[Caption]:

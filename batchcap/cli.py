@@ -80,7 +80,7 @@ def runtime_options(func: F) -> F:
                         help="Decoding worker processes (a number, or auto).")(func)
     func = click.option("--batch-size", type=click.IntRange(1, 65536), default=None,
                         help="Images per encoder batch [default: 16 on CPU, where it measured fastest; "
-                             "128 on CUDA].")(func)
+                             "256 on CUDA].")(func)
     func = click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto",
                         show_default=True,
                         help="auto: bf16 on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX), else fp32.")(func)

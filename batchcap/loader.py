@@ -29,7 +29,7 @@ from batchcap.sharding import in_shard
 from batchcap.sources import (FileEntry, Ignored, InputItem, MemberEntry, ShardFailure, SourceSet,
                               TarReader, fingerprinted, shard_name)
 
-#: A worker sends a batch with only counts once this many inputs were skipped or ignored,
+#: A worker sends a batch early once this many inputs failed, were skipped or ignored,
 #: so a resumed run over a finished collection still shows progress.
 COUNT_FLUSH = 4096
 
@@ -88,8 +88,13 @@ class _Builder:
             self.failed.append(result)
 
     def full(self) -> bool:
-        items, counted = len(self.ok) + len(self.failed), self.ignored + self.skipped
-        return items >= self.batch_size or counted >= COUNT_FLUSH
+        """``batch_size`` pictures, or many records without one (failures, skips, ignored names).
+
+        Failures do not count toward the pictures, so every batch but a worker's last
+        holds exactly ``batch_size`` of them and the encoder sees one shape.
+        """
+        counted = len(self.failed) + self.ignored + self.skipped
+        return len(self.ok) >= self.batch_size or counted >= COUNT_FLUSH
 
     def empty(self) -> bool:
         return not (self.ok or self.failed or self.ignored or self.skipped)

@@ -80,7 +80,11 @@ def _failed_row(item: ItemResult, model: str, now: dt.datetime) -> dict[str, Any
 
 
 class _LazyCaptioner:
-    """Builds the :class:`~batchcap.captioner.Captioner` on first use."""
+    """Builds the :class:`~batchcap.captioner.Captioner` on first use.
+
+    A picture that gets no caption moves from ``batch.ok`` to ``batch.failed``
+    (:func:`batchcap.captioner.caption_batch`), so it is written and counted as a failure.
+    """
 
     def __init__(self, model_path: Path, encoder_weights: str | None, runtime: RuntimeConfig,
                  beam: BeamConfig) -> None:
@@ -89,12 +93,12 @@ class _LazyCaptioner:
         self._captioner: Any = None
 
     def __call__(self, batch: Batch) -> list[Any]:
-        if self._captioner is None:
-            from batchcap.captioner import Captioner
+        from batchcap.captioner import Captioner, caption_batch
 
+        if self._captioner is None:
             self._captioner = Captioner(load_model(self.model_path), self.runtime, self.beam,
                                         self.encoder_weights)
-        return self._captioner(batch.images)
+        return caption_batch(self._captioner, batch)
 
 
 def run_job(cfg: RunConfig, model_path: Path, beam: BeamConfig, runtime: RuntimeConfig, policy: ImagePolicy,

@@ -54,13 +54,27 @@ def default_workers(cpus: int | None = None) -> int:
     return max(1, (available_cpus() if cpus is None else cpus) - 1)
 
 
+#: ``--batch-size`` when not given. CUDA: 256 pictures keep an 80 GB GPU's encoder busy and
+#: halve the beam search's per-word launch overhead per picture against 128, yet fit a 16 GB
+#: T4 or V100 (README, Performance). CPU: 16 was the fastest measured (README, Performance).
+DEFAULT_BATCH_SIZE = {"cuda": 256, "cpu": 16}
+
+
 def runtime_config(device: str, precision: str, batch_size: int | None, workers: str) -> RuntimeConfig:
-    """A resolved :class:`RuntimeConfig`: device, precision, batch size and worker count made concrete."""
+    """A resolved :class:`RuntimeConfig`: device, precision, batch size and worker count made concrete.
+
+    ``cuda:N`` becomes this process's current device, so that what allocates on "the" GPU
+    (the DataLoader's pin-memory thread, cuDNN handles) uses GPU N, not GPU 0.
+    """
+    import torch
+
     from batchcap.encoder import resolve_device, resolve_precision
 
     resolved = resolve_device(device)
+    if resolved.type == "cuda" and resolved.index is not None:
+        torch.cuda.set_device(resolved)
     if batch_size is None:
-        batch_size = 128 if resolved.type == "cuda" else 16
+        batch_size = DEFAULT_BATCH_SIZE[resolved.type]
     if workers == "auto":
         n_workers = default_workers()
     else:

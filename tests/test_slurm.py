@@ -88,9 +88,31 @@ def test_submit_builds_array_and_dependent_merge(tmp_path: Path) -> None:
     caption, merge = calls.read_text().splitlines()
     assert caption.startswith(f"5|{tmp_path}/photos|")
     assert "--array=0-4%2" in caption and "--gres=gpu:1" in caption and "--partition=gpu" in caption
+    assert "--cpus-per-task=16" in caption and "--mem=20G" in caption  # a GPU task's defaults
     assert caption.endswith("caption-array.sbatch")
     assert "--dependency=afterok:101" in merge and "--gres" not in merge and merge.endswith("merge.sbatch")
+    assert "--cpus-per-task" not in merge and "--mem" not in merge
     assert (tmp_path / "out" / "logs").is_dir()
+
+    calls.unlink()
+    env = dict(env, GRES="", CPUS_PER_TASK="6", MEM="12G")
+    subprocess.run([str(SLURM_DIR / "submit.sh"), "photos", str(tmp_path / "out"), "2"], env=env,
+                   cwd=tmp_path, capture_output=True, text=True, timeout=30, check=True)
+    caption = calls.read_text().splitlines()[0]
+    assert "--cpus-per-task=6" in caption and "--mem=12G" in caption and "--gres" not in caption
+    env = dict(env, CPUS_PER_TASK="many")
+    refused = subprocess.run([str(SLURM_DIR / "submit.sh"), "photos", str(tmp_path / "out"), "2"], env=env,
+                             cwd=tmp_path, capture_output=True, text=True, timeout=30)
+    assert refused.returncode == 2 and "CPUS_PER_TASK must be a positive integer" in refused.stderr
+
+
+def test_caption_task_decodes_with_the_cpus_slurm_gave_it(tmp_path: Path) -> None:
+    base = dict(INPUT="in", OUT_DIR=str(tmp_path), SLURM_ARRAY_TASK_ID="0", SLURM_ARRAY_TASK_MAX="0")
+    argv = run_script("caption-array.sbatch", tmp_path, SLURM_CPUS_PER_TASK="16", **base)
+    assert argv[argv.index("--workers") + 1] == "15"
+    argv = run_script("caption-array.sbatch", tmp_path, SLURM_CPUS_PER_TASK="1", EXTRA_ARGS="--workers 0", **base)
+    assert argv[-4:] == ["--workers", "1", "--workers", "0"]  # EXTRA_ARGS comes last, so it wins
+    assert "--workers" not in run_script("caption-array.sbatch", tmp_path, **base)  # auto: the affinity mask
 
 
 # --- a real Slurm -------------------------------------------------------------------------------
