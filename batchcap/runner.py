@@ -14,12 +14,15 @@ import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from batchcap import __version__
 from batchcap.config import BeamConfig, ImagePolicy, Preprocess, RunConfig, RuntimeConfig, from_dict, to_dict
 from batchcap.loader import Batch, ItemResult
 from batchcap.modelfile import load_model, read_metadata
+
+if TYPE_CHECKING:
+    from batchcap.sink import OutputStore
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,14 @@ class _LazyCaptioner:
             self._captioner = Captioner(load_model(self.model_path), self.runtime, self.beam,
                                         self.encoder_weights)
         return self._captioner(batch.images)
+
+
+def _fault_notes(store: OutputStore) -> dict[str, str]:
+    """Summary lines for damaged parts the store set aside on open."""
+    if not store.set_aside:
+        return {}
+    return {"damaged parts": f"{len(store.set_aside)} set aside in {store.set_aside[0][0].parent}; "
+                             "their rows were captioned again"}
 
 
 def run_job(cfg: RunConfig, model_path: Path, beam: BeamConfig, runtime: RuntimeConfig, policy: ImagePolicy,
@@ -153,23 +164,20 @@ def run_job(cfg: RunConfig, model_path: Path, beam: BeamConfig, runtime: Runtime
             finally:
                 batches.close()  # stops the decoding workers
                 writer.close()  # commits every captioned row (also on the way out of a crash)
-            processed = progress.processed
-            extra: dict[str, Any] = {}
-            if store.set_aside:
-                extra["damaged parts"] = (f"{len(store.set_aside)} set aside in "
-                                          f"{store.set_aside[0][0].parent}; their rows were captioned again")
             if interrupted:
-                extra["interrupted"] = (f"by {stop.requested}: {store.rows_added} rows of this run committed, "
-                                        "output not finalised; rerun the same command to resume")
-                summary = progress.summary(str(out), extra=extra)
-                return RunResult(EXIT_INTERRUPTED, summary)
+                notes = {**_fault_notes(store), "interrupted": (
+                    f"by {stop.requested}: {store.rows_added} rows of this run committed, output not "
+                    "finalised; rerun the same command to resume")}
+                return RunResult(EXIT_INTERRUPTED, progress.summary(str(out), extra=notes))
             final = store.finalize()
-            extra = {"rows in output": final.rows_total, "new rows": final.rows_new,
-                     "replaced rows": final.rows_replaced, **extra}
+            processed = progress.processed
+            extra: dict[str, Any] = {"rows in output": final.rows_total, "new rows": final.rows_new,
+                                     "replaced rows": final.rows_replaced}
             if processed == 0:
                 extra["note"] = "nothing new to caption: every input is already in the output"
             elif stop.requested:
                 extra["note"] = f"{stop.requested} arrived after the last batch: the output was finished first"
+            extra.update(_fault_notes(store))
             summary = progress.summary(str(out), extra=extra)
     failed = sum(progress.failed.values())
     if max_failures.exceeded(failed, processed):

@@ -220,7 +220,8 @@ class OutputStore:
                 rows = _read_done_parquet(path)
             except ResumeRefused as exc:
                 reason = str(exc.__cause__ or exc)
-                set_aside.append((_set_aside(work, path, reason), reason))
+                with _io_errors(work):
+                    set_aside.append((_set_aside(work, path, reason), reason))
                 continue
             _fold_done(done, seen, rows)
         next_seq = (parts[-1][0] + 1) if parts else 1

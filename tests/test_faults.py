@@ -142,6 +142,35 @@ def test_signal_commits_captioned_rows_and_rerun_resumes(tmp_path: Path, tiny_mo
     assert summary_count(again.stdout, "skipped (already done)") == ok
 
 
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_signal_before_captioning_began_is_exit_6_not_aborted(tmp_path: Path, tiny_model_path: Path,
+                                                              signum: int) -> None:
+    """Stopped while reading --files-from - (before run_job takes the signals): no click ``Aborted!``."""
+    folder = tmp_path / "photos"
+    write_images(folder, 4)
+    out = tmp_path / "captions.parquet"
+    cmd = command([], out, tiny_model_path, "--files-from", "-")
+    proc = subprocess.Popen(cmd, cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        syscall = Path(f"/proc/{proc.pid}/syscall")
+        deadline = time.monotonic() + 240
+        while not syscall.read_text().startswith("0 0x0 "):  # read(0, ...): waiting for the list
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        os.killpg(proc.pid, signum)
+        text, _ = proc.communicate(timeout=60)
+    finally:
+        reap_groups([proc.pid])
+    assert proc.returncode == EXIT_INTERRUPTED, text
+    assert "interrupted before captioning began" in text
+    assert_clean_stop(text)
+    again = subprocess.run(cmd, cwd=REPO, input="".join(f"{p}\n" for p in sorted(folder.iterdir())),
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == EXIT_OK, again.stderr
+    assert_exactly_once(out, {str(p) for p in folder.iterdir()})
+
+
 @pytest.mark.slow
 def test_second_signal_exits_at_once(tmp_path: Path, tiny_model_path: Path) -> None:
     """A decode worker hangs (SIGSTOP: a dead NFS server), so the clean stop waits; a second TERM ends it."""
