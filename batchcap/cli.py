@@ -29,6 +29,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     if _USER_ERRORS is None:
         from batchcap.datasets import DatasetError
         from batchcap.encoder import EncoderError
+        from batchcap.lock import OutputUnwritable
         from batchcap.metrics import MetricsUnavailable
         from batchcap.merge import MergeError
         from batchcap.modelfile import ModelFileError
@@ -38,7 +39,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         from batchcap.train import TrainingError
 
         _USER_ERRORS = (ModelFileError, EncoderError, SourceError, DatasetError, MergeError, ReportError,
-                        TrainingError, AverageError, MetricsUnavailable)
+                        TrainingError, AverageError, MetricsUnavailable, OutputUnwritable)
     return _USER_ERRORS
 
 
@@ -57,6 +58,27 @@ def user_errors(func: F) -> F:
             error = click.ClickException(str(exc))
             error.exit_code = 2  # the command cannot run as given; exit 1 stays "crash"
             raise error from exc
+
+    return wrapper
+
+
+def interruptible(func: F) -> F:
+    """Ctrl-C or SIGTERM before ``run_job`` takes the signals over: one line and exit 6, not ``Aborted!``."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        import signal
+
+        from batchcap.progress import EXIT_INTERRUPTED
+
+        previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+        try:
+            return func(*args, **kwargs)
+        except KeyboardInterrupt:
+            click.echo("batchcap: interrupted before captioning began; nothing was written", err=True)
+            sys.exit(EXIT_INTERRUPTED)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
 
     return wrapper
 
@@ -127,6 +149,9 @@ def output_options(func: F) -> F:
                         help="Seconds between progress lines when not on a terminal.")(func)
     func = click.option("--max-failures", default="0.5", show_default=True,
                         help="Exit non-zero when failed inputs exceed this count (10) or fraction (0.05, 5%).")(func)
+    func = click.option("--commit-seconds", type=click.FloatRange(min=0, min_open=True), default=60.0,
+                        show_default=True,
+                        help="Also commit once the oldest uncommitted row is this old (slow runs).")(func)
     func = click.option("--commit-every", type=click.IntRange(1), default=512, show_default=True,
                         help="Rows per committed part; a kill loses at most this many.")(func)
     func = click.option("--overwrite", is_flag=True, help="Start over instead of resuming.")(func)
@@ -158,16 +183,18 @@ def cli() -> None:
 @runtime_options
 @beam_options
 @user_errors
+@interruptible
 def run(sources: tuple[str, ...], files_from: str | None, shard: str | None, max_pixels: int, background: str,
         no_draft: bool, image_keys: str, out: str, fmt: str | None, overwrite: bool, commit_every: int,
-        max_failures: str, log_every: float, model: str | None, encoder_weights: str | None, device: str,
-        precision: str, batch_size: int | None, workers: str, beam: int, max_len: int | None, min_len: int,
-        length_penalty: float, no_repeat_ngram: int, n_best: int) -> None:
+        commit_seconds: float, max_failures: str, log_every: float, model: str | None, encoder_weights: str | None,
+        device: str, precision: str, batch_size: int | None, workers: str, beam: int, max_len: int | None,
+        min_len: int, length_penalty: float, no_repeat_ngram: int, n_best: int) -> None:
     """Caption every picture in SOURCES (folders, files, WebDataset shards) into --out.
 
     Rerunning the same command resumes: only pictures not yet in the output are
     captioned, and pictures whose size or modification time changed are captioned
     again. A second run on the same output while one is active exits at once.
+    SIGTERM or Ctrl-C commits what is captioned and exits 6: rerun to resume.
 
     \b
     Examples:
@@ -179,11 +206,11 @@ def run(sources: tuple[str, ...], files_from: str | None, shard: str | None, max
     from batchcap.config import RunConfig
     from batchcap.lock import LockHeld
     from batchcap.modelfile import read_metadata
-    from batchcap.progress import EXIT_LOCKED, EXIT_RESUME_REFUSED, parse_max_failures
+    from batchcap.progress import EXIT_IO_ERROR, EXIT_LOCKED, EXIT_RESUME_REFUSED, parse_max_failures
     from batchcap.runner import run_job
     from batchcap.sharding import resolve_shard
     from batchcap.settings import beam_config, image_policy, runtime_config
-    from batchcap.sink import ResumeRefused, infer_format
+    from batchcap.sink import OutputIOError, ResumeRefused, infer_format
 
     if not sources and not files_from:
         raise click.UsageError("give at least one SOURCE (folder, image, .tar shard) or --files-from FILE")
@@ -199,7 +226,7 @@ def run(sources: tuple[str, ...], files_from: str | None, shard: str | None, max
                           int(meta["max_caption_len"]))
     cfg = RunConfig(sources=tuple(sources), out=out, format=fmt, files_from=files_from, shard_index=shard_index,
                     shard_count=shard_count, overwrite=overwrite, max_failures=max_failures,
-                    commit_every=commit_every, log_every=log_every)
+                    commit_every=commit_every, log_every=log_every, commit_seconds=commit_seconds)
     runtime = runtime_config(device, precision, batch_size, workers)
     policy = image_policy(max_pixels, background, no_draft, image_keys)
     try:
@@ -210,6 +237,9 @@ def run(sources: tuple[str, ...], files_from: str | None, shard: str | None, max
     except ResumeRefused as exc:
         click.echo(f"Error: {exc}", err=True)
         sys.exit(EXIT_RESUME_REFUSED)
+    except OutputIOError as exc:
+        click.echo(f"Error: {exc}", err=True)
+        sys.exit(EXIT_IO_ERROR)
     sys.exit(result.exit_code)
 
 

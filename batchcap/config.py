@@ -155,6 +155,7 @@ class RunConfig:
     max_failures: str = "0.5"
     commit_every: int = 512
     log_every: float = 30.0
+    commit_seconds: float = 60.0
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ one tar member at a time and one batch; the DataLoader keeps ``2 * workers`` bat
 """
 from __future__ import annotations
 
+import signal
 from dataclasses import dataclass, field
 from typing import Iterator, Mapping
 
@@ -186,6 +187,13 @@ class BatchDataset(IterableDataset):
 
 def _worker_init(_: int) -> None:
     torch.set_num_threads(1)  # decode is Pillow's; N workers x N torch threads would oversubscribe
+    # Ctrl-C signals the whole process group and scancel every process of the job: the main
+    # process decides how to stop (batchcap.interrupt) and shuts its workers down. A worker
+    # killed by a signal would make torch raise in the main process at any instant, or stop
+    # the batch it waits for from ever arriving. (An orphaned worker still exits: torch's
+    # watchdog sees its parent gone.)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
 
 
 def iter_batches(sources: SourceSet, preprocess: Preprocess, policy: ImagePolicy, *, batch_size: int,

@@ -22,6 +22,8 @@ EXIT_USAGE = 2  # the command cannot run as given: bad option (click's 2), missi
 EXIT_LOCKED = 3  # another run is writing this output; nothing was done
 EXIT_RESUME_REFUSED = 4  # the existing output was made with other settings; nothing was done
 EXIT_TOO_MANY_FAILURES = 5  # the output is complete, but more inputs failed than --max-failures
+EXIT_INTERRUPTED = 6  # stopped by SIGTERM/SIGINT; captioned rows are committed: rerun to resume
+EXIT_IO_ERROR = 7  # writing the output failed (disk full, I/O error); committed rows kept: fix, rerun
 
 
 @dataclass(frozen=True)

@@ -14,12 +14,15 @@ import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from batchcap import __version__
 from batchcap.config import BeamConfig, ImagePolicy, Preprocess, RunConfig, RuntimeConfig, from_dict, to_dict
 from batchcap.loader import Batch, ItemResult
 from batchcap.modelfile import load_model, read_metadata
+
+if TYPE_CHECKING:
+    from batchcap.sink import OutputStore
 
 
 @dataclass(frozen=True)
@@ -101,23 +104,39 @@ class _LazyCaptioner:
         return caption_batch(self._captioner, batch)
 
 
+def _fault_notes(store: OutputStore) -> dict[str, str]:
+    """Summary lines for damaged parts the store set aside on open."""
+    if not store.set_aside:
+        return {}
+    return {"damaged parts": f"{len(store.set_aside)} set aside in {store.set_aside[0][0].parent}; "
+                             "their rows were captioned again"}
+
+
 def run_job(cfg: RunConfig, model_path: Path, beam: BeamConfig, runtime: RuntimeConfig, policy: ImagePolicy,
             encoder_weights: str | None = None, stream: TextIO | None = None) -> RunResult:
-    """Caption every input of ``cfg`` not yet in ``cfg.out``; returns the exit code and summary."""
+    """Caption every input of ``cfg`` not yet in ``cfg.out``; returns the exit code and summary.
+
+    SIGTERM/SIGINT stop it cleanly (:mod:`batchcap.interrupt`): rows already captioned are
+    committed, the output is not finalised, and the exit code is ``EXIT_INTERRUPTED``.
+    Raises ``OutputUnwritable`` before any model or image work when ``cfg.out`` cannot be
+    written, and ``OutputIOError`` when a write fails on the way (a full disk).
+    """
+    from batchcap.interrupt import StopSignals
     from batchcap.loader import iter_batches
-    from batchcap.lock import hold_lock
-    from batchcap.progress import EXIT_OK, EXIT_TOO_MANY_FAILURES, Progress, parse_max_failures
-    from batchcap.sink import OutputStore
+    from batchcap.lock import check_output_writable, hold_lock
+    from batchcap.progress import EXIT_INTERRUPTED, EXIT_OK, EXIT_TOO_MANY_FAILURES, Progress, parse_max_failures
+    from batchcap.sink import OutputStore, work_dir_for
     from batchcap.sources import open_sources
+    from batchcap.writer import BackgroundWriter
 
     stream = stream if stream is not None else sys.stderr
+    out = Path(cfg.out)
+    check_output_writable(out, work_dir_for(out))
     max_failures = parse_max_failures(cfg.max_failures)
     meta = read_metadata(model_path)
     preprocess = from_dict(Preprocess, meta["preprocess"])
     identity = model_identity(meta)
     sources = open_sources(cfg.sources, cfg.files_from, policy)
-    out = Path(cfg.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     run_config = {
         "batchcap_version": __version__,
         "started_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -130,31 +149,55 @@ def run_job(cfg: RunConfig, model_path: Path, beam: BeamConfig, runtime: Runtime
         "image_policy": to_dict(policy),
         "preprocess": meta.get("preprocess"),
     }
-    with hold_lock(out):
+    with StopSignals(stream, EXIT_INTERRUPTED) as stop, hold_lock(out):
         store = OutputStore.open(out, cfg.format, resume_settings(meta, beam), run_config,
                                  overwrite=cfg.overwrite, commit_every=cfg.commit_every)
+        for path, reason in store.set_aside:
+            print(f"batchcap: warning: part {path.name} is damaged ({reason}); moved to {path.parent}, "
+                  "its rows are captioned again", file=stream, flush=True)
         total = sources.count(cfg.shard_index, cfg.shard_count)
         captioner = _LazyCaptioner(model_path, encoder_weights, runtime, beam)
+        interrupted = False
         with Progress(total, log_every=cfg.log_every, stream=stream) as progress:
-            for batch in iter_batches(sources, preprocess, policy, batch_size=runtime.batch_size,
-                                      workers=runtime.workers, shard_index=cfg.shard_index,
-                                      shard_count=cfg.shard_count, done=store.done,
-                                      pin_memory=runtime.device.startswith("cuda")):
-                now = dt.datetime.now(dt.timezone.utc)
-                rows = []
-                if batch.ok:
-                    captions = captioner(batch)
-                    rows += [_ok_row(item, c.text, c.score, c.n_best, beam.n_best, identity, now)
-                             for item, c in zip(batch.ok, captions, strict=True)]
-                rows += [_failed_row(item, identity, now) for item in batch.failed]
-                store.add(rows)
-                progress.advance(ok=len(batch.ok), failed=Counter(i.status for i in batch.failed),
-                                 skipped=batch.skipped, ignored=batch.ignored)
+            writer = BackgroundWriter(store, cfg.commit_seconds)
+            batches = iter_batches(sources, preprocess, policy, batch_size=runtime.batch_size,
+                                   workers=runtime.workers, shard_index=cfg.shard_index,
+                                   shard_count=cfg.shard_count, done=store.done,
+                                   pin_memory=runtime.device.startswith("cuda"))
+            try:
+                for batch in batches:
+                    if stop.requested:  # arrived while this batch was on its way: take it no further
+                        interrupted = True
+                        break
+                    now = dt.datetime.now(dt.timezone.utc)
+                    rows = []
+                    if batch.ok:
+                        captions = captioner(batch)
+                        rows += [_ok_row(item, c.text, c.score, c.n_best, beam.n_best, identity, now)
+                                 for item, c in zip(batch.ok, captions, strict=True)]
+                    rows += [_failed_row(item, identity, now) for item in batch.failed]
+                    writer.add(rows)
+                    progress.advance(ok=len(batch.ok), failed=Counter(i.status for i in batch.failed),
+                                     skipped=batch.skipped, ignored=batch.ignored)
+                    if stop.requested:
+                        interrupted = True
+                        break
+            finally:
+                batches.close()  # stops the decoding workers
+                writer.close()  # commits every captioned row (also on the way out of a crash)
+            if interrupted:
+                notes = {**_fault_notes(store), "interrupted": (
+                    f"by {stop.requested}: {store.rows_added} rows of this run committed, output not "
+                    "finalised; rerun the same command to resume")}
+                return RunResult(EXIT_INTERRUPTED, progress.summary(str(out), extra=notes))
             final = store.finalize()
             processed = progress.processed
             extra = output_summary(final, processed)
             if processed == 0:
                 extra["note"] = "nothing new to caption: every input is already in the output"
+            elif stop.requested:
+                extra["note"] = f"{stop.requested} arrived after the last batch: the output was finished first"
+            extra.update(_fault_notes(store))
             summary = progress.summary(str(out), extra=extra)
     failed = sum(progress.failed.values())
     if max_failures.exceeded(failed, processed):
