@@ -7,14 +7,17 @@ This is where the model file, the encoder weights and the runtime settings meet:
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from batchcap.beam import BeamResult, beam_search
+from batchcap.confidence import caption_evidence
 from batchcap.config import BeamConfig, EncoderConfig, RuntimeConfig
 from batchcap.encoder import (ASSETS_DIR, ENV_WEIGHTS, Encoder, EncoderError, WeightsSource, build_backbone,
                               find_referenced_weights)
@@ -80,13 +83,33 @@ def per_token_scores(result: BeamResult, length_penalty: float) -> torch.Tensor:
     return raw / length
 
 
+def token_logprobs_mean(result: BeamResult) -> torch.Tensor:
+    """Mean log-probability of the tokens each caption shows (its words, and ``<end>`` when it ended).
+
+    This is the output's ``logprob`` column. It equals :func:`per_token_scores` except for a
+    caption cut back to a clean word at ``max_len``, whose dropped words no longer count.
+    """
+    assert result.token_logprobs is not None
+    tokens = (result.lengths + result.ended.long()).clamp(min=1).float()  # (B, n)
+    return result.token_logprobs.float().sum(2) / tokens
+
+
 @dataclass(frozen=True)
 class Caption:
-    """One image's result: the best caption, its score, and the n-best list."""
+    """One image's result: the best caption, its scores, and the n-best list.
+
+    ``score`` is what the beam search ranked by (``sum log p / length ** length_penalty``);
+    ``n_best`` pairs each caption with that same number, so the list reads in order.
+    ``logprob`` is the best caption's mean log-probability per token; ``confidence`` the
+    calibrated probability that it is acceptable (``None`` when the model has no calibrator).
+    """
 
     text: str
     score: float
     n_best: tuple[tuple[str, float], ...]
+    logprob: float = float("nan")
+    confidence: float | None = None
+    familiarity: float | None = None
 
 
 class Captioner:
@@ -102,27 +125,43 @@ class Captioner:
         backbone = build_backbone(EncoderConfig(name=model.encoder.name, spatial=model.encoder.spatial), source)
         self.encoder = Encoder(backbone, model.preprocess, runtime, spatial=model.encoder.spatial)
         self.decoder = model.build_decoder().to(runtime.device)
+        # A second hypothesis gives the calibrator its margin; asking for it never changes the best.
+        self._search_cfg = dataclasses.replace(beam, n_best=max(beam.n_best, min(2, beam.beam_size)))
 
     @torch.inference_mode()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Features of a ``uint8`` (B, 3, H, W) batch, fp32."""
         return self.encoder(images)
 
-    @torch.inference_mode()
     def search(self, features: torch.Tensor) -> list[Caption]:
         """Beam search from features; the decoder runs in fp32 so scores are fp32 log-probs."""
-        vocab = self.model.vocab
+        return self.search_with_evidence(features)[0]
+
+    @torch.inference_mode()
+    def search_with_evidence(self, features: torch.Tensor) -> tuple[list[Caption], "np.ndarray"]:
+        """:meth:`search`, plus each image's calibrator inputs (:func:`caption_evidence`)."""
+        vocab, model = self.model.vocab, self.model
         state = self.decoder.init_state(features.float())
-        result = beam_search(self.decoder.step, state, self.beam, start_id=vocab.start_id, end_id=vocab.end_id,
-                             pad_id=vocab.pad_id, banned_ids=vocab.never_generated)
-        tokens = result.tokens.cpu().tolist()
-        scores = per_token_scores(result, self.beam.length_penalty).cpu().tolist()
+        result = beam_search(self.decoder.step, state, self._search_cfg, start_id=vocab.start_id,
+                             end_id=vocab.end_id, pad_id=vocab.pad_id, banned_ids=vocab.never_generated,
+                             unendable_ids=model.unendable_ids)
+        familiarity = None
+        if model.familiarity is not None:
+            pooled = features.float().mean(1) if features.dim() == 3 else features.float()
+            familiarity = model.familiarity.score(pooled)
+        evidence = caption_evidence(result, familiarity)
+        confidence = None if model.calibration is None else model.calibration(evidence).tolist()
+        tokens = result.tokens[:, : self.beam.n_best].cpu().tolist()
+        scores = result.scores[:, : self.beam.n_best].cpu().tolist()
+        logprobs = token_logprobs_mean(result)[:, 0].cpu().tolist()
         captions = []
-        for image_tokens, image_scores in zip(tokens, scores):
+        for b, (image_tokens, image_scores) in enumerate(zip(tokens, scores)):
             ranked = [(vocab.decode(t), float(sc)) for t, sc in zip(image_tokens, image_scores)
                       if math.isfinite(sc)]  # a slot stays empty when fewer hypotheses existed
-            captions.append(Caption(ranked[0][0], ranked[0][1], tuple(ranked)))
-        return captions
+            captions.append(Caption(ranked[0][0], ranked[0][1], tuple(ranked), logprob=float(logprobs[b]),
+                                    confidence=None if confidence is None else round(float(confidence[b]), 6),
+                                    familiarity=None if familiarity is None else float(familiarity[b])))
+        return captions, evidence
 
     def __call__(self, images: torch.Tensor) -> list[Caption]:
         return self.search(self.encode(images))

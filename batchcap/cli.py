@@ -153,13 +153,17 @@ def cli() -> None:
 @click.argument("sources", nargs=-1)
 @input_options
 @output_options
+@click.option("--min-confidence", type=click.FloatRange(0.0, 1.0), default=None,
+              help="Set aside captions whose confidence is below P: status low_confidence, caption kept "
+                   "for review; not counted as failures. Default: off.")
 @model_options
 @runtime_options
 @beam_options
 @user_errors
 def run(sources: tuple[str, ...], files_from: str | None, shard: str | None, max_pixels: int, background: str,
         no_draft: bool, image_keys: str, out: str, fmt: str | None, overwrite: bool, commit_every: int,
-        max_failures: str, log_every: float, model: str | None, encoder_weights: str | None, device: str,
+        max_failures: str, log_every: float, min_confidence: float | None, model: str | None,
+        encoder_weights: str | None, device: str,
         precision: str, batch_size: int | None, workers: str, beam: int, max_len: int | None, min_len: int,
         length_penalty: float, no_repeat_ngram: int, n_best: int) -> None:
     """Caption every picture in SOURCES (folders, files, WebDataset shards) into --out.
@@ -194,11 +198,14 @@ def run(sources: tuple[str, ...], files_from: str | None, shard: str | None, max
         raise click.UsageError(str(exc)) from exc
     model_path = resolve_model_path(model)
     meta = read_metadata(model_path)
+    if min_confidence is not None and "calibration" not in meta:
+        raise click.UsageError(f"--min-confidence: the model {model_path} has no confidence calibration; "
+                               "fit one with `batchcap calibrate`, or drop --min-confidence")
     beam_cfg = beam_config(beam, max_len, min_len, length_penalty, no_repeat_ngram, n_best,
                           int(meta["max_caption_len"]))
     cfg = RunConfig(sources=tuple(sources), out=out, format=fmt, files_from=files_from, shard_index=shard_index,
                     shard_count=shard_count, overwrite=overwrite, max_failures=max_failures,
-                    commit_every=commit_every, log_every=log_every)
+                    commit_every=commit_every, log_every=log_every, min_confidence=min_confidence)
     runtime = runtime_config(device, precision, batch_size, workers)
     policy = image_policy(max_pixels, background, no_draft, image_keys)
     try:
