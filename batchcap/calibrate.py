@@ -15,18 +15,21 @@ The flow is ``encode (cached) -> caption -> label -> fit -> measure -> model fil
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 
 from batchcap.captioner import Captioner
+from batchcap.confidence import EVIDENCE, Calibrator, auroc, fit_calibrator, fit_familiarity, reliability_table
 from batchcap.config import BeamConfig, RuntimeConfig
-from batchcap.datasets import CaptionRecord
+from batchcap.datasets import CaptionDataset, CaptionRecord
 from batchcap.features import FeatureCache, FeatureKey
 from batchcap.modelfile import CaptionModel
+from batchcap.scst import CiderD
+from batchcap.text import ENDING_MAX_RATE, ENDING_MIN_COUNT, learn_unendable, normalize_caption
 
 Log = Callable[[str], None]
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
@@ -82,3 +85,155 @@ def encode_cached(captioner: Captioner, items: Sequence[tuple[str, Any]], cache_
     wanted = [i for i, _ in items if i not in failures]
     ids, features = cache.load(wanted)
     return EncodedSet(ids, features)
+
+
+def caption_encoded(captioner: Captioner, encoded: EncodedSet, batch: int = 64
+                    ) -> tuple[list[Any], np.ndarray]:
+    """Captions and calibrator evidence for every picture of ``encoded``, searched in batches."""
+    captions: list[Any] = []
+    evidence = []
+    device = captioner.runtime.device
+    for start in range(0, len(encoded.ids), batch):
+        feats = encoded.features[start:start + batch].to(device).float()
+        got, ev = captioner.search_with_evidence(feats)
+        captions += got
+        evidence.append(ev)
+    return captions, (np.concatenate(evidence) if evidence else np.zeros((0, len(EVIDENCE))))
+
+
+def quality_labels(captions: Sequence[str], references: Sequence[Sequence[str]], threshold: float
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Per-image CIDEr-D (toolkit scale, document frequencies from these references) and ``>= threshold``."""
+    refs = [[normalize_caption(r) for r in image_refs] for image_refs in references]
+    cider = CiderD(refs)
+    values = np.array([cider.score(normalize_caption(c), cider.prepare(r)) for c, r in zip(captions, refs)])
+    return values, (values >= threshold).astype(np.int64)
+
+
+def cross_validated(evidence: np.ndarray, labels: np.ndarray, folds: int, features: Sequence[str] = EVIDENCE,
+                    l2: float = 1.0) -> np.ndarray:
+    """Out-of-fold confidences: picture ``i`` is scored by a calibrator fitted without fold ``i % folds``."""
+    out = np.empty(len(labels))
+    fold = np.arange(len(labels)) % folds
+    for k in range(folds):
+        held = fold == k
+        calibrator = fit_calibrator(evidence[~held], labels[~held], features, l2)
+        out[held] = calibrator(evidence[held])
+    return out
+
+
+def recommend_threshold(confidence: np.ndarray, labels: np.ndarray, precision: float = 0.5) -> float:
+    """The lowest confidence step (0.05 grid) above which at least ``precision`` of captions set aside are bad.
+
+    Rows below the threshold are set aside; it is chosen on out-of-fold dev confidences so that a
+    reviewer who opens the set-aside rows finds mostly captions that needed review.
+    """
+    best = 0.05
+    for step in np.arange(0.05, 1.0, 0.05):
+        aside = confidence < step
+        if aside.sum() and (1 - labels[aside]).mean() >= precision:
+            best = float(round(step, 2))
+    return best
+
+
+def calibrate(model: CaptionModel, dataset: CaptionDataset, runtime: RuntimeConfig, beam: BeamConfig, *,
+              cache_dir: str | Path, unfamiliar: str | Path | None = None, train_images: int = 1500,
+              components: int = 128, folds: int = 5, label_threshold: float = 0.5, l2: float = 1.0,
+              refit_familiarity: bool = False, encoder_weights: str | None = None,
+              log: Log = print) -> dict[str, Any]:
+    """Give ``model`` an ending rule (if it lacks one), familiarity statistics and a fitted calibrator.
+
+    Returns the report stored as ``calibration.report``: what was fitted on what, the
+    cross-validated AUROC of ``confidence`` against that of the scores, per-feature
+    AUROCs, a reliability table, and confidence on the ``unfamiliar`` pictures.
+    """
+    train, dev = dataset.splits.get("train", []), dataset.splits.get("val", [])
+    if not train or not dev:
+        raise ValueError(f"{dataset.root}: calibration needs a train split (familiarity, ending rule) and a "
+                         "val split (the calibrator's labels)")
+    if model.unendable_words is None:
+        model.unendable_words = learn_unendable(normalize_caption(c) for r in train for c in r.captions)
+        model.ending_rule = {"learnt_from": f"{len(train)} train images of {dataset.root}",
+                             "max_end_rate": ENDING_MAX_RATE, "min_count": ENDING_MIN_COUNT}
+        log(f"ending rule: {len(model.unendable_words)} words may not end a caption")
+    model.calibration = None  # the captioner must not use an old calibrator while we fit a new one
+    captioner = Captioner(model, runtime, beam, encoder_weights)
+    if model.familiarity is None or refit_familiarity:
+        subset = train_subset(train, train_images)
+        log(f"familiarity: pooled features of {len(subset)} train pictures")
+        pooled = encode_cached(captioner, [(r.image_id, r) for r in subset], cache_dir, runtime, pooled=True, log=log)
+        model.familiarity = fit_familiarity(
+            pooled.features.float(), components,
+            note=f"{len(pooled.ids)} train pictures (every {len(train) / len(subset):.0f}th id in sorted order), "
+                 f"{runtime.precision} encoder features, {components} components")
+    log(f"dev: encoding {len(dev)} pictures")
+    encoded = encode_cached(captioner, [(r.image_id, r) for r in dev], cache_dir, runtime, pooled=False, log=log)
+    by_id = {r.image_id: r for r in dev}
+    captions, evidence = caption_encoded(captioner, encoded)
+    texts = [c.text for c in captions]
+    cider, labels = quality_labels(texts, [by_id[i].captions for i in encoded.ids], label_threshold)
+    log(f"dev: {labels.mean():.1%} of captions reach CIDEr-D {label_threshold}")
+
+    oof = cross_validated(evidence, labels, folds, EVIDENCE, l2)
+    logprob = evidence[:, EVIDENCE.index("mean_logprob")]
+    ranked_score = np.array([c.score for c in captions])
+    single = {name: round(auroc(np.nan_to_num(evidence[:, i], nan=0.0) * (-1 if name in ("familiarity", "length")
+                                                                              else 1), labels), 3)
+              for i, name in enumerate(EVIDENCE)}
+    without_fam = cross_validated(evidence, labels, folds, [f for f in EVIDENCE if f != "familiarity"], l2)
+    calibrator = fit_calibrator(evidence, labels, EVIDENCE, l2)
+    threshold = recommend_threshold(oof, labels)
+    report: dict[str, Any] = {
+        "label": f"per-image CIDEr-D >= {label_threshold} (batchcap.scst.CiderD, document frequencies from "
+                 "the dev references)",
+        "fitted_on": f"{len(labels)} val pictures of {dataset.root}",
+        "beam": {"beam_size": beam.beam_size, "max_len": beam.max_len, "length_penalty": beam.length_penalty},
+        "precision": runtime.precision,
+        "acceptable_share": round(float(labels.mean()), 3),
+        "auroc": {f"confidence ({folds}-fold cross-validated)": round(auroc(oof, labels), 3),
+                  "confidence without familiarity (cross-validated)": round(auroc(without_fam, labels), 3),
+                  "logprob (schema-1 score: mean log-prob per token)": round(auroc(logprob, labels), 3),
+                  "score (search ranking score)": round(auroc(ranked_score, labels), 3),
+                  "single features (sign: higher = better)": single},
+        "reliability": reliability_table(oof, labels),
+        "recommended_min_confidence": threshold,
+        "dev": {"mean_confidence": round(float(oof.mean()), 3),
+                "set_aside_share": round(float((oof < threshold).mean()), 3),
+                "mean_cider": round(float(cider.mean()), 3)},
+    }
+    if unfamiliar is not None:
+        items = folder_items(unfamiliar)
+        log(f"unfamiliar: encoding {len(items)} pictures of {unfamiliar}")
+        other = encode_cached(captioner, items, cache_dir, runtime, pooled=False, log=log)
+        other_captions, other_evidence = caption_encoded(captioner, other)
+        conf = calibrator(other_evidence)
+        fam_dev, fam_other = evidence[:, EVIDENCE.index("familiarity")], other_evidence[:, EVIDENCE.index("familiarity")]
+        report["unfamiliar"] = {
+            "pictures": f"{len(other.ids)} pictures of {unfamiliar}",
+            "mean_confidence": round(float(conf.mean()), 3),
+            "set_aside_share": round(float((conf < threshold).mean()), 3),
+            "familiarity_auroc_vs_dev": round(auroc(np.concatenate([fam_other, fam_dev]),
+                                                    np.r_[np.ones(len(fam_other)), np.zeros(len(fam_dev))]), 3),
+            "examples": [{"id": i, "caption": c.text, "confidence": round(float(p), 3)}
+                         for i, c, p in list(zip(other.ids, other_captions, conf))[:5]],
+        }
+    model.calibration = Calibrator(calibrator.features, calibrator.center, calibrator.scale, calibrator.coef,
+                                   calibrator.intercept, report)
+    return report
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The calibration report as the few lines a person reads."""
+    lines = [f"label: {report['label']}; acceptable on dev: {report['acceptable_share']:.1%}"]
+    for name, value in report["auroc"].items():
+        lines.append(f"  AUROC {name}: {value}")
+    lines.append("  reliability (out-of-fold, dev): bin / pictures / mean confidence / acceptable")
+    for row in report["reliability"]:
+        lines.append(f"    {row['bin']}  {row['images']:>5}  {row['mean_confidence']}  {row['acceptable']}")
+    lines.append(f"  recommended --min-confidence {report['recommended_min_confidence']}: sets aside "
+                 f"{report['dev']['set_aside_share']:.1%} of dev (mean confidence {report['dev']['mean_confidence']})")
+    if "unfamiliar" in report:
+        u = report["unfamiliar"]
+        lines.append(f"  unfamiliar ({u['pictures']}): mean confidence {u['mean_confidence']}, set aside "
+                     f"{u['set_aside_share']:.1%}; familiarity AUROC vs dev {u['familiarity_auroc_vs_dev']}")
+    return "\n".join(lines)

@@ -428,6 +428,77 @@ def evaluate(data: str, split: str, fmt: str, images: str | None, limit: int | N
 
 
 @cli.command()
+@click.argument("data")
+@click.option("--out", "-o", required=True, type=click.Path(dir_okay=False),
+              help="Model file to write: the input model plus ending rule, familiarity and calibrator.")
+@click.option("--format", "fmt", default="auto", show_default=True,
+              type=click.Choice(["auto", "flickr8k", "kaggle", "karpathy", "coco", "wds"]))
+@click.option("--images", type=click.Path(file_okay=False), default=None, help="Image folder override.")
+@click.option("--unfamiliar", type=click.Path(file_okay=False, exists=True), default=None,
+              help="A folder of pictures unlike the training data, to check that they get low confidence.")
+@click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
+              help="Where encoder features are cached [default: .batchcap-features beside --out].")
+@click.option("--train-images", type=click.IntRange(3), default=1500, show_default=True,
+              help="Train pictures (every k-th id in sorted order) for the familiarity statistics.")
+@click.option("--components", type=click.IntRange(1), default=128, show_default=True,
+              help="Principal components of the familiarity fit.")
+@click.option("--refit-familiarity", is_flag=True, help="Refit familiarity even when the model has it.")
+@click.option("--folds", type=click.IntRange(2), default=5, show_default=True,
+              help="Cross-validation folds for the reported AUROC and reliability table.")
+@click.option("--label-threshold", type=float, default=0.5, show_default=True,
+              help="A dev caption counts as acceptable when its CIDEr-D reaches this.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None,
+              help="Write the calibration report to this JSON file.")
+@model_options
+@runtime_options
+@beam_options
+@user_errors
+def calibrate(data: str, out: str, fmt: str, images: str | None, unfamiliar: str | None, cache_dir: str | None,
+              train_images: int, components: int, refit_familiarity: bool, folds: int, label_threshold: float,
+              json_out: str | None, model: str | None, encoder_weights: str | None, device: str, precision: str,
+              batch_size: int | None, workers: str, beam: int, max_len: int | None, min_len: int,
+              length_penalty: float, no_repeat_ngram: int, n_best: int) -> None:
+    """Fit the confidence of a model's captions on DATA's dev split and write the model to --out.
+
+    Adds what a caption's `confidence` needs: the ending rule (learnt from the train
+    captions when the model lacks it), familiarity statistics of train pictures' encoder
+    features, and a logistic calibrator fitted on dev pictures against per-image CIDEr-D.
+    Prints the cross-validated AUROC and a reliability table; the decoder is unchanged.
+
+    \b
+    Example:
+        batchcap calibrate ../shared/data/flickr8k --unfamiliar ../shared/data/everyday-unlabelled \\
+            --out calibrated.safetensors
+    """
+    from batchcap.calibrate import calibrate as fit
+    from batchcap.calibrate import format_report
+    from batchcap.captioner import resolve_model_path
+    from batchcap.datasets import load_caption_dataset
+    from batchcap.modelfile import load_model, save_model
+    from batchcap.settings import beam_config, runtime_config
+
+    model_obj = load_model(resolve_model_path(model))
+    beam_cfg = beam_config(beam, max_len, min_len, length_penalty, no_repeat_ngram, n_best,
+                           model_obj.max_caption_len)
+    runtime = runtime_config(device, precision, batch_size, workers)
+    dataset = load_caption_dataset(data, fmt, images=images)
+    try:
+        report = fit(model_obj, dataset, runtime, beam_cfg, cache_dir=cache_dir or str(Path(out).parent /
+                                                                                       ".batchcap-features"),
+                     unfamiliar=unfamiliar, train_images=train_images, components=components, folds=folds,
+                     label_threshold=label_threshold, refit_familiarity=refit_familiarity,
+                     encoder_weights=encoder_weights, log=lambda m: click.echo(m, err=True))
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from exc
+    save_model(model_obj, out)
+    click.echo(format_report(report))
+    click.echo(f"wrote {out} ({model_obj.identity})", err=True)
+    if json_out:
+        Path(json_out).write_text(json.dumps(report, indent=2) + "\n")
+        click.echo(f"wrote {json_out}", err=True)
+
+
+@cli.command()
 @click.argument("models", nargs=-1, required=True)
 @click.option("--out", "-o", required=True, type=click.Path(dir_okay=False), help="Model file to write.")
 @click.option("--weights", default=None, metavar="W1,W2,..",
@@ -527,13 +598,15 @@ def merge(parts: tuple[str, ...], out: str, fmt: str | None, expect_parts: int |
               help="Show the first N cards after ordering (0: all). Failures are always listed.")
 @click.option("--sample", type=click.IntRange(min=1), default=None, help="Show a random sample of N rows instead.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for --sample.")
-@click.option("--order", type=click.Choice(["score", "id"]), default="score", show_default=True,
-              help="score: lowest confidence first, so doubtful captions come first.")
+@click.option("--order", type=click.Choice(["score", "id", "confidence"]), default="score", show_default=True,
+              help="score: lowest search score first; confidence: lowest confidence first; id.")
+@click.option("--status", "only_status", default=None,
+              help="Show only rows of this status, e.g. low_confidence (the rows --min-confidence set aside).")
 @click.option("--link-images", is_flag=True, help="Link the original files instead of embedding thumbnails.")
 @click.option("--thumb-size", type=click.IntRange(32, 1024), default=192, show_default=True)
 @user_errors
 def report(output: str, html_path: str | None, limit: int, sample: int | None, seed: int, order: str,
-           link_images: bool, thumb_size: int) -> None:
+           only_status: str | None, link_images: bool, thumb_size: int) -> None:
     """Write a self-contained HTML page of a run's OUTPUT: thumbnails, captions, failures.
 
     Lowest-confidence captions come first; the page filters by status and searches
@@ -547,7 +620,7 @@ def report(output: str, html_path: str | None, limit: int, sample: int | None, s
 
     html_path = html_path or str(Path(output).with_suffix(".html"))
     s = write_report(output, html_path, limit=limit, sample=sample, seed=seed, link_images=link_images,
-                     thumb_size=thumb_size, order=order)
+                     thumb_size=thumb_size, order=order, status=only_status)
     click.echo(f"{s.html}: {s.shown:,} of {s.total_rows:,} rows, {s.thumbnails:,} thumbnails, "
                f"{s.html_bytes / 1e6:.1f} MB in {s.seconds:.1f} s")
 
