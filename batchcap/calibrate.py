@@ -23,7 +23,8 @@ import numpy as np
 import torch
 
 from batchcap.captioner import Captioner
-from batchcap.confidence import EVIDENCE, Calibrator, auroc, fit_calibrator, fit_familiarity, reliability_table
+from batchcap.confidence import (EVIDENCE, Calibrator, Familiarity, auroc, fit_calibrator, fit_familiarity,
+                                 reliability_table)
 from batchcap.config import BeamConfig, RuntimeConfig
 from batchcap.datasets import CaptionDataset, CaptionRecord
 from batchcap.features import FeatureCache, FeatureKey
@@ -42,6 +43,33 @@ def train_subset(records: Sequence[CaptionRecord], count: int) -> list[CaptionRe
         return ordered
     step = len(ordered) / count
     return [ordered[int(i * step)] for i in range(count)]
+
+
+def familiarity_note(pictures: int, of: int, precision: str, components: int) -> str:
+    """How familiarity statistics were fitted, in the words the model card uses."""
+    return (f"{pictures} train pictures (every {of / max(1, pictures):.0f}th id in sorted order), "
+            f"{precision} encoder features, {components} components")
+
+
+def ending_and_familiarity(records: Sequence[CaptionRecord], ids: Sequence[str], features: torch.Tensor,
+                           precision: str, count: int = 1500, components: int = 128
+                           ) -> tuple[tuple[str, ...], dict[str, Any], Familiarity | None]:
+    """What ``batchcap train`` stores for trusting captions: the ending rule and familiarity.
+
+    ``ids`` / ``features`` are the training split's cached features (empty when the encoder is
+    fine-tuned: then there is no familiarity, as the features change with the encoder).
+    """
+    words = learn_unendable(normalize_caption(c) for r in records for c in r.captions)
+    rule = {"learnt_from": f"{len(records)} train images", "max_end_rate": ENDING_MAX_RATE,
+            "min_count": ENDING_MIN_COUNT}
+    if features.numel() == 0 or len(ids) < 3:
+        return words, rule, None
+    row = {image_id: n for n, image_id in enumerate(ids)}
+    subset = [row[r.image_id] for r in train_subset(records, count) if r.image_id in row]
+    chosen = features[torch.tensor(subset, dtype=torch.long)].float()
+    pooled = chosen.mean(1) if chosen.dim() == 3 else chosen
+    return words, rule, fit_familiarity(pooled, components,
+                                        note=familiarity_note(len(subset), len(records), precision, components))
 
 
 def folder_items(folder: str | Path) -> list[tuple[str, str]]:
@@ -152,9 +180,8 @@ def calibrate(model: CaptionModel, dataset: CaptionDataset, runtime: RuntimeConf
         raise ValueError(f"{dataset.root}: calibration needs a train split (familiarity, ending rule) and a "
                          "val split (the calibrator's labels)")
     if model.unendable_words is None:
-        model.unendable_words = learn_unendable(normalize_caption(c) for r in train for c in r.captions)
-        model.ending_rule = {"learnt_from": f"{len(train)} train images of {dataset.root}",
-                             "max_end_rate": ENDING_MAX_RATE, "min_count": ENDING_MIN_COUNT}
+        model.unendable_words, model.ending_rule, _ = ending_and_familiarity(train, [], torch.empty(0), "")
+        model.ending_rule["learnt_from"] += f" of {dataset.root}"
         log(f"ending rule: {len(model.unendable_words)} words may not end a caption")
     model.calibration = None  # the captioner must not use an old calibrator while we fit a new one
     captioner = Captioner(model, runtime, beam, encoder_weights)
@@ -164,8 +191,7 @@ def calibrate(model: CaptionModel, dataset: CaptionDataset, runtime: RuntimeConf
         pooled = encode_cached(captioner, [(r.image_id, r) for r in subset], cache_dir, runtime, pooled=True, log=log)
         model.familiarity = fit_familiarity(
             pooled.features.float(), components,
-            note=f"{len(pooled.ids)} train pictures (every {len(train) / len(subset):.0f}th id in sorted order), "
-                 f"{runtime.precision} encoder features, {components} components")
+            note=familiarity_note(len(pooled.ids), len(train), runtime.precision, components))
     log(f"dev: encoding {len(dev)} pictures")
     encoded = encode_cached(captioner, [(r.image_id, r) for r in dev], cache_dir, runtime, pooled=False, log=log)
     by_id = {r.image_id: r for r in dev}
