@@ -23,8 +23,8 @@ import numpy as np
 import torch
 
 from batchcap.captioner import Captioner
-from batchcap.confidence import (EVIDENCE, Calibrator, Familiarity, auroc, fit_calibrator, fit_familiarity,
-                                 reliability_table)
+from batchcap.confidence import (EVIDENCE, Calibrator, Familiarity, Neighbours, auroc, fit_calibrator,
+                                 fit_familiarity, reliability_table)
 from batchcap.config import BeamConfig, RuntimeConfig
 from batchcap.datasets import CaptionDataset, CaptionRecord
 from batchcap.features import FeatureCache, FeatureKey
@@ -53,7 +53,7 @@ def familiarity_note(pictures: int, of: int, precision: str, components: int) ->
 
 def ending_and_familiarity(records: Sequence[CaptionRecord], ids: Sequence[str], features: torch.Tensor,
                            precision: str, count: int = 1500, components: int = 128
-                           ) -> tuple[tuple[str, ...], dict[str, Any], Familiarity | None]:
+                           ) -> tuple[tuple[str, ...], dict[str, Any], Familiarity | None, Neighbours | None]:
     """What ``batchcap train`` stores for trusting captions: the ending rule and familiarity.
 
     ``ids`` / ``features`` are the training split's cached features (empty when the encoder is
@@ -63,13 +63,19 @@ def ending_and_familiarity(records: Sequence[CaptionRecord], ids: Sequence[str],
     rule = {"learnt_from": f"{len(records)} train images", "max_end_rate": ENDING_MAX_RATE,
             "min_count": ENDING_MIN_COUNT}
     if features.numel() == 0 or len(ids) < 3:
-        return words, rule, None
+        return words, rule, None, None
     row = {image_id: n for n, image_id in enumerate(ids)}
-    subset = [row[r.image_id] for r in train_subset(records, count) if r.image_id in row]
-    chosen = features[torch.tensor(subset, dtype=torch.long)].float()
+    chosen_records = [r for r in train_subset(records, count) if r.image_id in row]
+    chosen = features[torch.tensor([row[r.image_id] for r in chosen_records], dtype=torch.long)].float()
     pooled = chosen.mean(1) if chosen.dim() == 3 else chosen
-    return words, rule, fit_familiarity(pooled, components,
-                                        note=familiarity_note(len(subset), len(records), precision, components))
+    familiarity = fit_familiarity(pooled, components,
+                                  note=familiarity_note(len(chosen_records), len(records), precision, components))
+    return words, rule, familiarity, fit_neighbours(familiarity, pooled, chosen_records)
+
+
+def fit_neighbours(familiarity: Familiarity, pooled: torch.Tensor, records: Sequence[CaptionRecord]) -> Neighbours:
+    """The familiarity pictures, whitened, with their reference captions (for ``consensus``)."""
+    return Neighbours(familiarity.whiten(pooled).float().contiguous(), [list(r.captions) for r in records])
 
 
 def folder_items(folder: str | Path) -> list[tuple[str, str]]:
@@ -150,16 +156,16 @@ def cross_validated(evidence: np.ndarray, labels: np.ndarray, folds: int, featur
     return out
 
 
-def recommend_threshold(confidence: np.ndarray, labels: np.ndarray, precision: float = 0.5) -> float:
-    """The lowest confidence step (0.05 grid) above which at least ``precision`` of captions set aside are bad.
+def recommend_threshold(confidence: np.ndarray, labels: np.ndarray, bad_share: float = 0.8) -> float:
+    """The highest ``--min-confidence`` (0.05 grid) whose set-aside captions are at least ``bad_share`` bad.
 
-    Rows below the threshold are set aside; it is chosen on out-of-fold dev confidences so that a
-    reviewer who opens the set-aside rows finds mostly captions that needed review.
+    Chosen on out-of-fold dev confidences, so that a reviewer who opens the set-aside rows
+    mostly finds captions that needed review, and as many of those as that allows.
     """
     best = 0.05
     for step in np.arange(0.05, 1.0, 0.05):
         aside = confidence < step
-        if aside.sum() and (1 - labels[aside]).mean() >= precision:
+        if aside.sum() and (1 - labels[aside]).mean() >= bad_share:
             best = float(round(step, 2))
     return best
 
@@ -180,7 +186,7 @@ def calibrate(model: CaptionModel, dataset: CaptionDataset, runtime: RuntimeConf
         raise ValueError(f"{dataset.root}: calibration needs a train split (familiarity, ending rule) and a "
                          "val split (the calibrator's labels)")
     if model.unendable_words is None:
-        model.unendable_words, model.ending_rule, _ = ending_and_familiarity(train, [], torch.empty(0), "")
+        model.unendable_words, model.ending_rule, _, _ = ending_and_familiarity(train, [], torch.empty(0), "")
         model.ending_rule["learnt_from"] += f" of {dataset.root}"
         log(f"ending rule: {len(model.unendable_words)} words may not end a caption")
     model.calibration = None  # the captioner must not use an old calibrator while we fit a new one
@@ -192,6 +198,13 @@ def calibrate(model: CaptionModel, dataset: CaptionDataset, runtime: RuntimeConf
         model.familiarity = fit_familiarity(
             pooled.features.float(), components,
             note=familiarity_note(len(pooled.ids), len(train), runtime.precision, components))
+        model.neighbours = None
+    if model.neighbours is None:
+        subset = train_subset(train, train_images)
+        pooled = encode_cached(captioner, [(r.image_id, r) for r in subset], cache_dir, runtime, pooled=True, log=log)
+        by_train_id = {r.image_id: r for r in subset}
+        model.neighbours = fit_neighbours(model.familiarity, pooled.features.float(),
+                                          [by_train_id[i] for i in pooled.ids])
     log(f"dev: encoding {len(dev)} pictures")
     encoded = encode_cached(captioner, [(r.image_id, r) for r in dev], cache_dir, runtime, pooled=False, log=log)
     by_id = {r.image_id: r for r in dev}
@@ -206,7 +219,9 @@ def calibrate(model: CaptionModel, dataset: CaptionDataset, runtime: RuntimeConf
     single = {name: round(auroc(np.nan_to_num(evidence[:, i], nan=0.0) * (-1 if name in ("familiarity", "length")
                                                                               else 1), labels), 3)
               for i, name in enumerate(EVIDENCE)}
+    picture_free = [f for f in EVIDENCE if f not in ("familiarity", "neighbour_similarity", "consensus")]
     without_fam = cross_validated(evidence, labels, folds, [f for f in EVIDENCE if f != "familiarity"], l2)
+    summary_only = cross_validated(evidence, labels, folds, picture_free + ["familiarity"], l2)
     calibrator = fit_calibrator(evidence, labels, EVIDENCE, l2)
     threshold = recommend_threshold(oof, labels)
     report: dict[str, Any] = {
@@ -218,6 +233,8 @@ def calibrate(model: CaptionModel, dataset: CaptionDataset, runtime: RuntimeConf
         "acceptable_share": round(float(labels.mean()), 3),
         "auroc": {f"confidence ({folds}-fold cross-validated)": round(auroc(oof, labels), 3),
                   "confidence without familiarity (cross-validated)": round(auroc(without_fam, labels), 3),
+                  "confidence without neighbours: log-probs, margin, length, familiarity (cross-validated)":
+                      round(auroc(summary_only, labels), 3),
                   "logprob (schema-1 score: mean log-prob per token)": round(auroc(logprob, labels), 3),
                   "score (search ranking score)": round(auroc(ranked_score, labels), 3),
                   "single features (sign: higher = better)": single},
@@ -227,6 +244,10 @@ def calibrate(model: CaptionModel, dataset: CaptionDataset, runtime: RuntimeConf
                 "set_aside_share": round(float((oof < threshold).mean()), 3),
                 "mean_cider": round(float(cider.mean()), 3)},
     }
+    grid = (0.2, 0.3, 0.4, 0.5)
+    report["thresholds"] = [{"min_confidence": p, "dev_set_aside": round(float((oof < p).mean()), 3),
+                             "dev_bad_among_set_aside": round(float(1 - labels[oof < p].mean()), 3)
+                             if (oof < p).any() else None} for p in grid]
     if unfamiliar is not None:
         items = folder_items(unfamiliar)
         log(f"unfamiliar: encoding {len(items)} pictures of {unfamiliar}")
@@ -240,6 +261,7 @@ def calibrate(model: CaptionModel, dataset: CaptionDataset, runtime: RuntimeConf
             "set_aside_share": round(float((conf < threshold).mean()), 3),
             "familiarity_auroc_vs_dev": round(auroc(np.concatenate([fam_other, fam_dev]),
                                                     np.r_[np.ones(len(fam_other)), np.zeros(len(fam_dev))]), 3),
+            "set_aside_at": {str(p): round(float((conf < p).mean()), 3) for p in grid},
             "examples": [{"id": i, "caption": c.text, "confidence": round(float(p), 3)}
                          for i, c, p in list(zip(other.ids, other_captions, conf))[:5]],
         }
@@ -258,6 +280,11 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(f"    {row['bin']}  {row['images']:>5}  {row['mean_confidence']}  {row['acceptable']}")
     lines.append(f"  recommended --min-confidence {report['recommended_min_confidence']}: sets aside "
                  f"{report['dev']['set_aside_share']:.1%} of dev (mean confidence {report['dev']['mean_confidence']})")
+    for row in report.get("thresholds", []):
+        other = report.get("unfamiliar", {}).get("set_aside_at", {}).get(str(row["min_confidence"]))
+        lines.append(f"    --min-confidence {row['min_confidence']}: sets aside {row['dev_set_aside']:.1%} of dev "
+                     f"({row['dev_bad_among_set_aside']:.0%} of them bad)"
+                     + (f", {other:.1%} of the unfamiliar pictures" if other is not None else ""))
     if "unfamiliar" in report:
         u = report["unfamiliar"]
         lines.append(f"  unfamiliar ({u['pictures']}): mean confidence {u['mean_confidence']}, set aside "

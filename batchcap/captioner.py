@@ -145,11 +145,14 @@ class Captioner:
         result = beam_search(self.decoder.step, state, self._search_cfg, start_id=vocab.start_id,
                              end_id=vocab.end_id, pad_id=vocab.pad_id, banned_ids=vocab.never_generated,
                              unendable_ids=model.unendable_ids)
-        familiarity = None
+        familiarity = neighbours = None
         if model.familiarity is not None:
             pooled = features.float().mean(1) if features.dim() == 3 else features.float()
             familiarity = model.familiarity.score(pooled)
-        evidence = caption_evidence(result, familiarity)
+            if model.neighbours is not None:
+                best = [vocab.decode(row[0]) for row in result.tokens.cpu().tolist()]
+                neighbours = model.neighbours.query(model.familiarity.whiten(pooled), best)
+        evidence = caption_evidence(result, familiarity, neighbours)
         confidence = None if model.calibration is None else model.calibration(evidence).tolist()
         tokens = result.tokens[:, : self.beam.n_best].cpu().tolist()
         scores = result.scores[:, : self.beam.n_best].cpu().tolist()

@@ -4,9 +4,14 @@
   pictures': a Mahalanobis distance on a low-rank (PCA) fit of their features, the residual
   dimensions pooled into one variance. Fitted at train time (or by ``batchcap calibrate``)
   and stored in the model file as ``familiarity.*`` tensors.
+* :class:`Neighbours` -- the same training pictures, kept as unit vectors in the whitened
+  PCA space of that fit with their reference captions: a picture's nearest training
+  pictures, and how well its caption agrees with what people wrote for those
+  (``consensus``, CIDEr-D against their references: the strongest single predictor of a
+  caption's quality we measured).
 * :func:`caption_evidence` -- per image, the numbers the calibrator reads: mean and minimum
   token log-probability of the best caption, its margin over the second best, its length,
-  and the picture's familiarity.
+  the picture's familiarity, its neighbours' similarity and the caption's consensus.
 * :class:`Calibrator` -- a logistic regression on those numbers (standardised), fitted on
   dev pictures against a per-image quality label; its few coefficients live in the model
   file's metadata, readable by anyone. ``confidence`` is its output: the estimated
@@ -25,7 +30,9 @@ import torch
 
 from batchcap.beam import BeamResult
 
-EVIDENCE = ("mean_logprob", "min_logprob", "margin", "length", "familiarity")
+EVIDENCE = ("mean_logprob", "min_logprob", "margin", "length", "familiarity", "neighbour_similarity",
+            "consensus")
+NEIGHBOURS_K = 5
 
 
 @dataclass(frozen=True)
@@ -43,6 +50,12 @@ class Familiarity:
     residual_variance: float
     images: int
     note: str = ""
+
+    def whiten(self, pooled: torch.Tensor) -> torch.Tensor:
+        """float64 ``(B, k)`` unit vectors: pooled features projected on the components, whitened."""
+        x = pooled.detach().to("cpu", torch.float64) - self.mean.double()
+        z = (x @ self.components.double().T) / self.variances.double().sqrt()
+        return z / z.norm(dim=1, keepdim=True).clamp(min=1e-12)
 
     def score(self, pooled: torch.Tensor) -> torch.Tensor:
         """float64 ``(B,)`` familiarity scores of pooled features ``(B, F)`` (lower = more familiar)."""
@@ -84,13 +97,47 @@ def fit_familiarity(pooled: torch.Tensor, components: int = 128, note: str = "")
                        residual_variance=float(max(rest, 1e-12)), images=n, note=note)
 
 
-def caption_evidence(result: BeamResult, familiarity: torch.Tensor | None) -> np.ndarray:
+class Neighbours:
+    """Training pictures as whitened unit vectors (``Familiarity.whiten``) with their reference captions.
+
+    ``query`` gives, per picture, the mean cosine similarity of its ``k`` nearest training
+    pictures and the CIDEr-D of its caption against all their references (document
+    frequencies from every stored reference).
+    """
+
+    def __init__(self, vectors: torch.Tensor, captions: Sequence[Sequence[str]], k: int = NEIGHBOURS_K) -> None:
+        from batchcap.scst import CiderD
+        from batchcap.text import normalize_caption
+
+        self.vectors = vectors.float()  # (N, c)
+        self.captions = [list(c) for c in captions]
+        self.k = min(k, len(self.captions))
+        words = [[normalize_caption(c) for c in refs] for refs in self.captions]
+        self._cider = CiderD(words)
+        self._refs = [self._cider.prepare(refs) for refs in words]
+
+    def query(self, whitened: torch.Tensor, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """``(similarity, consensus)`` float64 arrays for whitened unit vectors ``(B, c)`` and their captions."""
+        from batchcap.text import normalize_caption
+
+        sim = whitened.double() @ self.vectors.double().T  # (B, N)
+        top = sim.topk(self.k, dim=1)
+        consensus = [self._cider.score(normalize_caption(text), [r for j in row for r in self._refs[j]])
+                     for row, text in zip(top.indices.tolist(), texts)]
+        return top.values.mean(1).numpy(), np.asarray(consensus, dtype=np.float64)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"familiarity.neighbours": self.vectors}
+
+
+def caption_evidence(result: BeamResult, familiarity: torch.Tensor | None,
+                     neighbours: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
     """float64 ``(B, len(EVIDENCE))``: the calibrator's inputs for each image's best caption.
 
     ``mean_logprob`` and ``min_logprob`` are over the caption's tokens (``<end>`` included
     when it ended); ``margin`` is the best hypothesis' search score minus the second's
-    (NaN with one hypothesis); ``length`` counts words; ``familiarity`` is NaN without
-    statistics.
+    (NaN with one hypothesis); ``length`` counts words; ``familiarity`` and the
+    ``neighbours`` pair ``(neighbour_similarity, consensus)`` are NaN without statistics.
     """
     assert result.token_logprobs is not None
     lengths = result.lengths[:, 0].cpu()
@@ -105,7 +152,9 @@ def caption_evidence(result: BeamResult, familiarity: torch.Tensor | None) -> np
     else:
         margin = torch.full_like(mean, torch.nan)
     fam = familiarity.double().cpu() if familiarity is not None else torch.full_like(mean, torch.nan)
-    return torch.stack([mean, low, margin, lengths.double(), fam], 1).numpy()
+    similarity, consensus = (torch.from_numpy(n) for n in neighbours) if neighbours is not None else (
+        torch.full_like(mean, torch.nan), torch.full_like(mean, torch.nan))
+    return torch.stack([mean, low, margin, lengths.double(), fam, similarity, consensus], 1).numpy()
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,8 @@ Optional, for trusting captions (files without them still load):
   (:func:`batchcap.text.learn_unendable`); absent, :data:`batchcap.text.FALLBACK_UNENDABLE`;
 * ``familiarity`` + tensors ``familiarity.mean|components|variances`` -- the training
   pictures' feature statistics (:class:`batchcap.confidence.Familiarity`);
+* ``neighbours`` (their reference captions) + tensor ``familiarity.neighbours`` (those
+  pictures as whitened unit vectors): :class:`batchcap.confidence.Neighbours`;
 * ``calibration`` -- the confidence calibrator's coefficients and its fitting report
   (:class:`batchcap.confidence.Calibrator`); absent, the ``confidence`` column is null.
 
@@ -38,7 +40,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from batchcap.config import DecoderConfig, Preprocess, from_dict, to_dict
-from batchcap.confidence import Calibrator, Familiarity
+from batchcap.confidence import Calibrator, Familiarity, Neighbours
 from batchcap.text import FALLBACK_UNENDABLE, Vocabulary
 
 FORMAT_NAME = "batchcap-model"
@@ -86,6 +88,7 @@ class CaptionModel:
     unendable_words: tuple[str, ...] | None = None  # None: not stored, the fallback applies
     ending_rule: dict[str, Any] = field(default_factory=dict)  # how unendable_words were learnt
     familiarity: Familiarity | None = None
+    neighbours: Neighbours | None = None
     calibration: Calibrator | None = None
 
     @property
@@ -116,6 +119,8 @@ class CaptionModel:
             **({"ending_rule": {**self.ending_rule, "unendable_words": list(self.unendable_words)}}
                if self.unendable_words is not None else {}),
             **({"familiarity": self.familiarity.meta()} if self.familiarity is not None else {}),
+            **({"neighbours": {"k": self.neighbours.k, "captions": self.neighbours.captions}}
+               if self.neighbours is not None else {}),
             **({"calibration": self.calibration.to_dict()} if self.calibration is not None else {}),
         }
 
@@ -178,6 +183,8 @@ def save_model(model: CaptionModel, path: str | os.PathLike[str], half: bool = F
         tensors.update({f"encoder.{k}": v for k, v in model.encoder_state.items()})
     if model.familiarity is not None:
         tensors.update(model.familiarity.tensors())
+    if model.neighbours is not None:
+        tensors.update(model.neighbours.tensors())
     model.tensors_sha256 = tensors_sha256(tensors)
     metadata = {
         "batchcap.format": FORMAT_NAME,
@@ -276,6 +283,8 @@ def load_model(path: str | os.PathLike[str], verify: bool = True) -> CaptionMode
             unendable_words=(tuple(meta["ending_rule"]["unendable_words"]) if "ending_rule" in meta else None),
             ending_rule={k: v for k, v in meta.get("ending_rule", {}).items() if k != "unendable_words"},
             familiarity=Familiarity.from_file(tensors, meta["familiarity"]) if "familiarity" in meta else None,
+            neighbours=Neighbours(tensors["familiarity.neighbours"], meta["neighbours"]["captions"],
+                                  int(meta["neighbours"]["k"])) if "neighbours" in meta else None,
             calibration=Calibrator.from_dict(meta["calibration"]) if "calibration" in meta else None,
         )
     except (KeyError, TypeError, ValueError) as exc:

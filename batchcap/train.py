@@ -444,7 +444,7 @@ def train(cfg: TrainConfig, dataset: CaptionDataset, choice: EncoderChoice, deco
             loop["best"], loop["best_epoch"], loop["bad_epochs"] = scores["CIDEr"], epoch, 0
             best_model = _model_file(cfg, choice, dcfg, vocab, decoder, dataset, failures, loop, scores,
                                      encoder=source.trainable, start_model=start_model)
-            best_model.unendable_words, best_model.ending_rule, best_model.familiarity = trust
+            best_model.unendable_words, best_model.ending_rule, best_model.familiarity, best_model.neighbours = trust
             save_model(best_model, out, half=bool(cfg.extra.get("half", False)))
             log(f"saved {out} (best so far)")
         else:

@@ -56,8 +56,8 @@ def test_confidence_is_deterministic_and_in_unit_range(tiny_model_path: Path) ->
     dim = model.encoder.feature_dim
     model.familiarity = fit_familiarity(torch.randn(50, dim, generator=torch.Generator().manual_seed(0)),
                                         components=8)
-    model.calibration = Calibrator(EVIDENCE, center=(0.0,) * 5, scale=(1.0,) * 5, coef=(2.0, 1.0, 0.5, 0.1, -1.0),
-                                   intercept=0.3)
+    model.calibration = Calibrator(EVIDENCE[:5], center=(0.0,) * 5, scale=(1.0,) * 5,
+                                   coef=(2.0, 1.0, 0.5, 0.1, -1.0), intercept=0.3)  # no neighbours stored
     captioner = Captioner(model, RuntimeConfig(precision="fp32", channels_last=False),
                           BeamConfig(beam_size=3, max_len=5))
     images = torch.randint(0, 256, (5, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(4))

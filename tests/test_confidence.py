@@ -77,8 +77,9 @@ def calibrated_model(tiny_model_path: Path, image_folder: Path, tmp_path: Path) 
     features = captioner.encode(images)
     model.familiarity = fit_familiarity(features.mean(1)[:12], components=4)
     _, evidence = captioner.search_with_evidence(features)
-    center, scale = np.nanmean(evidence, 0), np.nanstd(evidence, 0) + 1e-6
-    model.calibration = Calibrator(EVIDENCE, tuple(center), tuple(scale), (1.0, 1.0, 1.0, 0.5, -2.0), 0.0)
+    center = np.nan_to_num(np.nanmean(evidence, 0))  # the tiny model has no neighbours: NaN columns
+    scale = np.nan_to_num(np.nanstd(evidence, 0), nan=1.0) + 1e-6
+    model.calibration = Calibrator(EVIDENCE, tuple(center), tuple(scale), (1.0, 1.0, 1.0, 0.5, -2.0, 0.5, 1.0), 0.0)
     path = tmp_path / "calibrated.safetensors"
     save_model(model, path)
     return path
