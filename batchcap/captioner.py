@@ -72,11 +72,12 @@ def resolve_encoder_weights(model: CaptionModel, explicit: str | None = None,
 
 
 def per_token_scores(result: BeamResult, length_penalty: float) -> torch.Tensor:
-    """Mean log-probability per token (``<end>`` included) of each hypothesis.
+    """Mean log-probability per token (``<end>`` included) of each hypothesis, from its search score.
 
-    The beam ranks by ``sum / length ** length_penalty``; the output's ``score`` column is
-    always the length-normalised ``sum / length``, so it compares across captions of
-    different lengths (and across runs with different ``--length-penalty``).
+    The beam ranks by ``sum / length ** length_penalty`` (the output's ``score``); this undoes
+    the penalty, giving what schema version 1 called ``score``. For captions cut back at
+    ``max_len`` use :func:`token_logprobs_mean` (the ``logprob`` column), which counts only
+    the tokens shown.
     """
     length = (result.lengths + result.ended.long()).clamp(min=1).float()  # (B, n)
     raw = result.scores.float() * length.pow(length_penalty)  # (B, n) summed log-probs
