@@ -553,6 +553,8 @@ def info(model: str | None, as_json: bool, show_vocab: bool) -> None:
 
     loaded = load_model(resolve_model_path(model))
     meta = loaded.metadata()
+    if "neighbours" in meta:  # 7,500 reference captions: a count says enough
+        meta["neighbours"] = {"k": meta["neighbours"]["k"], "pictures": len(meta["neighbours"]["captions"])}
     if as_json:
         click.echo(json.dumps(meta, indent=2))
         return
