@@ -14,9 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
+import numpy as np
 import torch
 
 from batchcap.beam import BeamResult, beam_search
+from batchcap.confidence import caption_evidence
 from batchcap.config import BeamConfig, EncoderConfig, RuntimeConfig
 from batchcap.encoder import (ASSETS_DIR, ENV_WEIGHTS, Encoder, EncoderError, WeightsSource, build_backbone,
                               find_referenced_weights)
@@ -78,20 +80,37 @@ def resolve_encoder_weights(model: CaptionModel, explicit: str | None = None,
 
 
 def per_token_scores(result: BeamResult, length_penalty: float) -> torch.Tensor:
-    """Mean log-probability per token (``<end>`` included) of each hypothesis.
+    """Mean log-probability per token (``<end>`` included) of each hypothesis, from its search score.
 
-    The beam ranks by ``sum / length ** length_penalty``; the output's ``score`` column is
-    always the length-normalised ``sum / length``, so it compares across captions of
-    different lengths (and across runs with different ``--length-penalty``).
+    The beam ranks by ``sum / length ** length_penalty`` (the output's ``score``); this undoes
+    the penalty, giving what schema version 1 called ``score``. For captions cut back at
+    ``max_len`` use :func:`token_logprobs_mean` (the ``logprob`` column), which counts only
+    the tokens shown.
     """
     length = (result.lengths + result.ended.long()).clamp(min=1).float()  # (B, n)
     raw = result.scores.float() * length.pow(length_penalty)  # (B, n) summed log-probs
     return raw / length
 
 
+def token_logprobs_mean(result: BeamResult) -> torch.Tensor:
+    """Mean log-probability of the tokens each caption shows (its words, and ``<end>`` when it ended).
+
+    This is the output's ``logprob`` column. It equals :func:`per_token_scores` except for a
+    caption cut back to a clean word at ``max_len``, whose dropped words no longer count.
+    """
+    assert result.token_logprobs is not None
+    tokens = (result.lengths + result.ended.long()).clamp(min=1).float()  # (B, n)
+    return result.token_logprobs.float().sum(2) / tokens
+
+
 @dataclass(frozen=True)
 class Caption:
-    """One image's result: the best caption, its score, and the n-best list.
+    """One image's result: the best caption, its scores, and the n-best list.
+
+    ``score`` is what the beam search ranked by (``sum log p / length ** length_penalty``);
+    ``n_best`` pairs each caption with that same number, so the list reads in order.
+    ``logprob`` is the best caption's mean log-probability per token; ``confidence`` the
+    calibrated probability that it is acceptable (``None`` when the model has no calibrator).
 
     ``error`` says why an image has no caption (then ``text`` is empty and ``n_best`` too).
     """
@@ -99,6 +118,9 @@ class Caption:
     text: str
     score: float
     n_best: tuple[tuple[str, float], ...]
+    logprob: float = float("nan")
+    confidence: float | None = None
+    familiarity: float | None = None
     error: str | None = None
 
 
@@ -149,6 +171,8 @@ class Captioner:
         self.encoder = Encoder(backbone, model.preprocess, runtime, spatial=model.encoder.spatial)
         self.decoder = model.build_decoder().to(runtime.device)
         self.fixed_batch = torch.device(runtime.device).type == "cuda"
+        # A second hypothesis gives the calibrator its margin; asking for it never changes the best.
+        self._search_cfg = dataclasses.replace(beam, n_best=max(beam.n_best, min(2, beam.beam_size)))
 
     @torch.inference_mode()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
@@ -157,25 +181,42 @@ class Captioner:
             return encode_fixed_size(self.encoder, images, self.runtime.batch_size)
         return self.encoder(images)
 
-    @torch.inference_mode()
     def search(self, features: torch.Tensor) -> list[Caption]:
         """Beam search from features; the decoder runs in fp32 so scores are fp32 log-probs."""
-        vocab = self.model.vocab
+        return self.search_with_evidence(features)[0]
+
+    @torch.inference_mode()
+    def search_with_evidence(self, features: torch.Tensor) -> tuple[list[Caption], "np.ndarray"]:
+        """:meth:`search`, plus each image's calibrator inputs (:func:`caption_evidence`)."""
+        vocab, model = self.model.vocab, self.model
         state = self.decoder.init_state(features.float())
-        result = beam_search(self.decoder.step, state, self.beam, start_id=vocab.start_id, end_id=vocab.end_id,
-                             pad_id=vocab.pad_id, banned_ids=vocab.never_generated)
-        tokens = result.tokens.cpu().tolist()
-        scores = per_token_scores(result, self.beam.length_penalty).cpu().tolist()
+        result = beam_search(self.decoder.step, state, self._search_cfg, start_id=vocab.start_id,
+                             end_id=vocab.end_id, pad_id=vocab.pad_id, banned_ids=vocab.never_generated,
+                             unendable_ids=model.unendable_ids)
+        familiarity = neighbours = None
+        if model.familiarity is not None:
+            pooled = features.float().mean(1) if features.dim() == 3 else features.float()
+            familiarity = model.familiarity.score(pooled)
+            if model.neighbours is not None:
+                best = [vocab.decode(row[0]) for row in result.tokens.cpu().tolist()]
+                neighbours = model.neighbours.query(model.familiarity.whiten(pooled), best)
+        evidence = caption_evidence(result, familiarity, neighbours)
+        confidence = None if model.calibration is None else model.calibration(evidence).tolist()
+        tokens = result.tokens[:, : self.beam.n_best].cpu().tolist()
+        scores = result.scores[:, : self.beam.n_best].cpu().tolist()
+        logprobs = token_logprobs_mean(result)[:, 0].cpu().tolist()
         captions = []
-        for image_tokens, image_scores in zip(tokens, scores):
+        for b, (image_tokens, image_scores) in enumerate(zip(tokens, scores)):
             ranked = [(vocab.decode(t), float(sc)) for t, sc in zip(image_tokens, image_scores)
                       if math.isfinite(sc)]  # a slot stays empty when fewer hypotheses existed
-            if ranked:
-                captions.append(Caption(ranked[0][0], ranked[0][1], tuple(ranked)))
-            else:
+            if not ranked:
                 captions.append(Caption("", math.nan, (), error="no finite caption: every hypothesis "
                                         "scored NaN or -inf (NaN or inf encoder features?)"))
-        return captions
+                continue
+            captions.append(Caption(ranked[0][0], ranked[0][1], tuple(ranked), logprob=float(logprobs[b]),
+                                    confidence=None if confidence is None else round(float(confidence[b]), 6),
+                                    familiarity=None if familiarity is None else float(familiarity[b])))
+        return captions, evidence
 
     def __call__(self, images: torch.Tensor) -> list[Caption]:
         return self.search(self.encode(images))

@@ -179,6 +179,9 @@ def cli() -> None:
 @click.argument("sources", nargs=-1)
 @input_options
 @output_options
+@click.option("--min-confidence", type=click.FloatRange(0.0, 1.0), default=None,
+              help="Set aside captions whose confidence is below P: status low_confidence, caption kept "
+                   "for review; not counted as failures. Default: off.")
 @model_options
 @runtime_options
 @beam_options
@@ -186,9 +189,10 @@ def cli() -> None:
 @interruptible
 def run(sources: tuple[str, ...], files_from: str | None, shard: str | None, max_pixels: int, background: str,
         no_draft: bool, image_keys: str, out: str, fmt: str | None, overwrite: bool, commit_every: int,
-        commit_seconds: float, max_failures: str, log_every: float, model: str | None, encoder_weights: str | None,
-        device: str, precision: str, batch_size: int | None, workers: str, beam: int, max_len: int | None,
-        min_len: int, length_penalty: float, no_repeat_ngram: int, n_best: int) -> None:
+        commit_seconds: float, max_failures: str, log_every: float, min_confidence: float | None,
+        model: str | None, encoder_weights: str | None, device: str, precision: str, batch_size: int | None,
+        workers: str, beam: int, max_len: int | None, min_len: int, length_penalty: float, no_repeat_ngram: int,
+        n_best: int) -> None:
     """Caption every picture in SOURCES (folders, files, WebDataset shards) into --out.
 
     Rerunning the same command resumes: only pictures not yet in the output are
@@ -222,11 +226,15 @@ def run(sources: tuple[str, ...], files_from: str | None, shard: str | None, max
         raise click.UsageError(str(exc)) from exc
     model_path = resolve_model_path(model)
     meta = read_metadata(model_path)
+    if min_confidence is not None and "calibration" not in meta:
+        raise click.UsageError(f"--min-confidence: the model {model_path} has no confidence calibration; "
+                               "fit one with `batchcap calibrate`, or drop --min-confidence")
     beam_cfg = beam_config(beam, max_len, min_len, length_penalty, no_repeat_ngram, n_best,
                           int(meta["max_caption_len"]))
     cfg = RunConfig(sources=tuple(sources), out=out, format=fmt, files_from=files_from, shard_index=shard_index,
                     shard_count=shard_count, overwrite=overwrite, max_failures=max_failures,
-                    commit_every=commit_every, log_every=log_every, commit_seconds=commit_seconds)
+                    commit_every=commit_every, log_every=log_every, commit_seconds=commit_seconds,
+                    min_confidence=min_confidence)
     runtime = runtime_config(device, precision, batch_size, workers)
     policy = image_policy(max_pixels, background, no_draft, image_keys)
     try:
@@ -455,6 +463,77 @@ def evaluate(data: str, split: str, fmt: str, images: str | None, limit: int | N
 
 
 @cli.command()
+@click.argument("data")
+@click.option("--out", "-o", required=True, type=click.Path(dir_okay=False),
+              help="Model file to write: the input model plus ending rule, familiarity and calibrator.")
+@click.option("--format", "fmt", default="auto", show_default=True,
+              type=click.Choice(["auto", "flickr8k", "kaggle", "karpathy", "coco", "wds"]))
+@click.option("--images", type=click.Path(file_okay=False), default=None, help="Image folder override.")
+@click.option("--unfamiliar", type=click.Path(file_okay=False, exists=True), default=None,
+              help="A folder of pictures unlike the training data, to check that they get low confidence.")
+@click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
+              help="Where encoder features are cached [default: .batchcap-features beside --out].")
+@click.option("--train-images", type=click.IntRange(3), default=1500, show_default=True,
+              help="Train pictures (every k-th id in sorted order) for the familiarity statistics.")
+@click.option("--components", type=click.IntRange(1), default=128, show_default=True,
+              help="Principal components of the familiarity fit.")
+@click.option("--refit-familiarity", is_flag=True, help="Refit familiarity even when the model has it.")
+@click.option("--folds", type=click.IntRange(2), default=5, show_default=True,
+              help="Cross-validation folds for the reported AUROC and reliability table.")
+@click.option("--label-threshold", type=float, default=0.5, show_default=True,
+              help="A dev caption counts as acceptable when its CIDEr-D reaches this.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None,
+              help="Write the calibration report to this JSON file.")
+@model_options
+@runtime_options
+@beam_options
+@user_errors
+def calibrate(data: str, out: str, fmt: str, images: str | None, unfamiliar: str | None, cache_dir: str | None,
+              train_images: int, components: int, refit_familiarity: bool, folds: int, label_threshold: float,
+              json_out: str | None, model: str | None, encoder_weights: str | None, device: str, precision: str,
+              batch_size: int | None, workers: str, beam: int, max_len: int | None, min_len: int,
+              length_penalty: float, no_repeat_ngram: int, n_best: int) -> None:
+    """Fit the confidence of a model's captions on DATA's dev split and write the model to --out.
+
+    Adds what a caption's `confidence` needs: the ending rule (learnt from the train
+    captions when the model lacks it), familiarity statistics of train pictures' encoder
+    features, and a logistic calibrator fitted on dev pictures against per-image CIDEr-D.
+    Prints the cross-validated AUROC and a reliability table; the decoder is unchanged.
+
+    \b
+    Example:
+        batchcap calibrate flickr8k/ --unfamiliar ./everyday-photos \\
+            --out calibrated.safetensors
+    """
+    from batchcap.calibrate import calibrate as fit
+    from batchcap.calibrate import format_report
+    from batchcap.captioner import resolve_model_path
+    from batchcap.datasets import load_caption_dataset
+    from batchcap.modelfile import load_model, save_model
+    from batchcap.settings import beam_config, runtime_config
+
+    model_obj = load_model(resolve_model_path(model))
+    beam_cfg = beam_config(beam, max_len, min_len, length_penalty, no_repeat_ngram, n_best,
+                           model_obj.max_caption_len)
+    runtime = runtime_config(device, precision, batch_size, workers)
+    dataset = load_caption_dataset(data, fmt, images=images)
+    try:
+        report = fit(model_obj, dataset, runtime, beam_cfg, cache_dir=cache_dir or str(Path(out).parent /
+                                                                                       ".batchcap-features"),
+                     unfamiliar=unfamiliar, train_images=train_images, components=components, folds=folds,
+                     label_threshold=label_threshold, refit_familiarity=refit_familiarity,
+                     encoder_weights=encoder_weights, log=lambda m: click.echo(m, err=True))
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from exc
+    save_model(model_obj, out)
+    click.echo(format_report(report))
+    click.echo(f"wrote {out} ({model_obj.identity})", err=True)
+    if json_out:
+        Path(json_out).write_text(json.dumps(report, indent=2) + "\n")
+        click.echo(f"wrote {json_out}", err=True)
+
+
+@cli.command()
 @click.argument("models", nargs=-1, required=True)
 @click.option("--out", "-o", required=True, type=click.Path(dir_okay=False), help="Model file to write.")
 @click.option("--weights", default=None, metavar="W1,W2,..",
@@ -509,6 +588,8 @@ def info(model: str | None, as_json: bool, show_vocab: bool) -> None:
 
     loaded = load_model(resolve_model_path(model))
     meta = loaded.metadata()
+    if "neighbours" in meta:  # 7,500 reference captions: a count says enough
+        meta["neighbours"] = {"k": meta["neighbours"]["k"], "pictures": len(meta["neighbours"]["captions"])}
     if as_json:
         click.echo(json.dumps(meta, indent=2))
         return
@@ -555,15 +636,17 @@ def merge(parts: tuple[str, ...], out: str, fmt: str | None, expect_parts: int |
               help="Show the first N cards after ordering (0: all). Failures are always listed.")
 @click.option("--sample", type=click.IntRange(min=1), default=None, help="Show a random sample of N rows instead.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for --sample.")
-@click.option("--order", type=click.Choice(["score", "id"]), default="score", show_default=True,
-              help="score: lowest confidence first, so doubtful captions come first.")
+@click.option("--order", type=click.Choice(["score", "id", "confidence"]), default="score", show_default=True,
+              help="score: lowest search score first; confidence: lowest confidence first; id.")
+@click.option("--status", "only_status", default=None,
+              help="Show only rows of this status, e.g. low_confidence (the rows --min-confidence set aside).")
 @click.option("--link-images", is_flag=True, help="Link the original files instead of embedding thumbnails.")
 @click.option("--thumb-size", type=click.IntRange(32, 1024), default=192, show_default=True)
 @click.option("--skip-bad-lines", is_flag=True,
               help="JSONL: report the readable rows of a damaged file (bad lines are listed) instead of refusing.")
 @user_errors
 def report(output: str, html_path: str | None, limit: int, sample: int | None, seed: int, order: str,
-           link_images: bool, thumb_size: int, skip_bad_lines: bool) -> None:
+           only_status: str | None, link_images: bool, thumb_size: int, skip_bad_lines: bool) -> None:
     """Write a self-contained HTML page of a run's OUTPUT: thumbnails, captions, failures.
 
     Lowest-confidence captions come first; the page filters by status and searches
@@ -577,7 +660,7 @@ def report(output: str, html_path: str | None, limit: int, sample: int | None, s
 
     html_path = html_path or default_html_path(output)
     s = write_report(output, html_path, limit=limit, sample=sample, seed=seed, link_images=link_images,
-                     thumb_size=thumb_size, order=order, skip_bad_lines=skip_bad_lines)
+                     thumb_size=thumb_size, order=order, status=only_status, skip_bad_lines=skip_bad_lines)
     click.echo(f"wrote {s.html}: {s.shown:,} of {s.total_rows:,} rows, {s.thumbnails:,} thumbnails, "
                f"{s.html_bytes / 1e6:.1f} MB in {s.seconds:.1f} s")
     if s.bad_lines:

@@ -85,6 +85,17 @@ def describe_model(model: CaptionModel, show_vocab: bool = False, console: Conso
     if metrics:
         where = model.metrics.get("selected_on", "")
         table.add_row(f"scores ({where})", ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+    ending = (f"{len(model.unendable_words)} words may not end a caption (learnt from "
+              f"{model.ending_rule.get('learnt_from', 'training captions')})" if model.unendable_words is not None
+              else "built-in closed-class words (none stored)")
+    table.add_row("ending rule", ending)
+    if model.familiarity is not None:
+        table.add_row("familiarity", model.familiarity.note or f"{model.familiarity.images} training pictures")
+    if model.calibration is not None:
+        auroc = model.calibration.report.get("auroc", {})
+        first = next(iter(auroc.items()), None)
+        table.add_row("confidence", f"calibrated on {model.calibration.report.get('fitted_on', '?')}"
+                      + (f"; AUROC {first[1]} ({first[0]})" if first else ""))
     console.print(table)
     if show_vocab:
         console.print(" ".join(model.vocab.words))

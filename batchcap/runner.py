@@ -38,13 +38,19 @@ def model_identity(meta: dict[str, Any]) -> str:
     return f"{meta.get('name', 'batchcap-model')}@{str(meta.get('tensors_sha256', ''))[:12]}"
 
 
-def resume_settings(meta: dict[str, Any], beam: BeamConfig) -> dict[str, Any]:
-    """The settings a resumed run must share with the first: model and caption search.
+def resume_settings(meta: dict[str, Any], beam: BeamConfig, min_confidence: float | None = None) -> dict[str, Any]:
+    """The settings a resumed run must share with the first: model, caption search, abstention.
 
     Device, precision, batch size and workers are execution details and may change
     between attempts (a job pre-empted on a GPU node may resume on a CPU node).
     """
-    return {"model": model_identity(meta), "preprocess": meta.get("preprocess"), "beam": to_dict(beam)}
+    settings = {"model": model_identity(meta), "preprocess": meta.get("preprocess"), "beam": to_dict(beam)}
+    if min_confidence is not None:
+        settings["min_confidence"] = min_confidence
+    return settings
+
+
+LOW_CONFIDENCE = "low_confidence"  # captioned, but set aside for review by --min-confidence
 
 
 def output_summary(final: Any, processed: int) -> dict[str, Any]:
@@ -65,12 +71,15 @@ def output_summary(final: Any, processed: int) -> dict[str, Any]:
 
 
 def _ok_row(item: ItemResult, text: str, score: float, n_best: tuple[tuple[str, float], ...], n: int,
-            model: str, now: dt.datetime) -> dict[str, Any]:
+            model: str, now: dt.datetime, logprob: float | None = None, confidence: float | None = None,
+            min_confidence: float | None = None) -> dict[str, Any]:
+    low = min_confidence is not None and confidence is not None and confidence < min_confidence
     return {
         "id": item.item.id, "source": item.item.source, "caption": text, "score": score,
         "n_best": [{"caption": c, "score": s} for c, s in n_best[:n]] if n > 1 else None,
-        "status": "ok", "error": None, "width": item.width, "height": item.height,
+        "status": LOW_CONFIDENCE if low else "ok", "error": None, "width": item.width, "height": item.height,
         "size": item.item.size, "mtime_ns": item.item.mtime_ns, "model": model, "created_at": now,
+        "logprob": logprob, "confidence": confidence,
     }
 
 
@@ -150,7 +159,7 @@ def run_job(cfg: RunConfig, model_path: Path, beam: BeamConfig, runtime: Runtime
         "preprocess": meta.get("preprocess"),
     }
     with StopSignals(stream, EXIT_INTERRUPTED) as stop, hold_lock(out):
-        store = OutputStore.open(out, cfg.format, resume_settings(meta, beam), run_config,
+        store = OutputStore.open(out, cfg.format, resume_settings(meta, beam, cfg.min_confidence), run_config,
                                  overwrite=cfg.overwrite, commit_every=cfg.commit_every)
         for path, reason in store.set_aside:
             print(f"batchcap: warning: part {path.name} is damaged ({reason}); moved to {path.parent}, "
@@ -158,6 +167,7 @@ def run_job(cfg: RunConfig, model_path: Path, beam: BeamConfig, runtime: Runtime
         total = sources.count(cfg.shard_index, cfg.shard_count)
         captioner = _LazyCaptioner(model_path, encoder_weights, runtime, beam)
         interrupted = False
+        set_aside_rows = 0
         with Progress(total, log_every=cfg.log_every, stream=stream) as progress:
             writer = BackgroundWriter(store, cfg.commit_seconds)
             batches = iter_batches(sources, preprocess, policy, batch_size=runtime.batch_size,
@@ -173,8 +183,11 @@ def run_job(cfg: RunConfig, model_path: Path, beam: BeamConfig, runtime: Runtime
                     rows = []
                     if batch.ok:
                         captions = captioner(batch)
-                        rows += [_ok_row(item, c.text, c.score, c.n_best, beam.n_best, identity, now)
+                        rows += [_ok_row(item, c.text, c.score, c.n_best, beam.n_best, identity, now,
+                                         logprob=c.logprob, confidence=c.confidence,
+                                         min_confidence=cfg.min_confidence)
                                  for item, c in zip(batch.ok, captions, strict=True)]
+                        set_aside_rows += sum(1 for r in rows if r["status"] == LOW_CONFIDENCE)
                     rows += [_failed_row(item, identity, now) for item in batch.failed]
                     writer.add(rows)
                     progress.advance(ok=len(batch.ok), failed=Counter(i.status for i in batch.failed),
@@ -193,6 +206,8 @@ def run_job(cfg: RunConfig, model_path: Path, beam: BeamConfig, runtime: Runtime
             final = store.finalize()
             processed = progress.processed
             extra = output_summary(final, processed)
+            if cfg.min_confidence is not None:
+                extra["low confidence"] = f"{set_aside_rows} (set aside below {cfg.min_confidence:g})"
             if processed == 0:
                 extra["note"] = "nothing new to caption: every input is already in the output"
             elif stop.requested:

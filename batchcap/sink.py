@@ -52,7 +52,10 @@ import pyarrow.parquet as pq
 
 from batchcap import __version__
 
-SCHEMA_VERSION = 1
+# Version 2 (issue 13): ``score`` is what the beam search ranked by (it was the mean log-prob
+# per token, now the ``logprob`` column); ``logprob`` and ``confidence`` were appended. A run
+# refuses to resume into an output of another version (see ``_check_previous``).
+SCHEMA_VERSION = 2
 METADATA_KEY = "batchcap"
 WORK_SUFFIX = ".batchcap-work"
 META_SUFFIX = ".meta.json"
@@ -73,6 +76,8 @@ SCHEMA = pa.schema([
     ("mtime_ns", pa.int64()),
     ("model", pa.string()),
     ("created_at", pa.timestamp("ms", tz="UTC")),
+    ("logprob", pa.float64()),
+    ("confidence", pa.float64()),
 ])
 COLUMNS: tuple[str, ...] = tuple(SCHEMA.names)
 _COLUMN_SET = frozenset(COLUMNS)
@@ -456,6 +461,13 @@ def _check_previous(out: Path, previous: dict[str, Any] | None, meta: dict[str, 
     if previous is None:
         raise ResumeRefused(f"{out} exists but was not written by batchcap (no run configuration found); "
                             "rerun with --overwrite to replace it, or choose another --out")
+    version = previous.get("schema_version", 1)
+    if version != meta["schema_version"]:
+        raise ResumeRefused(
+            f"refusing to continue {out}: {what} has output schema version {version}, this batchcap writes "
+            f"version {meta['schema_version']} (score means the search's ranking score since version 2; the "
+            "old per-token score is the logprob column). Finish it with the batchcap that started it, "
+            "or write new captions to another --out, or rerun with --overwrite to start over")
     if previous.get("format", meta["format"]) != meta["format"]:
         raise ResumeRefused(f"{what} is {previous.get('format')}, not {meta['format']}; "
                             "rerun with --overwrite to start over, or choose another --out")

@@ -430,6 +430,10 @@ def train(cfg: TrainConfig, dataset: CaptionDataset, choice: EncoderChoice, deco
         feature_dim = int(train_split.features.shape[-1])
     if not val_split.image_ids:
         raise TrainingError("the dataset has no usable validation images: model selection needs a val split")
+    from batchcap.calibrate import ending_and_familiarity  # ending rule + familiarity, for trusting captions
+
+    trust = ending_and_familiarity(train_split.records, train_split.image_ids, train_split.features,
+                                   runtime.precision)
     log(f"train: {len(train_split.image_ids)} images, {train_split.captions.shape[0]} captions; "
         f"val: {len(val_split.image_ids)} images")
 
@@ -500,6 +504,7 @@ def train(cfg: TrainConfig, dataset: CaptionDataset, choice: EncoderChoice, deco
             loop["best"], loop["best_epoch"], loop["bad_epochs"] = scores["CIDEr"], epoch, 0
             best_model = _model_file(cfg, choice, dcfg, vocab, decoder, dataset, failures, loop, scores,
                                      encoder=source.trainable, start_model=start_model)
+            best_model.unendable_words, best_model.ending_rule, best_model.familiarity, best_model.neighbours = trust
             save_model(best_model, out, half=bool(cfg.extra.get("half", False)))
             log(f"saved {out} (best so far)")
         else:

@@ -93,6 +93,41 @@ def test_a_short_batch_on_cuda_is_padded_and_captioned_like_on_the_cpu(tiny_mode
     assert len(on_gpu) == 5 and sum(a.text == b.text for a, b in zip(on_cpu, on_gpu)) >= 4
 
 
+@pytest.mark.parametrize("alpha", [0.0, 0.7, 1.0])
+def test_n_best_is_ordered_by_the_score_it_shows(tiny_model_path: Path, alpha: float) -> None:
+    model = load_model(tiny_model_path)
+    captioner = Captioner(model, RuntimeConfig(precision="fp32", channels_last=False),
+                          BeamConfig(beam_size=5, n_best=5, max_len=6, length_penalty=alpha))
+    images = torch.randint(0, 256, (6, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    captions = captioner(images)
+    for caption in captions:
+        shown = [score for _, score in caption.n_best]
+        assert shown == sorted(shown, reverse=True) and caption.score == shown[0]
+        assert caption.logprob < 0.0
+        if alpha == 0.0:  # the search ranks by the summed log-probability: at least the per-token mean
+            assert caption.score <= caption.logprob
+    assert len({tuple(s for _, s in c.n_best) for c in captions}) > 1  # the images differ
+
+
+def test_confidence_is_deterministic_and_in_unit_range(tiny_model_path: Path) -> None:
+    from batchcap.confidence import EVIDENCE, Calibrator, fit_familiarity
+
+    model = load_model(tiny_model_path)
+    dim = model.encoder.feature_dim
+    model.familiarity = fit_familiarity(torch.randn(50, dim, generator=torch.Generator().manual_seed(0)),
+                                        components=8)
+    model.calibration = Calibrator(EVIDENCE[:5], center=(0.0,) * 5, scale=(1.0,) * 5,
+                                   coef=(2.0, 1.0, 0.5, 0.1, -1.0), intercept=0.3)  # no neighbours stored
+    captioner = Captioner(model, RuntimeConfig(precision="fp32", channels_last=False),
+                          BeamConfig(beam_size=3, max_len=5))
+    images = torch.randint(0, 256, (5, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(4))
+    first = [c.confidence for c in captioner(images)]
+    again = [c.confidence for c in captioner(images)]
+    assert first == again
+    assert all(c is not None and 0.0 <= c <= 1.0 for c in first)
+    assert len(set(first)) > 1
+
+
 @pytest.mark.slow
 def test_the_packaged_model_captions_photos_offline(tmp_path: Path) -> None:
     if not DEFAULT_MODEL.is_file():
@@ -119,7 +154,9 @@ def test_the_packaged_model_captions_photos_offline(tmp_path: Path) -> None:
     for row in rows:
         words = row["caption"].split()
         assert 3 <= len(words) <= 20 and set(words) <= vocabulary
-        assert -5.0 < row["score"] < 0.0
+        assert -5.0 < row["logprob"] < 0.0 and row["score"] < 0.0
+        assert 0.0 <= row["confidence"] <= 1.0
+        assert words[-1] not in ("a", "in", "of", "the", "and")  # no caption ends mid-phrase
     # Flickr8k's world is people and dogs; these photos show both.
     text = " ".join(r["caption"] for r in rows)
     assert any(w in text for w in ("dog", "man", "girl", "boy", "woman", "people"))

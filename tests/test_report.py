@@ -312,3 +312,51 @@ def test_cli_refuses_a_damaged_jsonl_output_naming_the_line(tmp_path: Path) -> N
     assert "--skip-bad-lines" in result.output and not (tmp_path / "out.jsonl.html").exists()
     result = runner.invoke(cli, ["report", str(jsonl), "--skip-bad-lines"])
     assert result.exit_code == 0 and "1 line(s) are not rows and were left out (line 2)" in result.output
+
+
+def with_confidence(rows: list[dict]) -> list[dict]:
+    """Schema-2 rows: confidence falling with i, the two least confident set aside as low_confidence."""
+    out = []
+    for i, row in enumerate(rows):
+        if row["status"] != "ok":
+            out.append({**row, "logprob": None, "confidence": None})
+            continue
+        confidence = round(0.9 - 0.15 * ((i * 2) % 6), 2)  # not in score order
+        out.append({**row, "logprob": row["score"] / 4, "confidence": confidence,
+                    "status": "low_confidence" if confidence < 0.4 else "ok"})
+    return out
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "jsonl"])
+def test_confidence_order_filter_and_low_confidence_rows(tmp_path: Path, fmt: str) -> None:
+    from batchcap.sink import OutputStore
+
+    rows = with_confidence(make_rows(tmp_path))
+    out = tmp_path / f"captions.{fmt}"
+    store = OutputStore.open(out, None, resume_settings={"model": META["model"]}, run_config={})
+    store.add(rows)
+    store.finalize()
+    low = [r for r in rows if r["status"] == "low_confidence"]
+    assert low
+
+    summary = write_report(out, tmp_path / "all.html", order="confidence")
+    text = (tmp_path / "all.html").read_text("utf-8")
+    captioned = sorted((r for r in rows if r["confidence"] is not None), key=lambda r: r["confidence"])
+    assert card_ids(tmp_path / "all.html")[:len(captioned)] == [r["id"] for r in captioned]
+    assert summary.failures_listed == 3  # set-aside rows are not failures
+    assert summary.thumbnails == len(captioned)  # and they show their picture
+    assert summary.status_counts["low_confidence"] == len(low)
+    assert f"{low[0]['confidence']:.0%} sure" in text and '<option value="low_confidence">' in text
+    assert re.search(r'<div class="num">%d</div><div class="lbl">Low confidence' % len(low), text)
+
+    write_report(out, tmp_path / "low.html", status="low_confidence")
+    assert sorted(card_ids(tmp_path / "low.html")) == sorted(r["id"] for r in low)
+
+
+def test_previous_schema_version_score_reads_as_per_token_logprob(tmp_path: Path) -> None:
+    rows = make_rows(tmp_path, n_ok=2)
+    out = write_parquet(tmp_path / "v1.parquet", rows, meta={**META, "schema_version": 1})
+    write_report(out, tmp_path / "v1.html")
+    text = (tmp_path / "v1.html").read_text("utf-8")
+    # schema 1's score was the mean log-probability per token: exp(-0.2) = 0.82 per token
+    assert "per-token probability 0.82" in text and "sure</span>" not in text

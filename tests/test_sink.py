@@ -360,3 +360,47 @@ def test_outputs_read_back_in_pandas_and_duckdb_as_the_readme_shows(out: Path, f
     assert counts == [("corrupt", 1), ("ok", 5)]
     worst = duckdb.sql(f"SELECT id, caption, score FROM {table} WHERE status = 'ok' ORDER BY score, id LIMIT 2")
     assert [r[0] for r in worst.fetchall()] == ["img00000.jpg", "img00001.jpg"]
+
+
+def _as_previous_version(out: Path, fmt: str) -> None:
+    """Rewrite a finished output's metadata as schema version 1 wrote it."""
+    meta = read_output_meta(out, fmt)
+    assert meta is not None and meta["schema_version"] == 2
+    meta["schema_version"] = 1
+    if fmt == "parquet":
+        table = pq.read_table(out)
+        pq.write_table(table.replace_schema_metadata({"batchcap": json.dumps(meta)}), out)
+    else:
+        meta_path_for(out).write_text(json.dumps(meta))
+
+
+def test_new_columns_are_last_and_round_trip(out: Path, fmt: str) -> None:
+    assert COLUMNS[-2:] == ("logprob", "confidence")
+    store = open_store(out, fmt)
+    store.add([{**row(1), "logprob": -0.5, "confidence": 0.75}, row(2, "undecodable")])
+    store.finalize()
+    first, second = read_rows(out, fmt)
+    assert (first["logprob"], first["confidence"]) == (-0.5, 0.75)
+    assert second["logprob"] is None and second["confidence"] is None
+
+
+def test_refuses_to_resume_into_an_output_of_the_previous_schema_version(out: Path, fmt: str) -> None:
+    store = open_store(out, fmt)
+    store.add([row(1)])
+    store.finalize()
+    _as_previous_version(out, fmt)
+    before = out.read_bytes()
+    with pytest.raises(ResumeRefused, match=r"output schema version 1, this batchcap writes version 2.*--overwrite"):
+        open_store(out, fmt)
+    assert out.read_bytes() == before  # nothing touched
+    open_store(out, fmt, overwrite=True).finalize()  # --overwrite starts over
+
+
+def test_refuses_an_unfinished_run_of_the_previous_schema_version(out: Path, fmt: str) -> None:
+    store = open_store(out, fmt, commit_every=1)
+    store.add([row(1)])  # committed as a part; the run is "killed" here
+    run_json = work_dir_for(out) / "run.json"
+    meta = json.loads(run_json.read_text())
+    run_json.write_text(json.dumps({**meta, "schema_version": 1}))
+    with pytest.raises(ResumeRefused, match="schema version 1"):
+        open_store(out, fmt)

@@ -81,6 +81,10 @@ def test_training_learns_from_pictures(tmp_path: Path) -> None:
     model = load_model(out)
     assert model.training["data"]["splits"]["train"]["images"] == 240
     assert model.preprocess.width == 64 and model.encoder.name == "resnet10t"
+    # what trusting captions needs is computed at train time: the ending rule and familiarity
+    assert {"on", "the"} <= set(model.unendable_words) and not {"side", "left", "right"} & set(model.unendable_words)
+    assert model.familiarity is not None and model.familiarity.images == 240
+    assert model.familiarity.mean.shape == (model.encoder.feature_dim,)
     log = [json.loads(line) for line in (tmp_path / "shapes.safetensors.log.jsonl").read_text().splitlines()]
     assert len(log) == 20 and log[-1]["train_loss"] < log[0]["train_loss"]
 
