@@ -92,7 +92,8 @@ def _ngram_blocked(words: torch.Tensor, t: int, n: int, vocab: int) -> torch.Ten
 @torch.inference_mode()
 def beam_search(step: StepFn, state: State, cfg: BeamConfig, *, start_id: int, end_id: int,
                 pad_id: int = 0, banned_ids: Sequence[int] = (),
-                unendable_ids: Sequence[int] = ()) -> BeamResult:
+                unendable_ids: Sequence[int] = (), per_image: Sequence[bool] = (),
+                sync_every: int | None = None) -> BeamResult:
     """Search ``cfg.beam_size`` beams for each of the ``B`` rows of ``state`` at once.
 
     ``step(tokens (N,), state) -> (log_probs (N, V), state)`` advances N hypotheses by one
@@ -100,6 +101,14 @@ def beam_search(step: StepFn, state: State, cfg: BeamConfig, *, start_id: int, e
     very same object, e.g. the encoder memory) are identical across an image's beams and
     are never reordered. Everything runs on the device of ``state[0]``; scores are fp32
     even when ``step`` runs under autocast. See the module docstring for the exact rules.
+
+    ``per_image[j]`` marks state tensor ``j`` as one row per image, shared by its K beams (the
+    decoder's encoder memory and attention keys): it is passed to ``step`` as ``(B, ...)``,
+    never copied K times and never reordered, so ``step`` must return it unchanged and cope
+    with ``N = B * K`` hypotheses over ``B`` images. ``sync_every`` is how many words pass
+    between checks of whether every image has finished (a device-to-host sync); the result
+    is the same for any value, since words after the end change nothing. Default: every word
+    on CPU, where the check is free, every 4 on an accelerator.
     """
     K, T, n_best = cfg.beam_size, cfg.max_len, cfg.n_best
     alpha, min_len, ngram = float(cfg.length_penalty), cfg.min_len, cfg.no_repeat_ngram
@@ -108,7 +117,10 @@ def beam_search(step: StepFn, state: State, cfg: BeamConfig, *, start_id: int, e
     BK = B * K
     long = dict(dtype=torch.long, device=device)
 
-    state = tuple(s.repeat_interleave(K, dim=0) for s in state)  # each (B*K, ...)
+    shared = tuple(per_image) + (False,) * (len(state) - len(per_image))
+    state = tuple(s if keep else s.repeat_interleave(K, dim=0) for s, keep in zip(state, shared))  # (B*K, ...)
+    if sync_every is None:
+        sync_every = 1 if device.type == "cpu" else 4
     offsets = torch.arange(B, **long)[:, None] * K  # (B, 1) first row of each image
     rank = torch.arange(K, **long)[None, :]  # (1, K)
     beam_scores = torch.full((B, K), _NEG_INF, device=device)  # (B, K) raw sums; -inf = dead
@@ -191,9 +203,11 @@ def beam_search(step: StepFn, state: State, cfg: BeamConfig, *, start_id: int, e
             n_open = torch.where(stop, 0, n_open)
             beam_scores = beam_scores.masked_fill(stop[:, None], _NEG_INF)
 
-        if not bool((n_open > 0).any()):
+        if (t + 1) % sync_every == 0 and not bool((n_open > 0).any()):
             all_done = True
             break
+        if any(keep and new is not old for old, new, keep in zip(state, new_state, shared)):
+            raise ValueError("step changed a per_image state tensor; it must return it unchanged")
         state = tuple(old if new is old else new.index_select(0, reorder)
                       for old, new in zip(state, new_state))
 

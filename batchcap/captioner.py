@@ -192,7 +192,7 @@ class Captioner:
         state = self.decoder.init_state(features.float())
         result = beam_search(self.decoder.step, state, self._search_cfg, start_id=vocab.start_id,
                              end_id=vocab.end_id, pad_id=vocab.pad_id, banned_ids=vocab.never_generated,
-                             unendable_ids=model.unendable_ids)
+                             unendable_ids=model.unendable_ids, per_image=self.decoder.per_image_state)
         familiarity = neighbours = None
         if model.familiarity is not None:
             pooled = features.float().mean(1) if features.dim() == 3 else features.float()

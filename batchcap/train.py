@@ -134,7 +134,8 @@ def caption_features(decoder: CaptionDecoder, features: torch.Tensor, vocab: Voc
             chunk = features[start:start + batch_size].to(device, non_blocking=True)
             state = decoder.init_state(chunk.float())
             result = beam_search(decoder.step, state, beam, start_id=vocab.start_id, end_id=vocab.end_id,
-                                 pad_id=vocab.pad_id, banned_ids=vocab.never_generated)
+                                 pad_id=vocab.pad_id, banned_ids=vocab.never_generated,
+                                 per_image=decoder.per_image_state)
             out.extend(vocab.decode(row[0]) for row in result.tokens.cpu().tolist())
     return out
 

@@ -73,6 +73,43 @@ def run_both(decoder: CaptionDecoder, feats: torch.Tensor, cfg: BeamConfig,
     return beam_search(step, state, cfg, **kw), reference_beam_search(step, state, cfg, **kw)
 
 
+@pytest.mark.parametrize("seed", range(8))
+def test_shared_memory_and_sparse_syncs_change_nothing(seed: int) -> None:
+    # The decoder's memory and keys kept once per image (not K times), and the "all finished?"
+    # check made every 3rd word instead of every word: the same captions. (One bmm over an image's
+    # K beams sums in another order than K bmms of one, so log-probabilities agree to rounding.)
+    rng = np.random.default_rng(100 + seed)
+    k = (1, 3, 5)[seed % 3]
+    cfg = BeamConfig(beam_size=k, max_len=int(rng.integers(4, 13)), min_len=int(rng.integers(0, 3)),
+                     length_penalty=float(rng.choice([0.0, 0.7])), n_best=int(rng.integers(1, k + 1)))
+    decoder = make_decoder(seed, attention=bool(seed % 2), end_bias=float(rng.uniform(-1.0, 1.0)))
+    with torch.inference_mode():
+        state = decoder.init_state(features(seed, int(rng.integers(1, 20))))
+        kw = dict(start_id=START, end_id=END, pad_id=PAD, banned_ids=BANNED, unendable_ids=(7, 8, 9))
+        plain = beam_search(decoder.step, state, cfg, **kw)
+        lean = beam_search(decoder.step, state, cfg, per_image=decoder.per_image_state, sync_every=3, **kw)
+        sparse = beam_search(decoder.step, state, cfg, sync_every=3, **kw)
+    assert_same(sparse, plain)  # the syncs alone: exactly equal
+    assert torch.equal(lean.tokens, plain.tokens) and torch.equal(lean.lengths, plain.lengths)
+    assert torch.equal(lean.ended, plain.ended)
+    torch.testing.assert_close(lean.scores, plain.scores, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lean.token_logprobs, plain.token_logprobs, rtol=1e-5, atol=1e-5)
+
+
+def test_a_step_that_changes_per_image_state_is_refused() -> None:
+    decoder = make_decoder(3)
+    with torch.inference_mode():
+        state = decoder.init_state(features(3, 2))
+
+        def step(tokens: torch.Tensor, st: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+            log_probs, new = decoder.step(tokens, st)
+            return log_probs, (new[0], new[1], new[2].clone(), new[3])
+
+        with pytest.raises(ValueError, match="per_image"):
+            beam_search(step, state, BeamConfig(beam_size=3, max_len=5), start_id=START, end_id=END,
+                        per_image=decoder.per_image_state)
+
+
 def assert_same(got: BeamResult, want: BeamResult) -> None:
     assert torch.equal(got.tokens, want.tokens)
     assert torch.equal(got.lengths, want.lengths)
