@@ -54,7 +54,11 @@ def user_errors(func: F) -> F:
             return func(*args, **kwargs)
         except OptionError as exc:
             raise click.BadParameter(exc.message, param_hint=exc.option) from None
-        except _user_errors() as exc:
+        except Exception as exc:  # not BaseException: an interrupt must pass without importing anything
+            # Importing the error classes loads torch; done only here, once an error is in hand, so
+            # a signal that cut ``import torch`` short never re-enters the half-imported module.
+            if not isinstance(exc, _user_errors()):
+                raise
             error = click.ClickException(str(exc))
             error.exit_code = 2  # the command cannot run as given; exit 1 stays "crash"
             raise error from exc

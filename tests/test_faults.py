@@ -387,3 +387,27 @@ def test_merge_refuses_a_truncated_part(tmp_path: Path, tiny_model_path: Path) -
     parts[1].write_bytes(good)  # copied again
     assert subprocess.run(merge, cwd=REPO, capture_output=True, timeout=120).returncode == EXIT_OK
     assert_exactly_once(tmp_path / "all.parquet", ids_of(folder))
+
+
+def test_signal_while_torch_is_importing_is_exit_6_not_a_crash(tmp_path: Path, tiny_model_path: Path) -> None:
+    """A signal can cut ``import torch`` short (seen on a loaded Slurm node): the error handling must
+    not import it again, which segfaulted. Simulated: the first import of torch is interrupted, any
+    later one fails as a half-imported module would."""
+    folder = tmp_path / "photos"
+    write_images(folder, 2)
+    cmd = command([folder], tmp_path / "captions.parquet", tiny_model_path)
+    code = ("import builtins, sys\n"
+            "real, seen = builtins.__import__, []\n"
+            "def hook(name, *a, **k):\n"
+            "    if name == 'torch' or name.startswith('torch.'):\n"
+            "        if not seen:\n"
+            "            seen.append(name); raise KeyboardInterrupt\n"
+            "        raise SystemError('torch is half imported')\n"
+            "    return real(name, *a, **k)\n"
+            "builtins.__import__ = hook\n"
+            "from batchcap.cli import main\n"
+            f"sys.argv = {['batchcap', *cmd[3:]]!r}\n"
+            "main()\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == EXIT_INTERRUPTED, proc.stderr
+    assert "interrupted before captioning began" in proc.stderr and "Traceback" not in proc.stderr
