@@ -16,7 +16,7 @@ import torch
 
 from batchcap.beam import BeamResult, beam_search
 from batchcap.config import BeamConfig, EncoderConfig, RuntimeConfig
-from batchcap.encoder import (ASSETS_DIR, ENV_WEIGHTS, Encoder, EncoderError, WeightsSource, build_backbone,
+from batchcap.encoder import (ASSETS_DIR, ENV_WEIGHTS, EncoderError, WeightsSource, build_backbone, build_encoder,
                               find_referenced_weights)
 from batchcap.modelfile import CaptionModel, ModelFileError, check_encoder_weights
 
@@ -100,7 +100,7 @@ class Captioner:
         source = resolve_encoder_weights(model, encoder_weights)
         self.weights_source = source
         backbone = build_backbone(EncoderConfig(name=model.encoder.name, spatial=model.encoder.spatial), source)
-        self.encoder = Encoder(backbone, model.preprocess, runtime, spatial=model.encoder.spatial)
+        self.encoder = build_encoder(backbone, model.preprocess, runtime, spatial=model.encoder.spatial)
         self.decoder = model.build_decoder().to(runtime.device)
 
     @torch.inference_mode()
