@@ -372,10 +372,13 @@ def measure_loader(list_file: Path, count: int, preprocess: Preprocess, policy: 
 
 def measure_beam(captioner: Any, images: torch.Tensor, repeats: int) -> dict[str, Any]:
     """Captions/s of the vectorised beam search from the features of real pictures."""
+    from batchcap.captioner import search_threads
+
     features = captioner.encode(images)
     device = torch.device(captioner.runtime.device)
-    seconds, _ = timed(lambda: captioner.search(features), repeats, device)
-    captions = captioner.search(features)
+    with search_threads(captioner.runtime):  # as run does it
+        seconds, _ = timed(lambda: captioner.search(features), repeats, device)
+        captions = captioner.search(features)
     words = [len(c.text.split()) for c in captions]
     return {"captions_per_s": len(captions) / seconds, "batch_size": len(captions),
             "beam": captioner.beam.beam_size, "max_len": captioner.beam.max_len,

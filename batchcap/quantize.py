@@ -14,8 +14,10 @@ photos actually used are recorded in its ``info.json``.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -69,16 +71,17 @@ def calibration_arrays(photos: list[str], preprocess: Preprocess) -> list[np.nda
 
 def quantize_graph(fp32_xml: Path, arrays: list[np.ndarray]) -> Any:
     """NNCF post-training quantisation of the fp32 graph at ``fp32_xml`` on ``arrays``."""
-    try:
-        import nncf
-    except ImportError as exc:
-        raise CalibrationError("int8 needs nncf to calibrate the encoder once: pip install 'batchcap[int8]' "
-                               "(or pip install nncf); or use --precision bf16") from exc
     import openvino as ov
 
-    model = ov.Core().read_model(str(fp32_xml))
-    return nncf.quantize(model, nncf.Dataset(arrays), subset_size=len(arrays),
-                         preset=nncf.QuantizationPreset.PERFORMANCE, fast_bias_correction=True)
+    with contextlib.redirect_stdout(sys.stderr):  # NNCF's progress bars and log: stdout stays for results (--json)
+        try:
+            import nncf
+        except ImportError as exc:
+            raise CalibrationError("int8 needs nncf to calibrate the encoder once: pip install 'batchcap[int8]' "
+                                   "(or pip install nncf); or use --precision bf16") from exc
+        model = ov.Core().read_model(str(fp32_xml))
+        return nncf.quantize(model, nncf.Dataset(arrays), subset_size=len(arrays),
+                             preset=nncf.QuantizationPreset.PERFORMANCE, fast_bias_correction=True)
 
 
 def int8_graph(root: Path, fp32_xml: Path, fp32_fields: dict[str, Any], preprocess: Preprocess,

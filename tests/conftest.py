@@ -100,4 +100,5 @@ def encoder_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Converted (OpenVINO) encoders go to a session folder, never the user's cache; subprocesses inherit it."""
     folder = tmp_path_factory.mktemp("encoder-cache")
     os.environ["BATCHCAP_ENCODER_CACHE"] = str(folder)
+    os.environ.pop("BATCHCAP_CALIBRATION_IMAGES", None)  # int8 calibrates only where a test asks for it
     return folder
