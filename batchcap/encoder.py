@@ -199,11 +199,11 @@ def build_encoder(backbone: nn.Module, preprocess: Preprocess, runtime: RuntimeC
     ``log`` hears about a first-use conversion (default: stderr), which takes a minute.
     """
     if runtime.backend == "openvino":
-        from batchcap.openvino_backend import OpenVINOEncoder, OpenVINOUnavailable
+        from batchcap.openvino_backend import CacheUnusable, OpenVINOEncoder, OpenVINOUnavailable
         from batchcap.quantize import CalibrationError
 
         try:
             return OpenVINOEncoder(backbone, preprocess, runtime, spatial=spatial, log=log)
-        except (OpenVINOUnavailable, CalibrationError) as exc:
+        except (OpenVINOUnavailable, CacheUnusable, CalibrationError) as exc:
             raise EncoderError(str(exc)) from exc
     return Encoder(backbone, preprocess, runtime, spatial=spatial)

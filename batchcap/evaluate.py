@@ -87,7 +87,8 @@ def format_scores(result: dict[str, Any]) -> str:
     scores = result["scores"]
     names = ["BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr"]
     lines = [f"{result['model']} on {result['split']} ({result['images']} images, beam "
-             f"{result['beam']['beam_size']}, {result.get('backend', 'torch')} {result['precision']}, tokenizer {scores.get('tokenizer')})"]
+             f"{result['beam']['beam_size']}, {result.get('backend', 'torch')} {result['precision']}, "
+             f"tokenizer {scores.get('tokenizer')})"]
     for name in names:
         value = scores.get(name)
         lines.append(f"  {name:<8} {'n/a' if value is None else f'{value:.4f}'}")

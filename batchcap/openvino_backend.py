@@ -47,6 +47,10 @@ class OpenVINOUnavailable(Exception):
     """``openvino`` cannot be imported here (not installed, or not for this platform)."""
 
 
+class CacheUnusable(Exception):
+    """The encoder cache folder cannot be created or written."""
+
+
 def openvino_version() -> str | None:
     """The importable OpenVINO's version (``2026.4.1``), or None when it cannot be imported."""
     try:
@@ -87,8 +91,10 @@ def resolve_precision(precision: str) -> str:
 
 
 # -- the cache ---------------------------------------------------------------------------------
-def cache_root(explicit: str | os.PathLike[str] | None = None, environ: "os._Environ[str] | dict[str, str] | None" = None) -> Path:
-    """Where converted encoders live: ``explicit``, ``$BATCHCAP_ENCODER_CACHE``, ``$XDG_CACHE_HOME/batchcap``, ``~/.cache/batchcap``."""
+def cache_root(explicit: str | os.PathLike[str] | None = None,
+               environ: "os._Environ[str] | dict[str, str] | None" = None) -> Path:
+    """Where converted encoders live: ``explicit``, else ``$BATCHCAP_ENCODER_CACHE``, else
+    ``$XDG_CACHE_HOME/batchcap``, else ``~/.cache/batchcap``."""
     environ = os.environ if environ is None else environ
     if explicit:
         return Path(explicit)
@@ -99,7 +105,7 @@ def cache_root(explicit: str | os.PathLike[str] | None = None, environ: "os._Env
 
 
 def weights_sha256(backbone: nn.Module) -> str:
-    """A hash of the encoder's tensors as loaded (names, dtypes, shapes, bytes): fine-tuned or not, it tells them apart."""
+    """A hash of the encoder's tensors as loaded (names, dtypes, shapes, bytes): tells fine-tuned weights apart."""
     digest = hashlib.sha256()
     for name, tensor in sorted(backbone.state_dict().items()):
         t = tensor.detach().cpu().contiguous()
@@ -109,7 +115,8 @@ def weights_sha256(backbone: nn.Module) -> str:
 
 
 def cache_fields(backbone: nn.Module, preprocess: Preprocess, spatial: bool, stored_precision: str,
-                 version: str, weights_digest: str | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+                 version: str, weights_digest: str | None = None,
+                 extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Everything a converted graph depends on; its hash names the cache folder."""
     arch = getattr(backbone, "pretrained_cfg", {}).get("architecture") or type(backbone).__name__
     return {"graph_format": GRAPH_FORMAT, "encoder": arch,
@@ -140,12 +147,16 @@ def cached_graph(root: Path, fields: dict[str, Any], build: Callable[[], Any],
     folder = root / "openvino" / f"{fields['encoder']}-{fields['precision']}-{key}"
     xml = folder / "encoder.xml"
     if xml.is_file():
-        return xml, json.loads((folder / "info.json").read_text())
-    folder.parent.mkdir(parents=True, exist_ok=True)
+        return xml, _read_info(folder, fields)
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=folder.parent))
+    except OSError as exc:
+        raise CacheUnusable(f"encoder cache {root}: cannot write there ({exc.strerror or exc}); pass "
+                            f"--encoder-cache DIR or set {ENV_CACHE} to a writable folder") from exc
     if log and announce:
         log(f"converting the encoder to OpenVINO ({fields['precision']}); first use only, the result is cached")
     started = time.perf_counter()
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=folder.parent))
     try:
         graph = build()
         ov.save_model(graph, str(tmp / "encoder.xml"), compress_to_fp16=False)
@@ -162,12 +173,20 @@ def cached_graph(root: Path, fields: dict[str, Any], build: Callable[[], Any],
                 log(f"converted in {info['build_seconds']:.1f} s; cached in {folder}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return xml, json.loads((folder / "info.json").read_text())
+    return xml, _read_info(folder, fields)
+
+
+def _read_info(folder: Path, fields: dict[str, Any]) -> dict[str, Any]:
+    """A cache folder's ``info.json``; its key fields when the file was removed by hand."""
+    try:
+        return json.loads((folder / "info.json").read_text())
+    except (OSError, ValueError):
+        return dict(fields)
 
 
 # -- conversion --------------------------------------------------------------------------------
 class EncoderGraph(nn.Module):
-    """What is converted: ``uint8`` (B, 3, H, W) -> normalised -> features, as :class:`~batchcap.encoder.Encoder` does."""
+    """What is converted: ``uint8`` (B, 3, H, W) -> normalised -> features, as :class:`~batchcap.encoder.Encoder`."""
 
     def __init__(self, backbone: nn.Module, preprocess: Preprocess, spatial: bool) -> None:
         super().__init__()

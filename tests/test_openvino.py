@@ -136,6 +136,22 @@ def test_cache_is_reused_and_rebuilt_when_the_weights_change(tmp_path: Path) -> 
     assert _cosines(changed(images), _torch_fp32(backbone, model.preprocess)(images)).min() > 0.9999
 
 
+@needs_openvino
+def test_an_unwritable_cache_is_a_clear_error(tmp_path: Path, tiny_model_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from batchcap.cli import cli
+
+    write_images(tmp_path / "imgs", 2)
+    (tmp_path / "a-file").write_text("not a folder")
+    result = CliRunner().invoke(cli, ["run", str(tmp_path / "imgs"), "--out", str(tmp_path / "c.jsonl"), "--model",
+                                      str(tiny_model_path), "--workers", "0", "--backend", "openvino",
+                                      "--encoder-cache", str(tmp_path / "a-file" / "cache")])
+    assert result.exit_code == 2, result.output
+    assert "cannot write there" in result.output and "--encoder-cache" in result.output
+    assert "Traceback" not in result.output
+
+
 def _build_in_another_process(args: tuple[str, str, str]) -> str:
     tmp, cache, _ = args
     sys.path.insert(0, str(Path(__file__).parent))

@@ -130,7 +130,8 @@ def main() -> None:
                    "load_average": os.getloadavg()[0]}
             rounds.append(row)
             print(f"round {r + 1}: " + ", ".join(f"{k} {v:.1f}" for k, v in row["encoder"].items())
-                  + f" img/s | run {e2e:.1f} img/s ({seconds:.1f} s), steady {steady:.1f} | tutorial {ref['images_per_s']:.2f} img/s | "
+                  + f" img/s | run {e2e:.1f} img/s ({seconds:.1f} s), steady {steady:.1f} | "
+                  f"tutorial {ref['images_per_s']:.2f} img/s | "
                   f"run/tutorial {row['run_vs_reference']:.1f}x, {chosen.label}/torch bf16 "
                   f"{row['chosen_vs_torch_bf16']:.2f}x, run/{chosen.label} whole {row['run_vs_chosen_encoder']:.2f}, "
                   f"steady {row['run_steady_vs_chosen_encoder']:.2f} | "
