@@ -8,21 +8,31 @@ This is where the model file, the encoder weights and the runtime settings meet:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
+import numpy as np
 import torch
 
 from batchcap.beam import BeamResult, beam_search
+from batchcap.confidence import caption_evidence
 from batchcap.config import BeamConfig, EncoderConfig, RuntimeConfig
 from batchcap.encoder import (ASSETS_DIR, ENV_WEIGHTS, EncoderError, WeightsSource, build_backbone, build_encoder,
                               find_referenced_weights)
 from batchcap.modelfile import CaptionModel, ModelFileError, check_encoder_weights
 
+if TYPE_CHECKING:
+    from batchcap.loader import Batch
+
 DEFAULT_MODEL = ASSETS_DIR / "default-model.safetensors"
+
+#: The status of a picture that decoded but got no caption: every hypothesis scored NaN or
+#: -inf, as happens with NaN or inf features (an fp16 overflow, for example).
+NO_CAPTION = "no_caption"
 
 
 def resolve_model_path(model: str | None) -> Path:
@@ -71,24 +81,81 @@ def resolve_encoder_weights(model: CaptionModel, explicit: str | None = None,
 
 
 def per_token_scores(result: BeamResult, length_penalty: float) -> torch.Tensor:
-    """Mean log-probability per token (``<end>`` included) of each hypothesis.
+    """Mean log-probability per token (``<end>`` included) of each hypothesis, from its search score.
 
-    The beam ranks by ``sum / length ** length_penalty``; the output's ``score`` column is
-    always the length-normalised ``sum / length``, so it compares across captions of
-    different lengths (and across runs with different ``--length-penalty``).
+    The beam ranks by ``sum / length ** length_penalty`` (the output's ``score``); this undoes
+    the penalty, giving what schema version 1 called ``score``. For captions cut back at
+    ``max_len`` use :func:`token_logprobs_mean` (the ``logprob`` column), which counts only
+    the tokens shown.
     """
     length = (result.lengths + result.ended.long()).clamp(min=1).float()  # (B, n)
     raw = result.scores.float() * length.pow(length_penalty)  # (B, n) summed log-probs
     return raw / length
 
 
+def token_logprobs_mean(result: BeamResult) -> torch.Tensor:
+    """Mean log-probability of the tokens each caption shows (its words, and ``<end>`` when it ended).
+
+    This is the output's ``logprob`` column. It equals :func:`per_token_scores` except for a
+    caption cut back to a clean word at ``max_len``, whose dropped words no longer count.
+    """
+    assert result.token_logprobs is not None
+    tokens = (result.lengths + result.ended.long()).clamp(min=1).float()  # (B, n)
+    return result.token_logprobs.float().sum(2) / tokens
+
+
 @dataclass(frozen=True)
 class Caption:
-    """One image's result: the best caption, its score, and the n-best list."""
+    """One image's result: the best caption, its scores, and the n-best list.
+
+    ``score`` is what the beam search ranked by (``sum log p / length ** length_penalty``);
+    ``n_best`` pairs each caption with that same number, so the list reads in order.
+    ``logprob`` is the best caption's mean log-probability per token; ``confidence`` the
+    calibrated probability that it is acceptable (``None`` when the model has no calibrator).
+
+    ``error`` says why an image has no caption (then ``text`` is empty and ``n_best`` too).
+    """
 
     text: str
     score: float
     n_best: tuple[tuple[str, float], ...]
+    logprob: float = float("nan")
+    confidence: float | None = None
+    familiarity: float | None = None
+    error: str | None = None
+
+
+def encode_fixed_size(encode: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor,
+                      batch_size: int) -> torch.Tensor:
+    """``encode(images)``, with a short batch padded by blank pictures up to ``batch_size`` rows.
+
+    On CUDA, cuDNN's autotuner (``cudnn.benchmark``) times its kernels again for every new
+    input shape; padding the last batch of each worker keeps the encoder at one shape.
+    The padding's features are dropped, so the result has one row per picture given.
+    """
+    count = images.shape[0]
+    if 0 < count < batch_size:
+        blank = images.new_zeros((batch_size - count, *images.shape[1:]))
+        return encode(torch.cat([images, blank]))[:count]
+    return encode(images)
+
+
+def caption_batch(captioner: Callable[[torch.Tensor], list[Caption]], batch: "Batch") -> list[Caption]:
+    """Captions for ``batch.ok``; a picture without one moves from ``batch.ok`` to ``batch.failed``.
+
+    So a bad picture becomes its own failure row (status ``no_caption``) and the rest of
+    the batch, and the job, carry on.
+    """
+    captions = captioner(batch.images)
+    kept, failed = [], []
+    for item, caption in zip(batch.ok, captions, strict=True):
+        if caption.error is None:
+            kept.append((item, caption))
+        else:
+            failed.append(dataclasses.replace(item, status=NO_CAPTION, error=caption.error))
+    batch.ok = [item for item, _ in kept]
+    batch.failed = batch.failed + failed
+    return [caption for _, caption in kept]
 
 
 class Captioner:
@@ -104,27 +171,53 @@ class Captioner:
         backbone = build_backbone(EncoderConfig(name=model.encoder.name, spatial=model.encoder.spatial), source)
         self.encoder = build_encoder(backbone, model.preprocess, runtime, spatial=model.encoder.spatial)
         self.decoder = model.build_decoder().to(runtime.device)
+        self.fixed_batch = torch.device(runtime.device).type == "cuda"
+        # A second hypothesis gives the calibrator its margin; asking for it never changes the best.
+        self._search_cfg = dataclasses.replace(beam, n_best=max(beam.n_best, min(2, beam.beam_size)))
 
     @torch.inference_mode()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """Features of a ``uint8`` (B, 3, H, W) batch, fp32."""
+        """Features of a ``uint8`` (B, 3, H, W) batch, fp32; on CUDA at one batch shape."""
+        if self.fixed_batch:
+            return encode_fixed_size(self.encoder, images, self.runtime.batch_size)
         return self.encoder(images)
 
-    @torch.inference_mode()
     def search(self, features: torch.Tensor) -> list[Caption]:
         """Beam search from features; the decoder runs in fp32 so scores are fp32 log-probs."""
-        vocab = self.model.vocab
+        return self.search_with_evidence(features)[0]
+
+    @torch.inference_mode()
+    def search_with_evidence(self, features: torch.Tensor) -> tuple[list[Caption], "np.ndarray"]:
+        """:meth:`search`, plus each image's calibrator inputs (:func:`caption_evidence`)."""
+        vocab, model = self.model.vocab, self.model
         state = self.decoder.init_state(features.float())
-        result = beam_search(self.decoder.step, state, self.beam, start_id=vocab.start_id, end_id=vocab.end_id,
-                             pad_id=vocab.pad_id, banned_ids=vocab.never_generated)
-        tokens = result.tokens.cpu().tolist()
-        scores = per_token_scores(result, self.beam.length_penalty).cpu().tolist()
+        result = beam_search(self.decoder.step, state, self._search_cfg, start_id=vocab.start_id,
+                             end_id=vocab.end_id, pad_id=vocab.pad_id, banned_ids=vocab.never_generated,
+                             unendable_ids=model.unendable_ids, per_image=self.decoder.per_image_state)
+        familiarity = neighbours = None
+        if model.familiarity is not None:
+            pooled = features.float().mean(1) if features.dim() == 3 else features.float()
+            familiarity = model.familiarity.score(pooled)
+            if model.neighbours is not None:
+                best = [vocab.decode(row[0]) for row in result.tokens.cpu().tolist()]
+                neighbours = model.neighbours.query(model.familiarity.whiten(pooled), best)
+        evidence = caption_evidence(result, familiarity, neighbours)
+        confidence = None if model.calibration is None else model.calibration(evidence).tolist()
+        tokens = result.tokens[:, : self.beam.n_best].cpu().tolist()
+        scores = result.scores[:, : self.beam.n_best].cpu().tolist()
+        logprobs = token_logprobs_mean(result)[:, 0].cpu().tolist()
         captions = []
-        for image_tokens, image_scores in zip(tokens, scores):
+        for b, (image_tokens, image_scores) in enumerate(zip(tokens, scores)):
             ranked = [(vocab.decode(t), float(sc)) for t, sc in zip(image_tokens, image_scores)
                       if math.isfinite(sc)]  # a slot stays empty when fewer hypotheses existed
-            captions.append(Caption(ranked[0][0], ranked[0][1], tuple(ranked)))
-        return captions
+            if not ranked:
+                captions.append(Caption("", math.nan, (), error="no finite caption: every hypothesis "
+                                        "scored NaN or -inf (NaN or inf encoder features?)"))
+                continue
+            captions.append(Caption(ranked[0][0], ranked[0][1], tuple(ranked), logprob=float(logprobs[b]),
+                                    confidence=None if confidence is None else round(float(confidence[b]), 6),
+                                    familiarity=None if familiarity is None else float(familiarity[b])))
+        return captions, evidence
 
     def __call__(self, images: torch.Tensor) -> list[Caption]:
         features = self.encode(images)

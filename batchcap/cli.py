@@ -29,6 +29,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     if _USER_ERRORS is None:
         from batchcap.datasets import DatasetError
         from batchcap.encoder import EncoderError
+        from batchcap.lock import OutputUnwritable
+        from batchcap.metrics import MetricsUnavailable
         from batchcap.merge import MergeError
         from batchcap.modelfile import ModelFileError
         from batchcap.report import ReportError
@@ -37,7 +39,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         from batchcap.train import TrainingError
 
         _USER_ERRORS = (ModelFileError, EncoderError, SourceError, DatasetError, MergeError, ReportError,
-                        TrainingError, AverageError)
+                        TrainingError, AverageError, MetricsUnavailable, OutputUnwritable)
     return _USER_ERRORS
 
 
@@ -52,10 +54,35 @@ def user_errors(func: F) -> F:
             return func(*args, **kwargs)
         except OptionError as exc:
             raise click.BadParameter(exc.message, param_hint=exc.option) from None
-        except _user_errors() as exc:
+        except Exception as exc:  # not BaseException: an interrupt must pass without importing anything
+            # Importing the error classes loads torch; done only here, once an error is in hand, so
+            # a signal that cut ``import torch`` short never re-enters the half-imported module.
+            if not isinstance(exc, _user_errors()):
+                raise
             error = click.ClickException(str(exc))
             error.exit_code = 2  # the command cannot run as given; exit 1 stays "crash"
             raise error from exc
+
+    return wrapper
+
+
+def interruptible(func: F) -> F:
+    """Ctrl-C or SIGTERM before ``run_job`` takes the signals over: one line and exit 6, not ``Aborted!``."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        import signal
+
+        from batchcap.progress import EXIT_INTERRUPTED
+
+        previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+        try:
+            return func(*args, **kwargs)
+        except KeyboardInterrupt:
+            click.echo("batchcap: interrupted before captioning began; nothing was written", err=True)
+            sys.exit(EXIT_INTERRUPTED)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
 
     return wrapper
 
@@ -79,7 +106,7 @@ def runtime_options(func: F) -> F:
                         help="Decoding worker processes (a number, or auto).")(func)
     func = click.option("--batch-size", type=click.IntRange(1, 65536), default=None,
                         help="Images per encoder batch [default: 16 on CPU, where it measured fastest; "
-                             "128 on CUDA].")(func)
+                             "256 on CUDA].")(func)
     func = click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16", "int8"]), default="auto",
                         show_default=True,
                         help="auto: bf16 on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX), else fp32. "
@@ -140,6 +167,9 @@ def output_options(func: F) -> F:
                         help="Seconds between progress lines when not on a terminal.")(func)
     func = click.option("--max-failures", default="0.5", show_default=True,
                         help="Exit non-zero when failed inputs exceed this count (10) or fraction (0.05, 5%).")(func)
+    func = click.option("--commit-seconds", type=click.FloatRange(min=0, min_open=True), default=60.0,
+                        show_default=True,
+                        help="Also commit once the oldest uncommitted row is this old (slow runs).")(func)
     func = click.option("--commit-every", type=click.IntRange(1), default=512, show_default=True,
                         help="Rows per committed part; a kill loses at most this many.")(func)
     func = click.option("--overwrite", is_flag=True, help="Start over instead of resuming.")(func)
@@ -167,21 +197,27 @@ def cli() -> None:
 @click.argument("sources", nargs=-1)
 @input_options
 @output_options
+@click.option("--min-confidence", type=click.FloatRange(0.0, 1.0), default=None,
+              help="Set aside captions whose confidence is below P: status low_confidence, caption kept "
+                   "for review; not counted as failures. Default: off.")
 @model_options
 @runtime_options
 @backend_options
 @beam_options
 @user_errors
+@interruptible
 def run(sources: tuple[str, ...], files_from: str | None, shard: str | None, max_pixels: int, background: str,
         no_draft: bool, image_keys: str, out: str, fmt: str | None, overwrite: bool, commit_every: int,
-        max_failures: str, log_every: float, model: str | None, encoder_weights: str | None, device: str,
-        precision: str, batch_size: int | None, workers: str, backend: str, encoder_cache: str | None, beam: int,
-        max_len: int | None, min_len: int, length_penalty: float, no_repeat_ngram: int, n_best: int) -> None:
+        commit_seconds: float, max_failures: str, log_every: float, min_confidence: float | None,
+        model: str | None, encoder_weights: str | None, device: str, precision: str, batch_size: int | None,
+        workers: str, backend: str, encoder_cache: str | None, beam: int, max_len: int | None, min_len: int,
+        length_penalty: float, no_repeat_ngram: int, n_best: int) -> None:
     """Caption every picture in SOURCES (folders, files, WebDataset shards) into --out.
 
     Rerunning the same command resumes: only pictures not yet in the output are
     captioned, and pictures whose size or modification time changed are captioned
     again. A second run on the same output while one is active exits at once.
+    SIGTERM or Ctrl-C commits what is captioned and exits 6: rerun to resume.
 
     \b
     Examples:
@@ -193,11 +229,11 @@ def run(sources: tuple[str, ...], files_from: str | None, shard: str | None, max
     from batchcap.config import RunConfig
     from batchcap.lock import LockHeld
     from batchcap.modelfile import read_metadata
-    from batchcap.progress import EXIT_LOCKED, EXIT_RESUME_REFUSED, parse_max_failures
+    from batchcap.progress import EXIT_IO_ERROR, EXIT_LOCKED, EXIT_RESUME_REFUSED, parse_max_failures
     from batchcap.runner import run_job
     from batchcap.sharding import resolve_shard
     from batchcap.settings import beam_config, image_policy, runtime_config
-    from batchcap.sink import ResumeRefused, infer_format
+    from batchcap.sink import OutputIOError, ResumeRefused, infer_format
 
     if not sources and not files_from:
         raise click.UsageError("give at least one SOURCE (folder, image, .tar shard) or --files-from FILE")
@@ -209,11 +245,15 @@ def run(sources: tuple[str, ...], files_from: str | None, shard: str | None, max
         raise click.UsageError(str(exc)) from exc
     model_path = resolve_model_path(model)
     meta = read_metadata(model_path)
+    if min_confidence is not None and "calibration" not in meta:
+        raise click.UsageError(f"--min-confidence: the model {model_path} has no confidence calibration; "
+                               "fit one with `batchcap calibrate`, or drop --min-confidence")
     beam_cfg = beam_config(beam, max_len, min_len, length_penalty, no_repeat_ngram, n_best,
                           int(meta["max_caption_len"]))
     cfg = RunConfig(sources=tuple(sources), out=out, format=fmt, files_from=files_from, shard_index=shard_index,
                     shard_count=shard_count, overwrite=overwrite, max_failures=max_failures,
-                    commit_every=commit_every, log_every=log_every)
+                    commit_every=commit_every, log_every=log_every, commit_seconds=commit_seconds,
+                    min_confidence=min_confidence)
     runtime = runtime_config(device, precision, batch_size, workers, backend, encoder_cache)
     policy = image_policy(max_pixels, background, no_draft, image_keys)
     try:
@@ -224,6 +264,9 @@ def run(sources: tuple[str, ...], files_from: str | None, shard: str | None, max
     except ResumeRefused as exc:
         click.echo(f"Error: {exc}", err=True)
         sys.exit(EXIT_RESUME_REFUSED)
+    except OutputIOError as exc:
+        click.echo(f"Error: {exc}", err=True)
+        sys.exit(EXIT_IO_ERROR)
     sys.exit(result.exit_code)
 
 
@@ -313,17 +356,18 @@ def train(data: str, out: str, fmt: str, images: str | None, encoder_name: str, 
 
     \b
     Examples:
-        batchcap train ../shared/data/flickr8k --out flickr8k.safetensors \\
-            --encoder-weights ../shared/weights/legacy_xception.keras_imagenet.safetensors
-        batchcap train ../shared/data/flickr8k --out flickr8k-scst.safetensors \\
-            --init-model flickr8k.safetensors --self-critical --epochs 10 \\
-            --encoder-weights ../shared/weights/legacy_xception.keras_imagenet.safetensors
+        batchcap train flickr8k/ --out flickr8k.safetensors \\
+            --encoder-weights legacy_xception.safetensors
+        batchcap train flickr8k/ --out flickr8k-scst.safetensors \\
+            --init-model flickr8k.safetensors --self-critical --epochs 10
     """
     from batchcap.config import EncoderConfig, TrainConfig
     from batchcap.datasets import load_caption_dataset
+    from batchcap.metrics import require_metrics
     from batchcap.settings import runtime_config
     from batchcap.train import describe_encoder, train as train_decoder
 
+    require_metrics()  # every epoch is scored on the validation split
     runtime = runtime_config(device, precision, batch_size, workers)
     if init_model:  # the encoder, preprocessing, decoder shape and vocabulary are the start model's
         from batchcap.captioner import resolve_encoder_weights
@@ -412,14 +456,16 @@ def evaluate(data: str, split: str, fmt: str, images: str | None, limit: int | N
 
     \b
     Example:
-        batchcap eval ../shared/data/flickr8k --split val --beam 3 --json dev-scores.json
+        batchcap eval flickr8k/ --split val --beam 3 --json dev-scores.json
     """
     from batchcap.captioner import resolve_model_path
     from batchcap.datasets import load_caption_dataset
     from batchcap.evaluate import evaluate_split, format_scores
-    from batchcap.settings import beam_config, runtime_config
+    from batchcap.metrics import require_metrics
     from batchcap.modelfile import load_model
+    from batchcap.settings import beam_config, runtime_config
 
+    require_metrics()
     model_obj = load_model(resolve_model_path(model))
     beam_cfg = beam_config(beam, max_len, min_len, length_penalty, no_repeat_ngram, n_best,
                           model_obj.max_caption_len)
@@ -433,6 +479,77 @@ def evaluate(data: str, split: str, fmt: str, images: str | None, limit: int | N
     click.echo(format_scores(result))
     if json_out:
         Path(json_out).write_text(json.dumps(result, indent=2) + "\n")
+        click.echo(f"wrote {json_out}", err=True)
+
+
+@cli.command()
+@click.argument("data")
+@click.option("--out", "-o", required=True, type=click.Path(dir_okay=False),
+              help="Model file to write: the input model plus ending rule, familiarity and calibrator.")
+@click.option("--format", "fmt", default="auto", show_default=True,
+              type=click.Choice(["auto", "flickr8k", "kaggle", "karpathy", "coco", "wds"]))
+@click.option("--images", type=click.Path(file_okay=False), default=None, help="Image folder override.")
+@click.option("--unfamiliar", type=click.Path(file_okay=False, exists=True), default=None,
+              help="A folder of pictures unlike the training data, to check that they get low confidence.")
+@click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
+              help="Where encoder features are cached [default: .batchcap-features beside --out].")
+@click.option("--train-images", type=click.IntRange(3), default=1500, show_default=True,
+              help="Train pictures (every k-th id in sorted order) for the familiarity statistics.")
+@click.option("--components", type=click.IntRange(1), default=128, show_default=True,
+              help="Principal components of the familiarity fit.")
+@click.option("--refit-familiarity", is_flag=True, help="Refit familiarity even when the model has it.")
+@click.option("--folds", type=click.IntRange(2), default=5, show_default=True,
+              help="Cross-validation folds for the reported AUROC and reliability table.")
+@click.option("--label-threshold", type=float, default=0.5, show_default=True,
+              help="A dev caption counts as acceptable when its CIDEr-D reaches this.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None,
+              help="Write the calibration report to this JSON file.")
+@model_options
+@runtime_options
+@beam_options
+@user_errors
+def calibrate(data: str, out: str, fmt: str, images: str | None, unfamiliar: str | None, cache_dir: str | None,
+              train_images: int, components: int, refit_familiarity: bool, folds: int, label_threshold: float,
+              json_out: str | None, model: str | None, encoder_weights: str | None, device: str, precision: str,
+              batch_size: int | None, workers: str, beam: int, max_len: int | None, min_len: int,
+              length_penalty: float, no_repeat_ngram: int, n_best: int) -> None:
+    """Fit the confidence of a model's captions on DATA's dev split and write the model to --out.
+
+    Adds what a caption's `confidence` needs: the ending rule (learnt from the train
+    captions when the model lacks it), familiarity statistics of train pictures' encoder
+    features, and a logistic calibrator fitted on dev pictures against per-image CIDEr-D.
+    Prints the cross-validated AUROC and a reliability table; the decoder is unchanged.
+
+    \b
+    Example:
+        batchcap calibrate flickr8k/ --unfamiliar ./everyday-photos \\
+            --out calibrated.safetensors
+    """
+    from batchcap.calibrate import calibrate as fit
+    from batchcap.calibrate import format_report
+    from batchcap.captioner import resolve_model_path
+    from batchcap.datasets import load_caption_dataset
+    from batchcap.modelfile import load_model, save_model
+    from batchcap.settings import beam_config, runtime_config
+
+    model_obj = load_model(resolve_model_path(model))
+    beam_cfg = beam_config(beam, max_len, min_len, length_penalty, no_repeat_ngram, n_best,
+                           model_obj.max_caption_len)
+    runtime = runtime_config(device, precision, batch_size, workers)
+    dataset = load_caption_dataset(data, fmt, images=images)
+    try:
+        report = fit(model_obj, dataset, runtime, beam_cfg, cache_dir=cache_dir or str(Path(out).parent /
+                                                                                       ".batchcap-features"),
+                     unfamiliar=unfamiliar, train_images=train_images, components=components, folds=folds,
+                     label_threshold=label_threshold, refit_familiarity=refit_familiarity,
+                     encoder_weights=encoder_weights, log=lambda m: click.echo(m, err=True))
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from exc
+    save_model(model_obj, out)
+    click.echo(format_report(report))
+    click.echo(f"wrote {out} ({model_obj.identity})", err=True)
+    if json_out:
+        Path(json_out).write_text(json.dumps(report, indent=2) + "\n")
         click.echo(f"wrote {json_out}", err=True)
 
 
@@ -491,6 +608,8 @@ def info(model: str | None, as_json: bool, show_vocab: bool) -> None:
 
     loaded = load_model(resolve_model_path(model))
     meta = loaded.metadata()
+    if "neighbours" in meta:  # 7,500 reference captions: a count says enough
+        meta["neighbours"] = {"k": meta["neighbours"]["k"], "pictures": len(meta["neighbours"]["captions"])}
     if as_json:
         click.echo(json.dumps(meta, indent=2))
         return
@@ -531,18 +650,23 @@ def merge(parts: tuple[str, ...], out: str, fmt: str | None, expect_parts: int |
 @cli.command()
 @click.argument("output", type=click.Path(exists=True, dir_okay=False))
 @click.option("--html", "html_path", type=click.Path(dir_okay=False), default=None,
-              help="Where to write the page [default: OUTPUT with .html].")
+              help="Where to write the page [default: OUTPUT + .html, e.g. captions.parquet.html, so "
+                   "reports of captions.parquet and captions.jsonl never replace each other].")
 @click.option("--limit", type=click.IntRange(min=0), default=1000, show_default=True,
               help="Show the first N cards after ordering (0: all). Failures are always listed.")
 @click.option("--sample", type=click.IntRange(min=1), default=None, help="Show a random sample of N rows instead.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for --sample.")
-@click.option("--order", type=click.Choice(["score", "id"]), default="score", show_default=True,
-              help="score: lowest confidence first, so doubtful captions come first.")
+@click.option("--order", type=click.Choice(["score", "id", "confidence"]), default="score", show_default=True,
+              help="score: lowest search score first; confidence: lowest confidence first; id.")
+@click.option("--status", "only_status", default=None,
+              help="Show only rows of this status, e.g. low_confidence (the rows --min-confidence set aside).")
 @click.option("--link-images", is_flag=True, help="Link the original files instead of embedding thumbnails.")
 @click.option("--thumb-size", type=click.IntRange(32, 1024), default=192, show_default=True)
+@click.option("--skip-bad-lines", is_flag=True,
+              help="JSONL: report the readable rows of a damaged file (bad lines are listed) instead of refusing.")
 @user_errors
 def report(output: str, html_path: str | None, limit: int, sample: int | None, seed: int, order: str,
-           link_images: bool, thumb_size: int) -> None:
+           only_status: str | None, link_images: bool, thumb_size: int, skip_bad_lines: bool) -> None:
     """Write a self-contained HTML page of a run's OUTPUT: thumbnails, captions, failures.
 
     Lowest-confidence captions come first; the page filters by status and searches
@@ -552,13 +676,16 @@ def report(output: str, html_path: str | None, limit: int, sample: int | None, s
     Example:
         batchcap report captions.parquet --html report.html
     """
-    from batchcap.report import write_report
+    from batchcap.report import default_html_path, describe_lines, write_report
 
-    html_path = html_path or str(Path(output).with_suffix(".html"))
+    html_path = html_path or default_html_path(output)
     s = write_report(output, html_path, limit=limit, sample=sample, seed=seed, link_images=link_images,
-                     thumb_size=thumb_size, order=order)
-    click.echo(f"{s.html}: {s.shown:,} of {s.total_rows:,} rows, {s.thumbnails:,} thumbnails, "
+                     thumb_size=thumb_size, order=order, status=only_status, skip_bad_lines=skip_bad_lines)
+    click.echo(f"wrote {s.html}: {s.shown:,} of {s.total_rows:,} rows, {s.thumbnails:,} thumbnails, "
                f"{s.html_bytes / 1e6:.1f} MB in {s.seconds:.1f} s")
+    if s.bad_lines:
+        click.echo(f"warning: {output} is damaged: {s.bad_lines:,} line(s) are not rows and were left out "
+                   f"(line {describe_lines(s.bad_line_numbers)})", err=True)
 
 
 @cli.command()

@@ -163,6 +163,8 @@ class RunConfig:
     max_failures: str = "0.5"
     commit_every: int = 512
     log_every: float = 30.0
+    commit_seconds: float = 60.0
+    min_confidence: float | None = None  # rows below get status low_confidence (None: off)
 
 
 @dataclass(frozen=True)

@@ -59,13 +59,18 @@ class CaptionDecoder(nn.Module):
         self._scale = d ** -0.5
 
     # -- state ---------------------------------------------------------------------------
+    #: Which tensors of the state are one row per image (memory, keys), shared by all of the
+    #: image's hypotheses: beam search keeps them unrepeated (``beam_search(per_image=...)``).
+    per_image_state = (False, False, True, True)
+
     def init_state(self, features: torch.Tensor, captions_per_image: int = 1) -> State:
         """Initial state from encoder features ``(M, R, F)`` or pooled ``(M, F)``.
 
         The state describes ``N = M * captions_per_image`` hypotheses, image-major: the
         memory and keys stay per image ``(M, R, D)`` and only ``h, c`` are per hypothesis,
         so training with all of an image's references costs one projection per image.
-        Beam search uses ``captions_per_image=1`` (every state tensor has N rows).
+        Beam search starts from ``captions_per_image=1`` and repeats only ``h, c`` for its K
+        beams (:attr:`per_image_state`).
         """
         features = features.float()
         if features.dim() == 2:

@@ -38,6 +38,18 @@ def cpu_has_native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def cuda_is_ampere_or_newer(device: torch.device,
+                            capability: Callable[[torch.device], tuple[int, int]] | None = None) -> bool:
+    """True when ``device`` has compute capability 8.0 or more: native bf16 and TF32 tensor cores.
+
+    ``torch.cuda.is_bf16_supported()`` also counts emulated bf16 (slow on V100 and T4) and asks
+    about the current device, not ``device``; the capability of ``device`` itself decides here.
+    ``capability`` replaces ``torch.cuda.get_device_capability`` (tests have no GPU).
+    """
+    major, _minor = (capability or torch.cuda.get_device_capability)(device)
+    return major >= 8
+
+
 def resolve_device(spec: str) -> torch.device:
     """``auto`` -> the first CUDA device when present, else CPU; validates ``cuda:N``."""
     if spec == "auto":
@@ -56,11 +68,12 @@ def resolve_device(spec: str) -> torch.device:
     return device
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto`` -> bf16 on CUDA and on CPUs with native bf16, fp32 elsewhere."""
+def resolve_precision(precision: str, device: torch.device,
+                      capability: Callable[[torch.device], tuple[int, int]] | None = None) -> str:
+    """``auto`` -> bf16 on Ampere+ GPUs and CPUs with native bf16, fp16 on older GPUs, else fp32."""
     if precision == "auto":
         if device.type == "cuda":
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+            return "bf16" if cuda_is_ampere_or_newer(device, capability) else "fp16"
         return "bf16" if cpu_has_native_bf16() else "fp32"
     if precision not in ("fp32", "bf16", "fp16"):
         raise EncoderError(f"unknown precision {precision!r}; use auto, fp32, bf16 or fp16")

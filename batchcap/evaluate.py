@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from batchcap.captioner import Captioner
+from batchcap.captioner import Captioner, caption_batch
 from batchcap.config import BeamConfig, ImagePolicy, RuntimeConfig, to_dict
 from batchcap.datasets import CaptionDataset
 from batchcap.loader import iter_batches
@@ -53,9 +53,10 @@ def evaluate_split(dataset: CaptionDataset, split: str, model: CaptionModel, run
     with tempfile.TemporaryDirectory(prefix="batchcap-eval-") as tmp:
         sources, id_map = _sources_for(records, Path(tmp))
         for batch in iter_batches(sources, model.preprocess, policy, batch_size=runtime.batch_size,
-                                  workers=runtime.workers):
+                                  workers=runtime.workers, pin_memory=runtime.device.startswith("cuda")):
             if batch.ok:
-                for item, caption in zip(batch.ok, captioner(batch.images), strict=True):
+                captions = caption_batch(captioner, batch)  # may move pictures to batch.failed
+                for item, caption in zip(batch.ok, captions, strict=True):
                     predictions[id_map.get(item.item.id, item.item.id)] = caption.text
             for item in batch.failed:
                 failures[id_map.get(item.item.id, item.item.id)] = f"{item.status}: {item.error}"

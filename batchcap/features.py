@@ -119,7 +119,8 @@ class FeatureCache:
             return failures
         dataset = ImageFiles(todo, self.key.preprocess, hflip=self.key.view == "hflip")
         loader = torch.utils.data.DataLoader(dataset, batch_size=runtime.batch_size, num_workers=runtime.workers,
-                                             collate_fn=collate_images)
+                                             collate_fn=collate_images,
+                                             pin_memory=torch.device(runtime.device).type == "cuda")
         next_chunk = len(self.chunks())
         pending_ids: list[str] = []
         pending: list[torch.Tensor] = []

@@ -1,10 +1,45 @@
 """``batchcap info``: a model file's metadata, printed for people."""
 from __future__ import annotations
 
+from typing import Any
+
 from rich.console import Console
 from rich.table import Table
 
 from batchcap.modelfile import CaptionModel
+
+
+def _stage(identity: str, training: dict[str, Any]) -> str:
+    config = training.get("config") or {}
+    objective = "self-critical (CIDEr-D)" if config.get("self_critical") else "teacher forcing"
+    parts = [objective]
+    if config.get("lr") is not None:
+        parts.append(f"lr {config['lr']:g}")
+    history = training.get("history") or []
+    selected = training.get("epoch")
+    if selected:
+        parts.append(f"epoch {selected} selected")
+        chosen = next((h for h in history if h.get("epoch") == selected), {})
+        cider = (chosen.get("val") or {}).get("CIDEr")
+        if isinstance(cider, (int, float)):
+            parts.append(f"val CIDEr-D {cider:.3f}")
+    return f"{identity}: {', '.join(parts)}"
+
+
+def lineage(identity: str, training: dict[str, Any]) -> list[str]:
+    """Every training stage from the first start to this model, oldest first, one line each.
+
+    Each model records its ``--init-model``'s identity and training record, so the chain
+    can be read from the file alone; the model card names its stages the same way.
+    """
+    stages = []
+    while training:
+        stages.append(_stage(identity, training))
+        start = training.get("init_model") or {}
+        identity, training = start.get("identity", "?"), start.get("training") or {}
+        if not start:
+            break
+    return stages[::-1]
 
 
 def describe_model(model: CaptionModel, show_vocab: bool = False, console: Console | None = None) -> None:
@@ -34,9 +69,9 @@ def describe_model(model: CaptionModel, show_vocab: bool = False, console: Conso
     if training.get("averaged"):
         table.add_row("averaged from", ", ".join(f"{m['identity']} x {m['weight']:.2f}" for m in training["averaged"]))
         training = training["averaged"][0].get("training") or {}
-    if training.get("init_model"):
-        objective = "self-critical (CIDEr-D)" if training.get("config", {}).get("self_critical") else "teacher forcing"
-        table.add_row("fine-tuned from", f"{training['init_model'].get('identity')} ({objective})")
+    stages = lineage(model.identity, training)
+    if len(stages) > 1:
+        table.add_row("lineage", "\n".join(f"{n}. {stage}" for n, stage in enumerate(stages, 1)))
     data = training.get("data") or {}
     if isinstance(data, dict) and "splits" in data:
         splits = ", ".join(f"{name} {s.get('images', 0)} images" for name, s in data["splits"].items()
@@ -50,6 +85,17 @@ def describe_model(model: CaptionModel, show_vocab: bool = False, console: Conso
     if metrics:
         where = model.metrics.get("selected_on", "")
         table.add_row(f"scores ({where})", ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+    ending = (f"{len(model.unendable_words)} words may not end a caption (learnt from "
+              f"{model.ending_rule.get('learnt_from', 'training captions')})" if model.unendable_words is not None
+              else "built-in closed-class words (none stored)")
+    table.add_row("ending rule", ending)
+    if model.familiarity is not None:
+        table.add_row("familiarity", model.familiarity.note or f"{model.familiarity.images} training pictures")
+    if model.calibration is not None:
+        auroc = model.calibration.report.get("auroc", {})
+        first = next(iter(auroc.items()), None)
+        table.add_row("confidence", f"calibrated on {model.calibration.report.get('fitted_on', '?')}"
+                      + (f"; AUROC {first[1]} ({first[0]})" if first else ""))
     console.print(table)
     if show_vocab:
         console.print(" ".join(model.vocab.words))

@@ -17,6 +17,7 @@ one tar member at a time and one batch; the DataLoader keeps ``2 * workers`` bat
 """
 from __future__ import annotations
 
+import signal
 from dataclasses import dataclass, field
 from typing import Iterator, Mapping
 
@@ -29,7 +30,7 @@ from batchcap.sharding import in_shard
 from batchcap.sources import (FileEntry, Ignored, InputItem, MemberEntry, ShardFailure, SourceSet,
                               TarReader, fingerprinted, shard_name)
 
-#: A worker sends a batch with only counts once this many inputs were skipped or ignored,
+#: A worker sends a batch early once this many inputs failed, were skipped or ignored,
 #: so a resumed run over a finished collection still shows progress.
 COUNT_FLUSH = 4096
 
@@ -88,8 +89,13 @@ class _Builder:
             self.failed.append(result)
 
     def full(self) -> bool:
-        items, counted = len(self.ok) + len(self.failed), self.ignored + self.skipped
-        return items >= self.batch_size or counted >= COUNT_FLUSH
+        """``batch_size`` pictures, or many records without one (failures, skips, ignored names).
+
+        Failures do not count toward the pictures, so every batch but a worker's last
+        holds exactly ``batch_size`` of them and the encoder sees one shape.
+        """
+        counted = len(self.failed) + self.ignored + self.skipped
+        return len(self.ok) >= self.batch_size or counted >= COUNT_FLUSH
 
     def empty(self) -> bool:
         return not (self.ok or self.failed or self.ignored or self.skipped)
@@ -181,6 +187,13 @@ class BatchDataset(IterableDataset):
 
 def _worker_init(_: int) -> None:
     torch.set_num_threads(1)  # decode is Pillow's; N workers x N torch threads would oversubscribe
+    # Ctrl-C signals the whole process group and scancel every process of the job: the main
+    # process decides how to stop (batchcap.interrupt) and shuts its workers down. A worker
+    # killed by a signal would make torch raise in the main process at any instant, or stop
+    # the batch it waits for from ever arriving. (An orphaned worker still exits: torch's
+    # watchdog sees its parent gone.)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
 
 
 def iter_batches(sources: SourceSet, preprocess: Preprocess, policy: ImagePolicy, *, batch_size: int,

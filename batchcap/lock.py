@@ -12,7 +12,13 @@ is killed, until it notices and exits; so the lock's descriptor is closed in eve
 forked child (closing a shared descriptor does not unlock; only the last close does).
 
 ``flock`` works on local file systems and on NFS (Linux maps it to NFS byte-range locks);
-on Lustre the client must be mounted with ``-o flock``.
+on Lustre the client must be mounted with ``-o flock``. Where the file system refuses it
+(``ENOLCK``: NFS without a lock daemon; ``EOPNOTSUPP``/``ENOSYS``: Lustre without
+``-o flock``, some FUSE file systems) the run stops with :class:`OutputUnwritable` and says
+so, instead of running without the one-writer guarantee.
+
+:func:`check_output_writable` runs before any model or image work, so a read-only or
+foreign folder is a one-line error naming it, not a traceback after the model loaded.
 """
 from __future__ import annotations
 
@@ -47,6 +53,46 @@ class LockHeld(Exception):
     """Another run holds the lock of this output; the message names it."""
 
 
+class OutputUnwritable(Exception):
+    """The output cannot be written where it was asked for (read-only, permissions, no ``flock``)."""
+
+
+_NO_FLOCK = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
+
+
+def check_output_writable(out: str | os.PathLike[str], work_dir: Path | None = None) -> None:
+    """Raise :class:`OutputUnwritable` unless new files can be made beside ``out`` (and in ``work_dir``).
+
+    Creates the output's folder when it is missing. Probes by creating and removing an
+    empty file, because permission bits say nothing for root and nothing about a
+    read-only mount.
+    """
+    out = Path(out)
+    folder = out.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputUnwritable(f"cannot create the output folder {folder}: {exc.strerror or exc}; "
+                               "choose another --out") from None
+    for where in (folder, work_dir):
+        if where is None or not where.is_dir():
+            continue
+        probe = where / f".{out.name}.probe-{os.getpid()}"
+        try:
+            os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            os.unlink(probe)
+        except OSError as exc:
+            raise OutputUnwritable(f"cannot write in {where}: {exc.strerror or exc}; choose another --out, "
+                                   "or make the folder writable") from None
+    lock = lock_path_for(out)
+    if lock.exists():
+        try:
+            os.close(os.open(lock, os.O_RDWR))
+        except OSError as exc:
+            raise OutputUnwritable(f"cannot open the lock file {lock}: {exc.strerror or exc}; "
+                                   "choose another --out, or make it writable") from None
+
+
 def lock_path_for(out: str | os.PathLike[str]) -> Path:
     """The lock file of ``out``."""
     return Path(str(out) + LOCK_SUFFIX)
@@ -70,6 +116,11 @@ def hold_lock(out: str | os.PathLike[str]) -> Iterator[Path]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
+            if exc.errno in _NO_FLOCK:
+                raise OutputUnwritable(
+                    f"the file system of {path} does not support flock ({exc.strerror}); batchcap needs it to "
+                    "keep to one writer per output: write to a local disk, NFS with its lock service, or "
+                    "Lustre mounted with -o flock") from None
             if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise
             holder = _describe_holder(os.pread(fd, 4096, 0).decode("utf-8", "replace"))
@@ -78,8 +129,11 @@ def hold_lock(out: str | os.PathLike[str]) -> Iterator[Path]:
         info = {"pid": os.getpid(), "host": socket.gethostname(),
                 "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
         data = (json.dumps(info) + "\n").encode()
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, data, 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, data, 0)
+        except OSError:
+            pass  # a full disk: the holder's name only makes a refusal clearer; the lock holds
         _HELD_FDS.add(fd)
         try:
             yield path

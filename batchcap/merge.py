@@ -6,7 +6,9 @@ when:
 
 * a part is missing or unreadable (with ``expected_parts=N``, a part is named by the
   number at the end of its file name: ``part-0`` ... ``part-{N-1}``);
-* the parts do not share one schema or one format;
+* the parts do not share one schema or one format, or were written by different output
+  schema versions (``schema_version`` in their metadata: the ``score`` column changed
+  meaning in version 2, so parts of versions 1 and 2 never mix; each version merges alone);
 * an id occurs more than once (within a part or across parts);
 * the parts were made with different models or caption settings (the ``model`` column,
   and the ``resume_settings`` of the run configuration stored in Parquet metadata key
@@ -126,6 +128,7 @@ def merge_outputs(
     if len({info.name for info in infos}) < len(infos):  # same file names in other folders
         for info in infos:
             info.label = info.path
+    _check_same_version(infos)
     _check_same_schema(infos)
     _check_same_settings(infos)
     index.check(infos)
@@ -246,8 +249,13 @@ def _parquet_config(path: str, schema: pa.Schema) -> dict[str, Any] | None:
 
 def _iter_jsonl(path: str) -> Iterator[tuple[int, str, dict[str, Any]]]:
     """(line number, line, object) for each non-blank line; MergeError on a bad line."""
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise MergeError(f"part {path} line {number} is not UTF-8 text (byte {exc.start + 1}); "
+                                 "the part is damaged") from exc
             if not line.strip():
                 continue
             try:
@@ -320,6 +328,18 @@ def _check_part_names(parts: list[str], out: str, expected_parts: int | None) ->
         raise MergeError(f"expected {expected_parts} parts, got {len(parts)}: {', '.join(parts)}")
 
 
+def _check_same_version(infos: list[_Part]) -> None:
+    versions: dict[Any, list[str]] = {}
+    for info in infos:
+        if info.config is not None:
+            versions.setdefault(info.config.get("schema_version", 1), []).append(info.name)
+    if len(versions) > 1:
+        named = "; ".join(f"version {v}: {', '.join(names)}" for v, names in sorted(versions.items(), key=str))
+        raise MergeError(f"the parts were written by different output schema versions ({named}); "
+                         "their score columns mean different things, so they are not merged. Merge each "
+                         "version on its own, or re-caption the older parts with this batchcap")
+
+
 def _check_same_schema(infos: list[_Part]) -> None:
     first = infos[0]
     for info in infos[1:]:
@@ -349,7 +369,9 @@ def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
         for key in sorted(set(a) | set(b)):
             out += _diff(a.get(key), b.get(key), f"{prefix}{key}.")
         return out
-    return [] if a == b else [f"{prefix.rstrip('.')}: {a!r} vs {b!r}"]
+    from batchcap.settings import option_name
+
+    return [] if a == b else [f"{option_name(prefix.rstrip('.'))}: {a!r} vs {b!r}"]
 
 
 def _check_same_settings(infos: list[_Part]) -> None:

@@ -10,10 +10,33 @@ details (e.g. it folds ``man 's`` into ``mans``); such scores are marked
 """
 from __future__ import annotations
 
+import importlib.util
 import shutil
 from typing import Mapping, Sequence
 
 from batchcap.text import normalize_caption
+
+INSTALL_HINT = "pip install pycocoevalcap"
+
+
+class MetricsUnavailable(Exception):
+    """The COCO caption scorers cannot be imported; the message names the install command."""
+
+
+def require_metrics() -> None:
+    """Fail fast, before any captioning, when ``pycocoevalcap`` is missing.
+
+    It is a regular dependency of batchcap, so this only happens in environments built
+    without it (``pip install --no-deps``, a vendored copy); ``eval`` and ``train`` call
+    this first instead of failing after minutes of work.
+    """
+    try:
+        found = importlib.util.find_spec("pycocoevalcap") is not None
+    except (ImportError, ValueError):  # a blocked or half-installed package
+        found = False
+    if not found:
+        raise MetricsUnavailable(f"the caption metrics need pycocoevalcap, which is not installed: "
+                                 f"run `{INSTALL_HINT}` (or reinstall batchcap) and retry")
 
 
 def java_available() -> bool:

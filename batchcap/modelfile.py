@@ -10,6 +10,17 @@ Layout (format version 1):
   hyper-parameters, vocabulary, caption length, training summary and metrics, and
   ``tensors_sha256`` -- a hash over every tensor's name, dtype, shape and bytes.
 
+Optional, for trusting captions (files without them still load):
+
+* ``ending_rule`` -- ``{"unendable_words": [...], ...}``, the words ``<end>`` may not follow
+  (:func:`batchcap.text.learn_unendable`); absent, :data:`batchcap.text.FALLBACK_UNENDABLE`;
+* ``familiarity`` + tensors ``familiarity.mean|components|variances`` -- the training
+  pictures' feature statistics (:class:`batchcap.confidence.Familiarity`);
+* ``neighbours`` (their reference captions) + tensor ``familiarity.neighbours`` (those
+  pictures as whitened unit vectors): :class:`batchcap.confidence.Neighbours`;
+* ``calibration`` -- the confidence calibrator's coefficients and its fitting report
+  (:class:`batchcap.confidence.Calibrator`); absent, the ``confidence`` column is null.
+
 Loading reads the header with plain JSON, never unpickles, and refuses files that are
 not batchcap models, come from a newer format, are truncated or corrupt.
 Saving writes a temp file beside the target and ``os.replace``s it.
@@ -29,7 +40,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from batchcap.config import DecoderConfig, Preprocess, from_dict, to_dict
-from batchcap.text import Vocabulary
+from batchcap.confidence import Calibrator, Familiarity, Neighbours
+from batchcap.text import FALLBACK_UNENDABLE, Vocabulary
 
 FORMAT_NAME = "batchcap-model"
 FORMAT_VERSION = 1
@@ -73,6 +85,17 @@ class CaptionModel:
     name: str = "batchcap-model"
     tensors_sha256: str = ""
     path: str | None = None
+    unendable_words: tuple[str, ...] | None = None  # None: not stored, the fallback applies
+    ending_rule: dict[str, Any] = field(default_factory=dict)  # how unendable_words were learnt
+    familiarity: Familiarity | None = None
+    neighbours: Neighbours | None = None
+    calibration: Calibrator | None = None
+
+    @property
+    def unendable_ids(self) -> tuple[int, ...]:
+        """Ids of the words ``<end>`` may not follow: the stored set, else the built-in fallback."""
+        words = FALLBACK_UNENDABLE if self.unendable_words is None else self.unendable_words
+        return self.vocab.ids_of(words)
 
     @property
     def identity(self) -> str:
@@ -93,6 +116,12 @@ class CaptionModel:
             "metrics": self.metrics,
             "tensors_sha256": self.tensors_sha256,
             "encoder_embedded": self.encoder_state is not None,
+            **({"ending_rule": {**self.ending_rule, "unendable_words": list(self.unendable_words)}}
+               if self.unendable_words is not None else {}),
+            **({"familiarity": self.familiarity.meta()} if self.familiarity is not None else {}),
+            **({"neighbours": {"k": self.neighbours.k, "captions": self.neighbours.captions}}
+               if self.neighbours is not None else {}),
+            **({"calibration": self.calibration.to_dict()} if self.calibration is not None else {}),
         }
 
     def build_decoder(self) -> "torch.nn.Module":
@@ -152,6 +181,10 @@ def save_model(model: CaptionModel, path: str | os.PathLike[str], half: bool = F
                for k, v in model.decoder_state.items()}
     if model.encoder_state is not None:
         tensors.update({f"encoder.{k}": v for k, v in model.encoder_state.items()})
+    if model.familiarity is not None:
+        tensors.update(model.familiarity.tensors())
+    if model.neighbours is not None:
+        tensors.update(model.neighbours.tensors())
     model.tensors_sha256 = tensors_sha256(tensors)
     metadata = {
         "batchcap.format": FORMAT_NAME,
@@ -247,6 +280,12 @@ def load_model(path: str | os.PathLike[str], verify: bool = True) -> CaptionMode
             metrics=meta.get("metrics", {}),
             tensors_sha256=meta.get("tensors_sha256", ""),
             path=str(path),
+            unendable_words=(tuple(meta["ending_rule"]["unendable_words"]) if "ending_rule" in meta else None),
+            ending_rule={k: v for k, v in meta.get("ending_rule", {}).items() if k != "unendable_words"},
+            familiarity=Familiarity.from_file(tensors, meta["familiarity"]) if "familiarity" in meta else None,
+            neighbours=Neighbours(tensors["familiarity.neighbours"], meta["neighbours"]["captions"],
+                                  int(meta["neighbours"]["k"])) if "neighbours" in meta else None,
+            calibration=Calibrator.from_dict(meta["calibration"]) if "calibration" in meta else None,
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise ModelFileError(f"{path}: corrupt model file (metadata incomplete: {exc})") from exc

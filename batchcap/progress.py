@@ -22,6 +22,8 @@ EXIT_USAGE = 2  # the command cannot run as given: bad option (click's 2), missi
 EXIT_LOCKED = 3  # another run is writing this output; nothing was done
 EXIT_RESUME_REFUSED = 4  # the existing output was made with other settings; nothing was done
 EXIT_TOO_MANY_FAILURES = 5  # the output is complete, but more inputs failed than --max-failures
+EXIT_INTERRUPTED = 6  # stopped by SIGTERM/SIGINT; captioned rows are committed: rerun to resume
+EXIT_IO_ERROR = 7  # writing the output failed (disk full, I/O error); committed rows kept: fix, rerun
 
 
 @dataclass(frozen=True)
@@ -175,7 +177,12 @@ class Progress:
 
     def summary(self, output: str | None = None, *, extra: Mapping[str, Any] | None = None,
                 echo: bool = True) -> dict[str, Any]:
-        """The end-of-run figures as a dict; printed as plain lines to the stream unless ``echo=False``."""
+        """The end-of-run figures as a dict; printed as plain lines to the stream unless ``echo=False``.
+
+        The lines say what *this* process did: ``captioned now`` and ``failed now`` are the
+        inputs it processed; ``already done`` were skipped because the output, or a part an
+        interrupted earlier attempt committed, holds them already.
+        """
         self.__exit__(None, None, None)  # the bar's last frame stays; the summary goes below it
         wall = self._clock() - self._start
         result: dict[str, Any] = {
@@ -194,9 +201,9 @@ class Progress:
         if echo:
             by_status = ", ".join(f"{k} {v}" for k, v in result["failed"].items())
             fields: list[tuple[str, Any]] = [
-                ("ok", self.ok),
-                ("failed", f"{result['failed_total']}" + (f" ({by_status})" if by_status else "")),
-                ("skipped (already done)", self.skipped),
+                ("captioned now", self.ok),
+                ("failed now", f"{result['failed_total']}" + (f" ({by_status})" if by_status else "")),
+                ("already done", self.skipped),
                 ("ignored", self.ignored),
                 *(extra or {}).items(),
             ]

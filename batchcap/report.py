@@ -42,7 +42,8 @@ from PIL import Image, ImageOps
 
 from batchcap.settings import available_cpus
 
-ORDERS = ("score", "id")
+ORDERS = ("score", "id", "confidence")
+CAPTIONED = frozenset({"ok", "low_confidence"})  # statuses whose rows hold a caption
 FAILURE_CAP = 1000
 THUMB_MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb threshold
 MEMBER_MAX_BYTES = 64 * 1024 * 1024  # a tar member larger than this is not read for a thumbnail
@@ -64,6 +65,8 @@ SCHEMA = pa.schema([
     ("height", pa.int64()),
     ("model", pa.string()),
     ("created_at", pa.string()),
+    ("logprob", pa.float64()),
+    ("confidence", pa.float64()),
 ])
 _BEAM_KEYS = ("beam_size", "n_best", "max_len", "min_len", "length_penalty", "no_repeat_ngram")
 
@@ -88,6 +91,13 @@ class ReportSummary:
     html_bytes: int
     seconds: float
     models: dict[str, int] = field(default_factory=dict)
+    bad_line_numbers: tuple[int, ...] = ()
+
+
+def describe_lines(numbers: list[int] | tuple[int, ...], most: int = 10) -> str:
+    """``3, 17, 40`` -- the first ``most`` line numbers, and how many more."""
+    shown = ", ".join(str(n) for n in numbers[:most])
+    return shown + (f" and {len(numbers) - most:,} more" if len(numbers) > most else "")
 
 
 # ----------------------------------------------------------------------------- reading
@@ -104,8 +114,14 @@ def _detect_format(path: Path) -> str:
 
 
 def _conform(table: pa.Table) -> pa.Table:
-    """``table`` with exactly :data:`SCHEMA`'s columns: cast where possible, nulls where absent."""
+    """``table`` with exactly :data:`SCHEMA`'s columns: cast where possible, nulls where absent.
+
+    An output of schema version 1 has no ``logprob``: its ``score`` was exactly that (the
+    mean log-probability per token), so it fills ``logprob`` too.
+    """
     columns = []
+    if "logprob" not in table.column_names and "score" in table.column_names:
+        table = table.append_column("logprob", table.column("score"))
     for fld in SCHEMA:
         if fld.name not in table.column_names:
             columns.append(pa.nulls(table.num_rows, fld.type))
@@ -146,10 +162,26 @@ def _parquet_batches(path: Path) -> tuple[Iterator[pa.Table], dict[str, Any]]:
 
 
 class _LineCounter:
-    """Counts JSONL lines that are not a JSON object (a damaged file must still report)."""
+    """JSONL lines that are not a JSON row; with ``strict`` the first one stops the report.
 
-    def __init__(self) -> None:
-        self.bad = 0
+    A batchcap JSONL output never holds such a line (it is written whole and renamed into
+    place), so one means the file was damaged or edited: by default that is an error
+    naming the line; ``strict=False`` renders the readable rows and lists the bad lines.
+    """
+
+    def __init__(self, path: Path, strict: bool = True) -> None:
+        self.path, self.strict = path, strict
+        self.lines: list[int] = []
+
+    @property
+    def bad(self) -> int:
+        return len(self.lines)
+
+    def damaged(self, number: int, why: str) -> None:
+        if self.strict:
+            raise ReportError(f"{self.path} line {number} {why}: the file is damaged. Rerun with "
+                              "--skip-bad-lines to report the readable rows anyway")
+        self.lines.append(number)
 
 
 def _jsonl_batches(path: Path, counter: _LineCounter) -> tuple[Iterator[pa.Table], dict[str, Any]]:
@@ -166,7 +198,10 @@ def _jsonl_batches(path: Path, counter: _LineCounter) -> tuple[Iterator[pa.Table
     def convert(rows: list[dict[str, Any]]) -> pa.Table:
         arrays = {}
         for name in names:
-            values = [row.get(name) for row in rows]
+            if name == "logprob":  # schema version 1 rows: their score is the per-token log-probability
+                values = [row.get(name, row.get("score")) for row in rows]
+            else:
+                values = [row.get(name) for row in rows]
             try:
                 arrays[name] = pa.array(values, type=SCHEMA.field(name).type)
             except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError):
@@ -176,16 +211,16 @@ def _jsonl_batches(path: Path, counter: _LineCounter) -> tuple[Iterator[pa.Table
     def batches() -> Iterator[pa.Table]:
         rows: list[dict[str, Any]] = []
         with open(path, encoding="utf-8", errors="replace") as fh:
-            for line in fh:
+            for number, line in enumerate(fh, 1):
                 if not line.strip():
                     continue
                 try:
                     row = json.loads(line)
                 except ValueError:
-                    counter.bad += 1
+                    counter.damaged(number, "is not valid JSON")
                     continue
                 if not isinstance(row, dict):
-                    counter.bad += 1
+                    counter.damaged(number, "is not a JSON object")
                     continue
                 rows.append(row)
                 if len(rows) >= BATCH_ROWS:
@@ -227,8 +262,8 @@ def _clean(text: str) -> str:
 
 
 def _sort_keys(order: str) -> list[tuple[str, str]]:
-    if order == "score":
-        return [("score", "ascending"), ("_seq", "ascending")]
+    if order in ("score", "confidence"):
+        return [(order, "ascending"), ("_seq", "ascending")]
     return [("id", "ascending"), ("_seq", "ascending")]
 
 
@@ -256,7 +291,7 @@ class _Scan:
 
 
 def _scan(batches: Iterator[pa.Table], *, keep: int | None, sample: int | None, seed: int,
-          order: str, failure_cap: int) -> _Scan:
+          order: str, failure_cap: int, only_status: str | None = None) -> _Scan:
     scan = _Scan()
     rng = np.random.default_rng(seed)
     # A sample is bottom-k by a seeded random key: uniform, without replacement, and
@@ -282,10 +317,12 @@ def _scan(batches: Iterator[pa.Table], *, keep: int | None, sample: int | None, 
             scan.first_created = min(filter(None, (scan.first_created, created["min"])))
             scan.last_created = max(filter(None, (scan.last_created, created["max"])))
         if len(scan.failures) < failure_cap:
-            failed = table.filter(pc.not_equal(status, "ok"))
+            failed = table.filter(pc.invert(pc.is_in(status, value_set=pa.array(sorted(CAPTIONED)))))
             room = failure_cap - len(scan.failures)
             scan.failures.extend(failed.slice(0, room).select(
                 ["id", "source", "status", "error"]).to_pylist())
+        if only_status is not None:
+            table = table.filter(pc.equal(status, only_status))
         merged = table if scan.candidates is None else pa.concat_tables([scan.candidates, table])
         scan.candidates = _keep_first(merged, keys, bound) if bound is not None else merged
     return scan
@@ -407,7 +444,7 @@ def _thumbnails(rows: list[dict[str, Any]], *, base: Path, html_dir: Path, size:
     shards: dict[Path, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
     for i, row in enumerate(rows):
         source = row.get("source") or ""
-        if row.get("status") != "ok":
+        if row.get("status") not in CAPTIONED:
             thumbs[i] = _Thumb(reason=str(row.get("status") or "no status"))
             continue
         if not source:
@@ -541,10 +578,19 @@ def _score_text(score: float | None) -> str:
     return f"{score:.3f}"
 
 
+def _confidence_html(confidence: float | None) -> str:
+    if confidence is None or math.isnan(confidence):
+        return ""
+    level = "low" if confidence < 0.3 else "mid" if confidence < 0.6 else "high"
+    return (f'<span class="score s-{level}" title="confidence: estimated probability that the caption is '
+            f'acceptable">{confidence:.0%} sure</span>')
+
+
 def _card(row: dict[str, Any], thumb: _Thumb, rank: int) -> str:
     status = str(row.get("status") or "unknown")
     caption = row.get("caption")
     score = row.get("score")
+    logprob = row.get("logprob")
     nbest = [alt for alt in (row.get("n_best") or []) if alt]
     search = " ".join(filter(None, [caption, row.get("id"), row.get("error")]
                              + [alt.get("caption") for alt in nbest])).lower()
@@ -563,8 +609,9 @@ def _card(row: dict[str, Any], thumb: _Thumb, rank: int) -> str:
         parts.append(f'<p class="err">{_esc(row.get("error") or "no caption")}</p>')
     size = f'{row["width"]}×{row["height"]}' if row.get("width") and row.get("height") else ""
     parts.append('<div class="meta">'
-                 f'<span class="score s-{_score_class(score)}" title="length-normalised log-probability; '
-                 f'per-word probability {_esc(_per_word(score))}">{_esc(_score_text(score))}</span>'
+                 f'{_confidence_html(row.get("confidence"))}'
+                 f'<span class="score s-{_score_class(logprob)}" title="search score (what the beam ranked by); '
+                 f'per-token probability {_esc(_per_word(logprob))}">{_esc(_score_text(score))}</span>'
                  f'<span class="badge b-{_esc(_css_name(status))}">{_esc(status)}</span>'
                  f'<span class="dim">{_esc(size)}</span><span class="rank">#{rank}</span></div>')
     parts.append(f'<p class="id" title="{_esc(row.get("source"))}">{_esc(row.get("id"))}</p>')
@@ -586,18 +633,22 @@ def _css_name(status: str) -> str:
 
 
 def _render(*, title: str, output: Path, meta: dict[str, Any], scan: _Scan, rows: list[dict[str, Any]],
-            thumbs: list[_Thumb], note: str, bad_lines: int, failure_cap: int) -> str:
+            thumbs: list[_Thumb], note: str, bad_lines: list[int], failure_cap: int) -> str:
     ok = scan.statuses.get("ok", 0)
-    failed = scan.total - ok
+    low = scan.statuses.get("low_confidence", 0)
+    failed = scan.total - ok - low
     tiles = [("Rows", f"{scan.total:,}", ""), ("Captioned", f"{ok:,}", "ok"),
              ("Failed", f"{failed:,}", "bad" if failed else "")]
+    if low:
+        tiles.insert(2, ("Low confidence", f"{low:,}", ""))
     tiles_html = "".join(f'<div class="tile {cls}"><div class="num">{_esc(v)}</div>'
                          f'<div class="lbl">{_esc(k)}</div></div>' for k, v, cls in tiles)
     chips = "".join(f'<span class="badge b-{_esc(_css_name(s))}">{_esc(s)} <b>{n:,}</b></span>'
                     for s, n in sorted(scan.statuses.items(), key=lambda kv: (kv[0] != "ok", -kv[1], kv[0])))
     facts = _run_facts(meta, scan)
     if bad_lines:
-        facts.append(("Damaged lines", f"{bad_lines:,} JSONL lines could not be parsed"))
+        facts.append(("Damaged lines", f"{len(bad_lines):,} JSONL lines could not be parsed "
+                                       f"(line {describe_lines(bad_lines)}); they are not in this report"))
     facts_html = "".join(f"<dt>{_esc(k)}</dt><dd>{_esc(v)}</dd>" for k, v in facts)
     meta_html = (f'<details class="config"><summary>Run configuration</summary>'
                  f'<pre>{_esc(json.dumps(meta, indent=2, sort_keys=True, default=str))}</pre></details>'
@@ -633,17 +684,30 @@ def _render(*, title: str, output: Path, meta: dict[str, Any], scan: _Scan, rows
 # ----------------------------------------------------------------------------- entry point
 
 
+def default_html_path(output_path: str | os.PathLike[str]) -> str:
+    """The page ``batchcap report OUTPUT`` writes without ``--html``: OUTPUT + ``.html``.
+
+    Appending (``captions.parquet.html``) rather than replacing the suffix keeps the reports
+    of ``captions.parquet`` and ``captions.jsonl`` from overwriting each other.
+    """
+    return os.fspath(output_path) + ".html"
+
+
 def write_report(output_path: str | os.PathLike[str], html_path: str | os.PathLike[str], *,
                  limit: int | None = 1000, sample: int | None = None, seed: int = 0,
                  link_images: bool = False, thumb_size: int = 192, order: str = "score",
-                 failure_cap: int = FAILURE_CAP, workers: int | None = None) -> ReportSummary:
+                 failure_cap: int = FAILURE_CAP, workers: int | None = None,
+                 status: str | None = None, skip_bad_lines: bool = False) -> ReportSummary:
     """Render ``output_path`` (a batchcap Parquet or JSONL output) as one HTML page at ``html_path``.
 
-    Cards are ordered lowest score first (``order="score"``; failures last) or by id;
+    Cards are ordered lowest score first (``order="score"``; failures last), lowest
+    confidence first (``"confidence"``) or by id; ``status`` shows only rows of that status
+    (e.g. ``"low_confidence"``, the captions ``--min-confidence`` set aside);
     ``sample`` picks that many rows at random (reproducible with ``seed``) before ordering,
     and ``limit`` keeps the first N (``None`` or 0 for all). Thumbnails are embedded JPEG
     data URIs of at most ``thumb_size`` px, or links to the original files when
-    ``link_images``. Raises :class:`ReportError` when the output cannot be read.
+    ``link_images``. Raises :class:`ReportError` when the output cannot be read, or when a
+    JSONL output has a line that is not a row, unless ``skip_bad_lines``.
     """
     started = time.perf_counter()
     if order not in ORDERS:
@@ -657,13 +721,14 @@ def write_report(output_path: str | os.PathLike[str], html_path: str | os.PathLi
     if not output.is_file():
         raise ReportError(f"{output}: no such output file")
     html_file = Path(html_path)
-    counter = _LineCounter()
+    counter = _LineCounter(output, strict=not skip_bad_lines)
     if _detect_format(output) == "parquet":
         batches, meta = _parquet_batches(output)
     else:
         batches, meta = _jsonl_batches(output, counter)
     meta = meta if isinstance(meta, dict) else {}
-    scan = _scan(batches, keep=limit, sample=sample, seed=seed, order=order, failure_cap=failure_cap)
+    scan = _scan(batches, keep=limit, sample=sample, seed=seed, order=order, failure_cap=failure_cap,
+                 only_status=status)
     rows: list[dict[str, Any]] = []
     if scan.candidates is not None:
         shown = _keep_first(scan.candidates, _sort_keys(order), limit)
@@ -674,14 +739,15 @@ def write_report(output_path: str | os.PathLike[str], html_path: str | os.PathLi
     exts = exts + tuple(e for e in IMAGE_EXTS if e not in exts)
     thumbs = _thumbnails(rows, base=output.parent, html_dir=html_file.parent, size=thumb_size,
                          link_images=link_images, exts=exts, workers=workers or available_cpus())
-    how = "lowest score first" if order == "score" else "by id"
-    note = f"Showing {len(rows):,} of {scan.total:,} rows, {how}"
+    how = {"score": "lowest score first", "confidence": "lowest confidence first"}.get(order, "by id")
+    note = f"Showing {len(rows):,} of {scan.total:,} rows" + (f" (status {status} only)" if status else "")
+    note += f", {how}"
     if sample is not None:
         note += f", from a random sample of {min(sample, scan.total):,} (seed {seed})"
     elif limit is not None and scan.total > limit:
         note += f" (limit {limit:,})"
     text = _render(title=f"batchcap report · {output.name}", output=output, meta=meta, scan=scan, rows=rows,
-                   thumbs=thumbs, note=note + ".", bad_lines=counter.bad, failure_cap=failure_cap)
+                   thumbs=thumbs, note=note + ".", bad_lines=counter.lines, failure_cap=failure_cap)
     data = text.encode("utf-8", errors="replace")  # lone surrogates from JSON must not crash the write
     html_file.parent.mkdir(parents=True, exist_ok=True)
     tmp = html_file.with_name(f".{html_file.name}.{os.getpid()}.tmp")
@@ -691,6 +757,6 @@ def write_report(output_path: str | os.PathLike[str], html_path: str | os.PathLi
         output=str(output), html=str(html_file), total_rows=scan.total, status_counts=dict(scan.statuses),
         shown=len(rows), thumbnails=sum(1 for t in thumbs if t.src and t.src.startswith("data:")),
         placeholders=sum(1 for t in thumbs if not t.src), failures_listed=len(scan.failures),
-        bad_lines=counter.bad, html_bytes=len(data), seconds=time.perf_counter() - started,
+        bad_lines=counter.bad, bad_line_numbers=tuple(counter.lines), html_bytes=len(data), seconds=time.perf_counter() - started,
         models=dict(scan.models),
     )

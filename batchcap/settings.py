@@ -21,6 +21,26 @@ class OptionError(ValueError):
         self.message = message
 
 
+# Where a stored setting came from on the command line: how refusals name what differs.
+_OPTION_OF_SETTING = {
+    "model": "--model", "format": "--format", "beam_size": "--beam", "max_len": "--max-len",
+    "min_len": "--min-len", "length_penalty": "--length-penalty", "no_repeat_ngram": "--no-repeat-ngram",
+    "n_best": "--n-best",
+}
+
+
+def option_name(setting: str) -> str:
+    """``"beam.beam_size"`` -> ``"--beam"``; a setting with no option of its own keeps a readable name.
+
+    ``preprocess.*`` comes from the model file, so it reads ``the model's preprocessing (resize)``.
+    """
+    key = setting.removeprefix("resume_settings.")
+    if key.startswith("preprocess."):
+        return f"the model's preprocessing ({key.split('.', 1)[1].replace('_', ' ')})"
+    leaf = key.removeprefix("beam.")
+    return _OPTION_OF_SETTING.get(leaf, key.replace("_", " "))
+
+
 def available_cpus() -> int:
     """CPUs this process may run on: the affinity mask (Slurm's, taskset's), not the node's count."""
     try:
@@ -59,12 +79,26 @@ def resolve_backend(backend: str, device_type: str) -> tuple[str, str]:
     return "openvino", f"{'auto: ' if backend == 'auto' else ''}openvino {version} on CPU"
 
 
+#: ``--batch-size`` when not given. CUDA: 256 pictures keep an 80 GB GPU's encoder busy and
+#: halve the beam search's per-word launch overhead per picture against 128, yet fit a 16 GB
+#: T4 or V100 (README, Performance). CPU: 16 was the fastest measured (README, Performance).
+DEFAULT_BATCH_SIZE = {"cuda": 256, "cpu": 16}
+
+
 def runtime_config(device: str, precision: str, batch_size: int | None, workers: str, backend: str = "torch",
                    encoder_cache: str | None = None) -> RuntimeConfig:
-    """A resolved :class:`RuntimeConfig`: backend, device, precision, batch size and workers made concrete."""
+    """A resolved :class:`RuntimeConfig`: backend, device, precision, batch size and workers made concrete.
+
+    ``cuda:N`` becomes this process's current device, so that what allocates on "the" GPU
+    (the DataLoader's pin-memory thread, cuDNN handles) uses GPU N, not GPU 0.
+    """
+    import torch
+
     from batchcap.encoder import resolve_device, resolve_precision
 
     resolved = resolve_device(device)
+    if resolved.type == "cuda" and resolved.index is not None:
+        torch.cuda.set_device(resolved)
     engine, note = resolve_backend(backend, resolved.type)
     if engine == "openvino":
         from batchcap import openvino_backend
@@ -79,7 +113,7 @@ def runtime_config(device: str, precision: str, batch_size: int | None, workers:
     else:
         resolved_precision = resolve_precision(precision, resolved)
     if batch_size is None:
-        batch_size = 128 if resolved.type == "cuda" else 16
+        batch_size = DEFAULT_BATCH_SIZE[resolved.type]
     if workers == "auto":
         n_workers = default_workers()
     else:

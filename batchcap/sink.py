@@ -8,6 +8,7 @@ Layout on disk, for ``--out captions.parquet``::
         run.json                          resume settings + full run config of this run
         part-00000001-3f2a9c.parquet      committed batches of rows, in sequence order
         .tmp-*                            a part being written (ignored, removed on open)
+        damaged/                          parts that could not be read, set aside with a note of why
 
 Rows are buffered and committed as Parquet *part files* (always Parquet, whatever the
 final format): write a temp file in the work folder, fsync, then ``os.rename`` it to its
@@ -20,12 +21,21 @@ fsyncs it, ``os.replace``s it onto ``<out>`` and only then deletes the parts. Ki
 between the replace and the clean-up, the next run merges again and gets the same set
 of rows, because merging replaces by id.
 
+A committed part that cannot be read back (a disk fault, a work folder copied badly) is
+moved to ``damaged/`` inside the work folder beside a ``.why.txt`` note; its rows are not
+``done``, so the run captions them again (``OutputStore.set_aside`` lists them). A failed
+write (``ENOSPC``) removes its temp file and raises :class:`OutputIOError`; every part
+committed before it stays, and the rerun resumes.
+
 All of this assumes one writer per output: hold ``batchcap.lock.hold_lock(out)`` around
-``OutputStore.open`` ... ``finalize``.
+``OutputStore.open`` ... ``finalize``. The output's folder must rename atomically and
+support ``flock`` (see ``batchcap.lock``).
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import errno
 import json
 import math
 import os
@@ -42,7 +52,10 @@ import pyarrow.parquet as pq
 
 from batchcap import __version__
 
-SCHEMA_VERSION = 1
+# Version 2 (issue 13): ``score`` is what the beam search ranked by (it was the mean log-prob
+# per token, now the ``logprob`` column); ``logprob`` and ``confidence`` were appended. A run
+# refuses to resume into an output of another version (see ``_check_previous``).
+SCHEMA_VERSION = 2
 METADATA_KEY = "batchcap"
 WORK_SUFFIX = ".batchcap-work"
 META_SUFFIX = ".meta.json"
@@ -63,6 +76,8 @@ SCHEMA = pa.schema([
     ("mtime_ns", pa.int64()),
     ("model", pa.string()),
     ("created_at", pa.timestamp("ms", tz="UTC")),
+    ("logprob", pa.float64()),
+    ("confidence", pa.float64()),
 ])
 COLUMNS: tuple[str, ...] = tuple(SCHEMA.names)
 _COLUMN_SET = frozenset(COLUMNS)
@@ -144,6 +159,7 @@ class OutputStore:
         self._final_retry_rows = final_retry_rows
         self._buffer: list[dict[str, Any]] = []
         self._finalized = False
+        self.set_aside: list[tuple[Path, str]] = []  # damaged parts moved aside on open, and why
 
     @property
     def work_dir(self) -> Path:
@@ -192,9 +208,10 @@ class OutputStore:
             raise ResumeRefused(f"{work} holds committed parts but no run.json, so their settings "
                                 "are unknown; rerun with --overwrite to start over, "
                                 "or choose another --out")
-        work.mkdir(parents=True, exist_ok=True)
-        if not run_json.exists():
-            _atomic_write_bytes(run_json, (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
+        with _io_errors(run_json):
+            work.mkdir(parents=True, exist_ok=True)
+            if not run_json.exists():
+                _atomic_write_bytes(run_json, (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
 
         done: dict[str, Fingerprint] = {}
         seen: set[str] = set()
@@ -202,10 +219,20 @@ class OutputStore:
         if out.exists():
             for chunk in _read_done_final(out, fmt):
                 final_retry_rows += _fold_done(done, seen, chunk)
+        set_aside = []
         for _, path in parts:
-            _fold_done(done, seen, _read_done_parquet(path))
+            try:
+                rows = _read_done_parquet(path)
+            except ResumeRefused as exc:
+                reason = str(exc.__cause__ or exc)
+                with _io_errors(work):
+                    set_aside.append((_set_aside(work, path, reason), reason))
+                continue
+            _fold_done(done, seen, rows)
         next_seq = (parts[-1][0] + 1) if parts else 1
-        return cls(out, fmt, meta, commit_every, done, len(seen), next_seq, final_retry_rows)
+        store = cls(out, fmt, meta, commit_every, done, len(seen), next_seq, final_retry_rows)
+        store.set_aside = set_aside
+        return store
 
     # -- writing ---------------------------------------------------------------------
 
@@ -235,10 +262,12 @@ class OutputStore:
         work = self.work_dir
         name = f"part-{self._next_seq:08d}-{secrets.token_hex(4)}.parquet"
         tmp = work / f".tmp-{secrets.token_hex(6)}.parquet"
-        pq.write_table(table, tmp, compression="zstd")
-        _fsync_file(tmp)
-        os.rename(tmp, work / name)  # the commit marker: a part exists only once complete
-        _fsync_dir(work)
+        with _io_errors(work, cleanup=[tmp]):
+            pq.write_table(table, tmp, compression="zstd")
+            _fsync_file(tmp)
+            os.rename(tmp, work / name)  # the commit marker: a part exists only once complete
+        with _io_errors(work):
+            _fsync_dir(work)
         for row in self._buffer:
             fingerprint = (row.get("size"), row.get("mtime_ns"))
             if row["status"] in RETRY_STATUSES:
@@ -289,18 +318,19 @@ class OutputStore:
             keep_masks[index] = mask
 
         tmp = out.with_name(f"{out.name}.tmp-{secrets.token_hex(6)}")
-        if self.fmt == "parquet":
-            kept_old, replaced, dropped = self._write_parquet(tmp, parts, keep_masks, part_ids, kept_ids)
-        else:
-            meta_file = meta_path_for(out)
-            meta_tmp = out.with_name(f"{out.name}.tmp-{secrets.token_hex(6)}")
-            # The meta file goes first: whenever the .jsonl exists, its meta describes it.
-            _atomic_write_bytes(meta_file, (json.dumps(self.meta, indent=2, sort_keys=True) + "\n").encode(),
-                                tmp=meta_tmp)
-            kept_old, replaced, dropped = self._write_jsonl(tmp, parts, keep_masks, part_ids, kept_ids)
-        _fsync_file(tmp)
-        os.replace(tmp, out)
-        _fsync_dir(out.parent)
+        meta_tmp = out.with_name(f"{out.name}.tmp-{secrets.token_hex(6)}")
+        with _io_errors(out, cleanup=[tmp]):
+            if self.fmt == "parquet":
+                kept_old, replaced, dropped = self._write_parquet(tmp, parts, keep_masks, part_ids, kept_ids)
+            else:
+                # The meta file goes first: whenever the .jsonl exists, its meta describes it.
+                _atomic_write_bytes(meta_path_for(out),
+                                    (json.dumps(self.meta, indent=2, sort_keys=True) + "\n").encode(), tmp=meta_tmp)
+                kept_old, replaced, dropped = self._write_jsonl(tmp, parts, keep_masks, part_ids, kept_ids)
+            _fsync_file(tmp)
+            os.replace(tmp, out)
+        with _io_errors(out.parent):
+            _fsync_dir(out.parent)
         _remove_work(work)
         return FinalizeSummary(str(out), kept_old + len(kept_ids), len(kept_ids) - replaced, replaced,
                                rewritten=True, rows_dropped=dropped + len(part_ids) - len(kept_ids))
@@ -431,6 +461,13 @@ def _check_previous(out: Path, previous: dict[str, Any] | None, meta: dict[str, 
     if previous is None:
         raise ResumeRefused(f"{out} exists but was not written by batchcap (no run configuration found); "
                             "rerun with --overwrite to replace it, or choose another --out")
+    version = previous.get("schema_version", 1)
+    if version != meta["schema_version"]:
+        raise ResumeRefused(
+            f"refusing to continue {out}: {what} has output schema version {version}, this batchcap writes "
+            f"version {meta['schema_version']} (score means the search's ranking score since version 2; the "
+            "old per-token score is the logprob column). Finish it with the batchcap that started it, "
+            "or write new captions to another --out, or rerun with --overwrite to start over")
     if previous.get("format", meta["format"]) != meta["format"]:
         raise ResumeRefused(f"{what} is {previous.get('format')}, not {meta['format']}; "
                             "rerun with --overwrite to start over, or choose another --out")
@@ -438,7 +475,10 @@ def _check_previous(out: Path, previous: dict[str, Any] | None, meta: dict[str, 
     new = _flatten(meta["resume_settings"])
     differ = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
     if differ:
-        changes = "; ".join(f"{k}: {json.dumps(old.get(k))} -> {json.dumps(new.get(k))}" for k in differ)
+        from batchcap.settings import option_name
+
+        changes = "; ".join(f"{option_name(k)}: {json.dumps(old.get(k))} -> {json.dumps(new.get(k))}"
+                            for k in differ)
         raise ResumeRefused(
             f"refusing to continue {out}: {what} was made with other settings ({changes}). "
             "Mixing them would put captions from different settings in one file; rerun with "
@@ -552,10 +592,23 @@ def _remove_outputs(out: Path) -> None:
 
 
 def _remove_work(work: Path) -> None:
-    """Parts first, run.json last: a folder without run.json never holds parts."""
+    """Parts first, run.json last: a folder without run.json never holds parts.
+
+    Damaged parts set aside stay (with their notes) for the user to look at; the folder
+    goes only when nothing else is left in it.
+    """
     for _, path in _list_parts(work):
         path.unlink(missing_ok=True)
-    shutil.rmtree(work, ignore_errors=True)
+    if not (work / DAMAGED_DIR).is_dir():
+        shutil.rmtree(work, ignore_errors=True)
+        return
+    for entry in os.scandir(work):
+        if entry.name == DAMAGED_DIR:
+            continue
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path, ignore_errors=True)
+        else:
+            Path(entry.path).unlink(missing_ok=True)
 
 
 def _fsync_file(path: Path) -> None:
@@ -576,9 +629,71 @@ def _fsync_dir(path: Path) -> None:
 
 def _atomic_write_bytes(path: Path, data: bytes, tmp: Path | None = None) -> None:
     tmp = tmp or path.with_name(f".tmp-{secrets.token_hex(6)}-{path.name}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise
     _fsync_dir(path.parent)
+
+
+# -- faults --------------------------------------------------------------------------
+
+DAMAGED_DIR = "damaged"
+
+
+class OutputIOError(Exception):
+    """Writing the output failed (a full disk, an I/O error): committed parts are kept, rerun resumes."""
+
+    def __init__(self, path: Path, cause: OSError) -> None:
+        self.path = path
+        self.cause = cause
+        reason = cause.strerror or str(cause)
+        if _is_no_space(cause):
+            advice = "free space and rerun"
+        else:
+            advice = "fix the cause and rerun"
+        super().__init__(f"cannot write {path}: {reason}; {advice} (rows committed so far are kept "
+                         "and the rerun resumes)")
+
+    @property
+    def no_space(self) -> bool:
+        return _is_no_space(self.cause)
+
+
+def _is_no_space(exc: OSError) -> bool:
+    # pyarrow's OSError carries no errno, only "... [errno 28] No space left on device"
+    return exc.errno in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(exc) or "[errno 28]" in str(exc)
+
+
+@contextlib.contextmanager
+def _io_errors(path: Path, cleanup: Iterable[Path] = ()) -> Iterator[None]:
+    """OSError inside the block -> :class:`OutputIOError` naming ``path``, after removing ``cleanup``."""
+    try:
+        yield
+    except OSError as exc:
+        for leftover in cleanup:
+            with contextlib.suppress(OSError):
+                leftover.unlink(missing_ok=True)
+        raise OutputIOError(path, exc) from exc
+
+
+def _set_aside(work: Path, part: Path, reason: str) -> Path:
+    """Move an unreadable part into ``work/damaged/`` with a note of why; returns its new path."""
+    damaged = work / DAMAGED_DIR
+    damaged.mkdir(exist_ok=True)
+    target = damaged / part.name
+    os.rename(part, target)
+    note = (f"{part.name} could not be read back when a run resumed at "
+            f"{dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds')}:\n"
+            f"{reason}\n"
+            "It was moved here and its rows were captioned again; it is not part of the output. "
+            "Delete it once you have looked at it.\n")
+    _atomic_write_bytes(damaged / (part.name + ".why.txt"), note.encode())
+    _fsync_dir(work)
+    return target

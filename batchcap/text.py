@@ -1,7 +1,9 @@
-"""Caption text: the one normalisation function, and the vocabulary.
+"""Caption text: the one normalisation function, the vocabulary, and the ending rule.
 
 ``normalize_caption`` is used by training (to build targets), evaluation (before
 scoring) and captioning (to detokenise), so the three can never disagree.
+:func:`learn_unendable` finds the words a caption must not stop on ("a", "of", "red"),
+which the beam search then never lets ``<end>`` follow.
 """
 from __future__ import annotations
 
@@ -13,6 +15,22 @@ from typing import Iterable, Sequence
 
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
 SPECIAL_TOKENS = (PAD, START, END, UNK)
+
+# The ending rule learnt from training captions: a word may not end a caption when, of its
+# occurrences in the second half of a caption, fewer than this share end it. The second half
+# only, because a subject ("a man ...") rarely ends a caption but may well end one as an object.
+ENDING_MAX_RATE = 0.03
+ENDING_MIN_COUNT = 20  # second-half occurrences needed to judge a word; rarer words may end
+
+# For model files written before the rule was stored: closed-class words that never end an
+# English caption (articles, prepositions, conjunctions, auxiliaries, possessives, numbers).
+FALLBACK_UNENDABLE = (
+    "a", "an", "the", "of", "in", "on", "at", "to", "into", "onto", "with", "from", "for", "by", "near",
+    "through", "across", "along", "under", "over", "behind", "beside", "between", "toward", "towards",
+    "against", "during", "while", "whilst", "as", "and", "or", "but", "that", "who", "which", "is", "are",
+    "was", "were", "be", "being", "has", "have", "its", "his", "her", "their", "some", "several", "each",
+    "two", "three", "four", "five", "very", "next", "front",
+)
 
 _NON_WORD = re.compile(r"[^a-z0-9' ]+")
 _SPACES = re.compile(r"\s+")
@@ -84,6 +102,11 @@ class Vocabulary:
         """Ids no caption may contain as a word: ``<pad>``, ``<start>`` and ``<unk>``."""
         return (self.pad_id, self.start_id, self.unk_id)
 
+    def ids_of(self, words: Iterable[str]) -> tuple[int, ...]:
+        """Sorted ids of those ``words`` that are in the vocabulary (others are ignored)."""
+        index = self._index  # type: ignore[attr-defined]
+        return tuple(sorted({index[w] for w in words if w in index}))
+
     def encode(self, words: Sequence[str]) -> list[int]:
         """Word ids of ``words`` (unknown words become ``<unk>``); no start/end added."""
         index = self._index  # type: ignore[attr-defined]
@@ -100,3 +123,24 @@ class Vocabulary:
                 continue
             out.append(self.words[i])
         return " ".join(out)
+
+
+def learn_unendable(captions: Iterable[Sequence[str]], max_rate: float = ENDING_MAX_RATE,
+                    min_count: int = ENDING_MIN_COUNT) -> tuple[str, ...]:
+    """Words that (almost) never end a normalised caption, most frequent first (ties by word).
+
+    A word qualifies when it occurs at least ``min_count`` times in the second half of a
+    caption and fewer than ``max_rate`` of those occurrences are the caption's last word.
+    On Flickr8k this finds articles, prepositions, conjunctions, auxiliaries, numbers and
+    colour and size adjectives, and keeps the nouns that end object phrases.
+    """
+    late: Counter = Counter()
+    ending: Counter = Counter()
+    for words in captions:
+        if not words:
+            continue
+        half = len(words) / 2
+        late.update(w for i, w in enumerate(words) if i >= half)
+        ending[words[-1]] += 1
+    kept = [w for w, n in late.items() if n >= min_count and ending[w] < max_rate * n and w not in SPECIAL_TOKENS]
+    return tuple(sorted(kept, key=lambda w: (-late[w], w)))

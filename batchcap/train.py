@@ -8,7 +8,11 @@ The flow is ``dataset -> vocabulary -> feature cache -> epochs -> best model fil
   (encoder, weights, preprocessing) and reused across epochs and runs;
 * a step holds ``batch_size`` images with five of their reference captions each (all
   of Flickr8k's), so each image's features are projected once per step;
-* the decoder runs under bf16 autocast when the precision is bf16 (fp32 master weights);
+* the decoder (and a fine-tuned encoder) runs under bf16 autocast when the precision is
+  bf16 (fp32 master weights), in training and validation alike; on Ampere and later GPUs
+  the remaining fp32 matmuls use TF32;
+* on a GPU the feature cache is copied to the device once when it fits, and a step reads
+  nothing back to the host (the loss is summed on the device and read when logged);
 * AdamW, gradient clipping, linear warm-up then cosine decay, dropout, Show-Attend-Tell's
   doubly stochastic attention penalty, fixed seeds;
 * after every epoch the model captions the validation images with beam search and the
@@ -25,6 +29,7 @@ import math
 import random
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -35,10 +40,11 @@ from safetensors.torch import load_file
 
 from batchcap import __version__
 from batchcap.beam import beam_search
+from batchcap.captioner import encode_fixed_size
 from batchcap.config import BeamConfig, DecoderConfig, EncoderConfig, Preprocess, RuntimeConfig, TrainConfig, to_dict
 from batchcap.datasets import CaptionDataset, CaptionRecord
 from batchcap.decoder import CaptionDecoder
-from batchcap.encoder import Encoder, WeightsSource, autocast, build_backbone
+from batchcap.encoder import Encoder, WeightsSource, build_backbone, cuda_is_ampere_or_newer
 from batchcap.features import FeatureCache, FeatureKey, collate_images, ImageFiles
 from batchcap.metrics import score_captions
 from batchcap.modelfile import (CaptionModel, EncoderSpec, atomic_save_safetensors, file_sha256, load_model,
@@ -115,15 +121,22 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
 
 def caption_features(decoder: CaptionDecoder, features: torch.Tensor, vocab: Vocabulary, beam: BeamConfig,
                      batch_size: int = 100) -> list[str]:
-    """Beam-search captions for cached features, in order (validation and eval)."""
+    """Beam-search captions for features (on any device), in order: validation and eval.
+
+    The features move to the decoder's device chunk by chunk, so a CPU feature cache
+    validates a CUDA decoder without holding the whole split on the GPU.
+    """
     decoder.eval()
+    device = next(decoder.parameters()).device
     out: list[str] = []
     with torch.inference_mode():
         for start in range(0, features.shape[0], batch_size):
-            state = decoder.init_state(features[start:start + batch_size].float())
+            chunk = features[start:start + batch_size].to(device, non_blocking=True)
+            state = decoder.init_state(chunk.float())
             result = beam_search(decoder.step, state, beam, start_id=vocab.start_id, end_id=vocab.end_id,
-                                 pad_id=vocab.pad_id, banned_ids=vocab.never_generated)
-            out.extend(vocab.decode(row[0]) for row in result.tokens.tolist())
+                                 pad_id=vocab.pad_id, banned_ids=vocab.never_generated,
+                                 per_image=decoder.per_image_state)
+            out.extend(vocab.decode(row[0]) for row in result.tokens.cpu().tolist())
     return out
 
 
@@ -157,19 +170,41 @@ def save_checkpoint(path: Path, decoder: torch.nn.Module, optimizer: torch.optim
     atomic_save_safetensors(tensors, path, meta)
 
 
-def load_checkpoint(path: Path, decoder: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Restore what :func:`save_checkpoint` wrote; returns the loop state."""
+def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors (on the CPU) and metadata :func:`save_checkpoint` wrote."""
     tensors = load_file(str(path))
     with safe_open(str(path), "pt") as fh:
-        meta = fh.metadata()
+        return tensors, fh.metadata()
+
+
+def restore_checkpoint(tensors: dict[str, torch.Tensor], meta: dict[str, str], decoder: torch.nn.Module,
+                       optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Put a checkpoint's weights and AdamW moments back; returns the loop state.
+
+    The moments go through ``optimizer.load_state_dict``, which moves each to its
+    parameter's device and dtype (a CUDA run resumes with CUDA moments) and keeps
+    ``step`` where AdamW wants it.
+    """
     decoder.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     steps = json.loads(meta["adam_steps"])
-    for name, p in decoder.named_parameters():
-        if name in steps:
-            optimizer.state[p] = {"step": torch.tensor(steps[name]),
+    names = {id(p): n for n, p in decoder.named_parameters()}
+    moments: dict[int, dict[str, torch.Tensor]] = {}
+    index = 0  # optimizer.state_dict() numbers the parameters group by group, in order
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            name = names[id(p)]
+            if name in steps:
+                moments[index] = {"step": torch.tensor(steps[name], dtype=torch.float32),
                                   "exp_avg": tensors[f"adam.exp_avg.{name}"],
                                   "exp_avg_sq": tensors[f"adam.exp_avg_sq.{name}"]}
+            index += 1
+    optimizer.load_state_dict({"state": moments, "param_groups": optimizer.state_dict()["param_groups"]})
     return json.loads(meta["state"])
+
+
+def load_checkpoint(path: Path, decoder: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Restore what :func:`save_checkpoint` wrote; returns the loop state."""
+    return restore_checkpoint(*read_checkpoint(path), decoder, optimizer)
 
 
 # -- the loop --------------------------------------------------------------------------
@@ -218,27 +253,72 @@ def extract_features(dataset: CaptionDataset, splits: list[str], choice: Encoder
                               spatial=choice.config.spatial)
         log(f"features ({view}): computing {len(todo)} of {len(items)} into {cache.dir}")
         started = time.time()
-        failed = cache.extract(todo, encoder, runtime, on_progress=_every(log, started))
+        encode: Callable[[torch.Tensor], torch.Tensor] = encoder
+        if torch.device(runtime.device).type == "cuda":
+            encode = partial(encode_fixed_size, encoder, batch_size=runtime.batch_size)
+        failed = cache.extract(todo, encode, runtime, on_progress=_every(log, started))
         failures.update(failed)
         log(f"features ({view}): done in {time.time() - started:.0f} s, {len(failed)} unreadable")
     return caches, failures
 
 
+def training_autocast(runtime: RuntimeConfig) -> torch.autocast:
+    """bf16 autocast when the precision is bf16, else off: what training and its validation share.
+
+    fp16 is not used for training (it would need loss scaling): ``--precision fp16``
+    trains in fp32.
+    """
+    return torch.autocast(torch.device(runtime.device).type, dtype=torch.bfloat16,
+                          enabled=runtime.precision == "bf16")
+
+
+def fits_on_device(nbytes: int, device: str, share: float = 0.5) -> bool:
+    """Whether ``nbytes`` take at most ``share`` of the CUDA device's free memory (False on CPU).
+
+    Half the free memory leaves the rest to the decoder, its activations and AdamW.
+    """
+    if torch.device(device).type != "cuda":
+        return False
+    free, _total = torch.cuda.mem_get_info(torch.device(device))
+    return nbytes <= share * free
+
+
+def use_tf32(device: str) -> bool:
+    """Let fp32 matmuls use TF32 tensor cores on Ampere and later GPUs (for this process).
+
+    Training's fp32 work (the master weights' optimizer maths, fp32 runs) speeds up by
+    several times at a 10-bit mantissa, plenty for SGD. Returns whether it was enabled.
+    """
+    if torch.device(device).type != "cuda" or not cuda_is_ampere_or_newer(torch.device(device)):
+        return False
+    torch.set_float32_matmul_precision("high")  # TF32; cuDNN convolutions use TF32 by default
+    return True
+
+
 class CachedFeatures:
-    """Step features from the feature cache: one fp16 tensor per view (plain, and hflip with --augment)."""
+    """Step features from the feature cache: one fp16 tensor per view (plain, and hflip with --augment).
+
+    With ``on_device`` the views are copied to the device once (Flickr8k's are about
+    2.5 GB each) and a step gathers its rows there; otherwise each step's rows are copied.
+    """
 
     trainable: torch.nn.Module | None = None
 
-    def __init__(self, views: list[torch.Tensor], device: str) -> None:
-        self.views = views
+    def __init__(self, views: list[torch.Tensor], device: str, on_device: bool = False) -> None:
+        self.views = [view.to(device) for view in views] if on_device else views
         self.device = device
+        self.on_device = on_device
 
     def epoch(self, batches: list[list[int]], generator: torch.Generator
               ) -> Iterator[tuple[list[int], torch.Tensor]]:
-        """``(images, features (M, R, F))`` per step; each step draws one view at random."""
+        """``(images, features (M, R, F) fp32 on the device)`` per step; each step draws one view at random."""
         for images in batches:
             view = self.views[int(torch.randint(len(self.views), (1,), generator=generator))]
-            yield images, view[images].float().to(self.device)
+            rows = torch.tensor(images, dtype=torch.long)
+            if self.on_device:
+                yield images, view[rows.to(self.device, non_blocking=True)].float()
+            else:  # copy fp16 (half the bytes), widen on the device
+                yield images, view[rows].to(self.device, non_blocking=True).float()
 
     def val_features(self, split: Split) -> torch.Tensor:
         return split.features
@@ -261,15 +341,18 @@ class FinetunedEncoder:
         self.index = {r.image_id: n for n, r in enumerate(records)}
 
     def _forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = (images.to(self.runtime.device).float() - self.mean) / self.std  # (B, 3, H, W)
-        fmap = self.trainable.forward_features(x)  # (B, F, h, w)
+        """Features under :func:`training_autocast`, the same in training steps and in validation."""
+        x = (images.to(self.runtime.device, non_blocking=True).float() - self.mean) / self.std  # (B, 3, H, W)
+        with training_autocast(self.runtime):
+            fmap = self.trainable.forward_features(x)  # (B, F, h, w)
         return fmap.float().flatten(2).transpose(1, 2)  # (B, h*w, F)
 
     def _loader(self, records: list[CaptionRecord], batches: list[list[int]], flip: bool) -> Any:
         dataset = ImageFiles([(r.image_id, r) for r in records], self.preprocess, hflip=False,
                               random_flip=flip)
         return torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=self.runtime.workers,
-                                           collate_fn=collate_images)
+                                           collate_fn=collate_images,
+                                           pin_memory=torch.device(self.runtime.device).type == "cuda")
 
     def epoch(self, batches: list[list[int]], generator: torch.Generator
               ) -> Iterator[tuple[list[int], torch.Tensor]]:
@@ -278,21 +361,21 @@ class FinetunedEncoder:
                 yield [self.index[i] for i in ids], self._forward(images)
 
     def val_features(self, split: Split) -> torch.Tensor:
-        """Features of the validation pictures under the encoder as trained so far."""
+        """Features of the validation pictures under the encoder as trained so far, on the device."""
         index = {i: n for n, i in enumerate(split.image_ids)}
         batches = [list(range(s, min(s + self.runtime.batch_size, len(split.records))))
                    for s in range(0, len(split.records), self.runtime.batch_size)]
-        out = torch.zeros(0)
+        out = torch.zeros(0, device=self.runtime.device)
         rows: list[torch.Tensor] = []
         order: list[int] = []
-        with torch.inference_mode(), autocast(self.runtime):
+        with torch.inference_mode():
             for ids, images, _failed in self._loader(split.records, batches, flip=False):
                 if images is not None:
-                    rows.append(self._forward(images).float().cpu())
+                    rows.append(self._forward(images))
                     order.extend(index[i] for i in ids)
         if rows:
-            out = torch.zeros(len(split.image_ids), *rows[0].shape[1:])
-            out[torch.tensor(order)] = torch.cat(rows)
+            out = torch.zeros(len(split.image_ids), *rows[0].shape[1:], device=self.runtime.device)
+            out[torch.tensor(order, device=self.runtime.device)] = torch.cat(rows)
         return out
 
 
@@ -338,13 +421,20 @@ def train(cfg: TrainConfig, dataset: CaptionDataset, choice: EncoderChoice, deco
         cache_dir = cfg.cache_dir or str(out.parent / ".batchcap-features")
         caches, failures = extract_features(dataset, ["train", "val"], choice, runtime, cache_dir, views, log)
         train_split = build_split(train_records, caches["plain"], vocab, cfg.max_caption_len)
-        source = CachedFeatures([train_split.features] + [
-            build_split(train_records, caches[v], vocab, cfg.max_caption_len).features for v in views[1:]],
-            runtime.device)
+        train_views = [train_split.features] + [
+            build_split(train_records, caches[v], vocab, cfg.max_caption_len).features for v in views[1:]]
+        on_device = fits_on_device(sum(v.nbytes for v in train_views), runtime.device)
+        source = CachedFeatures(train_views, runtime.device, on_device)
+        if on_device:
+            log(f"features: kept on {runtime.device} ({sum(v.nbytes for v in train_views) / 2**30:.1f} GiB)")
         val_split = build_split(val_records, caches["plain"], vocab, cfg.max_caption_len, limit=cfg.val_images)
         feature_dim = int(train_split.features.shape[-1])
     if not val_split.image_ids:
         raise TrainingError("the dataset has no usable validation images: model selection needs a val split")
+    from batchcap.calibrate import ending_and_familiarity  # ending rule + familiarity, for trusting captions
+
+    trust = ending_and_familiarity(train_split.records, train_split.image_ids, train_split.features,
+                                   runtime.precision)
     log(f"train: {len(train_split.image_ids)} images, {train_split.captions.shape[0]} captions; "
         f"val: {len(val_split.image_ids)} images")
 
@@ -371,17 +461,14 @@ def train(cfg: TrainConfig, dataset: CaptionDataset, choice: EncoderChoice, deco
         loop = load_checkpoint(checkpoint, trained, optimizer)
         log(f"resumed from {checkpoint} after epoch {loop['epoch']}")
     val_beam = BeamConfig(beam_size=cfg.val_beam_size, max_len=cfg.max_caption_len)
-    per_image: list[list[int]] = [[] for _ in train_split.image_ids]
-    for c, owner in enumerate(train_split.caption_image.tolist()):
-        per_image[owner].append(c)
     best_model: CaptionModel | None = None
-    alpha_c = float(cfg.extra.get("attention_penalty", 1.0))
-    per_step = int(cfg.extra.get("captions_per_image", 5))
-    amp = runtime.precision == "bf16"
     rewarder = None
     if cfg.self_critical:
         rewarder = CaptionReward([[normalize_caption(c) for c in train_split.references[i]]
                                   for i in train_split.image_ids], vocab)
+    stepper = TrainStep(decoder, trained, optimizer, cfg, runtime, vocab, train_split, total_steps, rewarder)
+    if use_tf32(runtime.device):
+        log("fp32 matmuls use TF32 (Ampere or later GPU)")
 
     for epoch in range(loop["epoch"] + 1, cfg.epochs + 1):
         # Self-critical samples come from the policy that captions at run time (no dropout):
@@ -389,47 +476,25 @@ def train(cfg: TrainConfig, dataset: CaptionDataset, choice: EncoderChoice, deco
         decoder.train(rewarder is None)
         generator = torch.Generator().manual_seed(cfg.seed + epoch)
         order = torch.randperm(len(train_split.image_ids), generator=generator).tolist()
-        started, total_loss, total_tokens = time.time(), 0.0, 0
-        batches = [[i for i in order[start:start + cfg.batch_size] if per_image[i]]
+        started = time.time()
+        totals = StepTotals.zeros(runtime.device)
+        batches = [[i for i in order[start:start + cfg.batch_size] if stepper.per_image[i]]
                    for start in range(0, len(order), cfg.batch_size)]
-        done_images = 0
-        total_reward = 0.0
         for images, feats in source.epoch([b for b in batches if b], generator):
-            for group in optimizer.param_groups:
-                group["lr"] = group["base_lr"] * lr_factor(loop["step"], cfg.warmup_steps, total_steps)
-            with torch.autocast(torch.device(runtime.device).type, dtype=torch.bfloat16, enabled=amp):
-                if rewarder is not None:
-                    samples = sample_captions(decoder, feats, cfg.samples_per_image, cfg.max_caption_len,
-                                              start_id=vocab.start_id, end_id=vocab.end_id,
-                                              pad_id=vocab.pad_id, banned_ids=vocab.never_generated)
-                    rewards = rewarder(images, samples.tokens, cfg.samples_per_image)
-                    loss = self_critical_loss(samples, rewards, cfg.samples_per_image)
-                    tokens = int(samples.mask.sum())
-                    total_reward += float(rewards.sum())
-                else:
-                    rows = [c for i in images for c in _pick(per_image[i], per_step, generator)]
-                    captions = train_split.captions[rows].to(runtime.device)
-                    loss, tokens = _teacher_forced_loss(decoder, feats, captions, per_step, vocab.pad_id, alpha_c,
-                                                        float(cfg.extra.get("label_smoothing", 0.0)))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(trained.parameters(), cfg.grad_clip)
-            optimizer.step()
+            totals.add(stepper(loop["step"], images, feats, generator), len(images))
             loop["step"] += 1
-            total_loss += float(loss.detach()) * tokens
-            total_tokens += tokens
-            done_images += len(images)
-            if loop["step"] % 50 == 0:
-                progress = (f"reward {total_reward / (done_images * cfg.samples_per_image):.3f}" if rewarder
-                            else f"loss {total_loss / total_tokens:.3f}")
+            if loop["step"] % 50 == 0:  # the only time a step's numbers come back to the host
+                progress = (f"reward {totals.mean_reward(cfg.samples_per_image):.3f}" if rewarder
+                            else f"loss {totals.mean_loss():.3f}")
                 log(f"epoch {epoch} step {loop['step']}/{total_steps} {progress} "
-                    f"({done_images / (time.time() - started):.0f} img/s)")
+                    f"({totals.images / (time.time() - started):.0f} img/s)")
+        train_loss = totals.mean_loss()  # waits for the epoch's last steps, so the time below is theirs
         train_time = time.time() - started
         scores = validate(decoder, val_split, source.val_features(val_split), vocab, val_beam)
-        record = {"epoch": epoch, "step": loop["step"], "train_loss": total_loss / max(1, total_tokens),
+        record = {"epoch": epoch, "step": loop["step"], "train_loss": train_loss,
                   "train_seconds": round(train_time, 1), "val": scores, "time": time.time()}
         if rewarder is not None:
-            record["train_reward"] = total_reward / max(1, done_images * cfg.samples_per_image)
+            record["train_reward"] = totals.mean_reward(cfg.samples_per_image)
         loop["history"].append({k: v for k, v in record.items() if k != "time"})
         with open(log_path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(record) + "\n")
@@ -440,6 +505,7 @@ def train(cfg: TrainConfig, dataset: CaptionDataset, choice: EncoderChoice, deco
             loop["best"], loop["best_epoch"], loop["bad_epochs"] = scores["CIDEr"], epoch, 0
             best_model = _model_file(cfg, choice, dcfg, vocab, decoder, dataset, failures, loop, scores,
                                      encoder=source.trainable, start_model=start_model)
+            best_model.unendable_words, best_model.ending_rule, best_model.familiarity, best_model.neighbours = trust
             save_model(best_model, out, half=bool(cfg.extra.get("half", False)))
             log(f"saved {out} (best so far)")
         else:
@@ -454,10 +520,98 @@ def train(cfg: TrainConfig, dataset: CaptionDataset, choice: EncoderChoice, deco
     return best_model
 
 
+@dataclass
+class StepTotals:
+    """Sums over an epoch's steps, kept on the device so that a step never waits for the GPU."""
+
+    loss: torch.Tensor  # fp32 scalar: sum of loss x tokens
+    tokens: torch.Tensor  # fp32 scalar
+    reward: torch.Tensor  # fp32 scalar: sum of self-critical rewards
+    images: int = 0
+
+    @classmethod
+    def zeros(cls, device: str) -> "StepTotals":
+        return cls(*(torch.zeros((), device=device) for _ in range(3)))
+
+    def add(self, step: "StepResult", images: int) -> None:
+        self.loss += step.loss.detach().float() * step.tokens
+        self.tokens += step.tokens
+        self.reward += step.reward
+        self.images += images
+
+    def mean_loss(self) -> float:
+        return float(self.loss / self.tokens.clamp(min=1))
+
+    def mean_reward(self, samples_per_image: int) -> float:
+        return float(self.reward) / max(1, self.images * samples_per_image)
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """One step's loss (per token), the number of tokens it averages over, and its reward sum."""
+
+    loss: torch.Tensor
+    tokens: torch.Tensor | int
+    reward: torch.Tensor | float = 0.0
+
+
+class TrainStep:
+    """One optimisation step on a batch of images, with teacher forcing or self-critically.
+
+    Nothing in a step reads a device tensor back: the captions are cut and their tokens
+    counted on the CPU before they are copied, and the loss stays on the device.
+    """
+
+    def __init__(self, decoder: CaptionDecoder, trained: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 cfg: TrainConfig, runtime: RuntimeConfig, vocab: Vocabulary, split: Split, total_steps: int,
+                 rewarder: CaptionReward | None = None) -> None:
+        self.decoder, self.trained, self.optimizer = decoder, trained, optimizer
+        self.cfg, self.runtime, self.vocab, self.split = cfg, runtime, vocab, split
+        self.total_steps, self.rewarder = total_steps, rewarder
+        self.per_image: list[list[int]] = [[] for _ in split.image_ids]
+        for c, owner in enumerate(split.caption_image.tolist()):
+            self.per_image[owner].append(c)
+        self.per_step = int(cfg.extra.get("captions_per_image", 5))
+        self.attention_penalty = float(cfg.extra.get("attention_penalty", 1.0))
+        self.label_smoothing = float(cfg.extra.get("label_smoothing", 0.0))
+
+    def __call__(self, step: int, images: list[int], feats: torch.Tensor, generator: torch.Generator
+                 ) -> StepResult:
+        """Train on ``images`` (indices into the split) with their features ``(M, R, F)`` on the device."""
+        cfg, vocab = self.cfg, self.vocab
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["base_lr"] * lr_factor(step, cfg.warmup_steps, self.total_steps)
+        with training_autocast(self.runtime):
+            if self.rewarder is not None:
+                samples = sample_captions(self.decoder, feats, cfg.samples_per_image, cfg.max_caption_len,
+                                          start_id=vocab.start_id, end_id=vocab.end_id,
+                                          pad_id=vocab.pad_id, banned_ids=vocab.never_generated)
+                rewards = self.rewarder(images, samples.tokens, cfg.samples_per_image)
+                loss = self_critical_loss(samples, rewards, cfg.samples_per_image)
+                result = StepResult(loss, samples.mask.sum(), rewards.sum())
+            else:
+                rows = [c for i in images for c in _pick(self.per_image[i], self.per_step, generator)]
+                captions, tokens = _reference_captions(self.split.captions[rows], vocab.pad_id)
+                loss = _teacher_forced_loss(self.decoder, feats, captions.to(feats.device, non_blocking=True),
+                                            self.per_step, vocab.pad_id, self.attention_penalty,
+                                            self.label_smoothing)
+                result = StepResult(loss, tokens)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.trained.parameters(), cfg.grad_clip)
+        self.optimizer.step()
+        return result
+
+
+def _reference_captions(captions: torch.Tensor, pad_id: int) -> tuple[torch.Tensor, int]:
+    """CPU captions ``(N, T)`` cut to the longest one, and the number of target tokens (after ``<start>``)."""
+    lengths = (captions != pad_id).sum(1)  # (N,)
+    return captions[:, :int(lengths.max())], int((lengths - 1).sum())
+
+
 def _teacher_forced_loss(decoder: CaptionDecoder, feats: torch.Tensor, caps: torch.Tensor, per_step: int,
-                         pad_id: int, attention_penalty: float, label_smoothing: float) -> tuple[torch.Tensor, int]:
-    """Cross-entropy on the reference words (plus SAT's attention penalty), and the number of target tokens."""
-    caps = caps[:, :int((caps != pad_id).sum(1).max())]
+                         pad_id: int, attention_penalty: float, label_smoothing: float) -> torch.Tensor:
+    """Cross-entropy on the reference words (plus SAT's attention penalty) for captions cut to length."""
     logits, alphas = decoder(feats, caps, per_step)  # (N, T-1, V), (N, T-1, R)
     logits = logits.float()
     targets = caps[:, 1:]
@@ -467,7 +621,7 @@ def _teacher_forced_loss(decoder: CaptionDecoder, feats: torch.Tensor, caps: tor
         mask = (targets != pad_id).float()[:, :, None]  # (N, T-1, 1)
         coverage = (alphas.float() * mask).sum(1)  # (N, R)
         loss = loss + attention_penalty * ((1.0 - coverage) ** 2).mean()
-    return loss, int((targets != pad_id).sum())
+    return loss
 
 
 def load_start_model(cfg: TrainConfig, choice: EncoderChoice) -> CaptionModel | None:

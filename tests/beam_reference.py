@@ -21,6 +21,7 @@ class _Hyp:
     words: list[int]
     raw: torch.Tensor  # fp32 0-d: sum of log-probabilities
     row: int  # its row in the image's current state
+    logprobs: list[float]  # each word's log-probability
 
 
 @dataclass
@@ -28,6 +29,7 @@ class _Done:
     words: list[int]
     score: float  # length-normalised, an fp32 value
     ended: bool
+    logprobs: list[float]  # each word's, then <end>'s when it ended
 
 
 def _blocked_words(words: list[int], n: int) -> set[int]:
@@ -38,10 +40,16 @@ def _blocked_words(words: list[int], n: int) -> set[int]:
     return {words[i + n - 1] for i in range(len(words) - n + 1) if words[i:i + n - 1] == suffix}
 
 
+def _cut_back(words: list[int], logprobs: list[float], unendable: set[int]) -> tuple[list[int], list[float]]:
+    """``words`` up to its last word that may end a caption (all of it when none may)."""
+    keep = max((i + 1 for i, w in enumerate(words) if w not in unendable), default=len(words))
+    return words[:keep], logprobs[:keep]
+
+
 def _search_one(step: StepFn, state: State, cfg: BeamConfig, start_id: int, end_id: int,
-                banned_ids: Sequence[int]) -> list[_Done]:
+                banned_ids: Sequence[int], unendable: set[int]) -> list[_Done]:
     alpha, device = float(cfg.length_penalty), state[0].device
-    live = [_Hyp([], torch.zeros((), dtype=torch.float32, device=device), 0)]
+    live = [_Hyp([], torch.zeros((), dtype=torch.float32, device=device), 0, [])]
     open_slots = cfg.beam_size
     done: list[_Done] = []
     for t in range(cfg.max_len):
@@ -51,7 +59,7 @@ def _search_one(step: StepFn, state: State, cfg: BeamConfig, start_id: int, end_
         log_probs = log_probs.float().clone()  # (n_live, V)
         for i, h in enumerate(live):
             log_probs[i, list(banned_ids)] = float("-inf")
-            if t < cfg.min_len:
+            if t < cfg.min_len or (h.words and h.words[-1] in unendable):
                 log_probs[i, end_id] = float("-inf")
             for w in _blocked_words(h.words, cfg.no_repeat_ngram):
                 log_probs[i, w] = float("-inf")
@@ -63,10 +71,11 @@ def _search_one(step: StepFn, state: State, cfg: BeamConfig, start_id: int, end_
             if not torch.isfinite(value):
                 continue
             h, word = live[index // vocab], index % vocab
+            logprobs = h.logprobs + [float(log_probs[index // vocab, word])]
             if word == end_id:
-                done.append(_Done(list(h.words), float(value / float((t + 1) ** alpha)), True))
+                done.append(_Done(list(h.words), float(value / float((t + 1) ** alpha)), True, logprobs))
             else:
-                new_live.append(_Hyp(h.words + [word], value, index // vocab))
+                new_live.append(_Hyp(h.words + [word], value, index // vocab, logprobs))
         live, open_slots = new_live, len(new_live)
         if alpha == 0.0 and len(done) >= cfg.n_best and live:
             kth = sorted((d.score for d in done), reverse=True)[cfg.n_best - 1]
@@ -74,26 +83,31 @@ def _search_one(step: StepFn, state: State, cfg: BeamConfig, start_id: int, end_
                 live = []
         if not live:
             return done
-    for h in live:  # still running after max_len words: finalised as is
-        done.append(_Done(h.words, float(h.raw / float(cfg.max_len ** alpha)), False))
+    for h in live:  # still running after max_len words: finalised, cut back to a clean ending
+        words, logprobs = _cut_back(h.words, h.logprobs, unendable)
+        done.append(_Done(words, float(h.raw / float(cfg.max_len ** alpha)), False, logprobs))
     return done
 
 
 def reference_beam_search(step: StepFn, state: State, cfg: BeamConfig, *, start_id: int, end_id: int,
-                          pad_id: int = 0, banned_ids: Sequence[int] = ()) -> BeamResult:
+                          pad_id: int = 0, banned_ids: Sequence[int] = (),
+                          unendable_ids: Sequence[int] = ()) -> BeamResult:
     """Same contract as ``batchcap.beam.beam_search``, one image after another."""
     batch = state[0].shape[0]
     tokens = torch.full((batch, cfg.n_best, cfg.max_len), pad_id, dtype=torch.long)
     lengths = torch.zeros((batch, cfg.n_best), dtype=torch.long)
     scores = torch.full((batch, cfg.n_best), float("-inf"))
     ended = torch.zeros((batch, cfg.n_best), dtype=torch.bool)
+    token_logprobs = torch.zeros((batch, cfg.n_best, cfg.max_len + 1))
     with torch.inference_mode():
         for b in range(batch):
-            done = _search_one(step, tuple(s[b:b + 1] for s in state), cfg, start_id, end_id, banned_ids)
+            done = _search_one(step, tuple(s[b:b + 1] for s in state), cfg, start_id, end_id, banned_ids,
+                               set(unendable_ids))
             best = sorted(done, key=lambda d: -d.score)[: cfg.n_best]  # stable: ties to first finished
             for j, d in enumerate(best):
                 tokens[b, j, : len(d.words)] = torch.tensor(d.words, dtype=torch.long)
                 lengths[b, j] = len(d.words)
                 scores[b, j] = d.score
                 ended[b, j] = d.ended
-    return BeamResult(tokens=tokens, lengths=lengths, scores=scores, ended=ended)
+                token_logprobs[b, j, : len(d.logprobs)] = torch.tensor(d.logprobs)
+    return BeamResult(tokens=tokens, lengths=lengths, scores=scores, ended=ended, token_logprobs=token_logprobs)

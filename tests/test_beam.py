@@ -65,12 +65,49 @@ def rowwise(decoder: CaptionDecoder) -> StepFn:
 
 
 def run_both(decoder: CaptionDecoder, feats: torch.Tensor, cfg: BeamConfig,
-             banned: tuple[int, ...] = BANNED) -> tuple[BeamResult, BeamResult]:
+             banned: tuple[int, ...] = BANNED, unendable: tuple[int, ...] = ()) -> tuple[BeamResult, BeamResult]:
     with torch.inference_mode():
         state = decoder.init_state(feats)
     step = rowwise(decoder)
-    kw = dict(start_id=START, end_id=END, pad_id=PAD, banned_ids=banned)
+    kw = dict(start_id=START, end_id=END, pad_id=PAD, banned_ids=banned, unendable_ids=unendable)
     return beam_search(step, state, cfg, **kw), reference_beam_search(step, state, cfg, **kw)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_shared_memory_and_sparse_syncs_change_nothing(seed: int) -> None:
+    # The decoder's memory and keys kept once per image (not K times), and the "all finished?"
+    # check made every 3rd word instead of every word: the same captions. (One bmm over an image's
+    # K beams sums in another order than K bmms of one, so log-probabilities agree to rounding.)
+    rng = np.random.default_rng(100 + seed)
+    k = (1, 3, 5)[seed % 3]
+    cfg = BeamConfig(beam_size=k, max_len=int(rng.integers(4, 13)), min_len=int(rng.integers(0, 3)),
+                     length_penalty=float(rng.choice([0.0, 0.7])), n_best=int(rng.integers(1, k + 1)))
+    decoder = make_decoder(seed, attention=bool(seed % 2), end_bias=float(rng.uniform(-1.0, 1.0)))
+    with torch.inference_mode():
+        state = decoder.init_state(features(seed, int(rng.integers(1, 20))))
+        kw = dict(start_id=START, end_id=END, pad_id=PAD, banned_ids=BANNED, unendable_ids=(7, 8, 9))
+        plain = beam_search(decoder.step, state, cfg, **kw)
+        lean = beam_search(decoder.step, state, cfg, per_image=decoder.per_image_state, sync_every=3, **kw)
+        sparse = beam_search(decoder.step, state, cfg, sync_every=3, **kw)
+    assert_same(sparse, plain)  # the syncs alone: exactly equal
+    assert torch.equal(lean.tokens, plain.tokens) and torch.equal(lean.lengths, plain.lengths)
+    assert torch.equal(lean.ended, plain.ended)
+    torch.testing.assert_close(lean.scores, plain.scores, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lean.token_logprobs, plain.token_logprobs, rtol=1e-5, atol=1e-5)
+
+
+def test_a_step_that_changes_per_image_state_is_refused() -> None:
+    decoder = make_decoder(3)
+    with torch.inference_mode():
+        state = decoder.init_state(features(3, 2))
+
+        def step(tokens: torch.Tensor, st: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+            log_probs, new = decoder.step(tokens, st)
+            return log_probs, (new[0], new[1], new[2].clone(), new[3])
+
+        with pytest.raises(ValueError, match="per_image"):
+            beam_search(step, state, BeamConfig(beam_size=3, max_len=5), start_id=START, end_id=END,
+                        per_image=decoder.per_image_state)
 
 
 def assert_same(got: BeamResult, want: BeamResult) -> None:
@@ -79,6 +116,7 @@ def assert_same(got: BeamResult, want: BeamResult) -> None:
     assert torch.equal(got.ended, want.ended)
     torch.testing.assert_close(got.scores, want.scores, rtol=1e-6, atol=1e-6)
     assert got.scores.dtype == torch.float32
+    assert torch.equal(got.token_logprobs, want.token_logprobs)
 
 
 def captions(result: BeamResult, b: int) -> list[list[int]]:
@@ -94,9 +132,64 @@ def test_batched_equals_reference(seed: int) -> None:
                      length_penalty=float(rng.choice([0.0, 0.0, 0.7, 1.0])),
                      no_repeat_ngram=int(rng.choice([0, 0, 1, 2, 3])), n_best=int(rng.integers(1, k + 1)))
     decoder = make_decoder(seed, attention=bool(seed % 2), end_bias=float(rng.uniform(-1.0, 1.0)))
-    got, want = run_both(decoder, features(seed, batch), cfg)
+    # half the seeds with an ending rule: a random tenth to half of the words may not end a caption
+    unendable = tuple(int(w) for w in rng.choice(np.arange(4, 40), size=int(rng.integers(4, 18)), replace=False)
+                      ) if seed % 2 == 0 else ()
+    got, want = run_both(decoder, features(seed, batch), cfg, unendable=unendable)
     assert_same(got, want)
     assert got.tokens.shape == (batch, cfg.n_best, cfg.max_len)
+    assert got.token_logprobs.shape == (batch, cfg.n_best, cfg.max_len + 1)
+
+
+def last_words(result: BeamResult) -> torch.Tensor:
+    """``(B, n_best)`` the last word of each caption (``PAD`` for an empty one)."""
+    index = (result.lengths - 1).clamp(min=0)[:, :, None]
+    return torch.where(result.lengths > 0, result.tokens.gather(2, index)[:, :, 0], PAD)
+
+
+def test_end_mask_no_caption_ends_on_an_unendable_word() -> None:
+    decoder = make_decoder(21, end_bias=1.0)
+    feats = features(21, 30)
+    cfg = BeamConfig(beam_size=3, max_len=10, n_best=3)
+    free, _ = run_both(decoder, feats, cfg)
+    ends = last_words(free)[free.ended]
+    unendable = tuple(sorted(set(ends.tolist()))[: max(1, len(set(ends.tolist())) // 2)])
+    assert torch.isin(ends, torch.tensor(unendable)).any()  # without the rule, some end there
+    got, want = run_both(decoder, feats, cfg, unendable=unendable)
+    assert_same(got, want)
+    assert not torch.isin(last_words(got)[got.ended], torch.tensor(unendable)).any()
+    assert got.ended.any()
+
+
+def test_max_len_cuts_back_to_a_clean_word() -> None:
+    decoder = make_decoder(8, end_bias=-30.0)  # never ends by itself: every caption is finalised
+    feats = features(8, 12)
+    cfg = BeamConfig(beam_size=3, max_len=7, n_best=3)
+    free, _ = run_both(decoder, feats, cfg)
+    unendable = tuple(range(4, 40, 2))  # the even words may not end a caption
+    assert torch.isin(last_words(free), torch.tensor(unendable)).any()
+    got, want = run_both(decoder, feats, cfg, unendable=unendable)
+    assert_same(got, want)
+    assert not got.ended.any()
+    clean_exists = ~torch.isin(free.tokens, torch.tensor(unendable)).all(2)
+    cut = torch.isin(last_words(got), torch.tensor(unendable))
+    assert not (cut & clean_exists).any()  # ends on a clean word whenever it has one
+    assert (got.lengths < cfg.max_len).any()  # some were cut
+    # the search's score is kept: that of all max_len words, so the list stays ordered by it
+    assert (got.scores[:, :-1] >= got.scores[:, 1:]).all()
+    torch.testing.assert_close(got.scores.sort(1).values, free.scores.sort(1).values)
+    # the token log-probabilities are those of the words kept, zero after them
+    kept = torch.arange(cfg.max_len + 1)[None, None, :] < got.lengths[:, :, None]
+    assert (got.token_logprobs[~kept] == 0).all() and (got.token_logprobs[kept] < 0).all()
+
+
+def test_token_logprobs_add_up_to_the_raw_score() -> None:
+    decoder = make_decoder(22, end_bias=0.5)
+    cfg = BeamConfig(beam_size=4, max_len=9, n_best=4, length_penalty=0.7)
+    got, want = run_both(decoder, features(22, 16), cfg, unendable=(5, 6, 7))
+    assert_same(got, want)
+    length = (got.lengths + got.ended.long()).float()
+    torch.testing.assert_close(got.token_logprobs.sum(2), got.scores * length ** 0.7)
 
 
 @pytest.mark.parametrize("attention", [True, False])
@@ -233,7 +326,8 @@ def test_cuda_matches_reference() -> None:
     decoder = make_decoder(17).cuda()
     got, want = run_both(decoder, features(17, 6).cuda(), BeamConfig(beam_size=3, max_len=8, n_best=2))
     assert got.tokens.device.type == "cuda"
-    assert_same(BeamResult(*(x.cpu() for x in (got.tokens, got.lengths, got.scores, got.ended))), want)
+    assert_same(BeamResult(*(x.cpu() for x in (got.tokens, got.lengths, got.scores, got.ended,
+                                                got.token_logprobs))), want)
 
 
 def test_fewer_candidates_than_beams_and_empty_batch() -> None:

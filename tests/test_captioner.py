@@ -1,15 +1,18 @@
 """The captioner's output: per-word scores, empty n-best slots, and the packaged default model."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 import torch
 
 from batchcap.beam import BeamResult
-from batchcap.captioner import DEFAULT_MODEL, Captioner, per_token_scores
-from batchcap.config import BeamConfig, RuntimeConfig
-from batchcap.modelfile import load_model
+from batchcap.captioner import DEFAULT_MODEL, NO_CAPTION, Captioner, caption_batch, per_token_scores
+from batchcap.config import BeamConfig, ImagePolicy, RuntimeConfig
+from batchcap.loader import iter_batches
+from batchcap.modelfile import load_model, save_model
+from batchcap.sources import open_sources
 
 
 def test_scores_are_mean_log_probability_per_token_whatever_the_penalty() -> None:
@@ -31,6 +34,98 @@ def test_n_best_never_holds_empty_slots(tiny_model_path: Path, tmp_path: Path) -
     for caption in captioner(images):
         assert caption.n_best and all(score > float("-inf") for _, score in caption.n_best)
         assert caption.text == caption.n_best[0][0] and caption.score == caption.n_best[0][1]
+
+
+def test_a_picture_with_nan_features_is_its_own_failure_not_the_batchs(tiny_model_path: Path,
+                                                                        image_folder: Path) -> None:
+    model = load_model(tiny_model_path)
+    captioner = Captioner(model, RuntimeConfig(precision="fp32", channels_last=False),
+                          BeamConfig(beam_size=3, n_best=2, max_len=5))
+
+    def poisoned(images: torch.Tensor) -> list:
+        features = captioner.encode(images).clone()
+        features[1] = float("nan")  # what an fp16 overflow in the encoder leaves behind
+        features[2, 0] = float("inf")
+        return captioner.search(features)
+
+    batch = next(iter(iter_batches(open_sources([str(image_folder)]), model.preprocess, ImagePolicy(),
+                                   batch_size=5, workers=0)))
+    ids = [r.item.id for r in batch.ok]
+    captions = caption_batch(poisoned, batch)
+    assert [r.item.id for r in batch.ok] == [ids[0]] + ids[3:] and len(captions) == 3
+    assert all(c.text and c.error is None for c in captions)
+    assert [(r.item.id, r.status) for r in batch.failed] == [(ids[1], NO_CAPTION), (ids[2], NO_CAPTION)]
+    assert all("no finite caption" in r.error for r in batch.failed)
+
+
+def test_a_run_whose_encoder_overflows_writes_failure_rows(tiny_model_path: Path, image_folder: Path,
+                                                          tmp_path: Path) -> None:
+    import json
+
+    from click.testing import CliRunner
+
+    from batchcap.cli import cli
+
+    model = load_model(tiny_model_path)
+    state = dict(model.encoder_state)
+    name = next(k for k, v in state.items() if k.endswith("weight") and v.dim() == 4)
+    state[name] = torch.full_like(state[name], float("inf"))
+    broken = tmp_path / "overflowing.safetensors"
+    save_model(dataclasses.replace(model, encoder_state=state), broken)
+    out = tmp_path / "c.jsonl"
+    result = CliRunner().invoke(cli, ["run", str(image_folder), "--out", str(out), "--model", str(broken),
+                                      "--precision", "fp32", "--workers", "0"])
+    assert result.exit_code == 5, result.output  # finished, with more failures than --max-failures
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 20 and {r["status"] for r in rows} == {NO_CAPTION}
+    assert all(r["caption"] is None and "no finite caption" in r["error"] for r in rows)
+
+
+@pytest.mark.cuda
+def test_a_short_batch_on_cuda_is_padded_and_captioned_like_on_the_cpu(tiny_model_path: Path) -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    model = load_model(tiny_model_path)
+    beam = BeamConfig(beam_size=3, max_len=6)
+    images = torch.randint(0, 256, (5, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    on_cpu = Captioner(model, RuntimeConfig(precision="fp32", channels_last=False), beam)(images)
+    on_gpu = Captioner(model, RuntimeConfig(device="cuda", precision="fp32", batch_size=8), beam)(images)
+    assert len(on_gpu) == 5 and sum(a.text == b.text for a, b in zip(on_cpu, on_gpu)) >= 4
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.7, 1.0])
+def test_n_best_is_ordered_by_the_score_it_shows(tiny_model_path: Path, alpha: float) -> None:
+    model = load_model(tiny_model_path)
+    captioner = Captioner(model, RuntimeConfig(precision="fp32", channels_last=False),
+                          BeamConfig(beam_size=5, n_best=5, max_len=6, length_penalty=alpha))
+    images = torch.randint(0, 256, (6, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    captions = captioner(images)
+    for caption in captions:
+        shown = [score for _, score in caption.n_best]
+        assert shown == sorted(shown, reverse=True) and caption.score == shown[0]
+        assert caption.logprob < 0.0
+        if alpha == 0.0:  # the search ranks by the summed log-probability: at least the per-token mean
+            assert caption.score <= caption.logprob
+    assert len({tuple(s for _, s in c.n_best) for c in captions}) > 1  # the images differ
+
+
+def test_confidence_is_deterministic_and_in_unit_range(tiny_model_path: Path) -> None:
+    from batchcap.confidence import EVIDENCE, Calibrator, fit_familiarity
+
+    model = load_model(tiny_model_path)
+    dim = model.encoder.feature_dim
+    model.familiarity = fit_familiarity(torch.randn(50, dim, generator=torch.Generator().manual_seed(0)),
+                                        components=8)
+    model.calibration = Calibrator(EVIDENCE[:5], center=(0.0,) * 5, scale=(1.0,) * 5,
+                                   coef=(2.0, 1.0, 0.5, 0.1, -1.0), intercept=0.3)  # no neighbours stored
+    captioner = Captioner(model, RuntimeConfig(precision="fp32", channels_last=False),
+                          BeamConfig(beam_size=3, max_len=5))
+    images = torch.randint(0, 256, (5, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(4))
+    first = [c.confidence for c in captioner(images)]
+    again = [c.confidence for c in captioner(images)]
+    assert first == again
+    assert all(c is not None and 0.0 <= c <= 1.0 for c in first)
+    assert len(set(first)) > 1
 
 
 @pytest.mark.slow
@@ -59,7 +154,9 @@ def test_the_packaged_model_captions_photos_offline(tmp_path: Path) -> None:
     for row in rows:
         words = row["caption"].split()
         assert 3 <= len(words) <= 20 and set(words) <= vocabulary
-        assert -5.0 < row["score"] < 0.0
+        assert -5.0 < row["logprob"] < 0.0 and row["score"] < 0.0
+        assert 0.0 <= row["confidence"] <= 1.0
+        assert words[-1] not in ("a", "in", "of", "the", "and")  # no caption ends mid-phrase
     # Flickr8k's world is people and dogs; these photos show both.
     text = " ".join(r["caption"] for r in rows)
     assert any(w in text for w in ("dog", "man", "girl", "boy", "woman", "people"))

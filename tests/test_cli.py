@@ -66,3 +66,17 @@ def test_info_prints_the_model(tiny_model_path: Path) -> None:
     assert "test_efficientnet" in result.output and "vocabulary" in result.output
     result = CliRunner().invoke(cli, ["info", str(tiny_model_path), "--json"])
     assert result.exit_code == 0 and '"tensors_sha256"' in result.output
+
+
+@pytest.mark.parametrize("command", ["eval", "train"])
+def test_missing_metrics_are_named_before_any_work(tmp_path: Path, command: str) -> None:
+    # An environment without pycocoevalcap (installed with --no-deps, say): the message must come
+    # first, not after every picture was captioned. DATA does not even exist here, so any work
+    # done before the check would fail differently.
+    code = ("import sys; sys.modules['pycocoevalcap'] = None; from batchcap.cli import main; "
+            f"sys.argv = ['batchcap', {command!r}, {str(tmp_path / 'absent')!r}] + "
+            f"({['--out', str(tmp_path / 'm.safetensors')]!r} if {command!r} == 'train' else []); main()")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "pip install pycocoevalcap" in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1

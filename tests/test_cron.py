@@ -92,4 +92,4 @@ def test_overlap_then_incremental_run(tmp_path: Path, tiny_model_path: Path) -> 
     assert len(after) == pq.read_metadata(out).num_rows == 11
     assert {k: v for k, v in after.items() if k in before} == before  # old rows untouched
     assert all(after[f"new0000{i}.jpg"] > max(before.values()) for i in range(3))
-    assert "new rows:               3" in log_of(out).split("start:")[-1]
+    assert "added to output:        3" in log_of(out).split("start:")[-1]

@@ -35,6 +35,19 @@ def test_precision_and_device_resolution() -> None:
         resolve_device("tpu")
 
 
+def test_bf16_needs_compute_capability_8_on_the_named_gpu() -> None:
+    asked = []
+
+    def capability(device: torch.device) -> tuple[int, int]:
+        asked.append(device)
+        return {0: (7, 0), 1: (8, 6)}[device.index]  # a V100 beside an A40
+
+    assert resolve_precision("auto", torch.device("cuda:0"), capability) == "fp16"
+    assert resolve_precision("auto", torch.device("cuda:1"), capability) == "bf16"
+    assert asked == [torch.device("cuda:0"), torch.device("cuda:1")]
+    assert resolve_precision("fp32", torch.device("cuda:0"), capability) == "fp32"
+
+
 def test_weights_are_never_silently_random(tmp_path: Path) -> None:
     model = make_tiny_model(tmp_path / "m.safetensors")
     # Without the embedded encoder, and with a recorded hash but no file, the encoder is refused.

@@ -47,8 +47,22 @@ def test_every_input_once_with_batches_of_the_right_size(mixed) -> None:
     batches, seen = run(mixed, batch_size=4, workers=0)
     assert len(seen) == 25 + 10
     assert sum(s != "ok" for s in seen.values()) == 2
-    assert all(len(b) <= 4 for b in batches)
+    # Failures ride along without taking a picture's place: every batch but the last holds
+    # exactly 4 pictures, so the encoder sees one shape (cuDNN autotunes once).
+    assert [len(b.ok) for b in batches[:-1]] == [4] * (len(batches) - 1)
+    assert 1 <= len(batches[-1].ok) <= 4
+    assert sum(len(b.failed) for b in batches) == 2
     assert sum(b.ignored for b in batches) == 2
+
+
+def test_a_stream_of_failures_is_sent_without_waiting_for_pictures(tmp_path: Path, monkeypatch) -> None:
+    import batchcap.loader
+
+    monkeypatch.setattr(batchcap.loader, "COUNT_FLUSH", 3)
+    for i in range(7):
+        (tmp_path / f"bad{i}.jpg").write_bytes(b"nope")
+    batches, seen = run(open_sources([str(tmp_path)]), batch_size=100, workers=0)
+    assert len(seen) == 7 and [len(b.failed) for b in batches] == [3, 3, 1]
 
 
 def test_shards_together_are_the_whole_input(mixed) -> None:

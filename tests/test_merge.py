@@ -14,7 +14,7 @@ from batchcap.merge import MergeError, MergeReport, merge_outputs, read_listing
 
 # Written out on purpose: the output schema is a promise to users (README "Output"), and
 # test_output_schema_is_stable fails if the sink's drifts from it.
-SCHEMA = pa.schema([
+SCHEMA_V1 = pa.schema([
     ("id", pa.string()),
     ("source", pa.string()),
     ("caption", pa.string()),
@@ -29,6 +29,8 @@ SCHEMA = pa.schema([
     ("model", pa.string()),
     ("created_at", pa.timestamp("ms", tz="UTC")),
 ])
+# Version 2 appends the per-token log-probability and the calibrated confidence.
+SCHEMA = pa.schema(list(SCHEMA_V1) + [pa.field("logprob", pa.float64()), pa.field("confidence", pa.float64())])
 CONFIG = {"model": "tiny@abc123", "beam_size": 3, "max_len": 12, "precision": "fp32",
           "version": "0.1.0"}
 
@@ -49,9 +51,9 @@ def rows(ids: list[str], model: str = "tiny@abc123", status: str = "ok") -> list
 
 
 def write_parquet(path: Path, ids: list[str], shard: int = 0, row_group_size: int = 4,
-                  config: dict[str, Any] | None = None, **kw: Any) -> Path:
+                  config: dict[str, Any] | None = None, schema: pa.Schema = SCHEMA, **kw: Any) -> Path:
     config = dict(config or CONFIG, shard=f"{shard}/3", out=str(path))
-    table = pa.Table.from_pylist(rows(ids, **kw), schema=SCHEMA)
+    table = pa.Table.from_pylist(rows(ids, **kw), schema=schema)
     table = table.replace_schema_metadata({b"batchcap": json.dumps(config).encode()})
     pq.write_table(table, path, row_group_size=row_group_size)
     return path
@@ -149,6 +151,8 @@ def test_damaged_jsonl_line_is_named(tmp_path: Path) -> None:
     part = write_jsonl(tmp_path / "part-0.jsonl", ids_of(0, 3))
     part.write_text(part.read_text() + '{"id": "img9", "capt')
     assert_refused([part], tmp_path / "m.jsonl", "part-0.jsonl line 4 is not valid JSON")
+    part.write_bytes(part.read_bytes().replace(b'"img00001.jpg"', b'"img\xff0001.jpg"'))
+    assert_refused([part], tmp_path / "m.jsonl", "part-0.jsonl line 2 is not UTF-8 text")
 
 
 def test_duplicate_id_names_id_and_parts(tmp_path: Path) -> None:
@@ -185,7 +189,7 @@ def test_model_mismatch_in_column(tmp_path: Path) -> None:
 def test_settings_mismatch_in_metadata(tmp_path: Path) -> None:
     a = write_parquet(tmp_path / "part-0.parquet", ids_of(0, 5))
     b = write_parquet(tmp_path / "part-1.parquet", ids_of(5, 9), shard=1, config=dict(CONFIG, beam_size=5))
-    assert_refused([a, b], tmp_path / "m.parquet", "different settings: beam_size: 3 vs 5")
+    assert_refused([a, b], tmp_path / "m.parquet", "different settings: --beam: 3 vs 5")
 
 
 def test_settings_mismatch_jsonl(tmp_path: Path) -> None:
@@ -230,7 +234,7 @@ def test_parts_written_by_the_sink(tmp_path: Path, fmt: str) -> None:
     meta = sink.read_output_meta(out)
     assert meta["resume_settings"]["beam_size"] == 3 and "shard" not in meta["run_config"]
     part(2, ids_of(9, 10), beam=5)
-    assert_refused([*parts, tmp_path / f"part-2.{fmt}"], tmp_path / f"m2.{fmt}", "beam_size: 3 vs 5")
+    assert_refused([*parts, tmp_path / f"part-2.{fmt}"], tmp_path / f"m2.{fmt}", "--beam: 3 vs 5")
 
 
 def test_same_file_names_in_two_folders_are_named_by_path(tmp_path: Path) -> None:
@@ -240,3 +244,29 @@ def test_same_file_names_in_two_folders_are_named_by_path(tmp_path: Path) -> Non
     b = write_parquet(tmp_path / "b" / "part-0.parquet", ids_of(2, 4))
     err = assert_refused([a, b], tmp_path / "m.parquet", "more than once")
     assert f"in {a}, {b}" in str(err)
+
+
+def test_parts_of_the_previous_schema_version_merge_among_themselves(tmp_path: Path) -> None:
+    old = dict(CONFIG, schema_version=1)
+    parts = [write_parquet(tmp_path / f"part-{k}.parquet", ids_of(5 * k, 5 * k + 5), shard=k, config=old,
+                           schema=SCHEMA_V1) for k in range(2)]
+    out = tmp_path / "merged.parquet"
+    merge_outputs([str(p) for p in parts], str(out))
+    merged = pq.read_table(out)
+    assert merged.num_rows == 10 and merged.schema.remove_metadata().equals(SCHEMA_V1)
+    assert json.loads(merged.schema.metadata[b"batchcap"])["schema_version"] == 1
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "jsonl"])
+def test_parts_of_two_schema_versions_are_refused(tmp_path: Path, fmt: str) -> None:
+    if fmt == "parquet":
+        old = write_parquet(tmp_path / "part-0.parquet", ids_of(0, 5), config=dict(CONFIG, schema_version=1),
+                            schema=SCHEMA_V1)
+        new = write_parquet(tmp_path / "part-1.parquet", ids_of(5, 10), shard=1, config=dict(CONFIG, schema_version=2))
+    else:
+        old = write_jsonl(tmp_path / "part-0.jsonl", ids_of(0, 5), config=dict(CONFIG, schema_version=1))
+        new = write_jsonl(tmp_path / "part-1.jsonl", ids_of(5, 10), shard=1, config=dict(CONFIG, schema_version=2))
+    out = tmp_path / f"merged.{fmt}"
+    with pytest.raises(MergeError, match=r"different output schema versions \(version 1: part-0.*version 2: part-1"):
+        merge_outputs([str(old), str(new)], str(out))
+    assert not out.exists()

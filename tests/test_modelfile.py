@@ -125,3 +125,54 @@ def test_files_from_before_a_new_decoder_field_still_load(tmp_path: Path) -> Non
     model = load_model(path)
     assert model.decoder.deep_output is False
     model.build_decoder()  # the weights still fit
+
+
+def test_trust_statistics_round_trip(tmp_path: Path) -> None:
+    from batchcap.confidence import EVIDENCE, Calibrator, Neighbours, fit_familiarity
+
+    model = make_tiny_model(tmp_path / "plain.safetensors", seed=2)
+    dim = model.encoder.feature_dim
+    pooled = torch.randn(40, dim, generator=torch.Generator().manual_seed(1))
+    model.familiarity = fit_familiarity(pooled, components=6, note="40 random pictures")
+    unendable = tuple(w for w in model.vocab.words[4:7])
+    model.unendable_words, model.ending_rule = unendable, {"learnt_from": "a test", "max_end_rate": 0.03}
+    model.neighbours = Neighbours(model.familiarity.whiten(pooled).float(),
+                                  [[f"a dog runs {i % 3}", "a man"] for i in range(40)], k=3)
+    n = len(EVIDENCE)
+    model.calibration = Calibrator(EVIDENCE, (0.1,) * n, (2.0,) * n, (1.0, 0.5, 0.2, -0.1, -0.7, 0.3, 0.9), 0.25,
+                                   {"auroc": {"confidence": 0.8}})
+    from batchcap.modelfile import save_model
+
+    save_model(model, tmp_path / "trust.safetensors")
+    loaded = load_model(tmp_path / "trust.safetensors")
+    assert loaded.metadata() == model.metadata()
+    assert loaded.unendable_words == unendable and loaded.ending_rule["learnt_from"] == "a test"
+    assert loaded.unendable_ids == tuple(range(4, 7))
+    assert loaded.calibration == model.calibration
+    fam = loaded.familiarity
+    assert fam is not None and fam.images == 40 and fam.components.shape == (6, dim)
+    assert torch.equal(fam.score(pooled), model.familiarity.score(pooled))
+    near = loaded.neighbours
+    assert near is not None and near.k == 3 and torch.equal(near.vectors, model.neighbours.vectors)
+    sim, consensus = near.query(fam.whiten(pooled[:4]), ["a dog runs 0", "a dog runs 1", "a cat", "a man"])
+    assert sim.shape == (4,) and ((sim > 0) & (sim <= 1 + 1e-9)).all()  # each is among its own neighbours
+    assert consensus[0] > consensus[2] and (consensus >= 0).all()
+    # a training picture is more familiar than a picture far from all of them
+    assert fam.score(pooled[:1]).item() < fam.score(pooled[:1] + 10.0).item()
+    # the statistics are tensors of the file, covered by its checksum
+    from safetensors.torch import load_file
+
+    assert {"familiarity.mean", "familiarity.components", "familiarity.variances", "familiarity.neighbours"} <= set(
+        load_file(str(tmp_path / "trust.safetensors")))
+
+
+def test_model_files_without_trust_statistics_still_load(tmp_path: Path) -> None:
+    from batchcap.text import FALLBACK_UNENDABLE
+
+    make_tiny_model(tmp_path / "old.safetensors")
+    meta = read_metadata(tmp_path / "old.safetensors")
+    assert not {"ending_rule", "familiarity", "calibration"} & set(meta)  # as files before issue 13
+    old = load_model(tmp_path / "old.safetensors")
+    assert old.unendable_words is None and old.familiarity is None and old.calibration is None
+    # the ending rule falls back to closed-class words, of those the vocabulary has
+    assert old.unendable_ids == old.vocab.ids_of(FALLBACK_UNENDABLE)

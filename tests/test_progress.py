@@ -44,8 +44,8 @@ def test_non_tty_logs_plain_key_value_lines_every_n_seconds() -> None:
     assert summary == {"ok": 39, "failed": {"corrupt": 1}, "failed_total": 1, "skipped": 20, "ignored": 2,
                        "processed": 40, "wall_s": 66.0, "images_per_s": 0.61,
                        "output": "out/captions.parquet"}
-    assert "failed:                 1 (corrupt 1)" in text
-    assert "skipped (already done): 20" in text and "output:                 out/captions.parquet" in text
+    assert "failed now:             1 (corrupt 1)" in text
+    assert "already done:           20" in text and "output:                 out/captions.parquet" in text
 
 
 def test_unknown_total_and_summary_extras() -> None:

@@ -209,9 +209,12 @@ def test_tolerant_of_missing_columns_and_damage(tmp_path: Path) -> None:
     jsonl = tmp_path / "damaged.jsonl"
     jsonl.write_text('{"id": "a", "caption": "fine", "status": "ok", "score": "-0.5", "n_best": 3}\n'
                      '{"id": "b", "capt\n[1, 2]\n\n{"id": "c\\ud800", "status": "ok", "caption": "x"}\n')
-    summary = write_report(jsonl, tmp_path / "damaged.html")
-    assert summary.total_rows == 2 and summary.bad_lines == 2
-    assert "2 JSONL lines could not be parsed" in (tmp_path / "damaged.html").read_text("utf-8")
+    with pytest.raises(ReportError, match=r"damaged.jsonl line 2 is not valid JSON: the file is damaged"):
+        write_report(jsonl, tmp_path / "damaged.html")
+    assert not (tmp_path / "damaged.html").exists()
+    summary = write_report(jsonl, tmp_path / "damaged.html", skip_bad_lines=True)
+    assert summary.total_rows == 2 and summary.bad_lines == 2 and summary.bad_line_numbers == (2, 3)
+    assert "2 JSONL lines could not be parsed (line 2, 3)" in (tmp_path / "damaged.html").read_text("utf-8")
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     assert write_report(empty, tmp_path / "empty.html").total_rows == 0
@@ -277,3 +280,83 @@ def test_reads_what_the_real_sink_writes(tmp_path: Path, fmt: str) -> None:
     assert summary.total_rows == 6 and summary.thumbnails == 3
     check_page(text, rows)
     assert "bf16" not in text and "fp32" in text and "batchcap 0." in text
+
+
+def test_cli_default_pages_of_parquet_and_jsonl_outputs_do_not_collide(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from batchcap.cli import cli
+
+    pq.write_table(pa.table({"id": ["p"], "caption": ["from parquet"], "status": ["ok"]}), tmp_path / "wds.parquet")
+    (tmp_path / "wds.jsonl").write_text(json.dumps({"id": "j", "caption": "from jsonl", "status": "ok"}) + "\n")
+    runner = CliRunner()
+    for name in ("wds.jsonl", "wds.parquet"):
+        result = runner.invoke(cli, ["report", str(tmp_path / name)])
+        assert result.exit_code == 0, result.output
+        assert f"wrote {tmp_path / name}.html:" in result.output
+    assert "from jsonl" in (tmp_path / "wds.jsonl.html").read_text("utf-8")
+    assert "from parquet" in (tmp_path / "wds.parquet.html").read_text("utf-8")
+    assert not (tmp_path / "wds.html").exists()
+
+
+def test_cli_refuses_a_damaged_jsonl_output_naming_the_line(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from batchcap.cli import cli
+
+    jsonl = tmp_path / "out.jsonl"
+    jsonl.write_text(json.dumps({"id": "a", "caption": "fine", "status": "ok"}) + "\n{\"id\": \"b\", \"capt\n")
+    runner = CliRunner()
+    result = runner.invoke(cli, ["report", str(jsonl)])
+    assert result.exit_code == 2 and "line 2 is not valid JSON" in result.output
+    assert "--skip-bad-lines" in result.output and not (tmp_path / "out.jsonl.html").exists()
+    result = runner.invoke(cli, ["report", str(jsonl), "--skip-bad-lines"])
+    assert result.exit_code == 0 and "1 line(s) are not rows and were left out (line 2)" in result.output
+
+
+def with_confidence(rows: list[dict]) -> list[dict]:
+    """Schema-2 rows: confidence falling with i, the two least confident set aside as low_confidence."""
+    out = []
+    for i, row in enumerate(rows):
+        if row["status"] != "ok":
+            out.append({**row, "logprob": None, "confidence": None})
+            continue
+        confidence = round(0.9 - 0.15 * ((i * 2) % 6), 2)  # not in score order
+        out.append({**row, "logprob": row["score"] / 4, "confidence": confidence,
+                    "status": "low_confidence" if confidence < 0.4 else "ok"})
+    return out
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "jsonl"])
+def test_confidence_order_filter_and_low_confidence_rows(tmp_path: Path, fmt: str) -> None:
+    from batchcap.sink import OutputStore
+
+    rows = with_confidence(make_rows(tmp_path))
+    out = tmp_path / f"captions.{fmt}"
+    store = OutputStore.open(out, None, resume_settings={"model": META["model"]}, run_config={})
+    store.add(rows)
+    store.finalize()
+    low = [r for r in rows if r["status"] == "low_confidence"]
+    assert low
+
+    summary = write_report(out, tmp_path / "all.html", order="confidence")
+    text = (tmp_path / "all.html").read_text("utf-8")
+    captioned = sorted((r for r in rows if r["confidence"] is not None), key=lambda r: r["confidence"])
+    assert card_ids(tmp_path / "all.html")[:len(captioned)] == [r["id"] for r in captioned]
+    assert summary.failures_listed == 3  # set-aside rows are not failures
+    assert summary.thumbnails == len(captioned)  # and they show their picture
+    assert summary.status_counts["low_confidence"] == len(low)
+    assert f"{low[0]['confidence']:.0%} sure" in text and '<option value="low_confidence">' in text
+    assert re.search(r'<div class="num">%d</div><div class="lbl">Low confidence' % len(low), text)
+
+    write_report(out, tmp_path / "low.html", status="low_confidence")
+    assert sorted(card_ids(tmp_path / "low.html")) == sorted(r["id"] for r in low)
+
+
+def test_previous_schema_version_score_reads_as_per_token_logprob(tmp_path: Path) -> None:
+    rows = make_rows(tmp_path, n_ok=2)
+    out = write_parquet(tmp_path / "v1.parquet", rows, meta={**META, "schema_version": 1})
+    write_report(out, tmp_path / "v1.html")
+    text = (tmp_path / "v1.html").read_text("utf-8")
+    # schema 1's score was the mean log-probability per token: exp(-0.2) = 0.82 per token
+    assert "per-token probability 0.82" in text and "sure</span>" not in text

@@ -210,7 +210,7 @@ def test_changed_settings_are_refused_and_overwrite_starts_over(tmp_path: Path,
 
     refused = run(command([folder], out, tiny_model_path, "--beam", "3"))
     assert refused.returncode == EXIT_RESUME_REFUSED, refused.stdout
-    assert "beam_size: 2 -> 3" in refused.stdout and "--overwrite" in refused.stdout
+    assert "--beam: 2 -> 3" in refused.stdout and "--overwrite" in refused.stdout
     assert read_rows(out) == first  # untouched
 
     again = run(command([folder], out, tiny_model_path, "--beam", "3", "--overwrite"))
@@ -232,7 +232,7 @@ def test_incremental_rerun_captions_only_new_and_changed_files(tmp_path: Path, t
     finished = run(command([folder], out, tiny_model_path))  # nothing new: no image work
     assert finished.returncode == EXIT_OK, finished.stdout
     assert "batchcap: 0 images" in finished.stdout
-    assert re.search(r"skipped \(already done\):\s+10\n", finished.stdout)
+    assert re.search(r"already done:\s+10\n", finished.stdout)
     assert "nothing new to caption" in finished.stdout
     assert out.stat().st_ino == inode  # not even rewritten
 
@@ -242,8 +242,8 @@ def test_incremental_rerun_captions_only_new_and_changed_files(tmp_path: Path, t
     os.utime(touched, ns=(stat.st_atime_ns, stat.st_mtime_ns + 5_000_000_000))
     grown = run(command([folder], out, tiny_model_path))
     assert grown.returncode == EXIT_OK, grown.stdout
-    assert re.search(r"ok:\s+4\n", grown.stdout)
-    assert re.search(r"skipped \(already done\):\s+9\n", grown.stdout)
+    assert re.search(r"captioned now:\s+4\n", grown.stdout)
+    assert re.search(r"already done:\s+9\n", grown.stdout)
     rows = {r["id"]: r for r in assert_exactly_once(out, ids_of(folder))}
     assert len(rows) == 13
     assert rows["img00004.jpg"]["mtime_ns"] == stat.st_mtime_ns + 5_000_000_000
@@ -260,7 +260,7 @@ def test_exit_codes_for_failures_and_usage(tmp_path: Path, tiny_model_path: Path
     out = tmp_path / "captions.parquet"
     proc = run(command([folder], out, tiny_model_path, "--max-failures", "1"))
     assert proc.returncode == EXIT_TOO_MANY_FAILURES, proc.stdout
-    assert re.search(r"failed:\s+2 \(", proc.stdout) and "more than --max-failures 1" in proc.stdout
+    assert re.search(r"failed now:\s+2 \(", proc.stdout) and "more than --max-failures 1" in proc.stdout
     rows = read_rows(out)  # the output is complete all the same
     assert sorted(r["status"] == "ok" for r in rows) == [False] * 2 + [True] * 4
 

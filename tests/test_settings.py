@@ -57,3 +57,67 @@ def test_available_cpus_follow_the_affinity_mask_not_the_node() -> None:
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
     assert out.split() == ["1", "1"]
     assert available_cpus() == len(os.sched_getaffinity(0))
+
+
+@pytest.mark.parametrize("setting, shown", [
+    ("beam.beam_size", "--beam"), ("resume_settings.beam.n_best", "--n-best"), ("no_repeat_ngram", "--no-repeat-ngram"),
+    ("model", "--model"), ("preprocess.resize", "the model's preprocessing (resize)"),
+    ("schema_version", "schema version"),
+])
+def test_refusals_name_settings_as_options(setting: str, shown: str) -> None:
+    from batchcap.settings import option_name
+
+    assert option_name(setting) == shown
+
+
+class FakeGpus:
+    """Stands in for the CUDA runtime of a node with two GPUs of a given compute capability."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, capability: tuple[int, int]) -> None:
+        import torch
+
+        self.capability = capability
+        self.asked: list[object] = []
+        self.current: list[object] = []
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+        monkeypatch.setattr(torch.cuda, "set_device", self.current.append)
+        monkeypatch.setattr(torch.cuda, "get_device_capability", self._capability)
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # emulation counts, wrongly
+
+    def _capability(self, device: object = None) -> tuple[int, int]:
+        self.asked.append(device)
+        return self.capability
+
+
+@pytest.mark.parametrize("capability, precision", [((7, 0), "fp16"), ((7, 5), "fp16"), ((8, 0), "bf16"),
+                                                   ((9, 0), "bf16")], ids=["V100", "T4", "A100", "H100"])
+def test_auto_precision_follows_the_chosen_gpus_compute_capability(monkeypatch: pytest.MonkeyPatch,
+                                                                    capability: tuple[int, int],
+                                                                    precision: str) -> None:
+    import torch
+
+    gpus = FakeGpus(monkeypatch, capability)
+    runtime = runtime_config("cuda:1", "auto", None, "0")
+    assert runtime.precision == precision
+    assert gpus.asked == [torch.device("cuda:1")], "the capability of the GPU --device names decides"
+
+
+def test_cuda_n_becomes_the_current_device_before_anything_touches_the_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    gpus = FakeGpus(monkeypatch, (8, 0))
+    runtime = runtime_config("cuda:1", "bf16", None, "0")
+    assert gpus.current == [torch.device("cuda:1")] and runtime.device == "cuda:1"
+    assert runtime.batch_size == 256
+
+
+@pytest.mark.cuda
+def test_cuda_n_on_a_real_node() -> None:
+    import torch
+
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA devices")
+    runtime_config("cuda:1", "auto", None, "0")
+    assert torch.cuda.current_device() == 1
+    torch.cuda.set_device(0)

@@ -119,20 +119,20 @@ def test_refuses_changed_settings_naming_them(out: Path, fmt: str) -> None:
     store = open_store(out, fmt)
     store.add([row(i) for i in range(4)])  # committed, run unfinished
     changed = {**SETTINGS, "beam_size": 5}
-    with pytest.raises(ResumeRefused, match=r"beam_size: 3 -> 5.*--overwrite"):
+    with pytest.raises(ResumeRefused, match=r"--beam: 3 -> 5.*--overwrite"):
         open_store(out, fmt, changed)
     open_store(out, fmt).finalize()  # same settings: fine; now only the final output holds them
     assert not work_dir_for(out).exists()
-    with pytest.raises(ResumeRefused, match=r"beam_size: 3 -> 5"):
+    with pytest.raises(ResumeRefused, match=r"--beam: 3 -> 5"):
         open_store(out, fmt, changed)
-    with pytest.raises(ResumeRefused, match=r"new_option: null -> true"):
+    with pytest.raises(ResumeRefused, match=r"new option: null -> true"):
         open_store(out, fmt, {**SETTINGS, "new_option": True})
 
 
 def test_refusal_names_the_nested_setting_that_changed(out: Path, fmt: str) -> None:
     nested = {"model": "tiny@0123456789ab", "beam": {"beam_size": 3, "max_len": 12}}
     open_store(out, fmt, nested).finalize()
-    with pytest.raises(ResumeRefused, match=r"\(beam\.beam_size: 3 -> 5\)"):
+    with pytest.raises(ResumeRefused, match=r"\(--beam: 3 -> 5\)"):
         open_store(out, fmt, {**nested, "beam": {"beam_size": 5, "max_len": 12}})
 
 
@@ -325,3 +325,82 @@ def test_stale_retry_rows_are_dropped_when_not_emitted_again(out: Path, fmt: str
     summary = open_store(out, fmt).finalize()
     assert summary.rewritten and summary.rows_dropped == 1 and summary.rows_total == 2
     assert not open_store(out, fmt).finalize().rewritten
+
+
+def test_resume_summary_tells_this_run_from_an_interrupted_attempt(out: Path, fmt: str) -> None:
+    from batchcap.runner import output_summary
+
+    first = open_store(out, fmt)
+    first.add([row(i) for i in range(8)])  # committed in parts; then the process was killed
+    resumed = open_store(out, fmt)
+    assert len(resumed.done) == 8
+    resumed.add([row(i) for i in range(8, 20)])  # what the resumed process captioned itself
+    summary = output_summary(resumed.finalize(), processed=12)
+    assert summary["rows in output"] == 20 and summary["added to output"] == 20
+    assert summary["from earlier attempts"].startswith("8 ")
+    rerun = open_store(out, fmt)
+    rerun.add([row(i, caption="new") for i in (3, 20)])  # one changed file, one new one
+    summary = output_summary(rerun.finalize(), processed=2)
+    assert summary["added to output"] == 1 and summary["replaced rows"] == 1
+    assert "from earlier attempts" not in summary
+
+
+def test_outputs_read_back_in_pandas_and_duckdb_as_the_readme_shows(out: Path, fmt: str) -> None:
+    # The README's three-line recipes, run on a real output (list-of-struct n_best, UTC timestamps).
+    pd = pytest.importorskip("pandas")
+    duckdb = pytest.importorskip("duckdb")
+    store = open_store(out, fmt)
+    store.add([row(i) for i in range(5)] + [row(5, status="corrupt")])
+    store.finalize()
+    df = pd.read_parquet(out) if fmt == "parquet" else pd.read_json(out, lines=True)
+    assert len(df) == 6 and sorted(df["status"]) == ["corrupt"] + ["ok"] * 5
+    assert df.loc[df["status"] == "ok", "n_best"].iloc[0][1]["caption"] == "a cat"
+    table = f"'{out}'" if fmt == "parquet" else f"read_json_auto('{out}')"
+    counts = duckdb.sql(f"SELECT status, count(*) AS n FROM {table} GROUP BY status ORDER BY status").fetchall()
+    assert counts == [("corrupt", 1), ("ok", 5)]
+    worst = duckdb.sql(f"SELECT id, caption, score FROM {table} WHERE status = 'ok' ORDER BY score, id LIMIT 2")
+    assert [r[0] for r in worst.fetchall()] == ["img00000.jpg", "img00001.jpg"]
+
+
+def _as_previous_version(out: Path, fmt: str) -> None:
+    """Rewrite a finished output's metadata as schema version 1 wrote it."""
+    meta = read_output_meta(out, fmt)
+    assert meta is not None and meta["schema_version"] == 2
+    meta["schema_version"] = 1
+    if fmt == "parquet":
+        table = pq.read_table(out)
+        pq.write_table(table.replace_schema_metadata({"batchcap": json.dumps(meta)}), out)
+    else:
+        meta_path_for(out).write_text(json.dumps(meta))
+
+
+def test_new_columns_are_last_and_round_trip(out: Path, fmt: str) -> None:
+    assert COLUMNS[-2:] == ("logprob", "confidence")
+    store = open_store(out, fmt)
+    store.add([{**row(1), "logprob": -0.5, "confidence": 0.75}, row(2, "undecodable")])
+    store.finalize()
+    first, second = read_rows(out, fmt)
+    assert (first["logprob"], first["confidence"]) == (-0.5, 0.75)
+    assert second["logprob"] is None and second["confidence"] is None
+
+
+def test_refuses_to_resume_into_an_output_of_the_previous_schema_version(out: Path, fmt: str) -> None:
+    store = open_store(out, fmt)
+    store.add([row(1)])
+    store.finalize()
+    _as_previous_version(out, fmt)
+    before = out.read_bytes()
+    with pytest.raises(ResumeRefused, match=r"output schema version 1, this batchcap writes version 2.*--overwrite"):
+        open_store(out, fmt)
+    assert out.read_bytes() == before  # nothing touched
+    open_store(out, fmt, overwrite=True).finalize()  # --overwrite starts over
+
+
+def test_refuses_an_unfinished_run_of_the_previous_schema_version(out: Path, fmt: str) -> None:
+    store = open_store(out, fmt, commit_every=1)
+    store.add([row(1)])  # committed as a part; the run is "killed" here
+    run_json = work_dir_for(out) / "run.json"
+    meta = json.loads(run_json.read_text())
+    run_json.write_text(json.dumps({**meta, "schema_version": 1}))
+    with pytest.raises(ResumeRefused, match="schema version 1"):
+        open_store(out, fmt)

@@ -88,9 +88,31 @@ def test_submit_builds_array_and_dependent_merge(tmp_path: Path) -> None:
     caption, merge = calls.read_text().splitlines()
     assert caption.startswith(f"5|{tmp_path}/photos|")
     assert "--array=0-4%2" in caption and "--gres=gpu:1" in caption and "--partition=gpu" in caption
+    assert "--cpus-per-task=16" in caption and "--mem=20G" in caption  # a GPU task's defaults
     assert caption.endswith("caption-array.sbatch")
     assert "--dependency=afterok:101" in merge and "--gres" not in merge and merge.endswith("merge.sbatch")
+    assert "--cpus-per-task" not in merge and "--mem" not in merge
     assert (tmp_path / "out" / "logs").is_dir()
+
+    calls.unlink()
+    env = dict(env, GRES="", CPUS_PER_TASK="6", MEM="12G")
+    subprocess.run([str(SLURM_DIR / "submit.sh"), "photos", str(tmp_path / "out"), "2"], env=env,
+                   cwd=tmp_path, capture_output=True, text=True, timeout=30, check=True)
+    caption = calls.read_text().splitlines()[0]
+    assert "--cpus-per-task=6" in caption and "--mem=12G" in caption and "--gres" not in caption
+    env = dict(env, CPUS_PER_TASK="many")
+    refused = subprocess.run([str(SLURM_DIR / "submit.sh"), "photos", str(tmp_path / "out"), "2"], env=env,
+                             cwd=tmp_path, capture_output=True, text=True, timeout=30)
+    assert refused.returncode == 2 and "CPUS_PER_TASK must be a positive integer" in refused.stderr
+
+
+def test_caption_task_decodes_with_the_cpus_slurm_gave_it(tmp_path: Path) -> None:
+    base = dict(INPUT="in", OUT_DIR=str(tmp_path), SLURM_ARRAY_TASK_ID="0", SLURM_ARRAY_TASK_MAX="0")
+    argv = run_script("caption-array.sbatch", tmp_path, SLURM_CPUS_PER_TASK="16", **base)
+    assert argv[argv.index("--workers") + 1] == "15"
+    argv = run_script("caption-array.sbatch", tmp_path, SLURM_CPUS_PER_TASK="1", EXTRA_ARGS="--workers 0", **base)
+    assert argv[-4:] == ["--workers", "1", "--workers", "0"]  # EXTRA_ARGS comes last, so it wins
+    assert "--workers" not in run_script("caption-array.sbatch", tmp_path, **base)  # auto: the affinity mask
 
 
 # --- a real Slurm -------------------------------------------------------------------------------
@@ -185,15 +207,22 @@ def test_array_and_merge(slurm: None, tmp_path: Path, tiny_model_path: Path) -> 
         cancel(array, merge)
 
 
+def three_task_array(tmp_path: Path, model: Path, extra: str,
+                     images: int = 240) -> tuple[Path, Path, Path, dict[str, str], str, str]:
+    """240 pictures as a 3-task array plus merge: photos, out_dir, logs, env, array id, merge id."""
+    photos, out_dir = tmp_path / "photos", tmp_path / "out"
+    write_images(photos, images)
+    env = slurm_env(model, images, extra)
+    array, merge = submit(photos, out_dir, 3, env)
+    return photos, out_dir, out_dir / "logs", env, array, merge
+
+
 @pytest.mark.slurm
 @pytest.mark.slow
 def test_cancelled_task_requeued_stays_exactly_once(slurm: None, tmp_path: Path, tiny_model_path: Path) -> None:
-    photos, out_dir, logs = tmp_path / "photos", tmp_path / "out", tmp_path / "out" / "logs"
-    images = 240
-    write_images(photos, images)
     # One image per batch, a commit every 2 rows: task 1 is cancelled with work committed.
-    env = slurm_env(tiny_model_path, images, "--batch-size 1 --commit-every 2")
-    array, merge = submit(photos, out_dir, 3, env)
+    photos, out_dir, logs, env, array, merge = three_task_array(tmp_path, tiny_model_path,
+                                                                "--batch-size 1 --commit-every 2")
     task = f"{array}_1"
     work = out_dir / "part-1.parquet.batchcap-work"
     try:
@@ -210,7 +239,7 @@ def test_cancelled_task_requeued_stays_exactly_once(slurm: None, tmp_path: Path,
         assert job_state(task) == "COMPLETED", dump_logs(logs)
         log = (logs / f"caption-{array}_1.log").read_text()
         assert "restarts=1" in log
-        skipped = re.findall(r"skipped \(already done\):\s+(\d+)", log)
+        skipped = re.findall(r"already done:\s+(\d+)", log)
         assert skipped and int(skipped[-1]) > 0, log  # the requeued run resumed, it did not start over
 
         # A cancelled task fails an afterok dependency for good: merge again once it is done.
@@ -225,3 +254,84 @@ def test_cancelled_task_requeued_stays_exactly_once(slurm: None, tmp_path: Path,
         assert_exactly_once(out_dir / "final.parquet", photos)
     finally:
         cancel(array, merge)
+
+
+def committed_rows(work: Path) -> int:
+    return sum(pq.read_metadata(p).num_rows for p in work.glob("part-*.parquet"))
+
+
+def start_now(task: str) -> None:
+    """Slurm delays a requeued job's start by about two minutes; a test need not wait."""
+    subprocess.run(["scontrol", "update", f"JobId={task}", "StartTime=now"], capture_output=True, timeout=20)
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_running_task_requeued_stops_cleanly_and_merge_is_exactly_once(slurm: None, tmp_path: Path,
+                                                                        tiny_model_path: Path) -> None:
+    """`scontrol requeue` of a running task: SIGTERM, forwarded by the script, commits what was captioned."""
+    # No commit before the end but the one the stop makes.
+    photos, out_dir, logs, _, array, merge = three_task_array(
+        tmp_path, tiny_model_path, "--batch-size 1 --commit-every 100000 --log-every 0.2")
+    task = f"{array}_1"
+    log_path = logs / f"caption-{array}_1.log"
+    work = out_dir / "part-1.parquet.batchcap-work"
+
+    def captioned() -> int:
+        found = re.findall(r" ok=(\d+) ", log_path.read_text()) if log_path.exists() else []
+        return int(found[-1]) if found else 0
+
+    try:
+        wait_for(lambda: captioned() >= 5, 600, f"{task} to caption 5 pictures", logs)
+        subprocess.run(["scontrol", "requeue", task], check=True, capture_output=True, timeout=20)
+        wait_for(lambda: "interrupted:" in log_path.read_text(), 120, f"{task} to stop", logs)
+        first = log_path.read_text()
+        assert "SIGTERM received" in first and "Traceback" not in first, first
+        kept = committed_rows(work)
+        assert kept == int(re.findall(r"^  ok:\s+(\d+)", first, re.MULTILINE)[-1]) > 0
+
+        wait_for(lambda: job_state(task) in ("PENDING", "REQUEUED", "RUNNING", "COMPLETED"), 120,
+                 f"{task} to be requeued", logs)
+        start_now(task)
+        wait_for(lambda: job_state(merge) in FINAL_STATES, 600, f"merge job {merge}", logs)
+        assert job_state(merge) == "COMPLETED", dump_logs(logs)  # a requeue keeps afterok
+        log = log_path.read_text()
+        assert "restarts=1" in log
+        assert int(re.findall(r"already done:\s+(\d+)", log)[-1]) == kept  # resumed
+        assert_exactly_once(out_dir / "captions.parquet", photos)
+    finally:
+        cancel(array, merge)
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_time_limit_warning_stops_and_requeues_until_done(slurm: None, tmp_path: Path,
+                                                          tiny_model_path: Path) -> None:
+    """A one-minute limit with the warning 50 s before it: the task stops, requeues itself, finishes."""
+    photos, out_dir, logs = tmp_path / "photos", tmp_path / "out", tmp_path / "out" / "logs"
+    images = 1000  # more than one minute of work at one picture per batch
+    write_images(photos, images)
+    env = dict(slurm_env(tiny_model_path, images, "--batch-size 1 --commit-every 2"), TASKS="1",
+               INPUT=str(photos), OUT_DIR=str(out_dir))
+    logs.mkdir(parents=True)
+    submitted = subprocess.run(["sbatch", "--parsable", "--array=0", "--time=1", "--signal=B:USR1@50",
+                                f"--chdir={out_dir}", f"--output={logs}/caption-%A_%a.log",
+                                str(SLURM_DIR / "caption-array.sbatch")],
+                               env=env, capture_output=True, text=True, timeout=60, check=True)
+    array = submitted.stdout.strip().split(";")[0]
+    task = f"{array}_0"
+    log_path = logs / f"caption-{array}_0.log"
+    try:
+        def finished() -> bool:
+            start_now(task)  # after each self-requeue
+            return job_state(task) in FINAL_STATES
+
+        wait_for(finished, 900, f"{task} to finish over several runs", logs)
+        log = log_path.read_text()
+        assert job_state(task) == "COMPLETED", dump_logs(logs)
+        assert "time limit near: stopping batchcap" in log and f"requeued {task}" in log, log
+        assert "SIGTERM received" in log and "interrupted:" in log and "Traceback" not in log, log
+        assert "restarts=1" in log
+        assert_exactly_once(out_dir / "part-0.parquet", photos)
+    finally:
+        cancel(array)

@@ -81,6 +81,10 @@ def test_training_learns_from_pictures(tmp_path: Path) -> None:
     model = load_model(out)
     assert model.training["data"]["splits"]["train"]["images"] == 240
     assert model.preprocess.width == 64 and model.encoder.name == "resnet10t"
+    # what trusting captions needs is computed at train time: the ending rule and familiarity
+    assert {"on", "the"} <= set(model.unendable_words) and not {"side", "left", "right"} & set(model.unendable_words)
+    assert model.familiarity is not None and model.familiarity.images == 240
+    assert model.familiarity.mean.shape == (model.encoder.feature_dim,)
     log = [json.loads(line) for line in (tmp_path / "shapes.safetensors.log.jsonl").read_text().splitlines()]
     assert len(log) == 20 and log[-1]["train_loss"] < log[0]["train_loss"]
 
@@ -126,3 +130,70 @@ def test_finetuning_the_encoder_embeds_it_and_captions_run(tmp_path: Path, image
     assert captions.exit_code == 0, captions.output
     rows = [json.loads(line) for line in (tmp_path / "c.jsonl").read_text().splitlines()]
     assert len(rows) == 20 and all(r["status"] == "ok" and r["caption"] for r in rows)
+
+
+def test_a_finetuned_encoder_trains_and_validates_under_the_same_autocast(image_folder: Path) -> None:
+    from batchcap.config import Preprocess, RuntimeConfig
+    from batchcap.datasets import CaptionRecord
+    from batchcap.train import FinetunedEncoder, Split
+
+    records = [CaptionRecord(p.stem, ("a picture",), path=str(p)) for p in sorted(image_folder.glob("*.jpg"))[:6]]
+    backbone = timm.create_model("test_efficientnet", num_classes=0)
+    seen: dict[str, torch.dtype] = {}
+    real_forward_features = backbone.forward_features
+
+    def recording(x: torch.Tensor) -> torch.Tensor:
+        out = real_forward_features(x)
+        seen["validation" if torch.is_inference_mode_enabled() else "training"] = out.dtype
+        return out
+
+    backbone.forward_features = recording
+    runtime = RuntimeConfig(device="cpu", precision="bf16", batch_size=3, workers=0)
+    source = FinetunedEncoder(backbone, Preprocess(input_size=(3, 64, 64)), records, runtime, augment=False)
+    for _, feats in source.epoch([[0, 1, 2]], torch.Generator()):
+        assert feats.dtype == torch.float32 and feats.requires_grad
+    split = Split([r.image_id for r in records], torch.empty(0), records, torch.empty(0), torch.empty(0), {})
+    assert source.val_features(split).shape[0] == 6
+    assert seen == {"training": torch.bfloat16, "validation": torch.bfloat16}
+
+
+def test_tf32_and_the_device_feature_cache_follow_the_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    from batchcap.train import fits_on_device, use_tf32
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (70 * 2**30, 80 * 2**30))
+    before = torch.get_float32_matmul_precision()
+    try:
+        assert not use_tf32("cpu") and torch.get_float32_matmul_precision() == before
+        assert use_tf32("cuda:0") and torch.get_float32_matmul_precision() == "high"
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 0))
+        torch.set_float32_matmul_precision(before)
+        assert not use_tf32("cuda:0") and torch.get_float32_matmul_precision() == before
+    finally:
+        torch.set_float32_matmul_precision(before)
+    flickr8k_cache = 6000 * 100 * 2048 * 2  # fp16 (images, regions, features): about 2.5 GB
+    assert fits_on_device(flickr8k_cache, "cuda:0") and not fits_on_device(flickr8k_cache, "cpu")
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (4 * 2**30, 16 * 2**30))
+    assert not fits_on_device(flickr8k_cache, "cuda:0")
+
+
+@pytest.mark.cuda
+@pytest.mark.slow
+def test_training_and_resuming_on_a_real_gpu(tmp_path: Path) -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    data = tmp_path / "shapes"
+    write_shapes_dataset(data, n_train=32, n_val=8)
+    weights = tmp_path / "encoder.safetensors"
+    save_file(timm.create_model("test_efficientnet", num_classes=0).state_dict(), weights)
+    out = tmp_path / "gpu.safetensors"
+    args = ["train", str(data), "--out", str(out), "--encoder", "test_efficientnet", "--encoder-weights",
+            str(weights), "--input-size", "64", "--batch-size", "8", "--embed-dim", "16", "--hidden-dim", "32",
+            "--attention-dim", "16", "--min-word-count", "1", "--max-caption-len", "8", "--workers", "0",
+            "--device", "cuda", "--cache-dir", str(tmp_path / "cache"), "--patience", "10"]
+    first = CliRunner().invoke(cli, args + ["--epochs", "1"])
+    assert first.exit_code == 0, first.output  # a training epoch and a validation on the GPU
+    resumed = CliRunner().invoke(cli, args + ["--epochs", "2", "--resume"])
+    assert resumed.exit_code == 0 and "resumed from" in resumed.output, resumed.output
+    log = [json.loads(line) for line in (tmp_path / "gpu.safetensors.log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1, 2]

@@ -14,6 +14,12 @@
 #   MODEL, FORMAT, BATCHCAP, EXTRA_ARGS   passed to caption-array.sbatch (see its header)
 #   OUT, EXPECT_COUNT, EXPECT_LISTING     passed to merge.sbatch (see its header)
 #   GRES           per-task generic resources for the caption tasks, e.g. gpu:1 (default none)
+#   CPUS_PER_TASK  CPUs per caption task (--cpus-per-task); batchcap decodes with one worker per CPU
+#                  but one. Default 16 when GRES asks for a GPU (a core decodes ~250 photos/s of
+#                  500x375, so a GPU's ~3,000/s needs 12-16), else 1
+#   MEM            memory per caption task (--mem), default (4 + CPUS_PER_TASK) GB: ~4 GB for the
+#                  model, CUDA and the writer, and per CPU a decode worker (~0.5 GB with its batches
+#                  in flight), doubled for headroom
 #   ARRAY_LIMIT    at most this many tasks at once (sbatch --array=0-N%LIMIT)
 #   SBATCH_ARGS    more sbatch options for both jobs, word-split (partition, time, account)
 #   LOG_DIR        where Slurm writes the job logs (default OUT_DIR/logs)
@@ -35,7 +41,11 @@ export INPUT OUT_DIR TASKS
 # shellcheck disable=SC2206  # SBATCH_ARGS is word-split on purpose
 common=(--parsable --chdir="$OUT_DIR" ${SBATCH_ARGS:-})
 array="0-$((TASKS - 1))${ARRAY_LIMIT:+%$ARRAY_LIMIT}"
-caption_args=(--array="$array" --output="$LOG_DIR/caption-%A_%a.log")
+case "${GRES:-}" in *gpu*) default_cpus=16 ;; *) default_cpus=1 ;; esac
+CPUS_PER_TASK="${CPUS_PER_TASK:-$default_cpus}"
+case "$CPUS_PER_TASK" in ''|*[!0-9]*|0) echo "submit.sh: CPUS_PER_TASK must be a positive integer, not '$CPUS_PER_TASK'" >&2; exit 2 ;; esac
+MEM="${MEM:-$((4 + CPUS_PER_TASK))G}"
+caption_args=(--array="$array" --output="$LOG_DIR/caption-%A_%a.log" --cpus-per-task="$CPUS_PER_TASK" --mem="$MEM")
 if [ -n "${GRES:-}" ]; then caption_args+=(--gres="$GRES"); fi
 
 array_id="$(sbatch "${common[@]}" "${caption_args[@]}" "$here/caption-array.sbatch")"
@@ -43,4 +53,5 @@ array_id="${array_id%%;*}"
 merge_id="$(sbatch "${common[@]}" --dependency="afterok:$array_id" --kill-on-invalid-dep=yes \
             --output="$LOG_DIR/merge-%j.log" "$here/merge.sbatch")"
 merge_id="${merge_id%%;*}"
-echo "array_job=$array_id merge_job=$merge_id tasks=$TASKS out_dir=$OUT_DIR logs=$LOG_DIR"
+echo "array_job=$array_id merge_job=$merge_id tasks=$TASKS cpus_per_task=$CPUS_PER_TASK mem=$MEM" \
+     "out_dir=$OUT_DIR logs=$LOG_DIR"
