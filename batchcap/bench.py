@@ -103,6 +103,7 @@ def machine_info(device: torch.device) -> dict[str, Any]:
     """What the figures were measured on."""
     from batchcap import __version__
     from batchcap.encoder import cpu_has_native_bf16
+    from batchcap.openvino_backend import openvino_version
     from batchcap.settings import available_cpus
 
     usable = available_cpus()
@@ -111,6 +112,7 @@ def machine_info(device: torch.device) -> dict[str, Any]:
         "cpu_native_bf16": cpu_has_native_bf16(), "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__, "python": platform.python_version(), "batchcap": __version__,
         "device": str(device), "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "openvino": openvino_version(),
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
@@ -217,18 +219,24 @@ def random_decoder_model(path: str | Path, encoder_weights: str | Path, vocab_si
 # -- measurements ------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Variant:
-    """One way of running the encoder."""
+    """One way of running the encoder: backend, precision, and (torch) memory layout."""
 
     precision: str
     channels_last: bool
+    backend: str = "torch"
 
     @property
     def label(self) -> str:
+        if self.backend != "torch":
+            return f"{self.backend} {self.precision}"
         return self.precision + ("+channels_last" if self.channels_last else "")
 
 
-def encoder_variants(device: torch.device, requested: str | None = None) -> list[Variant]:
-    """fp32, fp32+channels_last, and the reduced precisions this hardware runs natively."""
+def encoder_variants(device: torch.device, requested: str | None = None, openvino: bool = False) -> list[Variant]:
+    """torch fp32, fp32+channels_last and the reduced precisions this hardware runs natively; then OpenVINO's.
+
+    OpenVINO (CPU only, when importable): fp32, bf16 where native, and int8.
+    """
     from batchcap.encoder import cpu_has_native_bf16
 
     variants = [Variant("fp32", False), Variant("fp32", True)]
@@ -238,18 +246,70 @@ def encoder_variants(device: torch.device, requested: str | None = None) -> list
         variants.append(Variant("fp16", True))
     elif cpu_has_native_bf16() or requested == "bf16":
         variants.append(Variant("bf16", True))
+    if openvino and device.type == "cpu":
+        variants.append(Variant("fp32", False, "openvino"))
+        if cpu_has_native_bf16() or requested == "bf16":
+            variants.append(Variant("bf16", False, "openvino"))
+        variants.append(Variant("int8", False, "openvino"))
     return variants
 
 
-def measure_encoder(backbone: torch.nn.Module, model: CaptionModel, device: torch.device, variant: Variant,
-                    batch_size: int, repeats: int) -> dict[str, Any]:
-    """Bare encoder images/s: ``uint8`` input already on the device, features out, nothing else."""
-    from batchcap.encoder import Encoder
+#: Peak arithmetic of one CPU core in fp32 GFLOP/s (AVX-512 FMA at the clocks seen here: 2 cores ~ 200);
+#: bf16 doubles it (AVX512-BF16 dot products), int8 quadruples it (VNNI). Override with BATCHCAP_PEAK_GFLOPS.
+PEAK_FP32_GFLOPS_PER_CORE = 100.0
+PEAK_SCALE = {"fp32": 1.0, "bf16": 2.0, "fp16": 2.0, "int8": 4.0}
 
-    net = copy.deepcopy(backbone).to(memory_format=torch.contiguous_format)
+
+def encoder_gmacs(backbone: torch.nn.Module, preprocess: Preprocess) -> float:
+    """Multiply-accumulates of one picture through the encoder's convolutions and linear layers, in G."""
+    total = [0]
+
+    def count(module: torch.nn.Module, _inputs: Any, output: torch.Tensor) -> None:
+        if isinstance(module, torch.nn.Conv2d):
+            kh, kw = module.kernel_size
+            total[0] += output.numel() * (module.in_channels // module.groups) * kh * kw
+        elif isinstance(module, torch.nn.Linear):
+            total[0] += output.numel() * module.in_features
+
+    hooks = [m.register_forward_hook(count) for m in backbone.modules()
+             if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    try:
+        with torch.inference_mode():
+            backbone.forward_features(torch.zeros(1, 3, preprocess.height, preprocess.width,
+                                                  device=next(backbone.parameters()).device))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return total[0] / 1e9
+
+
+def hardware_limit(gmacs: float, precision: str, device: torch.device) -> float | None:
+    """Images/s the CPU's peak arithmetic allows at ``precision`` (None on a GPU: no table of peaks)."""
+    if device.type != "cpu" or gmacs <= 0:
+        return None
+    from batchcap.settings import available_cpus
+
+    per_core = float(os.environ.get("BATCHCAP_PEAK_GFLOPS", PEAK_FP32_GFLOPS_PER_CORE))
+    return per_core * available_cpus() * PEAK_SCALE.get(precision, 1.0) / (2.0 * gmacs)
+
+
+def build_variant_encoder(backbone: torch.nn.Module, model: CaptionModel, device: torch.device, variant: Variant,
+                          batch_size: int, encoder_cache: str | None = None) -> Any:
+    """The encode stage for ``variant``: a torch :class:`~batchcap.encoder.Encoder` on a copy, or an OpenVINO one."""
+    from batchcap.encoder import build_encoder
+
     runtime = RuntimeConfig(device=str(device), precision=variant.precision, batch_size=batch_size, workers=0,
-                            channels_last=variant.channels_last)
-    encoder = Encoder(net, model.preprocess, runtime, spatial=model.encoder.spatial)
+                            channels_last=variant.channels_last, backend=variant.backend,
+                            encoder_cache=encoder_cache)
+    if variant.backend == "torch":
+        backbone = copy.deepcopy(backbone).to(memory_format=torch.contiguous_format)
+    return build_encoder(backbone, model.preprocess, runtime, spatial=model.encoder.spatial,
+                         log=lambda m: _note(m))
+
+
+def measure_encoder(encoder: Any, model: CaptionModel, device: torch.device, variant: Variant,
+                    batch_size: int, repeats: int, limit: float | None = None) -> dict[str, Any]:
+    """Bare encoder images/s: ``uint8`` input already on the device, features out, nothing else."""
     pre = model.preprocess
     gen = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (batch_size, 3, pre.height, pre.width), dtype=torch.uint8,
@@ -258,9 +318,10 @@ def measure_encoder(backbone: torch.nn.Module, model: CaptionModel, device: torc
         torch.cuda.reset_peak_memory_stats(device)
     seconds, calls = timed(lambda: encoder(images), repeats, device, warmup=2,
                            min_seconds=0.5 if device.type == "cuda" else 0.0)
-    row = {"precision": variant.precision, "channels_last": variant.channels_last, "batch_size": batch_size,
-           "images_per_s": batch_size / seconds, "seconds_per_batch": seconds, "batches_per_repeat": calls,
-           "repeats": repeats}
+    row = {"backend": variant.backend, "precision": variant.precision, "channels_last": variant.channels_last,
+           "batch_size": batch_size, "images_per_s": batch_size / seconds, "seconds_per_batch": seconds,
+           "batches_per_repeat": calls, "repeats": repeats, "hardware_limit_images_per_s": limit,
+           "share_of_limit": (batch_size / seconds) / limit if limit else None}
     if device.type == "cuda":
         row["peak_memory_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
     return row
@@ -312,10 +373,13 @@ def measure_loader(list_file: Path, count: int, preprocess: Preprocess, policy: 
 
 def measure_beam(captioner: Any, images: torch.Tensor, repeats: int) -> dict[str, Any]:
     """Captions/s of the vectorised beam search from the features of real pictures."""
+    from batchcap.captioner import search_threads
+
     features = captioner.encode(images)
     device = torch.device(captioner.runtime.device)
-    seconds, _ = timed(lambda: captioner.search(features), repeats, device)
-    captions = captioner.search(features)
+    with search_threads(captioner.runtime):  # as run does it
+        seconds, _ = timed(lambda: captioner.search(features), repeats, device)
+        captions = captioner.search(features)
     words = [len(c.text.split()) for c in captions]
     return {"captions_per_s": len(captions) / seconds, "batch_size": len(captions),
             "beam": captioner.beam.beam_size, "max_len": captioner.beam.max_len,
@@ -400,7 +464,8 @@ def suggest(sweep: list[dict[str, Any]], decode_rate: float, device: torch.devic
 def run_bench(*, images: str | None, as_json: bool, count: int, size: str, repeats: int, model: str | None,
               encoder_weights: str | None, device: str, precision: str, batch_size: int | None, workers: str,
               beam: int, max_len: int | None, min_len: int, length_penalty: float, no_repeat_ngram: int,
-              n_best: int, reference_images: int = 8, sweep: bool = True) -> dict[str, Any]:
+              n_best: int, backend: str = "torch", encoder_cache: str | None = None, reference_images: int = 8,
+              sweep: bool = True) -> dict[str, Any]:
     """Measure everything ``batchcap bench`` reports; print a table (or JSON) and return the results.
 
     ``images`` is a folder (its first ``count`` pictures are used) or ``None`` for
@@ -420,7 +485,7 @@ def run_bench(*, images: str | None, as_json: bool, count: int, size: str, repea
         raise click.BadParameter(str(exc), param_hint="--size") from None
     model_path = resolve_model_path(model)
     loaded = load_model(model_path)
-    runtime = runtime_config(device, precision, batch_size, workers)
+    runtime = runtime_config(device, precision, batch_size, workers, backend, encoder_cache)
     beam_cfg = beam_config(beam, max_len, min_len, length_penalty, no_repeat_ngram, n_best,
                           loaded.max_caption_len)
     dev = torch.device(runtime.device)
@@ -440,28 +505,52 @@ def run_bench(*, images: str | None, as_json: bool, count: int, size: str, repea
                                "runtime": to_dict(runtime), "beam": to_dict(beam_cfg), "repeats": repeats,
                                "statistic": "median"}
 
-        # encoder, per precision at the batch size, then a batch-size sweep at run's precision
-        captioner = Captioner(loaded, runtime, beam_cfg, encoder_weights)
-        backbone = captioner.encoder.backbone
-        rows = []
-        for variant in encoder_variants(dev, runtime.precision):
+        # encoder, per backend and precision at the batch size, then a batch-size sweep at run's choice
+        from batchcap.captioner import resolve_encoder_weights
+        from batchcap.config import EncoderConfig
+        from batchcap.encoder import EncoderError, build_backbone
+        from batchcap.openvino_backend import openvino_version
+
+        backbone = build_backbone(EncoderConfig(name=loaded.encoder.name, spatial=loaded.encoder.spatial),
+                                  resolve_encoder_weights(loaded, encoder_weights)).to(dev)
+        gmacs = encoder_gmacs(backbone, loaded.preprocess)
+        results["encoder_gmacs_per_image"] = gmacs
+        rows, skipped = [], []
+        run_variant = Variant(runtime.precision, runtime.channels_last if runtime.backend == "torch" else False,
+                              runtime.backend)
+        run_encoder = None
+        for variant in encoder_variants(dev, runtime.precision, openvino=openvino_version() is not None):
             _note(f"encoder {variant.label}, batch {runtime.batch_size}")
-            rows.append(measure_encoder(backbone, loaded, dev, variant, runtime.batch_size, repeats))
+            try:
+                encoder = build_variant_encoder(backbone, loaded, dev, variant, runtime.batch_size,
+                                                runtime.encoder_cache)
+            except EncoderError as exc:  # e.g. int8 with no calibration photos named
+                skipped.append({"variant": variant.label, "reason": str(exc)})
+                _note(f"skipped {variant.label}: {exc}")
+                continue
+            limit = hardware_limit(gmacs, variant.precision, dev)
+            rows.append(measure_encoder(encoder, loaded, dev, variant, runtime.batch_size, repeats, limit))
+            if variant == run_variant:
+                run_encoder = encoder
+            else:
+                del encoder
         results["encoder"] = rows
-        run_variant = Variant(runtime.precision, runtime.channels_last)
-        same = [r for r in rows if (r["precision"], r["channels_last"]) == (run_variant.precision,
-                                                                             run_variant.channels_last)]
+        results["encoder_skipped"] = skipped
+        same = [r for r in rows if _variant(r) == run_variant]
         sweep_rows = list(same)
-        if sweep:
+        if sweep and run_encoder is not None:
             for bs in batch_size_sweep(runtime.batch_size, dev):
-                if bs == runtime.batch_size and same:
+                if bs == runtime.batch_size:
                     continue
                 _note(f"encoder {run_variant.label}, batch {bs}")
                 try:
-                    sweep_rows.append(measure_encoder(backbone, loaded, dev, run_variant, bs, repeats))
+                    sweep_rows.append(measure_encoder(run_encoder, loaded, dev, run_variant, bs, repeats,
+                                                      hardware_limit(gmacs, run_variant.precision, dev)))
                 except torch.cuda.OutOfMemoryError:
                     break
         results["batch_sizes"] = sorted(sweep_rows, key=lambda r: r["batch_size"])
+        del run_encoder
+        captioner = Captioner(loaded, runtime, beam_cfg, encoder_weights)
 
         # input stage
         _note(f"decode: {len(paths)} pictures in one process")
@@ -490,6 +579,7 @@ def run_bench(*, images: str | None, as_json: bool, count: int, size: str, repea
                                                  beam_cfg.max_len, beam_cfg.min_len)
 
     enc = same[0]["images_per_s"] if same else None
+    torch_bf16 = [r for r in rows if _variant(r) == Variant("bf16", True)]
     e2e, ref_rate = results["end_to_end"], results["reference"]["images_per_s"]
     results["ratios"] = {
         "end_to_end_steady_vs_encoder": (e2e["steady_images_per_s"] / enc)
@@ -497,6 +587,7 @@ def run_bench(*, images: str | None, as_json: bool, count: int, size: str, repea
         "end_to_end_whole_run_vs_encoder": e2e["whole_run_images_per_s"] / enc if enc else None,
         "end_to_end_whole_run_vs_reference": e2e["whole_run_images_per_s"] / ref_rate,
         "encoder_vs_fp32": {_label(r): r["images_per_s"] / rows[0]["images_per_s"] for r in rows},
+        "encoder_vs_torch_bf16_channels_last": (enc / torch_bf16[0]["images_per_s"]) if enc and torch_bf16 else None,
     }
     results["suggested"] = suggest(results["batch_sizes"], results["decode"]["images_per_s"], dev)
     if as_json:
@@ -507,8 +598,12 @@ def run_bench(*, images: str | None, as_json: bool, count: int, size: str, repea
 
 
 # -- output ------------------------------------------------------------------------------------
+def _variant(row: dict[str, Any]) -> Variant:
+    return Variant(row["precision"], row["channels_last"], row.get("backend", "torch"))
+
+
 def _label(row: dict[str, Any]) -> str:
-    return row["precision"] + ("+channels_last" if row["channels_last"] else "")
+    return _variant(row).label
 
 
 def _fmt(value: float | None, digits: int = 1) -> str:
@@ -530,19 +625,26 @@ def print_tables(results: dict[str, Any]) -> None:
     console.print(f"model {s['model_identity']}; {src['images']} pictures "
                   f"({'generated ' + src['generated'] if 'generated' in src else src['folder']}); "
                   f"median of {s['repeats']} runs after a warm-up")
+    rt = s["runtime"]
+    console.print(f"run uses: backend {rt['backend']} ({rt['backend_note']}), {rt['precision']}, "
+                  f"batch {rt['batch_size']}, {rt['workers']} workers")
 
-    table = Table(title="Encoder alone (input on the device)")
-    for col in ("precision", "batch", "images/s", "vs fp32"):
-        table.add_column(col, justify="right" if col != "precision" else "left")
+    table = Table(title=f"Encoder alone (input on the device; {results['encoder_gmacs_per_image']:.3g} GMAC "
+                        "per picture)")
+    for col in ("backend + precision", "batch", "images/s", "vs torch fp32", "share of hardware limit"):
+        table.add_column(col, justify="right" if col != "backend + precision" else "left")
     base = results["encoder"][0]["images_per_s"]
-    for row in results["encoder"]:
-        table.add_row(_label(row), str(row["batch_size"]), _fmt(row["images_per_s"]),
-                      f"{row['images_per_s'] / base:.2f}x")
-    for row in results["batch_sizes"]:
-        if row["batch_size"] != results["encoder"][0]["batch_size"]:
-            table.add_row(_label(row), str(row["batch_size"]), _fmt(row["images_per_s"]),
-                          f"{row['images_per_s'] / base:.2f}x")
+    chosen = Variant(rt["precision"], rt["channels_last"] if rt["backend"] == "torch" else False, rt["backend"])
+    for row in results["encoder"] + [r for r in results["batch_sizes"]
+                                     if r["batch_size"] != results["encoder"][0]["batch_size"]]:
+        share = row.get("share_of_limit")
+        limit = f"{share:.0%} of {row['hardware_limit_images_per_s']:.1f}" if share else "—"
+        mark = " (run)" if _variant(row) == chosen else ""
+        table.add_row(_label(row) + mark, str(row["batch_size"]), _fmt(row["images_per_s"]),
+                      f"{row['images_per_s'] / base:.2f}x", limit)
     console.print(table)
+    for skipped in results.get("encoder_skipped", []):
+        console.print(f"skipped {skipped['variant']}: {skipped['reason']}")
 
     e2e, ref, dec = results["end_to_end"], results["reference"], results["decode"]
     loader, beam = results["loader"], results["beam"]

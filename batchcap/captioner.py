@@ -7,12 +7,13 @@ This is where the model file, the encoder weights and the runtime settings meet:
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
 import torch
@@ -20,7 +21,7 @@ import torch
 from batchcap.beam import BeamResult, beam_search
 from batchcap.confidence import caption_evidence
 from batchcap.config import BeamConfig, EncoderConfig, RuntimeConfig
-from batchcap.encoder import (ASSETS_DIR, ENV_WEIGHTS, Encoder, EncoderError, WeightsSource, build_backbone,
+from batchcap.encoder import (ASSETS_DIR, ENV_WEIGHTS, EncoderError, WeightsSource, build_backbone, build_encoder,
                               find_referenced_weights)
 from batchcap.modelfile import CaptionModel, ModelFileError, check_encoder_weights
 
@@ -168,7 +169,7 @@ class Captioner:
         source = resolve_encoder_weights(model, encoder_weights)
         self.weights_source = source
         backbone = build_backbone(EncoderConfig(name=model.encoder.name, spatial=model.encoder.spatial), source)
-        self.encoder = Encoder(backbone, model.preprocess, runtime, spatial=model.encoder.spatial)
+        self.encoder = build_encoder(backbone, model.preprocess, runtime, spatial=model.encoder.spatial)
         self.decoder = model.build_decoder().to(runtime.device)
         self.fixed_batch = torch.device(runtime.device).type == "cuda"
         # A second hypothesis gives the calibrator its margin; asking for it never changes the best.
@@ -219,4 +220,25 @@ class Captioner:
         return captions, evidence
 
     def __call__(self, images: torch.Tensor) -> list[Caption]:
-        return self.search(self.encode(images))
+        features = self.encode(images)
+        with search_threads(self.runtime):
+            return self.search(features)
+
+
+@contextlib.contextmanager
+def search_threads(runtime: RuntimeConfig) -> Iterator[None]:
+    """On a CPU, run the beam search on one torch thread (then restore the count).
+
+    Its ops are small (B*K rows), and two OpenMP threads fighting the encoder's thread
+    pool and the decoding workers for two cores made it 3.5x slower than one thread,
+    with identical captions (README, Performance). CUDA is left alone.
+    """
+    if torch.device(runtime.device).type != "cpu":
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

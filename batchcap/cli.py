@@ -107,10 +107,24 @@ def runtime_options(func: F) -> F:
     func = click.option("--batch-size", type=click.IntRange(1, 65536), default=None,
                         help="Images per encoder batch [default: 16 on CPU, where it measured fastest; "
                              "256 on CUDA].")(func)
-    func = click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto",
+    func = click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16", "int8"]), default="auto",
                         show_default=True,
-                        help="auto: bf16 on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX), else fp32.")(func)
+                        help="auto: bf16 on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX), else fp32. "
+                             "int8: OpenVINO backend only.")(func)
     func = click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")(func)
+    return func
+
+
+def backend_options(func: F) -> F:
+    """--backend and --encoder-cache: which engine runs the encoder, and where converted encoders are kept."""
+    func = click.option("--encoder-cache", type=click.Path(file_okay=False), envvar="BATCHCAP_ENCODER_CACHE",
+                        default=None, show_envvar=True,
+                        help="Folder of converted (OpenVINO) encoders, shared safely by concurrent jobs "
+                             "[default: $XDG_CACHE_HOME/batchcap, else ~/.cache/batchcap].")(func)
+    func = click.option("--backend", type=click.Choice(["auto", "torch", "openvino"]), default="auto",
+                        show_default=True,
+                        help="Encoder engine. auto: OpenVINO on CPU when installed (falls back to torch, and "
+                             "says so), torch on CUDA.")(func)
     return func
 
 
@@ -188,6 +202,7 @@ def cli() -> None:
                    "for review; not counted as failures. Default: off.")
 @model_options
 @runtime_options
+@backend_options
 @beam_options
 @user_errors
 @interruptible
@@ -195,8 +210,8 @@ def run(sources: tuple[str, ...], files_from: str | None, shard: str | None, max
         no_draft: bool, image_keys: str, out: str, fmt: str | None, overwrite: bool, commit_every: int,
         commit_seconds: float, max_failures: str, log_every: float, min_confidence: float | None,
         model: str | None, encoder_weights: str | None, device: str, precision: str, batch_size: int | None,
-        workers: str, beam: int, max_len: int | None, min_len: int, length_penalty: float, no_repeat_ngram: int,
-        n_best: int) -> None:
+        workers: str, backend: str, encoder_cache: str | None, beam: int, max_len: int | None, min_len: int,
+        length_penalty: float, no_repeat_ngram: int, n_best: int) -> None:
     """Caption every picture in SOURCES (folders, files, WebDataset shards) into --out.
 
     Rerunning the same command resumes: only pictures not yet in the output are
@@ -239,7 +254,7 @@ def run(sources: tuple[str, ...], files_from: str | None, shard: str | None, max
                     shard_count=shard_count, overwrite=overwrite, max_failures=max_failures,
                     commit_every=commit_every, log_every=log_every, commit_seconds=commit_seconds,
                     min_confidence=min_confidence)
-    runtime = runtime_config(device, precision, batch_size, workers)
+    runtime = runtime_config(device, precision, batch_size, workers, backend, encoder_cache)
     policy = image_policy(max_pixels, background, no_draft, image_keys)
     try:
         result = run_job(cfg, model_path, beam_cfg, runtime, policy, encoder_weights=encoder_weights)
@@ -427,12 +442,13 @@ def _encoder_preprocess(encoder_name: str, resize: str, input_size: int | None) 
               help="Write scores and per-image captions to this JSON file.")
 @model_options
 @runtime_options
+@backend_options
 @beam_options
 @user_errors
 def evaluate(data: str, split: str, fmt: str, images: str | None, limit: int | None, json_out: str | None,
              model: str | None, encoder_weights: str | None, device: str, precision: str, batch_size: int | None,
-             workers: str, beam: int, max_len: int | None, min_len: int, length_penalty: float,
-             no_repeat_ngram: int, n_best: int) -> None:
+             workers: str, backend: str, encoder_cache: str | None, beam: int, max_len: int | None, min_len: int,
+             length_penalty: float, no_repeat_ngram: int, n_best: int) -> None:
     """Caption a split of DATA the way `run` does and score it with the COCO caption metrics.
 
     BLEU-1..4, METEOR (needs Java), ROUGE-L and CIDEr-D from pycocoevalcap, with the
@@ -453,7 +469,7 @@ def evaluate(data: str, split: str, fmt: str, images: str | None, limit: int | N
     model_obj = load_model(resolve_model_path(model))
     beam_cfg = beam_config(beam, max_len, min_len, length_penalty, no_repeat_ngram, n_best,
                           model_obj.max_caption_len)
-    runtime = runtime_config(device, precision, batch_size, workers)
+    runtime = runtime_config(device, precision, batch_size, workers, backend, encoder_cache)
     dataset = load_caption_dataset(data, fmt, images=images)
     if split not in dataset.splits or not dataset.splits[split]:
         raise click.ClickException(f"{data} has no images in split {split!r} "
@@ -682,11 +698,13 @@ def report(output: str, html_path: str | None, limit: int, sample: int | None, s
               help="Timed repetitions per measurement (the median is reported).")
 @model_options
 @runtime_options
+@backend_options
 @beam_options
 @user_errors
 def bench(images: str | None, as_json: bool, count: int, size: str, repeats: int, model: str | None,
-          encoder_weights: str | None, device: str, precision: str, batch_size: int | None, workers: str, beam: int,
-          max_len: int | None, min_len: int, length_penalty: float, no_repeat_ngram: int, n_best: int) -> None:
+          encoder_weights: str | None, device: str, precision: str, batch_size: int | None, workers: str,
+          backend: str, encoder_cache: str | None, beam: int, max_len: int | None, min_len: int,
+          length_penalty: float, no_repeat_ngram: int, n_best: int) -> None:
     """Measure this machine: encoder images/s per precision, decode rate, beam search, end-to-end run.
 
     \b
@@ -698,8 +716,8 @@ def bench(images: str | None, as_json: bool, count: int, size: str, repeats: int
 
     run_bench(images=images, as_json=as_json, count=count, size=size, repeats=repeats, model=model,
               encoder_weights=encoder_weights, device=device, precision=precision, batch_size=batch_size,
-              workers=workers, beam=beam, max_len=max_len, min_len=min_len, length_penalty=length_penalty,
-              no_repeat_ngram=no_repeat_ngram, n_best=n_best)
+              workers=workers, backend=backend, encoder_cache=encoder_cache, beam=beam, max_len=max_len,
+              min_len=min_len, length_penalty=length_penalty, no_repeat_ngram=no_repeat_ngram, n_best=n_best)
 
 
 def main() -> None:

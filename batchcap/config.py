@@ -121,13 +121,21 @@ class BeamConfig:
 
 @dataclass(frozen=True)
 class RuntimeConfig:
-    """Where and how tensors are computed: resolved device and precision, batching."""
+    """Where and how tensors are computed: resolved backend, device and precision, batching.
+
+    ``backend`` is ``torch`` or ``openvino`` (the encoder's engine); ``backend_note`` says
+    why it was chosen (e.g. that ``auto`` fell back to torch). ``encoder_cache`` is where
+    converted encoders are kept (None: the user cache directory).
+    """
 
     device: str = "cpu"
-    precision: str = "fp32"  # resolved: fp32 | bf16 | fp16
+    precision: str = "fp32"  # resolved: fp32 | bf16 | fp16 (torch) | int8 (openvino)
     batch_size: int = 32
     workers: int = 2
     channels_last: bool = True
+    backend: str = "torch"
+    backend_note: str = ""
+    encoder_cache: str | None = None
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -203,3 +203,20 @@ class Encoder(nn.Module):
         if self.spatial:
             return fmap.flatten(2).transpose(1, 2).contiguous()  # (B, h*w, F)
         return fmap.mean(dim=(2, 3))  # (B, F)
+
+
+def build_encoder(backbone: nn.Module, preprocess: Preprocess, runtime: RuntimeConfig, spatial: bool = True,
+                  log: Callable[[str], None] | None = None) -> Encoder | Any:
+    """The encode stage for ``runtime.backend``: :class:`Encoder` (torch), or the OpenVINO one on the CPU.
+
+    ``log`` hears about a first-use conversion (default: stderr), which takes a minute.
+    """
+    if runtime.backend == "openvino":
+        from batchcap.openvino_backend import CacheUnusable, OpenVINOEncoder, OpenVINOUnavailable
+        from batchcap.quantize import CalibrationError
+
+        try:
+            return OpenVINOEncoder(backbone, preprocess, runtime, spatial=spatial, log=log)
+        except (OpenVINOUnavailable, CacheUnusable, CalibrationError) as exc:
+            raise EncoderError(str(exc)) from exc
+    return Encoder(backbone, preprocess, runtime, spatial=spatial)

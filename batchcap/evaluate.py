@@ -71,6 +71,8 @@ def evaluate_split(dataset: CaptionDataset, split: str, model: CaptionModel, run
         "data": dataset.root,
         "beam": to_dict(beam),
         "precision": runtime.precision,
+        "backend": runtime.backend,
+        "backend_note": runtime.backend_note,
         "images": len(predictions),
         "failed": failures,
         "missing": len(dataset.missing.get(split, [])),
@@ -86,7 +88,8 @@ def format_scores(result: dict[str, Any]) -> str:
     scores = result["scores"]
     names = ["BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr"]
     lines = [f"{result['model']} on {result['split']} ({result['images']} images, beam "
-             f"{result['beam']['beam_size']}, {result['precision']}, tokenizer {scores.get('tokenizer')})"]
+             f"{result['beam']['beam_size']}, {result.get('backend', 'torch')} {result['precision']}, "
+             f"tokenizer {scores.get('tokenizer')})"]
     for name in names:
         value = scores.get(name)
         lines.append(f"  {name:<8} {'n/a' if value is None else f'{value:.4f}'}")

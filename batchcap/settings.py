@@ -54,14 +54,40 @@ def default_workers(cpus: int | None = None) -> int:
     return max(1, (available_cpus() if cpus is None else cpus) - 1)
 
 
+BACKENDS = ("auto", "torch", "openvino")
+
+
+def resolve_backend(backend: str, device_type: str) -> tuple[str, str]:
+    """``--backend`` made concrete, with a note saying why: ``auto`` is OpenVINO on CPU when importable, else torch."""
+    from batchcap.openvino_backend import openvino_version
+
+    if backend not in BACKENDS:
+        raise OptionError("--backend", f"{backend!r}: use auto, torch or openvino")
+    if backend == "torch":
+        return "torch", "torch (asked for)"
+    if device_type != "cpu":
+        if backend == "openvino":
+            raise OptionError("--backend", f"openvino runs the encoder on the CPU; use --device cpu, or --backend "
+                                           f"torch on {device_type}")
+        return "torch", f"auto: torch on {device_type}"
+    version = openvino_version()
+    if version is None:
+        if backend == "openvino":
+            raise OptionError("--backend", "openvino is not installed here (pip install openvino); "
+                                           "use --backend torch")
+        return "torch", "auto: openvino is not importable here, fell back to torch (pip install openvino)"
+    return "openvino", f"{'auto: ' if backend == 'auto' else ''}openvino {version} on CPU"
+
+
 #: ``--batch-size`` when not given. CUDA: 256 pictures keep an 80 GB GPU's encoder busy and
 #: halve the beam search's per-word launch overhead per picture against 128, yet fit a 16 GB
 #: T4 or V100 (README, Performance). CPU: 16 was the fastest measured (README, Performance).
 DEFAULT_BATCH_SIZE = {"cuda": 256, "cpu": 16}
 
 
-def runtime_config(device: str, precision: str, batch_size: int | None, workers: str) -> RuntimeConfig:
-    """A resolved :class:`RuntimeConfig`: device, precision, batch size and worker count made concrete.
+def runtime_config(device: str, precision: str, batch_size: int | None, workers: str, backend: str = "torch",
+                   encoder_cache: str | None = None) -> RuntimeConfig:
+    """A resolved :class:`RuntimeConfig`: backend, device, precision, batch size and workers made concrete.
 
     ``cuda:N`` becomes this process's current device, so that what allocates on "the" GPU
     (the DataLoader's pin-memory thread, cuDNN handles) uses GPU N, not GPU 0.
@@ -73,6 +99,19 @@ def runtime_config(device: str, precision: str, batch_size: int | None, workers:
     resolved = resolve_device(device)
     if resolved.type == "cuda" and resolved.index is not None:
         torch.cuda.set_device(resolved)
+    engine, note = resolve_backend(backend, resolved.type)
+    if engine == "openvino":
+        from batchcap import openvino_backend
+
+        try:
+            resolved_precision = openvino_backend.resolve_precision(precision)
+        except ValueError as exc:
+            raise OptionError("--precision", str(exc)) from None
+    elif precision == "int8":
+        raise OptionError("--precision", "int8 runs on the OpenVINO backend only; use --backend openvino "
+                                         "(pip install openvino) or another precision")
+    else:
+        resolved_precision = resolve_precision(precision, resolved)
     if batch_size is None:
         batch_size = DEFAULT_BATCH_SIZE[resolved.type]
     if workers == "auto":
@@ -84,8 +123,9 @@ def runtime_config(device: str, precision: str, batch_size: int | None, workers:
             raise OptionError("--workers", f"{workers!r} is not a number or auto") from None
         if n_workers < 0:
             raise OptionError("--workers", "must be 0 (decode in this process) or more")
-    return RuntimeConfig(device=str(resolved), precision=resolve_precision(precision, resolved),
-                         batch_size=batch_size, workers=n_workers, channels_last=True)
+    return RuntimeConfig(device=str(resolved), precision=resolved_precision, batch_size=batch_size,
+                         workers=n_workers, channels_last=True, backend=engine, backend_note=note,
+                         encoder_cache=str(encoder_cache) if encoder_cache else None)
 
 
 def beam_config(beam: int, max_len: int | None, min_len: int, length_penalty: float, no_repeat_ngram: int,

@@ -93,3 +93,12 @@ def image_folder(tmp_path: Path) -> Path:
     folder = tmp_path / "photos"
     write_images(folder, 20)
     return folder
+
+
+@pytest.fixture(scope="session", autouse=True)
+def encoder_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Converted (OpenVINO) encoders go to a session folder, never the user's cache; subprocesses inherit it."""
+    folder = tmp_path_factory.mktemp("encoder-cache")
+    os.environ["BATCHCAP_ENCODER_CACHE"] = str(folder)
+    os.environ.pop("BATCHCAP_CALIBRATION_IMAGES", None)  # int8 calibrates only where a test asks for it
+    return folder

@@ -35,8 +35,8 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from batchcap.bench import (XCEPTION_WEIGHTS_FILE, Variant, machine_info, measure_encoder,  # noqa: E402
-                            measure_end_to_end, measure_reference, random_decoder_model, write_bench_images)
+from batchcap.bench import (XCEPTION_WEIGHTS_FILE, Variant, build_variant_encoder, machine_info,  # noqa: E402
+                            measure_encoder, measure_end_to_end, measure_reference, random_decoder_model, write_bench_images)
 from batchcap.captioner import Captioner, resolve_encoder_weights, resolve_model_path  # noqa: E402
 from batchcap.config import BeamConfig, EncoderConfig, ImagePolicy, RuntimeConfig, to_dict  # noqa: E402
 from batchcap.encoder import ASSETS_DIR, build_backbone, resolve_device, resolve_precision  # noqa: E402
@@ -134,8 +134,9 @@ def main() -> None:
             w, h = (int(v) for v in size.split("x"))
             count = args.count if (w, h) == (224, 224) else args.large_count
             paths = write_bench_images(work / size, count, (w, h))
-            enc = measure_encoder(backbone, model, device, Variant(precision, True), args.batch_size,
-                                  args.repeats)
+            variant = Variant(precision, True)
+            enc = measure_encoder(build_variant_encoder(backbone, model, device, variant, args.batch_size), model,
+                                  device, variant, args.batch_size, args.repeats)
             e2e = measure_end_to_end(paths, model_path, beam, runtime, ImagePolicy(), args.encoder_weights,
                                      args.repeats, work)
             ref = measure_reference(model, paths[:args.reference_images], args.encoder_weights, device,

@@ -1,0 +1,264 @@
+"""The OpenVINO encoder backend against the torch fp32 reference: features, cache, int8, fallback to torch."""
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.nn.functional import cosine_similarity
+
+from batchcap.config import Preprocess, RuntimeConfig
+from batchcap.encoder import Encoder, EncoderError, build_backbone, build_encoder
+from batchcap.settings import OptionError, resolve_backend, runtime_config
+from conftest import REPO, make_tiny_model, shared_path, write_images
+
+needs_openvino = pytest.mark.skipif(
+    __import__("batchcap.openvino_backend", fromlist=["x"]).openvino_version() is None,
+    reason="openvino is not installed")
+
+
+def _subprocess_env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
+
+
+def _tiny_backbone(tmp_path: Path, seed: int = 0):  # type: ignore[no-untyped-def]
+    from batchcap.config import EncoderConfig
+    from batchcap.encoder import WeightsSource
+
+    model = make_tiny_model(tmp_path / f"tiny-{seed}.safetensors", seed=seed)
+    backbone = build_backbone(EncoderConfig(name=model.encoder.name), WeightsSource("embedded",
+                                                                                      state=model.encoder_state))
+    return model, backbone
+
+
+def _ov_runtime(precision: str, cache: Path) -> RuntimeConfig:
+    return RuntimeConfig(device="cpu", precision=precision, batch_size=4, workers=0, backend="openvino",
+                         encoder_cache=str(cache))
+
+
+def _torch_fp32(backbone: torch.nn.Module, preprocess: Preprocess) -> Encoder:
+    import copy
+
+    return Encoder(copy.deepcopy(backbone), preprocess,
+                   RuntimeConfig(device="cpu", precision="fp32", workers=0, channels_last=False))
+
+
+def _cosines(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return cosine_similarity(a.flatten(1).double(), b.flatten(1).double(), dim=1)  # one per image
+
+
+# -- choosing the backend --------------------------------------------------------------------
+@needs_openvino
+def test_auto_is_openvino_on_cpu_and_says_which() -> None:
+    backend, note = resolve_backend("auto", "cpu")
+    assert backend == "openvino" and note.startswith("auto: openvino 20")
+    assert resolve_backend("auto", "cuda") == ("torch", "auto: torch on cuda")
+    assert resolve_backend("torch", "cpu")[0] == "torch"
+    with pytest.raises(OptionError, match="--device cpu"):
+        resolve_backend("openvino", "cuda")
+    runtime = runtime_config("cpu", "auto", None, "0", "auto")
+    assert runtime.backend == "openvino" and runtime.precision in ("bf16", "fp32")
+    assert runtime_config("cpu", "int8", None, "0", "openvino").precision == "int8"
+    with pytest.raises(OptionError, match="OpenVINO CPU precision"):
+        runtime_config("cpu", "fp16", None, "0", "openvino")
+
+
+def test_int8_is_refused_on_torch() -> None:
+    with pytest.raises(OptionError, match="int8 runs on the OpenVINO backend only"):
+        runtime_config("cpu", "int8", None, "0", "torch")
+
+
+_BLOCK_OPENVINO = "import sys; sys.modules['openvino'] = None  # import openvino now raises ImportError\n"
+
+
+def test_auto_falls_back_to_torch_when_openvino_is_not_importable() -> None:
+    code = _BLOCK_OPENVINO + (
+        "import json\n"
+        "from batchcap.settings import OptionError, runtime_config\n"
+        "r = runtime_config('cpu', 'auto', None, '0', 'auto')\n"
+        "try:\n"
+        "    runtime_config('cpu', 'auto', None, '0', 'openvino'); refused = ''\n"
+        "except OptionError as exc:\n"
+        "    refused = str(exc)\n"
+        "print(json.dumps({'backend': r.backend, 'note': r.backend_note, 'refused': refused}))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env=_subprocess_env())
+    result = json.loads(out.stdout)
+    assert result["backend"] == "torch"
+    assert "openvino is not importable here, fell back to torch" in result["note"]
+    assert "openvino is not installed here" in result["refused"]
+
+
+def test_run_without_openvino_captions_on_torch_and_records_why(tmp_path: Path, tiny_model_path: Path) -> None:
+    write_images(tmp_path / "imgs", 3)
+    out = tmp_path / "caps.jsonl"
+    code = _BLOCK_OPENVINO + (
+        "from batchcap.cli import main\n"
+        f"sys.argv = ['batchcap', 'run', {str(tmp_path / 'imgs')!r}, '--out', {str(out)!r}, '--model', "
+        f"{str(tiny_model_path)!r}, '--workers', '0']\n"
+        "main()\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_subprocess_env())
+    assert proc.returncode == 0, proc.stderr
+    assert len(out.read_text().splitlines()) == 3
+    runtime = json.loads(Path(f"{out}.meta.json").read_text())["run_config"]["runtime"]
+    assert runtime["backend"] == "torch" and "fell back to torch" in runtime["backend_note"]
+
+
+# -- conversion and cache ----------------------------------------------------------------------
+@needs_openvino
+def test_cache_is_reused_and_rebuilt_when_the_weights_change(tmp_path: Path) -> None:
+    model, backbone = _tiny_backbone(tmp_path)
+    cache = tmp_path / "cache"
+    images = torch.randint(0, 256, (3, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    logs: list[str] = []
+    first = build_encoder(backbone, model.preprocess, _ov_runtime("fp32", cache), log=logs.append)
+    assert any("converting" in m for m in logs) and first.info["build_seconds"] >= 0
+    folders = list((cache / "openvino").iterdir())
+    assert len(folders) == 1 and first.xml.parent == folders[0]
+    assert _cosines(first(images), _torch_fp32(backbone, model.preprocess)(images)).min() > 0.9999
+
+    logs.clear()
+    xml_mtime = first.xml.stat().st_mtime_ns
+    again = build_encoder(backbone, model.preprocess, _ov_runtime("bf16", cache), log=logs.append)
+    assert logs == [] and again.xml == first.xml and again.xml.stat().st_mtime_ns == xml_mtime
+
+    with torch.no_grad():  # fine-tuned weights: another graph
+        next(backbone.parameters()).add_(0.01)
+    changed = build_encoder(backbone, model.preprocess, _ov_runtime("fp32", cache), log=logs.append)
+    assert any("converting" in m for m in logs) and changed.xml != first.xml
+    assert len(list((cache / "openvino").iterdir())) == 2
+    assert changed.info["weights_sha256"] != first.info["weights_sha256"]
+    assert _cosines(changed(images), _torch_fp32(backbone, model.preprocess)(images)).min() > 0.9999
+
+
+@needs_openvino
+def test_an_unwritable_cache_is_a_clear_error(tmp_path: Path, tiny_model_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from batchcap.cli import cli
+
+    write_images(tmp_path / "imgs", 2)
+    (tmp_path / "a-file").write_text("not a folder")
+    result = CliRunner().invoke(cli, ["run", str(tmp_path / "imgs"), "--out", str(tmp_path / "c.jsonl"), "--model",
+                                      str(tiny_model_path), "--workers", "0", "--backend", "openvino",
+                                      "--encoder-cache", str(tmp_path / "a-file" / "cache")])
+    assert result.exit_code == 2, result.output
+    assert "cannot write there" in result.output and "--encoder-cache" in result.output
+    assert "Traceback" not in result.output
+
+
+def _build_in_another_process(args: tuple[str, str, str]) -> str:
+    tmp, cache, _ = args
+    sys.path.insert(0, str(Path(__file__).parent))
+    model, backbone = _tiny_backbone(Path(tmp))
+    return str(build_encoder(backbone, model.preprocess, _ov_runtime("fp32", Path(cache)), log=lambda m: None).xml)
+
+
+@needs_openvino
+def test_concurrent_conversions_share_one_cache_folder(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(2) as pool:
+        xmls = pool.map(_build_in_another_process, [(str(tmp_path / str(i)), str(cache), str(i)) for i in range(2)])
+    assert xmls[0] == xmls[1]
+    assert [p.name for p in (cache / "openvino").iterdir()] == [Path(xmls[0]).parent.name]  # no temp folder left
+
+
+@needs_openvino
+def test_int8_calibrates_once_from_the_named_photos_and_needs_them(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("nncf")
+    model, backbone = _tiny_backbone(tmp_path)
+    cache = tmp_path / "cache"
+    monkeypatch.delenv("BATCHCAP_CALIBRATION_IMAGES", raising=False)
+    with pytest.raises(EncoderError, match="BATCHCAP_CALIBRATION_IMAGES"):
+        build_encoder(backbone, model.preprocess, _ov_runtime("int8", cache), log=lambda m: None)
+    write_images(tmp_path / "calib", 12, size=(80, 70))
+    monkeypatch.setenv("BATCHCAP_CALIBRATION_IMAGES", str(tmp_path / "calib"))
+    logs: list[str] = []
+    enc = build_encoder(backbone, model.preprocess, _ov_runtime("int8", cache), log=logs.append)
+    assert any("calibrating int8 on 12 photos" in m for m in logs)
+    assert enc.info["precision"] == "int8" and len(enc.info["calibration_photos"]) == 12
+    monkeypatch.delenv("BATCHCAP_CALIBRATION_IMAGES")  # cached now: no photos needed
+    again = build_encoder(backbone, model.preprocess, _ov_runtime("int8", cache), log=logs.append)
+    assert again.xml == enc.xml
+    images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    assert again(images).shape == _torch_fp32(backbone, model.preprocess)(images).shape
+
+
+# -- the real encoder on real photos ------------------------------------------------------------
+@pytest.fixture(scope="module")
+def xception(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """The packaged model's Xception, 16 flickr8k-sample photos, its torch fp32 features and a cache folder."""
+    from batchcap.captioner import Captioner, resolve_model_path
+    from batchcap.config import BeamConfig, ImagePolicy
+    from batchcap.decode import decode_file
+    from batchcap.modelfile import load_model
+
+    if __import__("batchcap.openvino_backend", fromlist=["x"]).openvino_version() is None:
+        pytest.skip("openvino is not installed")
+    photos = sorted(shared_path("data", "flickr8k-sample", "Flicker8k_Dataset").glob("*.jpg"))[:16]
+    model = load_model(resolve_model_path(None))
+    reference = Captioner(model, RuntimeConfig(precision="fp32", workers=0, channels_last=False), BeamConfig())
+    images = torch.stack([decode_file(str(p), model.preprocess, ImagePolicy()).tensor for p in photos])
+    return {"model": model, "backbone": reference.encoder.backbone, "images": images,
+            "fp32": reference.encode(images), "cache": tmp_path_factory.mktemp("ov-cache")}
+
+
+@needs_openvino
+@pytest.mark.parametrize("precision, floor", [("fp32", 0.99), ("bf16", 0.99)])
+def test_openvino_features_match_torch_fp32_on_real_photos(xception, precision: str,  # type: ignore[no-untyped-def]
+                                                           floor: float) -> None:
+    enc = build_encoder(xception["backbone"], xception["model"].preprocess, _ov_runtime(precision, xception["cache"]),
+                        log=lambda m: None)
+    cos = _cosines(enc(xception["images"]), xception["fp32"])
+    assert cos.min() >= floor, cos
+
+
+@needs_openvino
+@pytest.mark.slow
+def test_int8_features_match_torch_fp32_on_real_photos(xception) -> None:  # type: ignore[no-untyped-def]
+    """Calibrated as batchcap does it: 144 evenly spaced Flickr8k training photos (about a minute)."""
+    pytest.importorskip("nncf")
+    from batchcap.quantize import CALIBRATION_PHOTOS, calibration_arrays, calibration_photos, quantize_graph
+    from batchcap.openvino_backend import compile_graph
+
+    fp32 = build_encoder(xception["backbone"], xception["model"].preprocess, _ov_runtime("fp32", xception["cache"]),
+                         log=lambda m: None)
+    photos = calibration_photos(shared_path("data", "flickr8k"))
+    assert len(photos) == CALIBRATION_PHOTOS == len({os.path.basename(p) for p in photos})
+    import openvino as ov
+
+    xml = xception["cache"] / "int8-test.xml"
+    ov.save_model(quantize_graph(fp32.xml, calibration_arrays(photos, xception["model"].preprocess)), str(xml))
+    features = compile_graph(xml, "int8")(xception["images"].numpy())[0]
+    cos = _cosines(torch.from_numpy(features), xception["fp32"])
+    assert cos.min() >= 0.97, cos
+
+
+@needs_openvino
+def test_a_resumed_run_may_switch_backend(tmp_path: Path, tiny_model_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from batchcap.cli import cli
+
+    write_images(tmp_path / "imgs", 3)
+    out = tmp_path / "caps.parquet"
+    args = ["run", str(tmp_path / "imgs"), "--out", str(out), "--model", str(tiny_model_path), "--workers", "0"]
+    first = CliRunner().invoke(cli, [*args, "--backend", "torch"])
+    assert first.exit_code == 0, first.output
+    write_images(tmp_path / "imgs", 2, seed=7, prefix="more")
+    second = CliRunner().invoke(cli, [*args, "--backend", "openvino"])
+    assert second.exit_code == 0, second.output
+    import pyarrow.parquet as pq
+
+    from batchcap.sink import read_output_meta
+
+    assert pq.read_table(out).num_rows == 5
+    runtime = read_output_meta(out)["run_config"]["runtime"]  # type: ignore[index]
+    assert runtime["backend"] == "openvino" and runtime["backend_note"].startswith("openvino 20")
