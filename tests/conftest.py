@@ -102,3 +102,20 @@ def encoder_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     os.environ["BATCHCAP_ENCODER_CACHE"] = str(folder)
     os.environ.pop("BATCHCAP_CALIBRATION_IMAGES", None)  # int8 calibrates only where a test asks for it
     return folder
+
+
+@pytest.fixture(autouse=True)
+def _sigchld_as_it_was() -> Iterator[None]:
+    """Give every test the SIGCHLD disposition it started with.
+
+    A DataLoader with workers installs PyTorch's SIGCHLD handler in this process for good. Once
+    a later test had also loaded OpenVINO here, the next child process to exit (any subprocess
+    a test waits for) made that handler crash the whole pytest process with SIGSEGV. A batchcap
+    process meets neither combination with stale workers; the test session, which runs them all
+    in one process, does.
+    """
+    import signal
+
+    before = signal.getsignal(signal.SIGCHLD)
+    yield
+    signal.signal(signal.SIGCHLD, before if before is not None else signal.SIG_DFL)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import subprocess
 import sys
@@ -152,19 +151,28 @@ def test_an_unwritable_cache_is_a_clear_error(tmp_path: Path, tiny_model_path: P
     assert "Traceback" not in result.output
 
 
-def _build_in_another_process(args: tuple[str, str, str]) -> str:
-    tmp, cache, _ = args
-    sys.path.insert(0, str(Path(__file__).parent))
-    model, backbone = _tiny_backbone(Path(tmp))
-    return str(build_encoder(backbone, model.preprocess, _ov_runtime("fp32", Path(cache)), log=lambda m: None).xml)
+_BUILD_ELSEWHERE = """
+import sys
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+from test_openvino import _ov_runtime, _tiny_backbone
+from batchcap.encoder import build_encoder
+model, backbone = _tiny_backbone(Path({tmp!r}))
+print(build_encoder(backbone, model.preprocess, _ov_runtime("fp32", Path({cache!r})), log=lambda m: None).xml)
+"""
 
 
 @needs_openvino
 def test_concurrent_conversions_share_one_cache_folder(tmp_path: Path) -> None:
+    # Two processes, as two Slurm tasks on one node would be (plain subprocesses: a multiprocessing
+    # pool inside the test process crashed it after other tests had loaded OpenVINO there).
     cache = tmp_path / "cache"
-    ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(2) as pool:
-        xmls = pool.map(_build_in_another_process, [(str(tmp_path / str(i)), str(cache), str(i)) for i in range(2)])
+    procs = [subprocess.Popen([sys.executable, "-c", _BUILD_ELSEWHERE.format(
+                 tests=str(Path(__file__).parent), tmp=str(tmp_path / str(i)), cache=str(cache))],
+                 cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outputs = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs
+    xmls = [out.strip().splitlines()[-1] for out, _ in outputs]
     assert xmls[0] == xmls[1]
     assert [p.name for p in (cache / "openvino").iterdir()] == [Path(xmls[0]).parent.name]  # no temp folder left
 
