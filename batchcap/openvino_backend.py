@@ -20,14 +20,16 @@ run may switch between them.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import importlib
 import json
 import os
 import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -203,13 +205,46 @@ class EncoderGraph(nn.Module):
         return fmap.mean(dim=(2, 3))  # (B, F)
 
 
+# The OpenVINO converter modules that report usage through ``openvino_telemetry``.
+_TELEMETRY_USERS = ("openvino.tools.ovc.convert_impl", "openvino.tools.ovc.telemetry_utils",
+                    "openvino.tools.ovc.utils")
+
+
+@contextlib.contextmanager
+def no_telemetry() -> Iterator[None]:
+    """``ov.convert_model`` without its usage reports.
+
+    Unless the user opted out, OpenVINO's converter sends usage events to Google Analytics
+    from a child process. A batch job over someone's archive must not phone home, and
+    offline (a cluster node, this project's own machines) that child waits on the network
+    and prints a traceback when the job is interrupted. For the conversion, the converter
+    modules use OpenVINO's own no-op stub instead. Versions without these modules
+    convert unchanged.
+    """
+    try:
+        stub = importlib.import_module("openvino.tools.ovc.telemetry_stub")
+        users = [importlib.import_module(name) for name in _TELEMETRY_USERS]
+    except ImportError:
+        yield
+        return
+    saved = [(module, getattr(module, "tm", None)) for module in users]
+    for module, _ in saved:
+        module.tm = stub  # type: ignore[attr-defined]
+    try:
+        yield
+    finally:
+        for module, original in saved:
+            if original is not None:
+                module.tm = original  # type: ignore[attr-defined]
+
+
 def convert(backbone: nn.Module, preprocess: Preprocess, spatial: bool) -> Any:
     """``ov.convert_model`` of :class:`EncoderGraph` with a dynamic batch dimension."""
     import openvino as ov
 
     graph = EncoderGraph(backbone, preprocess, spatial).eval().float()
     example = torch.zeros((1, 3, preprocess.height, preprocess.width), dtype=torch.uint8)
-    with torch.no_grad():
+    with torch.no_grad(), no_telemetry():
         model = ov.convert_model(graph, example_input=example)
     model.reshape({model.inputs[0]: ov.PartialShape([-1, 3, preprocess.height, preprocess.width])})
     return model

@@ -110,6 +110,17 @@ def test_run_without_openvino_captions_on_torch_and_records_why(tmp_path: Path, 
 
 # -- conversion and cache ----------------------------------------------------------------------
 @needs_openvino
+def test_conversion_sends_no_usage_telemetry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    backend_ga4 = pytest.importorskip("openvino_telemetry.backend.backend_ga4")
+    sent: list[object] = []
+    monkeypatch.setattr(backend_ga4.GA4Backend, "send", lambda self, message: sent.append(message))
+    model, backbone = _tiny_backbone(tmp_path)
+    monkeypatch.delenv("CI", raising=False)  # openvino_telemetry's own opt-out must not be what passes this
+    build_encoder(backbone, model.preprocess, _ov_runtime("fp32", tmp_path / "cache"), log=lambda m: None)
+    assert sent == []
+
+
+@needs_openvino
 def test_cache_is_reused_and_rebuilt_when_the_weights_change(tmp_path: Path) -> None:
     model, backbone = _tiny_backbone(tmp_path)
     cache = tmp_path / "cache"
