@@ -1,6 +1,7 @@
 """The tutorial-style reference path and batchcap's own path write the same greedy captions."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -16,8 +17,11 @@ from conftest import REPO, make_tiny_model, shared_path, write_images
 
 def batchcap_greedy(model_path: Path, paths: list[Path], min_len: int = 1,
                     encoder_weights: str | None = None) -> list[str]:
-    """Captions from batchcap's own path: decode stage, batched encoder, beam 1, fp32."""
-    model = load_model(model_path)
+    """Captions from batchcap's own path: decode stage, batched encoder, beam 1, fp32.
+
+    Without the ending rule: the tutorial's path has none, and like is compared with like.
+    """
+    model = dataclasses.replace(load_model(model_path), unendable_words=())
     runtime = RuntimeConfig(device="cpu", precision="fp32", batch_size=len(paths), workers=0)
     beam = BeamConfig(beam_size=1, max_len=model.max_caption_len, min_len=min_len)
     captioner = Captioner(model, runtime, beam, encoder_weights)
@@ -41,7 +45,7 @@ def test_reference_greedy_matches_beam_one(tiny_model_path: Path, seed: int, att
     """From the same features, varied enough that the captions differ between pictures."""
     model_path = tmp_path / "tiny.safetensors"
     make_tiny_model(model_path, seed=seed, attention=attention)
-    model = load_model(model_path)
+    model = dataclasses.replace(load_model(model_path), unendable_words=())  # the tutorial has no ending rule
     runtime = RuntimeConfig(device="cpu", precision="fp32", batch_size=8, workers=0)
     beam = BeamConfig(beam_size=1, max_len=model.max_caption_len, min_len=min_len)
     captioner = Captioner(model, runtime, beam)
