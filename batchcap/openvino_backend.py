@@ -20,22 +20,29 @@ run may switch between them.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import importlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 import torch
 from torch import nn
 
 from batchcap.config import Preprocess, RuntimeConfig, to_dict
+
+# OpenVINO reports usage to Google Analytics from a child process, on `import openvino.tools.ovc`
+# and on every conversion, and NNCF likewise, unless the user opted out. A batch job over
+# someone's archive must not phone home; offline (a cluster node) that child waits on the
+# network and prints a traceback into the job's log when the job is interrupted. Both fall
+# back to a no-op when `openvino_telemetry` cannot be imported, so make it so for this process
+# (every path to OpenVINO in batchcap imports this module first).
+sys.modules.setdefault("openvino_telemetry", None)  # type: ignore[arg-type]
 
 ENV_CACHE = "BATCHCAP_ENCODER_CACHE"
 #: Bump when the converted graph changes meaning (input/output layout, normalisation), so old caches are not used.
@@ -205,46 +212,13 @@ class EncoderGraph(nn.Module):
         return fmap.mean(dim=(2, 3))  # (B, F)
 
 
-# The OpenVINO converter modules that report usage through ``openvino_telemetry``.
-_TELEMETRY_USERS = ("openvino.tools.ovc.convert_impl", "openvino.tools.ovc.telemetry_utils",
-                    "openvino.tools.ovc.utils")
-
-
-@contextlib.contextmanager
-def no_telemetry() -> Iterator[None]:
-    """``ov.convert_model`` without its usage reports.
-
-    Unless the user opted out, OpenVINO's converter sends usage events to Google Analytics
-    from a child process. A batch job over someone's archive must not phone home, and
-    offline (a cluster node, this project's own machines) that child waits on the network
-    and prints a traceback when the job is interrupted. For the conversion, the converter
-    modules use OpenVINO's own no-op stub instead. Versions without these modules
-    convert unchanged.
-    """
-    try:
-        stub = importlib.import_module("openvino.tools.ovc.telemetry_stub")
-        users = [importlib.import_module(name) for name in _TELEMETRY_USERS]
-    except ImportError:
-        yield
-        return
-    saved = [(module, getattr(module, "tm", None)) for module in users]
-    for module, _ in saved:
-        module.tm = stub  # type: ignore[attr-defined]
-    try:
-        yield
-    finally:
-        for module, original in saved:
-            if original is not None:
-                module.tm = original  # type: ignore[attr-defined]
-
-
 def convert(backbone: nn.Module, preprocess: Preprocess, spatial: bool) -> Any:
     """``ov.convert_model`` of :class:`EncoderGraph` with a dynamic batch dimension."""
     import openvino as ov
 
     graph = EncoderGraph(backbone, preprocess, spatial).eval().float()
     example = torch.zeros((1, 3, preprocess.height, preprocess.width), dtype=torch.uint8)
-    with torch.no_grad(), no_telemetry():
+    with torch.no_grad():
         model = ov.convert_model(graph, example_input=example)
     model.reshape({model.inputs[0]: ov.PartialShape([-1, 3, preprocess.height, preprocess.width])})
     return model

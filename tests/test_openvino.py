@@ -110,14 +110,13 @@ def test_run_without_openvino_captions_on_torch_and_records_why(tmp_path: Path, 
 
 # -- conversion and cache ----------------------------------------------------------------------
 @needs_openvino
-def test_conversion_sends_no_usage_telemetry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    backend_ga4 = pytest.importorskip("openvino_telemetry.backend.backend_ga4")
-    sent: list[object] = []
-    monkeypatch.setattr(backend_ga4.GA4Backend, "send", lambda self, message: sent.append(message))
-    model, backbone = _tiny_backbone(tmp_path)
-    monkeypatch.delenv("CI", raising=False)  # openvino_telemetry's own opt-out must not be what passes this
-    build_encoder(backbone, model.preprocess, _ov_runtime("fp32", tmp_path / "cache"), log=lambda m: None)
-    assert sent == []
+def test_openvino_sends_no_usage_telemetry() -> None:
+    # In a fresh process, as a run would: OpenVINO's converter must fall back to its no-op stub.
+    code = ("import batchcap.openvino_backend, sys, openvino.tools.ovc.telemetry_utils as t; "
+            "print(sys.modules['openvino_telemetry'], t.tm.__name__)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["None", "openvino.tools.ovc.telemetry_stub"]
 
 
 @needs_openvino
