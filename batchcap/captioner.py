@@ -80,24 +80,11 @@ def resolve_encoder_weights(model: CaptionModel, explicit: str | None = None,
         f"or in the package; pass --encoder-weights FILE or set {ENV_WEIGHTS}")
 
 
-def per_token_scores(result: BeamResult, length_penalty: float) -> torch.Tensor:
-    """Mean log-probability per token (``<end>`` included) of each hypothesis, from its search score.
-
-    The beam ranks by ``sum / length ** length_penalty`` (the output's ``score``); this undoes
-    the penalty, giving what schema version 1 called ``score``. For captions cut back at
-    ``max_len`` use :func:`token_logprobs_mean` (the ``logprob`` column), which counts only
-    the tokens shown.
-    """
-    length = (result.lengths + result.ended.long()).clamp(min=1).float()  # (B, n)
-    raw = result.scores.float() * length.pow(length_penalty)  # (B, n) summed log-probs
-    return raw / length
-
-
 def token_logprobs_mean(result: BeamResult) -> torch.Tensor:
     """Mean log-probability of the tokens each caption shows (its words, and ``<end>`` when it ended).
 
-    This is the output's ``logprob`` column. It equals :func:`per_token_scores` except for a
-    caption cut back to a clean word at ``max_len``, whose dropped words no longer count.
+    This is the output's ``logprob`` column (what schema version 1 called ``score``, except
+    that a caption cut back to a clean word at ``max_len`` no longer counts its dropped words).
     """
     assert result.token_logprobs is not None
     tokens = (result.lengths + result.ended.long()).clamp(min=1).float()  # (B, n)

@@ -8,22 +8,22 @@ import pytest
 import torch
 
 from batchcap.beam import BeamResult
-from batchcap.captioner import DEFAULT_MODEL, NO_CAPTION, Captioner, caption_batch, per_token_scores
+from batchcap.captioner import DEFAULT_MODEL, NO_CAPTION, Captioner, caption_batch, token_logprobs_mean
 from batchcap.config import BeamConfig, ImagePolicy, RuntimeConfig
 from batchcap.loader import iter_batches
 from batchcap.modelfile import load_model, save_model
 from batchcap.sources import open_sources
 
 
-def test_scores_are_mean_log_probability_per_token_whatever_the_penalty() -> None:
-    lengths = torch.tensor([[2, 5]])
-    ended = torch.tensor([[True, False]])
-    raw = torch.tensor([[-6.0, -10.0]])  # 3 tokens (2 words + <end>), 5 tokens (cut at max_len)
-    for alpha in (0.0, 0.7, 1.0):
-        ranked = raw / (lengths + ended.long()).float() ** alpha
-        result = BeamResult(tokens=torch.zeros(1, 2, 5, dtype=torch.long), lengths=lengths, scores=ranked,
-                            ended=ended)
-        assert torch.allclose(per_token_scores(result, alpha), torch.tensor([[-2.0, -2.0]]))
+def test_logprob_is_the_mean_over_the_tokens_a_caption_shows() -> None:
+    # 2 words + <end> summing to -6; 5 words cut at max_len (no <end>) summing to -10
+    token_lp = torch.zeros(1, 2, 6)
+    token_lp[0, 0, :3] = torch.tensor([-1.0, -2.0, -3.0])
+    token_lp[0, 1, :5] = -2.0
+    result = BeamResult(tokens=torch.zeros(1, 2, 5, dtype=torch.long), lengths=torch.tensor([[2, 5]]),
+                        scores=torch.tensor([[-2.0, -10.0]]), ended=torch.tensor([[True, False]]),
+                        token_logprobs=token_lp)
+    assert torch.allclose(token_logprobs_mean(result), torch.tensor([[-2.0, -2.0]]))
 
 
 def test_n_best_never_holds_empty_slots(tiny_model_path: Path, tmp_path: Path) -> None:
