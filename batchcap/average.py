@@ -22,7 +22,8 @@ class AverageError(Exception):
     """Models that cannot be averaged, or mixing weights that do not fit them."""
 
 
-def _same_encoder_state(a: CaptionModel, b: CaptionModel) -> bool:
+def same_encoder_state(a: CaptionModel, b: CaptionModel) -> bool:
+    """Both models embed no encoder, or the very same encoder weights."""
     if a.encoder_state is None or b.encoder_state is None:
         return a.encoder_state is None and b.encoder_state is None
     return a.encoder_state.keys() == b.encoder_state.keys() and all(
@@ -31,6 +32,10 @@ def _same_encoder_state(a: CaptionModel, b: CaptionModel) -> bool:
 
 def check_compatible(models: Sequence[CaptionModel]) -> None:
     """Refuse models that differ in anything but decoder weights (vocabulary, architecture, encoder)."""
+    for model in models:
+        if model.extra_decoders:
+            raise AverageError(f"{model.path or model.name} is an ensemble of {len(model.decoders())} decoders; "
+                               "average single-decoder models (or ensemble the averaged result)")
     first = models[0]
     for other in models[1:]:
         differences = [what for what, same in (
@@ -39,7 +44,7 @@ def check_compatible(models: Sequence[CaptionModel]) -> None:
             ("encoder", to_dict(other.encoder) == to_dict(first.encoder)),
             ("preprocessing", other.preprocess == first.preprocess),
             ("maximum caption length", other.max_caption_len == first.max_caption_len),
-            ("embedded encoder weights", _same_encoder_state(first, other))) if not same]
+            ("embedded encoder weights", same_encoder_state(first, other))) if not same]
         if differences:
             raise AverageError(f"{other.path or other.name} differs from {first.path or first.name} in "
                                f"{', '.join(differences)}; only decoders fine-tuned from one another "

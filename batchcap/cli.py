@@ -36,10 +36,11 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         from batchcap.report import ReportError
         from batchcap.sources import SourceError
         from batchcap.average import AverageError
+        from batchcap.ensemble import EnsembleError
         from batchcap.train import TrainingError
 
         _USER_ERRORS = (ModelFileError, EncoderError, SourceError, DatasetError, MergeError, ReportError,
-                        TrainingError, AverageError, MetricsUnavailable, OutputUnwritable)
+                        TrainingError, AverageError, EnsembleError, MetricsUnavailable, OutputUnwritable)
     return _USER_ERRORS
 
 
@@ -585,6 +586,37 @@ def average(models: tuple[str, ...], out: str, weights: str | None, half: bool) 
     click.echo(json.dumps({"model": out, "identity": averaged.identity,
                            "members": [{"model": path, "weight": m["weight"]}
                                        for path, m in zip(models, averaged.training["averaged"])]}, indent=2))
+
+
+@cli.command()
+@click.argument("models", nargs=-1, required=True)
+@click.option("--out", "-o", required=True, type=click.Path(dir_okay=False), help="Model file to write.")
+@click.option("--combine", type=click.Choice(["logprob", "prob"]), default="logprob", show_default=True,
+              help="logprob: mean of the members' log-probabilities, renormalised; prob: mean of their "
+                   "probabilities.")
+@click.option("--half", is_flag=True, help="Store the decoder weights as fp16 (half the file size).")
+@user_errors
+def ensemble(models: tuple[str, ...], out: str, combine: str, half: bool) -> None:
+    """Put the decoders of MODELS into one model file, searched as one ensemble.
+
+    At every word of the beam search each decoder scores the same hypotheses and their
+    log-probabilities are combined: better captions for one decoder step per member. Unlike
+    `average`, members may come from different random starts (train with other --seed). They
+    must share vocabulary, encoder and preprocessing. The ensemble has no confidence
+    calibration or scores yet: run `batchcap calibrate` and `batchcap eval` on it.
+
+    \b
+    Example:
+        batchcap ensemble seed1.safetensors seed2.safetensors seed3.safetensors \\
+            --out flickr8k-ensemble.safetensors --half
+    """
+    from batchcap.ensemble import ensemble_models
+    from batchcap.modelfile import load_model, save_model
+
+    loaded = [load_model(path) for path in models]
+    combined = save_model(ensemble_models(loaded, combine, name=Path(out).stem), out, half=half)
+    click.echo(json.dumps({"model": out, "identity": combined.identity, "combine": combine,
+                           "members": [m.identity for m in combined.decoders()]}, indent=2))
 
 
 @cli.command()

@@ -58,19 +58,31 @@ def describe_model(model: CaptionModel, show_vocab: bool = False, console: Conso
     pre = model.preprocess
     table.add_row("preprocessing", f"{pre.resize} to {pre.width}x{pre.height}, {pre.interpolation}, "
                                    f"crop_pct {pre.crop_pct}, mean {pre.mean}, std {pre.std}")
-    dec = model.decoder
-    n_params = sum(t.numel() for t in model.decoder_state.values())
-    table.add_row("decoder", f"LSTM x{dec.num_layers}, hidden {dec.hidden_dim}, embedding {dec.embed_dim}, "
-                             f"{'soft attention ' + str(dec.attention_dim) + '-d' if dec.attention else 'no attention'}"
-                             f", dropout {dec.dropout}, {n_params / 1e6:.2f} M parameters")
+    members = model.decoders()
+    if len(members) > 1:
+        rule = "mean log-probability" if model.combine == "logprob" else "mean probability"
+        table.add_row("ensemble", f"{len(members)} decoders in one beam search, combined by {rule}: "
+                      + ", ".join(m.identity for m in members))
+    for n, member in enumerate(members, 1):
+        dec = member.config
+        n_params = sum(t.numel() for t in member.state.values())
+        table.add_row("decoder" if len(members) == 1 else f"decoder {n}",
+                      f"LSTM x{dec.num_layers}, hidden {dec.hidden_dim}, embedding {dec.embed_dim}, "
+                      f"{'soft attention ' + str(dec.attention_dim) + '-d' if dec.attention else 'no attention'}"
+                      f", dropout {dec.dropout}, {n_params / 1e6:.2f} M parameters")
     table.add_row("vocabulary", f"{len(model.vocab)} words (ids 0-3: <pad> <start> <end> <unk>)")
     table.add_row("max caption length", f"{model.max_caption_len} words")
     training = model.training
+    if len(members) > 1:
+        for n, member in enumerate(members, 1):
+            stages = lineage(member.identity, member.training)
+            table.add_row(f"lineage (decoder {n})", "\n".join(f"{k}. {stage}" for k, stage in enumerate(stages, 1)))
+        training = members[0].training
     if training.get("averaged"):
         table.add_row("averaged from", ", ".join(f"{m['identity']} x {m['weight']:.2f}" for m in training["averaged"]))
         training = training["averaged"][0].get("training") or {}
     stages = lineage(model.identity, training)
-    if len(stages) > 1:
+    if len(stages) > 1 and len(members) == 1:
         table.add_row("lineage", "\n".join(f"{n}. {stage}" for n, stage in enumerate(stages, 1)))
     data = training.get("data") or {}
     if isinstance(data, dict) and "splits" in data:

@@ -21,6 +21,12 @@ Optional, for trusting captions (files without them still load):
 * ``calibration`` -- the confidence calibrator's coefficients and its fitting report
   (:class:`batchcap.confidence.Calibrator`); absent, the ``confidence`` column is null.
 
+An ensemble (:mod:`batchcap.ensemble`) is format version 2, so that a batchcap which would
+caption with its first decoder alone refuses it: ``decoder.*`` is member 0, tensors
+``ensemble.<i>.*`` are member ``i >= 1``, and ``ensemble`` = ``{"combine": rule, "members":
+[{"identity", "training", "decoder"}, ...]}`` (``decoder``: member ``i``'s hyper-parameters; member
+0's are the top-level ``decoder``). Single-decoder files stay version 1.
+
 Loading reads the header with plain JSON, never unpickles, and refuses files that are
 not batchcap models, come from a newer format, are truncated or corrupt.
 Saving writes a temp file beside the target and ``os.replace``s it.
@@ -44,7 +50,8 @@ from batchcap.confidence import Calibrator, Familiarity, Neighbours
 from batchcap.text import FALLBACK_UNENDABLE, Vocabulary
 
 FORMAT_NAME = "batchcap-model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest this batchcap reads; single-decoder files are still written as 1
+ENSEMBLE_FORMAT_VERSION = 2
 _MAX_HEADER = 100 * 1024 * 1024
 
 
@@ -69,6 +76,16 @@ class EncoderSpec:
     feature_dim: int = 2048
 
 
+@dataclass(frozen=True)
+class DecoderMember:
+    """One decoder of a model file: hyper-parameters, weights, and where it came from."""
+
+    config: DecoderConfig
+    state: dict[str, torch.Tensor]
+    identity: str
+    training: dict[str, Any] = field(default_factory=dict)
+
+
 @dataclass
 class CaptionModel:
     """A loaded model file: configs, vocabulary and tensors, ready to build modules from."""
@@ -90,6 +107,18 @@ class CaptionModel:
     familiarity: Familiarity | None = None
     neighbours: Neighbours | None = None
     calibration: Calibrator | None = None
+    #: An ensemble's members after the first (``decoder`` / ``decoder_state``); empty for one decoder.
+    extra_decoders: tuple[DecoderMember, ...] = ()
+    combine: str = "logprob"  # how an ensemble's log-probabilities are combined (batchcap.ensemble)
+
+    def decoders(self) -> list[DecoderMember]:
+        """Every decoder of the file, member 0 first (a single-decoder model has one)."""
+        if self.extra_decoders:
+            records = self.training.get("ensemble") or []
+            first = records[0] if records else {"identity": self.identity, "training": {}}
+            return [DecoderMember(self.decoder, self.decoder_state, first["identity"], first.get("training") or {}),
+                    *self.extra_decoders]
+        return [DecoderMember(self.decoder, self.decoder_state, self.identity, self.training)]
 
     @property
     def unendable_ids(self) -> tuple[int, ...]:
@@ -122,15 +151,30 @@ class CaptionModel:
             **({"neighbours": {"k": self.neighbours.k, "captions": self.neighbours.captions}}
                if self.neighbours is not None else {}),
             **({"calibration": self.calibration.to_dict()} if self.calibration is not None else {}),
+            **({"ensemble": {"combine": self.combine, "members": [
+                {"identity": m.identity, "training": m.training,
+                 **({"decoder": to_dict(m.config)} if i else {})} for i, m in enumerate(self.decoders())]}}
+               if self.extra_decoders else {}),
         }
 
     def build_decoder(self) -> "torch.nn.Module":
-        """The decoder module with this file's weights, in eval mode, fp32."""
+        """The decoder module with this file's weights, in eval mode, fp32.
+
+        For an ensemble, an :class:`batchcap.ensemble.EnsembleDecoder` of all members: the
+        same ``init_state`` / ``step`` / ``per_image_state`` interface, so searches need not know.
+        """
         from batchcap.decoder import CaptionDecoder
 
-        module = CaptionDecoder(self.decoder)
-        module.load_state_dict({k: v.float() for k, v in self.decoder_state.items()})
-        return module.eval()
+        modules = []
+        for member in self.decoders():
+            module = CaptionDecoder(member.config)
+            module.load_state_dict({k: v.float() for k, v in member.state.items()})
+            modules.append(module.eval())
+        if len(modules) == 1:
+            return modules[0]
+        from batchcap.ensemble import EnsembleDecoder
+
+        return EnsembleDecoder(modules, self.combine).eval()
 
 
 def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
@@ -177,8 +221,12 @@ def save_model(model: CaptionModel, path: str | os.PathLike[str], half: bool = F
 
     Returns the model with ``tensors_sha256`` set to the hash of what was written.
     """
-    tensors = {f"decoder.{k}": (v.half() if half and v.is_floating_point() else v)
-               for k, v in model.decoder_state.items()}
+    def stored(v: torch.Tensor) -> torch.Tensor:
+        return v.half() if half and v.is_floating_point() else v
+
+    tensors = {f"decoder.{k}": stored(v) for k, v in model.decoder_state.items()}
+    for i, member in enumerate(model.extra_decoders, 1):
+        tensors.update({f"ensemble.{i}.{k}": stored(v) for k, v in member.state.items()})
     if model.encoder_state is not None:
         tensors.update({f"encoder.{k}": v for k, v in model.encoder_state.items()})
     if model.familiarity is not None:
@@ -188,7 +236,7 @@ def save_model(model: CaptionModel, path: str | os.PathLike[str], half: bool = F
     model.tensors_sha256 = tensors_sha256(tensors)
     metadata = {
         "batchcap.format": FORMAT_NAME,
-        "batchcap.format_version": str(FORMAT_VERSION),
+        "batchcap.format_version": str(ENSEMBLE_FORMAT_VERSION if model.extra_decoders else 1),
         "batchcap.meta": json.dumps(model.metadata(), sort_keys=True),
     }
     atomic_save_safetensors(tensors, path, metadata)
@@ -286,14 +334,33 @@ def load_model(path: str | os.PathLike[str], verify: bool = True) -> CaptionMode
             neighbours=Neighbours(tensors["familiarity.neighbours"], meta["neighbours"]["captions"],
                                   int(meta["neighbours"]["k"])) if "neighbours" in meta else None,
             calibration=Calibrator.from_dict(meta["calibration"]) if "calibration" in meta else None,
+            extra_decoders=_extra_decoders(tensors, meta.get("ensemble")),
+            combine=(meta.get("ensemble") or {}).get("combine", "logprob"),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise ModelFileError(f"{path}: corrupt model file (metadata incomplete: {exc})") from exc
-    if len(vocab) != decoder.vocab_size:
-        raise ModelFileError(
-            f"{path}: corrupt model file (vocabulary has {len(vocab)} words, decoder expects "
-            f"{decoder.vocab_size})")
+    for member in model.decoders():
+        if len(vocab) != member.config.vocab_size:
+            raise ModelFileError(
+                f"{path}: corrupt model file (vocabulary has {len(vocab)} words, decoder expects "
+                f"{member.config.vocab_size})")
     return model
+
+
+def _extra_decoders(tensors: dict[str, torch.Tensor], ensemble: dict[str, Any] | None
+                    ) -> tuple[DecoderMember, ...]:
+    """Members 1.. of an ensemble file (``ensemble.<i>.*`` tensors + their metadata)."""
+    if not ensemble:
+        return ()
+    members = []
+    for i, record in enumerate(ensemble["members"][1:], 1):
+        prefix = f"ensemble.{i}."
+        state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        if not state:
+            raise KeyError(f"tensors of ensemble member {i}")
+        members.append(DecoderMember(from_dict(DecoderConfig, record["decoder"]), state,
+                                     record["identity"], record.get("training") or {}))
+    return tuple(members)
 
 
 def check_encoder_weights(model: CaptionModel, weights_path: str | os.PathLike[str]) -> str:

@@ -634,6 +634,10 @@ def load_start_model(cfg: TrainConfig, choice: EncoderChoice) -> CaptionModel | 
     if cfg.finetune_encoder:
         raise TrainingError("--init-model cannot be combined with --finetune-encoder")
     model = load_model(cfg.init_model)
+    if model.extra_decoders:
+        raise TrainingError(f"{cfg.init_model} is an ensemble of {len(model.decoders())} decoders; --init-model "
+                            "needs a single decoder: fine-tune each member's own model file, then "
+                            "`batchcap ensemble` them again")
     if model.encoder_state is not None:
         raise TrainingError(f"{cfg.init_model} embeds a fine-tuned encoder; --init-model needs a model "
                             "trained on cached features of a stock encoder")

@@ -193,3 +193,17 @@ def test_init_model_refuses_a_model_with_an_embedded_encoder(tmp_path: Path, tin
     result = CliRunner().invoke(cli, ["train", str(data), "--out", str(tmp_path / "m.safetensors"),
                                       "--init-model", str(tiny_model_path), *COMMON])
     assert result.exit_code == 2 and "embeds a fine-tuned encoder" in result.output, result.output
+
+
+def test_init_model_refuses_an_ensemble(tmp_path: Path, tiny_model_path: Path) -> None:
+    from batchcap.ensemble import ensemble_models
+    from batchcap.modelfile import load_model, save_model
+
+    data = tmp_path / "shapes"
+    write_shapes_dataset(data, n_train=4, n_val=2)
+    ensemble = tmp_path / "ens.safetensors"
+    single = load_model(tiny_model_path)
+    save_model(ensemble_models([single, single]), ensemble)
+    result = CliRunner().invoke(cli, ["train", str(data), "--out", str(tmp_path / "m.safetensors"),
+                                      "--init-model", str(ensemble), *COMMON])
+    assert result.exit_code == 2 and "is an ensemble of 2 decoders" in result.output, result.output

@@ -1,0 +1,130 @@
+"""Decoder ensembles: N caption decoders searched as one, inside the same ``(B, K)`` beam.
+
+At every word each member scores the same hypotheses from its own ``(h, c)``, and their
+log-probabilities are combined into one distribution the beam search ranks by:
+
+* ``logprob`` (the default): the mean of the members' log-probabilities, renormalised
+  (a product of experts: a word needs every member's support);
+* ``prob``: the log of the mean of their probabilities (a mixture: one confident member
+  is enough).
+
+The search never learns it drives several decoders: the ensemble's state is the members'
+states laid end to end, and the encoder memory and attention keys of each member stay one
+copy per image (:attr:`EnsembleDecoder.per_image_state`). Members share the vocabulary,
+the encoder and the preprocessing; their architectures may differ.
+
+Unlike weight averaging (:mod:`batchcap.average`), an ensemble works for decoders trained
+from different random starts, and costs one decoder step per member at run time.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from batchcap.average import same_encoder_state
+from batchcap.config import to_dict
+from batchcap.decoder import CaptionDecoder, State
+from batchcap.modelfile import CaptionModel, DecoderMember
+
+COMBINE_RULES = ("logprob", "prob")
+
+
+class EnsembleError(Exception):
+    """Models that cannot be searched as one ensemble."""
+
+
+class EnsembleDecoder(nn.Module):
+    """Several :class:`CaptionDecoder` s behind one ``init_state`` / ``step`` interface."""
+
+    def __init__(self, members: Sequence[CaptionDecoder], combine: str = "logprob") -> None:
+        super().__init__()
+        if combine not in COMBINE_RULES:
+            raise EnsembleError(f"combine rule {combine!r}: expected one of {', '.join(COMBINE_RULES)}")
+        if len(members) < 1:
+            raise EnsembleError("an ensemble needs at least one decoder")
+        self.members = nn.ModuleList(members)
+        self.combine = combine
+        self._sizes = [len(m.per_image_state) for m in members]
+        #: Concatenation of the members' flags, in the order of the concatenated state.
+        self.per_image_state = tuple(flag for m in members for flag in m.per_image_state)
+
+    def _split(self, state: State) -> list[State]:
+        parts, start = [], 0
+        for size in self._sizes:
+            parts.append(tuple(state[start:start + size]))
+            start += size
+        return parts
+
+    def init_state(self, features: torch.Tensor) -> State:
+        """Every member's initial state from the same features, laid end to end."""
+        return tuple(t for member in self.members for t in member.init_state(features))
+
+    def step(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        """One word for N hypotheses: the combined fp32 log-probabilities ``(N, V)`` and new state.
+
+        Tensors a member returns unchanged (its memory and keys) come back as the same
+        objects, as the beam search requires of per-image state.
+        """
+        log_probs, new_state = [], []
+        for member, part in zip(self.members, self._split(state)):
+            member_lp, member_state = member.step(tokens, part)
+            log_probs.append(member_lp.float())
+            new_state.extend(member_state)
+        return combine_log_probs(log_probs, self.combine), tuple(new_state)
+
+
+def combine_log_probs(log_probs: Sequence[torch.Tensor], rule: str = "logprob") -> torch.Tensor:
+    """One normalised ``(N, V)`` log-distribution from the members' ``(N, V)`` log-probabilities."""
+    if len(log_probs) == 1:
+        return log_probs[0]
+    stacked = torch.stack(list(log_probs))  # (M, N, V)
+    if rule == "logprob":
+        return torch.log_softmax(stacked.mean(0), dim=-1)
+    if rule == "prob":
+        return torch.logsumexp(stacked, dim=0) - math.log(len(log_probs))
+    raise EnsembleError(f"combine rule {rule!r}: expected one of {', '.join(COMBINE_RULES)}")
+
+
+def _differences(first: CaptionModel, other: CaptionModel) -> list[str]:
+    return [what for what, same in (
+        ("vocabulary", other.vocab == first.vocab),
+        ("encoder", to_dict(other.encoder) == to_dict(first.encoder)),
+        ("preprocessing", other.preprocess == first.preprocess),
+        ("maximum caption length", other.max_caption_len == first.max_caption_len),
+        ("ending rule", other.unendable_words == first.unendable_words),
+        ("embedded encoder weights", same_encoder_state(first, other))) if not same]
+
+
+def ensemble_models(models: Sequence[CaptionModel], combine: str = "logprob",
+                    name: str = "ensemble") -> CaptionModel:
+    """One model file holding every decoder of ``models`` (ensembles are flattened), searched as one.
+
+    The result keeps the first model's vocabulary, encoder, preprocessing and ending rule;
+    it drops confidence calibration and scores, which belong to a single decoder's captions:
+    refit them (``batchcap calibrate``, ``batchcap eval``). Members with embedded encoders
+    must embed the same one: the ensemble runs one encoder pass for all its decoders.
+    """
+    if combine not in COMBINE_RULES:
+        raise EnsembleError(f"combine rule {combine!r}: expected one of {', '.join(COMBINE_RULES)}")
+    if len(models) < 2:
+        raise EnsembleError("an ensemble needs at least two models")
+    first = models[0]
+    for other in models:
+        differences = _differences(first, other)
+        if differences:
+            raise EnsembleError(
+                f"{other.path or other.name} differs from {first.path or first.name} in {', '.join(differences)}; "
+                "ensemble members must share the vocabulary, encoder, preprocessing and caption length "
+                "(train them on the same data and encoder; decoders fine-tuned with different encoders "
+                "cannot share one encoder pass)")
+    members = [replace(member, state={k: v.clone() for k, v in member.state.items()})  # a model given twice
+               for model in models for member in model.decoders()]  # must not share tensors in the file
+    head = members[0]
+    return replace(first, name=name, decoder=head.config, decoder_state=head.state,
+                   extra_decoders=tuple(members[1:]), combine=combine,
+                   training={"ensemble": [{"identity": m.identity, "training": m.training} for m in members]},
+                   metrics={}, calibration=None, path=None, tensors_sha256="")
