@@ -150,6 +150,9 @@ def input_options(func: F) -> F:
     """How inputs are found and decoded."""
     func = click.option("--image-key", "image_keys", default="jpg,jpeg,png,webp", show_default=True,
                         help="WebDataset: extensions to take the image from, first present wins.")(func)
+    func = click.option("--decode-on-device", is_flag=True,
+                        help="Decode JPEGs on the CUDA device (nvJPEG), Pillow for the rest and as fallback; "
+                             "for GPU nodes short of CPU cores.")(func)
     func = click.option("--no-draft", is_flag=True, help="Decode large JPEGs at full size (slower).")(func)
     func = click.option("--background", default="255,255,255", show_default=True,
                         help="R,G,B composited under transparent pixels.")(func)
@@ -208,8 +211,8 @@ def cli() -> None:
 @user_errors
 @interruptible
 def run(sources: tuple[str, ...], files_from: str | None, shard: str | None, max_pixels: int, background: str,
-        no_draft: bool, image_keys: str, out: str, fmt: str | None, overwrite: bool, commit_every: int,
-        commit_seconds: float, max_failures: str, log_every: float, min_confidence: float | None,
+        no_draft: bool, decode_on_device: bool, image_keys: str, out: str, fmt: str | None, overwrite: bool,
+        commit_every: int, commit_seconds: float, max_failures: str, log_every: float, min_confidence: float | None,
         model: str | None, encoder_weights: str | None, device: str, precision: str, batch_size: int | None,
         workers: str, backend: str, encoder_cache: str | None, beam: int, max_len: int | None, min_len: int,
         length_penalty: float, no_repeat_ngram: int, n_best: int) -> None:
@@ -256,7 +259,7 @@ def run(sources: tuple[str, ...], files_from: str | None, shard: str | None, max
                     commit_every=commit_every, log_every=log_every, commit_seconds=commit_seconds,
                     min_confidence=min_confidence)
     runtime = runtime_config(device, precision, batch_size, workers, backend, encoder_cache)
-    policy = image_policy(max_pixels, background, no_draft, image_keys)
+    policy = image_policy(max_pixels, background, no_draft, image_keys, decode_on_device, runtime.device)
     try:
         result = run_job(cfg, model_path, beam_cfg, runtime, policy, encoder_weights=encoder_weights)
     except LockHeld as exc:

@@ -146,6 +146,7 @@ class ImagePolicy:
     background: tuple[int, int, int] = (255, 255, 255)
     draft: bool = True
     image_keys: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
+    decode_on_device: bool = False  # hand complete RGB/grey JPEGs to the model's device undecoded
 
 
 @dataclass(frozen=True)

@@ -65,6 +65,10 @@ class Decoded:
     width: int | None = None   # picture size after EXIF orientation (before draft)
     height: int | None = None
     tensor: torch.Tensor | None = None  # uint8 (3, H, W)
+    #: With ``ImagePolicy.decode_on_device``: the JPEG's bytes, checked but not decoded
+    #: (:mod:`batchcap.device_decode` finishes it), and the EXIF orientation to apply.
+    encoded: torch.Tensor | None = None  # uint8 (n_bytes,)
+    orientation: int = 1
 
 
 def _fail(status: str, message: object, size: tuple[int, int] | None = None) -> Decoded:
@@ -170,6 +174,11 @@ def decode_bytes(data: bytes, preprocess: Preprocess, policy: ImagePolicy) -> De
     if width * height > policy.max_pixels:
         return _fail(TOO_LARGE, f"{width}x{height} = {width * height} pixels exceeds the cap of "
                                 f"{policy.max_pixels}", (width, height))
+    if policy.decode_on_device and _device_decodable(img, data, preprocess):
+        orientation = _orientation(img)
+        size = (height, width) if orientation >= 5 else (width, height)
+        return Decoded(OK, None, size[0], size[1], encoded=torch.frombuffer(bytearray(data), dtype=torch.uint8),
+                       orientation=orientation)
     try:
         if policy.draft and img.format == "JPEG":
             # JPEG EXIF sits in the header; other formats may keep it after the pixels, and
@@ -188,6 +197,14 @@ def decode_bytes(data: bytes, preprocess: Preprocess, policy: ImagePolicy) -> De
         rgb = rgb.transpose(_TRANSPOSE[orientation])
     size = (height, width) if orientation >= 5 else (width, height)
     return Decoded(OK, None, size[0], size[1], to_input_tensor(rgb, preprocess))
+
+
+def _device_decodable(img: Image.Image, data: bytes, preprocess: Preprocess) -> bool:
+    """A JPEG the device decoder can take: RGB or grey, complete (ends with EOI), a filter torch has."""
+    from batchcap.device_decode import DEVICE_INTERPOLATIONS
+
+    return (img.format == "JPEG" and img.mode in ("RGB", "L") and preprocess.interpolation in DEVICE_INTERPOLATIONS
+            and data.rstrip(b"\x00\r\n\t ").endswith(b"\xff\xd9"))
 
 
 def decode_file(path: str, preprocess: Preprocess, policy: ImagePolicy) -> Decoded:

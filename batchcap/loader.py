@@ -55,6 +55,11 @@ class Batch:
     failed: list[ItemResult] = field(default_factory=list)
     ignored: int = 0  # hidden / non-image names passed over
     skipped: int = 0  # inputs already captioned (``done``)
+    #: ``--decode-on-device``: rows of ``images`` still blank, their JPEG bytes and EXIF
+    #: orientations, for :func:`batchcap.device_decode.fill_batch` in the main process.
+    encoded_rows: list[int] = field(default_factory=list)
+    encoded: list[torch.Tensor] = field(default_factory=list)
+    orientations: list[int] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.ok) + len(self.failed)
@@ -79,10 +84,19 @@ class _Builder:
         self.failed: list[ItemResult] = []
         self.ignored = 0
         self.skipped = 0
+        self.encoded_rows: list[int] = []
+        self.encoded: list[torch.Tensor] = []
+        self.orientations: list[int] = []
 
     def add(self, item: InputItem, outcome: Decoded) -> None:
         result = ItemResult(item, outcome.status, outcome.error, outcome.width, outcome.height)
-        if outcome.tensor is not None:
+        if outcome.encoded is not None:  # decoded later, on the device: a blank row holds its place
+            self.encoded_rows.append(len(self.ok))
+            self.encoded.append(outcome.encoded)
+            self.orientations.append(outcome.orientation)
+            self.tensors.append(torch.zeros(self.shape[1:], dtype=torch.uint8))
+            self.ok.append(result)
+        elif outcome.tensor is not None:
             self.tensors.append(outcome.tensor)
             self.ok.append(result)
         else:
@@ -102,7 +116,8 @@ class _Builder:
 
     def take(self) -> Batch:
         images = torch.stack(self.tensors) if self.tensors else torch.empty(self.shape, dtype=torch.uint8)
-        batch = Batch(images, self.ok, self.failed, self.ignored, self.skipped)
+        batch = Batch(images, self.ok, self.failed, self.ignored, self.skipped,
+                      self.encoded_rows, self.encoded, self.orientations)
         self.reset()
         return batch
 

@@ -130,6 +130,7 @@ def run_job(cfg: RunConfig, model_path: Path, beam: BeamConfig, runtime: Runtime
     Raises ``OutputUnwritable`` before any model or image work when ``cfg.out`` cannot be
     written, and ``OutputIOError`` when a write fails on the way (a full disk).
     """
+    from batchcap.device_decode import fill_batch
     from batchcap.interrupt import StopSignals
     from batchcap.loader import iter_batches
     from batchcap.lock import check_output_writable, hold_lock
@@ -181,6 +182,8 @@ def run_job(cfg: RunConfig, model_path: Path, beam: BeamConfig, runtime: Runtime
                         break
                     now = dt.datetime.now(dt.timezone.utc)
                     rows = []
+                    if batch.encoded:  # --decode-on-device: finish decoding where the model runs
+                        fill_batch(batch, preprocess, policy, runtime.device)
                     if batch.ok:
                         captions = captioner(batch)
                         rows += [_ok_row(item, c.text, c.score, c.n_best, beam.n_best, identity, now,

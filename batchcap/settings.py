@@ -142,8 +142,13 @@ def beam_config(beam: int, max_len: int | None, min_len: int, length_penalty: fl
                       no_repeat_ngram=no_repeat_ngram, n_best=n_best)
 
 
-def image_policy(max_pixels: int, background: str, no_draft: bool, image_keys: str) -> ImagePolicy:
-    """The :class:`ImagePolicy` for ``--max-pixels``, ``--background``, ``--no-draft``, ``--image-key``."""
+def image_policy(max_pixels: int, background: str, no_draft: bool, image_keys: str,
+                 decode_on_device: bool = False, device: str = "cpu") -> ImagePolicy:
+    """The :class:`ImagePolicy` for ``--max-pixels``, ``--background``, ``--no-draft``, ``--image-key``,
+    ``--decode-on-device`` (which needs the resolved ``device`` to be CUDA)."""
+    if decode_on_device and not device.startswith("cuda"):
+        raise OptionError("--decode-on-device", f"decodes JPEGs with nvJPEG on a CUDA device, and this run is on "
+                                                f"{device}; drop it, or pass --device cuda on a GPU node")
     try:
         rgb = tuple(int(v) for v in background.split(","))
         if len(rgb) != 3 or not all(0 <= v <= 255 for v in rgb):
@@ -155,4 +160,4 @@ def image_policy(max_pixels: int, background: str, no_draft: bool, image_keys: s
     if not keys:
         raise OptionError("--image-key", "name at least one extension, e.g. jpg,png")
     return ImagePolicy(max_pixels=max_pixels, background=rgb, draft=not no_draft,  # type: ignore[arg-type]
-                       image_keys=keys)
+                       image_keys=keys, decode_on_device=decode_on_device)
