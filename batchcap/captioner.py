@@ -112,6 +112,17 @@ class Caption:
     error: str | None = None
 
 
+def search_decoder(model: CaptionModel, runtime: RuntimeConfig) -> torch.nn.Module:
+    """The model's decoder on the run's device, with bf16 weights when the run's precision is bf16.
+
+    The search is matrix products of a few dozen rows by the LSTM and output weights; in bf16
+    they run about 1.3x faster on this project's CPU, and on Flickr8k dev 981 of 1,000 captions
+    equal the fp32 decoder's (CIDEr-D 0.5301 vs 0.5299; README, Performance). Scores stay fp32:
+    the log-softmax runs in fp32. ``--precision fp32`` keeps the whole search fp32.
+    """
+    return model.build_decoder(torch.bfloat16 if runtime.precision == "bf16" else None).to(runtime.device)
+
+
 def encode_fixed_size(encode: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor,
                       batch_size: int) -> torch.Tensor:
     """``encode(images)``, with a short batch padded by blank pictures up to ``batch_size`` rows.
@@ -157,7 +168,7 @@ class Captioner:
         self.weights_source = source
         backbone = build_backbone(EncoderConfig(name=model.encoder.name, spatial=model.encoder.spatial), source)
         self.encoder = build_encoder(backbone, model.preprocess, runtime, spatial=model.encoder.spatial)
-        self.decoder = model.build_decoder().to(runtime.device)
+        self.decoder = search_decoder(model, runtime)
         self.fixed_batch = torch.device(runtime.device).type == "cuda"
         # A second hypothesis gives the calibrator its margin; asking for it never changes the best.
         self._search_cfg = dataclasses.replace(beam, n_best=max(beam.n_best, min(2, beam.beam_size)))
@@ -170,14 +181,14 @@ class Captioner:
         return self.encoder(images)
 
     def search(self, features: torch.Tensor) -> list[Caption]:
-        """Beam search from features; the decoder runs in fp32 so scores are fp32 log-probs."""
+        """Beam search from features (decoder in fp32, or bf16 at bf16 precision); scores are fp32 log-probs."""
         return self.search_with_evidence(features)[0]
 
     @torch.inference_mode()
     def search_with_evidence(self, features: torch.Tensor) -> tuple[list[Caption], "np.ndarray"]:
         """:meth:`search`, plus each image's calibrator inputs (:func:`caption_evidence`)."""
         vocab, model = self.model.vocab, self.model
-        state = self.decoder.init_state(features.float())
+        state = self.decoder.init_state(features)
         result = beam_search(self.decoder.step, state, self._search_cfg, start_id=vocab.start_id,
                              end_id=vocab.end_id, pad_id=vocab.pad_id, banned_ids=vocab.never_generated,
                              unendable_ids=model.unendable_ids, per_image=self.decoder.per_image_state)

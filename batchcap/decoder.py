@@ -34,28 +34,30 @@ State = tuple[torch.Tensor, ...]
 class CaptionDecoder(nn.Module):
     """Word-by-word caption generator conditioned on image features."""
 
-    def __init__(self, cfg: DecoderConfig) -> None:
+    def __init__(self, cfg: DecoderConfig, dtype: torch.dtype | None = None) -> None:
+        """``dtype``: the weights' (default fp32); bf16 makes a faster search on CPUs with native bf16."""
         super().__init__()
+        kw = {"dtype": dtype}
         self.cfg = cfg
         d = cfg.attention_dim
-        self.feature_proj = nn.Linear(cfg.feature_dim, d)
-        self.init_h = nn.Linear(d, cfg.num_layers * cfg.hidden_dim)
-        self.init_c = nn.Linear(d, cfg.num_layers * cfg.hidden_dim)
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.embed_dim)
+        self.feature_proj = nn.Linear(cfg.feature_dim, d, **kw)
+        self.init_h = nn.Linear(d, cfg.num_layers * cfg.hidden_dim, **kw)
+        self.init_c = nn.Linear(d, cfg.num_layers * cfg.hidden_dim, **kw)
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.embed_dim, **kw)
         if cfg.attention:
-            self.att_key = nn.Linear(d, d)
-            self.att_query = nn.Linear(cfg.hidden_dim, d)
-            self.att_gate = nn.Linear(cfg.hidden_dim, d)
-        cells = [nn.LSTMCell(cfg.embed_dim + d, cfg.hidden_dim)]
-        cells += [nn.LSTMCell(cfg.hidden_dim, cfg.hidden_dim) for _ in range(cfg.num_layers - 1)]
+            self.att_key = nn.Linear(d, d, **kw)
+            self.att_query = nn.Linear(cfg.hidden_dim, d, **kw)
+            self.att_gate = nn.Linear(cfg.hidden_dim, d, **kw)
+        cells = [nn.LSTMCell(cfg.embed_dim + d, cfg.hidden_dim, **kw)]
+        cells += [nn.LSTMCell(cfg.hidden_dim, cfg.hidden_dim, **kw) for _ in range(cfg.num_layers - 1)]
         self.cells = nn.ModuleList(cells)
         self.dropout = nn.Dropout(cfg.dropout)
         if cfg.deep_output:  # logits = L_o tanh(E y_{t-1} + L_h h_t + L_z z_t), SAT eq. 7
-            self.out_h = nn.Linear(cfg.hidden_dim, cfg.embed_dim)
-            self.out_z = nn.Linear(d, cfg.embed_dim)
-            self.out = nn.Linear(cfg.embed_dim, cfg.vocab_size)
+            self.out_h = nn.Linear(cfg.hidden_dim, cfg.embed_dim, **kw)
+            self.out_z = nn.Linear(d, cfg.embed_dim, **kw)
+            self.out = nn.Linear(cfg.embed_dim, cfg.vocab_size, **kw)
         else:
-            self.out = nn.Linear(cfg.hidden_dim, cfg.vocab_size)
+            self.out = nn.Linear(cfg.hidden_dim, cfg.vocab_size, **kw)
         self._scale = d ** -0.5
 
     # -- state ---------------------------------------------------------------------------
@@ -72,7 +74,7 @@ class CaptionDecoder(nn.Module):
         Beam search starts from ``captions_per_image=1`` and repeats only ``h, c`` for its K
         beams (:attr:`per_image_state`).
         """
-        features = features.float()
+        features = features.to(self.feature_proj.weight.dtype)  # fp32, or bf16 for a bf16 search
         if features.dim() == 2:
             features = features[:, None, :]  # (M, 1, F)
         memory = F.relu(self.feature_proj(features))  # (M, R, D)

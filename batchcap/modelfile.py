@@ -157,8 +157,8 @@ class CaptionModel:
                if self.extra_decoders else {}),
         }
 
-    def build_decoder(self) -> "torch.nn.Module":
-        """The decoder module with this file's weights, in eval mode, fp32.
+    def build_decoder(self, dtype: torch.dtype | None = None) -> "torch.nn.Module":
+        """The decoder module with this file's weights, in eval mode, fp32 (or ``dtype``).
 
         For an ensemble, an :class:`batchcap.ensemble.EnsembleDecoder` of all members: the
         same ``init_state`` / ``step`` / ``per_image_state`` interface, so searches need not know.
@@ -167,7 +167,7 @@ class CaptionModel:
 
         modules = []
         for member in self.decoders():
-            module = CaptionDecoder(member.config)
+            module = CaptionDecoder(member.config, dtype=dtype)
             module.load_state_dict({k: v.float() for k, v in member.state.items()})
             modules.append(module.eval())
         if len(modules) == 1:

@@ -161,3 +161,28 @@ def test_the_packaged_model_captions_photos_offline(tmp_path: Path) -> None:
     text = " ".join(r["caption"] for r in rows)
     assert any(w in text for w in ("dog", "man", "girl", "boy", "woman", "people"))
 
+
+
+def test_a_bf16_run_searches_with_bf16_weights_and_agrees_with_fp32() -> None:
+    """The bf16 search against the fp32 one (the reference) on the same features of real photos."""
+    from tests.conftest import shared_path
+
+    folder = shared_path("data", "flickr8k-sample")
+    model = load_model(DEFAULT_MODEL)
+    beam = BeamConfig(beam_size=3, max_len=model.max_caption_len)
+    fp32 = Captioner(model, RuntimeConfig(precision="fp32", batch_size=16, workers=0), beam)
+    bf16 = dataclasses.replace(fp32.runtime, precision="bf16")
+    from batchcap.captioner import search_decoder
+
+    fast = search_decoder(model, bf16)
+    assert {p.dtype for p in fast.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in fp32.decoder.parameters()} == {torch.float32}
+    paths = sorted(str(p) for p in folder.rglob("*.jpg"))[:32]
+    [*batches] = iter_batches(open_sources(paths), model.preprocess, ImagePolicy(), batch_size=16, workers=0)
+    features = torch.cat([fp32.encode(b.images) for b in batches])
+    reference = [c.text for c in fp32.search(features)]
+    fp32.decoder = fast
+    captions = fp32.search(features)
+    same = sum(a == c.text for a, c in zip(reference, captions))
+    assert same >= 0.85 * len(reference), (same, len(reference))
+    assert all(c.error is None and c.logprob < 0 for c in captions)
