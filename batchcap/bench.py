@@ -294,8 +294,12 @@ def hardware_limit(gmacs: float, precision: str, device: torch.device) -> float 
 
 
 def build_variant_encoder(backbone: torch.nn.Module, model: CaptionModel, device: torch.device, variant: Variant,
-                          batch_size: int, encoder_cache: str | None = None) -> Any:
-    """The encode stage for ``variant``: a torch :class:`~batchcap.encoder.Encoder` on a copy, or an OpenVINO one."""
+                          batch_size: int, encoder_cache: str | None = None,
+                          identity: tuple[str, str] | None = None) -> Any:
+    """The encode stage for ``variant``: a torch :class:`~batchcap.encoder.Encoder` on a copy, or an OpenVINO one.
+
+    ``identity`` (:func:`batchcap.encoder.stored_identity`) keys the OpenVINO cache as ``run`` does.
+    """
     from batchcap.encoder import build_encoder
 
     runtime = RuntimeConfig(device=str(device), precision=variant.precision, batch_size=batch_size, workers=0,
@@ -304,7 +308,7 @@ def build_variant_encoder(backbone: torch.nn.Module, model: CaptionModel, device
     if variant.backend == "torch":
         backbone = copy.deepcopy(backbone).to(memory_format=torch.contiguous_format)
     return build_encoder(backbone, model.preprocess, runtime, spatial=model.encoder.spatial,
-                         log=lambda m: _note(m))
+                         log=lambda m: _note(m), identity=identity)
 
 
 def measure_encoder(encoder: Any, model: CaptionModel, device: torch.device, variant: Variant,
@@ -508,11 +512,13 @@ def run_bench(*, images: str | None, as_json: bool, count: int, size: str, repea
         # encoder, per backend and precision at the batch size, then a batch-size sweep at run's choice
         from batchcap.captioner import resolve_encoder_weights
         from batchcap.config import EncoderConfig
-        from batchcap.encoder import EncoderError, build_backbone
+        from batchcap.encoder import EncoderError, build_backbone, stored_identity
         from batchcap.openvino_backend import openvino_version
 
-        backbone = build_backbone(EncoderConfig(name=loaded.encoder.name, spatial=loaded.encoder.spatial),
-                                  resolve_encoder_weights(loaded, encoder_weights)).to(dev)
+        encoder_cfg = EncoderConfig(name=loaded.encoder.name, spatial=loaded.encoder.spatial)
+        source = resolve_encoder_weights(loaded, encoder_weights)
+        identity = stored_identity(encoder_cfg, source)
+        backbone = build_backbone(encoder_cfg, source).to(dev)
         gmacs = encoder_gmacs(backbone, loaded.preprocess)
         results["encoder_gmacs_per_image"] = gmacs
         rows, skipped = [], []
@@ -523,7 +529,7 @@ def run_bench(*, images: str | None, as_json: bool, count: int, size: str, repea
             _note(f"encoder {variant.label}, batch {runtime.batch_size}")
             try:
                 encoder = build_variant_encoder(backbone, loaded, dev, variant, runtime.batch_size,
-                                                runtime.encoder_cache)
+                                                runtime.encoder_cache, identity)
             except EncoderError as exc:  # e.g. int8 with no calibration photos named
                 skipped.append({"variant": variant.label, "reason": str(exc)})
                 _note(f"skipped {variant.label}: {exc}")

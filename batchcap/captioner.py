@@ -22,7 +22,7 @@ from batchcap.beam import BeamResult, beam_search
 from batchcap.confidence import caption_evidence
 from batchcap.config import BeamConfig, EncoderConfig, RuntimeConfig
 from batchcap.encoder import (ASSETS_DIR, ENV_WEIGHTS, EncoderError, WeightsSource, build_backbone, build_encoder,
-                              find_referenced_weights)
+                              find_referenced_weights, stored_identity)
 from batchcap.modelfile import CaptionModel, ModelFileError, check_encoder_weights
 
 if TYPE_CHECKING:
@@ -166,8 +166,11 @@ class Captioner:
         self.beam = beam
         source = resolve_encoder_weights(model, encoder_weights)
         self.weights_source = source
-        backbone = build_backbone(EncoderConfig(name=model.encoder.name, spatial=model.encoder.spatial), source)
-        self.encoder = build_encoder(backbone, model.preprocess, runtime, spatial=model.encoder.spatial)
+        encoder_cfg = EncoderConfig(name=model.encoder.name, spatial=model.encoder.spatial)
+        self.encoder = build_encoder(lambda: build_backbone(encoder_cfg, source), model.preprocess, runtime,
+                                     spatial=model.encoder.spatial,
+                                     identity=stored_identity(encoder_cfg, source) if runtime.backend == "openvino"
+                                     else None)
         self.decoder = search_decoder(model, runtime)
         self.fixed_batch = torch.device(runtime.device).type == "cuda"
         # A second hypothesis gives the calibrator its margin; asking for it never changes the best.

@@ -205,18 +205,35 @@ class Encoder(nn.Module):
         return fmap.mean(dim=(2, 3))  # (B, F)
 
 
-def build_encoder(backbone: nn.Module, preprocess: Preprocess, runtime: RuntimeConfig, spatial: bool = True,
-                  log: Callable[[str], None] | None = None) -> Encoder | Any:
+def stored_identity(cfg: EncoderConfig, source: WeightsSource) -> tuple[str, str] | None:
+    """(architecture, digest of the weights as stored) without building the network; None for a download.
+
+    What the OpenVINO cache is keyed by, so a cached graph is found before timm is even imported.
+    """
+    if source.kind == "pretrained":
+        return None
+    from batchcap.modelfile import tensors_sha256
+
+    state = source.state if source.state is not None else load_state_dict_file(source.path or "")
+    return cfg.name, "stored:" + tensors_sha256(state)
+
+
+def build_encoder(backbone: nn.Module | Callable[[], nn.Module], preprocess: Preprocess, runtime: RuntimeConfig,
+                  spatial: bool = True, log: Callable[[str], None] | None = None,
+                  identity: tuple[str, str] | None = None) -> Encoder | Any:
     """The encode stage for ``runtime.backend``: :class:`Encoder` (torch), or the OpenVINO one on the CPU.
 
-    ``log`` hears about a first-use conversion (default: stderr), which takes a minute.
+    ``backbone`` may be a function that builds it; with the weights' ``identity``
+    (:func:`stored_identity`) the OpenVINO backend calls it only to convert a graph it has not
+    cached. ``log`` hears about a first-use conversion (default: stderr), which takes a minute.
     """
     if runtime.backend == "openvino":
         from batchcap.openvino_backend import CacheUnusable, OpenVINOEncoder, OpenVINOUnavailable
         from batchcap.quantize import CalibrationError
 
         try:
-            return OpenVINOEncoder(backbone, preprocess, runtime, spatial=spatial, log=log)
+            return OpenVINOEncoder(backbone, preprocess, runtime, spatial=spatial, log=log, identity=identity)
         except (OpenVINOUnavailable, CacheUnusable, CalibrationError) as exc:
             raise EncoderError(str(exc)) from exc
-    return Encoder(backbone, preprocess, runtime, spatial=spatial)
+    network = backbone if isinstance(backbone, nn.Module) else backbone()
+    return Encoder(network, preprocess, runtime, spatial=spatial)

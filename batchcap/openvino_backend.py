@@ -123,13 +123,22 @@ def weights_sha256(backbone: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def cache_fields(backbone: nn.Module, preprocess: Preprocess, spatial: bool, stored_precision: str,
-                 version: str, weights_digest: str | None = None,
-                 extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Everything a converted graph depends on; its hash names the cache folder."""
+def backbone_identity(backbone: nn.Module) -> tuple[str, str]:
+    """(architecture, weights digest) of a built network, for the cache key."""
     arch = getattr(backbone, "pretrained_cfg", {}).get("architecture") or type(backbone).__name__
+    return arch, weights_sha256(backbone)
+
+
+def cache_fields(identity: tuple[str, str], preprocess: Preprocess, spatial: bool, stored_precision: str,
+                 version: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Everything a converted graph depends on; its hash names the cache folder.
+
+    ``identity`` is (architecture, weights digest): :func:`backbone_identity` of a built network, or
+    :func:`batchcap.encoder.stored_identity` of the weights as stored, which needs no network.
+    """
+    arch, digest = identity
     return {"graph_format": GRAPH_FORMAT, "encoder": arch,
-            "weights_sha256": weights_digest or weights_sha256(backbone),
+            "weights_sha256": digest,
             "preprocess": to_dict(preprocess), "spatial": spatial, "precision": stored_precision,
             "batch": BATCH_POLICY, "openvino": version, **(extra or {})}
 
@@ -257,8 +266,12 @@ class OpenVINOEncoder:
     (:func:`batchcap.quantize.int8_graph`); ``info`` is the used graph's cache record.
     """
 
-    def __init__(self, backbone: nn.Module, preprocess: Preprocess, runtime: RuntimeConfig, spatial: bool = True,
-                 log: Callable[[str], None] | None = None) -> None:
+    def __init__(self, backbone: nn.Module | Callable[[], nn.Module], preprocess: Preprocess, runtime: RuntimeConfig,
+                 spatial: bool = True, log: Callable[[str], None] | None = None,
+                 identity: tuple[str, str] | None = None) -> None:
+        """``backbone`` may be a function that builds it: with ``identity`` (architecture, weights digest)
+        given, the network is built only when its graph is not cached yet, so a run from the cache
+        never imports timm or builds Xception (seconds of start-up)."""
         ov = import_openvino()
         log = log or _stderr
         self.runtime = runtime
@@ -268,9 +281,13 @@ class OpenVINOEncoder:
             raise ValueError(f"OpenVINO encoder: unsupported precision {precision!r}")
         version = str(ov.__version__).split("-")[0]
         root = cache_root(runtime.encoder_cache)
-        digest = weights_sha256(backbone)
-        fp32_fields = cache_fields(backbone, preprocess, spatial, "fp32", version, digest)
-        fp32_xml, fp32_info = cached_graph(root, fp32_fields, lambda: convert(backbone, preprocess, spatial), log)
+        def network() -> nn.Module:
+            return backbone if isinstance(backbone, nn.Module) else backbone()
+
+        if identity is None:
+            identity = backbone_identity(network())
+        fp32_fields = cache_fields(identity, preprocess, spatial, "fp32", version)
+        fp32_xml, fp32_info = cached_graph(root, fp32_fields, lambda: convert(network(), preprocess, spatial), log)
         self.xml, self.info = fp32_xml, fp32_info
         if precision == "int8":
             from batchcap.quantize import int8_graph

@@ -1,6 +1,8 @@
 """The OpenVINO encoder backend against the torch fp32 reference: features, cache, int8, fallback to torch."""
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import os
 import subprocess
@@ -143,6 +145,32 @@ def test_cache_is_reused_and_rebuilt_when_the_weights_change(tmp_path: Path) -> 
     assert len(list((cache / "openvino").iterdir())) == 2
     assert changed.info["weights_sha256"] != first.info["weights_sha256"]
     assert _cosines(changed(images), _torch_fp32(backbone, model.preprocess)(images)).min() > 0.9999
+
+
+@needs_openvino
+def test_a_cached_graph_is_found_without_building_the_network(tmp_path: Path, tiny_model_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """The captioner keys the cache by the weights as stored: from the cache, no timm, no network."""
+    import batchcap.captioner as captioner_module
+    from batchcap.captioner import Captioner
+    from batchcap.config import BeamConfig
+    from batchcap.modelfile import load_model
+
+    model = load_model(tiny_model_path)
+    runtime = _ov_runtime("fp32", tmp_path / "cache")
+    built: list[str] = []
+    real_build = captioner_module.build_backbone
+    monkeypatch.setattr(captioner_module, "build_backbone", lambda *a: (built.append("built"), real_build(*a))[1])
+    images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    first = Captioner(model, runtime, BeamConfig(beam_size=2, max_len=5))
+    assert built == ["built"]  # converted once, from the network
+    again = Captioner(model, runtime, BeamConfig(beam_size=2, max_len=5))
+    assert built == ["built"] and again.encoder.xml == first.encoder.xml  # from the cache alone
+    assert torch.equal(again.encode(images), first.encode(images))
+    changed = dataclasses.replace(model, encoder_state={k: (v + 0.01 if v.is_floating_point() else v)
+                                                        for k, v in model.encoder_state.items()})
+    other = Captioner(changed, runtime, BeamConfig(beam_size=2, max_len=5))
+    assert built == ["built", "built"] and other.encoder.xml != first.encoder.xml  # new weights: new graph
 
 
 @needs_openvino

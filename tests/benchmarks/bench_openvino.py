@@ -40,7 +40,7 @@ from batchcap.bench import (Variant, build_variant_encoder, encoder_gmacs, hardw
                             machine_info, measure_encoder, measure_reference)
 from batchcap.captioner import Captioner, resolve_encoder_weights, resolve_model_path  # noqa: E402
 from batchcap.config import BeamConfig, EncoderConfig, ImagePolicy, RunConfig, RuntimeConfig, to_dict  # noqa: E402
-from batchcap.encoder import EncoderError, build_backbone  # noqa: E402
+from batchcap.encoder import EncoderError, build_backbone, stored_identity  # noqa: E402
 from batchcap.modelfile import load_model  # noqa: E402
 from batchcap.settings import beam_config, runtime_config  # noqa: E402
 
@@ -94,15 +94,18 @@ def main() -> None:
     print(f"machine: {info['cpu']}, {info['cpus_usable']} CPUs, openvino {info['openvino']}, torch "
           f"{info['torch']} | load average {load_before[0]:.1f} | {len(paths)} photos from {args.photos}")
     print(f"run defaults: {to_dict(runtime)}")
-    backbone = build_backbone(EncoderConfig(name=model.encoder.name, spatial=model.encoder.spatial),
-                              resolve_encoder_weights(model, None))
+    encoder_cfg = EncoderConfig(name=model.encoder.name, spatial=model.encoder.spatial)
+    source = resolve_encoder_weights(model, None)
+    identity = stored_identity(encoder_cfg, source)  # the cache key run uses
+    backbone = build_backbone(encoder_cfg, source)
     gmacs = encoder_gmacs(backbone, model.preprocess)
     variants = [Variant("bf16", True), Variant("fp32", False, "openvino"), Variant("bf16", False, "openvino"),
                 Variant("int8", False, "openvino")]
     encoders = {}
     for v in variants:
         try:
-            encoders[v] = build_variant_encoder(backbone, model, device, v, args.batch_size, runtime.encoder_cache)
+            encoders[v] = build_variant_encoder(backbone, model, device, v, args.batch_size, runtime.encoder_cache,
+                                                identity)
         except EncoderError as exc:
             print(f"skipping {v.label}: {exc}")
     chosen = Variant(runtime.precision, runtime.channels_last if runtime.backend == "torch" else False,
