@@ -67,7 +67,7 @@ class Decoded:
     tensor: torch.Tensor | None = None  # uint8 (3, H, W)
     #: With ``ImagePolicy.decode_on_device``: the JPEG's bytes, checked but not decoded
     #: (:mod:`batchcap.device_decode` finishes it), and the EXIF orientation to apply.
-    encoded: torch.Tensor | None = None  # uint8 (n_bytes,)
+    encoded: bytes | None = None
     orientation: int = 1
 
 
@@ -177,8 +177,7 @@ def decode_bytes(data: bytes, preprocess: Preprocess, policy: ImagePolicy) -> De
     if policy.decode_on_device and _device_decodable(img, data, preprocess):
         orientation = _orientation(img)
         size = (height, width) if orientation >= 5 else (width, height)
-        return Decoded(OK, None, size[0], size[1], encoded=torch.frombuffer(bytearray(data), dtype=torch.uint8),
-                       orientation=orientation)
+        return Decoded(OK, None, size[0], size[1], encoded=data, orientation=orientation)
     try:
         if policy.draft and img.format == "JPEG":
             # JPEG EXIF sits in the header; other formats may keep it after the pixels, and

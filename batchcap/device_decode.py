@@ -6,8 +6,8 @@ On a GPU node the decoding workers, not the GPU, are the first limit: one core d
 * a **worker** still reads each file and its header: the pixel cap, the format, the mode, the
   EXIF orientation, and whether the stream is complete (it must end with the JPEG end-of-image
   marker: a truncated JPEG stays ``corrupt``, as with Pillow). A baseline or progressive RGB or
-  greyscale JPEG is then passed on *undecoded* (:attr:`batchcap.decode.Decoded.encoded`); every
-  other picture is decoded by Pillow in the worker as usual;
+  greyscale JPEG is then passed on *undecoded* (:attr:`batchcap.decode.Decoded.encoded`; a batch's
+  files travel end to end in one tensor); every other picture is decoded by Pillow in the worker;
 * the **main process** decodes a batch's JPEGs in one batched ``decode_jpeg`` call on the device,
   applies the EXIF orientation, resizes with the model's filter (antialiased, as Pillow's) and
   crops, all on the device (:func:`fill_batch`);
@@ -110,14 +110,14 @@ def fill_batch(batch: "Batch", preprocess: Preprocess, policy: ImagePolicy, devi
     """
     from batchcap.decode import OK, decode_bytes
 
-    if not batch.encoded:
+    if not batch.encoded_rows:
         return
-    rows = list(batch.encoded_rows)
+    rows, encoded = list(batch.encoded_rows), batch.encoded()
     images = batch.images.to(device, non_blocking=True)
-    decoded = decode_jpegs(batch.encoded, device)
+    decoded = decode_jpegs(encoded, device)
     pillow = dataclasses.replace(policy, decode_on_device=False)
     bad: dict[int, tuple[str, str | None]] = {}
-    for row, data, orientation, picture in zip(rows, batch.encoded, batch.orientations, decoded):
+    for row, data, orientation, picture in zip(rows, encoded, batch.orientations, decoded):
         tensor: torch.Tensor | None = None
         if isinstance(picture, torch.Tensor):
             try:
@@ -131,7 +131,7 @@ def fill_batch(batch: "Batch", preprocess: Preprocess, policy: ImagePolicy, devi
                 continue
             tensor = outcome.tensor.to(device)
         images[row] = tensor
-    batch.encoded, batch.encoded_rows, batch.orientations = [], [], []
+    batch.encoded_rows, batch.orientations, batch.encoded_data, batch.encoded_ends = [], [], None, []
     if bad:
         keep = [row for row in range(len(batch.ok)) if row not in bad]
         batch.failed = batch.failed + [dataclasses.replace(batch.ok[row], status=status, error=error)

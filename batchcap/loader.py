@@ -17,6 +17,7 @@ one tar member at a time and one batch; the DataLoader keeps ``2 * workers`` bat
 """
 from __future__ import annotations
 
+import itertools
 import signal
 from dataclasses import dataclass, field
 from typing import Iterator, Mapping
@@ -55,11 +56,19 @@ class Batch:
     failed: list[ItemResult] = field(default_factory=list)
     ignored: int = 0  # hidden / non-image names passed over
     skipped: int = 0  # inputs already captioned (``done``)
-    #: ``--decode-on-device``: rows of ``images`` still blank, their JPEG bytes and EXIF
-    #: orientations, for :func:`batchcap.device_decode.fill_batch` in the main process.
+    #: ``--decode-on-device``: rows of ``images`` still blank, their EXIF orientations, and their
+    #: JPEG files end to end in one ``uint8`` tensor (one shared-memory segment per batch, not
+    #: one per picture) with each file's end offset, for :func:`batchcap.device_decode.fill_batch`.
     encoded_rows: list[int] = field(default_factory=list)
-    encoded: list[torch.Tensor] = field(default_factory=list)
     orientations: list[int] = field(default_factory=list)
+    encoded_data: torch.Tensor | None = None
+    encoded_ends: list[int] = field(default_factory=list)
+
+    def encoded(self) -> list[torch.Tensor]:
+        """Each undecoded JPEG's bytes, a view into ``encoded_data``."""
+        starts = [0, *self.encoded_ends[:-1]]
+        assert self.encoded_data is not None or not self.encoded_ends
+        return [self.encoded_data[a:b] for a, b in zip(starts, self.encoded_ends)]  # type: ignore[index]
 
     def __len__(self) -> int:
         return len(self.ok) + len(self.failed)
@@ -85,7 +94,7 @@ class _Builder:
         self.ignored = 0
         self.skipped = 0
         self.encoded_rows: list[int] = []
-        self.encoded: list[torch.Tensor] = []
+        self.encoded: list[bytes] = []
         self.orientations: list[int] = []
 
     def add(self, item: InputItem, outcome: Decoded) -> None:
@@ -116,8 +125,12 @@ class _Builder:
 
     def take(self) -> Batch:
         images = torch.stack(self.tensors) if self.tensors else torch.empty(self.shape, dtype=torch.uint8)
+        data, ends = None, []
+        if self.encoded:
+            data = torch.frombuffer(bytearray(b"".join(self.encoded)), dtype=torch.uint8)
+            ends = list(itertools.accumulate(len(e) for e in self.encoded))
         batch = Batch(images, self.ok, self.failed, self.ignored, self.skipped,
-                      self.encoded_rows, self.encoded, self.orientations)
+                      self.encoded_rows, self.orientations, data, ends)
         self.reset()
         return batch
 

@@ -182,7 +182,7 @@ def run_job(cfg: RunConfig, model_path: Path, beam: BeamConfig, runtime: Runtime
                         break
                     now = dt.datetime.now(dt.timezone.utc)
                     rows = []
-                    if batch.encoded:  # --decode-on-device: finish decoding where the model runs
+                    if batch.encoded_rows:  # --decode-on-device: finish decoding where the model runs
                         fill_batch(batch, preprocess, policy, runtime.device)
                     if batch.ok:
                         captions = captioner(batch)

@@ -138,10 +138,13 @@ def test_fill_batch_decodes_like_pillow_and_keeps_every_row(tmp_path: Path, devi
     sources = open_sources([str(folder)])
     pillow = {i.item.id: t for b in iter_batches(sources, PRE, ImagePolicy(), batch_size=16, workers=0)
               for i, t in zip(b.ok, b.images)}
-    [batch] = list(iter_batches(open_sources([str(folder)]), PRE, ON_DEVICE, batch_size=16, workers=0))
-    assert len(batch.encoded) == 6  # plain, turned, grey, progressive, damaged, bad header: handed over
+    # one worker process: the undecoded files cross a process boundary, as in a run
+    [batch] = list(iter_batches(open_sources([str(folder)]), PRE, ON_DEVICE, batch_size=16, workers=1))
+    assert len(batch.encoded_rows) == 6  # plain, turned, grey, progressive, damaged, bad header: handed over
+    assert batch.encoded_data is not None and batch.encoded_ends[-1] == batch.encoded_data.numel()  # one tensor
+    assert bytes(batch.encoded()[1].numpy()) == (folder / "b-turned.jpg").read_bytes()
     fill_batch(batch, PRE, ON_DEVICE, device)
-    assert not batch.encoded and batch.images.device.type == device
+    assert not batch.encoded_rows and batch.images.device.type == device
     statuses = {i.item.id: i.status for i in batch.ok + batch.failed}
     assert len(statuses) == 8  # one row per input, nothing skipped
     assert statuses["g-truncated.jpg"] == "corrupt"  # no end marker: never handed over
@@ -176,7 +179,7 @@ def test_features_match_the_pillow_path(device: str) -> None:
     [plain] = list(iter_batches(sources, model.preprocess, ImagePolicy(), batch_size=8, workers=0))
     [handed] = list(iter_batches(open_sources([str(p) for p in paths]), model.preprocess, ON_DEVICE,
                                  batch_size=8, workers=0))
-    assert len(handed.encoded) == 8
+    assert len(handed.encoded_rows) == 8
     fill_batch(handed, model.preprocess, ON_DEVICE, device)
     with torch.inference_mode():
         a = captioner.encode(plain.images).flatten(1)
