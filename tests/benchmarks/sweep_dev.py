@@ -1,0 +1,92 @@
+"""Score models x search settings on Flickr8k dev from the feature cache `batchcap train` wrote.
+
+Model selection, not a benchmark: every row searches the dev photos' cached encoder features
+(no image decoding or encoding, so a setting costs seconds) and scores the captions with the
+COCO toolkit (PTB tokenizer when Java is present). With the cache of the shipped recipe it
+reproduces the model card's dev scores exactly; the model card's "What else was tried" table
+came from it.
+
+    python tests/benchmarks/sweep_dev.py flickr8k/ MODEL [MODEL...] --cache-dir .batchcap-features \\
+        --settings 3:0,5:0,3:0.6 [--no-ending-rule] [--fast] [--json out.json]
+
+A setting is ``BEAM:LENGTH_PENALTY[:NO_REPEAT_NGRAM]``. ``--cache-dir`` is the folder given to
+(or defaulted by) ``batchcap train --cache-dir``; the sub-folder whose key matches the model's
+encoder, weights, preprocessing and precision is used.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+from batchcap.beam import beam_search  # noqa: E402
+from batchcap.config import BeamConfig  # noqa: E402
+from batchcap.datasets import load_flickr8k  # noqa: E402
+from batchcap.features import FeatureCache  # noqa: E402
+from batchcap.metrics import score_captions  # noqa: E402
+from batchcap.modelfile import load_model  # noqa: E402
+
+
+def dev_features(cache_dir: Path, ids: list[str]) -> torch.Tensor:
+    """The cached features of ``ids`` from the one cache folder that holds all of them."""
+    for folder in sorted(p for p in cache_dir.iterdir() if (p / "key.json").is_file()):
+        cache = FeatureCache.__new__(FeatureCache)  # an existing folder: read it, never write a key
+        cache.dir = folder
+        if set(ids) <= cache.cached_ids():
+            return cache.load(ids)[1]
+    raise SystemExit(f"no folder in {cache_dir} holds the features of all {len(ids)} dev photos; "
+                     "run batchcap train with this --cache-dir first")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("data", help="Flickr8k folder (token file, split files, photos)")
+    parser.add_argument("models", nargs="+")
+    parser.add_argument("--cache-dir", required=True, type=Path)
+    parser.add_argument("--settings", default="3:0")
+    parser.add_argument("--no-ending-rule", action="store_true")
+    parser.add_argument("--fast", action="store_true", help="BLEU and CIDEr-D with batchcap's tokenisation only")
+    parser.add_argument("--json", dest="json_out", default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(1)  # as run searches on a CPU
+    dev = load_flickr8k(args.data).splits["val"]
+    ids = [r.image_id for r in dev]
+    references = {r.image_id: list(r.captions) for r in dev}
+    features = dev_features(args.cache_dir, ids)
+    rows = []
+    for path in args.models:
+        model = load_model(path)
+        decoder, vocab = model.build_decoder(), model.vocab
+        for setting in args.settings.split(","):
+            parts = setting.split(":")
+            cfg = BeamConfig(beam_size=int(parts[0]), max_len=model.max_caption_len, length_penalty=float(parts[1]),
+                             no_repeat_ngram=int(parts[2]) if len(parts) > 2 else 0)
+            started, captions = time.perf_counter(), []
+            with torch.inference_mode():
+                for start in range(0, len(ids), 100):
+                    state = decoder.init_state(features[start:start + 100].float())
+                    result = beam_search(decoder.step, state, cfg, start_id=vocab.start_id, end_id=vocab.end_id,
+                                         pad_id=vocab.pad_id, banned_ids=vocab.never_generated,
+                                         per_image=decoder.per_image_state,
+                                         unendable_ids=() if args.no_ending_rule else model.unendable_ids)
+                    captions += [vocab.decode(row[0]) for row in result.tokens.tolist()]
+            seconds = time.perf_counter() - started
+            scores = score_captions(dict(zip(ids, captions)), references, full=not args.fast)
+            row = {"model": path, "setting": setting, "BLEU-4": round(scores["BLEU-4"], 4),
+                   "CIDEr-D": round(scores["CIDEr"], 4), "search_seconds": round(seconds, 1),
+                   "mean_words": round(sum(len(c.split()) for c in captions) / len(captions), 2)}
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(rows, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
