@@ -112,9 +112,16 @@ class Neighbours:
         self.vectors = vectors.float()  # (N, c)
         self.captions = [list(c) for c in captions]
         self.k = min(k, len(self.captions))
-        words = [[normalize_caption(c) for c in refs] for refs in self.captions]
-        self._cider = CiderD(words)
-        self._refs = [self._cider.prepare(refs) for refs in words]
+        self._words = [[normalize_caption(c) for c in refs] for refs in self.captions]
+        self._cider = CiderD(self._words)
+        self._refs: dict[int, list[Any]] = {}  # prepared on first use: a short run queries few pictures
+
+    def _prepared(self, j: int) -> list[Any]:
+        """Training picture ``j``'s reference vectors, computed once."""
+        refs = self._refs.get(j)
+        if refs is None:
+            refs = self._refs[j] = self._cider.prepare(self._words[j])
+        return refs
 
     def query(self, whitened: torch.Tensor, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """``(similarity, consensus)`` float64 arrays for whitened unit vectors ``(B, c)`` and their captions."""
@@ -122,7 +129,7 @@ class Neighbours:
 
         sim = whitened.double() @ self.vectors.double().T  # (B, N)
         top = sim.topk(self.k, dim=1)
-        consensus = [self._cider.score(normalize_caption(text), [r for j in row for r in self._refs[j]])
+        consensus = [self._cider.score(normalize_caption(text), [r for j in row for r in self._prepared(j)])
                      for row, text in zip(top.indices.tolist(), texts)]
         return top.values.mean(1).numpy(), np.asarray(consensus, dtype=np.float64)
 
