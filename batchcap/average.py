@@ -30,6 +30,18 @@ def same_encoder_state(a: CaptionModel, b: CaptionModel) -> bool:
         torch.equal(v, b.encoder_state[k]) for k, v in a.encoder_state.items())
 
 
+def setup_differences(first: CaptionModel, other: CaptionModel) -> list[str]:
+    """What besides the decoder sets ``other`` apart from ``first``: vocabulary, encoder, preprocessing,
+    caption length, embedded encoder weights. Models that share all of these see the same pictures the
+    same way and write in the same words (what averaging and ensembling both need)."""
+    return [what for what, same in (
+        ("vocabulary", other.vocab == first.vocab),
+        ("encoder", to_dict(other.encoder) == to_dict(first.encoder)),
+        ("preprocessing", other.preprocess == first.preprocess),
+        ("maximum caption length", other.max_caption_len == first.max_caption_len),
+        ("embedded encoder weights", same_encoder_state(first, other))) if not same]
+
+
 def check_compatible(models: Sequence[CaptionModel]) -> None:
     """Refuse models that differ in anything but decoder weights (vocabulary, architecture, encoder)."""
     for model in models:
@@ -38,13 +50,9 @@ def check_compatible(models: Sequence[CaptionModel]) -> None:
                                "average single-decoder models (or ensemble the averaged result)")
     first = models[0]
     for other in models[1:]:
-        differences = [what for what, same in (
-            ("vocabulary", other.vocab == first.vocab),
-            ("decoder architecture", other.decoder == first.decoder),
-            ("encoder", to_dict(other.encoder) == to_dict(first.encoder)),
-            ("preprocessing", other.preprocess == first.preprocess),
-            ("maximum caption length", other.max_caption_len == first.max_caption_len),
-            ("embedded encoder weights", same_encoder_state(first, other))) if not same]
+        differences = setup_differences(first, other)
+        if other.decoder != first.decoder:
+            differences.append("decoder architecture")
         if differences:
             raise AverageError(f"{other.path or other.name} differs from {first.path or first.name} in "
                                f"{', '.join(differences)}; only decoders fine-tuned from one another "

@@ -70,8 +70,7 @@ def resolve_encoder_weights(model: CaptionModel, explicit: str | None = None,
         path = candidates[0]
         if not Path(path).is_file():
             raise EncoderError(f"encoder weights {path}: no such file")
-        check_encoder_weights(model, path)
-        return WeightsSource("file", path=path)
+        return WeightsSource("file", path=path, file_sha256=check_encoder_weights(model, path))
     if model.encoder.weights_sha256 is None:
         return WeightsSource("pretrained")
     raise EncoderError(

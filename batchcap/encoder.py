@@ -122,6 +122,7 @@ class WeightsSource:
     kind: str  # "embedded" | "file" | "pretrained"
     path: str | None = None
     state: dict[str, torch.Tensor] | None = None
+    file_sha256: str | None = None  # the file's, when the model's check already hashed it
 
     def describe(self) -> str:
         return {"embedded": "embedded in the model file", "pretrained": "timm pretrained download"}.get(
@@ -208,14 +209,20 @@ class Encoder(nn.Module):
 def stored_identity(cfg: EncoderConfig, source: WeightsSource) -> tuple[str, str] | None:
     """(architecture, digest of the weights as stored) without building the network; None for a download.
 
+    The digest is the weights file's sha256 (the one :func:`batchcap.modelfile.check_encoder_weights`
+    computed, when given) or, for an embedded encoder, the hash of its tensors.
+
     What the OpenVINO cache is keyed by, so a cached graph is found before timm is even imported.
     """
     if source.kind == "pretrained":
         return None
-    from batchcap.modelfile import tensors_sha256
+    if source.file_sha256:  # hashed already when the weights were checked against the model
+        return cfg.name, "file:" + source.file_sha256
+    from batchcap.modelfile import file_sha256, tensors_sha256
 
-    state = source.state if source.state is not None else load_state_dict_file(source.path or "")
-    return cfg.name, "stored:" + tensors_sha256(state)
+    if source.state is not None:
+        return cfg.name, "stored:" + tensors_sha256(source.state)
+    return cfg.name, "file:" + file_sha256(source.path or "")
 
 
 def build_encoder(backbone: nn.Module | Callable[[], nn.Module], preprocess: Preprocess, runtime: RuntimeConfig,

@@ -25,8 +25,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from batchcap.average import same_encoder_state
-from batchcap.config import to_dict
+from batchcap.average import setup_differences
 from batchcap.decoder import CaptionDecoder, State
 from batchcap.modelfile import CaptionModel, DecoderMember
 
@@ -89,16 +88,6 @@ def combine_log_probs(log_probs: Sequence[torch.Tensor], rule: str = "logprob") 
     raise EnsembleError(f"combine rule {rule!r}: expected one of {', '.join(COMBINE_RULES)}")
 
 
-def _differences(first: CaptionModel, other: CaptionModel) -> list[str]:
-    return [what for what, same in (
-        ("vocabulary", other.vocab == first.vocab),
-        ("encoder", to_dict(other.encoder) == to_dict(first.encoder)),
-        ("preprocessing", other.preprocess == first.preprocess),
-        ("maximum caption length", other.max_caption_len == first.max_caption_len),
-        ("ending rule", other.unendable_words == first.unendable_words),
-        ("embedded encoder weights", same_encoder_state(first, other))) if not same]
-
-
 def ensemble_models(models: Sequence[CaptionModel], combine: str = "logprob",
                     name: str = "ensemble") -> CaptionModel:
     """One model file holding every decoder of ``models`` (ensembles are flattened), searched as one.
@@ -114,7 +103,9 @@ def ensemble_models(models: Sequence[CaptionModel], combine: str = "logprob",
         raise EnsembleError("an ensemble needs at least two models")
     first = models[0]
     for other in models:
-        differences = _differences(first, other)
+        differences = setup_differences(first, other)
+        if other.unendable_words != first.unendable_words:
+            differences.append("ending rule")
         if differences:
             raise EnsembleError(
                 f"{other.path or other.name} differs from {first.path or first.name} in {', '.join(differences)}; "

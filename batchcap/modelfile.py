@@ -23,9 +23,10 @@ Optional, for trusting captions (files without them still load):
 
 An ensemble (:mod:`batchcap.ensemble`) is format version 2, so that a batchcap which would
 caption with its first decoder alone refuses it: ``decoder.*`` is member 0, tensors
-``ensemble.<i>.*`` are member ``i >= 1``, and ``ensemble`` = ``{"combine": rule, "members":
-[{"identity", "training", "decoder"}, ...]}`` (``decoder``: member ``i``'s hyper-parameters; member
-0's are the top-level ``decoder``). Single-decoder files stay version 1.
+``ensemble.<i>.*`` are member ``i >= 1``, ``ensemble`` = ``{"combine": rule, "decoders": [...]}``
+holds the hyper-parameters of members 1, 2, ... (member 0's are the top-level ``decoder``), and
+``training.ensemble`` lists every member's ``identity`` and ``training`` record, once.
+Single-decoder files stay version 1.
 
 Loading reads the header with plain JSON, never unpickles, and refuses files that are
 not batchcap models, come from a newer format, are truncated or corrupt.
@@ -151,9 +152,7 @@ class CaptionModel:
             **({"neighbours": {"k": self.neighbours.k, "captions": self.neighbours.captions}}
                if self.neighbours is not None else {}),
             **({"calibration": self.calibration.to_dict()} if self.calibration is not None else {}),
-            **({"ensemble": {"combine": self.combine, "members": [
-                {"identity": m.identity, "training": m.training,
-                 **({"decoder": to_dict(m.config)} if i else {})} for i, m in enumerate(self.decoders())]}}
+            **({"ensemble": {"combine": self.combine, "decoders": [to_dict(m.config) for m in self.extra_decoders]}}
                if self.extra_decoders else {}),
         }
 
@@ -334,7 +333,7 @@ def load_model(path: str | os.PathLike[str], verify: bool = True) -> CaptionMode
             neighbours=Neighbours(tensors["familiarity.neighbours"], meta["neighbours"]["captions"],
                                   int(meta["neighbours"]["k"])) if "neighbours" in meta else None,
             calibration=Calibrator.from_dict(meta["calibration"]) if "calibration" in meta else None,
-            extra_decoders=_extra_decoders(tensors, meta.get("ensemble")),
+            extra_decoders=_extra_decoders(tensors, meta.get("ensemble"), meta.get("training") or {}),
             combine=(meta.get("ensemble") or {}).get("combine", "logprob"),
         )
     except (KeyError, TypeError, ValueError) as exc:
@@ -347,19 +346,20 @@ def load_model(path: str | os.PathLike[str], verify: bool = True) -> CaptionMode
     return model
 
 
-def _extra_decoders(tensors: dict[str, torch.Tensor], ensemble: dict[str, Any] | None
-                    ) -> tuple[DecoderMember, ...]:
-    """Members 1.. of an ensemble file (``ensemble.<i>.*`` tensors + their metadata)."""
+def _extra_decoders(tensors: dict[str, torch.Tensor], ensemble: dict[str, Any] | None,
+                    training: dict[str, Any]) -> tuple[DecoderMember, ...]:
+    """Members 1.. of an ensemble file: ``ensemble.<i>.*`` tensors, hyper-parameters, training records."""
     if not ensemble:
         return ()
+    records = training["ensemble"]
     members = []
-    for i, record in enumerate(ensemble["members"][1:], 1):
+    for i, config in enumerate(ensemble["decoders"], 1):
         prefix = f"ensemble.{i}."
         state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
         if not state:
             raise KeyError(f"tensors of ensemble member {i}")
-        members.append(DecoderMember(from_dict(DecoderConfig, record["decoder"]), state,
-                                     record["identity"], record.get("training") or {}))
+        members.append(DecoderMember(from_dict(DecoderConfig, config), state, records[i]["identity"],
+                                     records[i].get("training") or {}))
     return tuple(members)
 
 

@@ -31,7 +31,7 @@ import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -120,11 +120,12 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
 
 
 def caption_features(decoder: CaptionDecoder, features: torch.Tensor, vocab: Vocabulary, beam: BeamConfig,
-                     batch_size: int = 100) -> list[str]:
-    """Beam-search captions for features (on any device), in order: validation and eval.
+                     batch_size: int = 100, unendable_ids: Sequence[int] = ()) -> list[str]:
+    """Beam-search captions for features (on any device), in order: validation and dev sweeps.
 
     The features move to the decoder's device chunk by chunk, so a CPU feature cache
-    validates a CUDA decoder without holding the whole split on the GPU.
+    validates a CUDA decoder without holding the whole split on the GPU. ``unendable_ids``
+    is the model's ending rule (training validates without one).
     """
     decoder.eval()
     device = next(decoder.parameters()).device
@@ -135,7 +136,7 @@ def caption_features(decoder: CaptionDecoder, features: torch.Tensor, vocab: Voc
             state = decoder.init_state(chunk.float())
             result = beam_search(decoder.step, state, beam, start_id=vocab.start_id, end_id=vocab.end_id,
                                  pad_id=vocab.pad_id, banned_ids=vocab.never_generated,
-                                 per_image=decoder.per_image_state)
+                                 unendable_ids=unendable_ids, per_image=decoder.per_image_state)
             out.extend(vocab.decode(row[0]) for row in result.tokens.cpu().tolist())
     return out
 

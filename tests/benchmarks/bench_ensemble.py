@@ -40,7 +40,8 @@ def main() -> None:
     args = parser.parse_args()
     model = load_model(resolve_model_path(args.model))
     runtime = runtime_config("auto", "auto", args.batch, "0", "auto", None)
-    captioner = Captioner(model, runtime, BeamConfig(beam_size=args.beam, max_len=model.max_caption_len))
+    beam = BeamConfig(beam_size=args.beam, max_len=model.max_caption_len)
+    captioner = Captioner(model, runtime, beam)  # its encoder; the searches are built below
     paths = sorted(str(p) for p in Path(args.photos).rglob("*.jpg"))[: args.count]
     batches = [b.images for b in iter_batches(open_sources(paths), model.preprocess, ImagePolicy(),
                                               batch_size=args.batch, workers=0)]
@@ -52,7 +53,7 @@ def main() -> None:
         name = "fp32" if dtype == torch.float32 else "bf16"
         searches.update({f"{n} {name}": (members[0] if n == 1 else EnsembleDecoder(members[:n], combine))
                          for n in range(1, len(members) + 1)})
-    cfg = dataclasses.replace(captioner._search_cfg)
+    cfg = dataclasses.replace(beam, n_best=min(2, args.beam))  # as run searches: 2 hypotheses for the margin
     vocab = model.vocab
     kw = dict(start_id=vocab.start_id, end_id=vocab.end_id, pad_id=vocab.pad_id, banned_ids=vocab.never_generated,
               unendable_ids=model.unendable_ids)

@@ -26,12 +26,12 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from batchcap.beam import beam_search  # noqa: E402
 from batchcap.config import BeamConfig  # noqa: E402
 from batchcap.datasets import load_flickr8k  # noqa: E402
 from batchcap.features import FeatureCache  # noqa: E402
 from batchcap.metrics import score_captions  # noqa: E402
 from batchcap.modelfile import load_model  # noqa: E402
+from batchcap.train import caption_features  # noqa: E402
 
 
 def dev_features(cache_dir: Path, ids: list[str]) -> torch.Tensor:
@@ -63,20 +63,14 @@ def main() -> None:
     rows = []
     for path in args.models:
         model = load_model(path)
-        decoder, vocab = model.build_decoder(), model.vocab
+        decoder, vocab = model.build_decoder(), model.vocab  # fp32, as the card was scored
         for setting in args.settings.split(","):
             parts = setting.split(":")
             cfg = BeamConfig(beam_size=int(parts[0]), max_len=model.max_caption_len, length_penalty=float(parts[1]),
                              no_repeat_ngram=int(parts[2]) if len(parts) > 2 else 0)
-            started, captions = time.perf_counter(), []
-            with torch.inference_mode():
-                for start in range(0, len(ids), 100):
-                    state = decoder.init_state(features[start:start + 100].float())
-                    result = beam_search(decoder.step, state, cfg, start_id=vocab.start_id, end_id=vocab.end_id,
-                                         pad_id=vocab.pad_id, banned_ids=vocab.never_generated,
-                                         per_image=decoder.per_image_state,
-                                         unendable_ids=() if args.no_ending_rule else model.unendable_ids)
-                    captions += [vocab.decode(row[0]) for row in result.tokens.tolist()]
+            started = time.perf_counter()
+            captions = caption_features(decoder, features, vocab, cfg,
+                                        unendable_ids=() if args.no_ending_rule else model.unendable_ids)
             seconds = time.perf_counter() - started
             scores = score_captions(dict(zip(ids, captions)), references, full=not args.fast)
             row = {"model": path, "setting": setting, "BLEU-4": round(scores["BLEU-4"], 4),
