@@ -311,14 +311,16 @@ def test_time_limit_warning_stops_and_requeues_until_done(slurm: None, tmp_path:
     photos, out_dir, logs = tmp_path / "photos", tmp_path / "out", tmp_path / "out" / "logs"
     # Each run has about 20 s before the warning. How many pictures that is depends on the machine
     # (100 to 170 a second when quiet, far fewer when busy), so measure the rate with the task's own
-    # settings first and give the job about 50 s of work: two or three runs.
+    # settings first and give the job about 90 s of work. Slurm sends the warning on its own periodic
+    # check, so it came anywhere from 5 to 32 s into a run here, and the probe (start-up included)
+    # underestimates a long run's rate by up to 1.6x: 50 s of work sometimes finished in one run.
     probe = tmp_path / "probe"
     write_images(probe, 1000)  # enough that start-up (in the summary's rate) weighs little
     timed = subprocess.run([BATCHCAP, "run", str(probe), "--out", str(tmp_path / "probe.parquet"), "--model",
                             str(tiny_model_path), "--workers", "0", "--batch-size", "1", "--commit-every", "2"],
                            env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
     rate = float(re.findall(r"\(([\d.]+) images/s\)", timed.stderr + timed.stdout)[-1])
-    images = max(1000, int(rate * 50))
+    images = max(1000, int(rate * 90))
     write_images(photos, images)
     env = dict(slurm_env(tiny_model_path, images, "--batch-size 1 --commit-every 2"), TASKS="1",
                INPUT=str(photos), OUT_DIR=str(out_dir))
