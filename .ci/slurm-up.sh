@@ -74,6 +74,10 @@ SlurmctldHost=$host(127.0.0.1)
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
+# A requeued job waits cred_expire (default 120 s) before it may start again: the tests requeue
+# often, so 10 s. Forcing an earlier start (scontrol update StartTime=now) gets the new run
+# killed as "Job credential revoked".
+AuthInfo=cred_expire=10
 CredType=cred/munge
 MpiDefault=none
 ProctrackType=proctrack/linuxproc
@@ -84,6 +88,8 @@ JobCompType=jobcomp/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 SchedulerType=sched/backfill
+# Backfill every 5 s (default 30) starts a requeued job soon after its cred_expire wait.
+SchedulerParameters=bf_interval=5
 ReturnToService=2
 StateSaveLocation=$SPOOL_CTL
 SlurmdSpoolDir=$SPOOL_D
