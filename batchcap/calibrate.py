@@ -100,7 +100,7 @@ def encode_cached(captioner: Captioner, items: Sequence[tuple[str, Any]], cache_
     """
     model = captioner.model
     key = FeatureKey(encoder=model.encoder.name,
-                     weights=model.encoder.weights_sha256 or f"pretrained:{model.encoder.pretrained_tag}",
+                     weights=model.encoder_weights_id(),
                      preprocess=model.preprocess, spatial=model.encoder.spatial and not pooled,
                      precision=runtime.precision)
     cache = FeatureCache(cache_root, key)

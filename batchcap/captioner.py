@@ -56,8 +56,17 @@ def resolve_encoder_weights(model: CaptionModel, explicit: str | None = None,
     the model was trained with it. Never random weights.
     """
     environ = os.environ if environ is None else environ
-    if model.encoder_state is not None:
+    if model.encoder_state is not None and not model.encoder.finetuned:
         return WeightsSource("embedded", state=model.encoder_state)
+    base = _base_weights(model, explicit, environ)
+    if model.encoder.finetuned:  # the file holds the fine-tuned exit flow, the rest is the base weights
+        return dataclasses.replace(base, exit_flow=model.encoder_state or {})
+    return base
+
+
+def _base_weights(model: CaptionModel, explicit: str | None, environ: "os._Environ[str] | dict[str, str]"
+                  ) -> WeightsSource:
+    """The weights file (or download) ``model`` names, found and checked as :func:`resolve_encoder_weights` says."""
     candidates: list[str] = []
     if explicit:
         candidates.append(explicit)

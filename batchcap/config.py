@@ -188,6 +188,7 @@ class TrainConfig:
     resume: bool = False
     augment: bool = False
     finetune_encoder: bool = False
+    finetune_exit_flow: bool = False  # train Xception's exit flow on cached trunk activations
     encoder_lr: float = 1e-5
     val_beam_size: int = 3
     val_images: int = 1000

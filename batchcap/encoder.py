@@ -123,10 +123,13 @@ class WeightsSource:
     path: str | None = None
     state: dict[str, torch.Tensor] | None = None
     file_sha256: str | None = None  # the file's, when the model's check already hashed it
+    #: A model file's fine-tuned exit flow, loaded over the file's or the download's weights.
+    exit_flow: dict[str, torch.Tensor] | None = None
 
     def describe(self) -> str:
-        return {"embedded": "embedded in the model file", "pretrained": "timm pretrained download"}.get(
+        base = {"embedded": "embedded in the model file", "pretrained": "timm pretrained download"}.get(
             self.kind, str(self.path))
+        return base + (" with the model file's fine-tuned exit flow" if self.exit_flow is not None else "")
 
 
 def find_referenced_weights(weights_file: str | None, model_path: str | None) -> Path | None:
@@ -167,6 +170,13 @@ def build_backbone(cfg: EncoderConfig, source: WeightsSource) -> nn.Module:
                 f"encoder weights ({source.describe()}) do not fit {cfg.name!r}: "
                 f"{len(missing)} missing keys (e.g. {missing[:3]}), {len(unexpected)} unexpected "
                 f"(e.g. {unexpected[:3]}); check --encoder-name")
+    if source.exit_flow is not None:
+        from batchcap.exit_flow import ExitFlowError, apply_exit_flow
+
+        try:
+            apply_exit_flow(model, source.exit_flow, source.describe())
+        except ExitFlowError as exc:
+            raise EncoderError(str(exc)) from exc
     return model.eval()
 
 
@@ -216,13 +226,17 @@ def stored_identity(cfg: EncoderConfig, source: WeightsSource) -> tuple[str, str
     """
     if source.kind == "pretrained":
         return None
-    if source.file_sha256:  # hashed already when the weights were checked against the model
-        return cfg.name, "file:" + source.file_sha256
     from batchcap.modelfile import file_sha256, tensors_sha256
 
-    if source.state is not None:
-        return cfg.name, "stored:" + tensors_sha256(source.state)
-    return cfg.name, "file:" + file_sha256(source.path or "")
+    if source.file_sha256:  # hashed already when the weights were checked against the model
+        digest = "file:" + source.file_sha256
+    elif source.state is not None:
+        digest = "stored:" + tensors_sha256(source.state)
+    else:
+        digest = "file:" + file_sha256(source.path or "")
+    if source.exit_flow is not None:
+        digest += "+exit_flow:" + tensors_sha256(source.exit_flow)
+    return cfg.name, digest
 
 
 def build_encoder(backbone: nn.Module | Callable[[], nn.Module], preprocess: Preprocess, runtime: RuntimeConfig,

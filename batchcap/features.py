@@ -35,11 +35,15 @@ class FeatureKey:
     spatial: bool
     precision: str
     view: str = "plain"  # "plain" | "hflip"
+    layer: str = ""  # "": the encoder's output; "block11": the trunk an exit-flow fine-tune starts from
 
-    def digest(self) -> str:
+    def doc(self) -> dict:
         doc = {"encoder": self.encoder, "weights": self.weights, "preprocess": to_dict(self.preprocess),
                "spatial": self.spatial, "precision": self.precision, "view": self.view}
-        return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
+        return {**doc, "layer": self.layer} if self.layer else doc  # older caches keep their names
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.doc(), sort_keys=True).encode()).hexdigest()[:16]
 
 
 class ImageFiles(torch.utils.data.Dataset):
@@ -97,9 +101,7 @@ class FeatureCache:
         self.dir.mkdir(parents=True, exist_ok=True)
         meta = self.dir / "key.json"
         if not meta.exists():
-            meta.write_text(json.dumps({"key": key.digest(), "encoder": key.encoder, "weights": key.weights,
-                                        "preprocess": to_dict(key.preprocess), "spatial": key.spatial,
-                                        "precision": key.precision, "view": key.view}, indent=2))
+            meta.write_text(json.dumps({"key": key.digest(), **key.doc()}, indent=2))
 
     def chunks(self) -> list[Path]:
         return sorted(self.dir.glob("chunk-*.safetensors"))

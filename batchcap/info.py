@@ -49,9 +49,11 @@ def describe_model(model: CaptionModel, show_vocab: bool = False, console: Conso
     table.add_column("what", style="bold")
     table.add_column("value", overflow="fold")
     enc = model.encoder
-    weights = ("embedded in the model file" if model.encoder_state is not None else
+    weights = ("embedded in the model file" if model.encoder_state is not None and not enc.finetuned else
                f"{enc.weights_file or '?'} (sha256 {enc.weights_sha256})" if enc.weights_sha256 else
                f"timm pretrained ({enc.pretrained_tag})")
+    if enc.finetuned:
+        weights += f", with the {enc.finetuned.replace('_', ' ')} fine-tuned and stored in the model file"
     table.add_row("encoder", f"{enc.name}, {'spatial map' if enc.spatial else 'pooled'} features, "
                              f"{enc.feature_dim}-d")
     table.add_row("encoder weights", weights)

@@ -67,6 +67,10 @@ class EncoderSpec:
     ``weights_sha256`` identifies the local weights file (``None`` for timm's pretrained
     download, identified by ``pretrained_tag``); ``weights_file`` is the file name to
     look for beside the model file and among the packaged assets.
+
+    ``finetuned`` is ``"exit_flow"`` when the file stores a fine-tuned exit flow
+    (:mod:`batchcap.exit_flow`) to load over those weights; empty otherwise (a file whose
+    whole encoder is embedded names no weights at all).
     """
 
     name: str = "legacy_xception"
@@ -75,6 +79,7 @@ class EncoderSpec:
     weights_file: str | None = None
     spatial: bool = True
     feature_dim: int = 2048
+    finetuned: str = ""
 
 
 @dataclass(frozen=True)
@@ -127,6 +132,17 @@ class CaptionModel:
         words = FALLBACK_UNENDABLE if self.unendable_words is None else self.unendable_words
         return self.vocab.ids_of(words)
 
+    def encoder_weights_id(self) -> str:
+        """What this model's features depend on among weights: the file or download, and any encoder
+        tensors the file stores (a fine-tuned exit flow, a whole embedded encoder). Feature caches are
+        keyed by it, so a fine-tuned encoder never reuses the stock encoder's cached features."""
+        enc = self.encoder
+        base = enc.weights_sha256 or f"pretrained:{enc.pretrained_tag}"
+        if self.encoder_state is None:
+            return base
+        stored = tensors_sha256(self.encoder_state)
+        return f"{base}+{enc.finetuned}:{stored}" if enc.finetuned else f"embedded:{stored}"
+
     @property
     def identity(self) -> str:
         """``name@hash12``: what the output's ``model`` column records."""
@@ -145,7 +161,8 @@ class CaptionModel:
             "training": self.training,
             "metrics": self.metrics,
             "tensors_sha256": self.tensors_sha256,
-            "encoder_embedded": self.encoder_state is not None,
+            "encoder_embedded": (False if self.encoder_state is None else
+                                 "exit_flow" if self.encoder.finetuned else True),
             **({"ending_rule": {**self.ending_rule, "unendable_words": list(self.unendable_words)}}
                if self.unendable_words is not None else {}),
             **({"familiarity": self.familiarity.meta()} if self.familiarity is not None else {}),

@@ -45,6 +45,8 @@ from batchcap.config import BeamConfig, DecoderConfig, EncoderConfig, Preprocess
 from batchcap.datasets import CaptionDataset, CaptionRecord
 from batchcap.decoder import CaptionDecoder
 from batchcap.encoder import Encoder, WeightsSource, build_backbone, cuda_is_ampere_or_newer
+from batchcap.exit_flow import (EXIT_FLOW, TRUNK_LAYER, ExitFlowError, XceptionExitFlow, XceptionTrunk,
+                                apply_exit_flow, check_supported, exit_flow_state, trunk_to_map)
 from batchcap.features import FeatureCache, FeatureKey, collate_images, ImageFiles
 from batchcap.metrics import score_captions
 from batchcap.modelfile import (CaptionModel, EncoderSpec, atomic_save_safetensors, file_sha256, load_model,
@@ -233,8 +235,13 @@ def describe_encoder(cfg: EncoderConfig, preprocess: Preprocess) -> EncoderChoic
 
 
 def extract_features(dataset: CaptionDataset, splits: list[str], choice: EncoderChoice, runtime: RuntimeConfig,
-                     cache_dir: str, views: tuple[str, ...], log: Log) -> tuple[dict[str, FeatureCache], dict]:
-    """Fill the feature caches (one per view) for ``splits``; returns caches and failures per id."""
+                     cache_dir: str, views: tuple[str, ...], log: Log, layer: str = ""
+                     ) -> tuple[dict[str, FeatureCache], dict]:
+    """Fill the feature caches (one per view) for ``splits``; returns caches and failures per id.
+
+    ``layer`` ``"block11"`` caches the trunk's activations instead of the encoder's output
+    (:mod:`batchcap.exit_flow`).
+    """
     weights_id = choice.spec.weights_sha256 or f"pretrained:{choice.spec.pretrained_tag}"
     encoder: Encoder | None = None
     caches: dict[str, FeatureCache] = {}
@@ -242,24 +249,26 @@ def extract_features(dataset: CaptionDataset, splits: list[str], choice: Encoder
     items = [(r.image_id, r) for s in splits for r in dataset.splits.get(s, [])]
     for view in views:
         key = FeatureKey(choice.config.name, weights_id, choice.preprocess, choice.config.spatial,
-                         runtime.precision, view)
+                         runtime.precision, view, layer)
         cache = FeatureCache(cache_dir, key)
         caches[view] = cache
         todo = [(i, r) for i, r in items if i not in cache.cached_ids()]
         if not todo:
-            log(f"features ({view}): all {len(items)} cached in {cache.dir}")
+            log(f"features ({view}{', ' + layer if layer else ''}): all {len(items)} cached in {cache.dir}")
             continue
         if encoder is None:
-            encoder = Encoder(build_backbone(choice.config, choice.source), choice.preprocess, runtime,
-                              spatial=choice.config.spatial)
-        log(f"features ({view}): computing {len(todo)} of {len(items)} into {cache.dir}")
+            backbone = build_backbone(choice.config, choice.source)
+            encoder = Encoder(XceptionTrunk(backbone) if layer == TRUNK_LAYER else backbone, choice.preprocess,
+                              runtime, spatial=choice.config.spatial)
+        what = f"{view}, {layer} activations" if layer else view
+        log(f"features ({what}): computing {len(todo)} of {len(items)} into {cache.dir}")
         started = time.time()
         encode: Callable[[torch.Tensor], torch.Tensor] = encoder
         if torch.device(runtime.device).type == "cuda":
             encode = partial(encode_fixed_size, encoder, batch_size=runtime.batch_size)
         failed = cache.extract(todo, encode, runtime, on_progress=_every(log, started))
         failures.update(failed)
-        log(f"features ({view}): done in {time.time() - started:.0f} s, {len(failed)} unreadable")
+        log(f"features ({what}): done in {time.time() - started:.0f} s, {len(failed)} unreadable")
     return caches, failures
 
 
@@ -323,6 +332,43 @@ class CachedFeatures:
 
     def val_features(self, split: Split) -> torch.Tensor:
         return split.features
+
+
+class CachedTrunk:
+    """Step features from cached trunk activations through the exit flow being trained.
+
+    Each step runs only Xception's exit flow (forward and backward) on the step's cached
+    block-11 activations, about a ninth of the network's work (:mod:`batchcap.exit_flow`).
+    The exit flow stays in eval mode (frozen batch-norm statistics); its weights train at
+    ``encoder_lr``. Validation features are the exit flow's output as trained so far.
+    """
+
+    def __init__(self, views: list[torch.Tensor], head: XceptionExitFlow, runtime: RuntimeConfig,
+                 val_trunk: torch.Tensor) -> None:
+        self.views, self.runtime, self.val_trunk = views, runtime, val_trunk
+        self.trainable = head.to(runtime.device).eval()
+        if runtime.channels_last:
+            self.trainable.to(memory_format=torch.channels_last)
+
+    def forward(self, rows: torch.Tensor) -> torch.Tensor:
+        """Trunk rows ``(M, 361, 728)`` fp16 to exit-flow features ``(M, 100, 2048)`` fp32, under autocast."""
+        x = trunk_to_map(rows.to(self.runtime.device, non_blocking=True).float())
+        if self.runtime.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with training_autocast(self.runtime):
+            fmap = self.trainable(x)
+        return fmap.float().flatten(2).transpose(1, 2)
+
+    def epoch(self, batches: list[list[int]], generator: torch.Generator
+              ) -> Iterator[tuple[list[int], torch.Tensor]]:
+        for images in batches:
+            view = self.views[int(torch.randint(len(self.views), (1,), generator=generator))]
+            yield images, self.forward(view[torch.tensor(images, dtype=torch.long)])
+
+    def val_features(self, split: Split, batch_size: int = 50) -> torch.Tensor:
+        with torch.inference_mode():
+            return torch.cat([self.forward(self.val_trunk[s:s + batch_size]).half()
+                              for s in range(0, self.val_trunk.shape[0], batch_size)])
 
 
 class FinetunedEncoder:
@@ -401,6 +447,9 @@ def train(cfg: TrainConfig, dataset: CaptionDataset, choice: EncoderChoice, deco
     val_records = dataset.splits.get("val", [])
     if not train_records:
         raise TrainingError("the dataset has no training images")
+    if cfg.finetune_encoder and cfg.finetune_exit_flow:
+        raise TrainingError("--finetune-encoder already trains the exit flow: give one of --finetune-encoder "
+                            "and --finetune-exit-flow")
     start_model = load_start_model(cfg, choice)
     if start_model is not None:
         vocab = start_model.vocab
@@ -414,9 +463,31 @@ def train(cfg: TrainConfig, dataset: CaptionDataset, choice: EncoderChoice, deco
         train_split = build_split(train_records, None, vocab, cfg.max_caption_len)
         val_split = build_split(val_records, None, vocab, cfg.max_caption_len, limit=cfg.val_images)
         backbone = build_backbone(choice.config, choice.source)
-        source: CachedFeatures | FinetunedEncoder = FinetunedEncoder(
+        source: CachedFeatures | FinetunedEncoder | CachedTrunk = FinetunedEncoder(
             backbone, choice.preprocess, train_split.records, runtime, cfg.augment)
         feature_dim = int(backbone.num_features)
+    elif cfg.finetune_exit_flow:
+        try:
+            check_supported(choice.config.name, choice.config.spatial)
+        except ExitFlowError as exc:
+            raise TrainingError(str(exc)) from exc
+        views = ("plain", "hflip") if cfg.augment else ("plain",)
+        cache_dir = cfg.cache_dir or str(out.parent / ".batchcap-features")
+        caches, failures = extract_features(dataset, ["train", "val"], choice, runtime, cache_dir, views, log,
+                                            layer=TRUNK_LAYER)
+        train_split = build_split(train_records, caches["plain"], vocab, cfg.max_caption_len)
+        train_views = [train_split.features] + [
+            build_split(train_records, caches[v], vocab, cfg.max_caption_len).features for v in views[1:]]
+        val_split = build_split(val_records, caches["plain"], vocab, cfg.max_caption_len, limit=cfg.val_images)
+        backbone = build_backbone(choice.config, choice.source)
+        if start_model is not None and start_model.encoder.finetuned == EXIT_FLOW:
+            apply_exit_flow(backbone, start_model.encoder_state or {}, str(cfg.init_model))
+            log(f"exit flow: continuing from {cfg.init_model}'s fine-tuned one")
+        source = CachedTrunk(train_views, XceptionExitFlow(backbone), runtime, val_split.features)
+        log(f"trunk activations: {sum(v.nbytes for v in train_views) / 2**30:.1f} GiB in memory; each step "
+            f"trains the exit flow at lr {cfg.encoder_lr:g}")
+        feature_dim = int(backbone.num_features)
+        train_split.features = torch.empty(0)  # trunk activations, not features: no familiarity from them
     else:
         views = ("plain", "hflip") if cfg.augment else ("plain",)
         cache_dir = cfg.cache_dir or str(out.parent / ".batchcap-features")
@@ -635,11 +706,15 @@ def load_start_model(cfg: TrainConfig, choice: EncoderChoice) -> CaptionModel | 
     if cfg.finetune_encoder:
         raise TrainingError("--init-model cannot be combined with --finetune-encoder")
     model = load_model(cfg.init_model)
+    if model.encoder.finetuned == EXIT_FLOW and not cfg.finetune_exit_flow:
+        raise TrainingError(f"{cfg.init_model} has a fine-tuned exit flow, which cached features cannot "
+                            "reproduce: continue with --finetune-exit-flow (--encoder-lr sets how fast it "
+                            "moves)")
     if model.extra_decoders:
         raise TrainingError(f"{cfg.init_model} is an ensemble of {len(model.decoders())} decoders; --init-model "
                             "needs a single decoder: fine-tune each member's own model file, then "
                             "`batchcap ensemble` them again")
-    if model.encoder_state is not None:
+    if model.encoder_state is not None and model.encoder.finetuned != EXIT_FLOW:
         raise TrainingError(f"{cfg.init_model} embeds a fine-tuned encoder; --init-model needs a model "
                             "trained on cached features of a stock encoder")
     weights_id = choice.spec.weights_sha256 or choice.spec.pretrained_tag
@@ -678,7 +753,10 @@ def _model_file(cfg: TrainConfig, choice: EncoderChoice, dcfg: DecoderConfig, vo
     state = {k: v.detach().cpu().clone() for k, v in decoder.state_dict().items()}
     spec = EncoderSpec(**{**to_dict(choice.spec), "feature_dim": dcfg.feature_dim})
     encoder_state = None
-    if encoder is not None:
+    if isinstance(encoder, XceptionExitFlow):  # only the exit flow is new: the spec still names the weights
+        spec = EncoderSpec(**{**to_dict(spec), "finetuned": EXIT_FLOW})
+        encoder_state = exit_flow_state(encoder)
+    elif encoder is not None:
         spec = EncoderSpec(name=spec.name, spatial=spec.spatial, feature_dim=spec.feature_dim)
         encoder_state = {k: v.detach().cpu().clone() for k, v in encoder.state_dict().items()}
     return CaptionModel(
