@@ -11,7 +11,8 @@ came from it.
 
 A setting is ``BEAM:LENGTH_PENALTY[:NO_REPEAT_NGRAM]``. ``--cache-dir`` is the folder given to
 (or defaulted by) ``batchcap train --cache-dir``; the sub-folder whose key matches the model's
-encoder, weights, preprocessing and precision is used.
+encoder, weights, preprocessing and precision is used. A model with a fine-tuned exit flow
+(``--finetune-exit-flow``) is scored on the cached trunk activations through its own exit flow.
 """
 from __future__ import annotations
 
@@ -26,23 +27,36 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from batchcap.config import BeamConfig  # noqa: E402
+from batchcap.captioner import resolve_encoder_weights  # noqa: E402
+from batchcap.config import BeamConfig, EncoderConfig, RuntimeConfig  # noqa: E402
 from batchcap.datasets import load_flickr8k  # noqa: E402
+from batchcap.encoder import build_backbone  # noqa: E402
+from batchcap.exit_flow import TRUNK_LAYER, XceptionExitFlow  # noqa: E402
 from batchcap.features import FeatureCache  # noqa: E402
 from batchcap.metrics import score_captions  # noqa: E402
-from batchcap.modelfile import load_model  # noqa: E402
-from batchcap.train import caption_features  # noqa: E402
+from batchcap.modelfile import CaptionModel, load_model  # noqa: E402
+from batchcap.train import CachedTrunk, caption_features  # noqa: E402
 
 
-def dev_features(cache_dir: Path, ids: list[str]) -> torch.Tensor:
-    """The cached features of ``ids`` from the one cache folder that holds all of them."""
+def dev_features(cache_dir: Path, ids: list[str], layer: str = "") -> torch.Tensor:
+    """The cached features (or ``layer`` activations) of ``ids`` from the cache folder that holds all of them."""
     for folder in sorted(p for p in cache_dir.iterdir() if (p / "key.json").is_file()):
+        if json.loads((folder / "key.json").read_text()).get("layer", "") != layer:
+            continue
         cache = FeatureCache.__new__(FeatureCache)  # an existing folder: read it, never write a key
         cache.dir = folder
         if set(ids) <= cache.cached_ids():
             return cache.load(ids)[1]
-    raise SystemExit(f"no folder in {cache_dir} holds the features of all {len(ids)} dev photos; "
-                     "run batchcap train with this --cache-dir first")
+    raise SystemExit(f"no folder in {cache_dir} holds the {layer or 'encoder'} features of all {len(ids)} dev "
+                     "photos; run batchcap train with this --cache-dir first")
+
+
+def exit_flow_features(model: CaptionModel, trunk: torch.Tensor, batch: int = 50) -> torch.Tensor:
+    """A fine-tuned exit flow's features from the cached trunk activations, as its training validated."""
+    backbone = build_backbone(EncoderConfig(name=model.encoder.name), resolve_encoder_weights(model))
+    runtime = RuntimeConfig(device="cpu", precision="bf16", batch_size=batch, workers=0)
+    source = CachedTrunk([], XceptionExitFlow(backbone), runtime, trunk)
+    return source.val_features(None)  # type: ignore[arg-type]
 
 
 def main() -> None:
@@ -59,10 +73,15 @@ def main() -> None:
     dev = load_flickr8k(args.data).splits["val"]
     ids = [r.image_id for r in dev]
     references = {r.image_id: list(r.captions) for r in dev}
-    features = dev_features(args.cache_dir, ids)
+    stock: torch.Tensor | None = None
     rows = []
     for path in args.models:
         model = load_model(path)
+        if model.encoder.finetuned:  # its exit flow runs on the cached trunk activations
+            features = exit_flow_features(model, dev_features(args.cache_dir, ids, TRUNK_LAYER))
+        else:
+            stock = dev_features(args.cache_dir, ids) if stock is None else stock
+            features = stock
         decoder, vocab = model.build_decoder(), model.vocab  # fp32, as the card was scored
         for setting in args.settings.split(","):
             parts = setting.split(":")
