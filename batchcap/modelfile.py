@@ -233,7 +233,7 @@ def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.Pat
 
 
 def save_model(model: CaptionModel, path: str | os.PathLike[str], half: bool = False) -> CaptionModel:
-    """Save ``model`` atomically; ``half=True`` stores floating tensors as fp16.
+    """Save ``model`` atomically; ``half=True`` stores floating tensors as fp16 (an embedded whole encoder stays fp32).
 
     Returns the model with ``tensors_sha256`` set to the hash of what was written.
     """
@@ -243,8 +243,9 @@ def save_model(model: CaptionModel, path: str | os.PathLike[str], half: bool = F
     tensors = {f"decoder.{k}": stored(v) for k, v in model.decoder_state.items()}
     for i, member in enumerate(model.extra_decoders, 1):
         tensors.update({f"ensemble.{i}.{k}": stored(v) for k, v in member.state.items()})
-    if model.encoder_state is not None:
-        tensors.update({f"encoder.{k}": v for k, v in model.encoder_state.items()})
+    if model.encoder_state is not None:  # a fine-tuned exit flow halves like the decoder (the base file is fp16)
+        tensors.update({f"encoder.{k}": stored(v) if model.encoder.finetuned else v
+                        for k, v in model.encoder_state.items()})
     if model.familiarity is not None:
         tensors.update(model.familiarity.tensors())
     if model.neighbours is not None:

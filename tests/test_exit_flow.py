@@ -16,7 +16,7 @@ from batchcap.config import EncoderConfig, Preprocess, RuntimeConfig
 from batchcap.encoder import EncoderError, WeightsSource, build_backbone, stored_identity
 from batchcap.exit_flow import (EXIT_MODULES, ExitFlowError, XceptionExitFlow, XceptionTrunk, apply_exit_flow,
                                 check_supported, exit_flow_state, trunk_to_map)
-from batchcap.modelfile import load_model
+from batchcap.modelfile import load_model, save_model
 from tests.test_train import write_shapes_dataset
 
 
@@ -93,6 +93,11 @@ def test_train_with_exit_flow_stores_it_and_run_uses_it(tmp_path: Path, xception
     built = build_backbone(EncoderConfig(name=model.encoder.name), source).state_dict()
     assert all(torch.equal(built[k], v.float()) for k, v in model.encoder_state.items())
     assert all(torch.equal(built[k], v) for k, v in original.items() if k.startswith("block1."))
+    # --half stores the exit flow as fp16, like the decoder (the packaged base weights are fp16 too).
+    save_model(model, models / "half.safetensors", half=True)
+    halved = load_model(models / "half.safetensors")
+    assert halved.encoder_state is not None
+    assert all(v.dtype == torch.float16 for v in halved.encoder_state.values() if v.is_floating_point())
     # Feature caches keyed by the model (calibrate's) tell the tuned encoder from the stock one.
     assert model.encoder_weights_id().startswith(model.encoder.weights_sha256 + "+exit_flow:")
     plain = WeightsSource("file", path=str(weights))
