@@ -1,6 +1,9 @@
 """``batchcap info``: the model's lineage by the names its files recorded."""
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 from click.testing import CliRunner
 
 from batchcap.cli import cli
@@ -25,4 +28,12 @@ def test_info_on_the_packaged_model_shows_the_stages_the_model_card_names() -> N
     result = CliRunner().invoke(cli, ["info"], terminal_width=200)
     assert result.exit_code == 0, result.output
     assert "lineage" in result.output
-    assert "1. flickr8k@84d825481699" in result.output and "2. scst4@4c941393de13" in result.output
+    # Every earlier stage the model card's lineage row names, in its order, is what the file records.
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    row = next(line for line in readme.splitlines() if line.startswith("| lineage |"))
+    named = re.findall(r"\*\*(\d+)\.\*\* `([\w-]+@[0-9a-f]{12})`", row)
+    assert named, row
+    for number, identity in named:
+        assert f"{number}. {identity}" in result.output, (identity, result.output)
+    last = re.findall(r"\*\*(\d+)\.\*\* `([\w-]+)`, the shipped model", row)
+    assert last and f"{last[0][0]}. {last[0][1]}@" in result.output, row

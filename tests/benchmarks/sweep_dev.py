@@ -96,7 +96,7 @@ def main() -> None:
                    "CIDEr-D": round(scores["CIDEr"], 4), "search_seconds": round(seconds, 1),
                    "mean_words": round(sum(len(c.split()) for c in captions) / len(captions), 2)}
             print(json.dumps(row), flush=True)
-            rows.append(row)
+            rows.append({**row, "captions": dict(zip(ids, captions))})  # the JSON keeps every caption
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(rows, indent=1) + "\n")
 
