@@ -67,7 +67,6 @@ class XceptionTrunk(_Flow):
 
     def __init__(self, backbone: nn.Module) -> None:
         super().__init__(backbone, TRUNK_MODULES)
-        self.num_features = 728
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The name :class:`batchcap.encoder.Encoder` calls, so the trunk encodes like a backbone."""

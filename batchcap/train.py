@@ -272,6 +272,25 @@ def extract_features(dataset: CaptionDataset, splits: list[str], choice: Encoder
     return caches, failures
 
 
+def cached_splits(dataset: CaptionDataset, choice: EncoderChoice, runtime: RuntimeConfig, cfg: TrainConfig,
+                  vocab: Vocabulary, log: Log, layer: str = "") -> tuple[Split, list[torch.Tensor], Split, dict]:
+    """Train and val splits from the feature caches (of ``layer``, see :func:`extract_features`).
+
+    Returns the train split, its views (plain, and hflip with ``--augment``), the val split
+    (``--val-images`` of it) and the pictures that could not be read.
+    """
+    views = ("plain", "hflip") if cfg.augment else ("plain",)
+    cache_dir = cfg.cache_dir or str(Path(cfg.out).parent / ".batchcap-features")
+    caches, failures = extract_features(dataset, ["train", "val"], choice, runtime, cache_dir, views, log,
+                                        layer=layer)
+    train_records, val_records = dataset.splits.get("train", []), dataset.splits.get("val", [])
+    train_split = build_split(train_records, caches["plain"], vocab, cfg.max_caption_len)
+    train_views = [train_split.features] + [
+        build_split(train_records, caches[v], vocab, cfg.max_caption_len).features for v in views[1:]]
+    val_split = build_split(val_records, caches["plain"], vocab, cfg.max_caption_len, limit=cfg.val_images)
+    return train_split, train_views, val_split, failures
+
+
 def training_autocast(runtime: RuntimeConfig) -> torch.autocast:
     """bf16 autocast when the precision is bf16, else off: what training and its validation share.
 
@@ -471,14 +490,8 @@ def train(cfg: TrainConfig, dataset: CaptionDataset, choice: EncoderChoice, deco
             check_supported(choice.config.name, choice.config.spatial)
         except ExitFlowError as exc:
             raise TrainingError(str(exc)) from exc
-        views = ("plain", "hflip") if cfg.augment else ("plain",)
-        cache_dir = cfg.cache_dir or str(out.parent / ".batchcap-features")
-        caches, failures = extract_features(dataset, ["train", "val"], choice, runtime, cache_dir, views, log,
-                                            layer=TRUNK_LAYER)
-        train_split = build_split(train_records, caches["plain"], vocab, cfg.max_caption_len)
-        train_views = [train_split.features] + [
-            build_split(train_records, caches[v], vocab, cfg.max_caption_len).features for v in views[1:]]
-        val_split = build_split(val_records, caches["plain"], vocab, cfg.max_caption_len, limit=cfg.val_images)
+        train_split, train_views, val_split, failures = cached_splits(dataset, choice, runtime, cfg, vocab, log,
+                                                                      layer=TRUNK_LAYER)
         backbone = build_backbone(choice.config, choice.source)
         if start_model is not None and start_model.encoder.finetuned == EXIT_FLOW:
             apply_exit_flow(backbone, start_model.encoder_state or {}, str(cfg.init_model))
@@ -487,25 +500,20 @@ def train(cfg: TrainConfig, dataset: CaptionDataset, choice: EncoderChoice, deco
         log(f"trunk activations: {sum(v.nbytes for v in train_views) / 2**30:.1f} GiB in memory; each step "
             f"trains the exit flow at lr {cfg.encoder_lr:g}")
         feature_dim = int(backbone.num_features)
-        train_split.features = torch.empty(0)  # trunk activations, not features: no familiarity from them
     else:
-        views = ("plain", "hflip") if cfg.augment else ("plain",)
-        cache_dir = cfg.cache_dir or str(out.parent / ".batchcap-features")
-        caches, failures = extract_features(dataset, ["train", "val"], choice, runtime, cache_dir, views, log)
-        train_split = build_split(train_records, caches["plain"], vocab, cfg.max_caption_len)
-        train_views = [train_split.features] + [
-            build_split(train_records, caches[v], vocab, cfg.max_caption_len).features for v in views[1:]]
+        train_split, train_views, val_split, failures = cached_splits(dataset, choice, runtime, cfg, vocab, log)
         on_device = fits_on_device(sum(v.nbytes for v in train_views), runtime.device)
         source = CachedFeatures(train_views, runtime.device, on_device)
         if on_device:
             log(f"features: kept on {runtime.device} ({sum(v.nbytes for v in train_views) / 2**30:.1f} GiB)")
-        val_split = build_split(val_records, caches["plain"], vocab, cfg.max_caption_len, limit=cfg.val_images)
         feature_dim = int(train_split.features.shape[-1])
     if not val_split.image_ids:
         raise TrainingError("the dataset has no usable validation images: model selection needs a val split")
     from batchcap.calibrate import ending_and_familiarity  # ending rule + familiarity, for trusting captions
 
-    trust = ending_and_familiarity(train_split.records, train_split.image_ids, train_split.features,
+    # Trunk activations are not the model's features: an exit-flow model gets familiarity from calibrate.
+    trust = ending_and_familiarity(train_split.records, train_split.image_ids,
+                                   torch.empty(0) if cfg.finetune_exit_flow else train_split.features,
                                    runtime.precision)
     log(f"train: {len(train_split.image_ids)} images, {train_split.captions.shape[0]} captions; "
         f"val: {len(val_split.image_ids)} images")
