@@ -5,7 +5,8 @@ fine-tune, or several fine-tunes of one start) stay in one basin of the loss, so
 of their weights captions about as well as an ensemble of them (Wortsman et al., 2022:
 model soups; WiSE-FT) while costing one decoder at run time and on disk. Models trained
 from different random starts do not average; evaluate the result (``batchcap eval``)
-before using it.
+before using it. Models whose exit flow was fine-tuned with the decoder
+(``--finetune-exit-flow``) average their exit flows too, with the same weights.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from typing import Sequence
 import torch
 
 from batchcap.config import to_dict
+from batchcap.exit_flow import EXIT_FLOW
 from batchcap.modelfile import CaptionModel
 
 
@@ -30,16 +32,28 @@ def same_encoder_state(a: CaptionModel, b: CaptionModel) -> bool:
         torch.equal(v, b.encoder_state[k]) for k, v in a.encoder_state.items())
 
 
-def setup_differences(first: CaptionModel, other: CaptionModel) -> list[str]:
+def same_exit_flow_keys(a: CaptionModel, b: CaptionModel) -> bool:
+    """Both models store a fine-tuned exit flow (``--finetune-exit-flow``) with the same tensors, values aside."""
+    return (a.encoder.finetuned == b.encoder.finetuned == EXIT_FLOW and a.encoder_state is not None
+            and b.encoder_state is not None and a.encoder_state.keys() == b.encoder_state.keys()
+            and all(v.shape == b.encoder_state[k].shape for k, v in a.encoder_state.items()))
+
+
+def setup_differences(first: CaptionModel, other: CaptionModel, exit_flows_may_differ: bool = False) -> list[str]:
     """What besides the decoder sets ``other`` apart from ``first``: vocabulary, encoder, preprocessing,
     caption length, embedded encoder weights. Models that share all of these see the same pictures the
-    same way and write in the same words (what averaging and ensembling both need)."""
+    same way and write in the same words (what averaging and ensembling both need).
+
+    ``exit_flows_may_differ``: fine-tuned exit flows count as the same setup when their tensors
+    match in name and shape (averaging averages them; an ensemble, which encodes once, cannot).
+    """
+    same_weights = same_encoder_state(first, other) or (exit_flows_may_differ and same_exit_flow_keys(first, other))
     return [what for what, same in (
         ("vocabulary", other.vocab == first.vocab),
         ("encoder", to_dict(other.encoder) == to_dict(first.encoder)),
         ("preprocessing", other.preprocess == first.preprocess),
         ("maximum caption length", other.max_caption_len == first.max_caption_len),
-        ("embedded encoder weights", same_encoder_state(first, other))) if not same]
+        ("embedded encoder weights", same_weights)) if not same]
 
 
 def check_compatible(models: Sequence[CaptionModel]) -> None:
@@ -50,7 +64,7 @@ def check_compatible(models: Sequence[CaptionModel]) -> None:
                                "average single-decoder models (or ensemble the averaged result)")
     first = models[0]
     for other in models[1:]:
-        differences = setup_differences(first, other)
+        differences = setup_differences(first, other, exit_flows_may_differ=True)
         if other.decoder != first.decoder:
             differences.append("decoder architecture")
         if differences:
@@ -77,13 +91,21 @@ def average_models(models: Sequence[CaptionModel], weights: Sequence[float] | No
     check_compatible(models)
     total = sum(weights)
     mix = [w / total for w in weights]
-    state = {}
-    for key, first in models[0].decoder_state.items():
-        if first.is_floating_point():
-            mean = sum(w * m.decoder_state[key].double() for w, m in zip(mix, models))  # float64: no drift
-            state[key] = mean.float()
-        else:
-            state[key] = first.clone()
+    state = weighted_mean([m.decoder_state for m in models], mix)
+    encoder_state = models[0].encoder_state
+    if models[0].encoder.finetuned == EXIT_FLOW:  # fine-tuned from one another too: the exit flows average
+        encoder_state = weighted_mean([m.encoder_state or {} for m in models], mix)
     members = [{"identity": m.identity, "weight": w, "training": m.training} for w, m in zip(mix, models)]
-    return replace(models[0], name=name, decoder_state=state, training={"averaged": members}, metrics={},
-                   path=None, tensors_sha256="")
+    return replace(models[0], name=name, decoder_state=state, encoder_state=encoder_state,
+                   training={"averaged": members}, metrics={}, path=None, tensors_sha256="")
+
+
+def weighted_mean(states: Sequence[dict[str, torch.Tensor]], mix: Sequence[float]) -> dict[str, torch.Tensor]:
+    """``sum(mix[i] * states[i])`` for floating tensors (in float64: no drift); others from the first state."""
+    mean = {}
+    for key, first in states[0].items():
+        if first.is_floating_point():
+            mean[key] = sum(w * s[key].double() for w, s in zip(mix, states)).float()
+        else:
+            mean[key] = first.clone()
+    return mean

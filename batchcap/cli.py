@@ -575,8 +575,9 @@ def average(models: tuple[str, ...], out: str, weights: str | None, half: bool) 
 
     For decoders fine-tuned from one another (e.g. a model and its --self-critical
     fine-tune): the mean captions about as well as an ensemble at the cost of one model.
+    Fine-tuned exit flows (--finetune-exit-flow) are averaged with the same weights.
     Models with another vocabulary, architecture or encoder are refused. Score the result
-    with `batchcap eval` before using it.
+    with `batchcap eval` (and refit its confidence with `batchcap calibrate`) before using it.
 
     \b
     Example:

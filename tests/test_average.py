@@ -85,3 +85,21 @@ def test_cli_refuses_bad_weights(two_models: tuple[Path, Path], tmp_path: Path) 
                                       "--out", str(tmp_path / "x.safetensors")])
     assert result.exit_code == 2 and "1 weights for 2 models" in result.output
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_fine_tuned_exit_flows_are_averaged_with_the_decoders(two_models: tuple[Path, Path]) -> None:
+    a, b = (load_model(p) for p in two_models)
+    spec = replace(a.encoder, finetuned="exit_flow")
+    flow_a = {"block12.skip.weight": torch.ones(4, 3), "conv4.bn.num_batches_tracked": torch.tensor(7)}
+    flow_b = {"block12.skip.weight": torch.full((4, 3), 5.0), "conv4.bn.num_batches_tracked": torch.tensor(9)}
+    a, b = replace(a, encoder=spec, encoder_state=flow_a), replace(b, encoder=spec, encoder_state=flow_b)
+    mixed = average_models([a, b], [3.0, 1.0])
+    assert mixed.encoder_state is not None
+    assert torch.equal(mixed.encoder_state["block12.skip.weight"], torch.full((4, 3), 2.0))  # 0.75 * 1 + 0.25 * 5
+    assert mixed.encoder_state["conv4.bn.num_batches_tracked"].item() == 7  # counters: the first model's
+    # exit flows that do not line up, and an exit flow beside an untouched encoder, are refused
+    other_shape = replace(b, encoder_state={**flow_b, "block12.skip.weight": torch.zeros(4, 4)})
+    with pytest.raises(AverageError, match="embedded encoder weights"):
+        average_models([a, other_shape])
+    with pytest.raises(AverageError, match="encoder"):
+        average_models([a, load_model(two_models[1])])

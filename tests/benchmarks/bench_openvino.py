@@ -20,6 +20,7 @@ compared with torch fp32's on the same photos.
 
     python tests/benchmarks/bench_openvino.py
     python tests/benchmarks/bench_openvino.py --rounds 3 --json bench-openvino.json
+    python tests/benchmarks/bench_openvino.py --photos everyday-unlabelled/ --limit 500  # a longer job
 """
 from __future__ import annotations
 
@@ -78,6 +79,7 @@ def torch_fp32_captions(model_path: Path, paths: list[Path], beam: BeamConfig, w
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--photos", default=str(SHARED / "data" / "flickr8k-sample" / "Flicker8k_Dataset"))
+    parser.add_argument("--limit", type=int, default=None, help="Only the first N photos (in name order).")
     parser.add_argument("--model", default=None)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=16, help="For the bare encoders.")
@@ -88,7 +90,7 @@ def main() -> None:
 
     model_path = resolve_model_path(args.model)
     model = load_model(model_path)
-    paths = list_images(args.photos)
+    paths = list_images(args.photos, args.limit)
     beam = beam_config(3, None, 1, 0.0, 0, 1, model.max_caption_len)  # the CLI's defaults
     runtime = runtime_config("auto", "auto", None, "auto", "auto")
     device = torch.device("cpu")
