@@ -11,10 +11,9 @@ import contextlib
 import dataclasses
 import math
 import os
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
 import torch
@@ -153,11 +152,7 @@ def caption_batch(captioner: Callable[[torch.Tensor], list[Caption]], batch: "Ba
     So a bad picture becomes its own failure row (status ``no_caption``) and the rest of
     the batch, and the job, carry on.
     """
-    return keep_captioned(batch, captioner(batch.images))
-
-
-def keep_captioned(batch: "Batch", captions: list[Caption]) -> list[Caption]:
-    """:func:`caption_batch`'s second half: ``captions`` (one per ``batch.ok``) applied to ``batch``."""
+    captions = captioner(batch.images)
     kept, failed = [], []
     for item, caption in zip(batch.ok, captions, strict=True):
         if caption.error is None:
@@ -234,61 +229,9 @@ class Captioner:
         return captions, evidence
 
     def __call__(self, images: torch.Tensor) -> list[Caption]:
-        return self.caption_features(self.encode(images))
-
-    def caption_features(self, features: torch.Tensor) -> list[Caption]:
-        """:meth:`search` as a run calls it: on one torch thread on a CPU (:func:`search_threads`)."""
+        features = self.encode(images)
         with search_threads(self.runtime):
             return self.search(features)
-
-
-def overlaps_search(runtime: RuntimeConfig) -> bool:
-    """Whether a run encodes the next batch while it searches this one (:func:`caption_stream`).
-
-    Only for OpenVINO on a CPU: its encoder runs on its own thread pool and releases the
-    GIL, so a search on one torch thread fills the core the encoder's serial parts leave
-    idle. The torch CPU encoder shares torch's intra-op pool with the search (whose thread
-    count :func:`search_threads` lowers), and on CUDA both already run on the device.
-    """
-    on_cpu = torch.device(runtime.device).type == "cpu"
-    return runtime.overlap_search and runtime.backend == "openvino" and on_cpu
-
-
-def caption_stream(batches: Iterable["Batch"], captioner: Callable[[], Captioner], overlap: bool,
-                   stop: Callable[[], bool] = lambda: False) -> Iterator[tuple["Batch", list[Caption]]]:
-    """Each batch with the captions of its ``ok`` pictures, in order (:func:`keep_captioned` applied).
-
-    ``captioner()`` gives the captioner (built on the first batch with pictures). With
-    ``overlap``, batch ``i + 1`` is encoded on a background thread while batch ``i`` is
-    searched; closing the stream waits for that encode and drops it. Once ``stop()`` is
-    true no further batch is searched or yielded (a batch whose encode is under way is
-    dropped, so a resumed run captions it).
-    """
-    def encode(batch: "Batch") -> torch.Tensor | None:
-        return captioner().encode(batch.images) if batch.ok else None
-
-    def finish(batch: "Batch", features: torch.Tensor | None) -> tuple["Batch", list[Caption]]:
-        if features is None:
-            return batch, []
-        return batch, keep_captioned(batch, captioner().caption_features(features))
-
-    if not overlap:
-        for batch in batches:
-            if stop():
-                return
-            yield finish(batch, encode(batch))
-        return
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="batchcap-encode") as pool:
-        pending: tuple["Batch", Future[torch.Tensor | None]] | None = None
-        for batch in batches:
-            if stop():
-                return
-            ahead = pool.submit(encode, batch)
-            if pending is not None:
-                yield finish(pending[0], pending[1].result())
-            pending = (batch, ahead)
-        if pending is not None and not stop():
-            yield finish(pending[0], pending[1].result())
 
 
 @contextlib.contextmanager

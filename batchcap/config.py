@@ -136,7 +136,6 @@ class RuntimeConfig:
     backend: str = "torch"
     backend_note: str = ""
     encoder_cache: str | None = None
-    overlap_search: bool = True  # encode the next batch while searching this one (OpenVINO on CPU)
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from batchcap.captioner import Captioner, caption_stream, overlaps_search
+from batchcap.captioner import Captioner, caption_batch
 from batchcap.config import BeamConfig, ImagePolicy, RuntimeConfig, to_dict
 from batchcap.datasets import CaptionDataset
 from batchcap.loader import iter_batches
@@ -52,13 +52,12 @@ def evaluate_split(dataset: CaptionDataset, split: str, model: CaptionModel, run
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="batchcap-eval-") as tmp:
         sources, id_map = _sources_for(records, Path(tmp))
-        batches = iter_batches(sources, model.preprocess, policy, batch_size=runtime.batch_size,
-                               workers=runtime.workers, pin_memory=runtime.device.startswith("cuda"))
-        # as run captions: the next batch encodes while this one is searched (OpenVINO on a CPU)
-        for batch, captions in caption_stream(batches, lambda: captioner, overlap=overlaps_search(runtime)):
-            # pictures without a caption (no_caption) have moved to batch.failed
-            for item, caption in zip(batch.ok, captions, strict=True):
-                predictions[id_map.get(item.item.id, item.item.id)] = caption.text
+        for batch in iter_batches(sources, model.preprocess, policy, batch_size=runtime.batch_size,
+                                  workers=runtime.workers, pin_memory=runtime.device.startswith("cuda")):
+            if batch.ok:
+                captions = caption_batch(captioner, batch)  # may move pictures to batch.failed
+                for item, caption in zip(batch.ok, captions, strict=True):
+                    predictions[id_map.get(item.item.id, item.item.id)] = caption.text
             for item in batch.failed:
                 failures[id_map.get(item.item.id, item.item.id)] = f"{item.status}: {item.error}"
             if len(predictions) % 200 < runtime.batch_size:

@@ -11,11 +11,10 @@ from __future__ import annotations
 import datetime as dt
 import platform
 import sys
-import threading
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Iterator, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from batchcap import __version__
 from batchcap.config import BeamConfig, ImagePolicy, Preprocess, RunConfig, RuntimeConfig, from_dict, to_dict
@@ -93,34 +92,25 @@ def _failed_row(item: ItemResult, model: str, now: dt.datetime) -> dict[str, Any
 
 
 class _LazyCaptioner:
-    """Builds the :class:`~batchcap.captioner.Captioner` on first use (a finished job builds none)."""
+    """Builds the :class:`~batchcap.captioner.Captioner` on first use.
+
+    A picture that gets no caption moves from ``batch.ok`` to ``batch.failed``
+    (:func:`batchcap.captioner.caption_batch`), so it is written and counted as a failure.
+    """
 
     def __init__(self, model_path: Path, encoder_weights: str | None, runtime: RuntimeConfig,
                  beam: BeamConfig) -> None:
         self.model_path, self.encoder_weights = model_path, encoder_weights
         self.runtime, self.beam = runtime, beam
         self._captioner: Any = None
-        self._lock = threading.Lock()  # built on the encode thread or the main one, once
 
-    def __call__(self) -> Any:
-        from batchcap.captioner import Captioner
+    def __call__(self, batch: Batch) -> list[Any]:
+        from batchcap.captioner import Captioner, caption_batch
 
-        with self._lock:
-            if self._captioner is None:
-                self._captioner = Captioner(load_model(self.model_path), self.runtime, self.beam,
-                                            self.encoder_weights)
-            return self._captioner
-
-
-def _decoded_on_device(batches: Iterable[Batch], preprocess: Preprocess, policy: ImagePolicy,
-                       device: str) -> Iterator[Batch]:
-    """``batches``, with ``--decode-on-device`` pictures decoded where the model runs."""
-    from batchcap.device_decode import fill_batch
-
-    for batch in batches:
-        if batch.encoded_rows:
-            fill_batch(batch, preprocess, policy, device)
-        yield batch
+        if self._captioner is None:
+            self._captioner = Captioner(load_model(self.model_path), self.runtime, self.beam,
+                                        self.encoder_weights)
+        return caption_batch(self._captioner, batch)
 
 
 def _fault_notes(store: OutputStore) -> dict[str, str]:
@@ -140,7 +130,7 @@ def run_job(cfg: RunConfig, model_path: Path, beam: BeamConfig, runtime: Runtime
     Raises ``OutputUnwritable`` before any model or image work when ``cfg.out`` cannot be
     written, and ``OutputIOError`` when a write fails on the way (a full disk).
     """
-    from batchcap.captioner import caption_stream, overlaps_search
+    from batchcap.device_decode import fill_batch
     from batchcap.interrupt import StopSignals
     from batchcap.loader import iter_batches
     from batchcap.lock import check_output_writable, hold_lock
@@ -185,23 +175,17 @@ def run_job(cfg: RunConfig, model_path: Path, beam: BeamConfig, runtime: Runtime
                                    workers=runtime.workers, shard_index=cfg.shard_index,
                                    shard_count=cfg.shard_count, done=store.done,
                                    pin_memory=runtime.device.startswith("cuda"))
-            cut_short = []  # the stream stopped before a batch on its way because a signal arrived
-
-            def stop_now() -> bool:
-                if stop.requested:
-                    cut_short.append(stop.requested)
-                return bool(stop.requested)
-
-            # A picture that gets no caption has moved from batch.ok to batch.failed by now
-            # (status no_caption), so it is written and counted as a failure.
-            captioned = caption_stream(_decoded_on_device(batches, preprocess, policy, runtime.device),
-                                       captioner, overlap=overlaps_search(runtime),
-                                       stop=stop_now)
             try:
-                for batch, captions in captioned:
+                for batch in batches:
+                    if stop.requested:  # arrived while this batch was on its way: take it no further
+                        interrupted = True
+                        break
                     now = dt.datetime.now(dt.timezone.utc)
                     rows = []
+                    if batch.encoded_rows:  # --decode-on-device: finish decoding where the model runs
+                        fill_batch(batch, preprocess, policy, runtime.device)
                     if batch.ok:
+                        captions = captioner(batch)
                         rows += [_ok_row(item, c.text, c.score, c.n_best, beam.n_best, identity, now,
                                          logprob=c.logprob, confidence=c.confidence,
                                          min_confidence=cfg.min_confidence)
@@ -215,10 +199,9 @@ def run_job(cfg: RunConfig, model_path: Path, beam: BeamConfig, runtime: Runtime
                         interrupted = True
                         break
             finally:
-                captioned.close()  # waits for an encode under way
                 batches.close()  # stops the decoding workers
                 writer.close()  # commits every captioned row (also on the way out of a crash)
-            if interrupted or cut_short:
+            if interrupted:
                 notes = {**_fault_notes(store), "interrupted": (
                     f"by {stop.requested}: {store.rows_added} rows of this run committed, output not "
                     "finalised; rerun the same command to resume")}

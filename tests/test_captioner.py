@@ -2,15 +2,13 @@
 from __future__ import annotations
 
 import dataclasses
-import threading
 from pathlib import Path
 
 import pytest
 import torch
 
 from batchcap.beam import BeamResult
-from batchcap.captioner import (DEFAULT_MODEL, NO_CAPTION, Captioner, caption_batch, caption_stream,
-                                overlaps_search, token_logprobs_mean)
+from batchcap.captioner import DEFAULT_MODEL, NO_CAPTION, Captioner, caption_batch, token_logprobs_mean
 from batchcap.config import BeamConfig, ImagePolicy, RuntimeConfig
 from batchcap.loader import iter_batches
 from batchcap.modelfile import load_model, save_model
@@ -188,78 +186,3 @@ def test_a_bf16_run_searches_with_bf16_weights_and_agrees_with_fp32() -> None:
     same = sum(a == c.text for a, c in zip(reference, captions))
     assert same >= 0.85 * len(reference), (same, len(reference))
     assert all(c.error is None and c.logprob < 0 for c in captions)
-
-
-class _RecordingCaptioner:
-    """A real captioner that records the encoding thread; can hold a search until the next encode starts."""
-
-    def __init__(self, captioner: Captioner, wait_for_next_encode: bool, total: int) -> None:
-        self.captioner, self.wait, self.total = captioner, wait_for_next_encode, total
-        self.encodes: list[tuple[int, str]] = []
-        self.started = [threading.Event() for _ in range(16)]
-        self.searches = 0
-
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        self.started[len(self.encodes)].set()
-        self.encodes.append((images.shape[0], threading.current_thread().name))
-        return self.captioner.encode(images)
-
-    def caption_features(self, features: torch.Tensor) -> list:
-        index, self.searches = self.searches, self.searches + 1
-        if self.wait and index + 1 < self.total:
-            assert self.started[index + 1].wait(timeout=30), \
-                f"batch {index + 1} did not start encoding during search {index}"
-        return self.captioner.caption_features(features)
-
-
-def _batches(model_path: Path, folder: Path, size: int) -> list:
-    model = load_model(model_path)
-    return list(iter_batches(open_sources([str(folder)]), model.preprocess, ImagePolicy(), batch_size=size,
-                             workers=0))
-
-
-@pytest.mark.parametrize("overlap", [False, True])
-def test_caption_stream_overlaps_the_next_encode_with_this_search_and_keeps_order(
-        tiny_model_path: Path, image_folder: Path, overlap: bool) -> None:
-    captioner = Captioner(load_model(tiny_model_path), RuntimeConfig(precision="fp32", channels_last=False),
-                          BeamConfig(beam_size=3, max_len=5))
-    expected = [[c.text for c in captioner(b.images)] for b in _batches(tiny_model_path, image_folder, 6)]
-    batches = _batches(tiny_model_path, image_folder, 6)
-    empty = dataclasses.replace(batches[0], ok=[], images=batches[0].images[:0])  # no picture decoded
-    batches.append(empty)  # last: look-ahead is one batch, and an empty one has nothing to encode
-    recording = _RecordingCaptioner(captioner, wait_for_next_encode=overlap, total=sum(1 for b in batches if b.ok))
-    got = list(caption_stream(iter(batches), lambda: recording, overlap=overlap))
-    assert [id(b) for b, _ in got] == [id(b) for b in batches]  # every batch, in order, the empty one too
-    assert [[c.text for c in caps] for b, caps in got if b.ok] == expected
-    assert got[-1][1] == []
-    threads = {name for _, name in recording.encodes}
-    assert (threads == {"batchcap-encode_0"}) if overlap else (threads == {threading.current_thread().name})
-
-
-def test_caption_stream_stops_before_the_next_batch_and_drops_the_encode_under_way(
-        tiny_model_path: Path, image_folder: Path) -> None:
-    captioner = Captioner(load_model(tiny_model_path), RuntimeConfig(precision="fp32", channels_last=False),
-                          BeamConfig(beam_size=2, max_len=4))
-    batches = _batches(tiny_model_path, image_folder, 5)  # 4 batches
-    stop = {"now": False}
-    stream = caption_stream(iter(batches), lambda: captioner, overlap=True, stop=lambda: stop["now"])
-    first, captions = next(stream)
-    assert first is batches[0] and len(captions) == 5
-    stop["now"] = True  # a signal arrives while batch 0 is written and batch 1 encodes
-    assert list(stream) == []
-
-
-def test_caption_stream_passes_an_encoder_error_on(tiny_model_path: Path, image_folder: Path) -> None:
-    class Broken:
-        def encode(self, images: torch.Tensor) -> torch.Tensor:
-            raise RuntimeError("encoder fell over")
-
-    with pytest.raises(RuntimeError, match="encoder fell over"):
-        list(caption_stream(iter(_batches(tiny_model_path, image_folder, 10)), Broken, overlap=True))
-
-
-def test_run_overlaps_the_search_only_on_openvino_on_a_cpu() -> None:
-    assert overlaps_search(RuntimeConfig(backend="openvino", device="cpu"))
-    assert not overlaps_search(RuntimeConfig(backend="openvino", device="cpu", overlap_search=False))
-    assert not overlaps_search(RuntimeConfig(backend="torch", device="cpu"))
-    assert not overlaps_search(RuntimeConfig(backend="torch", device="cuda"))
