@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 from typing import Iterator
 
@@ -17,6 +18,12 @@ from batchcap.text import SPECIAL_TOKENS, Vocabulary
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("BATCHCAP_SHARED", REPO.parent / "shared"))
+# A test suite started in the background by a non-interactive shell (`pytest &`, nohup) inherits
+# SIGINT ignored, and so would every `batchcap` the tests start: the Ctrl-C tests would then test
+# nothing. A Python handler here makes the kernel hand the subprocesses SIGINT's default again.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 TINY_WORDS = ("a", "dog", "cat", "man", "runs", "on", "the", "grass", "red", "blue", "ball", "in", "water")
 
 
