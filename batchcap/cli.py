@@ -341,6 +341,12 @@ def run(sources: tuple[str, ...], files_from: str | None, shard: str | None, max
                    "sequence training) instead of on the reference words.")
 @click.option("--samples-per-image", type=click.IntRange(2), default=5, show_default=True,
               help="Captions sampled per image in a --self-critical step.")
+@click.option("--pretrain-captions", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Caption text without photos (IMAGE#N<TAB>caption lines, or one caption per line) to "
+                   "pretrain the fresh decoder on as a language model first, conditioned on a null image. "
+                   "Captions of the dataset's own photos and copies of its validation captions are dropped.")
+@click.option("--pretrain-epochs", type=click.IntRange(1), default=1, show_default=True,
+              help="Epochs over --pretrain-captions (at --lr, --warmup-steps, 5 captions per --batch-size photo).")
 @click.option("--half", is_flag=True, help="Store the decoder weights as fp16 (half the file size).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto",
@@ -355,7 +361,7 @@ def train(data: str, out: str, fmt: str, images: str | None, encoder_name: str, 
           label_smoothing: float, attention_penalty: float, val_beam: int, val_images: int, patience: int,
           seed: int, cache_dir: str | None, resume: bool, augment: bool, finetune_encoder: bool,
           finetune_exit_flow: bool, encoder_lr: float, init_model: str | None, self_critical: bool,
-          samples_per_image: int, half: bool,
+          samples_per_image: int, pretrain_captions: str | None, pretrain_epochs: int, half: bool,
           device: str, precision: str, workers: str) -> None:
     """Train a caption decoder on DATA and write one self-describing model file.
 
@@ -377,6 +383,9 @@ def train(data: str, out: str, fmt: str, images: str | None, encoder_name: str, 
     from batchcap.train import describe_encoder, train as train_decoder
 
     require_metrics()  # every epoch is scored on the validation split
+    if init_model and pretrain_captions:
+        raise click.UsageError("--pretrain-captions pretrains a fresh decoder and --init-model starts from a "
+                               "trained one: give one of them (pretrain in the first stage of a recipe)")
     runtime = runtime_config(device, precision, batch_size, workers)
     if init_model:  # the encoder, preprocessing, decoder shape and vocabulary are the start model's
         from batchcap.captioner import resolve_encoder_weights
@@ -404,6 +413,7 @@ def train(data: str, out: str, fmt: str, images: str | None, encoder_name: str, 
                       finetune_exit_flow=finetune_exit_flow, encoder_lr=encoder_lr, val_beam_size=val_beam,
                       val_images=val_images, patience=patience,
                       init_model=init_model, self_critical=self_critical, samples_per_image=samples_per_image,
+                      pretrain_captions=pretrain_captions, pretrain_epochs=pretrain_epochs,
                       extra={"label_smoothing": label_smoothing, "attention_penalty": attention_penalty,
                              "half": half})
     dataset = load_caption_dataset(data, fmt, images=images)

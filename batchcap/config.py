@@ -196,4 +196,6 @@ class TrainConfig:
     init_model: str | None = None  # start from this model file's decoder and vocabulary
     self_critical: bool = False  # optimise CIDEr-D of sampled captions (needs init_model)
     samples_per_image: int = 5  # captions sampled per image in a self-critical step
+    pretrain_captions: str | None = None  # caption text (no photos) to pretrain a fresh decoder on
+    pretrain_epochs: int = 1
     extra: dict[str, Any] = field(default_factory=dict)

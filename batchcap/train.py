@@ -51,6 +51,7 @@ from batchcap.features import FeatureCache, FeatureKey, collate_images, ImageFil
 from batchcap.metrics import score_captions
 from batchcap.modelfile import (CaptionModel, EncoderSpec, atomic_save_safetensors, file_sha256, load_model,
                                 save_model)
+from batchcap.pretrain import PretrainError, prepare_caption_text, pretrain_language_model
 from batchcap.scst import CaptionReward, sample_captions, self_critical_loss
 from batchcap.text import Vocabulary, normalize_caption
 
@@ -469,6 +470,9 @@ def train(cfg: TrainConfig, dataset: CaptionDataset, choice: EncoderChoice, deco
     if cfg.finetune_encoder and cfg.finetune_exit_flow:
         raise TrainingError("--finetune-encoder already trains the exit flow: give one of --finetune-encoder "
                             "and --finetune-exit-flow")
+    if cfg.pretrain_captions and cfg.init_model:
+        raise TrainingError("--pretrain-captions pretrains a fresh decoder; --init-model already gives one: "
+                            "leave one of them out")
     start_model = load_start_model(cfg, choice)
     if start_model is not None:
         vocab = start_model.vocab
@@ -540,6 +544,8 @@ def train(cfg: TrainConfig, dataset: CaptionDataset, choice: EncoderChoice, deco
     if cfg.resume and checkpoint.exists():
         loop = load_checkpoint(checkpoint, trained, optimizer)
         log(f"resumed from {checkpoint} after epoch {loop['epoch']}")
+    elif cfg.pretrain_captions:  # before the first epoch only: a checkpoint holds the pretrained decoder
+        loop["pretrain"] = _pretrain(cfg, decoder, dataset, vocab, runtime, log)
     val_beam = BeamConfig(beam_size=cfg.val_beam_size, max_len=cfg.max_caption_len)
     best_model: CaptionModel | None = None
     rewarder = None
@@ -738,6 +744,25 @@ def load_start_model(cfg: TrainConfig, choice: EncoderChoice) -> CaptionModel | 
     return model
 
 
+def _pretrain(cfg: TrainConfig, decoder: CaptionDecoder, dataset: CaptionDataset, vocab: Vocabulary,
+              runtime: RuntimeConfig, log: Log) -> dict[str, Any]:
+    """``--pretrain-captions``: the fresh decoder as a language model on caption text; returns its report."""
+    try:
+        text = prepare_caption_text(cfg.pretrain_captions or "", vocab, cfg.max_caption_len,
+                                    (r.image_id for records in dataset.splits.values() for r in records),
+                                    (c for r in dataset.splits.get("val", []) for c in r.captions), cfg.seed)
+    except PretrainError as exc:
+        raise TrainingError(f"--pretrain-captions: {exc}") from exc
+    report = text.report
+    log(f"caption text: {report['captions']} captions ({report['unknown_word_share']:.1%} of words <unk>), "
+        f"{report['held_out']} held out; dropped {report['dropped_dataset_photos']} of the dataset's photos, "
+        f"{report['dropped_val_captions']} equal to validation captions")
+    return pretrain_language_model(decoder, text, runtime, epochs=cfg.pretrain_epochs,
+                                   batch_size=cfg.batch_size * int(cfg.extra.get("captions_per_image", 5)),
+                                   lr=cfg.lr, warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay,
+                                   grad_clip=cfg.grad_clip, seed=cfg.seed, log=log)
+
+
 def _pick(captions: list[int], count: int, generator: torch.Generator) -> list[int]:
     """Exactly ``count`` of an image's captions: a random subset, or all plus random repeats."""
     if len(captions) == count:
@@ -785,6 +810,7 @@ def _model_file(cfg: TrainConfig, choice: EncoderChoice, dcfg: DecoderConfig, vo
             "history": loop["history"],
             **({"init_model": {"identity": start_model.identity, "training": start_model.training}}
                if start_model is not None else {}),
+            **({"pretrain": loop["pretrain"]} if "pretrain" in loop else {}),
         },
         metrics={"selected_on": "val", "tokenizer": scores.get("tokenizer"),
                  **{k: v for k, v in scores.items() if k.startswith(("BLEU", "CIDEr"))}},
