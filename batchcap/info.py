@@ -13,6 +13,10 @@ def _stage(identity: str, training: dict[str, Any]) -> str:
     config = training.get("config") or {}
     objective = "self-critical (CIDEr-D)" if config.get("self_critical") else "teacher forcing"
     parts = [objective]
+    pretrain = training.get("pretrain") or {}
+    if pretrain:
+        parts[0] = (f"language model on {pretrain.get('captions', '?')} captions (held-out perplexity "
+                    f"{(pretrain.get('held_out_perplexity') or {}).get('after', '?')}), then {objective}")
     if config.get("lr") is not None:
         parts.append(f"lr {config['lr']:g}")
     history = training.get("history") or []

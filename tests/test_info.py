@@ -22,6 +22,9 @@ def test_lineage_reads_the_init_model_chain_oldest_first() -> None:
         "final@333333333333: self-critical (CIDEr-D), lr 5e-05, epoch 5 selected",
     ]
     assert lineage("only@0", first) == ["only@0: teacher forcing, lr 0.0008, epoch 8 selected, val CIDEr-D 0.479"]
+    pretrained = {**first, "pretrain": {"captions": 116496, "held_out_perplexity": {"before": 2548.0, "after": 30.1}}}
+    assert lineage("lm@0", pretrained) == ["lm@0: language model on 116496 captions (held-out perplexity 30.1), "
+                                           "then teacher forcing, lr 0.0008, epoch 8 selected, val CIDEr-D 0.479"]
 
 
 def test_info_on_the_packaged_model_shows_the_stages_the_model_card_names() -> None:
