@@ -7,7 +7,7 @@ reproduces the model card's dev scores exactly; the model card's "What else was 
 came from it.
 
     python tests/benchmarks/sweep_dev.py flickr8k/ MODEL [MODEL...] --cache-dir .batchcap-features \\
-        --settings 3:0,5:0,3:0.6 [--no-ending-rule] [--fast] [--json out.json]
+        --settings 3:0,5:0,3:0.6 [--no-ending-rule] [--bf16-search] [--fast] [--json out.json]
 
 A setting is ``BEAM:LENGTH_PENALTY[:NO_REPEAT_NGRAM]``. ``--cache-dir`` is the folder given to
 (or defaulted by) ``batchcap train --cache-dir``; the sub-folder whose key matches the model's
@@ -67,6 +67,8 @@ def main() -> None:
     parser.add_argument("--settings", default="3:0")
     parser.add_argument("--no-ending-rule", action="store_true")
     parser.add_argument("--fast", action="store_true", help="BLEU and CIDEr-D with batchcap's tokenisation only")
+    parser.add_argument("--bf16-search", action="store_true",
+                        help="search with bf16 decoder weights, as `run` does at bf16 (default: fp32)")
     parser.add_argument("--json", dest="json_out", default=None)
     args = parser.parse_args()
     torch.set_num_threads(1)  # as run searches on a CPU
@@ -82,7 +84,8 @@ def main() -> None:
         else:
             stock = dev_features(args.cache_dir, ids) if stock is None else stock
             features = stock
-        decoder, vocab = model.build_decoder(), model.vocab  # fp32, as the card was scored
+        # fp32, as the card was scored; --bf16-search: the decoder `run` uses at bf16
+        decoder, vocab = model.build_decoder(torch.bfloat16 if args.bf16_search else None), model.vocab
         for setting in args.settings.split(","):
             parts = setting.split(":")
             cfg = BeamConfig(beam_size=int(parts[0]), max_len=model.max_caption_len, length_penalty=float(parts[1]),
