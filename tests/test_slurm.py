@@ -265,9 +265,11 @@ def committed_rows(work: Path) -> int:
 def test_running_task_requeued_stops_cleanly_and_merge_is_exactly_once(slurm: None, tmp_path: Path,
                                                                         tiny_model_path: Path) -> None:
     """`scontrol requeue` of a running task: SIGTERM, forwarded by the script, commits what was captioned."""
-    # No commit before the end but the one the stop makes.
+    # No commit before the end but the one the stop makes. 1,000 pictures a task: the tiny model
+    # captions ~400 a second on a quiet CPU, and the requeue's SIGTERM must land mid-run (with 80
+    # a task it once arrived after the last batch, where batchcap finishes the output instead).
     photos, out_dir, logs, _, array, merge = three_task_array(
-        tmp_path, tiny_model_path, "--batch-size 1 --commit-every 100000 --log-every 0.2")
+        tmp_path, tiny_model_path, "--batch-size 1 --commit-every 100000 --log-every 0.2", images=3000)
     task = f"{array}_1"
     log_path = logs / f"caption-{array}_1.log"
     work = out_dir / "part-1.parquet.batchcap-work"
