@@ -197,5 +197,5 @@ class TrainConfig:
     self_critical: bool = False  # optimise CIDEr-D of sampled captions (needs init_model)
     samples_per_image: int = 5  # captions sampled per image in a self-critical step
     pretrain_captions: str | None = None  # caption text (no photos) to pretrain a fresh decoder on
-    pretrain_epochs: int = 1
+    pretrain_epochs: int = 1  # epochs over pretrain_captions
     extra: dict[str, Any] = field(default_factory=dict)

@@ -57,7 +57,7 @@ _FLICKR_IMAGE_DIRS = ("Flicker8k_Dataset", "Flickr8k_Dataset", "Images", "images
                       "Flicker8k_Dataset/Flicker8k_Dataset", "Flickr8k_Dataset/Flicker8k_Dataset")
 _FLICKR_SPLIT_FILES = {"train": "Flickr_8k.trainImages.txt", "val": "Flickr_8k.devImages.txt",
                        "test": "Flickr_8k.testImages.txt"}
-_TOKEN_LINE = re.compile(r"^(?P<image>[^\t]+)#(?P<n>\d+)\t(?P<caption>.*)$")
+TOKEN_LINE = re.compile(r"^(?P<image>[^\t]+)#(?P<n>\d+)\t(?P<caption>.*)$")
 
 
 class DatasetError(Exception):
@@ -254,7 +254,7 @@ def read_flickr8k_tokens(path: str, notes: list[str]) -> dict[str, list[str]]:
             line = line.rstrip("\r\n")
             if not line.strip():
                 continue
-            match = _TOKEN_LINE.match(line)
+            match = TOKEN_LINE.match(line)
             if match is None:
                 raise DatasetError(f"{name} line {lineno}: expected IMAGE#N<TAB>caption, got {line[:80]!r}")
             yield match["image"].strip(), match["caption"].strip()

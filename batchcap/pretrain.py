@@ -15,20 +15,19 @@ normalisation, to a validation caption.
 from __future__ import annotations
 
 import math
-import re
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 import torch
-import torch.nn.functional as F
 
-from batchcap.config import RuntimeConfig
+from batchcap.config import RuntimeConfig, TrainConfig
+from batchcap.datasets import TOKEN_LINE, CaptionDataset, DatasetError, read_flickr8k_tokens
 from batchcap.decoder import CaptionDecoder
 from batchcap.modelfile import file_sha256
 from batchcap.text import Vocabulary, normalize_caption
+from batchcap.train import lr_factor, reference_captions, teacher_forced_loss, training_autocast
 
-_TOKEN_LINE = re.compile(r"^(?P<image>[^#\t]+)#\d+\t(?P<caption>.*)$")
 HELD_OUT_SHARE = 0.01  # of the text, for the perplexity the training record reports
 
 
@@ -43,39 +42,40 @@ class CaptionText:
     train: torch.Tensor  # (C, max_len + 2) long
     held_out: torch.Tensor  # (H, max_len + 2) long
     report: dict[str, Any]
+    pad_id: int = 0
 
 
-def read_caption_lines(path: str) -> list[tuple[str | None, str]]:
+def read_caption_lines(path: str, notes: list[str] | None = None) -> list[tuple[str | None, str]]:
     """``(image, caption)`` pairs of ``path``: ``IMAGE#N<TAB>caption`` lines, or one caption per line.
 
     The format is decided by the first non-empty line; ``image`` is ``None`` for plain text.
+    Token files go through the Flickr8k reader (:func:`batchcap.datasets.read_flickr8k_tokens`),
+    which skips ids that are not image names and empty captions with a line in ``notes``.
     """
     try:
         with open(path, encoding="utf-8-sig") as fh:
-            lines = [line.rstrip("\r\n") for line in fh]
+            lines = [line.rstrip("\r\n") for line in fh if line.strip()]
     except UnicodeDecodeError as error:
         raise PretrainError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start}); expected "
                             "IMAGE#N<TAB>caption lines or one caption per line") from None
     except OSError as error:
         raise PretrainError(f"{path}: {error.strerror}") from None
-    lines = [line for line in lines if line.strip()]
     if not lines:
         raise PretrainError(f"{path}: no captions (expected IMAGE#N<TAB>caption lines or one caption per line)")
-    if _TOKEN_LINE.match(lines[0]) is None:
+    if TOKEN_LINE.match(lines[0]) is None:
         return [(None, line.strip()) for line in lines]
-    pairs = []
-    for lineno, line in enumerate(lines, start=1):
-        match = _TOKEN_LINE.match(line)
-        if match is None:
-            raise PretrainError(f"{path}: line {lineno} is not IMAGE#N<TAB>caption like the first: {line[:80]!r}")
-        pairs.append((match["image"].strip(), match["caption"].strip()))
-    return pairs
+    try:
+        captions = read_flickr8k_tokens(path, notes if notes is not None else [])
+    except DatasetError as error:
+        raise PretrainError(str(error)) from None
+    return [(image, caption) for image, texts in captions.items() for caption in texts]
 
 
 def prepare_caption_text(path: str, vocab: Vocabulary, max_len: int, dataset_images: Iterable[str],
                          val_captions: Iterable[str], seed: int) -> CaptionText:
     """Tokenise ``path``'s captions in ``vocab``, drop those that could leak, hold 1 % out."""
-    pairs = read_caption_lines(path)
+    notes: list[str] = []
+    pairs = read_caption_lines(path, notes)
     known_images = set(dataset_images)
     val_texts = {tuple(normalize_caption(c)) for c in val_captions}
     rows: list[list[int]] = []
@@ -104,8 +104,8 @@ def prepare_caption_text(path: str, vocab: Vocabulary, max_len: int, dataset_ima
     held = max(1, int(len(rows) * HELD_OUT_SHARE))
     report = {"file": path, "sha256": file_sha256(path), "lines": len(pairs), "captions": len(rows) - held,
               "held_out": held, "dropped_dataset_photos": same_photo, "dropped_val_captions": same_text,
-              "dropped_empty": empty, "unknown_word_share": round(unknown / max(1, words), 4)}
-    return CaptionText(tokens_all[held:], tokens_all[:held], report)
+              "dropped_empty": empty, "unknown_word_share": round(unknown / max(1, words), 4), "notes": notes}
+    return CaptionText(tokens_all[held:], tokens_all[:held], report, vocab.pad_id)
 
 
 def _null_image(decoder: CaptionDecoder, device: str) -> torch.Tensor:
@@ -113,35 +113,28 @@ def _null_image(decoder: CaptionDecoder, device: str) -> torch.Tensor:
     return torch.zeros(1, 1, decoder.cfg.feature_dim, device=device)
 
 
-def _batch_loss(decoder: CaptionDecoder, captions: torch.Tensor, device: str) -> tuple[torch.Tensor, int]:
-    """Mean next-word cross-entropy of ``captions`` (cut to their longest) and their target-token count."""
-    lengths = (captions != 0).sum(1)
-    captions = captions[:, :int(lengths.max())].to(device)
-    logits, _ = decoder(_null_image(decoder, device), captions, captions.shape[0])  # (N, T-1, V)
-    targets = captions[:, 1:]
-    loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=0)
-    return loss, int((lengths - 1).sum())
+def _batch_loss(decoder: CaptionDecoder, captions: torch.Tensor, pad_id: int, device: str
+                ) -> tuple[torch.Tensor, int]:
+    """Mean next-word cross-entropy of ``captions`` given the null image, and their target-token count."""
+    captions, tokens = reference_captions(captions, pad_id)
+    loss = teacher_forced_loss(decoder, _null_image(decoder, device), captions.to(device), captions.shape[0],
+                               pad_id, attention_penalty=0.0, label_smoothing=0.0)
+    return loss, tokens
 
 
 @torch.no_grad()
-def perplexity(decoder: CaptionDecoder, captions: torch.Tensor, runtime: RuntimeConfig,
+def perplexity(decoder: CaptionDecoder, captions: torch.Tensor, runtime: RuntimeConfig, pad_id: int = 0,
                batch_size: int = 500) -> float:
     """Per-word perplexity of ``captions`` under the decoder given the null image (eval mode)."""
     was_training = decoder.training
     decoder.eval()
     total, tokens = 0.0, 0
-    with _autocast(runtime):
+    with training_autocast(runtime):
         for start in range(0, captions.shape[0], batch_size):
-            loss, n = _batch_loss(decoder, captions[start:start + batch_size], runtime.device)
+            loss, n = _batch_loss(decoder, captions[start:start + batch_size], pad_id, runtime.device)
             total, tokens = total + float(loss) * n, tokens + n
     decoder.train(was_training)
     return math.exp(total / max(1, tokens))
-
-
-def _autocast(runtime: RuntimeConfig) -> torch.autocast:
-    from batchcap.train import training_autocast  # train imports this module
-
-    return training_autocast(runtime)
 
 
 def pretrain_language_model(decoder: CaptionDecoder, text: CaptionText, runtime: RuntimeConfig, *, epochs: int,
@@ -152,9 +145,7 @@ def pretrain_language_model(decoder: CaptionDecoder, text: CaptionText, runtime:
     The report (text statistics, held-out perplexity before and after, steps and seconds)
     goes into the model file's training record.
     """
-    from batchcap.train import lr_factor  # the captioning schedule, so both stages read alike
-
-    before = perplexity(decoder, text.held_out, runtime)
+    before = perplexity(decoder, text.held_out, runtime, text.pad_id)
     optimizer = torch.optim.AdamW(decoder.parameters(), lr=lr, weight_decay=weight_decay)
     steps_per_epoch = math.ceil(text.train.shape[0] / batch_size)
     total = steps_per_epoch * epochs
@@ -169,8 +160,9 @@ def pretrain_language_model(decoder: CaptionDecoder, text: CaptionText, runtime:
         for start in range(0, len(order), batch_size):
             for group in optimizer.param_groups:
                 group["lr"] = lr * lr_factor(step, warmup_steps, total)
-            with _autocast(runtime):
-                loss, tokens = _batch_loss(decoder, text.train[order[start:start + batch_size]], runtime.device)
+            with training_autocast(runtime):
+                loss, tokens = _batch_loss(decoder, text.train[order[start:start + batch_size]], text.pad_id,
+                                           runtime.device)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(decoder.parameters(), grad_clip)
@@ -181,8 +173,30 @@ def pretrain_language_model(decoder: CaptionDecoder, text: CaptionText, runtime:
                 log(f"pretraining step {step}/{total}: loss {loss_sum / token_sum:.3f} "
                     f"({time.time() - started:.0f} s)")
         log(f"pretraining epoch {epoch}: train loss {loss_sum / max(1, token_sum):.3f}")
-    after = perplexity(decoder, text.held_out, runtime)
+    after = perplexity(decoder, text.held_out, runtime, text.pad_id)
     seconds = round(time.time() - started, 1)
     log(f"pretraining done in {seconds:.0f} s: held-out perplexity {before:.1f} -> {after:.1f}")
     return {**text.report, "epochs": epochs, "steps": step, "batch_size": batch_size, "lr": lr,
             "seconds": seconds, "held_out_perplexity": {"before": round(before, 2), "after": round(after, 2)}}
+
+
+def pretrain_for_training(cfg: TrainConfig, decoder: CaptionDecoder, dataset: CaptionDataset, vocab: Vocabulary,
+                          runtime: RuntimeConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """``batchcap train --pretrain-captions``: the fresh decoder on ``cfg``'s caption text; returns the report.
+
+    The settings are the captioning run's (``--lr``, ``--warmup-steps``, five captions per
+    ``--batch-size`` photo); the dataset's photos and validation captions set what is dropped.
+    """
+    text = prepare_caption_text(cfg.pretrain_captions or "", vocab, cfg.max_caption_len,
+                                (r.image_id for records in dataset.splits.values() for r in records),
+                                (c for r in dataset.splits.get("val", []) for c in r.captions), cfg.seed)
+    report = text.report
+    for note in report["notes"]:
+        log(f"note: {note}")
+    log(f"caption text: {report['captions']} captions ({report['unknown_word_share']:.1%} of words <unk>), "
+        f"{report['held_out']} held out; dropped {report['dropped_dataset_photos']} of the dataset's photos, "
+        f"{report['dropped_val_captions']} equal to validation captions")
+    return pretrain_language_model(decoder, text, runtime, epochs=cfg.pretrain_epochs,
+                                   batch_size=cfg.batch_size * int(cfg.extra.get("captions_per_image", 5)),
+                                   lr=cfg.lr, warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay,
+                                   grad_clip=cfg.grad_clip, seed=cfg.seed, log=log)

@@ -51,7 +51,6 @@ from batchcap.features import FeatureCache, FeatureKey, collate_images, ImageFil
 from batchcap.metrics import score_captions
 from batchcap.modelfile import (CaptionModel, EncoderSpec, atomic_save_safetensors, file_sha256, load_model,
                                 save_model)
-from batchcap.pretrain import PretrainError, prepare_caption_text, pretrain_language_model
 from batchcap.scst import CaptionReward, sample_captions, self_critical_loss
 from batchcap.text import Vocabulary, normalize_caption
 
@@ -545,7 +544,12 @@ def train(cfg: TrainConfig, dataset: CaptionDataset, choice: EncoderChoice, deco
         loop = load_checkpoint(checkpoint, trained, optimizer)
         log(f"resumed from {checkpoint} after epoch {loop['epoch']}")
     elif cfg.pretrain_captions:  # before the first epoch only: a checkpoint holds the pretrained decoder
-        loop["pretrain"] = _pretrain(cfg, decoder, dataset, vocab, runtime, log)
+        from batchcap.pretrain import PretrainError, pretrain_for_training  # it builds on this module
+
+        try:
+            loop["pretrain"] = pretrain_for_training(cfg, decoder, dataset, vocab, runtime, log)
+        except PretrainError as exc:
+            raise TrainingError(f"--pretrain-captions: {exc}") from exc
     val_beam = BeamConfig(beam_size=cfg.val_beam_size, max_len=cfg.max_caption_len)
     best_model: CaptionModel | None = None
     rewarder = None
@@ -677,8 +681,8 @@ class TrainStep:
                 result = StepResult(loss, samples.mask.sum(), rewards.sum())
             else:
                 rows = [c for i in images for c in _pick(self.per_image[i], self.per_step, generator)]
-                captions, tokens = _reference_captions(self.split.captions[rows], vocab.pad_id)
-                loss = _teacher_forced_loss(self.decoder, feats, captions.to(feats.device, non_blocking=True),
+                captions, tokens = reference_captions(self.split.captions[rows], vocab.pad_id)
+                loss = teacher_forced_loss(self.decoder, feats, captions.to(feats.device, non_blocking=True),
                                             self.per_step, vocab.pad_id, self.attention_penalty,
                                             self.label_smoothing)
                 result = StepResult(loss, tokens)
@@ -689,13 +693,13 @@ class TrainStep:
         return result
 
 
-def _reference_captions(captions: torch.Tensor, pad_id: int) -> tuple[torch.Tensor, int]:
+def reference_captions(captions: torch.Tensor, pad_id: int) -> tuple[torch.Tensor, int]:
     """CPU captions ``(N, T)`` cut to the longest one, and the number of target tokens (after ``<start>``)."""
     lengths = (captions != pad_id).sum(1)  # (N,)
     return captions[:, :int(lengths.max())], int((lengths - 1).sum())
 
 
-def _teacher_forced_loss(decoder: CaptionDecoder, feats: torch.Tensor, caps: torch.Tensor, per_step: int,
+def teacher_forced_loss(decoder: CaptionDecoder, feats: torch.Tensor, caps: torch.Tensor, per_step: int,
                          pad_id: int, attention_penalty: float, label_smoothing: float) -> torch.Tensor:
     """Cross-entropy on the reference words (plus SAT's attention penalty) for captions cut to length."""
     logits, alphas = decoder(feats, caps, per_step)  # (N, T-1, V), (N, T-1, R)
@@ -742,25 +746,6 @@ def load_start_model(cfg: TrainConfig, choice: EncoderChoice) -> CaptionModel | 
         raise TrainingError(f"{cfg.init_model} was trained on other features ({'; '.join(mismatches)}); use "
                             f"the encoder options it was trained with (see `batchcap info {cfg.init_model}`)")
     return model
-
-
-def _pretrain(cfg: TrainConfig, decoder: CaptionDecoder, dataset: CaptionDataset, vocab: Vocabulary,
-              runtime: RuntimeConfig, log: Log) -> dict[str, Any]:
-    """``--pretrain-captions``: the fresh decoder as a language model on caption text; returns its report."""
-    try:
-        text = prepare_caption_text(cfg.pretrain_captions or "", vocab, cfg.max_caption_len,
-                                    (r.image_id for records in dataset.splits.values() for r in records),
-                                    (c for r in dataset.splits.get("val", []) for c in r.captions), cfg.seed)
-    except PretrainError as exc:
-        raise TrainingError(f"--pretrain-captions: {exc}") from exc
-    report = text.report
-    log(f"caption text: {report['captions']} captions ({report['unknown_word_share']:.1%} of words <unk>), "
-        f"{report['held_out']} held out; dropped {report['dropped_dataset_photos']} of the dataset's photos, "
-        f"{report['dropped_val_captions']} equal to validation captions")
-    return pretrain_language_model(decoder, text, runtime, epochs=cfg.pretrain_epochs,
-                                   batch_size=cfg.batch_size * int(cfg.extra.get("captions_per_image", 5)),
-                                   lr=cfg.lr, warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay,
-                                   grad_clip=cfg.grad_clip, seed=cfg.seed, log=log)
 
 
 def _pick(captions: list[int], count: int, generator: torch.Generator) -> list[int]:

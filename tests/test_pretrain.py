@@ -33,7 +33,7 @@ def test_token_files_and_plain_text_are_read(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("content, message", [
-    (b"1.jpg#0\ta dog\nno tab here\n", "line 2 is not IMAGE#N<TAB>caption"),
+    (b"1.jpg#0\ta dog\nno tab here\n", "line 2: expected IMAGE#N<TAB>caption"),
     (b"\xff\xfe a dog\n", "not UTF-8"),
     (b"\n\n", "no captions"),
 ])
