@@ -77,9 +77,46 @@ def _names(folder: Path) -> list[str]:
         return []
 
 
-def moment_delay(seconds: float) -> Callable[[Path], bool]:
+def _parts(out: Path) -> set[str]:
+    return {n for n in _names(work_dir_for(out)) if n.startswith("part-")}
+
+
+def moment_before_first_commit(seconds: float) -> Callable[[Path], bool]:
+    """``seconds`` after start, or as the run's first part appears if that comes sooner.
+
+    A wall-clock delay alone lands after the end when start-up is quick (a warm, quiet
+    machine captions 200 tiny pictures in about two seconds); the first part caps it.
+    """
     start = time.monotonic()
-    return lambda out: time.monotonic() - start >= seconds
+    seen: set[str] | None = None
+
+    def when(out: Path) -> bool:
+        nonlocal seen
+        parts = _parts(out)
+        if seen is None:
+            seen = parts
+        return time.monotonic() - start >= seconds or bool(parts - seen)
+    return when
+
+
+def moment_between_commits(commits: int, seconds: float) -> Callable[[Path], bool]:
+    """``seconds`` after this run's ``commits``-th new part: an arbitrary moment mid-run.
+
+    Counting from the run's own commits, not from its start, keeps the moment inside the
+    run however fast the machine is, as long as work is left (else the caller retries).
+    """
+    seen: set[str] | None = None
+    reached: float | None = None
+
+    def when(out: Path) -> bool:
+        nonlocal seen, reached
+        parts = _parts(out)
+        if seen is None:
+            seen = parts
+        if reached is None and len(parts - seen) >= commits:
+            reached = time.monotonic()
+        return reached is not None and time.monotonic() - reached >= seconds
+    return when
 
 
 def moment_part_written(out: Path) -> bool:
@@ -89,14 +126,7 @@ def moment_part_written(out: Path) -> bool:
 
 def moment_new_part() -> Callable[[Path], bool]:
     """A part file has just been renamed into place: right at a commit marker."""
-    seen: set[str] | None = None
-
-    def when(out: Path) -> bool:
-        nonlocal seen
-        parts = {n for n in _names(work_dir_for(out)) if n.startswith("part-")}
-        if seen is None:
-            seen = parts
-        return bool(parts - seen)
+    return moment_between_commits(1, 0.0)
 
     return when
 
@@ -151,25 +181,29 @@ def test_sigkill_at_any_moment_then_rerun_captions_every_input_once(tmp_path: Pa
     ids = ids_of(folder)
     rng = random.Random(1234 if fmt == "parquet" else 4321)
     moments: list[tuple[str, Callable[[], Callable[[Path], bool]]]] = [
-        ("early, around start-up", lambda: moment_delay(rng.uniform(0.3, 2.5))),
+        ("early, around start-up", lambda: moment_before_first_commit(rng.uniform(0.3, 2.5))),
         ("during a part commit", lambda: moment_part_written),
         ("right as a part appears", moment_new_part),
-        ("random delay", lambda: moment_delay(rng.uniform(2.0, 8.0))),
-        ("random delay", lambda: moment_delay(rng.uniform(2.0, 8.0))),
+        ("random moment", lambda: moment_between_commits(rng.randint(1, 3), rng.uniform(0.0, 0.4))),
+        ("random moment", lambda: moment_between_commits(rng.randint(1, 3), rng.uniform(0.0, 0.4))),
         ("during finalize", lambda: moment_finalizing),
     ]
+    tries_per_moment = 3  # a run that gets to the end first is followed by one on a fresh output
     kills: list[str] = []
     pgids: list[int] = []
     chain = 0
     try:
         for name, make in moments:
-            out = tmp_path / f"captions-{chain}.{fmt}"
-            if out.exists() and not work_dir_for(out).exists():
-                chain += 1  # the previous run got to the end: go on with a fresh output
+            for _ in range(tries_per_moment):
                 out = tmp_path / f"captions-{chain}.{fmt}"
-            if run_and_kill(command([folder], out, tiny_model_path), out, make(), pgids):
-                kills.append(name)
-            assert_output_never_half_written(out)
+                if out.exists() and not work_dir_for(out).exists():
+                    chain += 1  # the previous run got to the end: go on with a fresh output
+                    out = tmp_path / f"captions-{chain}.{fmt}"
+                killed = run_and_kill(command([folder], out, tiny_model_path), out, make(), pgids)
+                assert_output_never_half_written(out)
+                if killed:
+                    kills.append(name)
+                    break
         for c in range(chain + 1):  # rerun every output to completion
             out = tmp_path / f"captions-{c}.{fmt}"
             proc = run(command([folder], out, tiny_model_path))
