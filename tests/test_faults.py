@@ -142,6 +142,41 @@ def test_signal_commits_captioned_rows_and_rerun_resumes(tmp_path: Path, tiny_mo
     assert summary_count(again.stdout, "already done") == ok
 
 
+def test_signal_after_the_last_batch_finishes_the_output_and_says_so(tmp_path: Path, tiny_model_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A SIGTERM that lands once every row is captioned (here: as finalize begins) ends in a finished
+    output, exit 0 and a note, not in an unfinalised output that a rerun must finish."""
+    import io
+
+    from batchcap.config import BeamConfig, ImagePolicy, RunConfig
+    from batchcap.runner import run_job
+    from batchcap.settings import runtime_config
+    from batchcap.sink import OutputStore
+
+    folder = tmp_path / "photos"
+    write_images(folder, 6)
+    out = tmp_path / "captions.parquet"
+    finalize = OutputStore.finalize
+
+    def signalled_finalize(store: OutputStore):  # a real SIGTERM, at the one moment a subprocess can't aim at
+        os.kill(os.getpid(), signal.SIGTERM)
+        return finalize(store)
+
+    monkeypatch.setattr(OutputStore, "finalize", signalled_finalize)
+    stream = io.StringIO()
+    result = run_job(RunConfig(sources=(str(folder),), out=str(out), log_every=0), tiny_model_path,
+                     BeamConfig(beam_size=2, max_len=8), runtime_config("cpu", "fp32", 4, "0", "torch"),
+                     ImagePolicy(), stream=stream)
+    assert result.exit_code == EXIT_OK, stream.getvalue()
+    assert result.summary["note"] == "SIGTERM arrived after the last batch: the output was finished first"
+    assert "SIGTERM" in stream.getvalue()
+    assert_exactly_once(out, ids_of(folder))
+    assert not work_dir_for(out).exists()
+    monkeypatch.setattr(OutputStore, "finalize", finalize)
+    again = run(command([folder], out, tiny_model_path, "--beam", "2", "--max-len", "8"))  # nothing left to do
+    assert again.returncode == EXIT_OK and "nothing new to caption" in again.stdout, again.stdout
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_signal_before_captioning_began_is_exit_6_not_aborted(tmp_path: Path, tiny_model_path: Path,
                                                               signum: int) -> None:
