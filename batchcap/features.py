@@ -6,15 +6,22 @@ precision and the augmentation view. Any change gives a new key -- an old cache 
 never silently reused. Features are written in chunks (``chunk-NNNNN.safetensors``,
 fp16, ids in the metadata), each one atomically, so an interrupted extraction resumes
 where it stopped.
+
+Training holds a split's features as one tensor. When that tensor would take more than
+the memory budget (:func:`feature_memory_budget`: half the memory available, or
+``BATCHCAP_FEATURE_MEMORY_GIB``), it is assembled in a memory-mapped file beside the
+cache instead, unlinked at once: the kernel pages it in and out, so a COCO-size cache
+(tens of GiB of fp16) trains on a machine with less memory, and nothing is left behind.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 from safetensors import safe_open
@@ -23,6 +30,66 @@ from batchcap.config import ImagePolicy, Preprocess, RuntimeConfig, to_dict
 from batchcap.datasets import CaptionRecord, read_image_bytes
 from batchcap.decode import decode_bytes, decode_file
 from batchcap.modelfile import atomic_save_safetensors
+
+
+FEATURE_MEMORY_ENV = "BATCHCAP_FEATURE_MEMORY_GIB"
+
+
+def available_memory_bytes() -> int | None:
+    """``MemAvailable`` from ``/proc/meminfo`` (Linux), else ``None``."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def feature_memory_budget(environ: Mapping[str, str] | None = None) -> float:
+    """Bytes of features one split may hold in memory: ``BATCHCAP_FEATURE_MEMORY_GIB``, else half the available.
+
+    Half leaves the rest to the decoder, the exit flow's activations, AdamW and the page
+    cache that a memory-mapped split reads through. Unknown available memory: no limit.
+    """
+    environ = os.environ if environ is None else environ
+    value = environ.get(FEATURE_MEMORY_ENV, "").strip()
+    if value:
+        try:
+            gib = float(value)
+        except ValueError:
+            raise ValueError(f"{FEATURE_MEMORY_ENV}={value!r}: expected a number of GiB (0: always map "
+                             "features from disk)") from None
+        if gib < 0:
+            raise ValueError(f"{FEATURE_MEMORY_ENV}={value!r}: expected 0 or more GiB")
+        return gib * 2**30
+    available = available_memory_bytes()
+    return float("inf") if available is None else 0.5 * available
+
+
+def file_backed_empty(folder: Path, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised tensor whose memory is a file in ``folder``, already unlinked.
+
+    Pages are written back to the file, not held as anonymous memory, so the kernel can
+    drop them under pressure; the space is freed when the tensor is (or the process ends).
+    """
+    numel = 1
+    for n in shape:
+        numel *= n
+    fd, name = tempfile.mkstemp(prefix=".split-", suffix=".bin", dir=folder)
+    try:
+        os.ftruncate(fd, numel * torch.empty((), dtype=dtype).element_size())
+        flat = torch.from_file(name, shared=True, size=numel, dtype=dtype)
+    finally:
+        os.close(fd)
+        os.unlink(name)
+    return flat.view(shape)
+
+
+def is_file_backed(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` lives in a memory-mapped file (:func:`file_backed_empty`)."""
+    return tensor.numel() > 0 and tensor.untyped_storage().filename is not None
 
 
 @dataclass(frozen=True)
@@ -151,11 +218,14 @@ class FeatureCache:
         flush()
         return failures
 
-    def load(self, ids: Sequence[str] | None = None) -> tuple[list[str], torch.Tensor]:
+    def load(self, ids: Sequence[str] | None = None, memory_budget: float | None = None
+             ) -> tuple[list[str], torch.Tensor]:
         """All cached features (or those of ``ids``, in that order) as one fp16 tensor.
 
         Chunks are read one at a time and only the wanted rows are kept, so loading the
         validation split never holds the whole cache (gigabytes for Flickr8k) in memory.
+        A tensor larger than ``memory_budget`` bytes (default :func:`feature_memory_budget`)
+        is file-backed (:func:`file_backed_empty`), beside the cache.
         """
         if ids is None:
             ids = [i for chunk in self.chunks() for i in self._chunk_ids(chunk)]
@@ -170,7 +240,12 @@ class FeatureCache:
             with safe_open(str(chunk), "pt") as fh:
                 features = fh.get_tensor("features")  # fp16 (n, R, F)
             if out is None:
-                out = torch.empty((len(ids), *features.shape[1:]), dtype=features.dtype)
+                shape = (len(ids), *features.shape[1:])
+                budget = feature_memory_budget() if memory_budget is None else memory_budget
+                if features[:1].nbytes * len(ids) > budget:
+                    out = file_backed_empty(self.dir, shape, features.dtype)
+                else:
+                    out = torch.empty(shape, dtype=features.dtype)
             src, dst = (torch.tensor(v, dtype=torch.long) for v in zip(*pairs))
             out[dst] = features[src]
             found += len(pairs)

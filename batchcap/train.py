@@ -47,7 +47,8 @@ from batchcap.decoder import CaptionDecoder
 from batchcap.encoder import Encoder, WeightsSource, build_backbone, cuda_is_ampere_or_newer
 from batchcap.exit_flow import (EXIT_FLOW, TRUNK_LAYER, ExitFlowError, XceptionExitFlow, XceptionTrunk,
                                 apply_exit_flow, check_supported, exit_flow_state, trunk_to_map)
-from batchcap.features import FeatureCache, FeatureKey, collate_images, ImageFiles
+from batchcap.features import (FEATURE_MEMORY_ENV, FeatureCache, FeatureKey, ImageFiles, collate_images,
+                               feature_memory_budget, is_file_backed)
 from batchcap.metrics import score_captions
 from batchcap.modelfile import (CaptionModel, EncoderSpec, atomic_save_safetensors, file_sha256, load_model,
                                 save_model)
@@ -284,6 +285,10 @@ def cached_splits(dataset: CaptionDataset, choice: EncoderChoice, runtime: Runti
     caches, failures = extract_features(dataset, ["train", "val"], choice, runtime, cache_dir, views, log,
                                         layer=layer)
     train_records, val_records = dataset.splits.get("train", []), dataset.splits.get("val", [])
+    try:
+        feature_memory_budget()  # a bad BATCHCAP_FEATURE_MEMORY_GIB is refused before any loading
+    except ValueError as exc:
+        raise TrainingError(str(exc)) from exc
     train_split = build_split(train_records, caches["plain"], vocab, cfg.max_caption_len)
     train_views = [train_split.features] + [
         build_split(train_records, caches[v], vocab, cfg.max_caption_len).features for v in views[1:]]
@@ -299,6 +304,17 @@ def training_autocast(runtime: RuntimeConfig) -> torch.autocast:
     """
     return torch.autocast(torch.device(runtime.device).type, dtype=torch.bfloat16,
                           enabled=runtime.precision == "bf16")
+
+
+def describe_residence(views: list[torch.Tensor]) -> str:
+    """How much of the training features is in memory and how much is read from a mapped file."""
+    mapped = sum(v.nbytes for v in views if is_file_backed(v)) / 2**30
+    held = sum(v.nbytes for v in views if not is_file_backed(v)) / 2**30
+    parts = [f"{held:.1f} GiB in memory"] if held or not mapped else []
+    if mapped:
+        parts.append(f"{mapped:.1f} GiB memory-mapped from a file beside the cache (more than "
+                     f"{FEATURE_MEMORY_ENV} or half the available memory)")
+    return ", ".join(parts)
 
 
 def fits_on_device(nbytes: int, device: str, share: float = 0.5) -> bool:
@@ -500,7 +516,7 @@ def train(cfg: TrainConfig, dataset: CaptionDataset, choice: EncoderChoice, deco
             apply_exit_flow(backbone, start_model.encoder_state or {}, str(cfg.init_model))
             log(f"exit flow: continuing from {cfg.init_model}'s fine-tuned one")
         source = CachedTrunk(train_views, XceptionExitFlow(backbone), runtime, val_split.features)
-        log(f"trunk activations: {sum(v.nbytes for v in train_views) / 2**30:.1f} GiB in memory; each step "
+        log(f"trunk activations: {describe_residence(train_views)}; each step "
             f"trains the exit flow at lr {cfg.encoder_lr:g}")
         feature_dim = int(backbone.num_features)
     else:
@@ -509,6 +525,8 @@ def train(cfg: TrainConfig, dataset: CaptionDataset, choice: EncoderChoice, deco
         source = CachedFeatures(train_views, runtime.device, on_device)
         if on_device:
             log(f"features: kept on {runtime.device} ({sum(v.nbytes for v in train_views) / 2**30:.1f} GiB)")
+        else:
+            log(f"features: {describe_residence(train_views)}")
         feature_dim = int(train_split.features.shape[-1])
     if not val_split.image_ids:
         raise TrainingError("the dataset has no usable validation images: model selection needs a val split")
@@ -527,6 +545,10 @@ def train(cfg: TrainConfig, dataset: CaptionDataset, choice: EncoderChoice, deco
         if dcfg.feature_dim != feature_dim:
             raise TrainingError(f"{cfg.init_model} expects {dcfg.feature_dim}-dim features; the encoder gives "
                                 f"{feature_dim}")
+    # Seeded again here: building an encoder to fill a missing feature cache draws from the global
+    # generator, and the same --seed must give the same model whether the cache was there or not.
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
     decoder = (CaptionDecoder(dcfg) if start_model is None else start_model.build_decoder()).to(runtime.device)
     groups = [{"params": list(decoder.parameters()), "lr": cfg.lr, "base_lr": cfg.lr}]
     trained = torch.nn.ModuleDict({"decoder": decoder})

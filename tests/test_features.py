@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
+import pytest
 import torch
 
 from batchcap.config import Preprocess, RuntimeConfig
-from batchcap.features import FeatureCache, FeatureKey
+from batchcap.features import (FeatureCache, FeatureKey, available_memory_bytes, feature_memory_budget,
+                               is_file_backed)
 from conftest import write_images
 
 PRE = Preprocess(input_size=(3, 32, 32), resize="squash", interpolation="bilinear")
@@ -53,3 +56,31 @@ def test_a_change_in_what_makes_features_gives_a_new_cache(tmp_path: Path) -> No
     digests = {key.digest()} | {v.digest() for v in variants}
     assert len(digests) == 5
     assert FeatureCache(tmp_path, key).dir != FeatureCache(tmp_path, variants[0]).dir
+
+
+def test_a_split_over_the_memory_budget_is_file_backed_equal_and_leaves_no_file(tmp_path: Path) -> None:
+    paths = write_images(tmp_path / "p", 7)
+    cache = FeatureCache(tmp_path / "cache", FeatureKey("x", "w", PRE, True, "fp32"))
+    cache.extract([(p.name, str(p)) for p in paths], channel_means, RUNTIME, chunk_size=3)
+    wanted = [paths[i].name for i in (6, 1, 3, 0)]
+    _, held = cache.load(wanted, memory_budget=float("inf"))
+    _, mapped = cache.load(wanted, memory_budget=0)
+    assert not is_file_backed(held) and is_file_backed(mapped)
+    assert mapped.shape == held.shape and mapped.dtype == torch.float16 and torch.equal(mapped, held)
+    assert torch.equal(mapped[torch.tensor([2, 0])], held[torch.tensor([2, 0])])  # as training gathers rows
+    assert not [n for n in os.listdir(cache.dir) if n.startswith(".split-")]  # unlinked at once
+    # the budget is the split's size: one row over it maps, at it stays in memory
+    row = held[:1].nbytes
+    assert is_file_backed(cache.load(wanted, memory_budget=4 * row - 1)[1])
+    assert not is_file_backed(cache.load(wanted, memory_budget=4 * row)[1])
+
+
+def test_the_feature_memory_budget_reads_the_environment_and_refuses_nonsense() -> None:
+    assert feature_memory_budget({"BATCHCAP_FEATURE_MEMORY_GIB": "0"}) == 0
+    assert feature_memory_budget({"BATCHCAP_FEATURE_MEMORY_GIB": "1.5"}) == 1.5 * 2**30
+    available = available_memory_bytes()
+    assert available is not None and available > 0  # Linux
+    assert 0 < feature_memory_budget({}) <= available
+    for bad in ("lots", "-1"):
+        with pytest.raises(ValueError, match="BATCHCAP_FEATURE_MEMORY_GIB"):
+            feature_memory_budget({"BATCHCAP_FEATURE_MEMORY_GIB": bad})

@@ -197,3 +197,40 @@ def test_training_and_resuming_on_a_real_gpu(tmp_path: Path) -> None:
     assert resumed.exit_code == 0 and "resumed from" in resumed.output, resumed.output
     log = [json.loads(line) for line in (tmp_path / "gpu.safetensors.log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log] == [1, 2]
+
+
+def test_features_mapped_from_disk_train_the_same_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """BATCHCAP_FEATURE_MEMORY_GIB=0 (what a cache larger than memory gets) changes where the
+    features live, not one weight of what trains on them, with both --augment views mapped; and
+    the same --seed gives the same model whether the run filled the feature cache or found it."""
+    data = tmp_path / "shapes"
+    write_shapes_dataset(data, n_train=24, n_val=8)
+    torch.manual_seed(0)
+    weights = tmp_path / "encoder.safetensors"
+    save_file(timm.create_model("resnet10t", num_classes=0).state_dict(), weights)
+    models = {}
+    for budget in ("100", "0"):  # the first run fills the feature cache, the second finds it
+        monkeypatch.setenv("BATCHCAP_FEATURE_MEMORY_GIB", budget)
+        out = tmp_path / f"budget-{budget}.safetensors"
+        result = CliRunner().invoke(cli, [
+            "train", str(data), "--out", str(out), "--encoder", "resnet10t", "--encoder-weights", str(weights),
+            "--input-size", "64", "--epochs", "2", "--batch-size", "8", "--embed-dim", "16", "--hidden-dim", "32",
+            "--attention-dim", "16", "--min-word-count", "1", "--max-caption-len", "8", "--augment",
+            "--attention-penalty", "0", "--precision", "fp32", "--workers", "0", "--device", "cpu",
+            "--cache-dir", str(tmp_path / "cache"),
+        ])
+        assert result.exit_code == 0, result.output
+        mapped = "memory-mapped from a file beside the cache" in result.output
+        assert mapped == (budget == "0"), result.output
+        models[budget] = load_model(out).decoder_state
+    assert models["0"].keys() == models["100"].keys()
+    assert all(torch.equal(models["0"][k], models["100"][k]) for k in models["0"])
+    assert not list((tmp_path / "cache").glob("*/.split-*"))
+
+    monkeypatch.setenv("BATCHCAP_FEATURE_MEMORY_GIB", "plenty")
+    refused = CliRunner().invoke(cli, ["train", str(data), "--out", str(tmp_path / "x.safetensors"),
+                                       "--encoder", "resnet10t", "--encoder-weights", str(weights),
+                                       "--input-size", "64", "--workers", "0", "--device", "cpu",
+                                       "--cache-dir", str(tmp_path / "cache")])
+    assert refused.exit_code != 0 and "BATCHCAP_FEATURE_MEMORY_GIB='plenty'" in refused.output, refused.output
+    assert "Traceback" not in refused.output
