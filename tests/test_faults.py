@@ -210,7 +210,7 @@ def test_signal_before_captioning_began_is_exit_6_not_aborted(tmp_path: Path, ti
 def test_second_signal_exits_at_once(tmp_path: Path, tiny_model_path: Path) -> None:
     """A decode worker hangs (SIGSTOP: a dead NFS server), so the clean stop waits; a second TERM ends it."""
     folder = tmp_path / "photos"
-    write_images(folder, 120)
+    write_images(folder, 300)  # enough left after 8 captions that the run is still going when the signals come
     out = tmp_path / "captions.jsonl"
     cmd = command([folder], out, tiny_model_path, "--batch-size", "4", "--commit-every", "8", "--log-every", "0.1")
     job = Running(cmd)
