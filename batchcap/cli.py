@@ -37,10 +37,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         from batchcap.sources import SourceError
         from batchcap.average import AverageError
         from batchcap.ensemble import EnsembleError
+        from batchcap.features import FeatureSpaceError
         from batchcap.train import TrainingError
 
         _USER_ERRORS = (ModelFileError, EncoderError, SourceError, DatasetError, MergeError, ReportError,
-                        TrainingError, AverageError, EnsembleError, MetricsUnavailable, OutputUnwritable)
+                        TrainingError, AverageError, EnsembleError, MetricsUnavailable, OutputUnwritable,
+                        FeatureSpaceError)
     return _USER_ERRORS
 
 

@@ -68,18 +68,35 @@ def feature_memory_budget(environ: Mapping[str, str] | None = None) -> float:
     return float("inf") if available is None else 0.5 * available
 
 
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.1f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
+
+
+class FeatureSpaceError(Exception):
+    """No room on disk for a memory-mapped split: the message says how much and what to do."""
+
+
 def file_backed_empty(folder: Path, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """An uninitialised tensor whose memory is a file in ``folder``, already unlinked.
 
     Pages are written back to the file, not held as anonymous memory, so the kernel can
     drop them under pressure; the space is freed when the tensor is (or the process ends).
+    The file's blocks are reserved first (``posix_fallocate``): a sparse file on a disk that
+    fills up would kill the process with SIGBUS at the first page that finds no room.
     """
     numel = 1
     for n in shape:
         numel *= n
+    nbytes = numel * torch.empty((), dtype=dtype).element_size()
     fd, name = tempfile.mkstemp(prefix=".split-", suffix=".bin", dir=folder)
     try:
-        os.ftruncate(fd, numel * torch.empty((), dtype=dtype).element_size())
+        try:
+            os.posix_fallocate(fd, 0, max(1, nbytes))
+        except OSError as exc:
+            raise FeatureSpaceError(
+                f"no room for {_size(nbytes)} of features, memory-mapped beside the cache in {folder} "
+                f"({exc.strerror}): free disk space there, give --cache-dir on a larger disk, or set "
+                f"{FEATURE_MEMORY_ENV} to the GiB this machine can hold in memory") from exc
         flat = torch.from_file(name, shared=True, size=numel, dtype=dtype)
     finally:
         os.close(fd)

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from batchcap.config import Preprocess, RuntimeConfig
-from batchcap.features import (FeatureCache, FeatureKey, available_memory_bytes, feature_memory_budget,
-                               is_file_backed)
+from batchcap.features import (FeatureCache, FeatureKey, FeatureSpaceError, available_memory_bytes,
+                               feature_memory_budget, is_file_backed)
 from conftest import write_images
 
 PRE = Preprocess(input_size=(3, 32, 32), resize="squash", interpolation="bilinear")
@@ -84,3 +84,22 @@ def test_the_feature_memory_budget_reads_the_environment_and_refuses_nonsense() 
     for bad in ("lots", "-1"):
         with pytest.raises(ValueError, match="BATCHCAP_FEATURE_MEMORY_GIB"):
             feature_memory_budget({"BATCHCAP_FEATURE_MEMORY_GIB": bad})
+
+
+def test_no_room_for_a_mapped_split_is_a_clear_error_not_a_sigbus(tmp_path: Path) -> None:
+    """On a full disk the mapped file's blocks are refused up front (posix_fallocate), with what to do."""
+    from test_faults import tmpfs
+
+    paths = write_images(tmp_path / "p", 10)
+
+    def wide(images: torch.Tensor) -> torch.Tensor:  # 64 KB a picture in fp16
+        return channel_means(images).repeat(1, 64, 171)[:, :, :512]
+
+    with tmpfs(tmp_path / "disk", size="1m") as disk:
+        cache = FeatureCache(disk / "cache", FeatureKey("x", "w", PRE, True, "fp32"))
+        cache.extract([(p.name, str(p)) for p in paths], wide, RUNTIME, chunk_size=5)  # 640 KB of 1 MB
+        with pytest.raises(FeatureSpaceError, match=r"no room for 0\.6 MiB of features.*BATCHCAP_FEATURE_MEMORY_GIB"):
+            cache.load(memory_budget=0)
+        assert not [n for n in os.listdir(cache.dir) if n.startswith(".split-")]
+        _, held = cache.load(memory_budget=float("inf"))  # in memory it still loads
+        assert held.shape == (10, 64, 512)
