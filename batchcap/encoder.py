@@ -28,14 +28,18 @@ class EncoderError(Exception):
 
 
 # -- device and precision -------------------------------------------------------------------
-def cpu_has_native_bf16() -> bool:
-    """True on CPUs with bf16 matrix instructions (AVX512-BF16 or AMX), where bf16 pays off."""
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags from ``/proc/cpuinfo`` (empty where it cannot be read)."""
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as fh:
-            flags = fh.read()
+            return {flag for line in fh if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
     except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+        return set()
+
+
+def cpu_has_native_bf16() -> bool:
+    """True on CPUs with bf16 matrix instructions (AVX512-BF16 or AMX), where bf16 pays off."""
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
 
 def cuda_is_ampere_or_newer(device: torch.device,

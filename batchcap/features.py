@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import tempfile
 from dataclasses import dataclass
@@ -84,10 +85,8 @@ def file_backed_empty(folder: Path, shape: tuple[int, ...], dtype: torch.dtype) 
     The file's blocks are reserved first (``posix_fallocate``): a sparse file on a disk that
     fills up would kill the process with SIGBUS at the first page that finds no room.
     """
-    numel = 1
-    for n in shape:
-        numel *= n
-    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    numel = math.prod(shape)
+    nbytes = numel * dtype.itemsize
     fd, name = tempfile.mkstemp(prefix=".split-", suffix=".bin", dir=folder)
     try:
         try:
@@ -207,19 +206,15 @@ class FeatureCache:
         loader = torch.utils.data.DataLoader(dataset, batch_size=runtime.batch_size, num_workers=runtime.workers,
                                              collate_fn=collate_images,
                                              pin_memory=torch.device(runtime.device).type == "cuda")
-        next_chunk = len(self.chunks())
         pending_ids: list[str] = []
         pending: list[torch.Tensor] = []
         processed = 0
 
         def flush() -> None:
-            nonlocal next_chunk, pending_ids, pending
+            nonlocal pending_ids, pending
             if not pending_ids:
                 return
-            feats = torch.cat(pending).half()
-            atomic_save_safetensors({"features": feats}, self.dir / f"chunk-{next_chunk:05d}.safetensors",
-                                    {"ids": json.dumps(pending_ids)})
-            next_chunk += 1
+            self.write_chunk(pending_ids, torch.cat(pending))
             pending_ids, pending = [], []
 
         for ids, images, failed in loader:
@@ -234,6 +229,12 @@ class FeatureCache:
                 on_progress(processed, len(todo))
         flush()
         return failures
+
+    def write_chunk(self, ids: Sequence[str], features: torch.Tensor) -> Path:
+        """Store ``features`` (one row per id, kept as fp16) as the next chunk, atomically."""
+        path = self.dir / f"chunk-{len(self.chunks()):05d}.safetensors"
+        atomic_save_safetensors({"features": features.half()}, path, {"ids": json.dumps(list(ids))})
+        return path
 
     def load(self, ids: Sequence[str] | None = None, memory_budget: float | None = None
              ) -> tuple[list[str], torch.Tensor]:

@@ -285,10 +285,6 @@ def cached_splits(dataset: CaptionDataset, choice: EncoderChoice, runtime: Runti
     caches, failures = extract_features(dataset, ["train", "val"], choice, runtime, cache_dir, views, log,
                                         layer=layer)
     train_records, val_records = dataset.splits.get("train", []), dataset.splits.get("val", [])
-    try:
-        feature_memory_budget()  # a bad BATCHCAP_FEATURE_MEMORY_GIB is refused before any loading
-    except ValueError as exc:
-        raise TrainingError(str(exc)) from exc
     train_split = build_split(train_records, caches["plain"], vocab, cfg.max_caption_len)
     train_views = [train_split.features] + [
         build_split(train_records, caches[v], vocab, cfg.max_caption_len).features for v in views[1:]]
@@ -482,6 +478,10 @@ def train(cfg: TrainConfig, dataset: CaptionDataset, choice: EncoderChoice, deco
     val_records = dataset.splits.get("val", [])
     if not train_records:
         raise TrainingError("the dataset has no training images")
+    try:
+        feature_memory_budget()  # a bad BATCHCAP_FEATURE_MEMORY_GIB is refused before minutes of extraction
+    except ValueError as exc:
+        raise TrainingError(str(exc)) from exc
     if cfg.finetune_encoder and cfg.finetune_exit_flow:
         raise TrainingError("--finetune-encoder already trains the exit flow: give one of --finetune-encoder "
                             "and --finetune-exit-flow")

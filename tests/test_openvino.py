@@ -268,11 +268,9 @@ def test_openvino_features_match_torch_fp32_on_real_photos(xception, precision: 
 
 def cpu_has_int8_dot_products() -> bool:
     """VNNI (AVX512-VNNI or AVX-VNNI) or AMX: int8 products summed exactly in int32."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text(encoding="ascii", errors="ignore")
-    except OSError:
-        return False
-    return any(f in flags for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
+    from batchcap.encoder import cpu_flags
+
+    return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & cpu_flags())
 
 
 @needs_openvino
@@ -283,8 +281,8 @@ def test_int8_features_match_torch_fp32_on_real_photos(xception) -> None:  # typ
     With VNNI or AMX every picture's features stay at cosine >= 0.97 of torch fp32's (issue 15's
     bar). An AVX2-only CPU has no int8 dot-product instruction (oneDNN pairs the products in
     16 bits instead) and its int8 features come out a little further off: the 16 sample photos
-    measured a mean of 0.981 there, the lowest 0.966 (README, Performance), so the bar is a mean of 0.975
-    with no picture below 0.96.
+    measured a mean of 0.981 there, the lowest 0.966 (README, Performance), so the bar is a
+    mean of 0.975 with no picture below 0.96.
     """
     pytest.importorskip("nncf")
     from batchcap.quantize import CALIBRATION_PHOTOS, calibration_arrays, calibration_photos, quantize_graph

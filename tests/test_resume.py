@@ -88,15 +88,8 @@ def moment_before_first_commit(seconds: float) -> Callable[[Path], bool]:
     machine captions 200 tiny pictures in about two seconds); the first part caps it.
     """
     start = time.monotonic()
-    seen: set[str] | None = None
-
-    def when(out: Path) -> bool:
-        nonlocal seen
-        parts = _parts(out)
-        if seen is None:
-            seen = parts
-        return time.monotonic() - start >= seconds or bool(parts - seen)
-    return when
+    first_part = moment_between_commits(1, 0.0)
+    return lambda out: first_part(out) or time.monotonic() - start >= seconds  # first_part sees every poll
 
 
 def moment_between_commits(commits: int, seconds: float) -> Callable[[Path], bool]:
@@ -127,8 +120,6 @@ def moment_part_written(out: Path) -> bool:
 def moment_new_part() -> Callable[[Path], bool]:
     """A part file has just been renamed into place: right at a commit marker."""
     return moment_between_commits(1, 0.0)
-
-    return when
 
 
 def moment_finalizing(out: Path) -> bool:

@@ -16,7 +16,6 @@ than memory is what the mapped path exists for, and there each step reads from t
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -30,7 +29,6 @@ sys.path.insert(0, str(REPO))
 
 from batchcap.config import Preprocess  # noqa: E402
 from batchcap.features import FeatureCache, FeatureKey, is_file_backed  # noqa: E402
-from batchcap.modelfile import atomic_save_safetensors  # noqa: E402
 
 ROW_SHAPE = (361, 728)  # Xception's block-11 activations, flattened regions x channels
 
@@ -40,12 +38,10 @@ def write_synthetic_cache(root: Path, rows: int, chunk: int = 256) -> FeatureCac
     key = FeatureKey("synthetic", "bench", Preprocess(), True, "bf16", layer="block11")
     cache = FeatureCache(root, key)
     generator = torch.Generator().manual_seed(0)
-    for n, start in enumerate(range(0, rows, chunk)):
+    for start in range(0, rows, chunk):
         count = min(chunk, rows - start)
-        features = torch.randn((count, *ROW_SHAPE), generator=generator).half()
-        ids = [f"img{start + i:06d}" for i in range(count)]
-        atomic_save_safetensors({"features": features}, cache.dir / f"chunk-{n:05d}.safetensors",
-                                {"ids": json.dumps(ids)})
+        features = torch.randn((count, *ROW_SHAPE), generator=generator)
+        cache.write_chunk([f"img{start + i:06d}" for i in range(count)], features)
     return cache
 
 
