@@ -27,20 +27,21 @@ _USER_ERRORS: tuple[type[BaseException], ...] | None = None
 def _user_errors() -> tuple[type[BaseException], ...]:
     global _USER_ERRORS
     if _USER_ERRORS is None:
-        from batchcap.datasets import DatasetError
-        from batchcap.encoder import EncoderError
-        from batchcap.lock import OutputUnwritable
-        from batchcap.metrics import MetricsUnavailable
-        from batchcap.merge import MergeError
-        from batchcap.modelfile import ModelFileError
-        from batchcap.report import ReportError
-        from batchcap.sources import SourceError
-        from batchcap.average import AverageError
-        from batchcap.ensemble import EnsembleError
-        from batchcap.features import FeatureSpaceError
-        from batchcap.train import TrainingError
+        from batchcap.data.captions.records import DatasetError
+        from batchcap.data.sources import SourceError
+        from batchcap.encode.weights import EncoderError
+        from batchcap.hardware import HardwareError
+        from batchcap.model.ensemble import EnsembleError
+        from batchcap.model.modelfile import ModelFileError
+        from batchcap.outputs.lock import OutputUnwritable
+        from batchcap.outputs.merge import MergeError
+        from batchcap.outputs.report import ReportError
+        from batchcap.tools.average import AverageError
+        from batchcap.training.driver import TrainingError
+        from batchcap.training.feature_cache import FeatureSpaceError
+        from batchcap.training.metrics import MetricsUnavailable
 
-        _USER_ERRORS = (ModelFileError, EncoderError, SourceError, DatasetError, MergeError, ReportError,
+        _USER_ERRORS = (ModelFileError, EncoderError, HardwareError, SourceError, DatasetError, MergeError, ReportError,
                         TrainingError, AverageError, EnsembleError, MetricsUnavailable, OutputUnwritable,
                         FeatureSpaceError)
     return _USER_ERRORS
@@ -51,7 +52,7 @@ def user_errors(func: F) -> F:
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from batchcap.settings import OptionError
+        from batchcap.config import OptionError
 
         try:
             return func(*args, **kwargs)
@@ -76,7 +77,7 @@ def interruptible(func: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         import signal
 
-        from batchcap.progress import EXIT_INTERRUPTED
+        from batchcap.pipeline.progress import EXIT_INTERRUPTED
 
         previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
         try:
@@ -231,15 +232,15 @@ def run(sources: tuple[str, ...], files_from: str | None, shard: str | None, max
         batchcap run 'shards/train-{0000..0099}.tar' --out captions.jsonl --beam 5 --n-best 3
         batchcap run ./photos --out part-0.parquet --shard 0/4
     """
-    from batchcap.captioner import resolve_model_path
     from batchcap.config import RunConfig
-    from batchcap.lock import LockHeld
-    from batchcap.modelfile import read_metadata
-    from batchcap.progress import EXIT_IO_ERROR, EXIT_LOCKED, EXIT_RESUME_REFUSED, parse_max_failures
-    from batchcap.runner import run_job
-    from batchcap.sharding import resolve_shard
-    from batchcap.settings import beam_config, image_policy, runtime_config
-    from batchcap.sink import OutputIOError, ResumeRefused, infer_format
+    from batchcap.data.sharding import resolve_shard
+    from batchcap.model.modelfile import read_metadata, resolve_model_path
+    from batchcap.outputs.lock import LockHeld
+    from batchcap.outputs.schema import infer_format
+    from batchcap.outputs.store import OutputIOError, ResumeRefused
+    from batchcap.pipeline.progress import EXIT_IO_ERROR, EXIT_LOCKED, EXIT_RESUME_REFUSED, parse_max_failures
+    from batchcap.pipeline.runner import run_job
+    from batchcap.pipeline.settings import beam_config, image_policy, runtime_config
 
     if not sources and not files_from:
         raise click.UsageError("give at least one SOURCE (folder, image, .tar shard) or --files-from FILE")
@@ -379,10 +380,11 @@ def train(data: str, out: str, fmt: str, images: str | None, encoder_name: str, 
             --init-model flickr8k.safetensors --self-critical --epochs 10
     """
     from batchcap.config import EncoderConfig, TrainConfig
-    from batchcap.datasets import load_caption_dataset
-    from batchcap.metrics import require_metrics
-    from batchcap.settings import runtime_config
-    from batchcap.train import describe_encoder, train as train_decoder
+    from batchcap.data.captions.factory import load_caption_dataset
+    from batchcap.pipeline.settings import runtime_config
+    from batchcap.training.driver import train as train_decoder
+    from batchcap.training.feature_sources import describe_encoder
+    from batchcap.training.metrics import require_metrics
 
     require_metrics()  # every epoch is scored on the validation split
     if init_model and pretrain_captions:
@@ -390,8 +392,8 @@ def train(data: str, out: str, fmt: str, images: str | None, encoder_name: str, 
                                "trained one: give one of them (pretrain in the first stage of a recipe)")
     runtime = runtime_config(device, precision, batch_size, workers)
     if init_model:  # the encoder, preprocessing, decoder shape and vocabulary are the start model's
-        from batchcap.captioner import resolve_encoder_weights
-        from batchcap.modelfile import load_model
+        from batchcap.encode.weights import resolve_encoder_weights
+        from batchcap.model.modelfile import load_model
 
         ctx = click.get_current_context()
         fixed = [f"--{name.replace('_', '-')}" for name in _MODEL_SHAPE_OPTIONS
@@ -439,7 +441,7 @@ def _encoder_preprocess(encoder_name: str, resize: str, input_size: int | None) 
     import timm
     from timm.data import resolve_model_data_config
 
-    from batchcap.preprocess import from_timm
+    from batchcap.data.preprocess import from_timm
 
     try:
         network = timm.create_model(encoder_name, pretrained=False, num_classes=0)
@@ -480,12 +482,11 @@ def evaluate(data: str, split: str, fmt: str, images: str | None, limit: int | N
     Example:
         batchcap eval flickr8k/ --split val --beam 3 --json dev-scores.json
     """
-    from batchcap.captioner import resolve_model_path
-    from batchcap.datasets import load_caption_dataset
-    from batchcap.evaluate import evaluate_split, format_scores
-    from batchcap.metrics import require_metrics
-    from batchcap.modelfile import load_model
-    from batchcap.settings import beam_config, runtime_config
+    from batchcap.data.captions.factory import load_caption_dataset
+    from batchcap.model.modelfile import load_model, resolve_model_path
+    from batchcap.pipeline.settings import beam_config, runtime_config
+    from batchcap.training.evaluate import evaluate_split, format_scores
+    from batchcap.training.metrics import require_metrics
 
     require_metrics()
     model_obj = load_model(resolve_model_path(model))
@@ -547,12 +548,11 @@ def calibrate(data: str, out: str, fmt: str, images: str | None, unfamiliar: str
         batchcap calibrate flickr8k/ --unfamiliar ./everyday-photos \\
             --out calibrated.safetensors
     """
-    from batchcap.calibrate import calibrate as fit
-    from batchcap.calibrate import format_report
-    from batchcap.captioner import resolve_model_path
-    from batchcap.datasets import load_caption_dataset
-    from batchcap.modelfile import load_model, save_model
-    from batchcap.settings import beam_config, runtime_config
+    from batchcap.data.captions.factory import load_caption_dataset
+    from batchcap.model.modelfile import load_model, resolve_model_path, save_model
+    from batchcap.pipeline.settings import beam_config, runtime_config
+    from batchcap.training.calibrate import calibrate as fit
+    from batchcap.training.calibrate import format_report
 
     model_obj = load_model(resolve_model_path(model))
     beam_cfg = beam_config(beam, max_len, min_len, length_penalty, no_repeat_ngram, n_best,
@@ -596,8 +596,8 @@ def average(models: tuple[str, ...], out: str, weights: str | None, half: bool) 
         batchcap average flickr8k.safetensors flickr8k-scst.safetensors --weights 0.25,0.75 \\
             --out flickr8k-soup.safetensors
     """
-    from batchcap.average import average_models
-    from batchcap.modelfile import load_model, save_model
+    from batchcap.model.modelfile import load_model, save_model
+    from batchcap.tools.average import average_models
 
     try:
         mix = None if weights is None else [float(w) for w in weights.split(",")]
@@ -632,8 +632,8 @@ def ensemble(models: tuple[str, ...], out: str, combine: str, half: bool) -> Non
         batchcap ensemble seed1.safetensors seed2.safetensors seed3.safetensors \\
             --out flickr8k-ensemble.safetensors --half
     """
-    from batchcap.ensemble import ensemble_models
-    from batchcap.modelfile import load_model, save_model
+    from batchcap.model.modelfile import load_model, save_model
+    from batchcap.tools.ensemble import ensemble_models
 
     loaded = [load_model(path) for path in models]
     combined = save_model(ensemble_models(loaded, combine, name=Path(out).stem), out, half=half)
@@ -656,9 +656,8 @@ def info(model: str | None, as_json: bool, show_vocab: bool) -> None:
         batchcap info
         batchcap info flickr8k.safetensors --json
     """
-    from batchcap.captioner import resolve_model_path
-    from batchcap.info import describe_model
-    from batchcap.modelfile import load_model
+    from batchcap.model.modelfile import load_model, resolve_model_path
+    from batchcap.tools.info import describe_model
 
     loaded = load_model(resolve_model_path(model))
     meta = loaded.metadata()
@@ -693,7 +692,7 @@ def merge(parts: tuple[str, ...], out: str, fmt: str | None, expect_parts: int |
     Example:
         batchcap merge out/part-*.parquet --expect-parts 8 --out captions.parquet
     """
-    from batchcap.merge import merge_outputs, read_listing
+    from batchcap.outputs.merge import merge_outputs, read_listing
 
     expected_ids = read_listing(expect_listing) if expect_listing else None
     report = merge_outputs(list(parts), out, fmt=fmt, expected_ids=expected_ids, expected_count=expect_count,
@@ -730,7 +729,7 @@ def report(output: str, html_path: str | None, limit: int, sample: int | None, s
     Example:
         batchcap report captions.parquet --html report.html
     """
-    from batchcap.report import default_html_path, describe_lines, write_report
+    from batchcap.outputs.report import default_html_path, describe_lines, write_report
 
     html_path = html_path or default_html_path(output)
     s = write_report(output, html_path, limit=limit, sample=sample, seed=seed, link_images=link_images,
@@ -766,7 +765,7 @@ def bench(images: str | None, as_json: bool, count: int, size: str, repeats: int
         batchcap bench
         batchcap bench ./photos --batch-size 64 --json
     """
-    from batchcap.bench import run_bench
+    from batchcap.tools.bench import run_bench
 
     run_bench(images=images, as_json=as_json, count=count, size=size, repeats=repeats, model=model,
               encoder_weights=encoder_weights, device=device, precision=precision, batch_size=batch_size,

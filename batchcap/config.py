@@ -199,3 +199,32 @@ class TrainConfig:
     pretrain_captions: str | None = None  # caption text (no photos) to pretrain a fresh decoder on
     pretrain_epochs: int = 1  # epochs over pretrain_captions
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+# Where a stored setting came from on the command line: how refusals name what differs.
+_OPTION_OF_SETTING = {
+    "model": "--model", "format": "--format", "beam_size": "--beam", "max_len": "--max-len",
+    "min_len": "--min-len", "length_penalty": "--length-penalty", "no_repeat_ngram": "--no-repeat-ngram",
+    "n_best": "--n-best",
+}
+
+
+def option_name(setting: str) -> str:
+    """``"beam.beam_size"`` -> ``"--beam"``; a setting with no option of its own keeps a readable name.
+
+    ``preprocess.*`` comes from the model file, so it reads ``the model's preprocessing (resize)``.
+    """
+    key = setting.removeprefix("resume_settings.")
+    if key.startswith("preprocess."):
+        return f"the model's preprocessing ({key.split('.', 1)[1].replace('_', ' ')})"
+    leaf = key.removeprefix("beam.")
+    return _OPTION_OF_SETTING.get(leaf, key.replace("_", " "))
+
+
+class OptionError(ValueError):
+    """A command-line value that cannot be used; ``option`` is the flag as typed (``--beam``)."""
+
+    def __init__(self, option: str, message: str) -> None:
+        super().__init__(f"{option}: {message}")
+        self.option = option
+        self.message = message

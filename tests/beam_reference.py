@@ -1,8 +1,8 @@
-"""The obviously-correct beam search, one image at a time, that ``batchcap.beam`` must match.
+"""The obviously-correct beam search, one image at a time, that ``batchcap.model.beam`` must match.
 
 It follows the per-image search of the Show, Attend and Tell tutorial: Python lists of
 hypotheses, ``step`` called with N = the number of live hypotheses of one image, the beam
-shrinking as hypotheses finish. The rules are those of ``batchcap.beam``'s docstring, written
+shrinking as hypotheses finish. The rules are those of ``batchcap.model.beam``'s docstring, written
 out plainly. Test and benchmark code only; never imported by the package.
 """
 from __future__ import annotations
@@ -12,8 +12,8 @@ from typing import Sequence
 
 import torch
 
-from batchcap.beam import BeamResult, State, StepFn
 from batchcap.config import BeamConfig
+from batchcap.model.beam import BeamResult, State, StepFn
 
 
 @dataclass
@@ -92,7 +92,7 @@ def _search_one(step: StepFn, state: State, cfg: BeamConfig, start_id: int, end_
 def reference_beam_search(step: StepFn, state: State, cfg: BeamConfig, *, start_id: int, end_id: int,
                           pad_id: int = 0, banned_ids: Sequence[int] = (),
                           unendable_ids: Sequence[int] = ()) -> BeamResult:
-    """Same contract as ``batchcap.beam.beam_search``, one image after another."""
+    """Same contract as ``batchcap.model.beam.beam_search``, one image after another."""
     batch = state[0].shape[0]
     tokens = torch.full((batch, cfg.n_best, cfg.max_len), pad_id, dtype=torch.long)
     lengths = torch.zeros((batch, cfg.n_best), dtype=torch.long)

@@ -1,20 +1,22 @@
 """Shared fixtures: tiny random-weight models, generated images, and the optional ../shared data."""
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import subprocess
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from batchcap.config import DecoderConfig, Preprocess
-from batchcap.decoder import CaptionDecoder
-from batchcap.modelfile import CaptionModel, EncoderSpec, save_model
-from batchcap.text import SPECIAL_TOKENS, Vocabulary
+from batchcap.model.decoder import CaptionDecoder
+from batchcap.model.modelfile import CaptionModel, EncoderSpec, save_model
+from batchcap.model.text import SPECIAL_TOKENS, Vocabulary
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("BATCHCAP_SHARED", REPO.parent / "shared"))
@@ -126,3 +128,64 @@ def _sigchld_as_it_was() -> Iterator[None]:
     before = signal.getsignal(signal.SIGCHLD)
     yield
     signal.signal(signal.SIGCHLD, before if before is not None else signal.SIG_DFL)
+
+
+@contextlib.contextmanager
+def tmpfs(where: Path, size: str = "1m", options: str = "") -> Iterator[Path]:
+    """A fresh tmpfs mounted at ``where``; skips the test unless root may mount here."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root: the disk-fault tests mount small tmpfs file systems")
+    where.mkdir(parents=True, exist_ok=True)
+    opts = f"size={size}" + (f",{options}" if options else "")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(where)], capture_output=True,
+                             text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (30, 60, 220), "yellow": (230, 220, 30)}
+
+
+SHAPES = ("circle", "square")
+
+
+SIDES = ("left", "right")
+
+
+def _draw(colour: str, shape: str, side: str, rng: np.random.Generator) -> Image.Image:
+    img = Image.new("RGB", (64, 64), tuple(int(v) for v in rng.integers(90, 140, 3)))
+    draw = ImageDraw.Draw(img)
+    cx = (16 if side == "left" else 48) + int(rng.integers(-3, 4))
+    cy = 32 + int(rng.integers(-8, 9))
+    r = int(rng.integers(9, 13))
+    box = (cx - r, cy - r, cx + r, cy + r)
+    (draw.ellipse if shape == "circle" else draw.rectangle)(box, fill=COLOURS[colour])
+    return img
+
+
+def write_shapes_dataset(root: Path, n_train: int = 240, n_val: int = 48, seed: int = 0) -> None:
+    """A Flickr8k-layout dataset whose captions say colour, shape and side of one shape."""
+    rng = np.random.default_rng(seed)
+    photos = root / "Flicker8k_Dataset"
+    text = root / "Flickr8k_text"
+    photos.mkdir(parents=True)
+    text.mkdir()
+    tokens, splits = [], {"train": [], "dev": []}
+    for split, count in (("train", n_train), ("dev", n_val)):
+        for i in range(count):
+            colour = list(COLOURS)[int(rng.integers(len(COLOURS)))]
+            shape = SHAPES[int(rng.integers(2))]
+            side = SIDES[int(rng.integers(2))]
+            name = f"{split}{i:04d}.jpg"
+            _draw(colour, shape, side, rng).save(photos / name, quality=95)
+            splits[split].append(name)
+            phrasings = [f"a {colour} {shape} on the {side}", f"a {shape} in {colour} on the {side} side"]
+            tokens += [f"{name}#{k}\t{p} .\r\n" for k, p in enumerate(phrasings)]
+    (text / "Flickr8k.token.txt").write_text("".join(tokens), newline="")
+    (text / "Flickr_8k.trainImages.txt").write_text("\n".join(splits["train"]) + "\n")
+    (text / "Flickr_8k.devImages.txt").write_text("\n".join(splits["dev"]) + "\n")
+    (text / "Flickr_8k.testImages.txt").write_text("")

@@ -26,10 +26,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for beam_reference
 
-from batchcap.beam import beam_search  # noqa: E402
-from batchcap.config import BeamConfig, DecoderConfig  # noqa: E402
-from batchcap.decoder import CaptionDecoder  # noqa: E402
 from beam_reference import reference_beam_search  # noqa: E402
+
+from batchcap.config import BeamConfig, DecoderConfig  # noqa: E402
+from batchcap.model.beam import beam_search  # noqa: E402
+from batchcap.model.decoder import CaptionDecoder  # noqa: E402
 
 START, END, BANNED = 1, 2, (0, 1, 3)
 T = TypeVar("T")

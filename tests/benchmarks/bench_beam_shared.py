@@ -13,10 +13,9 @@ import time
 
 import torch
 
-from batchcap.beam import beam_search
-from batchcap.captioner import DEFAULT_MODEL
 from batchcap.config import BeamConfig
-from batchcap.modelfile import load_model
+from batchcap.model.beam import beam_search
+from batchcap.model.modelfile import DEFAULT_MODEL, load_model
 
 
 def main() -> None:

@@ -2,7 +2,7 @@
 
 Run: ``python tests/benchmarks/bench_decode.py [--count 4] [--repeats 5] [--size 4000x3000]``.
 Writes photo-like JPEGs (a smooth random field with fine grain, quality 90) to a
-temporary folder, then times :func:`batchcap.decode.decode_file` with the default
+temporary folder, then times :func:`batchcap.data.image_decode.decode_file` with the default
 :class:`~batchcap.config.Preprocess` (299 x 299) in this one process and prints the
 median images/s of each mode and their ratio.
 """
@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from batchcap.config import ImagePolicy, Preprocess
-from batchcap.decode import decode_file
+from batchcap.data.image_decode import decode_file
 
 
 def photo_like(width: int, height: int, seed: int) -> Image.Image:

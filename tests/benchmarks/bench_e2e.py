@@ -3,11 +3,11 @@
 For 224x224 and 4000x3000 photo-like JPEGs (generated in a temp folder):
 
 * bare encoder images/s at batch size B, bf16 + channels_last (``--precision``), input
-  already on the device (:func:`batchcap.bench.measure_encoder`);
-* end-to-end ``batchcap run`` images/s at the same B (:func:`batchcap.bench.measure_end_to_end`:
+  already on the device (:func:`batchcap.tools.bench.measure_encoder`);
+* end-to-end ``batchcap run`` images/s at the same B (:func:`batchcap.tools.bench.measure_end_to_end`:
   ``run_job`` into a temp Parquet output), whole run and steady state; ratio to the
   encoder (target >= 0.8);
-* the tutorial-style path (:mod:`batchcap.reference`) on the first ``--reference-images``
+* the tutorial-style path (:mod:`batchcap.tools.reference`) on the first ``--reference-images``
   of the same pictures; ratio end-to-end / tutorial (target >= 5);
 
 then, on the Flickr8k sample photos, how many bf16 captions are identical to the fp32
@@ -35,13 +35,31 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from batchcap.bench import (XCEPTION_WEIGHTS_FILE, Variant, build_variant_encoder, machine_info,  # noqa: E402
-                            measure_encoder, measure_end_to_end, measure_reference, random_decoder_model, write_bench_images)
-from batchcap.captioner import Captioner, resolve_encoder_weights, resolve_model_path  # noqa: E402
 from batchcap.config import BeamConfig, EncoderConfig, ImagePolicy, RuntimeConfig, to_dict  # noqa: E402
-from batchcap.encoder import ASSETS_DIR, build_backbone, resolve_device, resolve_precision  # noqa: E402
-from batchcap.modelfile import load_model  # noqa: E402
-from batchcap.settings import default_workers  # noqa: E402
+from batchcap.encode.torch_backend import build_backbone  # noqa: E402
+from batchcap.encode.weights import resolve_encoder_weights  # noqa: E402
+from batchcap.hardware import (  # noqa: E402
+    default_workers,  # noqa: E402
+    resolve_device,
+    resolve_precision,
+)
+from batchcap.model.modelfile import (
+    ASSETS_DIR,  # noqa: E402
+    load_model,  # noqa: E402
+    resolve_model_path,  # noqa: E402
+)
+from batchcap.pipeline.captioner import Captioner  # noqa: E402
+from batchcap.tools.bench import (
+    XCEPTION_WEIGHTS_FILE,
+    Variant,
+    build_variant_encoder,
+    machine_info,
+    measure_encoder,
+    measure_end_to_end,
+    measure_reference,
+    random_decoder_model,
+    write_bench_images,
+)
 
 SHARED = Path(os.environ.get("BATCHCAP_SHARED", REPO.parent / "shared"))
 
@@ -49,8 +67,8 @@ SHARED = Path(os.environ.get("BATCHCAP_SHARED", REPO.parent / "shared"))
 def agreement(model_path: Path, folder: Path, device: str, batch_size: int, beam: BeamConfig,
               encoder_weights: str | None) -> dict[str, object]:
     """Captions of every picture in ``folder`` at fp32 and at bf16: how many are identical."""
-    from batchcap.loader import iter_batches
-    from batchcap.sources import open_sources
+    from batchcap.data.loader import iter_batches
+    from batchcap.data.sources import open_sources
 
     model = load_model(model_path)
     policy = ImagePolicy()

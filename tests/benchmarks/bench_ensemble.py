@@ -19,14 +19,14 @@ from pathlib import Path
 
 import torch
 
-from batchcap.beam import beam_search
-from batchcap.captioner import Captioner, resolve_model_path, search_threads
 from batchcap.config import BeamConfig, ImagePolicy
-from batchcap.ensemble import EnsembleDecoder
-from batchcap.loader import iter_batches
-from batchcap.modelfile import load_model
-from batchcap.settings import runtime_config
-from batchcap.sources import open_sources
+from batchcap.data.loader import iter_batches
+from batchcap.data.sources import open_sources
+from batchcap.model.beam import beam_search
+from batchcap.model.ensemble import EnsembleDecoder
+from batchcap.model.modelfile import load_model, resolve_model_path
+from batchcap.pipeline.captioner import Captioner, search_threads
+from batchcap.pipeline.settings import runtime_config
 
 
 def main() -> None:

@@ -2,7 +2,7 @@
 
 Writes a synthetic feature cache of ``--rows`` trunk-activation rows (361 x 728 fp16, what
 ``--finetune-exit-flow`` caches, 525 KB a picture) in ``--dir``, loads it twice with
-:meth:`batchcap.features.FeatureCache.load`: once in memory, once file-backed (the path a
+:meth:`batchcap.training.feature_cache.FeatureCache.load`: once in memory, once file-backed (the path a
 split larger than the memory budget takes). Then times what a training step does with it,
 gathering ``--batch`` random rows and widening them to fp32, in alternating rounds, and
 prints the medians and the ratio mapped / in memory. Also prints both load times.
@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from batchcap.config import Preprocess  # noqa: E402
-from batchcap.features import FeatureCache, FeatureKey, is_file_backed  # noqa: E402
+from batchcap.training.feature_cache import FeatureCache, FeatureKey, is_file_backed  # noqa: E402
 
 ROW_SHAPE = (361, 728)  # Xception's block-11 activations, flattened regions x channels
 

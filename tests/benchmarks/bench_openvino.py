@@ -9,7 +9,7 @@ their original size):
 * ``batchcap run`` with its defaults (``run_job`` exactly as the CLI builds it: backend,
   precision, batch size and workers all ``auto``): the whole run, model load included, and
   the steady state ``(N - n) / (t(N) - t(n))`` from a second run over the first quarter;
-* the tutorial-style path (:mod:`batchcap.reference`) on the first ``--reference-images``.
+* the tutorial-style path (:mod:`batchcap.tools.reference`) on the first ``--reference-images``.
 
 Rounds interleave the measurements, so a change in the machine's load hits all of them;
 the ratios of each round are computed within it and the medians over rounds reported,
@@ -37,13 +37,28 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from batchcap.bench import (Variant, build_variant_encoder, encoder_gmacs, hardware_limit, list_images,  # noqa: E402
-                            machine_info, measure_encoder, measure_reference)
-from batchcap.captioner import Captioner, resolve_encoder_weights, resolve_model_path  # noqa: E402
 from batchcap.config import BeamConfig, EncoderConfig, ImagePolicy, RunConfig, RuntimeConfig, to_dict  # noqa: E402
-from batchcap.encoder import EncoderError, build_backbone, stored_identity  # noqa: E402
-from batchcap.modelfile import load_model  # noqa: E402
-from batchcap.settings import beam_config, runtime_config  # noqa: E402
+from batchcap.encode.torch_backend import build_backbone  # noqa: E402
+from batchcap.encode.weights import (
+    EncoderError,  # noqa: E402
+    resolve_encoder_weights,  # noqa: E402
+    stored_identity,  # noqa: E402
+)
+from batchcap.model.modelfile import (
+    load_model,  # noqa: E402
+    resolve_model_path,  # noqa: E402
+)
+from batchcap.pipeline.settings import beam_config, runtime_config  # noqa: E402
+from batchcap.tools.bench import (
+    Variant,
+    build_variant_encoder,
+    encoder_gmacs,
+    hardware_limit,
+    list_images,
+    machine_info,
+    measure_encoder,
+    measure_reference,
+)
 
 SHARED = Path(os.environ.get("BATCHCAP_SHARED", REPO.parent / "shared"))
 
@@ -51,7 +66,7 @@ SHARED = Path(os.environ.get("BATCHCAP_SHARED", REPO.parent / "shared"))
 def run_defaults(paths: list[Path], model_path: Path, beam: BeamConfig, runtime: RuntimeConfig,
                  work: Path) -> tuple[float, dict[str, str]]:
     """Seconds for ``batchcap run`` over ``paths`` into a fresh JSONL output, and its captions."""
-    from batchcap.runner import run_job
+    from batchcap.pipeline.runner import run_job
 
     listing = work / "inputs.txt"
     listing.write_text("".join(f"{p}\n" for p in paths), encoding="utf-8")

@@ -33,10 +33,10 @@ RERUN = r"""
 import json, sys, time
 t0 = time.perf_counter()
 from batchcap.config import ImagePolicy, Preprocess
-from batchcap.loader import iter_batches
-from batchcap.lock import hold_lock
-from batchcap.sink import OutputStore
-from batchcap.sources import open_sources
+from batchcap.data.loader import iter_batches
+from batchcap.outputs.lock import hold_lock
+from batchcap.outputs.store import OutputStore
+from batchcap.data.sources import open_sources
 t1 = time.perf_counter()
 folder, out, settings = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 with hold_lock(out):
@@ -57,7 +57,7 @@ print(json.dumps({"import_s": t1 - t0, "open_s": t2 - t1, "skip_pass_s": t3 - t2
 
 WRITE = r"""
 import datetime as dt, json, resource, sys
-from batchcap.sink import OutputStore
+from batchcap.outputs.store import OutputStore
 n, out = int(sys.argv[1]), sys.argv[2]
 store = OutputStore.open(out, None, {"model": "bench"}, {"bench": True}, commit_every=512)
 now = dt.datetime.now(dt.timezone.utc)
@@ -103,7 +103,7 @@ def finished_output(folder: Path, out: Path, settings: dict) -> None:
     """Synthesize the finished output a run over ``folder`` would have written."""
     import datetime as dt
 
-    from batchcap.sink import OutputStore
+    from batchcap.outputs.store import OutputStore
 
     store = OutputStore.open(out, None, settings, {"bench": True}, commit_every=4096)
     now = dt.datetime.now(dt.timezone.utc)

@@ -28,14 +28,16 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-import batchcap.writer  # noqa: E402
-from batchcap.bench import write_bench_images  # noqa: E402
-from batchcap.captioner import resolve_model_path  # noqa: E402
+import batchcap.outputs.background_writer  # noqa: E402
 from batchcap.config import BeamConfig, ImagePolicy, RunConfig  # noqa: E402
-from batchcap.modelfile import read_metadata  # noqa: E402
-from batchcap.runner import resume_settings, run_job  # noqa: E402
-from batchcap.settings import runtime_config  # noqa: E402
-from batchcap.sink import OutputStore  # noqa: E402
+from batchcap.model.modelfile import (
+    read_metadata,  # noqa: E402
+    resolve_model_path,  # noqa: E402
+)
+from batchcap.outputs.store import OutputStore  # noqa: E402
+from batchcap.pipeline.runner import resume_settings, run_job  # noqa: E402
+from batchcap.pipeline.settings import runtime_config  # noqa: E402
+from batchcap.tools.bench import write_bench_images  # noqa: E402
 
 
 class InlineWriter:
@@ -113,18 +115,18 @@ def main() -> None:
         paths = write_bench_images(work / "photos", args.count, (224, 224))
         listing = work / "inputs.txt"
         listing.write_text("".join(f"{p}\n" for p in paths), encoding="utf-8")
-        shipped = batchcap.writer.BackgroundWriter
+        shipped = batchcap.outputs.background_writer.BackgroundWriter
         times: dict[str, list[float]] = {"thread": [], "inline": []}
         hand_over: dict[str, list[float]] = {"thread": [], "inline": []}
         for repeat in range(args.repeats + 1):  # the first round warms up
             for mode, writer in (("inline", InlineWriter), ("thread", shipped)):
-                batchcap.writer.BackgroundWriter = timing(writer)  # type: ignore[misc]
+                batchcap.outputs.background_writer.BackgroundWriter = timing(writer)  # type: ignore[misc]
                 HAND_OVER[0] = 0.0
                 try:
                     t = timed_run(listing, out_root / f"bench-{mode}-{repeat}" / "captions.parquet", model,
                                   args.commit_every, args.batch_size, args.workers)
                 finally:
-                    batchcap.writer.BackgroundWriter = shipped  # type: ignore[misc]
+                    batchcap.outputs.background_writer.BackgroundWriter = shipped  # type: ignore[misc]
                 if repeat:
                     times[mode].append(t)
                     hand_over[mode].append(HAND_OVER[0])

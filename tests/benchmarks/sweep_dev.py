@@ -27,15 +27,16 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from batchcap.captioner import resolve_encoder_weights  # noqa: E402
 from batchcap.config import BeamConfig, EncoderConfig, RuntimeConfig  # noqa: E402
-from batchcap.datasets import load_flickr8k  # noqa: E402
-from batchcap.encoder import build_backbone  # noqa: E402
-from batchcap.exit_flow import TRUNK_LAYER, XceptionExitFlow  # noqa: E402
-from batchcap.features import FeatureCache  # noqa: E402
-from batchcap.metrics import score_captions  # noqa: E402
-from batchcap.modelfile import CaptionModel, load_model  # noqa: E402
-from batchcap.train import CachedTrunk, caption_features  # noqa: E402
+from batchcap.data.captions.flickr8k import load_flickr8k  # noqa: E402
+from batchcap.encode.exit_flow import TRUNK_LAYER, XceptionExitFlow  # noqa: E402
+from batchcap.encode.torch_backend import build_backbone  # noqa: E402
+from batchcap.encode.weights import resolve_encoder_weights  # noqa: E402
+from batchcap.model.modelfile import CaptionModel, load_model  # noqa: E402
+from batchcap.training.driver import caption_features  # noqa: E402
+from batchcap.training.feature_cache import FeatureCache  # noqa: E402
+from batchcap.training.feature_sources import CachedTrunk  # noqa: E402
+from batchcap.training.metrics import score_captions  # noqa: E402
 
 
 def dev_features(cache_dir: Path, ids: list[str], layer: str = "") -> torch.Tensor:

@@ -1,0 +1,16 @@
+"""Which file names are pictures and which are WebDataset shards: one list for run, train, calibrate and report."""
+from __future__ import annotations
+
+import os
+
+#: Picture file extensions (lower case, with the dot). A folder's other files are listed as ignored.
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+#: The same, as WebDataset member extensions (no dot), in a fixed order of preference.
+IMAGE_KEYS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+#: File names read as WebDataset shards.
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+
+
+def is_image_name(name: str) -> bool:
+    """Whether ``name`` has one of the picture extensions (case-insensitive)."""
+    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS

@@ -1,0 +1,395 @@
+"""Sources: what ``batchcap run SOURCE...`` reads, turned into a stream of inputs.
+
+One factory, :func:`open_sources`, looks at each spec and picks a reader:
+
+* a **folder** -- walked recursively in sorted order, symlinks followed (each directory
+  visited once, so loops end), hidden names and non-image files passed over and counted;
+  the id is the path relative to the folder, with ``/`` separators;
+* a **file list** (``--files-from FILE``, ``-`` for stdin) -- one path per line; the id is
+  the path as listed;
+* a single **image file** -- its id is the path as given;
+* **WebDataset shards** -- a local ``.tar``, a brace pattern (``shards-{0000..0099}.tar``),
+  a glob, or a URL such as ``pipe:cat x.tar``; read with webdataset's ``gopen`` and
+  ``tar_file_iterator``. The image is the first present of ``ImagePolicy.image_keys``;
+  the id is ``<shard basename>/<__key__>``. A damaged shard yields the samples read
+  before the damage and one ``shard_error`` entry, and the next shard goes on.
+
+Readers only list and read bytes; decoding is :mod:`batchcap.data.image_decode`'s job and the
+split into shards and DataLoader workers is :mod:`batchcap.data.loader`'s. Every reader is a
+small frozen dataclass of paths, so a :class:`SourceSet` pickles into worker processes.
+"""
+from __future__ import annotations
+
+import atexit
+import dataclasses
+import glob
+import os
+import posixpath
+import re
+import shutil
+import stat
+import sys
+import tarfile
+import tempfile
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence, Union
+
+from batchcap.config import ImagePolicy
+from batchcap.data.extensions import TAR_SUFFIXES, is_image_name
+from batchcap.data.sharding import in_shard
+from batchcap.messages import one_line
+
+_GLOB_CHARS = re.compile(r"[*?\[]")
+_BRACE = re.compile(r"\{[^{}]*(\.\.|,)[^{}]*\}")
+
+#: What a damaged tar stream raises while it is read (tarfile, gzip, a failing ``pipe:``).
+SHARD_ERRORS = (tarfile.TarError, OSError, EOFError, zlib.error)
+
+
+class SourceError(Exception):
+    """A source spec the user must fix; the message says what is wrong and what to do."""
+
+
+@dataclass(frozen=True)
+class InputItem:
+    """One input picture: its stable id, where its bytes live, and a file fingerprint."""
+
+    id: str
+    source: str
+    size: int | None = None
+    mtime_ns: int | None = None
+
+
+# -- what readers yield --------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class FileEntry:
+    """A candidate picture on disk; decoded by reading ``item.source`` (fingerprint not yet taken)."""
+
+    item: InputItem
+
+
+@dataclass(frozen=True)
+class MemberEntry:
+    """A tar sample; ``data`` is the chosen image member (None: the sample has none)."""
+
+    item: InputItem
+    data: bytes | None
+    members: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ShardFailure:
+    """A shard that could not be read to its end; becomes one ``shard_error`` row."""
+
+    item: InputItem
+    error: str
+
+
+@dataclass(frozen=True)
+class Ignored:
+    """A hidden or non-image name a folder walk passed over (counted, never decoded)."""
+
+    path: str
+
+
+Entry = Union[FileEntry, MemberEntry, ShardFailure, Ignored]
+
+
+def fingerprinted(item: InputItem) -> InputItem:
+    """``item`` with its file's (size, mtime_ns), following symlinks; (None, None) if stat fails.
+
+    Readers list names only; the loader stats the inputs it owns, so N workers walking
+    the same tree do not each stat every file.
+    """
+    try:
+        st = os.stat(item.source)
+    except OSError:
+        return dataclasses.replace(item, size=None, mtime_ns=None)
+    return dataclasses.replace(item, size=st.st_size, mtime_ns=st.st_mtime_ns)
+
+
+# -- readers -------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class FolderReader:
+    """A directory tree, walked depth-first in sorted name order.
+
+    Memory holds the sorted entries of the directories on the current path only. Each
+    directory is entered once (keyed by device and inode), so symlink loops end; a
+    symlink that cannot be resolved but carries an image extension is still yielded, so
+    that it becomes a ``missing`` or ``unreadable`` row rather than vanishing.
+    """
+
+    root: str
+    kind: str = field(default="folder", init=False)
+
+    def entries(self) -> Iterator[FileEntry | Ignored]:
+        root = self.root
+        seen: set[tuple[int, int]] = set()
+        st = os.stat(root)
+        seen.add((st.st_dev, st.st_ino))
+        stack: list[tuple[str, Iterator[os.DirEntry[str]]]] = [("", self._sorted(root))]
+        while stack:
+            rel_dir, it = stack[-1]
+            entry = next(it, None)
+            if entry is None:
+                stack.pop()
+                continue
+            rel = f"{rel_dir}/{entry.name}" if rel_dir else entry.name
+            if entry.name.startswith("."):
+                yield Ignored(rel)
+                continue
+            try:
+                is_dir = entry.is_dir(follow_symlinks=True)
+            except OSError:
+                is_dir = False
+            if is_dir:
+                try:
+                    dst = entry.stat(follow_symlinks=True)
+                    key = (dst.st_dev, dst.st_ino)
+                    if key in seen:
+                        continue  # a symlink back into the tree: already walked
+                    seen.add(key)
+                    stack.append((rel, self._sorted(entry.path)))
+                except OSError:
+                    yield Ignored(rel)  # unreadable directory: counted, not fatal
+                continue
+            if not is_image_name(entry.name):
+                yield Ignored(rel)
+                continue
+            yield FileEntry(InputItem(id=rel, source=entry.path))
+
+    @staticmethod
+    def _sorted(path: str) -> Iterator[os.DirEntry[str]]:
+        with os.scandir(path) as scan:
+            entries = sorted(scan, key=lambda e: e.name)
+        return iter(entries)
+
+    def count(self) -> int:
+        return sum(1 for e in self.entries() if isinstance(e, FileEntry))
+
+
+@dataclass(frozen=True)
+class ListReader:
+    """A text file of paths, one a line (blank lines skipped); every line is a candidate."""
+
+    path: str
+    kind: str = field(default="list", init=False)
+
+    def _lines(self) -> Iterator[str]:
+        with open(self.path, encoding="utf-8", errors="surrogateescape", newline="") as f:
+            for line in f:
+                line = line.rstrip("\r\n")
+                if line.strip():
+                    yield line
+
+    def entries(self) -> Iterator[FileEntry]:
+        for line in self._lines():
+            yield FileEntry(InputItem(id=line, source=line))
+
+    def count(self) -> int:
+        return sum(1 for _ in self._lines())
+
+
+@dataclass(frozen=True)
+class FileReader:
+    """A single picture named on the command line; its id is the path as given."""
+
+    path: str
+    kind: str = field(default="file", init=False)
+
+    def entries(self) -> Iterator[FileEntry]:
+        yield FileEntry(InputItem(id=self.path, source=self.path))
+
+    def count(self) -> int:
+        return 1
+
+
+def shard_name(url: str) -> str:
+    """The basename that prefixes a tar sample's id (``pipe:cat /a/b.tar`` -> ``b.tar``).
+
+    For a ``pipe:`` command it is the last word that names a tar (``.tar``, ``.tgz``,
+    ``.tar.gz``), else the command's last word.
+    """
+    def base(word: str) -> str:
+        word = word.strip("'\"").split("?", 1)[0].rstrip("/")
+        return posixpath.basename(word.replace(os.sep, "/")) or word
+
+    if url.startswith("pipe:"):
+        words = url[5:].split() or [url]
+        tars = [w for w in words if _is_tar_name(base(w))]
+        return base(tars[-1] if tars else words[-1])
+    return base(url)
+
+
+@dataclass(frozen=True)
+class TarReader:
+    """WebDataset shards, read one after another as byte streams (never extracted)."""
+
+    urls: tuple[str, ...]
+    image_keys: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
+    kind: str = field(default="tar", init=False)
+
+    def read_shard(self, url: str) -> Iterator[MemberEntry | ShardFailure]:
+        """The samples of one shard, then a :class:`ShardFailure` if it broke off early.
+
+        Members are grouped by webdataset's rule (key = name up to the first dot of the
+        basename). A sample being assembled when the damage hit is still yielded when
+        it has an image: every member read so far arrived whole.
+        """
+        from webdataset.gopen import gopen
+        from webdataset.tariterators import base_plus_ext, tar_file_iterator
+
+        name = shard_name(url)
+        keys = tuple(k.lower() for k in self.image_keys)
+        current: dict[str, bytes] = {}
+        current_key: str | None = None
+
+        def finish() -> MemberEntry:
+            data = next((current[k] for k in keys if k in current), None)
+            item = InputItem(id=f"{name}/{current_key}", source=url)
+            return MemberEntry(item, data, tuple(sorted(current)))
+
+        stream = None
+        try:
+            stream = gopen(url, "rb")
+            for member in tar_file_iterator(stream):
+                key, suffix = base_plus_ext(member["fname"])
+                if key is None:
+                    continue
+                suffix = suffix.lower()
+                if key != current_key:
+                    if current_key is not None:
+                        yield finish()
+                    current, current_key = {}, key
+                if suffix in current:
+                    raise tarfile.ReadError(f"duplicate member {member['fname']!r} in sample {key!r}")
+                current[suffix] = member["data"]
+            stream.close()
+        except SHARD_ERRORS as exc:
+            if current_key is not None and any(k in current for k in keys):
+                yield finish()
+            message = str(exc.args[0]).split(" @ ")[0] if exc.args else type(exc).__name__
+            yield ShardFailure(InputItem(id=name, source=url),
+                               one_line(f"shard unreadable after {current_key or 'the start'}: {message}"))
+            return
+        finally:
+            if stream is not None:
+                try:
+                    stream.close()
+                except SHARD_ERRORS:
+                    pass
+        if current_key is not None:
+            yield finish()
+
+
+Reader = Union[FolderReader, ListReader, FileReader, TarReader]
+
+
+@dataclass(frozen=True)
+class SourceSet:
+    """The readers for one run, in command-line order; picklable into DataLoader workers."""
+
+    readers: tuple[Reader, ...]
+
+    def count(self, shard_index: int = 0, shard_count: int = 1) -> int | None:
+        """Candidate pictures (in one shard), by a listing pass; None when tars are involved."""
+        if any(isinstance(r, TarReader) for r in self.readers):
+            return None
+        total = 0
+        for reader in self.readers:
+            for entry in reader.entries():  # type: ignore[union-attr]
+                if isinstance(entry, FileEntry) and in_shard(entry.item.id, shard_index, shard_count):
+                    total += 1
+        return total
+
+    @property
+    def has_tars(self) -> bool:
+        return any(isinstance(r, TarReader) for r in self.readers)
+
+
+# -- the factory ---------------------------------------------------------------------------
+
+def _is_tar_name(path: str) -> bool:
+    return path.lower().endswith(TAR_SUFFIXES)
+
+
+def _is_url(spec: str) -> bool:
+    return spec.startswith("pipe:") or "://" in spec
+
+
+def _stdin_to_file() -> str:
+    """Copy stdin's path list to a temporary file, so every worker can read it again."""
+    fd, path = tempfile.mkstemp(prefix="batchcap-files-from-", suffix=".txt")
+    with os.fdopen(fd, "wb") as out:
+        shutil.copyfileobj(sys.stdin.buffer, out)
+    owner = os.getpid()  # forked workers must not remove it
+    atexit.register(lambda: os.getpid() == owner and os.path.exists(path) and os.unlink(path))
+    return path
+
+
+def _open_spec(spec: str, policy: ImagePolicy) -> Reader:
+    keys = tuple(policy.image_keys)
+    if _is_url(spec):
+        from webdataset.shardlists import expand_urls
+
+        return TarReader(tuple(expand_urls(spec)), keys)
+    if os.path.isdir(spec):
+        return FolderReader(spec)
+    if os.path.isfile(spec):
+        if _is_tar_name(spec):
+            return TarReader((spec,), keys)
+        if is_image_name(spec):
+            return FileReader(spec)
+        raise SourceError(
+            f"{spec}: not a folder, a .tar shard or a picture; a list of paths goes to --files-from"
+        )
+    if _BRACE.search(spec):
+        from webdataset.shardlists import expand_urls
+
+        urls = expand_urls(spec)
+        missing = [u for u in urls if not os.path.isfile(u)]
+        if missing:
+            raise SourceError(
+                f"{spec}: {len(missing)} of the {len(urls)} shards it names do not exist "
+                f"(first: {missing[0]}); fix the range or list the shards that exist"
+            )
+        return TarReader(tuple(urls), keys)
+    if _GLOB_CHARS.search(spec):
+        matches = sorted(glob.glob(spec, recursive=True))
+        if not matches:
+            raise SourceError(f"{spec}: the pattern matches nothing; check the path and quote it")
+        tars = [m for m in matches if _is_tar_name(m) and os.path.isfile(m)]
+        if len(tars) != len(matches):
+            raise SourceError(
+                f"{spec}: a pattern must match .tar shards only ({len(matches) - len(tars)} "
+                f"other matches, e.g. {next(m for m in matches if m not in tars)}); "
+                "pass folders by name"
+            )
+        return TarReader(tuple(tars), keys)
+    if os.path.lexists(spec) and stat.S_ISLNK(os.lstat(spec).st_mode):
+        raise SourceError(f"{spec}: a broken symbolic link; point it at a folder or shard")
+    raise SourceError(f"{spec}: no such file or folder")
+
+
+def open_sources(specs: Sequence[str], files_from: str | None = None,
+                 policy: ImagePolicy = ImagePolicy()) -> SourceSet:
+    """Build the readers for ``specs`` (and ``--files-from``), checking that each exists.
+
+    Raises :class:`SourceError` for a spec that names nothing, or when there is no
+    source at all. Folders and lists are not walked here (see :meth:`SourceSet.count`).
+    """
+    readers: list[Reader] = [_open_spec(str(spec), policy) for spec in specs]
+    if files_from is not None:
+        if files_from == "-":
+            readers.append(ListReader(_stdin_to_file()))
+        elif not os.path.isfile(files_from):
+            raise SourceError(f"--files-from {files_from}: no such file")
+        else:
+            readers.append(ListReader(str(Path(files_from))))
+    if not readers:
+        raise SourceError("no input: name folders, shards or pictures, or pass --files-from")
+    return SourceSet(tuple(readers))

@@ -1,0 +1,87 @@
+"""Decoder ensembles: N caption decoders searched as one, inside the same ``(B, K)`` beam.
+
+At every word each member scores the same hypotheses from its own ``(h, c)``, and their
+log-probabilities are combined into one distribution the beam search ranks by:
+
+* ``logprob`` (the default): the mean of the members' log-probabilities, renormalised
+  (a product of experts: a word needs every member's support);
+* ``prob``: the log of the mean of their probabilities (a mixture: one confident member
+  is enough).
+
+The search never learns it drives several decoders: the ensemble's state is the members'
+states laid end to end, and the encoder memory and attention keys of each member stay one
+copy per image (:attr:`EnsembleDecoder.per_image_state`). Members share the vocabulary,
+the encoder and the preprocessing; their architectures may differ.
+
+Unlike weight averaging (:mod:`batchcap.tools.average`), an ensemble works for decoders trained
+from different random starts, and costs one decoder step per member at run time.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from batchcap.model.decoder import CaptionDecoder, State
+
+COMBINE_RULES = ("logprob", "prob")
+
+
+class EnsembleError(Exception):
+    """Models that cannot be searched as one ensemble."""
+
+
+class EnsembleDecoder(nn.Module):
+    """Several :class:`CaptionDecoder` s behind one ``init_state`` / ``step`` interface."""
+
+    def __init__(self, members: Sequence[CaptionDecoder], combine: str = "logprob") -> None:
+        super().__init__()
+        if combine not in COMBINE_RULES:
+            raise EnsembleError(f"combine rule {combine!r}: expected one of {', '.join(COMBINE_RULES)}")
+        if len(members) < 1:
+            raise EnsembleError("an ensemble needs at least one decoder")
+        self.members = nn.ModuleList(members)
+        self.combine = combine
+        self._sizes = [len(m.per_image_state) for m in members]
+        #: Concatenation of the members' flags, in the order of the concatenated state.
+        self.per_image_state = tuple(flag for m in members for flag in m.per_image_state)
+
+    def _split(self, state: State) -> list[State]:
+        parts, start = [], 0
+        for size in self._sizes:
+            parts.append(tuple(state[start:start + size]))
+            start += size
+        return parts
+
+    def init_state(self, features: torch.Tensor) -> State:
+        """Every member's initial state from the same features, laid end to end."""
+        return tuple(t for member in self.members for t in member.init_state(features))
+
+    def step(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        """One word for N hypotheses: the combined fp32 log-probabilities ``(N, V)`` and new state.
+
+        Tensors a member returns unchanged (its memory and keys) come back as the same
+        objects, as the beam search requires of per-image state.
+        """
+        log_probs, new_state = [], []
+        for member, part in zip(self.members, self._split(state)):
+            member_lp, member_state = member.step(tokens, part)
+            log_probs.append(member_lp.float())
+            new_state.extend(member_state)
+        return combine_log_probs(log_probs, self.combine), tuple(new_state)
+
+
+def combine_log_probs(log_probs: Sequence[torch.Tensor], rule: str = "logprob") -> torch.Tensor:
+    """One normalised ``(N, V)`` log-distribution from the members' ``(N, V)`` log-probabilities."""
+    if len(log_probs) == 1:
+        return log_probs[0]
+    stacked = torch.stack(list(log_probs))  # (M, N, V)
+    if rule == "logprob":
+        return torch.log_softmax(stacked.mean(0), dim=-1)
+    if rule == "prob":
+        return torch.logsumexp(stacked, dim=0) - math.log(len(log_probs))
+    raise EnsembleError(f"combine rule {rule!r}: expected one of {', '.join(COMBINE_RULES)}")
+
+

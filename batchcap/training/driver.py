@@ -1,0 +1,345 @@
+"""Training the caption decoder: cached encoder features, teacher forcing, selection by CIDEr.
+
+The flow is ``dataset -> vocabulary -> feature cache -> epochs -> best model file``:
+
+* captions are normalised with :func:`batchcap.model.text.normalize_caption` (the same function
+  evaluation and captioning use) and the vocabulary is built from the train split;
+* encoder features come from :class:`batchcap.training.feature_cache.FeatureCache`, computed once per
+  (encoder, weights, preprocessing) and reused across epochs and runs;
+* a step holds ``batch_size`` images with five of their reference captions each (all
+  of Flickr8k's), so each image's features are projected once per step;
+* the decoder (and a fine-tuned encoder) runs under bf16 autocast when the precision is
+  bf16 (fp32 master weights), in training and validation alike; on Ampere and later GPUs
+  the remaining fp32 matmuls use TF32;
+* on a GPU the feature cache is copied to the device once when it fits, and a step reads
+  nothing back to the host (the loss is summed on the device and read when logged);
+* AdamW, gradient clipping, linear warm-up then cosine decay, dropout, Show-Attend-Tell's
+  doubly stochastic attention penalty, fixed seeds;
+* after every epoch the model captions the validation images with beam search and the
+  epoch with the best CIDEr-D is kept (BLEU-4 is logged too); a checkpoint is written
+  atomically each epoch (safetensors, no pickle) so ``--resume`` continues after a kill;
+* ``--init-model`` starts from a trained model file (its decoder, vocabulary and encoder),
+  and ``--self-critical`` then fine-tunes it on the CIDEr-D of its own sampled captions
+  (:mod:`batchcap.training.scst`) instead of on the reference words.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from batchcap import __version__
+from batchcap.config import BeamConfig, DecoderConfig, RuntimeConfig, TrainConfig, to_dict
+from batchcap.data.captions.records import CaptionDataset
+from batchcap.encode.exit_flow import (
+    TRUNK_LAYER,
+    ExitFlowError,
+    XceptionExitFlow,
+    apply_exit_flow,
+    check_supported,
+    exit_flow_state,
+)
+from batchcap.encode.torch_backend import build_backbone
+from batchcap.model.beam import beam_search
+from batchcap.model.decoder import CaptionDecoder
+from batchcap.model.modelfile import EXIT_FLOW, CaptionModel, EncoderSpec, load_model, save_model
+from batchcap.model.text import Vocabulary, normalize_caption
+from batchcap.training.calibrate import ending_and_familiarity
+from batchcap.training.checkpoints import load_checkpoint, save_checkpoint
+from batchcap.training.feature_cache import feature_memory_budget
+from batchcap.training.feature_sources import (
+    CachedFeatures,
+    CachedTrunk,
+    EncoderChoice,
+    FinetunedEncoder,
+    build_split,
+    cached_splits,
+    describe_residence,
+    fits_on_device,
+)
+from batchcap.training.metrics import score_captions
+from batchcap.training.pretrain import PretrainError, pretrain_for_training
+from batchcap.training.scst import CaptionReward
+from batchcap.training.steps import Split, StepTotals, TrainStep, use_tf32
+
+Log = Callable[[str], None]
+
+
+class TrainingError(Exception):
+    """A training request that cannot work as given (no data in a split, a start model that does not fit)."""
+
+
+def caption_features(decoder: CaptionDecoder, features: torch.Tensor, vocab: Vocabulary, beam: BeamConfig,
+                     batch_size: int = 100, unendable_ids: Sequence[int] = ()) -> list[str]:
+    """Beam-search captions for features (on any device), in order: validation and dev sweeps.
+
+    The features move to the decoder's device chunk by chunk, so a CPU feature cache
+    validates a CUDA decoder without holding the whole split on the GPU. ``unendable_ids``
+    is the model's ending rule (training validates without one).
+    """
+    decoder.eval()
+    device = next(decoder.parameters()).device
+    out: list[str] = []
+    with torch.inference_mode():
+        for start in range(0, features.shape[0], batch_size):
+            chunk = features[start:start + batch_size].to(device, non_blocking=True)
+            state = decoder.init_state(chunk.float())
+            result = beam_search(decoder.step, state, beam, start_id=vocab.start_id, end_id=vocab.end_id,
+                                 pad_id=vocab.pad_id, banned_ids=vocab.never_generated,
+                                 unendable_ids=unendable_ids, per_image=decoder.per_image_state)
+            out.extend(vocab.decode(row[0]) for row in result.tokens.cpu().tolist())
+    return out
+
+
+def validate(decoder: CaptionDecoder, split: Split, features: torch.Tensor, vocab: Vocabulary,
+             beam: BeamConfig) -> dict[str, Any]:
+    """BLEU and CIDEr-D of beam-search captions on ``split`` (batchcap tokenisation: fast, no Java)."""
+    captions = caption_features(decoder, features, vocab, beam)
+    predictions = dict(zip(split.image_ids, captions))
+    scores = score_captions(predictions, split.references, full=False)
+    scores["examples"] = [[i, predictions[i]] for i in split.image_ids[:3]]
+    return scores
+
+
+def train(cfg: TrainConfig, dataset: CaptionDataset, choice: EncoderChoice, decoder_cfg: dict[str, Any],
+          runtime: RuntimeConfig, log: Log = print) -> CaptionModel:
+    """Train a decoder on ``dataset``'s train split, select on its val split, save ``cfg.out``."""
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    out = Path(cfg.out)
+    train_records = dataset.splits.get("train", [])
+    val_records = dataset.splits.get("val", [])
+    if not train_records:
+        raise TrainingError("the dataset has no training images")
+    try:
+        feature_memory_budget()  # a bad BATCHCAP_FEATURE_MEMORY_GIB is refused before minutes of extraction
+    except ValueError as exc:
+        raise TrainingError(str(exc)) from exc
+    if cfg.finetune_encoder and cfg.finetune_exit_flow:
+        raise TrainingError("--finetune-encoder already trains the exit flow: give one of --finetune-encoder "
+                            "and --finetune-exit-flow")
+    if cfg.pretrain_captions and cfg.init_model:
+        raise TrainingError("--pretrain-captions pretrains a fresh decoder; --init-model already gives one: "
+                            "leave one of them out")
+    start_model = load_start_model(cfg, choice)
+    if start_model is not None:
+        vocab = start_model.vocab
+        log(f"starting from {cfg.init_model}: its decoder and vocabulary ({len(vocab)} words)")
+    else:
+        vocab = Vocabulary.build((normalize_caption(c) for r in train_records for c in r.captions),
+                                 min_count=cfg.min_word_count)
+        log(f"vocabulary: {len(vocab)} words (min count {cfg.min_word_count})")
+    failures: dict[str, str] = {}
+    if cfg.finetune_encoder:
+        train_split = build_split(train_records, None, vocab, cfg.max_caption_len)
+        val_split = build_split(val_records, None, vocab, cfg.max_caption_len, limit=cfg.val_images)
+        backbone = build_backbone(choice.config, choice.source)
+        source: CachedFeatures | FinetunedEncoder | CachedTrunk = FinetunedEncoder(
+            backbone, choice.preprocess, train_split.records, runtime, cfg.augment)
+        feature_dim = int(backbone.num_features)
+    elif cfg.finetune_exit_flow:
+        try:
+            check_supported(choice.config.name, choice.config.spatial)
+        except ExitFlowError as exc:
+            raise TrainingError(str(exc)) from exc
+        train_split, train_views, val_split, failures = cached_splits(dataset, choice, runtime, cfg, vocab, log,
+                                                                      layer=TRUNK_LAYER)
+        backbone = build_backbone(choice.config, choice.source)
+        if start_model is not None and start_model.encoder.finetuned == EXIT_FLOW:
+            apply_exit_flow(backbone, start_model.encoder_state or {}, str(cfg.init_model))
+            log(f"exit flow: continuing from {cfg.init_model}'s fine-tuned one")
+        source = CachedTrunk(train_views, XceptionExitFlow(backbone), runtime, val_split.features)
+        log(f"trunk activations: {describe_residence(train_views)}; each step "
+            f"trains the exit flow at lr {cfg.encoder_lr:g}")
+        feature_dim = int(backbone.num_features)
+    else:
+        train_split, train_views, val_split, failures = cached_splits(dataset, choice, runtime, cfg, vocab, log)
+        on_device = fits_on_device(sum(v.nbytes for v in train_views), runtime.device)
+        source = CachedFeatures(train_views, runtime.device, on_device)
+        if on_device:
+            log(f"features: kept on {runtime.device} ({sum(v.nbytes for v in train_views) / 2**30:.1f} GiB)")
+        else:
+            log(f"features: {describe_residence(train_views)}")
+        feature_dim = int(train_split.features.shape[-1])
+    if not val_split.image_ids:
+        raise TrainingError("the dataset has no usable validation images: model selection needs a val split")
+
+    # Trunk activations are not the model's features: an exit-flow model gets familiarity from calibrate.
+    trust = ending_and_familiarity(train_split.records, train_split.image_ids,
+                                   torch.empty(0) if cfg.finetune_exit_flow else train_split.features,
+                                   runtime.precision)
+    log(f"train: {len(train_split.image_ids)} images, {train_split.captions.shape[0]} captions; "
+        f"val: {len(val_split.image_ids)} images")
+
+    dcfg = DecoderConfig(vocab_size=len(vocab), feature_dim=feature_dim, **decoder_cfg)
+    if start_model is not None:
+        dcfg = start_model.decoder
+        if dcfg.feature_dim != feature_dim:
+            raise TrainingError(f"{cfg.init_model} expects {dcfg.feature_dim}-dim features; the encoder gives "
+                                f"{feature_dim}")
+    # Seeded again here: building an encoder to fill a missing feature cache draws from the global
+    # generator, and the same --seed must give the same model whether the cache was there or not.
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    decoder = (CaptionDecoder(dcfg) if start_model is None else start_model.build_decoder()).to(runtime.device)
+    groups = [{"params": list(decoder.parameters()), "lr": cfg.lr, "base_lr": cfg.lr}]
+    trained = torch.nn.ModuleDict({"decoder": decoder})
+    if source.trainable is not None:
+        groups.append({"params": list(source.trainable.parameters()), "lr": cfg.encoder_lr,
+                       "base_lr": cfg.encoder_lr})
+        trained["encoder"] = source.trainable
+    optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+    steps_per_epoch = math.ceil(len(train_split.image_ids) / cfg.batch_size)
+    total_steps = steps_per_epoch * cfg.epochs
+    checkpoint = out.with_name(out.name + ".ckpt")
+    log_path = out.with_name(out.name + ".log.jsonl")
+    loop = {"epoch": 0, "step": 0, "best": None, "best_epoch": None, "bad_epochs": 0, "history": []}
+    if cfg.resume and checkpoint.exists():
+        loop = load_checkpoint(checkpoint, trained, optimizer)
+        log(f"resumed from {checkpoint} after epoch {loop['epoch']}")
+    elif cfg.pretrain_captions:  # before the first epoch only: a checkpoint holds the pretrained decoder
+
+        try:
+            loop["pretrain"] = pretrain_for_training(cfg, decoder, dataset, vocab, runtime, log)
+        except PretrainError as exc:
+            raise TrainingError(f"--pretrain-captions: {exc}") from exc
+    val_beam = BeamConfig(beam_size=cfg.val_beam_size, max_len=cfg.max_caption_len)
+    best_model: CaptionModel | None = None
+    rewarder = None
+    if cfg.self_critical:
+        rewarder = CaptionReward([[normalize_caption(c) for c in train_split.references[i]]
+                                  for i in train_split.image_ids], vocab)
+    stepper = TrainStep(decoder, trained, optimizer, cfg, runtime, vocab, train_split, total_steps, rewarder)
+    if use_tf32(runtime.device):
+        log("fp32 matmuls use TF32 (Ampere or later GPU)")
+
+    for epoch in range(loop["epoch"] + 1, cfg.epochs + 1):
+        # Self-critical samples come from the policy that captions at run time (no dropout):
+        # measured on Flickr8k dev, it learns faster than sampling through dropout.
+        decoder.train(rewarder is None)
+        generator = torch.Generator().manual_seed(cfg.seed + epoch)
+        order = torch.randperm(len(train_split.image_ids), generator=generator).tolist()
+        started = time.time()
+        totals = StepTotals.zeros(runtime.device)
+        batches = [[i for i in order[start:start + cfg.batch_size] if stepper.per_image[i]]
+                   for start in range(0, len(order), cfg.batch_size)]
+        for images, feats in source.epoch([b for b in batches if b], generator):
+            totals.add(stepper(loop["step"], images, feats, generator), len(images))
+            loop["step"] += 1
+            if loop["step"] % 50 == 0:  # the only time a step's numbers come back to the host
+                progress = (f"reward {totals.mean_reward(cfg.samples_per_image):.3f}" if rewarder
+                            else f"loss {totals.mean_loss():.3f}")
+                log(f"epoch {epoch} step {loop['step']}/{total_steps} {progress} "
+                    f"({totals.images / (time.time() - started):.0f} img/s)")
+        train_loss = totals.mean_loss()  # waits for the epoch's last steps, so the time below is theirs
+        train_time = time.time() - started
+        scores = validate(decoder, val_split, source.val_features(val_split), vocab, val_beam)
+        record = {"epoch": epoch, "step": loop["step"], "train_loss": train_loss,
+                  "train_seconds": round(train_time, 1), "val": scores, "time": time.time()}
+        if rewarder is not None:
+            record["train_reward"] = totals.mean_reward(cfg.samples_per_image)
+        loop["history"].append({k: v for k, v in record.items() if k != "time"})
+        with open(log_path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record) + "\n")
+        log(f"epoch {epoch}: loss {record['train_loss']:.3f}, val BLEU-4 {scores['BLEU-4']:.3f}, "
+            f"CIDEr {scores['CIDEr']:.3f}, e.g. {scores['examples'][0][1]!r}")
+        improved = loop["best"] is None or scores["CIDEr"] > loop["best"]
+        if improved:
+            loop["best"], loop["best_epoch"], loop["bad_epochs"] = scores["CIDEr"], epoch, 0
+            best_model = _model_file(cfg, choice, dcfg, vocab, decoder, dataset, failures, loop, scores,
+                                     encoder=source.trainable, start_model=start_model)
+            best_model.unendable_words, best_model.ending_rule, best_model.familiarity, best_model.neighbours = trust
+            save_model(best_model, out, half=bool(cfg.extra.get("half", False)))
+            log(f"saved {out} (best so far)")
+        else:
+            loop["bad_epochs"] += 1
+        loop["epoch"] = epoch
+        save_checkpoint(checkpoint, trained, optimizer, loop)
+        if loop["bad_epochs"] >= cfg.patience:
+            log(f"stopping: no CIDEr improvement for {cfg.patience} epochs")
+            break
+    if best_model is None:
+        best_model = load_model(out)
+    return best_model
+
+
+def load_start_model(cfg: TrainConfig, choice: EncoderChoice) -> CaptionModel | None:
+    """The model ``--init-model`` names, checked against the features training will use."""
+    if cfg.init_model is None:
+        if cfg.self_critical:
+            raise TrainingError("--self-critical fine-tunes a trained model: pass it with --init-model MODEL "
+                             "(train one with cross-entropy first)")
+        return None
+    if cfg.finetune_encoder:
+        raise TrainingError("--init-model cannot be combined with --finetune-encoder")
+    model = load_model(cfg.init_model)
+    if model.encoder.finetuned == EXIT_FLOW and not cfg.finetune_exit_flow:
+        raise TrainingError(f"{cfg.init_model} has a fine-tuned exit flow, which cached features cannot "
+                            "reproduce: continue with --finetune-exit-flow (--encoder-lr sets how fast it "
+                            "moves)")
+    if model.extra_decoders:
+        raise TrainingError(f"{cfg.init_model} is an ensemble of {len(model.decoders())} decoders; --init-model "
+                            "needs a single decoder: fine-tune each member's own model file, then "
+                            "`batchcap ensemble` them again")
+    if model.encoder_state is not None and model.encoder.finetuned != EXIT_FLOW:
+        raise TrainingError(f"{cfg.init_model} embeds a fine-tuned encoder; --init-model needs a model "
+                            "trained on cached features of a stock encoder")
+    weights_id = choice.spec.weights_sha256 or choice.spec.pretrained_tag
+    theirs = model.encoder.weights_sha256 or model.encoder.pretrained_tag
+    mismatches = [f"{what}: model {a!r}, now {b!r}" for what, a, b in (
+        ("encoder", model.encoder.name, choice.config.name),
+        ("encoder weights", theirs, weights_id),
+        ("spatial features", model.encoder.spatial, choice.config.spatial),
+        ("preprocessing", to_dict(model.preprocess), to_dict(choice.preprocess))) if a != b]
+    if mismatches:
+        raise TrainingError(f"{cfg.init_model} was trained on other features ({'; '.join(mismatches)}); use "
+                            f"the encoder options it was trained with (see `batchcap info {cfg.init_model}`)")
+    return model
+
+
+def _model_file(cfg: TrainConfig, choice: EncoderChoice, dcfg: DecoderConfig, vocab: Vocabulary,
+                decoder: CaptionDecoder, dataset: CaptionDataset, failures: dict[str, str], loop: dict[str, Any],
+                scores: dict[str, Any], encoder: torch.nn.Module | None = None,
+                start_model: CaptionModel | None = None) -> CaptionModel:
+    """The model file's contents; a fine-tuned encoder is embedded (its weights are new).
+
+    A model trained from ``--init-model`` keeps its start model's identity and training
+    record under ``training.init_model``, so its whole history stays in one file.
+    """
+    state = {k: v.detach().cpu().clone() for k, v in decoder.state_dict().items()}
+    spec = EncoderSpec(**{**to_dict(choice.spec), "feature_dim": dcfg.feature_dim})
+    encoder_state = None
+    if isinstance(encoder, XceptionExitFlow):  # only the exit flow is new: the spec still names the weights
+        spec = EncoderSpec(**{**to_dict(spec), "finetuned": EXIT_FLOW})
+        encoder_state = exit_flow_state(encoder)
+    elif encoder is not None:
+        spec = EncoderSpec(name=spec.name, spatial=spec.spatial, feature_dim=spec.feature_dim)
+        encoder_state = {k: v.detach().cpu().clone() for k, v in encoder.state_dict().items()}
+    return CaptionModel(
+        name=Path(cfg.out).stem,
+        encoder=spec,
+        encoder_state=encoder_state,
+        preprocess=choice.preprocess,
+        decoder=dcfg,
+        vocab=vocab,
+        max_caption_len=cfg.max_caption_len,
+        decoder_state=state,
+        training={
+            "batchcap_version": __version__,
+            "data": dataset.summary(),
+            "unreadable_images": len(failures),
+            "config": {k: v for k, v in to_dict(cfg).items() if k not in ("out",)},
+            "epoch": loop["epoch"] + 1 if loop["best_epoch"] is None else loop["best_epoch"],
+            "history": loop["history"],
+            **({"init_model": {"identity": start_model.identity, "training": start_model.training}}
+               if start_model is not None else {}),
+            **({"pretrain": loop["pretrain"]} if "pretrain" in loop else {}),
+        },
+        metrics={"selected_on": "val", "tokenizer": scores.get("tokenizer"),
+                 **{k: v for k, v in scores.items() if k.startswith(("BLEU", "CIDEr"))}},
+    )

@@ -1,0 +1,151 @@
+"""Exit-flow fine-tuning: the split network equals the whole, and what trains is what captions."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from click.testing import CliRunner
+from safetensors.torch import save_file
+
+from batchcap.cli import cli
+from batchcap.config import EncoderConfig, Preprocess, RuntimeConfig
+from batchcap.encode.exit_flow import (
+    EXIT_MODULES,
+    ExitFlowError,
+    XceptionExitFlow,
+    XceptionTrunk,
+    apply_exit_flow,
+    check_supported,
+    exit_flow_state,
+    trunk_to_map,
+)
+from batchcap.encode.torch_backend import build_backbone
+from batchcap.encode.weights import EncoderError, WeightsSource, resolve_encoder_weights, stored_identity
+from batchcap.model.modelfile import load_model, save_model
+from conftest import write_shapes_dataset
+
+
+@pytest.fixture(scope="module")
+def xception() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model("legacy_xception", num_classes=0).eval()
+
+
+def test_trunk_then_exit_flow_is_the_whole_network(xception: torch.nn.Module) -> None:
+    x = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        whole = xception.forward_features(x)
+        trunk = XceptionTrunk(xception).forward_features(x)
+        rows = trunk.flatten(2).transpose(1, 2)  # what the cache stores: (B, regions, channels)
+        split = XceptionExitFlow(xception)(trunk_to_map(rows))
+    assert trunk.shape[1] == 728
+    torch.testing.assert_close(split, whole)
+
+
+def test_the_exit_flow_state_uses_the_backbones_names(xception: torch.nn.Module) -> None:
+    state = exit_flow_state(XceptionExitFlow(xception))
+    assert {k.split(".")[0] for k in state} == {"block12", "conv3", "bn3", "conv4", "bn4"}
+    full = xception.state_dict()
+    assert all(torch.equal(v, full[k]) for k, v in state.items())
+    assert 6.7e6 < sum(v.numel() for v in state.values()) < 6.9e6
+
+
+def test_apply_exit_flow_loads_and_refuses_what_does_not_fit(xception: torch.nn.Module) -> None:
+    other = timm.create_model("legacy_xception", num_classes=0).eval()
+    tuned = {k: v + 1.0 if v.is_floating_point() else v for k, v in exit_flow_state(XceptionExitFlow(other)).items()}
+    apply_exit_flow(other, tuned, "test")
+    after = other.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in tuned.items())
+    with pytest.raises(ExitFlowError, match="1 missing"):
+        apply_exit_flow(other, dict(list(tuned.items())[1:]), "test")
+    with pytest.raises(ExitFlowError, match="1 unexpected"):
+        apply_exit_flow(other, {**tuned, "block1.rep.0.weight": torch.zeros(1)}, "test")
+    with pytest.raises(ExitFlowError, match="legacy_xception"):
+        check_supported("resnet50", True)
+    with pytest.raises(ExitFlowError, match="spatial"):
+        check_supported("legacy_xception", False)
+
+
+def test_train_with_exit_flow_stores_it_and_run_uses_it(tmp_path: Path, xception: torch.nn.Module) -> None:
+    """Train 2 epochs; the file holds only the exit flow, and captioning rebuilds the trained network."""
+    data = tmp_path / "shapes"
+    write_shapes_dataset(data, n_train=16, n_val=8)
+    models = tmp_path / "models"
+    models.mkdir()
+    weights = models / "xception.safetensors"
+    original = xception.state_dict()
+    save_file(original, weights)
+    out = models / "tuned.safetensors"
+    runner = CliRunner()
+    result = runner.invoke(cli, [
+        "train", str(data), "--out", str(out), "--encoder-weights", str(weights), "--input-size", "64",
+        "--epochs", "2", "--batch-size", "8", "--embed-dim", "16", "--hidden-dim", "32", "--attention-dim", "16",
+        "--min-word-count", "1", "--max-caption-len", "8", "--finetune-exit-flow", "--encoder-lr", "1e-3",
+        "--precision", "fp32", "--workers", "0", "--device", "cpu", "--cache-dir", str(tmp_path / "cache"),
+    ])
+    assert result.exit_code == 0, result.output
+    model = load_model(out)
+    assert model.encoder.finetuned == "exit_flow" and model.encoder.weights_file == "xception.safetensors"
+    assert model.encoder_state is not None
+    assert {k.split(".")[0] for k in model.encoder_state} <= set(EXIT_MODULES)
+    assert any(not torch.equal(v, original[k]) for k, v in model.encoder_state.items() if v.is_floating_point())
+    # The trunk cache is keyed apart from ordinary features.
+    keys = [json.loads(p.read_text()) for p in (tmp_path / "cache").glob("*/key.json")]
+    assert keys and all(k["layer"] == "block11" for k in keys)
+
+    source = resolve_encoder_weights(model)  # the base file beside the model, plus the stored exit flow
+    assert source.kind == "file" and source.exit_flow is not None
+    built = build_backbone(EncoderConfig(name=model.encoder.name), source).state_dict()
+    assert all(torch.equal(built[k], v.float()) for k, v in model.encoder_state.items())
+    assert all(torch.equal(built[k], v) for k, v in original.items() if k.startswith("block1."))
+    # --half stores the exit flow as fp16, like the decoder (the packaged base weights are fp16 too).
+    save_model(model, models / "half.safetensors", half=True)
+    halved = load_model(models / "half.safetensors")
+    assert halved.encoder_state is not None
+    assert all(v.dtype == torch.float16 for v in halved.encoder_state.values() if v.is_floating_point())
+    # Feature caches keyed by the model (calibrate's) tell the tuned encoder from the stock one.
+    assert model.encoder_weights_id().startswith(model.encoder.weights_sha256 + "+exit_flow:")
+    plain = WeightsSource("file", path=str(weights))
+    assert stored_identity(EncoderConfig(), source) != stored_identity(EncoderConfig(), plain)
+
+    captions = runner.invoke(cli, ["run", str(data / "Flicker8k_Dataset"), "--out", str(tmp_path / "c.jsonl"),
+                                   "--model", str(out), "--precision", "fp32", "--workers", "0",
+                                   "--backend", "torch"])
+    assert captions.exit_code == 0, captions.output
+    rows = [json.loads(line) for line in (tmp_path / "c.jsonl").read_text().splitlines()]
+    assert rows and all(r["status"] == "ok" and r["caption"] for r in rows)
+
+    # Continuing needs --finetune-exit-flow: cached features of the stock encoder would not match.
+    again = runner.invoke(cli, ["train", str(data), "--out", str(models / "next.safetensors"), "--init-model",
+                                str(out), "--epochs", "1", "--precision", "fp32", "--workers", "0",
+                                "--cache-dir", str(tmp_path / "cache")])
+    assert again.exit_code != 0 and "--finetune-exit-flow" in again.output
+
+
+def test_a_model_whose_exit_flow_does_not_fit_is_refused(tmp_path: Path, xception: torch.nn.Module) -> None:
+    weights = tmp_path / "xception.safetensors"
+    save_file(xception.state_dict(), weights)
+    state = exit_flow_state(XceptionExitFlow(xception))
+    state.pop(next(iter(state)))
+    source = WeightsSource("file", path=str(weights), exit_flow=state)
+    with pytest.raises(EncoderError, match="missing"):
+        build_backbone(EncoderConfig(name="legacy_xception"), source)
+
+
+def test_training_features_match_captioning_features(tmp_path: Path, xception: torch.nn.Module) -> None:
+    """The trunk cache through the exit flow gives the features `run` computes from the picture."""
+    from batchcap.encode.torch_backend import Encoder
+    from batchcap.training.feature_sources import CachedTrunk
+
+    runtime = RuntimeConfig(device="cpu", precision="fp32", batch_size=2, workers=0)
+    images = torch.randint(0, 256, (2, 3, 96, 96), dtype=torch.uint8)
+    pre = Preprocess(input_size=(3, 96, 96))
+    trunk_rows = Encoder(XceptionTrunk(xception), pre, runtime)(images)  # (B, R, 728), as cached
+    source = CachedTrunk([trunk_rows.half()], XceptionExitFlow(xception), runtime, trunk_rows.half())
+    trained_view = source.val_features(None).float()  # type: ignore[arg-type]
+    captioning = Encoder(xception, pre, runtime)(images)
+    cos = torch.nn.functional.cosine_similarity(trained_view.flatten(1), captioning.flatten(1))
+    assert cos.min() > 0.999, cos

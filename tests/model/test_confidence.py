@@ -1,0 +1,132 @@
+"""Confidence: familiarity, the calibrator and its measures, and --min-confidence on real runs."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from batchcap.cli import cli
+from batchcap.model.confidence import (
+    EVIDENCE,
+    Calibrator,
+    auroc,
+    fit_calibrator,
+    fit_familiarity,
+    fit_logistic,
+    reliability_table,
+)
+from batchcap.model.modelfile import load_model, save_model
+
+
+def test_auroc_is_the_chance_a_good_one_outscores_a_bad_one() -> None:
+    rng = np.random.default_rng(0)
+    scores, labels = rng.normal(size=60).round(1), rng.integers(0, 2, 60)  # rounded: ties happen
+    pairs = [(s1 > s0) + 0.5 * (s1 == s0) for s1, l1 in zip(scores, labels) if l1
+             for s0, l0 in zip(scores, labels) if not l0]
+    assert auroc(scores, labels) == pytest.approx(np.mean(pairs))
+    assert auroc([1, 2, 3], [0, 1, 1]) == 1.0 and auroc([3, 2, 1], [0, 1, 1]) == 0.0
+
+
+def test_logistic_fit_recovers_a_known_model() -> None:
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(4000, 2))
+    p = 1 / (1 + np.exp(-(0.5 + 2.0 * x[:, 0] - 1.0 * x[:, 1])))
+    y = (rng.random(4000) < p).astype(float)
+    coef, intercept = fit_logistic(x, y, l2=1e-6)
+    assert coef == pytest.approx([2.0, -1.0], abs=0.15) and intercept == pytest.approx(0.5, abs=0.1)
+
+
+def test_calibrator_fills_missing_inputs_with_its_centre_and_stays_in_unit_range() -> None:
+    rng = np.random.default_rng(2)
+    evidence = rng.normal(size=(300, len(EVIDENCE)))
+    labels = (evidence[:, 0] + 0.3 * rng.normal(size=300) > 0).astype(int)
+    calibrator = fit_calibrator(evidence, labels)
+    confidence = calibrator(evidence)
+    assert ((confidence >= 0) & (confidence <= 1)).all() and auroc(confidence, labels) > 0.9
+    missing = evidence.copy()
+    missing[:, EVIDENCE.index("margin")] = np.nan  # --beam 1: no second hypothesis
+    assert np.isfinite(calibrator(missing)).all()
+    assert Calibrator.from_dict(json.loads(json.dumps(calibrator.to_dict()))) == calibrator
+    table = reliability_table(confidence, labels, bins=5)
+    assert sum(row["images"] for row in table) == 300 and len(table) == 5
+
+
+def test_familiarity_tells_training_pictures_from_others() -> None:
+    gen = torch.Generator().manual_seed(3)
+    basis = torch.randn(8, 64, generator=gen)
+    train = torch.randn(400, 8, generator=gen) @ basis + 0.05 * torch.randn(400, 64, generator=gen)
+    alike = torch.randn(100, 8, generator=gen) @ basis + 0.05 * torch.randn(100, 64, generator=gen)
+    other = torch.randn(100, 64, generator=gen)  # off the training pictures' subspace
+    fam = fit_familiarity(train, components=8)
+    scores = torch.cat([fam.score(alike), fam.score(other)]).numpy()
+    assert auroc(scores, np.r_[np.zeros(100), np.ones(100)]) > 0.99
+    assert abs(float(fam.score(train).mean())) < 1.0  # about 0 for a typical training picture
+
+
+@pytest.fixture
+def calibrated_model(tiny_model_path: Path, image_folder: Path, tmp_path: Path) -> Path:
+    """The tiny model with familiarity and a calibrator whose confidence varies across ``image_folder``.
+
+    The calibrator is centred on the evidence of those very pictures, so they spread around 0.5.
+    """
+    from batchcap.config import BeamConfig, ImagePolicy, RuntimeConfig
+    from batchcap.data.image_decode import decode_file
+    from batchcap.pipeline.captioner import Captioner
+
+    model = load_model(tiny_model_path)
+    images = torch.stack([decode_file(str(p), model.preprocess, ImagePolicy()).tensor for p in sorted(image_folder.iterdir())])
+    captioner = Captioner(model, RuntimeConfig(precision="fp32", channels_last=False), BeamConfig(beam_size=3))
+    features = captioner.encode(images)
+    model.familiarity = fit_familiarity(features.mean(1)[:12], components=4)
+    _, evidence = captioner.search_with_evidence(features)
+    center = np.nan_to_num(np.nanmean(evidence, 0))  # the tiny model has no neighbours: NaN columns
+    scale = np.nan_to_num(np.nanstd(evidence, 0), nan=1.0) + 1e-6
+    model.calibration = Calibrator(EVIDENCE, tuple(center), tuple(scale), (1.0, 1.0, 1.0, 0.5, -2.0, 0.5, 1.0), 0.0)
+    path = tmp_path / "calibrated.safetensors"
+    save_model(model, path)
+    return path
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_min_confidence_sets_rows_aside_without_failing_the_run(calibrated_model: Path, image_folder: Path,
+                                                                tmp_path: Path) -> None:
+    base = ["run", str(image_folder), "--model", str(calibrated_model), "--workers", "0", "--device", "cpu",
+            "--precision", "fp32"]
+    plain = CliRunner().invoke(cli, base + ["--out", str(tmp_path / "plain.jsonl")])
+    assert plain.exit_code == 0, plain.output
+    rows = read_jsonl(tmp_path / "plain.jsonl")
+    confidences = sorted(r["confidence"] for r in rows)
+    assert all(0.0 <= c <= 1.0 for c in confidences) and len(set(confidences)) > 5
+    threshold = confidences[len(confidences) // 2]
+    below = {r["id"] for r in rows if r["confidence"] < threshold}
+    assert below
+
+    gated = CliRunner().invoke(cli, base + ["--out", str(tmp_path / "gated.jsonl"), "--min-confidence",
+                                            str(threshold), "--max-failures", "0"])
+    assert gated.exit_code == 0, gated.output  # set-aside rows are not failures
+    assert re.search(rf"low confidence: +{len(below)} \(set aside below {threshold:g}\)", gated.output)
+    again = {r["id"]: r for r in read_jsonl(tmp_path / "gated.jsonl")}
+    for row in rows:
+        kept = again[row["id"]]
+        assert kept["status"] == ("low_confidence" if row["id"] in below else "ok")
+        # the caption, score and confidence stay in the row, for the reviewer
+        assert (kept["caption"], kept["score"], kept["confidence"]) == (row["caption"], row["score"],
+                                                                        row["confidence"])
+
+    resumed = CliRunner().invoke(cli, base + ["--out", str(tmp_path / "gated.jsonl"), "--min-confidence", "0.9"])
+    assert resumed.exit_code == 4 and "min_confidence" in resumed.output  # another threshold: not mixed
+
+
+def test_min_confidence_needs_a_calibrated_model(tiny_model_path: Path, image_folder: Path, tmp_path: Path) -> None:
+    result = CliRunner().invoke(cli, ["run", str(image_folder), "--model", str(tiny_model_path), "--out",
+                                      str(tmp_path / "o.jsonl"), "--min-confidence", "0.5"])
+    assert result.exit_code == 2 and "no confidence calibration" in result.output
+    assert not (tmp_path / "o.jsonl").exists()
