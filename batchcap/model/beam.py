@@ -109,6 +109,11 @@ def beam_search(step: StepFn, state: State, cfg: BeamConfig, *, start_id: int, e
     between checks of whether every image has finished (a device-to-host sync); the result
     is the same for any value, since words after the end change nothing. Default: every word
     on CPU, where the check is free, every 4 on an accelerator.
+    
+    One function on purpose: the word loop's steps (score, block, rank, reorder, finish) share a
+    dozen ``(B, K)`` tensors, and read inline, with a shape comment on each line, they can be
+    checked against the per-image reference search (``tests/beam_reference.py``) line by line;
+    split into helpers they would pass those tensors back and forth on every word.
     """
     K, T, n_best = cfg.beam_size, cfg.max_len, cfg.n_best
     alpha, min_len, ngram = float(cfg.length_penalty), cfg.min_len, cfg.no_repeat_ngram

@@ -133,7 +133,6 @@ def run_job(cfg: RunConfig, model_path: Path, beam: BeamConfig, runtime: Runtime
     Raises ``OutputUnwritable`` before any model or image work when ``cfg.out`` cannot be
     written, and ``OutputIOError`` when a write fails on the way (a full disk).
     """
-
     stream = stream if stream is not None else sys.stderr
     out = Path(cfg.out)
     check_output_writable(out, work_dir_for(out))
@@ -142,7 +141,42 @@ def run_job(cfg: RunConfig, model_path: Path, beam: BeamConfig, runtime: Runtime
     preprocess = from_dict(Preprocess, meta["preprocess"])
     identity = model_identity(meta)
     sources = open_sources(cfg.sources, cfg.files_from, policy)
-    run_config = {
+    run_config = _run_configuration(cfg, model_path, meta, identity, beam, runtime, policy)
+    with StopSignals(stream, EXIT_INTERRUPTED) as stop, hold_lock(out):
+        store = OutputStore.open(out, cfg.format, resume_settings(meta, beam, cfg.min_confidence), run_config,
+                                 overwrite=cfg.overwrite, commit_every=cfg.commit_every)
+        for path, reason in store.set_aside:
+            print(f"batchcap: warning: part {path.name} is damaged ({reason}); moved to {path.parent}, "
+                  "its rows are captioned again", file=stream, flush=True)
+        rows = _BatchRows(_LazyCaptioner(model_path, encoder_weights, runtime, beam), cfg, beam, identity,
+                          preprocess, policy, runtime.device)
+        with Progress(sources.count(cfg.shard_index, cfg.shard_count), log_every=cfg.log_every,
+                      stream=stream) as progress:
+            batches = iter_batches(sources, preprocess, policy, batch_size=runtime.batch_size,
+                                   workers=runtime.workers, shard_index=cfg.shard_index,
+                                   shard_count=cfg.shard_count, done=store.done,
+                                   pin_memory=runtime.device.startswith("cuda"))
+            if not _caption_batches(batches, rows, BackgroundWriter(store, cfg.commit_seconds), progress, stop):
+                notes = {**_fault_notes(store), "interrupted": (
+                    f"by {stop.requested}: {store.rows_added} rows of this run committed, output not "
+                    "finalised; rerun the same command to resume")}
+                return RunResult(EXIT_INTERRUPTED, progress.summary(str(out), extra=notes))
+            processed = progress.processed
+            extra = _finished_notes(store, store.finalize(), processed, rows.set_aside, cfg.min_confidence,
+                                    stop.requested)
+            summary = progress.summary(str(out), extra=extra)
+    failed = sum(progress.failed.values())
+    if max_failures.exceeded(failed, processed):
+        print(f"error: {failed} of {processed} inputs failed, more than --max-failures {cfg.max_failures}",
+              file=stream)
+        return RunResult(EXIT_TOO_MANY_FAILURES, summary)
+    return RunResult(EXIT_OK, summary)
+
+
+def _run_configuration(cfg: RunConfig, model_path: Path, meta: dict[str, Any], identity: str, beam: BeamConfig,
+                       runtime: RuntimeConfig, policy: ImagePolicy) -> dict[str, Any]:
+    """What is stored beside the output, so that a result can be explained months later."""
+    return {
         "batchcap_version": __version__,
         "started_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "host": platform.node(),
@@ -154,67 +188,59 @@ def run_job(cfg: RunConfig, model_path: Path, beam: BeamConfig, runtime: Runtime
         "image_policy": to_dict(policy),
         "preprocess": meta.get("preprocess"),
     }
-    with StopSignals(stream, EXIT_INTERRUPTED) as stop, hold_lock(out):
-        store = OutputStore.open(out, cfg.format, resume_settings(meta, beam, cfg.min_confidence), run_config,
-                                 overwrite=cfg.overwrite, commit_every=cfg.commit_every)
-        for path, reason in store.set_aside:
-            print(f"batchcap: warning: part {path.name} is damaged ({reason}); moved to {path.parent}, "
-                  "its rows are captioned again", file=stream, flush=True)
-        total = sources.count(cfg.shard_index, cfg.shard_count)
-        captioner = _LazyCaptioner(model_path, encoder_weights, runtime, beam)
-        interrupted = False
-        set_aside_rows = 0
-        with Progress(total, log_every=cfg.log_every, stream=stream) as progress:
-            writer = BackgroundWriter(store, cfg.commit_seconds)
-            batches = iter_batches(sources, preprocess, policy, batch_size=runtime.batch_size,
-                                   workers=runtime.workers, shard_index=cfg.shard_index,
-                                   shard_count=cfg.shard_count, done=store.done,
-                                   pin_memory=runtime.device.startswith("cuda"))
-            try:
-                for batch in batches:
-                    if stop.requested:  # arrived while this batch was on its way: take it no further
-                        interrupted = True
-                        break
-                    now = dt.datetime.now(dt.timezone.utc)
-                    rows = []
-                    if batch.encoded_rows:  # --decode-on-device: finish decoding where the model runs
-                        fill_batch(batch, preprocess, policy, runtime.device)
-                    if batch.ok:
-                        captions = captioner(batch)
-                        rows += [_ok_row(item, c.text, c.score, c.n_best, beam.n_best, identity, now,
-                                         logprob=c.logprob, confidence=c.confidence,
-                                         min_confidence=cfg.min_confidence)
-                                 for item, c in zip(batch.ok, captions, strict=True)]
-                        set_aside_rows += sum(1 for r in rows if r["status"] == LOW_CONFIDENCE)
-                    rows += [_failed_row(item, identity, now) for item in batch.failed]
-                    writer.add(rows)
-                    progress.advance(ok=len(batch.ok), failed=Counter(i.status for i in batch.failed),
-                                     skipped=batch.skipped, ignored=batch.ignored)
-                    if stop.requested:
-                        interrupted = True
-                        break
-            finally:
-                batches.close()  # stops the decoding workers
-                writer.close()  # commits every captioned row (also on the way out of a crash)
-            if interrupted:
-                notes = {**_fault_notes(store), "interrupted": (
-                    f"by {stop.requested}: {store.rows_added} rows of this run committed, output not "
-                    "finalised; rerun the same command to resume")}
-                return RunResult(EXIT_INTERRUPTED, progress.summary(str(out), extra=notes))
-            final = store.finalize()
-            processed = progress.processed
-            extra = output_summary(final, processed)
-            if cfg.min_confidence is not None:
-                extra["low confidence"] = f"{set_aside_rows} (set aside below {cfg.min_confidence:g})"
-            if processed == 0:
-                extra["note"] = "nothing new to caption: every input is already in the output"
-            elif stop.requested:
-                extra["note"] = f"{stop.requested} arrived after the last batch: the output was finished first"
-            extra.update(_fault_notes(store))
-            summary = progress.summary(str(out), extra=extra)
-    failed = sum(progress.failed.values())
-    if max_failures.exceeded(failed, processed):
-        print(f"error: {failed} of {processed} inputs failed, more than --max-failures {cfg.max_failures}",
-              file=stream)
-        return RunResult(EXIT_TOO_MANY_FAILURES, summary)
-    return RunResult(EXIT_OK, summary)
+
+
+class _BatchRows:
+    """One batch in, its output rows out: captions for the pictures that decoded, failure rows for the rest."""
+
+    def __init__(self, captioner: _LazyCaptioner, cfg: RunConfig, beam: BeamConfig, identity: str,
+                 preprocess: Preprocess, policy: ImagePolicy, device: str) -> None:
+        self.captioner, self.cfg, self.beam, self.identity = captioner, cfg, beam, identity
+        self.preprocess, self.policy, self.device = preprocess, policy, device
+        self.set_aside = 0  # rows labelled low_confidence by --min-confidence
+
+    def __call__(self, batch: Batch) -> list[dict[str, Any]]:
+        now = dt.datetime.now(dt.timezone.utc)
+        rows: list[dict[str, Any]] = []
+        if batch.encoded_rows:  # --decode-on-device: finish decoding where the model runs
+            fill_batch(batch, self.preprocess, self.policy, self.device)
+        if batch.ok:
+            captions = self.captioner(batch)
+            rows += [_ok_row(item, c.text, c.score, c.n_best, self.beam.n_best, self.identity, now,
+                             logprob=c.logprob, confidence=c.confidence, min_confidence=self.cfg.min_confidence)
+                     for item, c in zip(batch.ok, captions, strict=True)]
+            self.set_aside += sum(1 for r in rows if r["status"] == LOW_CONFIDENCE)
+        rows += [_failed_row(item, self.identity, now) for item in batch.failed]
+        return rows
+
+
+def _caption_batches(batches: Any, rows: _BatchRows, writer: BackgroundWriter, progress: Progress,
+                     stop: StopSignals) -> bool:
+    """Caption and write every batch; False when a signal stopped it first (committed rows are kept)."""
+    try:
+        for batch in batches:
+            if stop.requested:  # arrived while this batch was on its way: take it no further
+                return False
+            writer.add(rows(batch))
+            progress.advance(ok=len(batch.ok), failed=Counter(i.status for i in batch.failed),
+                             skipped=batch.skipped, ignored=batch.ignored)
+            if stop.requested:
+                return False
+        return True
+    finally:
+        batches.close()  # stops the decoding workers
+        writer.close()  # commits every captioned row (also on the way out of a crash)
+
+
+def _finished_notes(store: OutputStore, final: Any, processed: int, set_aside: int, min_confidence: float | None,
+                    signal_name: str | None) -> dict[str, str]:
+    """The summary lines of a run that finalised its output."""
+    extra = output_summary(final, processed)
+    if min_confidence is not None:
+        extra["low confidence"] = f"{set_aside} (set aside below {min_confidence:g})"
+    if processed == 0:
+        extra["note"] = "nothing new to caption: every input is already in the output"
+    elif signal_name:
+        extra["note"] = f"{signal_name} arrived after the last batch: the output was finished first"
+    extra.update(_fault_notes(store))
+    return extra

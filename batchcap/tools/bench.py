@@ -512,48 +512,10 @@ def run_bench(*, images: str | None, as_json: bool, count: int, size: str, repea
                                "statistic": "median"}
 
         # encoder, per backend and precision at the batch size, then a batch-size sweep at run's choice
-
-        encoder_cfg = EncoderConfig(name=loaded.encoder.name, spatial=loaded.encoder.spatial)
-        source = resolve_encoder_weights(loaded, encoder_weights)
-        identity = stored_identity(encoder_cfg, source)
-        backbone = build_backbone(encoder_cfg, source).to(dev)
-        gmacs = encoder_gmacs(backbone, loaded.preprocess)
-        results["encoder_gmacs_per_image"] = gmacs
-        rows, skipped = [], []
-        run_variant = Variant(runtime.precision, runtime.channels_last if runtime.backend == "torch" else False,
-                              runtime.backend)
-        run_encoder = None
-        for variant in encoder_variants(dev, runtime.precision, openvino=openvino_version() is not None):
-            _note(f"encoder {variant.label}, batch {runtime.batch_size}")
-            try:
-                encoder = build_variant_encoder(backbone, loaded, dev, variant, runtime.batch_size,
-                                                runtime.encoder_cache, identity)
-            except EncoderError as exc:  # e.g. int8 with no calibration photos named
-                skipped.append({"variant": variant.label, "reason": str(exc)})
-                _note(f"skipped {variant.label}: {exc}")
-                continue
-            limit = hardware_limit(gmacs, variant.precision, dev)
-            rows.append(measure_encoder(encoder, loaded, dev, variant, runtime.batch_size, repeats, limit))
-            if variant == run_variant:
-                run_encoder = encoder
-            else:
-                del encoder
-        results["encoder"] = rows
-        results["encoder_skipped"] = skipped
-        same = [r for r in rows if _variant(r) == run_variant]
-        sweep_rows = list(same)
-        if sweep and run_encoder is not None:
-            for bs in batch_size_sweep(runtime.batch_size, dev):
-                if bs == runtime.batch_size:
-                    continue
-                _note(f"encoder {run_variant.label}, batch {bs}")
-                try:
-                    sweep_rows.append(measure_encoder(run_encoder, loaded, dev, run_variant, bs, repeats,
-                                                      hardware_limit(gmacs, run_variant.precision, dev)))
-                except torch.cuda.OutOfMemoryError:
-                    break
-        results["batch_sizes"] = sorted(sweep_rows, key=lambda r: r["batch_size"])
-        del run_encoder
+        backbone, encoders = _measure_encoders(loaded, encoder_weights, dev, runtime, repeats, sweep)
+        results.update(encoders)
+        rows = encoders["encoder"]
+        same = [r for r in rows if _variant(r) == _run_variant(runtime)]
         captioner = Captioner(loaded, runtime, beam_cfg, encoder_weights)
 
         # input stage
@@ -582,10 +544,67 @@ def run_bench(*, images: str | None, as_json: bool, count: int, size: str, repea
         results["reference"] = measure_reference(loaded, paths[:n_ref], encoder_weights, dev,
                                                  beam_cfg.max_len, beam_cfg.min_len)
 
+    results["ratios"] = _ratios(rows, same, results)
+    results["suggested"] = suggest(results["batch_sizes"], results["decode"]["images_per_s"], dev)
+    if as_json:
+        print(json.dumps(results, indent=2, default=str))
+    else:
+        print_tables(results)
+    return results
+
+
+def _run_variant(runtime: RuntimeConfig) -> Variant:
+    """The encoder variant ``batchcap run`` would use with these settings."""
+    return Variant(runtime.precision, runtime.channels_last if runtime.backend == "torch" else False, runtime.backend)
+
+
+def _measure_encoders(loaded: CaptionModel, encoder_weights: str | None, dev: torch.device, runtime: RuntimeConfig,
+                      repeats: int, sweep: bool) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The bare encoder per backend and precision at the run's batch size, then run's variant over batch sizes."""
+    encoder_cfg = EncoderConfig(name=loaded.encoder.name, spatial=loaded.encoder.spatial)
+    source = resolve_encoder_weights(loaded, encoder_weights)
+    identity = stored_identity(encoder_cfg, source)
+    backbone = build_backbone(encoder_cfg, source).to(dev)
+    gmacs = encoder_gmacs(backbone, loaded.preprocess)
+    rows, skipped = [], []
+    run_variant = _run_variant(runtime)
+    run_encoder = None
+    for variant in encoder_variants(dev, runtime.precision, openvino=openvino_version() is not None):
+        _note(f"encoder {variant.label}, batch {runtime.batch_size}")
+        try:
+            encoder = build_variant_encoder(backbone, loaded, dev, variant, runtime.batch_size,
+                                            runtime.encoder_cache, identity)
+        except EncoderError as exc:  # e.g. int8 with no calibration photos named
+            skipped.append({"variant": variant.label, "reason": str(exc)})
+            _note(f"skipped {variant.label}: {exc}")
+            continue
+        limit = hardware_limit(gmacs, variant.precision, dev)
+        rows.append(measure_encoder(encoder, loaded, dev, variant, runtime.batch_size, repeats, limit))
+        if variant == run_variant:
+            run_encoder = encoder
+        else:
+            del encoder
+    sweep_rows = [r for r in rows if _variant(r) == run_variant]
+    if sweep and run_encoder is not None:
+        for bs in batch_size_sweep(runtime.batch_size, dev):
+            if bs == runtime.batch_size:
+                continue
+            _note(f"encoder {run_variant.label}, batch {bs}")
+            try:
+                sweep_rows.append(measure_encoder(run_encoder, loaded, dev, run_variant, bs, repeats,
+                                                  hardware_limit(gmacs, run_variant.precision, dev)))
+            except torch.cuda.OutOfMemoryError:
+                break
+    return backbone, {"encoder_gmacs_per_image": gmacs, "encoder": rows, "encoder_skipped": skipped,
+                      "batch_sizes": sorted(sweep_rows, key=lambda r: r["batch_size"])}
+
+
+def _ratios(rows: list[dict[str, Any]], same: list[dict[str, Any]], results: dict[str, Any]) -> dict[str, Any]:
+    """The figures ``bench`` exists for: end to end against the bare encoder and the tutorial path."""
     enc = same[0]["images_per_s"] if same else None
     torch_bf16 = [r for r in rows if _variant(r) == Variant("bf16", True)]
     e2e, ref_rate = results["end_to_end"], results["reference"]["images_per_s"]
-    results["ratios"] = {
+    return {
         "end_to_end_steady_vs_encoder": (e2e["steady_images_per_s"] / enc)
         if enc and e2e["steady_images_per_s"] else None,
         "end_to_end_whole_run_vs_encoder": e2e["whole_run_images_per_s"] / enc if enc else None,
@@ -593,12 +612,6 @@ def run_bench(*, images: str | None, as_json: bool, count: int, size: str, repea
         "encoder_vs_fp32": {_label(r): r["images_per_s"] / rows[0]["images_per_s"] for r in rows},
         "encoder_vs_torch_bf16_channels_last": (enc / torch_bf16[0]["images_per_s"]) if enc and torch_bf16 else None,
     }
-    results["suggested"] = suggest(results["batch_sizes"], results["decode"]["images_per_s"], dev)
-    if as_json:
-        print(json.dumps(results, indent=2, default=str))
-    else:
-        print_tables(results)
-    return results
 
 
 # -- output ------------------------------------------------------------------------------------

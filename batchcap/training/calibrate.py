@@ -199,20 +199,8 @@ def calibrate(model: CaptionModel, dataset: CaptionDataset, runtime: RuntimeConf
         log(f"ending rule: {len(model.unendable_words)} words may not end a caption")
     model.calibration = None  # the captioner must not use an old calibrator while we fit a new one
     captioner = Captioner(model, runtime, beam, encoder_weights)
-    if model.familiarity is None or refit_familiarity:
-        subset = train_subset(train, train_images)
-        log(f"familiarity: pooled features of {len(subset)} train pictures")
-        pooled = encode_cached(captioner, [(r.image_id, r) for r in subset], cache_dir, runtime, pooled=True, log=log)
-        model.familiarity = fit_familiarity(
-            pooled.features.float(), components,
-            note=familiarity_note(len(pooled.ids), len(train), runtime.precision, components))
-        model.neighbours = None
-    if model.neighbours is None:
-        subset = train_subset(train, train_images)
-        pooled = encode_cached(captioner, [(r.image_id, r) for r in subset], cache_dir, runtime, pooled=True, log=log)
-        by_train_id = {r.image_id: r for r in subset}
-        model.neighbours = fit_neighbours(model.familiarity, pooled.features.float(),
-                                          [by_train_id[i] for i in pooled.ids])
+    _fit_familiarity_and_neighbours(model, captioner, train, runtime, cache_dir=cache_dir, train_images=train_images,
+                                    components=components, refit=refit_familiarity, log=log)
     log(f"dev: encoding {len(dev)} pictures")
     encoded = encode_cached(captioner, [(r.image_id, r) for r in dev], cache_dir, runtime, pooled=False, log=log)
     by_id = {r.image_id: r for r in dev}
@@ -257,25 +245,54 @@ def calibrate(model: CaptionModel, dataset: CaptionDataset, runtime: RuntimeConf
                              "dev_bad_among_set_aside": round(float(1 - labels[oof < p].mean()), 3)
                              if (oof < p).any() else None} for p in grid]
     if unfamiliar is not None:
-        items = folder_items(unfamiliar)
-        log(f"unfamiliar: encoding {len(items)} pictures of {unfamiliar}")
-        other = encode_cached(captioner, items, cache_dir, runtime, pooled=False, log=log)
-        other_captions, other_evidence = caption_encoded(captioner, other)
-        conf = calibrator(other_evidence)
-        fam_dev, fam_other = evidence[:, EVIDENCE.index("familiarity")], other_evidence[:, EVIDENCE.index("familiarity")]
-        report["unfamiliar"] = {
-            "pictures": f"{len(other.ids)} pictures of {unfamiliar}",
-            "mean_confidence": round(float(conf.mean()), 3),
-            "set_aside_share": round(float((conf < threshold).mean()), 3),
-            "familiarity_auroc_vs_dev": round(auroc(np.concatenate([fam_other, fam_dev]),
-                                                    np.r_[np.ones(len(fam_other)), np.zeros(len(fam_dev))]), 3),
-            "set_aside_at": {str(p): round(float((conf < p).mean()), 3) for p in grid},
-            "examples": [{"id": i, "caption": c.text, "confidence": round(float(p), 3)}
-                         for i, c, p in list(zip(other.ids, other_captions, conf))[:5]],
-        }
+        report["unfamiliar"] = _unfamiliar_report(captioner, calibrator, unfamiliar, evidence, threshold, grid,
+                                                  cache_dir=cache_dir, runtime=runtime, log=log)
     model.calibration = Calibrator(calibrator.features, calibrator.center, calibrator.scale, calibrator.coef,
                                    calibrator.intercept, report)
     return report
+
+
+def _fit_familiarity_and_neighbours(model: CaptionModel, captioner: Captioner, train: Sequence[CaptionRecord],
+                                    runtime: RuntimeConfig, *, cache_dir: str | Path, train_images: int,
+                                    components: int, refit: bool, log: Log) -> None:
+    """Fit what tells familiar pictures from new ones, from pooled features of training pictures."""
+    if model.familiarity is None or refit:
+        subset = train_subset(train, train_images)
+        log(f"familiarity: pooled features of {len(subset)} train pictures")
+        pooled = encode_cached(captioner, [(r.image_id, r) for r in subset], cache_dir, runtime, pooled=True, log=log)
+        model.familiarity = fit_familiarity(
+            pooled.features.float(), components,
+            note=familiarity_note(len(pooled.ids), len(train), runtime.precision, components))
+        model.neighbours = None
+    if model.neighbours is None:
+        subset = train_subset(train, train_images)
+        pooled = encode_cached(captioner, [(r.image_id, r) for r in subset], cache_dir, runtime, pooled=True, log=log)
+        by_train_id = {r.image_id: r for r in subset}
+        model.neighbours = fit_neighbours(model.familiarity, pooled.features.float(),
+                                          [by_train_id[i] for i in pooled.ids])
+
+
+def _unfamiliar_report(captioner: Captioner, calibrator: Any, unfamiliar: str | Path, dev_evidence: np.ndarray,
+                       threshold: float, grid: Sequence[float], *, cache_dir: str | Path, runtime: RuntimeConfig,
+                       log: Log) -> dict[str, Any]:
+    """How the fitted confidence treats pictures unlike the dev set: their confidence and familiarity."""
+    items = folder_items(unfamiliar)
+    log(f"unfamiliar: encoding {len(items)} pictures of {unfamiliar}")
+    other = encode_cached(captioner, items, cache_dir, runtime, pooled=False, log=log)
+    other_captions, other_evidence = caption_encoded(captioner, other)
+    conf = calibrator(other_evidence)
+    column = EVIDENCE.index("familiarity")
+    fam_dev, fam_other = dev_evidence[:, column], other_evidence[:, column]
+    return {
+        "pictures": f"{len(other.ids)} pictures of {unfamiliar}",
+        "mean_confidence": round(float(conf.mean()), 3),
+        "set_aside_share": round(float((conf < threshold).mean()), 3),
+        "familiarity_auroc_vs_dev": round(auroc(np.concatenate([fam_other, fam_dev]),
+                                                np.r_[np.ones(len(fam_other)), np.zeros(len(fam_dev))]), 3),
+        "set_aside_at": {str(p): round(float((conf < p).mean()), 3) for p in grid},
+        "examples": [{"id": i, "caption": c.text, "confidence": round(float(p), 3)}
+                     for i, c, p in list(zip(other.ids, other_captions, conf))[:5]],
+    }
 
 
 def format_report(report: dict[str, Any]) -> str:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 import random
 import time
 from pathlib import Path
@@ -35,7 +36,7 @@ import torch
 
 from batchcap import __version__
 from batchcap.config import BeamConfig, DecoderConfig, RuntimeConfig, TrainConfig, to_dict
-from batchcap.data.captions.records import CaptionDataset
+from batchcap.data.captions.records import CaptionDataset, CaptionRecord
 from batchcap.encode.exit_flow import (
     TRUNK_LAYER,
     ExitFlowError,
@@ -113,11 +114,87 @@ def train(cfg: TrainConfig, dataset: CaptionDataset, choice: EncoderChoice, deco
     random.seed(cfg.seed)
     out = Path(cfg.out)
     train_records = dataset.splits.get("train", [])
-    val_records = dataset.splits.get("val", [])
     if not train_records:
         raise TrainingError("the dataset has no training images")
+    _refuse_conflicting_options(cfg)
+    start_model = load_start_model(cfg, choice)
+    vocab = _vocabulary(cfg, start_model, train_records, log)
+    data = _training_data(cfg, dataset, choice, runtime, vocab, start_model, log)
+    train_split, val_split, source = data.train, data.val, data.source
+    # Trunk activations are not the model's features: an exit-flow model gets familiarity from calibrate.
+    trust = ending_and_familiarity(train_split.records, train_split.image_ids,
+                                   torch.empty(0) if cfg.finetune_exit_flow else train_split.features,
+                                   runtime.precision)
+    log(f"train: {len(train_split.image_ids)} images, {train_split.captions.shape[0]} captions; "
+        f"val: {len(val_split.image_ids)} images")
+    dcfg = _decoder_config(cfg, start_model, len(vocab), data.feature_dim, decoder_cfg)
+    # Seeded again here: building an encoder to fill a missing feature cache draws from the global
+    # generator, and the same --seed must give the same model whether the cache was there or not.
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    decoder = (CaptionDecoder(dcfg) if start_model is None else start_model.build_decoder()).to(runtime.device)
+    trained, optimizer = _optimizer(cfg, decoder, source)
+    total_steps = math.ceil(len(train_split.image_ids) / cfg.batch_size) * cfg.epochs
+    checkpoint = out.with_name(out.name + ".ckpt")
+    log_path = out.with_name(out.name + ".log.jsonl")
+    loop = {"epoch": 0, "step": 0, "best": None, "best_epoch": None, "bad_epochs": 0, "history": []}
+    if cfg.resume and checkpoint.exists():
+        loop = load_checkpoint(checkpoint, trained, optimizer)
+        log(f"resumed from {checkpoint} after epoch {loop['epoch']}")
+    elif cfg.pretrain_captions:  # before the first epoch only: a checkpoint holds the pretrained decoder
+        try:
+            loop["pretrain"] = pretrain_for_training(cfg, decoder, dataset, vocab, runtime, log)
+        except PretrainError as exc:
+            raise TrainingError(f"--pretrain-captions: {exc}") from exc
+    val_beam = BeamConfig(beam_size=cfg.val_beam_size, max_len=cfg.max_caption_len)
+    best_model: CaptionModel | None = None
+    rewarder = None
+    if cfg.self_critical:
+        rewarder = CaptionReward([[normalize_caption(c) for c in train_split.references[i]]
+                                  for i in train_split.image_ids], vocab)
+    stepper = TrainStep(decoder, trained, optimizer, cfg, runtime, vocab, train_split, total_steps, rewarder)
+    if use_tf32(runtime.device):
+        log("fp32 matmuls use TF32 (Ampere or later GPU)")
+
+    for epoch in range(loop["epoch"] + 1, cfg.epochs + 1):
+        started = time.time()
+        totals = _run_epoch(epoch, cfg, decoder, stepper, source, train_split, loop, total_steps,
+                            self_critical=rewarder is not None, runtime=runtime, log=log)
+        train_loss = totals.mean_loss()  # waits for the epoch's last steps, so the time below is theirs
+        train_time = time.time() - started
+        scores = validate(decoder, val_split, source.val_features(val_split), vocab, val_beam)
+        record = {"epoch": epoch, "step": loop["step"], "train_loss": train_loss,
+                  "train_seconds": round(train_time, 1), "val": scores, "time": time.time()}
+        if rewarder is not None:
+            record["train_reward"] = totals.mean_reward(cfg.samples_per_image)
+        loop["history"].append({k: v for k, v in record.items() if k != "time"})
+        with open(log_path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record) + "\n")
+        log(f"epoch {epoch}: loss {record['train_loss']:.3f}, val BLEU-4 {scores['BLEU-4']:.3f}, "
+            f"CIDEr {scores['CIDEr']:.3f}, e.g. {scores['examples'][0][1]!r}")
+        if loop["best"] is None or scores["CIDEr"] > loop["best"]:
+            loop["best"], loop["best_epoch"], loop["bad_epochs"] = scores["CIDEr"], epoch, 0
+            best_model = _model_file(cfg, choice, dcfg, vocab, decoder, dataset, data.failures, loop, scores,
+                                     encoder=source.trainable, start_model=start_model)
+            best_model.unendable_words, best_model.ending_rule, best_model.familiarity, best_model.neighbours = trust
+            save_model(best_model, out, half=bool(cfg.extra.get("half", False)))
+            log(f"saved {out} (best so far)")
+        else:
+            loop["bad_epochs"] += 1
+        loop["epoch"] = epoch
+        save_checkpoint(checkpoint, trained, optimizer, loop)
+        if loop["bad_epochs"] >= cfg.patience:
+            log(f"stopping: no CIDEr improvement for {cfg.patience} epochs")
+            break
+    if best_model is None:
+        best_model = load_model(out)
+    return best_model
+
+
+def _refuse_conflicting_options(cfg: TrainConfig) -> None:
+    """Options that cannot go together, and a bad memory budget, refused before minutes of extraction."""
     try:
-        feature_memory_budget()  # a bad BATCHCAP_FEATURE_MEMORY_GIB is refused before minutes of extraction
+        feature_memory_budget()
     except ValueError as exc:
         raise TrainingError(str(exc)) from exc
     if cfg.finetune_encoder and cfg.finetune_exit_flow:
@@ -126,21 +203,42 @@ def train(cfg: TrainConfig, dataset: CaptionDataset, choice: EncoderChoice, deco
     if cfg.pretrain_captions and cfg.init_model:
         raise TrainingError("--pretrain-captions pretrains a fresh decoder; --init-model already gives one: "
                             "leave one of them out")
-    start_model = load_start_model(cfg, choice)
+
+
+def _vocabulary(cfg: TrainConfig, start_model: CaptionModel | None, train_records: list[CaptionRecord],
+                log: Log) -> Vocabulary:
+    """The start model's vocabulary, or one built from the training captions."""
     if start_model is not None:
-        vocab = start_model.vocab
-        log(f"starting from {cfg.init_model}: its decoder and vocabulary ({len(vocab)} words)")
-    else:
-        vocab = Vocabulary.build((normalize_caption(c) for r in train_records for c in r.captions),
-                                 min_count=cfg.min_word_count)
-        log(f"vocabulary: {len(vocab)} words (min count {cfg.min_word_count})")
+        log(f"starting from {cfg.init_model}: its decoder and vocabulary ({len(start_model.vocab)} words)")
+        return start_model.vocab
+    vocab = Vocabulary.build((normalize_caption(c) for r in train_records for c in r.captions),
+                             min_count=cfg.min_word_count)
+    log(f"vocabulary: {len(vocab)} words (min count {cfg.min_word_count})")
+    return vocab
+
+
+@dataclass
+class _TrainingData:
+    """The splits a run trains and selects on, and where a step's features come from."""
+
+    train: Split
+    val: Split
+    source: CachedFeatures | FinetunedEncoder | CachedTrunk
+    feature_dim: int
+    failures: dict[str, str]
+
+
+def _training_data(cfg: TrainConfig, dataset: CaptionDataset, choice: EncoderChoice, runtime: RuntimeConfig,
+                   vocab: Vocabulary, start_model: CaptionModel | None, log: Log) -> _TrainingData:
+    """Features for the whole network fine-tuned, for the exit flow fine-tuned, or cached for a frozen encoder."""
     failures: dict[str, str] = {}
+    source: CachedFeatures | FinetunedEncoder | CachedTrunk
     if cfg.finetune_encoder:
-        train_split = build_split(train_records, None, vocab, cfg.max_caption_len)
-        val_split = build_split(val_records, None, vocab, cfg.max_caption_len, limit=cfg.val_images)
+        train_split = build_split(dataset.splits.get("train", []), None, vocab, cfg.max_caption_len)
+        val_split = build_split(dataset.splits.get("val", []), None, vocab, cfg.max_caption_len,
+                                limit=cfg.val_images)
         backbone = build_backbone(choice.config, choice.source)
-        source: CachedFeatures | FinetunedEncoder | CachedTrunk = FinetunedEncoder(
-            backbone, choice.preprocess, train_split.records, runtime, cfg.augment)
+        source = FinetunedEncoder(backbone, choice.preprocess, train_split.records, runtime, cfg.augment)
         feature_dim = int(backbone.num_features)
     elif cfg.finetune_exit_flow:
         try:
@@ -168,104 +266,54 @@ def train(cfg: TrainConfig, dataset: CaptionDataset, choice: EncoderChoice, deco
         feature_dim = int(train_split.features.shape[-1])
     if not val_split.image_ids:
         raise TrainingError("the dataset has no usable validation images: model selection needs a val split")
+    return _TrainingData(train_split, val_split, source, feature_dim, failures)
 
-    # Trunk activations are not the model's features: an exit-flow model gets familiarity from calibrate.
-    trust = ending_and_familiarity(train_split.records, train_split.image_ids,
-                                   torch.empty(0) if cfg.finetune_exit_flow else train_split.features,
-                                   runtime.precision)
-    log(f"train: {len(train_split.image_ids)} images, {train_split.captions.shape[0]} captions; "
-        f"val: {len(val_split.image_ids)} images")
 
-    dcfg = DecoderConfig(vocab_size=len(vocab), feature_dim=feature_dim, **decoder_cfg)
-    if start_model is not None:
-        dcfg = start_model.decoder
-        if dcfg.feature_dim != feature_dim:
-            raise TrainingError(f"{cfg.init_model} expects {dcfg.feature_dim}-dim features; the encoder gives "
-                                f"{feature_dim}")
-    # Seeded again here: building an encoder to fill a missing feature cache draws from the global
-    # generator, and the same --seed must give the same model whether the cache was there or not.
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-    decoder = (CaptionDecoder(dcfg) if start_model is None else start_model.build_decoder()).to(runtime.device)
+def _decoder_config(cfg: TrainConfig, start_model: CaptionModel | None, vocab_size: int, feature_dim: int,
+                    decoder_cfg: dict[str, Any]) -> DecoderConfig:
+    """The start model's decoder shape (which must fit the features), or a new one from the options."""
+    if start_model is None:
+        return DecoderConfig(vocab_size=vocab_size, feature_dim=feature_dim, **decoder_cfg)
+    if start_model.decoder.feature_dim != feature_dim:
+        raise TrainingError(f"{cfg.init_model} expects {start_model.decoder.feature_dim}-dim features; the "
+                            f"encoder gives {feature_dim}")
+    return start_model.decoder
+
+
+def _optimizer(cfg: TrainConfig, decoder: torch.nn.Module, source: Any
+               ) -> tuple[torch.nn.ModuleDict, torch.optim.Optimizer]:
+    """What is trained (the decoder, and a fine-tuned encoder part at its own rate) and its AdamW."""
     groups = [{"params": list(decoder.parameters()), "lr": cfg.lr, "base_lr": cfg.lr}]
     trained = torch.nn.ModuleDict({"decoder": decoder})
     if source.trainable is not None:
         groups.append({"params": list(source.trainable.parameters()), "lr": cfg.encoder_lr,
                        "base_lr": cfg.encoder_lr})
         trained["encoder"] = source.trainable
-    optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
-    steps_per_epoch = math.ceil(len(train_split.image_ids) / cfg.batch_size)
-    total_steps = steps_per_epoch * cfg.epochs
-    checkpoint = out.with_name(out.name + ".ckpt")
-    log_path = out.with_name(out.name + ".log.jsonl")
-    loop = {"epoch": 0, "step": 0, "best": None, "best_epoch": None, "bad_epochs": 0, "history": []}
-    if cfg.resume and checkpoint.exists():
-        loop = load_checkpoint(checkpoint, trained, optimizer)
-        log(f"resumed from {checkpoint} after epoch {loop['epoch']}")
-    elif cfg.pretrain_captions:  # before the first epoch only: a checkpoint holds the pretrained decoder
+    return trained, torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
 
-        try:
-            loop["pretrain"] = pretrain_for_training(cfg, decoder, dataset, vocab, runtime, log)
-        except PretrainError as exc:
-            raise TrainingError(f"--pretrain-captions: {exc}") from exc
-    val_beam = BeamConfig(beam_size=cfg.val_beam_size, max_len=cfg.max_caption_len)
-    best_model: CaptionModel | None = None
-    rewarder = None
-    if cfg.self_critical:
-        rewarder = CaptionReward([[normalize_caption(c) for c in train_split.references[i]]
-                                  for i in train_split.image_ids], vocab)
-    stepper = TrainStep(decoder, trained, optimizer, cfg, runtime, vocab, train_split, total_steps, rewarder)
-    if use_tf32(runtime.device):
-        log("fp32 matmuls use TF32 (Ampere or later GPU)")
 
-    for epoch in range(loop["epoch"] + 1, cfg.epochs + 1):
-        # Self-critical samples come from the policy that captions at run time (no dropout):
-        # measured on Flickr8k dev, it learns faster than sampling through dropout.
-        decoder.train(rewarder is None)
-        generator = torch.Generator().manual_seed(cfg.seed + epoch)
-        order = torch.randperm(len(train_split.image_ids), generator=generator).tolist()
-        started = time.time()
-        totals = StepTotals.zeros(runtime.device)
-        batches = [[i for i in order[start:start + cfg.batch_size] if stepper.per_image[i]]
-                   for start in range(0, len(order), cfg.batch_size)]
-        for images, feats in source.epoch([b for b in batches if b], generator):
-            totals.add(stepper(loop["step"], images, feats, generator), len(images))
-            loop["step"] += 1
-            if loop["step"] % 50 == 0:  # the only time a step's numbers come back to the host
-                progress = (f"reward {totals.mean_reward(cfg.samples_per_image):.3f}" if rewarder
-                            else f"loss {totals.mean_loss():.3f}")
-                log(f"epoch {epoch} step {loop['step']}/{total_steps} {progress} "
-                    f"({totals.images / (time.time() - started):.0f} img/s)")
-        train_loss = totals.mean_loss()  # waits for the epoch's last steps, so the time below is theirs
-        train_time = time.time() - started
-        scores = validate(decoder, val_split, source.val_features(val_split), vocab, val_beam)
-        record = {"epoch": epoch, "step": loop["step"], "train_loss": train_loss,
-                  "train_seconds": round(train_time, 1), "val": scores, "time": time.time()}
-        if rewarder is not None:
-            record["train_reward"] = totals.mean_reward(cfg.samples_per_image)
-        loop["history"].append({k: v for k, v in record.items() if k != "time"})
-        with open(log_path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(record) + "\n")
-        log(f"epoch {epoch}: loss {record['train_loss']:.3f}, val BLEU-4 {scores['BLEU-4']:.3f}, "
-            f"CIDEr {scores['CIDEr']:.3f}, e.g. {scores['examples'][0][1]!r}")
-        improved = loop["best"] is None or scores["CIDEr"] > loop["best"]
-        if improved:
-            loop["best"], loop["best_epoch"], loop["bad_epochs"] = scores["CIDEr"], epoch, 0
-            best_model = _model_file(cfg, choice, dcfg, vocab, decoder, dataset, failures, loop, scores,
-                                     encoder=source.trainable, start_model=start_model)
-            best_model.unendable_words, best_model.ending_rule, best_model.familiarity, best_model.neighbours = trust
-            save_model(best_model, out, half=bool(cfg.extra.get("half", False)))
-            log(f"saved {out} (best so far)")
-        else:
-            loop["bad_epochs"] += 1
-        loop["epoch"] = epoch
-        save_checkpoint(checkpoint, trained, optimizer, loop)
-        if loop["bad_epochs"] >= cfg.patience:
-            log(f"stopping: no CIDEr improvement for {cfg.patience} epochs")
-            break
-    if best_model is None:
-        best_model = load_model(out)
-    return best_model
+def _run_epoch(epoch: int, cfg: TrainConfig, decoder: torch.nn.Module, stepper: TrainStep, source: Any,
+               train_split: Split, loop: dict[str, Any], total_steps: int, *, self_critical: bool,
+               runtime: RuntimeConfig, log: Log) -> StepTotals:
+    """One pass over the training images in a seeded order; ``loop["step"]`` counts on."""
+    # Self-critical samples come from the policy that captions at run time (no dropout):
+    # measured on Flickr8k dev, it learns faster than sampling through dropout.
+    decoder.train(not self_critical)
+    generator = torch.Generator().manual_seed(cfg.seed + epoch)
+    order = torch.randperm(len(train_split.image_ids), generator=generator).tolist()
+    started = time.time()
+    totals = StepTotals.zeros(runtime.device)
+    batches = [[i for i in order[start:start + cfg.batch_size] if stepper.per_image[i]]
+               for start in range(0, len(order), cfg.batch_size)]
+    for images, feats in source.epoch([b for b in batches if b], generator):
+        totals.add(stepper(loop["step"], images, feats, generator), len(images))
+        loop["step"] += 1
+        if loop["step"] % 50 == 0:  # the only time a step's numbers come back to the host
+            progress = (f"reward {totals.mean_reward(cfg.samples_per_image):.3f}" if self_critical
+                        else f"loss {totals.mean_loss():.3f}")
+            log(f"epoch {epoch} step {loop['step']}/{total_steps} {progress} "
+                f"({totals.images / (time.time() - started):.0f} img/s)")
+    return totals
 
 
 def load_start_model(cfg: TrainConfig, choice: EncoderChoice) -> CaptionModel | None:

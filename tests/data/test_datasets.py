@@ -398,3 +398,29 @@ def test_json_detected_by_content_and_wds_split_folders(tmp_path: Path) -> None:
     ds = load_caption_dataset(tmp_path / "wds", "wds")
     assert [len(ds.splits[s]) for s in ("train", "val", "test")] == [3, 0, 2]
     assert ds.splits["test"][0].image_id == "test/shard-000.tar/s0003"  # repeated names: path kept
+
+
+def test_every_picture_extension_run_reads_is_a_training_picture(tmp_path: Path) -> None:
+    """A .bmp or .tif photo in a caption dataset is used, as ``run`` would caption it (one extension list)."""
+    from batchcap.data.extensions import IMAGE_EXTENSIONS
+    from batchcap.training.calibrate import folder_items
+
+    root = tmp_path / "f8k"
+    text = root / "Flickr8k_text"
+    text.mkdir(parents=True)
+    names = ["a0.bmp", "a1.tif", "a2.jpg", "a3.tiff"]
+    (text / "Flickr8k.token.txt").write_text("".join(f"{n}#0\ta photo of {n}\n" for n in names))
+    (text / "Flickr_8k.trainImages.txt").write_text("\n".join(names) + "\n")
+    (text / "Flickr_8k.devImages.txt").write_text("")
+    (text / "Flickr_8k.testImages.txt").write_text("")
+    photos = root / "Flicker8k_Dataset"
+    photos.mkdir()
+    for name in names:
+        Image.new("RGB", (8, 6), (10, 200, 30)).save(photos / name)
+    (photos / "notes.txt").write_text("not a picture")
+    ds = load_caption_dataset(root)
+    assert [r.image_id for r in ds.splits["train"]] == names
+    assert not any("bogus" in n for n in ds.notes)
+    assert [read_image_bytes(r)[:2] for r in ds.splits["train"]][:2] == [b"BM", b"II"]
+    assert [name for name, _ in folder_items(photos)] == sorted(names)  # calibrate's unfamiliar folder
+    assert {".bmp", ".tif", ".tiff"} <= IMAGE_EXTENSIONS
