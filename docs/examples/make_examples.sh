@@ -7,6 +7,8 @@
 #   PHOTOS    a folder of pictures (the project used the 94 Flickr8k sample photos)
 #   WORK_DIR  where the run's output and the HTML page go (default: a new temporary folder);
 #             nothing from it is committed except the two files above
+# Run it inside batchcap's virtual environment (it needs pyarrow and Pillow, which batchcap installs)
+# and with chromium installed (apt-get install chromium).
 # Environment: BATCHCAP (default: `python -m batchcap`), CHROMIUM (default: chromium),
 #              ROWS (rows in the table, default 6).
 set -euo pipefail
