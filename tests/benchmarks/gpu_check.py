@@ -46,7 +46,7 @@ import xml.etree.ElementTree as ET
 import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 #: What batchcap needs beyond the GPU machine's packages, and what runs its tests.
@@ -299,7 +299,7 @@ class Check:
             start = time.monotonic()
             try:
                 step.status = getattr(self, "step_" + step.name.replace("-", "_"))(step, limit)
-            except Exception:  # a bug in this script's step: recorded, and the next step still runs
+            except Exception:  # noqa: BLE001 -- a bug in this script's step: recorded, and the next step still runs
                 step.status = "failed: error in gpu_check"
                 step.detail = traceback.format_exc()[-2000:]
             step.seconds = round(time.monotonic() - start, 1)
@@ -336,8 +336,8 @@ class Check:
         pip = [sys.executable, "-m", "pip", "install", "--no-input", "--disable-pip-version-check"]
         proc = run_cmd([*pip, "--no-deps", "--no-build-isolation", "-e", "."], end - time.monotonic(), self.env)
         step.figures["editable_install"] = "ok" if proc.rc == 0 else "failed"
-        notes = [] if proc.rc == 0 else [f"pip install -e . exited {proc.rc} (batchcap still runs from the "
-                                         f"repository through PYTHONPATH): {proc.tail(600)}"]
+        notes = [] if proc.rc == 0 else [(f"pip install -e . exited {proc.rc} (batchcap still runs from the "
+                                          f"repository through PYTHONPATH): {proc.tail(600)}")]
         if self.args.wheels:
             files = sorted(str(p) for p in Path(self.args.wheels).iterdir() if p.suffix == ".whl")
             proc = run_cmd([*pip, "--no-index", "--find-links", str(self.args.wheels), "--no-deps", *files],
@@ -557,11 +557,11 @@ class Check:
         """One table: step, status, seconds, the figures that matter."""
         env = self.environment
         lines = [f"# batchcap GPU check: {env.get('device_name', '?')}", "",
-                 f"torch {env.get('torch')} (CUDA {env.get('cuda')}, cuDNN {env.get('cudnn')}), torchvision "
+                 (f"torch {env.get('torch')} (CUDA {env.get('cuda')}, cuDNN {env.get('cudnn')}), torchvision "
                  f"{env.get('torchvision')}, timm {env.get('timm')}, Python {env.get('python')}; "
                  f"device `{self.args.device}`, {env.get('gpu_memory_gib') or '-'} GiB, compute capability "
                  f"{env.get('compute_capability') or '-'}; {env.get('cpu_count')} CPUs; java: "
-                 f"{'yes' if env.get('java') else 'no'}. {elapsed:.0f} s of a {self.args.budget:.0f} s budget.", "",
+                 f"{'yes' if env.get('java') else 'no'}. {elapsed:.0f} s of a {self.args.budget:.0f} s budget."), "",
                  "| step | status | seconds | key figures |", "|---|---|---:|---|"]
         for s in self.steps:
             lines.append(f"| {s.name} | {s.status} | {s.seconds:.1f} | {key_figures(s)} |")
