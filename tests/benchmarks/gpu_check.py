@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -267,6 +268,14 @@ class Check:
             Step("train", 90, 30),
             Step("eval", 60, 15),
         ]
+        if args.only:
+            unknown = set(args.only) - {s.name for s in self.steps}
+            if unknown:
+                raise SystemExit(f"--only: no step {', '.join(sorted(unknown))} "
+                                 f"(steps: {', '.join(s.name for s in self.steps)})")
+            for s in self.steps:
+                if s.name not in args.only and s.status == "not run":
+                    s.status = "skipped: not in --only"
 
     # -- plumbing
     def batchcap(self, *args: str) -> list[str]:
@@ -457,6 +466,9 @@ class Check:
         step.figures.update({"rows": len(ids), "statuses": statuses, "duplicates": duplicates,
                              "missing": len(missing), "unexpected": len(extra_ids)})
         summary = [line for line in proc.stderr.splitlines() + proc.stdout.splitlines() if ":" in line][-12:]
+        said = re.search(r"images in [\d.]+s \(([\d.,]+) images/s\)", proc.stderr + proc.stdout)
+        if said:  # batchcap's own rate: from its start of captioning, without Python's and torch's start-up
+            step.figures["batchcap_images_per_s"] = float(said.group(1).replace(",", ""))
         step.detail = "\n".join(summary)
         if duplicates or missing or extra_ids:
             step.detail = f"missing e.g. {sorted(missing)[:3]}, unexpected e.g. {sorted(extra_ids)[:3]}\n" + step.detail
@@ -583,7 +595,9 @@ def key_figures(step: Step) -> str:
                 f" img/s/process; beam {f['beam_captions_per_s']:,.0f} captions/s; suggested batch "
                 f"{f['suggested'].get('batch_size')} workers {f['suggested'].get('workers')}")
     if step.name.startswith("run") and "images_per_s" in f:
-        text = f"{f['images']} images, {f['images_per_s']:,.1f} img/s (whole command)"
+        text = f"{f['images']} images, {f['images_per_s']:,.1f} img/s whole command"
+        if f.get("batchcap_images_per_s"):
+            text += f" ({f['batchcap_images_per_s']:,.1f} by batchcap's summary)"
         if "rows" in f:
             text += f"; {f['rows']} rows, {f['duplicates']} duplicates, {f['missing']} missing, statuses {f['statuses']}"
         return text
@@ -623,6 +637,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--train-encoder", default="legacy_xception",
                         help="timm encoder to train with; other than legacy_xception gets random weights (rehearsal).")
     parser.add_argument("--train-input-size", type=int, default=None, help="train --input-size.")
+    parser.add_argument("--only", type=lambda v: [x.strip() for x in v.split(",") if x.strip()], default=None,
+                        metavar="STEP,..", help="Run only these steps (e.g. to rerun one that failed); "
+                        "steps whose inputs come from another (run needs prepare-inputs, eval needs train) need it too.")
     parser.add_argument("--work", type=Path, default=None, help="Scratch folder [default: a temporary one, removed].")
     parser.add_argument("--fill-wheels", type=Path, default=None, metavar="DIR",
                         help="Only download the wheels a bare GPU machine needs into DIR, and stop.")
