@@ -18,10 +18,11 @@ results are rewritten after every step, so a check killed from outside leaves wh
 
 Fill the wheel folder on a machine with an index (batchcap imports webdataset and
 braceexpand for shards and brace patterns, pycocoevalcap for train and eval; pytest,
-pluggy and iniconfig run the tests)::
+pluggy, iniconfig, packaging, pygments (and on Python 3.10 exceptiongroup and tomli) run the tests;
+setuptools and wheel build the editable install)::
 
     python tests/benchmarks/gpu_check.py --fill-wheels wheels            # pip download --no-deps ...
-    python tests/benchmarks/gpu_check.py --fill-wheels wheels --slim     # ~1 MB instead of ~100 MB
+    python tests/benchmarks/gpu_check.py --fill-wheels wheels --slim     # 2 MB instead of 106 MB
 
 then on the GPU machine, from the repository root::
 
@@ -51,7 +52,15 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 #: What batchcap needs beyond the GPU machine's packages, and what runs its tests.
-WHEELS = ("webdataset", "braceexpand", "pycocoevalcap", "pytest", "pluggy", "iniconfig")
+#: Installed by name, so a package the machine already has is left as it is; pytest's own needs come last.
+WHEELS = ("webdataset", "braceexpand", "pycocoevalcap", "pytest", "pluggy", "iniconfig", "packaging", "pygments")
+#: pytest's on Python 3.10 only; downloaded as pure-Python wheels whatever Python fills the folder.
+PY310_WHEELS = ("exceptiongroup", "tomli")
+#: What must import after the install step.
+IMPORTS = ("batchcap", "webdataset", "braceexpand", "pycocoevalcap.cider.cider", "pytest")
+#: What pyproject.toml's build needs (pip builds the editable install from them, offline): a venv's own
+#: setuptools may be too old (Python 3.11's 65.5 has no bdist_wheel without ``wheel``) or absent (3.12).
+BUILD_WHEELS = ("setuptools", "wheel")
 #: Java-only parts of pycocoevalcap (PTB tokenizer, METEOR, SPICE: 100 MB), left out by ``--slim``.
 JAVA_PARTS = ("pycocoevalcap/spice/", "pycocoevalcap/meteor/data/", "pycocoevalcap/meteor/meteor-1.5.jar",
               "pycocoevalcap/tokenizer/stanford-corenlp-3.4.1.jar")
@@ -208,8 +217,10 @@ def packaged_xception_weights() -> Path | None:
 def fill_wheels(folder: Path, slim: bool) -> None:
     """``pip download`` the wheels a bare GPU machine lacks; ``slim`` drops pycocoevalcap's Java parts."""
     folder.mkdir(parents=True, exist_ok=True)
-    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
-                    "-d", str(folder), *WHEELS], check=True)
+    download = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "-d", str(folder)]
+    subprocess.run([*download, *WHEELS, *BUILD_WHEELS], check=True)
+    subprocess.run([*download, "--python-version", "3.10", "--implementation", "py", "--abi", "none",
+                    "--platform", "any", *PY310_WHEELS], check=True)
     if slim:
         for wheel in folder.glob("pycocoevalcap-*.whl"):
             slim_wheel(wheel)
@@ -340,27 +351,42 @@ class Check:
 
     # -- steps: each returns its status and fills step.figures / step.detail
     def step_install(self, step: Step, limit: float) -> str:
-        """batchcap without dependencies (editable), then the wheels, then check the imports."""
+        """batchcap without dependencies (editable), then the wheels, then check the imports.
+
+        With ``--wheels`` pip builds batchcap in its usual isolated environment from the
+        folder's setuptools and wheel; without, from the ones installed here.
+        """
         end = time.monotonic() + limit
-        pip = [sys.executable, "-m", "pip", "install", "--no-input", "--disable-pip-version-check"]
-        proc = run_cmd([*pip, "--no-deps", "--no-build-isolation", "-e", "."], end - time.monotonic(), self.env)
+        pip = [sys.executable, "-m", "pip", "install", "--no-input", "--disable-pip-version-check", "--no-deps"]
+        wheels = self.args.wheels
+        offline = ["--no-index", "--find-links", str(wheels)] if wheels else ["--no-build-isolation"]
+        proc = run_cmd([*pip, *offline, "-e", "."], end - time.monotonic(), self.env)
         step.figures["editable_install"] = "ok" if proc.rc == 0 else "failed"
         notes = [] if proc.rc == 0 else [(f"pip install -e . exited {proc.rc} (batchcap still runs from the "
                                           f"repository through PYTHONPATH): {proc.tail(600)}")]
-        if self.args.wheels:
-            files = sorted(str(p) for p in Path(self.args.wheels).iterdir() if p.suffix == ".whl")
-            proc = run_cmd([*pip, "--no-index", "--find-links", str(self.args.wheels), "--no-deps", *files],
-                           end - time.monotonic(), self.env)
-            step.figures["wheels"] = len(files)
+        if wheels:
+            have = {p.name.split("-")[0].lower() for p in Path(wheels).glob("*.whl")}
+            wanted = WHEELS + (PY310_WHEELS if sys.version_info < (3, 11) else ())
+            names = [name for name in wanted if name in have]  # by name: the build wheels stay out of this env
+            proc = run_cmd([*pip, "--no-index", "--find-links", str(wheels), *names], end - time.monotonic(),
+                           self.env)
+            step.figures["wheels"] = names
             if proc.rc != 0:
                 notes.append(f"wheels: {failed(proc, 'pip install')}: {proc.tail(600)}")
-        probe = ("import importlib.util as u, json\n"
-                 f"print(json.dumps([m for m in {('batchcap',) + WHEELS[:3]!r} if u.find_spec(m) is None]))")
+        probe = ("import importlib, json\n"
+                 "def bad(m):\n"
+                 "    try:\n"
+                 "        importlib.import_module(m)\n"
+                 "    except Exception as e:\n"
+                 "        return f'{m} ({e.__class__.__name__}: {e})'\n"
+                 f"print(json.dumps([b for b in map(bad, {IMPORTS!r}) if b]))")
         proc = run_cmd([sys.executable, "-c", probe], max(5.0, end - time.monotonic()), self.env)
         missing = json.loads(proc.stdout.strip() or "null") if proc.rc == 0 else ["(probe failed)"]
         step.figures["missing"] = missing
         step.detail = "\n".join(notes)
-        return "ok" if not missing else f"failed: not importable: {', '.join(missing)}"
+        if missing:
+            return f"failed: not importable: {', '.join(missing)}"
+        return "ok" if not notes else "failed: " + "; ".join(n.split(":")[0] for n in notes)
 
     def step_cuda_tests(self, step: Step, limit: float) -> str:
         """``pytest -m cuda`` over the test files that have such tests (the others may need more packages)."""
