@@ -1,4 +1,5 @@
 """``python -m batchcap`` runs the same CLI as the ``batchcap`` command."""
+
 from batchcap.cli import main
 
 if __name__ == "__main__":

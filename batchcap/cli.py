@@ -5,14 +5,16 @@ library function. Option bundles shared between commands are decorators. User er
 (bad options, a missing source, a file that is not a model) become one-line messages
 with exit code 2; bugs stay tracebacks (exit 1), so the two are never confused.
 """
+
 from __future__ import annotations
 
 import functools
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import click
 
@@ -41,9 +43,21 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         from batchcap.training.feature_cache import FeatureSpaceError
         from batchcap.training.metrics import MetricsUnavailable
 
-        _USER_ERRORS = (ModelFileError, EncoderError, HardwareError, SourceError, DatasetError, MergeError, ReportError,
-                        TrainingError, AverageError, EnsembleError, MetricsUnavailable, OutputUnwritable,
-                        FeatureSpaceError)
+        _USER_ERRORS = (
+            ModelFileError,
+            EncoderError,
+            HardwareError,
+            SourceError,
+            DatasetError,
+            MergeError,
+            ReportError,
+            TrainingError,
+            AverageError,
+            EnsembleError,
+            MetricsUnavailable,
+            OutputUnwritable,
+            FeatureSpaceError,
+        )
     return _USER_ERRORS
 
 
@@ -94,96 +108,185 @@ def interruptible(func: F) -> F:
 # -- option bundles --------------------------------------------------------------------------
 def model_options(func: F) -> F:
     """--model and --encoder-weights: which model file, and where its encoder weights are."""
-    func = click.option("--encoder-weights", type=click.Path(dir_okay=False), envvar="BATCHCAP_ENCODER_WEIGHTS",
-                        default=None, show_envvar=True,
-                        help="Encoder weights (safetensors or weights-only torch file), when the model "
-                             "file neither embeds nor ships them.")(func)
-    func = click.option("--model", "model", type=click.Path(dir_okay=False), default=None,
-                        help="Model file (.safetensors from `batchcap train`). Default: the model shipped "
-                             "with batchcap.")(func)
+    func = click.option(
+        "--encoder-weights",
+        type=click.Path(dir_okay=False),
+        envvar="BATCHCAP_ENCODER_WEIGHTS",
+        default=None,
+        show_envvar=True,
+        help="Encoder weights (safetensors or weights-only torch file), when the model "
+        "file neither embeds nor ships them.",
+    )(func)
+    func = click.option(
+        "--model",
+        "model",
+        type=click.Path(dir_okay=False),
+        default=None,
+        help="Model file (.safetensors from `batchcap train`). Default: the model shipped with batchcap.",
+    )(func)
     return func
 
 
 def runtime_options(func: F) -> F:
     """--device, --precision, --batch-size, --workers: how the tensors are computed."""
-    func = click.option("--workers", default="auto", show_default=True,
-                        help="Decoding worker processes (a number, or auto).")(func)
-    func = click.option("--batch-size", type=click.IntRange(1, 65536), default=None,
-                        help="Images per encoder batch [default: 16 on CPU, where it measured fastest; "
-                             "256 on CUDA].")(func)
-    func = click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16", "int8"]), default="auto",
-                        show_default=True,
-                        help="auto: bf16 on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX), else fp32. "
-                             "int8: OpenVINO backend only.")(func)
+    func = click.option(
+        "--workers", default="auto", show_default=True, help="Decoding worker processes (a number, or auto)."
+    )(func)
+    func = click.option(
+        "--batch-size",
+        type=click.IntRange(1, 65536),
+        default=None,
+        help="Images per encoder batch [default: 16 on CPU, where it measured fastest; 256 on CUDA].",
+    )(func)
+    func = click.option(
+        "--precision",
+        type=click.Choice(["auto", "fp32", "bf16", "fp16", "int8"]),
+        default="auto",
+        show_default=True,
+        help="auto: bf16 on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX), else fp32. "
+        "int8: OpenVINO backend only.",
+    )(func)
     func = click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")(func)
     return func
 
 
 def backend_options(func: F) -> F:
     """--backend and --encoder-cache: which engine runs the encoder, and where converted encoders are kept."""
-    func = click.option("--encoder-cache", type=click.Path(file_okay=False), envvar="BATCHCAP_ENCODER_CACHE",
-                        default=None, show_envvar=True,
-                        help="Folder of converted (OpenVINO) encoders, shared safely by concurrent jobs "
-                             "[default: $XDG_CACHE_HOME/batchcap, else ~/.cache/batchcap].")(func)
-    func = click.option("--backend", type=click.Choice(["auto", "torch", "openvino"]), default="auto",
-                        show_default=True,
-                        help="Encoder engine. auto: OpenVINO on CPU when installed (falls back to torch, and "
-                             "says so), torch on CUDA.")(func)
+    func = click.option(
+        "--encoder-cache",
+        type=click.Path(file_okay=False),
+        envvar="BATCHCAP_ENCODER_CACHE",
+        default=None,
+        show_envvar=True,
+        help="Folder of converted (OpenVINO) encoders, shared safely by concurrent jobs "
+        "[default: $XDG_CACHE_HOME/batchcap, else ~/.cache/batchcap].",
+    )(func)
+    func = click.option(
+        "--backend",
+        type=click.Choice(["auto", "torch", "openvino"]),
+        default="auto",
+        show_default=True,
+        help="Encoder engine. auto: OpenVINO on CPU when installed (falls back to torch, and says so), torch on CUDA.",
+    )(func)
     return func
 
 
 def beam_options(func: F) -> F:
     """Caption search settings, shared by run, eval and bench."""
-    func = click.option("--n-best", type=click.IntRange(1), default=1, show_default=True,
-                        help="Captions returned per image (with scores); at most --beam.")(func)
-    func = click.option("--no-repeat-ngram", type=click.IntRange(0), default=0, show_default=True,
-                        help="Forbid repeating any n-gram of this size (0: off).")(func)
-    func = click.option("--length-penalty", type=float, default=0.0, show_default=True,
-                        help="ALPHA in score = log p / length**ALPHA (0: raw log-probability).")(func)
-    func = click.option("--min-len", type=click.IntRange(0), default=1, show_default=True,
-                        help="Fewest words before <end> is allowed.")(func)
-    func = click.option("--max-len", type=click.IntRange(1), default=None,
-                        help="Most words per caption. Default: the model's maximum.")(func)
-    func = click.option("--beam", type=click.IntRange(1), default=3, show_default=True,
-                        help="Beam width (1 = greedy).")(func)
+    func = click.option(
+        "--n-best",
+        type=click.IntRange(1),
+        default=1,
+        show_default=True,
+        help="Captions returned per image (with scores); at most --beam.",
+    )(func)
+    func = click.option(
+        "--no-repeat-ngram",
+        type=click.IntRange(0),
+        default=0,
+        show_default=True,
+        help="Forbid repeating any n-gram of this size (0: off).",
+    )(func)
+    func = click.option(
+        "--length-penalty",
+        type=float,
+        default=0.0,
+        show_default=True,
+        help="ALPHA in score = log p / length**ALPHA (0: raw log-probability).",
+    )(func)
+    func = click.option(
+        "--min-len", type=click.IntRange(0), default=1, show_default=True, help="Fewest words before <end> is allowed."
+    )(func)
+    func = click.option(
+        "--max-len", type=click.IntRange(1), default=None, help="Most words per caption. Default: the model's maximum."
+    )(func)
+    func = click.option(
+        "--beam", type=click.IntRange(1), default=3, show_default=True, help="Beam width (1 = greedy)."
+    )(func)
     return func
 
 
 def input_options(func: F) -> F:
     """How inputs are found and decoded."""
-    func = click.option("--image-key", "image_keys", default="jpg,jpeg,png,webp", show_default=True,
-                        help="WebDataset: extensions to take the image from, first present wins.")(func)
-    func = click.option("--decode-on-device", is_flag=True,
-                        help="Decode JPEGs on the CUDA device (nvJPEG), Pillow for the rest and as fallback; "
-                             "for GPU nodes short of CPU cores.")(func)
+    func = click.option(
+        "--image-key",
+        "image_keys",
+        default="jpg,jpeg,png,webp",
+        show_default=True,
+        help="WebDataset: extensions to take the image from, first present wins.",
+    )(func)
+    func = click.option(
+        "--decode-on-device",
+        is_flag=True,
+        help="Decode JPEGs on the CUDA device (nvJPEG), Pillow for the rest and as fallback; "
+        "for GPU nodes short of CPU cores.",
+    )(func)
     func = click.option("--no-draft", is_flag=True, help="Decode large JPEGs at full size (slower).")(func)
-    func = click.option("--background", default="255,255,255", show_default=True,
-                        help="R,G,B composited under transparent pixels.")(func)
-    func = click.option("--max-pixels", type=click.IntRange(1), default=89_478_485, show_default=True,
-                        help="Refuse pictures larger than this (checked from the header).")(func)
-    func = click.option("--shard", default=None,
-                        help="I/N: caption only shard I of N, chosen by a hash of the picture id (of the tar name for shards); default: SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT when set.")(func)
-    func = click.option("--files-from", type=click.Path(allow_dash=True), default=None,
-                        help="Read input paths from FILE, one per line ('-' for stdin).")(func)
+    func = click.option(
+        "--background", default="255,255,255", show_default=True, help="R,G,B composited under transparent pixels."
+    )(func)
+    func = click.option(
+        "--max-pixels",
+        type=click.IntRange(1),
+        default=89_478_485,
+        show_default=True,
+        help="Refuse pictures larger than this (checked from the header).",
+    )(func)
+    func = click.option(
+        "--shard",
+        default=None,
+        help="I/N: caption only shard I of N, chosen by a hash of the picture id (of the tar name for shards); "
+        "default: SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT when set.",
+    )(func)
+    func = click.option(
+        "--files-from",
+        type=click.Path(allow_dash=True),
+        default=None,
+        help="Read input paths from FILE, one per line ('-' for stdin).",
+    )(func)
     return func
 
 
 def output_options(func: F) -> F:
     """Where the captions go and how progress is committed."""
-    func = click.option("--log-every", type=float, default=30.0, show_default=True,
-                        help="Seconds between progress lines when not on a terminal.")(func)
-    func = click.option("--max-failures", default="0.5", show_default=True,
-                        help="Exit non-zero when failed inputs exceed this count (10) or fraction (0.05, 5%).")(func)
-    func = click.option("--commit-seconds", type=click.FloatRange(min=0, min_open=True), default=60.0,
-                        show_default=True,
-                        help="Also commit once the oldest uncommitted row is this old (slow runs).")(func)
-    func = click.option("--commit-every", type=click.IntRange(1), default=512, show_default=True,
-                        help="Rows per committed part; a kill loses at most this many.")(func)
+    func = click.option(
+        "--log-every",
+        type=float,
+        default=30.0,
+        show_default=True,
+        help="Seconds between progress lines when not on a terminal.",
+    )(func)
+    func = click.option(
+        "--max-failures",
+        default="0.5",
+        show_default=True,
+        help="Exit non-zero when failed inputs exceed this count (10) or fraction (0.05, 5%).",
+    )(func)
+    func = click.option(
+        "--commit-seconds",
+        type=click.FloatRange(min=0, min_open=True),
+        default=60.0,
+        show_default=True,
+        help="Also commit once the oldest uncommitted row is this old (slow runs).",
+    )(func)
+    func = click.option(
+        "--commit-every",
+        type=click.IntRange(1),
+        default=512,
+        show_default=True,
+        help="Rows per committed part; a kill loses at most this many.",
+    )(func)
     func = click.option("--overwrite", is_flag=True, help="Start over instead of resuming.")(func)
-    func = click.option("--format", "fmt", type=click.Choice(["parquet", "jsonl"]), default=None,
-                        help="Output format. Default: from the --out suffix.")(func)
-    func = click.option("--out", "-o", required=True, type=click.Path(dir_okay=False),
-                        help="Output file (.parquet or .jsonl).")(func)
+    func = click.option(
+        "--format",
+        "fmt",
+        type=click.Choice(["parquet", "jsonl"]),
+        default=None,
+        help="Output format. Default: from the --out suffix.",
+    )(func)
+    func = click.option(
+        "--out", "-o", required=True, type=click.Path(dir_okay=False), help="Output file (.parquet or .jsonl)."
+    )(func)
     return func
 
 
@@ -204,21 +307,51 @@ def cli() -> None:
 @click.argument("sources", nargs=-1)
 @input_options
 @output_options
-@click.option("--min-confidence", type=click.FloatRange(0.0, 1.0), default=None,
-              help="Set aside captions whose confidence is below P: status low_confidence, caption kept "
-                   "for review; not counted as failures. Default: off.")
+@click.option(
+    "--min-confidence",
+    type=click.FloatRange(0.0, 1.0),
+    default=None,
+    help="Set aside captions whose confidence is below P: status low_confidence, caption kept "
+    "for review; not counted as failures. Default: off.",
+)
 @model_options
 @runtime_options
 @backend_options
 @beam_options
 @user_errors
 @interruptible
-def run(sources: tuple[str, ...], files_from: str | None, shard: str | None, max_pixels: int, background: str,
-        no_draft: bool, decode_on_device: bool, image_keys: str, out: str, fmt: str | None, overwrite: bool,
-        commit_every: int, commit_seconds: float, max_failures: str, log_every: float, min_confidence: float | None,
-        model: str | None, encoder_weights: str | None, device: str, precision: str, batch_size: int | None,
-        workers: str, backend: str, encoder_cache: str | None, beam: int, max_len: int | None, min_len: int,
-        length_penalty: float, no_repeat_ngram: int, n_best: int) -> None:
+def run(
+    sources: tuple[str, ...],
+    files_from: str | None,
+    shard: str | None,
+    max_pixels: int,
+    background: str,
+    no_draft: bool,
+    decode_on_device: bool,
+    image_keys: str,
+    out: str,
+    fmt: str | None,
+    overwrite: bool,
+    commit_every: int,
+    commit_seconds: float,
+    max_failures: str,
+    log_every: float,
+    min_confidence: float | None,
+    model: str | None,
+    encoder_weights: str | None,
+    device: str,
+    precision: str,
+    batch_size: int | None,
+    workers: str,
+    backend: str,
+    encoder_cache: str | None,
+    beam: int,
+    max_len: int | None,
+    min_len: int,
+    length_penalty: float,
+    no_repeat_ngram: int,
+    n_best: int,
+) -> None:
     """Caption every picture in SOURCES (folders, files, WebDataset shards) into --out.
 
     Rerunning the same command resumes: only pictures not yet in the output are
@@ -253,14 +386,27 @@ def run(sources: tuple[str, ...], files_from: str | None, shard: str | None, max
     model_path = resolve_model_path(model)
     meta = read_metadata(model_path)
     if min_confidence is not None and "calibration" not in meta:
-        raise click.UsageError(f"--min-confidence: the model {model_path} has no confidence calibration; "
-                               "fit one with `batchcap calibrate`, or drop --min-confidence")
-    beam_cfg = beam_config(beam, max_len, min_len, length_penalty, no_repeat_ngram, n_best,
-                          int(meta["max_caption_len"]))
-    cfg = RunConfig(sources=tuple(sources), out=out, format=fmt, files_from=files_from, shard_index=shard_index,
-                    shard_count=shard_count, overwrite=overwrite, max_failures=max_failures,
-                    commit_every=commit_every, log_every=log_every, commit_seconds=commit_seconds,
-                    min_confidence=min_confidence)
+        raise click.UsageError(
+            f"--min-confidence: the model {model_path} has no confidence calibration; "
+            "fit one with `batchcap calibrate`, or drop --min-confidence"
+        )
+    beam_cfg = beam_config(
+        beam, max_len, min_len, length_penalty, no_repeat_ngram, n_best, int(meta["max_caption_len"])
+    )
+    cfg = RunConfig(
+        sources=tuple(sources),
+        out=out,
+        format=fmt,
+        files_from=files_from,
+        shard_index=shard_index,
+        shard_count=shard_count,
+        overwrite=overwrite,
+        max_failures=max_failures,
+        commit_every=commit_every,
+        log_every=log_every,
+        commit_seconds=commit_seconds,
+        min_confidence=min_confidence,
+    )
     runtime = runtime_config(device, precision, batch_size, workers, backend, encoder_cache)
     policy = image_policy(max_pixels, background, no_draft, image_keys, decode_on_device, runtime.device)
     try:
@@ -280,29 +426,62 @@ def run(sources: tuple[str, ...], files_from: str | None, shard: str | None, max
 @cli.command()
 @click.argument("data")
 @click.option("--out", "-o", required=True, type=click.Path(dir_okay=False), help="Model file to write.")
-@click.option("--format", "fmt", default="auto", show_default=True,
-              type=click.Choice(["auto", "flickr8k", "kaggle", "karpathy", "coco", "wds"]),
-              help="Dataset layout (auto-detected by default).")
-@click.option("--images", type=click.Path(file_okay=False), default=None,
-              help="Image folder, when it is not where the layout expects it.")
-@click.option("--encoder", "encoder_name", default="legacy_xception", show_default=True,
-              help="timm model name of the encoder.")
-@click.option("--encoder-weights", type=click.Path(dir_okay=False), envvar="BATCHCAP_ENCODER_WEIGHTS",
-              default=None, show_envvar=True,
-              help="Local encoder weights; without them timm downloads pretrained weights (online only).")
-@click.option("--input-size", type=click.IntRange(32), default=None,
-              help="Encoder input side in pixels. Default: the encoder's own (299 for Xception).")
-@click.option("--resize", type=click.Choice(["squash", "crop"]), default="squash", show_default=True,
-              help="squash: resize to a square ignoring aspect (as the Keras tutorials); crop: timm's resize + "
-                   "centre crop. Stored in the model file so captioning uses the same.")
+@click.option(
+    "--format",
+    "fmt",
+    default="auto",
+    show_default=True,
+    type=click.Choice(["auto", "flickr8k", "kaggle", "karpathy", "coco", "wds"]),
+    help="Dataset layout (auto-detected by default).",
+)
+@click.option(
+    "--images",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Image folder, when it is not where the layout expects it.",
+)
+@click.option(
+    "--encoder", "encoder_name", default="legacy_xception", show_default=True, help="timm model name of the encoder."
+)
+@click.option(
+    "--encoder-weights",
+    type=click.Path(dir_okay=False),
+    envvar="BATCHCAP_ENCODER_WEIGHTS",
+    default=None,
+    show_envvar=True,
+    help="Local encoder weights; without them timm downloads pretrained weights (online only).",
+)
+@click.option(
+    "--input-size",
+    type=click.IntRange(32),
+    default=None,
+    help="Encoder input side in pixels. Default: the encoder's own (299 for Xception).",
+)
+@click.option(
+    "--resize",
+    type=click.Choice(["squash", "crop"]),
+    default="squash",
+    show_default=True,
+    help="squash: resize to a square ignoring aspect (as the Keras tutorials); crop: timm's resize + "
+    "centre crop. Stored in the model file so captioning uses the same.",
+)
 @click.option("--pooled", is_flag=True, help="Pooled features only (no attention over the spatial map).")
-@click.option("--deep-output", is_flag=True,
-              help="Predict words from embedding + LSTM state + attention context (SAT's deep output layer).")
+@click.option(
+    "--deep-output",
+    is_flag=True,
+    help="Predict words from embedding + LSTM state + attention context (SAT's deep output layer).",
+)
 @click.option("--epochs", type=click.IntRange(1), default=20, show_default=True)
-@click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True,
-              help="Images per step (each with all of its captions).")
-@click.option("--lr", type=float, default=None,
-              help="Peak learning rate (AdamW). Default: 4e-4, or 1e-4 with --self-critical.")
+@click.option(
+    "--batch-size",
+    type=click.IntRange(1),
+    default=32,
+    show_default=True,
+    help="Images per step (each with all of its captions).",
+)
+@click.option(
+    "--lr", type=float, default=None, help="Peak learning rate (AdamW). Default: 4e-4, or 1e-4 with --self-critical."
+)
 @click.option("--weight-decay", type=float, default=1e-4, show_default=True)
 @click.option("--grad-clip", type=float, default=5.0, show_default=True, help="Max gradient norm.")
 @click.option("--warmup-steps", type=click.IntRange(0), default=200, show_default=True)
@@ -311,61 +490,158 @@ def run(sources: tuple[str, ...], files_from: str | None, shard: str | None, max
 @click.option("--hidden-dim", type=click.IntRange(8), default=512, show_default=True)
 @click.option("--attention-dim", type=click.IntRange(8), default=512, show_default=True)
 @click.option("--layers", type=click.IntRange(1, 4), default=1, show_default=True, help="Stacked LSTM layers.")
-@click.option("--min-word-count", type=click.IntRange(1), default=5, show_default=True,
-              help="Words seen fewer times in training captions become <unk>.")
+@click.option(
+    "--min-word-count",
+    type=click.IntRange(1),
+    default=5,
+    show_default=True,
+    help="Words seen fewer times in training captions become <unk>.",
+)
 @click.option("--max-caption-len", type=click.IntRange(2), default=20, show_default=True)
 @click.option("--label-smoothing", type=click.FloatRange(0, 0.5), default=0.0, show_default=True)
-@click.option("--attention-penalty", type=click.FloatRange(0), default=1.0, show_default=True,
-              help="Weight of Show-Attend-Tell's doubly stochastic attention penalty.")
-@click.option("--val-beam", type=click.IntRange(1), default=3, show_default=True,
-              help="Beam width used to score the validation split each epoch.")
+@click.option(
+    "--attention-penalty",
+    type=click.FloatRange(0),
+    default=1.0,
+    show_default=True,
+    help="Weight of Show-Attend-Tell's doubly stochastic attention penalty.",
+)
+@click.option(
+    "--val-beam",
+    type=click.IntRange(1),
+    default=3,
+    show_default=True,
+    help="Beam width used to score the validation split each epoch.",
+)
 @click.option("--val-images", type=click.IntRange(1), default=1000, show_default=True)
-@click.option("--patience", type=click.IntRange(1), default=4, show_default=True,
-              help="Stop after this many epochs without a better validation CIDEr.")
+@click.option(
+    "--patience",
+    type=click.IntRange(1),
+    default=4,
+    show_default=True,
+    help="Stop after this many epochs without a better validation CIDEr.",
+)
 @click.option("--seed", type=int, default=1234, show_default=True)
-@click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
-              help="Feature cache folder. Default: .batchcap-features beside --out.")
+@click.option(
+    "--cache-dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Feature cache folder. Default: .batchcap-features beside --out.",
+)
 @click.option("--resume", is_flag=True, help="Continue from the checkpoint beside --out.")
 @click.option("--augment", is_flag=True, help="Also train on horizontally flipped pictures (a second cached view).")
-@click.option("--finetune-encoder", is_flag=True,
-              help="Fine-tune the encoder too, at --encoder-lr (no feature cache; the encoder is embedded in "
-                   "the model file). Practical on a GPU; very slow on a CPU.")
-@click.option("--finetune-exit-flow", is_flag=True,
-              help="Fine-tune Xception's exit flow too, at --encoder-lr, on cached middle-flow activations "
-                   "(525 KB a picture): about 2 minutes more an epoch for Flickr8k on a 2-core CPU. The model "
-                   "file stores the exit flow's 6.8 M weights; the rest stays the --encoder-weights file.")
-@click.option("--encoder-lr", type=float, default=1e-5, show_default=True,
-              help="Learning rate of the encoder with --finetune-encoder or --finetune-exit-flow.")
-@click.option("--init-model", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="Start from this model file: its decoder weights, architecture, vocabulary and encoder "
-                   "settings (giving encoder or decoder-shape options as well is refused).")
-@click.option("--self-critical", is_flag=True,
-              help="Fine-tune --init-model on the CIDEr-D of its own sampled captions (self-critical "
-                   "sequence training) instead of on the reference words.")
-@click.option("--samples-per-image", type=click.IntRange(2), default=5, show_default=True,
-              help="Captions sampled per image in a --self-critical step.")
-@click.option("--pretrain-captions", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="Caption text without photos (IMAGE#N<TAB>caption lines, or one caption per line) to "
-                   "pretrain the fresh decoder on as a language model first, conditioned on a null image. "
-                   "Captions of the dataset's own photos and copies of its validation captions are dropped.")
-@click.option("--pretrain-epochs", type=click.IntRange(1), default=1, show_default=True,
-              help="Epochs over --pretrain-captions (at --lr, --warmup-steps, 5 captions per --batch-size photo).")
+@click.option(
+    "--finetune-encoder",
+    is_flag=True,
+    help="Fine-tune the encoder too, at --encoder-lr (no feature cache; the encoder is embedded in "
+    "the model file). Practical on a GPU; very slow on a CPU.",
+)
+@click.option(
+    "--finetune-exit-flow",
+    is_flag=True,
+    help="Fine-tune Xception's exit flow too, at --encoder-lr, on cached middle-flow activations "
+    "(525 KB a picture): about 2 minutes more an epoch for Flickr8k on a 2-core CPU. The model "
+    "file stores the exit flow's 6.8 M weights; the rest stays the --encoder-weights file.",
+)
+@click.option(
+    "--encoder-lr",
+    type=float,
+    default=1e-5,
+    show_default=True,
+    help="Learning rate of the encoder with --finetune-encoder or --finetune-exit-flow.",
+)
+@click.option(
+    "--init-model",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="Start from this model file: its decoder weights, architecture, vocabulary and encoder "
+    "settings (giving encoder or decoder-shape options as well is refused).",
+)
+@click.option(
+    "--self-critical",
+    is_flag=True,
+    help="Fine-tune --init-model on the CIDEr-D of its own sampled captions (self-critical "
+    "sequence training) instead of on the reference words.",
+)
+@click.option(
+    "--samples-per-image",
+    type=click.IntRange(2),
+    default=5,
+    show_default=True,
+    help="Captions sampled per image in a --self-critical step.",
+)
+@click.option(
+    "--pretrain-captions",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="Caption text without photos (IMAGE#N<TAB>caption lines, or one caption per line) to "
+    "pretrain the fresh decoder on as a language model first, conditioned on a null image. "
+    "Captions of the dataset's own photos and copies of its validation captions are dropped.",
+)
+@click.option(
+    "--pretrain-epochs",
+    type=click.IntRange(1),
+    default=1,
+    show_default=True,
+    help="Epochs over --pretrain-captions (at --lr, --warmup-steps, 5 captions per --batch-size photo).",
+)
 @click.option("--half", is_flag=True, help="Store the decoder weights as fp16 (half the file size).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto",
-              show_default=True, help="Precision of the encoder when computing features.")
+@click.option(
+    "--precision",
+    type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
+    default="auto",
+    show_default=True,
+    help="Precision of the encoder when computing features.",
+)
 @click.option("--workers", default="auto", show_default=True, help="Image decoding processes.")
 @user_errors
-def train(data: str, out: str, fmt: str, images: str | None, encoder_name: str, encoder_weights: str | None,
-          input_size: int | None, resize: str, pooled: bool, deep_output: bool, epochs: int, batch_size: int,
-          lr: float | None,
-          weight_decay: float, grad_clip: float, warmup_steps: int, dropout: float, embed_dim: int,
-          hidden_dim: int, attention_dim: int, layers: int, min_word_count: int, max_caption_len: int,
-          label_smoothing: float, attention_penalty: float, val_beam: int, val_images: int, patience: int,
-          seed: int, cache_dir: str | None, resume: bool, augment: bool, finetune_encoder: bool,
-          finetune_exit_flow: bool, encoder_lr: float, init_model: str | None, self_critical: bool,
-          samples_per_image: int, pretrain_captions: str | None, pretrain_epochs: int, half: bool,
-          device: str, precision: str, workers: str) -> None:
+def train(
+    data: str,
+    out: str,
+    fmt: str,
+    images: str | None,
+    encoder_name: str,
+    encoder_weights: str | None,
+    input_size: int | None,
+    resize: str,
+    pooled: bool,
+    deep_output: bool,
+    epochs: int,
+    batch_size: int,
+    lr: float | None,
+    weight_decay: float,
+    grad_clip: float,
+    warmup_steps: int,
+    dropout: float,
+    embed_dim: int,
+    hidden_dim: int,
+    attention_dim: int,
+    layers: int,
+    min_word_count: int,
+    max_caption_len: int,
+    label_smoothing: float,
+    attention_penalty: float,
+    val_beam: int,
+    val_images: int,
+    patience: int,
+    seed: int,
+    cache_dir: str | None,
+    resume: bool,
+    augment: bool,
+    finetune_encoder: bool,
+    finetune_exit_flow: bool,
+    encoder_lr: float,
+    init_model: str | None,
+    self_critical: bool,
+    samples_per_image: int,
+    pretrain_captions: str | None,
+    pretrain_epochs: int,
+    half: bool,
+    device: str,
+    precision: str,
+    workers: str,
+) -> None:
     """Train a caption decoder on DATA and write one self-describing model file.
 
     DATA is a Flickr8k folder (Flickr8k.token.txt + split files + photos), a Kaggle
@@ -388,19 +664,26 @@ def train(data: str, out: str, fmt: str, images: str | None, encoder_name: str, 
 
     require_metrics()  # every epoch is scored on the validation split
     if init_model and pretrain_captions:
-        raise click.UsageError("--pretrain-captions pretrains a fresh decoder and --init-model starts from a "
-                               "trained one: give one of them (pretrain in the first stage of a recipe)")
+        raise click.UsageError(
+            "--pretrain-captions pretrains a fresh decoder and --init-model starts from a "
+            "trained one: give one of them (pretrain in the first stage of a recipe)"
+        )
     runtime = runtime_config(device, precision, batch_size, workers)
     if init_model:  # the encoder, preprocessing, decoder shape and vocabulary are the start model's
         from batchcap.encode.weights import resolve_encoder_weights
         from batchcap.model.modelfile import load_model
 
         ctx = click.get_current_context()
-        fixed = [f"--{name.replace('_', '-')}" for name in _MODEL_SHAPE_OPTIONS
-                 if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT]
+        fixed = [
+            f"--{name.replace('_', '-')}"
+            for name in _MODEL_SHAPE_OPTIONS
+            if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT
+        ]
         if fixed:
-            raise click.UsageError(f"{', '.join(fixed)}: with --init-model the encoder, preprocessing, decoder "
-                                   "shape and vocabulary come from the model file; leave these options out")
+            raise click.UsageError(
+                f"{', '.join(fixed)}: with --init-model the encoder, preprocessing, decoder "
+                "shape and vocabulary come from the model file; leave these options out"
+            )
         start = load_model(init_model)
         encoder_name, pooled, preprocess = start.encoder.name, not start.encoder.spatial, start.preprocess
         if start.encoder_state is None or start.encoder.finetuned:  # the weights file the model names
@@ -410,30 +693,66 @@ def train(data: str, out: str, fmt: str, images: str | None, encoder_name: str, 
         preprocess = _encoder_preprocess(encoder_name, resize, input_size)
     if lr is None:
         lr = 1e-4 if self_critical else 4e-4
-    cfg = TrainConfig(data=data, out=out, format=fmt, epochs=epochs, batch_size=batch_size, lr=lr,
-                      weight_decay=weight_decay, grad_clip=grad_clip, warmup_steps=warmup_steps,
-                      min_word_count=min_word_count, max_caption_len=max_caption_len, seed=seed,
-                      cache_dir=cache_dir, resume=resume, augment=augment, finetune_encoder=finetune_encoder,
-                      finetune_exit_flow=finetune_exit_flow, encoder_lr=encoder_lr, val_beam_size=val_beam,
-                      val_images=val_images, patience=patience,
-                      init_model=init_model, self_critical=self_critical, samples_per_image=samples_per_image,
-                      pretrain_captions=pretrain_captions, pretrain_epochs=pretrain_epochs,
-                      extra={"label_smoothing": label_smoothing, "attention_penalty": attention_penalty,
-                             "half": half})
+    cfg = TrainConfig(
+        data=data,
+        out=out,
+        format=fmt,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        weight_decay=weight_decay,
+        grad_clip=grad_clip,
+        warmup_steps=warmup_steps,
+        min_word_count=min_word_count,
+        max_caption_len=max_caption_len,
+        seed=seed,
+        cache_dir=cache_dir,
+        resume=resume,
+        augment=augment,
+        finetune_encoder=finetune_encoder,
+        finetune_exit_flow=finetune_exit_flow,
+        encoder_lr=encoder_lr,
+        val_beam_size=val_beam,
+        val_images=val_images,
+        patience=patience,
+        init_model=init_model,
+        self_critical=self_critical,
+        samples_per_image=samples_per_image,
+        pretrain_captions=pretrain_captions,
+        pretrain_epochs=pretrain_epochs,
+        extra={"label_smoothing": label_smoothing, "attention_penalty": attention_penalty, "half": half},
+    )
     dataset = load_caption_dataset(data, fmt, images=images)
     for note in dataset.notes:
         click.echo(f"note: {note}", err=True)
-    choice = describe_encoder(EncoderConfig(name=encoder_name, weights=encoder_weights, spatial=not pooled),
-                              preprocess)
-    decoder_cfg = {"embed_dim": embed_dim, "hidden_dim": hidden_dim, "num_layers": layers, "dropout": dropout,
-                   "attention": not pooled, "attention_dim": attention_dim, "deep_output": deep_output}
+    choice = describe_encoder(EncoderConfig(name=encoder_name, weights=encoder_weights, spatial=not pooled), preprocess)
+    decoder_cfg = {
+        "embed_dim": embed_dim,
+        "hidden_dim": hidden_dim,
+        "num_layers": layers,
+        "dropout": dropout,
+        "attention": not pooled,
+        "attention_dim": attention_dim,
+        "deep_output": deep_output,
+    }
     model = train_decoder(cfg, dataset, choice, decoder_cfg, runtime, log=lambda m: click.echo(m, err=True))
     click.echo(json.dumps({"model": out, "metrics": model.metrics}, indent=2))
 
 
 # train options that --init-model takes from the model file instead.
-_MODEL_SHAPE_OPTIONS = ("encoder_name", "input_size", "resize", "pooled", "deep_output", "embed_dim", "hidden_dim",
-                        "attention_dim", "layers", "dropout", "min_word_count")
+_MODEL_SHAPE_OPTIONS = (
+    "encoder_name",
+    "input_size",
+    "resize",
+    "pooled",
+    "deep_output",
+    "embed_dim",
+    "hidden_dim",
+    "attention_dim",
+    "layers",
+    "dropout",
+    "min_word_count",
+)
 
 
 def _encoder_preprocess(encoder_name: str, resize: str, input_size: int | None) -> Any:
@@ -458,21 +777,49 @@ def _encoder_preprocess(encoder_name: str, resize: str, input_size: int | None) 
 @cli.command(name="eval")
 @click.argument("data")
 @click.option("--split", default="val", show_default=True, help="train, val (Flickr8k dev) or test.")
-@click.option("--format", "fmt", default="auto", show_default=True,
-              type=click.Choice(["auto", "flickr8k", "kaggle", "karpathy", "coco", "wds"]))
+@click.option(
+    "--format",
+    "fmt",
+    default="auto",
+    show_default=True,
+    type=click.Choice(["auto", "flickr8k", "kaggle", "karpathy", "coco", "wds"]),
+)
 @click.option("--images", type=click.Path(file_okay=False), default=None, help="Image folder override.")
 @click.option("--limit", type=click.IntRange(1), default=None, help="Score only the first N images.")
-@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None,
-              help="Write scores and per-image captions to this JSON file.")
+@click.option(
+    "--json",
+    "json_out",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Write scores and per-image captions to this JSON file.",
+)
 @model_options
 @runtime_options
 @backend_options
 @beam_options
 @user_errors
-def evaluate(data: str, split: str, fmt: str, images: str | None, limit: int | None, json_out: str | None,
-             model: str | None, encoder_weights: str | None, device: str, precision: str, batch_size: int | None,
-             workers: str, backend: str, encoder_cache: str | None, beam: int, max_len: int | None, min_len: int,
-             length_penalty: float, no_repeat_ngram: int, n_best: int) -> None:
+def evaluate(
+    data: str,
+    split: str,
+    fmt: str,
+    images: str | None,
+    limit: int | None,
+    json_out: str | None,
+    model: str | None,
+    encoder_weights: str | None,
+    device: str,
+    precision: str,
+    batch_size: int | None,
+    workers: str,
+    backend: str,
+    encoder_cache: str | None,
+    beam: int,
+    max_len: int | None,
+    min_len: int,
+    length_penalty: float,
+    no_repeat_ngram: int,
+    n_best: int,
+) -> None:
     """Caption a split of DATA the way `run` does and score it with the COCO caption metrics.
 
     BLEU-1..4, METEOR (needs Java), ROUGE-L and CIDEr-D from pycocoevalcap, with the
@@ -490,15 +837,23 @@ def evaluate(data: str, split: str, fmt: str, images: str | None, limit: int | N
 
     require_metrics()
     model_obj = load_model(resolve_model_path(model))
-    beam_cfg = beam_config(beam, max_len, min_len, length_penalty, no_repeat_ngram, n_best,
-                          model_obj.max_caption_len)
+    beam_cfg = beam_config(beam, max_len, min_len, length_penalty, no_repeat_ngram, n_best, model_obj.max_caption_len)
     runtime = runtime_config(device, precision, batch_size, workers, backend, encoder_cache)
     dataset = load_caption_dataset(data, fmt, images=images)
     if split not in dataset.splits or not dataset.splits[split]:
-        raise click.ClickException(f"{data} has no images in split {split!r} "
-                                   f"(it has: {', '.join(s for s, r in dataset.splits.items() if r)})")
-    result = evaluate_split(dataset, split, model_obj, runtime, beam_cfg, encoder_weights=encoder_weights,
-                            limit=limit, log=lambda m: click.echo(m, err=True))
+        raise click.ClickException(
+            f"{data} has no images in split {split!r} (it has: {', '.join(s for s, r in dataset.splits.items() if r)})"
+        )
+    result = evaluate_split(
+        dataset,
+        split,
+        model_obj,
+        runtime,
+        beam_cfg,
+        encoder_weights=encoder_weights,
+        limit=limit,
+        log=lambda m: click.echo(m, err=True),
+    )
     click.echo(format_scores(result))
     if json_out:
         Path(json_out).write_text(json.dumps(result, indent=2) + "\n")
@@ -507,35 +862,99 @@ def evaluate(data: str, split: str, fmt: str, images: str | None, limit: int | N
 
 @cli.command()
 @click.argument("data")
-@click.option("--out", "-o", required=True, type=click.Path(dir_okay=False),
-              help="Model file to write: the input model plus ending rule, familiarity and calibrator.")
-@click.option("--format", "fmt", default="auto", show_default=True,
-              type=click.Choice(["auto", "flickr8k", "kaggle", "karpathy", "coco", "wds"]))
+@click.option(
+    "--out",
+    "-o",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="Model file to write: the input model plus ending rule, familiarity and calibrator.",
+)
+@click.option(
+    "--format",
+    "fmt",
+    default="auto",
+    show_default=True,
+    type=click.Choice(["auto", "flickr8k", "kaggle", "karpathy", "coco", "wds"]),
+)
 @click.option("--images", type=click.Path(file_okay=False), default=None, help="Image folder override.")
-@click.option("--unfamiliar", type=click.Path(file_okay=False, exists=True), default=None,
-              help="A folder of pictures unlike the training data, to check that they get low confidence.")
-@click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
-              help="Where encoder features are cached [default: .batchcap-features beside --out].")
-@click.option("--train-images", type=click.IntRange(3), default=1500, show_default=True,
-              help="Train pictures (every k-th id in sorted order) for the familiarity statistics.")
-@click.option("--components", type=click.IntRange(1), default=128, show_default=True,
-              help="Principal components of the familiarity fit.")
+@click.option(
+    "--unfamiliar",
+    type=click.Path(file_okay=False, exists=True),
+    default=None,
+    help="A folder of pictures unlike the training data, to check that they get low confidence.",
+)
+@click.option(
+    "--cache-dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Where encoder features are cached [default: .batchcap-features beside --out].",
+)
+@click.option(
+    "--train-images",
+    type=click.IntRange(3),
+    default=1500,
+    show_default=True,
+    help="Train pictures (every k-th id in sorted order) for the familiarity statistics.",
+)
+@click.option(
+    "--components",
+    type=click.IntRange(1),
+    default=128,
+    show_default=True,
+    help="Principal components of the familiarity fit.",
+)
 @click.option("--refit-familiarity", is_flag=True, help="Refit familiarity even when the model has it.")
-@click.option("--folds", type=click.IntRange(2), default=5, show_default=True,
-              help="Cross-validation folds for the reported AUROC and reliability table.")
-@click.option("--label-threshold", type=float, default=0.5, show_default=True,
-              help="A dev caption counts as acceptable when its CIDEr-D reaches this.")
-@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None,
-              help="Write the calibration report to this JSON file.")
+@click.option(
+    "--folds",
+    type=click.IntRange(2),
+    default=5,
+    show_default=True,
+    help="Cross-validation folds for the reported AUROC and reliability table.",
+)
+@click.option(
+    "--label-threshold",
+    type=float,
+    default=0.5,
+    show_default=True,
+    help="A dev caption counts as acceptable when its CIDEr-D reaches this.",
+)
+@click.option(
+    "--json",
+    "json_out",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Write the calibration report to this JSON file.",
+)
 @model_options
 @runtime_options
 @beam_options
 @user_errors
-def calibrate(data: str, out: str, fmt: str, images: str | None, unfamiliar: str | None, cache_dir: str | None,
-              train_images: int, components: int, refit_familiarity: bool, folds: int, label_threshold: float,
-              json_out: str | None, model: str | None, encoder_weights: str | None, device: str, precision: str,
-              batch_size: int | None, workers: str, beam: int, max_len: int | None, min_len: int,
-              length_penalty: float, no_repeat_ngram: int, n_best: int) -> None:
+def calibrate(
+    data: str,
+    out: str,
+    fmt: str,
+    images: str | None,
+    unfamiliar: str | None,
+    cache_dir: str | None,
+    train_images: int,
+    components: int,
+    refit_familiarity: bool,
+    folds: int,
+    label_threshold: float,
+    json_out: str | None,
+    model: str | None,
+    encoder_weights: str | None,
+    device: str,
+    precision: str,
+    batch_size: int | None,
+    workers: str,
+    beam: int,
+    max_len: int | None,
+    min_len: int,
+    length_penalty: float,
+    no_repeat_ngram: int,
+    n_best: int,
+) -> None:
     """Fit the confidence of a model's captions on DATA's dev split and write the model to --out.
 
     Adds what a caption's `confidence` needs: the ending rule (learnt from the train
@@ -555,16 +974,25 @@ def calibrate(data: str, out: str, fmt: str, images: str | None, unfamiliar: str
     from batchcap.training.calibrate import format_report
 
     model_obj = load_model(resolve_model_path(model))
-    beam_cfg = beam_config(beam, max_len, min_len, length_penalty, no_repeat_ngram, n_best,
-                           model_obj.max_caption_len)
+    beam_cfg = beam_config(beam, max_len, min_len, length_penalty, no_repeat_ngram, n_best, model_obj.max_caption_len)
     runtime = runtime_config(device, precision, batch_size, workers)
     dataset = load_caption_dataset(data, fmt, images=images)
     try:
-        report = fit(model_obj, dataset, runtime, beam_cfg, cache_dir=cache_dir or str(Path(out).parent /
-                                                                                       ".batchcap-features"),
-                     unfamiliar=unfamiliar, train_images=train_images, components=components, folds=folds,
-                     label_threshold=label_threshold, refit_familiarity=refit_familiarity,
-                     encoder_weights=encoder_weights, log=lambda m: click.echo(m, err=True))
+        report = fit(
+            model_obj,
+            dataset,
+            runtime,
+            beam_cfg,
+            cache_dir=cache_dir or str(Path(out).parent / ".batchcap-features"),
+            unfamiliar=unfamiliar,
+            train_images=train_images,
+            components=components,
+            folds=folds,
+            label_threshold=label_threshold,
+            refit_familiarity=refit_familiarity,
+            encoder_weights=encoder_weights,
+            log=lambda m: click.echo(m, err=True),
+        )
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc
     save_model(model_obj, out)
@@ -578,8 +1006,12 @@ def calibrate(data: str, out: str, fmt: str, images: str | None, unfamiliar: str
 @cli.command()
 @click.argument("models", nargs=-1, required=True)
 @click.option("--out", "-o", required=True, type=click.Path(dir_okay=False), help="Model file to write.")
-@click.option("--weights", default=None, metavar="W1,W2,..",
-              help="Mixing weights, one per model, normalised to sum to 1. Default: equal.")
+@click.option(
+    "--weights",
+    default=None,
+    metavar="W1,W2,..",
+    help="Mixing weights, one per model, normalised to sum to 1. Default: equal.",
+)
 @click.option("--half", is_flag=True, help="Store the decoder weights as fp16 (half the file size).")
 @user_errors
 def average(models: tuple[str, ...], out: str, weights: str | None, half: bool) -> None:
@@ -605,17 +1037,30 @@ def average(models: tuple[str, ...], out: str, weights: str | None, half: bool) 
         raise click.BadParameter(f"{weights!r}: expected numbers separated by commas", param_hint="--weights") from exc
     loaded = [load_model(path) for path in models]
     averaged = save_model(average_models(loaded, mix, name=Path(out).stem), out, half=half)
-    click.echo(json.dumps({"model": out, "identity": averaged.identity,
-                           "members": [{"model": path, "weight": m["weight"]}
-                                       for path, m in zip(models, averaged.training["averaged"])]}, indent=2))
+    click.echo(
+        json.dumps(
+            {
+                "model": out,
+                "identity": averaged.identity,
+                "members": [
+                    {"model": path, "weight": m["weight"]} for path, m in zip(models, averaged.training["averaged"])
+                ],
+            },
+            indent=2,
+        )
+    )
 
 
 @cli.command()
 @click.argument("models", nargs=-1, required=True)
 @click.option("--out", "-o", required=True, type=click.Path(dir_okay=False), help="Model file to write.")
-@click.option("--combine", type=click.Choice(["logprob", "prob"]), default="logprob", show_default=True,
-              help="logprob: mean of the members' log-probabilities, renormalised; prob: mean of their "
-                   "probabilities.")
+@click.option(
+    "--combine",
+    type=click.Choice(["logprob", "prob"]),
+    default="logprob",
+    show_default=True,
+    help="logprob: mean of the members' log-probabilities, renormalised; prob: mean of their probabilities.",
+)
 @click.option("--half", is_flag=True, help="Store the decoder weights as fp16 (half the file size).")
 @user_errors
 def ensemble(models: tuple[str, ...], out: str, combine: str, half: bool) -> None:
@@ -637,8 +1082,17 @@ def ensemble(models: tuple[str, ...], out: str, combine: str, half: bool) -> Non
 
     loaded = [load_model(path) for path in models]
     combined = save_model(ensemble_models(loaded, combine, name=Path(out).stem), out, half=half)
-    click.echo(json.dumps({"model": out, "identity": combined.identity, "combine": combine,
-                           "members": [m.identity for m in combined.decoders()]}, indent=2))
+    click.echo(
+        json.dumps(
+            {
+                "model": out,
+                "identity": combined.identity,
+                "combine": combine,
+                "members": [m.identity for m in combined.decoders()],
+            },
+            indent=2,
+        )
+    )
 
 
 @cli.command()
@@ -672,17 +1126,40 @@ def info(model: str | None, as_json: bool, show_vocab: bool) -> None:
 @cli.command()
 @click.argument("parts", nargs=-1, required=True)
 @click.option("--out", "-o", required=True, type=click.Path(dir_okay=False), help="Merged output file.")
-@click.option("--format", "fmt", type=click.Choice(["parquet", "jsonl"]), default=None,
-              help="Output format. Default: from the --out suffix.")
-@click.option("--expect-parts", type=click.IntRange(1), default=None,
-              help="Refuse unless parts part-0..part-(N-1) are all present.")
-@click.option("--expect-count", type=click.IntRange(0), default=None,
-              help="Refuse unless the merged output has exactly this many rows.")
-@click.option("--expect-listing", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="Refuse unless the ids are exactly those in this file (one per line).")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["parquet", "jsonl"]),
+    default=None,
+    help="Output format. Default: from the --out suffix.",
+)
+@click.option(
+    "--expect-parts",
+    type=click.IntRange(1),
+    default=None,
+    help="Refuse unless parts part-0..part-(N-1) are all present.",
+)
+@click.option(
+    "--expect-count",
+    type=click.IntRange(0),
+    default=None,
+    help="Refuse unless the merged output has exactly this many rows.",
+)
+@click.option(
+    "--expect-listing",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="Refuse unless the ids are exactly those in this file (one per line).",
+)
 @user_errors
-def merge(parts: tuple[str, ...], out: str, fmt: str | None, expect_parts: int | None, expect_count: int | None,
-          expect_listing: str | None) -> None:
+def merge(
+    parts: tuple[str, ...],
+    out: str,
+    fmt: str | None,
+    expect_parts: int | None,
+    expect_count: int | None,
+    expect_listing: str | None,
+) -> None:
     """Combine part outputs (e.g. from a Slurm array) into one file, after verifying them.
 
     Refuses, writing nothing, when a part is missing or unreadable, an id appears
@@ -695,31 +1172,64 @@ def merge(parts: tuple[str, ...], out: str, fmt: str | None, expect_parts: int |
     from batchcap.outputs.merge import merge_outputs, read_listing
 
     expected_ids = read_listing(expect_listing) if expect_listing else None
-    report = merge_outputs(list(parts), out, fmt=fmt, expected_ids=expected_ids, expected_count=expect_count,
-                           expected_parts=expect_parts)
+    report = merge_outputs(
+        list(parts), out, fmt=fmt, expected_ids=expected_ids, expected_count=expect_count, expected_parts=expect_parts
+    )
     click.echo(report.summary())
 
 
 @cli.command()
 @click.argument("output", type=click.Path(exists=True, dir_okay=False))
-@click.option("--html", "html_path", type=click.Path(dir_okay=False), default=None,
-              help="Where to write the page [default: OUTPUT + .html, e.g. captions.parquet.html, so "
-                   "reports of captions.parquet and captions.jsonl never replace each other].")
-@click.option("--limit", type=click.IntRange(min=0), default=1000, show_default=True,
-              help="Show the first N cards after ordering (0: all). Failures are always listed.")
+@click.option(
+    "--html",
+    "html_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Where to write the page [default: OUTPUT + .html, e.g. captions.parquet.html, so "
+    "reports of captions.parquet and captions.jsonl never replace each other].",
+)
+@click.option(
+    "--limit",
+    type=click.IntRange(min=0),
+    default=1000,
+    show_default=True,
+    help="Show the first N cards after ordering (0: all). Failures are always listed.",
+)
 @click.option("--sample", type=click.IntRange(min=1), default=None, help="Show a random sample of N rows instead.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for --sample.")
-@click.option("--order", type=click.Choice(["score", "id", "confidence"]), default="score", show_default=True,
-              help="score: lowest search score first; confidence: lowest confidence first; id.")
-@click.option("--status", "only_status", default=None,
-              help="Show only rows of this status, e.g. low_confidence (the rows --min-confidence set aside).")
+@click.option(
+    "--order",
+    type=click.Choice(["score", "id", "confidence"]),
+    default="score",
+    show_default=True,
+    help="score: lowest search score first; confidence: lowest confidence first; id.",
+)
+@click.option(
+    "--status",
+    "only_status",
+    default=None,
+    help="Show only rows of this status, e.g. low_confidence (the rows --min-confidence set aside).",
+)
 @click.option("--link-images", is_flag=True, help="Link the original files instead of embedding thumbnails.")
 @click.option("--thumb-size", type=click.IntRange(32, 1024), default=192, show_default=True)
-@click.option("--skip-bad-lines", is_flag=True,
-              help="JSONL: report the readable rows of a damaged file (bad lines are listed) instead of refusing.")
+@click.option(
+    "--skip-bad-lines",
+    is_flag=True,
+    help="JSONL: report the readable rows of a damaged file (bad lines are listed) instead of refusing.",
+)
 @user_errors
-def report(output: str, html_path: str | None, limit: int, sample: int | None, seed: int, order: str,
-           only_status: str | None, link_images: bool, thumb_size: int, skip_bad_lines: bool) -> None:
+def report(
+    output: str,
+    html_path: str | None,
+    limit: int,
+    sample: int | None,
+    seed: int,
+    order: str,
+    only_status: str | None,
+    link_images: bool,
+    thumb_size: int,
+    skip_bad_lines: bool,
+) -> None:
     """Write a self-contained HTML page of a run's OUTPUT: thumbnails, captions, failures.
 
     Lowest-confidence captions come first; the page filters by status and searches
@@ -732,32 +1242,74 @@ def report(output: str, html_path: str | None, limit: int, sample: int | None, s
     from batchcap.outputs.report import default_html_path, describe_lines, write_report
 
     html_path = html_path or default_html_path(output)
-    s = write_report(output, html_path, limit=limit, sample=sample, seed=seed, link_images=link_images,
-                     thumb_size=thumb_size, order=order, status=only_status, skip_bad_lines=skip_bad_lines)
-    click.echo(f"wrote {s.html}: {s.shown:,} of {s.total_rows:,} rows, {s.thumbnails:,} thumbnails, "
-               f"{s.html_bytes / 1e6:.1f} MB in {s.seconds:.1f} s")
+    s = write_report(
+        output,
+        html_path,
+        limit=limit,
+        sample=sample,
+        seed=seed,
+        link_images=link_images,
+        thumb_size=thumb_size,
+        order=order,
+        status=only_status,
+        skip_bad_lines=skip_bad_lines,
+    )
+    click.echo(
+        f"wrote {s.html}: {s.shown:,} of {s.total_rows:,} rows, {s.thumbnails:,} thumbnails, "
+        f"{s.html_bytes / 1e6:.1f} MB in {s.seconds:.1f} s"
+    )
     if s.bad_lines:
-        click.echo(f"warning: {output} is damaged: {s.bad_lines:,} line(s) are not rows and were left out "
-                   f"(line {describe_lines(s.bad_line_numbers)})", err=True)
+        click.echo(
+            f"warning: {output} is damaged: {s.bad_lines:,} line(s) are not rows and were left out "
+            f"(line {describe_lines(s.bad_line_numbers)})",
+            err=True,
+        )
 
 
 @cli.command()
 @click.argument("images", required=False)
 @click.option("--json", "as_json", is_flag=True, help="Print results as JSON.")
-@click.option("--count", type=click.IntRange(8), default=128, show_default=True,
-              help="Pictures to use: generated ones when IMAGES is not given, else the first COUNT of IMAGES.")
+@click.option(
+    "--count",
+    type=click.IntRange(8),
+    default=128,
+    show_default=True,
+    help="Pictures to use: generated ones when IMAGES is not given, else the first COUNT of IMAGES.",
+)
 @click.option("--size", default="224x224", show_default=True, help="WxH of generated JPEGs.")
-@click.option("--repeats", type=click.IntRange(1), default=3, show_default=True,
-              help="Timed repetitions per measurement (the median is reported).")
+@click.option(
+    "--repeats",
+    type=click.IntRange(1),
+    default=3,
+    show_default=True,
+    help="Timed repetitions per measurement (the median is reported).",
+)
 @model_options
 @runtime_options
 @backend_options
 @beam_options
 @user_errors
-def bench(images: str | None, as_json: bool, count: int, size: str, repeats: int, model: str | None,
-          encoder_weights: str | None, device: str, precision: str, batch_size: int | None, workers: str,
-          backend: str, encoder_cache: str | None, beam: int, max_len: int | None, min_len: int,
-          length_penalty: float, no_repeat_ngram: int, n_best: int) -> None:
+def bench(
+    images: str | None,
+    as_json: bool,
+    count: int,
+    size: str,
+    repeats: int,
+    model: str | None,
+    encoder_weights: str | None,
+    device: str,
+    precision: str,
+    batch_size: int | None,
+    workers: str,
+    backend: str,
+    encoder_cache: str | None,
+    beam: int,
+    max_len: int | None,
+    min_len: int,
+    length_penalty: float,
+    no_repeat_ngram: int,
+    n_best: int,
+) -> None:
     """Measure this machine: encoder images/s per precision, decode rate, beam search, end-to-end run.
 
     \b
@@ -767,10 +1319,27 @@ def bench(images: str | None, as_json: bool, count: int, size: str, repeats: int
     """
     from batchcap.tools.bench import run_bench
 
-    run_bench(images=images, as_json=as_json, count=count, size=size, repeats=repeats, model=model,
-              encoder_weights=encoder_weights, device=device, precision=precision, batch_size=batch_size,
-              workers=workers, backend=backend, encoder_cache=encoder_cache, beam=beam, max_len=max_len,
-              min_len=min_len, length_penalty=length_penalty, no_repeat_ngram=no_repeat_ngram, n_best=n_best)
+    run_bench(
+        images=images,
+        as_json=as_json,
+        count=count,
+        size=size,
+        repeats=repeats,
+        model=model,
+        encoder_weights=encoder_weights,
+        device=device,
+        precision=precision,
+        batch_size=batch_size,
+        workers=workers,
+        backend=backend,
+        encoder_cache=encoder_cache,
+        beam=beam,
+        max_len=max_len,
+        min_len=min_len,
+        length_penalty=length_penalty,
+        no_repeat_ngram=no_repeat_ngram,
+        n_best=n_best,
+    )
 
 
 def main() -> None:

@@ -4,6 +4,7 @@ Nothing in batchcap reads a module-level device, path or setting: every stage ta
 the dataclass that describes it. Each dataclass round-trips through ``to_dict`` /
 ``from_dict`` so that it can be written beside outputs and into model files.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -110,9 +111,7 @@ class BeamConfig:
         if self.beam_size < 1:
             raise ValueError("beam size must be at least 1")
         if self.max_len < 1 or self.min_len < 0 or self.min_len > self.max_len:
-            raise ValueError(
-                f"need 0 <= min_len <= max_len and max_len >= 1 (got {self.min_len}, {self.max_len})"
-            )
+            raise ValueError(f"need 0 <= min_len <= max_len and max_len >= 1 (got {self.min_len}, {self.max_len})")
         if not 1 <= self.n_best <= self.beam_size:
             raise ValueError(f"n_best must be between 1 and the beam size ({self.beam_size})")
         if self.no_repeat_ngram < 0:
@@ -203,8 +202,13 @@ class TrainConfig:
 
 # Where a stored setting came from on the command line: how refusals name what differs.
 _OPTION_OF_SETTING = {
-    "model": "--model", "format": "--format", "beam_size": "--beam", "max_len": "--max-len",
-    "min_len": "--min-len", "length_penalty": "--length-penalty", "no_repeat_ngram": "--no-repeat-ngram",
+    "model": "--model",
+    "format": "--format",
+    "beam_size": "--beam",
+    "max_len": "--max-len",
+    "min_len": "--min-len",
+    "length_penalty": "--length-penalty",
+    "no_repeat_ngram": "--no-repeat-ngram",
     "n_best": "--n-best",
 }
 

@@ -3,6 +3,7 @@
 An atomic write goes to a temporary file beside its target, is fsynced, renamed into place, and the
 folder is fsynced: a reader sees the old file or the new one, never a mix.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -35,8 +36,9 @@ def file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike[str],
-                            metadata: dict[str, str]) -> None:
+def atomic_save_safetensors(
+    tensors: dict[str, torch.Tensor], path: str | os.PathLike[str], metadata: dict[str, str]
+) -> None:
     """Write ``tensors`` to ``path`` via a temp file in the same folder + ``os.replace``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -87,4 +89,3 @@ def atomic_write_bytes(path: Path, data: bytes, tmp: Path | None = None) -> None
             tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
-

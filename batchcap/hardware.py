@@ -2,10 +2,11 @@
 
 Every stage asks here rather than probing on its own, so one answer holds for a whole run.
 """
+
 from __future__ import annotations
 
 import os
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -34,8 +35,9 @@ def cpu_has_native_bf16() -> bool:
     return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
 
-def cuda_is_ampere_or_newer(device: torch.device,
-                            capability: Callable[[torch.device], tuple[int, int]] | None = None) -> bool:
+def cuda_is_ampere_or_newer(
+    device: torch.device, capability: Callable[[torch.device], tuple[int, int]] | None = None
+) -> bool:
     """True when ``device`` has compute capability 8.0 or more: native bf16 and TF32 tensor cores.
 
     ``torch.cuda.is_bf16_supported()`` also counts emulated bf16 (slow on V100 and T4) and asks
@@ -64,8 +66,9 @@ def resolve_device(spec: str) -> torch.device:
     return device
 
 
-def resolve_precision(precision: str, device: torch.device,
-                      capability: Callable[[torch.device], tuple[int, int]] | None = None) -> str:
+def resolve_precision(
+    precision: str, device: torch.device, capability: Callable[[torch.device], tuple[int, int]] | None = None
+) -> str:
     """``auto`` -> bf16 on Ampere+ GPUs and CPUs with native bf16, fp16 on older GPUs, else fp32."""
     if precision == "auto":
         if device.type == "cuda":

@@ -1,5 +1,5 @@
-"""How batchcap words a failure that ends up in a row or a log: one line, of bounded length.
-"""
+"""How batchcap words a failure that ends up in a row or a log: one line, of bounded length."""
+
 from __future__ import annotations
 
 

@@ -5,10 +5,11 @@ hypotheses, ``step`` called with N = the number of live hypotheses of one image,
 shrinking as hypotheses finish. The rules are those of ``batchcap.model.beam``'s docstring, written
 out plainly. Test and benchmark code only; never imported by the package.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
@@ -36,8 +37,8 @@ def _blocked_words(words: list[int], n: int) -> set[int]:
     """Words that would complete an n-gram already in ``words`` (fairseq's rule)."""
     if n <= 0 or len(words) < n:
         return set()
-    suffix = words[len(words) - n + 1:] if n > 1 else []
-    return {words[i + n - 1] for i in range(len(words) - n + 1) if words[i:i + n - 1] == suffix}
+    suffix = words[len(words) - n + 1 :] if n > 1 else []
+    return {words[i + n - 1] for i in range(len(words) - n + 1) if words[i : i + n - 1] == suffix}
 
 
 def _cut_back(words: list[int], logprobs: list[float], unendable: set[int]) -> tuple[list[int], list[float]]:
@@ -46,8 +47,15 @@ def _cut_back(words: list[int], logprobs: list[float], unendable: set[int]) -> t
     return words[:keep], logprobs[:keep]
 
 
-def _search_one(step: StepFn, state: State, cfg: BeamConfig, start_id: int, end_id: int,
-                banned_ids: Sequence[int], unendable: set[int]) -> list[_Done]:
+def _search_one(
+    step: StepFn,
+    state: State,
+    cfg: BeamConfig,
+    start_id: int,
+    end_id: int,
+    banned_ids: Sequence[int],
+    unendable: set[int],
+) -> list[_Done]:
     alpha, device = float(cfg.length_penalty), state[0].device
     live = [_Hyp([], torch.zeros((), dtype=torch.float32, device=device), 0, [])]
     open_slots = cfg.beam_size
@@ -85,13 +93,21 @@ def _search_one(step: StepFn, state: State, cfg: BeamConfig, start_id: int, end_
             return done
     for h in live:  # still running after max_len words: finalised, cut back to a clean ending
         words, logprobs = _cut_back(h.words, h.logprobs, unendable)
-        done.append(_Done(words, float(h.raw / float(cfg.max_len ** alpha)), False, logprobs))
+        done.append(_Done(words, float(h.raw / float(cfg.max_len**alpha)), False, logprobs))
     return done
 
 
-def reference_beam_search(step: StepFn, state: State, cfg: BeamConfig, *, start_id: int, end_id: int,
-                          pad_id: int = 0, banned_ids: Sequence[int] = (),
-                          unendable_ids: Sequence[int] = ()) -> BeamResult:
+def reference_beam_search(
+    step: StepFn,
+    state: State,
+    cfg: BeamConfig,
+    *,
+    start_id: int,
+    end_id: int,
+    pad_id: int = 0,
+    banned_ids: Sequence[int] = (),
+    unendable_ids: Sequence[int] = (),
+) -> BeamResult:
     """Same contract as ``batchcap.model.beam.beam_search``, one image after another."""
     batch = state[0].shape[0]
     tokens = torch.full((batch, cfg.n_best, cfg.max_len), pad_id, dtype=torch.long)
@@ -101,8 +117,9 @@ def reference_beam_search(step: StepFn, state: State, cfg: BeamConfig, *, start_
     token_logprobs = torch.zeros((batch, cfg.n_best, cfg.max_len + 1))
     with torch.inference_mode():
         for b in range(batch):
-            done = _search_one(step, tuple(s[b:b + 1] for s in state), cfg, start_id, end_id, banned_ids,
-                               set(unendable_ids))
+            done = _search_one(
+                step, tuple(s[b : b + 1] for s in state), cfg, start_id, end_id, banned_ids, set(unendable_ids)
+            )
             best = sorted(done, key=lambda d: -d.score)[: cfg.n_best]  # stable: ties to first finished
             for j, d in enumerate(best):
                 tokens[b, j, : len(d.words)] = torch.tensor(d.words, dtype=torch.long)

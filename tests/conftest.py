@@ -1,12 +1,13 @@
 """Shared fixtures: tiny random-weight models, generated images, and the optional ../shared data."""
+
 from __future__ import annotations
 
 import contextlib
 import os
 import signal
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pytest
@@ -44,16 +45,28 @@ def make_tiny_model(path: Path, seed: int = 0, attention: bool = True, name: str
     torch.manual_seed(seed)
     encoder = timm.create_model("test_efficientnet", num_classes=0).eval()
     vocab = Vocabulary(SPECIAL_TOKENS + TINY_WORDS)
-    cfg = DecoderConfig(vocab_size=len(vocab), feature_dim=encoder.num_features, embed_dim=16,
-                        hidden_dim=32, attention=attention, attention_dim=16, dropout=0.0)
+    cfg = DecoderConfig(
+        vocab_size=len(vocab),
+        feature_dim=encoder.num_features,
+        embed_dim=16,
+        hidden_dim=32,
+        attention=attention,
+        attention_dim=16,
+        dropout=0.0,
+    )
     decoder = CaptionDecoder(cfg)
     with torch.no_grad():  # make <end> likely enough that random captions end
         decoder.out.bias[vocab.end_id] += 1.5
     model = CaptionModel(
         name=name,
         encoder=EncoderSpec(name="test_efficientnet", spatial=True, feature_dim=encoder.num_features),
-        preprocess=Preprocess(input_size=(3, 64, 64), resize="squash", interpolation="bilinear",
-                              mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)),
+        preprocess=Preprocess(
+            input_size=(3, 64, 64),
+            resize="squash",
+            interpolation="bilinear",
+            mean=(0.485, 0.456, 0.406),
+            std=(0.229, 0.224, 0.225),
+        ),
         decoder=cfg,
         vocab=vocab,
         max_caption_len=12,
@@ -72,8 +85,9 @@ def tiny_model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def write_images(folder: Path, count: int, size: tuple[int, int] = (48, 40), seed: int = 0,
-                 fmt: str = "JPEG", prefix: str = "img") -> list[Path]:
+def write_images(
+    folder: Path, count: int, size: tuple[int, int] = (48, 40), seed: int = 0, fmt: str = "JPEG", prefix: str = "img"
+) -> list[Path]:
     """``count`` small random-noise pictures in ``folder`` (created), returned in name order."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -137,8 +151,7 @@ def tmpfs(where: Path, size: str = "1m", options: str = "") -> Iterator[Path]:
         pytest.skip("needs root: the disk-fault tests mount small tmpfs file systems")
     where.mkdir(parents=True, exist_ok=True)
     opts = f"size={size}" + (f",{options}" if options else "")
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(where)], capture_output=True,
-                             text=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(where)], capture_output=True, text=True)
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
     try:

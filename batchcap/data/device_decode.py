@@ -17,19 +17,19 @@ On a GPU node the decoding workers, not the GPU, are the first limit: one core d
 
 The device path decodes at full size (no DCT ``draft``) and resizes with torch's antialiased
 filter, so its pixels differ slightly from the Pillow path's; features stay within cosine 0.99
-(``tests/test_device_decode.py``). The same code runs on a CPU device, which is how it is tested
+(``tests/data/test_device_decode.py``). The same code runs on a CPU device, which is how it is tested
 without a GPU; on a CPU it buys nothing.
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 
 from batchcap.config import Preprocess
 from batchcap.data.preprocess import DEVICE_INTERPOLATIONS, resize_target
-
 
 #: What torchvision's decoders raise for data they cannot decode.
 DEVICE_DECODE_ERRORS = (RuntimeError, ValueError)
@@ -62,13 +62,18 @@ def resize_on_device(image: torch.Tensor, cfg: Preprocess) -> torch.Tensor:
     tw, th = resize_target(width, height, cfg)
     if (width, height) != (tw, th):
         smooth = cfg.interpolation != "nearest"
-        resized = F.interpolate(image[None].float(), size=(th, tw), mode=cfg.interpolation,
-                                antialias=smooth, **({"align_corners": False} if smooth else {}))
+        resized = F.interpolate(
+            image[None].float(),
+            size=(th, tw),
+            mode=cfg.interpolation,
+            antialias=smooth,
+            **({"align_corners": False} if smooth else {}),
+        )
         image = resized[0].round_().clamp_(0, 255).to(torch.uint8)
     if cfg.resize == "crop":
         left = max(0, round((tw - cfg.width) / 2))
         top = max(0, round((th - cfg.height) / 2))
-        image = image[:, top:top + cfg.height, left:left + cfg.width]
+        image = image[:, top : top + cfg.height, left : left + cfg.width]
     return image.contiguous()
 
 
@@ -93,5 +98,3 @@ def decode_jpegs(encoded: Sequence[torch.Tensor], device: str | torch.device) ->
         except DEVICE_DECODE_ERRORS as exc:
             out.append(exc)
     return out
-
-

@@ -1,4 +1,5 @@
 """Which file names are pictures and which are WebDataset shards: one list for run, train, calibrate and report."""
+
 from __future__ import annotations
 
 import os

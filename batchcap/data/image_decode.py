@@ -16,6 +16,7 @@ I/O error), ``too_large`` (over the pixel cap), ``unsupported`` (not a picture P
 knows), ``missing`` (no such file). Only the exception types that data and I/O raise
 are caught; anything else is a bug and propagates.
 """
+
 from __future__ import annotations
 
 import errno
@@ -35,7 +36,14 @@ from batchcap.data.preprocess import DEVICE_INTERPOLATIONS, draft_request, to_in
 from batchcap.messages import one_line
 
 OK, CORRUPT, UNREADABLE, TOO_LARGE, UNSUPPORTED, MISSING, SHARD_ERROR = (
-    "ok", "corrupt", "unreadable", "too_large", "unsupported", "missing", "shard_error")
+    "ok",
+    "corrupt",
+    "unreadable",
+    "too_large",
+    "unsupported",
+    "missing",
+    "shard_error",
+)
 STATUSES = (OK, CORRUPT, UNREADABLE, TOO_LARGE, UNSUPPORTED, MISSING, SHARD_ERROR)
 
 #: What Pillow raises for damaged data: truncation and bad streams (OSError), broken
@@ -62,7 +70,7 @@ class Decoded:
 
     status: str
     error: str | None = None
-    width: int | None = None   # picture size after EXIF orientation (before draft)
+    width: int | None = None  # picture size after EXIF orientation (before draft)
     height: int | None = None
     tensor: torch.Tensor | None = None  # uint8 (3, H, W)
     #: With ``ImagePolicy.decode_on_device``: the JPEG's bytes, checked but not decoded
@@ -91,8 +99,10 @@ def read_file(path: str, policy: ImagePolicy) -> bytes | Decoded:
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
             if size > max_file_bytes(policy):
-                return _fail(TOO_LARGE, f"file of {size} bytes is larger than any picture under the "
-                                        f"{policy.max_pixels}-pixel cap")
+                return _fail(
+                    TOO_LARGE,
+                    f"file of {size} bytes is larger than any picture under the {policy.max_pixels}-pixel cap",
+                )
             return f.read()
     except (FileNotFoundError, NotADirectoryError) as exc:
         return _fail(MISSING, _describe(exc))
@@ -172,8 +182,11 @@ def decode_bytes(data: bytes, preprocess: Preprocess, policy: ImagePolicy) -> De
 
     width, height = img.size
     if width * height > policy.max_pixels:
-        return _fail(TOO_LARGE, f"{width}x{height} = {width * height} pixels exceeds the cap of "
-                                f"{policy.max_pixels}", (width, height))
+        return _fail(
+            TOO_LARGE,
+            f"{width}x{height} = {width * height} pixels exceeds the cap of {policy.max_pixels}",
+            (width, height),
+        )
     if policy.decode_on_device and _device_decodable(img, data, preprocess):
         orientation = _orientation(img)
         size = (height, width) if orientation >= 5 else (width, height)
@@ -201,8 +214,12 @@ def decode_bytes(data: bytes, preprocess: Preprocess, policy: ImagePolicy) -> De
 def _device_decodable(img: Image.Image, data: bytes, preprocess: Preprocess) -> bool:
     """A JPEG the device decoder can take: RGB or grey, complete (ends with EOI), a filter torch has."""
 
-    return (img.format == "JPEG" and img.mode in ("RGB", "L") and preprocess.interpolation in DEVICE_INTERPOLATIONS
-            and data.rstrip(b"\x00\r\n\t ").endswith(b"\xff\xd9"))
+    return (
+        img.format == "JPEG"
+        and img.mode in ("RGB", "L")
+        and preprocess.interpolation in DEVICE_INTERPOLATIONS
+        and data.rstrip(b"\x00\r\n\t ").endswith(b"\xff\xd9")
+    )
 
 
 def decode_file(path: str, preprocess: Preprocess, policy: ImagePolicy) -> Decoded:

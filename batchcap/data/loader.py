@@ -15,13 +15,14 @@ Who handles what:
 Memory is bounded: a worker holds one directory's sorted entries per level of the walk,
 one tar member at a time and one batch; the DataLoader keeps ``2 * workers`` batches in flight.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import itertools
 import signal
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Iterator, Mapping
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -92,7 +93,7 @@ class Batch:
     def __len__(self) -> int:
         return len(self.ok) + len(self.failed)
 
-    def pin_memory(self) -> "Batch":
+    def pin_memory(self) -> Batch:
         """Called by the DataLoader's pinning thread (it does not look inside dataclasses)."""
         self.images = self.images.pin_memory()
         return self
@@ -148,8 +149,9 @@ class _Builder:
         if self.encoded:
             data = torch.frombuffer(bytearray(b"".join(self.encoded)), dtype=torch.uint8)
             ends = list(itertools.accumulate(len(e) for e in self.encoded))
-        batch = Batch(images, self.ok, self.failed, self.ignored, self.skipped,
-                      self.encoded_rows, self.orientations, data, ends)
+        batch = Batch(
+            images, self.ok, self.failed, self.ignored, self.skipped, self.encoded_rows, self.orientations, data, ends
+        )
         self.reset()
         return batch
 
@@ -157,9 +159,16 @@ class _Builder:
 class BatchDataset(IterableDataset):
     """Yields whole :class:`Batch` es; each DataLoader worker takes a disjoint share of the units."""
 
-    def __init__(self, sources: SourceSet, preprocess: Preprocess, policy: ImagePolicy, batch_size: int,
-                 shard_index: int = 0, shard_count: int = 1,
-                 done: Mapping[str, tuple[int | None, int | None]] | None = None) -> None:
+    def __init__(
+        self,
+        sources: SourceSet,
+        preprocess: Preprocess,
+        policy: ImagePolicy,
+        batch_size: int,
+        shard_index: int = 0,
+        shard_count: int = 1,
+        done: Mapping[str, tuple[int | None, int | None]] | None = None,
+    ) -> None:
         super().__init__()
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
@@ -201,8 +210,7 @@ class BatchDataset(IterableDataset):
         if not builder.empty():
             yield builder.take()
 
-    def _handle(self, entry: FileEntry | MemberEntry | ShardFailure | Ignored,
-                builder: _Builder) -> Iterator[Batch]:
+    def _handle(self, entry: FileEntry | MemberEntry | ShardFailure | Ignored, builder: _Builder) -> Iterator[Batch]:
         if isinstance(entry, Ignored):
             builder.ignored += 1
         elif isinstance(entry, ShardFailure):
@@ -216,9 +224,15 @@ class BatchDataset(IterableDataset):
         elif self._is_done(entry.item, member=True):
             builder.skipped += 1
         elif entry.data is None:
-            builder.add(entry.item, Decoded(UNSUPPORTED, f"no image member (looked for "
-                                                         f"{', '.join(self.policy.image_keys)}; "
-                                                         f"has {', '.join(entry.members) or 'nothing'})"))
+            builder.add(
+                entry.item,
+                Decoded(
+                    UNSUPPORTED,
+                    f"no image member (looked for "
+                    f"{', '.join(self.policy.image_keys)}; "
+                    f"has {', '.join(entry.members) or 'nothing'})",
+                ),
+            )
         else:
             builder.add(entry.item, decode_bytes(entry.data, self.preprocess, self.policy))
         if builder.full():
@@ -243,10 +257,18 @@ def _worker_init(_: int) -> None:
         signal.signal(signum, signal.SIG_IGN)
 
 
-def iter_batches(sources: SourceSet, preprocess: Preprocess, policy: ImagePolicy, *, batch_size: int,
-                 workers: int, shard_index: int = 0, shard_count: int = 1,
-                 done: Mapping[str, tuple[int | None, int | None]] | None = None,
-                 pin_memory: bool = False) -> Iterator[Batch]:
+def iter_batches(
+    sources: SourceSet,
+    preprocess: Preprocess,
+    policy: ImagePolicy,
+    *,
+    batch_size: int,
+    workers: int,
+    shard_index: int = 0,
+    shard_count: int = 1,
+    done: Mapping[str, tuple[int | None, int | None]] | None = None,
+    pin_memory: bool = False,
+) -> Iterator[Batch]:
     """Decoded batches of this job shard's inputs; every input lands in exactly one batch.
 
     ``done`` maps ids to the (size, mtime_ns) already captioned: an unchanged file is
@@ -267,7 +289,7 @@ def iter_batches(sources: SourceSet, preprocess: Preprocess, policy: ImagePolicy
     yield from loader
 
 
-def fill_batch(batch: "Batch", preprocess: Preprocess, policy: ImagePolicy, device: str | torch.device) -> None:
+def fill_batch(batch: Batch, preprocess: Preprocess, policy: ImagePolicy, device: str | torch.device) -> None:
     """Decode ``batch``'s undecoded JPEGs on ``device``; ``batch.images`` becomes a device tensor.
 
     Pictures the device cannot decode fall back to Pillow here; one that Pillow cannot decode
@@ -299,8 +321,9 @@ def fill_batch(batch: "Batch", preprocess: Preprocess, policy: ImagePolicy, devi
     batch.encoded_rows, batch.orientations, batch.encoded_data, batch.encoded_ends = [], [], None, []
     if bad:
         keep = [row for row in range(len(batch.ok)) if row not in bad]
-        batch.failed = batch.failed + [dataclasses.replace(batch.ok[row], status=status, error=error)
-                                       for row, (status, error) in bad.items()]
+        batch.failed = batch.failed + [
+            dataclasses.replace(batch.ok[row], status=status, error=error) for row, (status, error) in bad.items()
+        ]
         batch.ok = [batch.ok[row] for row in keep]
         images = images[torch.tensor(keep, dtype=torch.long, device=images.device)]
     batch.images = images

@@ -8,6 +8,7 @@ device, where it is nearly free.
 The settings come from the model file (which always wins) or from timm's
 ``resolve_model_data_config`` for a bare encoder; see :func:`from_timm`.
 """
+
 from __future__ import annotations
 
 import math

@@ -11,10 +11,11 @@ assignment is per picture. For WebDataset sources it is the shard's basename
 every job reading every tar. The price is coarser balance: with few tars and many jobs
 some jobs get more samples than others (or none).
 """
+
 from __future__ import annotations
 
 import hashlib
-from typing import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 
 
 class ShardError(ValueError):
@@ -51,8 +52,7 @@ def parse_shard(text: str) -> tuple[int, int]:
     except ValueError:
         raise ShardError(f"--shard {text!r}: expected I/N, e.g. 0/4 for the first of four jobs") from None
     if count < 1 or not 0 <= index < count:
-        raise ShardError(f"--shard {text!r}: need 0 <= I < N (shards are numbered from 0), "
-                          f"e.g. 0/{max(count, 1)}")
+        raise ShardError(f"--shard {text!r}: need 0 <= I < N (shards are numbered from 0), e.g. 0/{max(count, 1)}")
     return index, count
 
 
@@ -83,8 +83,7 @@ def resolve_shard(option: str | None, environ: Mapping[str, str]) -> tuple[int, 
     low = _env_int(environ, "SLURM_ARRAY_TASK_MIN") if "SLURM_ARRAY_TASK_MIN" in environ else 0
     step = _env_int(environ, "SLURM_ARRAY_TASK_STEP") if "SLURM_ARRAY_TASK_STEP" in environ else 1
     if step < 1 or (task_id - low) % step:
-        raise ShardError(f"Slurm array task {task_id} does not fit min {low} / step {step}; "
-                          "pass --shard I/N")
+        raise ShardError(f"Slurm array task {task_id} does not fit min {low} / step {step}; pass --shard I/N")
     index = (task_id - low) // step
     if count < 1 or not 0 <= index < count:
         raise ShardError(

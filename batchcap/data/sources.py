@@ -18,6 +18,7 @@ Readers only list and read bytes; decoding is :mod:`batchcap.data.image_decode`'
 split into shards and DataLoader workers is :mod:`batchcap.data.loader`'s. Every reader is a
 small frozen dataclass of paths, so a :class:`SourceSet` pickles into worker processes.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -32,9 +33,9 @@ import sys
 import tarfile
 import tempfile
 import zlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence, Union
 
 from batchcap.config import ImagePolicy
 from batchcap.data.extensions import TAR_SUFFIXES, is_image_name
@@ -63,6 +64,7 @@ class InputItem:
 
 
 # -- what readers yield --------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class FileEntry:
@@ -95,7 +97,7 @@ class Ignored:
     path: str
 
 
-Entry = Union[FileEntry, MemberEntry, ShardFailure, Ignored]
+Entry = FileEntry | MemberEntry | ShardFailure | Ignored
 
 
 def fingerprinted(item: InputItem) -> InputItem:
@@ -112,6 +114,7 @@ def fingerprinted(item: InputItem) -> InputItem:
 
 
 # -- readers -------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class FolderReader:
@@ -214,6 +217,7 @@ def shard_name(url: str) -> str:
     For a ``pipe:`` command it is the last word that names a tar (``.tar``, ``.tgz``,
     ``.tar.gz``), else the command's last word.
     """
+
     def base(word: str) -> str:
         word = word.strip("'\"").split("?", 1)[0].rstrip("/")
         return posixpath.basename(word.replace(os.sep, "/")) or word
@@ -273,8 +277,10 @@ class TarReader:
             if current_key is not None and any(k in current for k in keys):
                 yield finish()
             message = str(exc.args[0]).split(" @ ")[0] if exc.args else type(exc).__name__
-            yield ShardFailure(InputItem(id=name, source=url),
-                               one_line(f"shard unreadable after {current_key or 'the start'}: {message}"))
+            yield ShardFailure(
+                InputItem(id=name, source=url),
+                one_line(f"shard unreadable after {current_key or 'the start'}: {message}"),
+            )
             return
         finally:
             if stream is not None:
@@ -286,7 +292,7 @@ class TarReader:
             yield finish()
 
 
-Reader = Union[FolderReader, ListReader, FileReader, TarReader]
+Reader = FolderReader | ListReader | FileReader | TarReader
 
 
 @dataclass(frozen=True)
@@ -312,6 +318,7 @@ class SourceSet:
 
 
 # -- the factory ---------------------------------------------------------------------------
+
 
 def _is_tar_name(path: str) -> bool:
     return path.lower().endswith(TAR_SUFFIXES)
@@ -344,9 +351,7 @@ def _open_spec(spec: str, policy: ImagePolicy) -> Reader:
             return TarReader((spec,), keys)
         if is_image_name(spec):
             return FileReader(spec)
-        raise SourceError(
-            f"{spec}: not a folder, a .tar shard or a picture; a list of paths goes to --files-from"
-        )
+        raise SourceError(f"{spec}: not a folder, a .tar shard or a picture; a list of paths goes to --files-from")
     if _BRACE.search(spec):
         from webdataset.shardlists import expand_urls
 
@@ -375,8 +380,7 @@ def _open_spec(spec: str, policy: ImagePolicy) -> Reader:
     raise SourceError(f"{spec}: no such file or folder")
 
 
-def open_sources(specs: Sequence[str], files_from: str | None = None,
-                 policy: ImagePolicy = ImagePolicy()) -> SourceSet:
+def open_sources(specs: Sequence[str], files_from: str | None = None, policy: ImagePolicy = ImagePolicy()) -> SourceSet:
     """Build the readers for ``specs`` (and ``--files-from``), checking that each exists.
 
     Raises :class:`SourceError` for a spec that names nothing, or when there is no

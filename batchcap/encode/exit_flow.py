@@ -16,6 +16,7 @@ cheap fine-tune:
 Batch-norm statistics stay frozen (eval mode), as in ``--finetune-encoder``: a few dozen
 pictures a step would only add noise to ImageNet's.
 """
+
 from __future__ import annotations
 
 import torch
@@ -36,8 +37,10 @@ class ExitFlowError(Exception):
 def check_supported(encoder_name: str, spatial: bool) -> None:
     """Refuse encoders whose layout this split does not know, and pooled features."""
     if encoder_name not in SUPPORTED:
-        raise ExitFlowError(f"--finetune-exit-flow knows the layout of {', '.join(SUPPORTED)} only, not "
-                            f"{encoder_name!r}; use --finetune-encoder to fine-tune the whole encoder")
+        raise ExitFlowError(
+            f"--finetune-exit-flow knows the layout of {', '.join(SUPPORTED)} only, not "
+            f"{encoder_name!r}; use --finetune-encoder to fine-tune the whole encoder"
+        )
     if not spatial:
         raise ExitFlowError("--finetune-exit-flow needs spatial features (leave out --pooled)")
 
@@ -88,14 +91,19 @@ def trunk_to_map(rows: torch.Tensor) -> torch.Tensor:
 
 def apply_exit_flow(backbone: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
     """Load a model file's exit-flow tensors into ``backbone``; refuse any that do not fit it exactly."""
-    expected = {f"{n}.{k}" for n in EXIT_MODULES for k in getattr(backbone, n).state_dict()} \
-        if all(hasattr(backbone, n) for n in EXIT_MODULES) else set()
+    expected = (
+        {f"{n}.{k}" for n in EXIT_MODULES for k in getattr(backbone, n).state_dict()}
+        if all(hasattr(backbone, n) for n in EXIT_MODULES)
+        else set()
+    )
     unknown = sorted(set(state) - expected)
     missing = sorted(expected - set(state))
     if unknown or missing or not expected:
-        raise ExitFlowError(f"{what}: the exit-flow tensors do not fit the encoder ({len(missing)} missing, e.g. "
-                            f"{missing[:2]}; {len(unknown)} unexpected, e.g. {unknown[:2]}); the model file is "
-                            "corrupt or for another encoder")
+        raise ExitFlowError(
+            f"{what}: the exit-flow tensors do not fit the encoder ({len(missing)} missing, e.g. "
+            f"{missing[:2]}; {len(unknown)} unexpected, e.g. {unknown[:2]}); the model file is "
+            "corrupt or for another encoder"
+        )
     current = backbone.state_dict()
     backbone.load_state_dict({**current, **{k: v.to(current[k].dtype) for k, v in state.items()}})
 

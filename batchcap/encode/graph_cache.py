@@ -3,6 +3,7 @@
 A graph is built in a temporary folder and renamed into place, so concurrent Slurm tasks on one node
 share it and a reader never sees half a model. A rerun pays no conversion.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -11,8 +12,9 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -35,8 +37,9 @@ class CacheUnusable(Exception):
 
 
 # -- the cache ---------------------------------------------------------------------------------
-def cache_root(explicit: str | os.PathLike[str] | None = None,
-               environ: "os._Environ[str] | dict[str, str] | None" = None) -> Path:
+def cache_root(
+    explicit: str | os.PathLike[str] | None = None, environ: os._Environ[str] | dict[str, str] | None = None
+) -> Path:
     """Where converted encoders live: ``explicit``, else ``$BATCHCAP_ENCODER_CACHE``, else
     ``$XDG_CACHE_HOME/batchcap``, else ``~/.cache/batchcap``."""
     environ = os.environ if environ is None else environ
@@ -64,18 +67,31 @@ def backbone_identity(backbone: nn.Module) -> tuple[str, str]:
     return arch, weights_sha256(backbone)
 
 
-def cache_fields(identity: tuple[str, str], preprocess: Preprocess, spatial: bool, stored_precision: str,
-                 version: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def cache_fields(
+    identity: tuple[str, str],
+    preprocess: Preprocess,
+    spatial: bool,
+    stored_precision: str,
+    version: str,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Everything a converted graph depends on; its hash names the cache folder.
 
     ``identity`` is (architecture, weights digest): :func:`backbone_identity` of a built network, or
     :func:`batchcap.encode.weights.stored_identity` of the weights as stored, which needs no network.
     """
     arch, digest = identity
-    return {"graph_format": GRAPH_FORMAT, "encoder": arch,
-            "weights_sha256": digest,
-            "preprocess": to_dict(preprocess), "spatial": spatial, "precision": stored_precision,
-            "batch": BATCH_POLICY, "openvino": version, **(extra or {})}
+    return {
+        "graph_format": GRAPH_FORMAT,
+        "encoder": arch,
+        "weights_sha256": digest,
+        "preprocess": to_dict(preprocess),
+        "spatial": spatial,
+        "precision": stored_precision,
+        "batch": BATCH_POLICY,
+        "openvino": version,
+        **(extra or {}),
+    }
 
 
 def cache_key(fields: dict[str, Any]) -> str:
@@ -83,9 +99,14 @@ def cache_key(fields: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:24]
 
 
-def cached_graph(root: Path, fields: dict[str, Any], build: Callable[[], Any],
-                 log: Callable[[str], None] | None = None, extra_info: dict[str, Any] | None = None,
-                 announce: bool = True) -> tuple[Path, dict[str, Any]]:
+def cached_graph(
+    root: Path,
+    fields: dict[str, Any],
+    build: Callable[[], Any],
+    log: Callable[[str], None] | None = None,
+    extra_info: dict[str, Any] | None = None,
+    announce: bool = True,
+) -> tuple[Path, dict[str, Any]]:
     """The cached graph for ``fields`` (``encoder.xml``), calling ``build`` to make it on a miss.
 
     The graph is written into a temporary folder beside its final place and renamed
@@ -105,16 +126,22 @@ def cached_graph(root: Path, fields: dict[str, Any], build: Callable[[], Any],
         folder.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=folder.parent))
     except OSError as exc:
-        raise CacheUnusable(f"encoder cache {root}: cannot write there ({exc.strerror or exc}); pass "
-                            f"--encoder-cache DIR or set {ENV_CACHE} to a writable folder") from exc
+        raise CacheUnusable(
+            f"encoder cache {root}: cannot write there ({exc.strerror or exc}); pass "
+            f"--encoder-cache DIR or set {ENV_CACHE} to a writable folder"
+        ) from exc
     if log and announce:
         log(f"converting the encoder to OpenVINO ({fields['precision']}); first use only, the result is cached")
     started = time.perf_counter()
     try:
         graph = build()
         ov.save_model(graph, str(tmp / "encoder.xml"), compress_to_fp16=False)
-        info = {**fields, **(extra_info or {}), "build_seconds": round(time.perf_counter() - started, 2),
-                "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        info = {
+            **fields,
+            **(extra_info or {}),
+            "build_seconds": round(time.perf_counter() - started, 2),
+            "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
         (tmp / "info.json").write_text(json.dumps(info, indent=2) + "\n")
         try:
             os.rename(tmp, folder)  # atomic; fails when the folder already exists

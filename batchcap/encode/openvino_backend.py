@@ -18,12 +18,14 @@ run may switch between them.
   plugin's inference-precision hint); ``int8`` is a post-training-quantised graph
   (:mod:`batchcap.encode.quantize`).
 """
+
 from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -63,8 +65,10 @@ def import_openvino() -> Any:
     try:
         import openvino
     except Exception as exc:
-        raise OpenVINOUnavailable(f"openvino cannot be imported ({exc.__class__.__name__}: {exc}); "
-                                  "pip install openvino (x86-64 and ARM64), or use --backend torch") from exc
+        raise OpenVINOUnavailable(
+            f"openvino cannot be imported ({exc.__class__.__name__}: {exc}); "
+            "pip install openvino (x86-64 and ARM64), or use --backend torch"
+        ) from exc
     return openvino
 
 
@@ -89,7 +93,9 @@ def resolve_precision(precision: str) -> str:
 
 # -- conversion --------------------------------------------------------------------------------
 class EncoderGraph(nn.Module):
-    """What is converted: ``uint8`` (B, 3, H, W) -> normalised -> features, as :class:`~batchcap.encode.torch_backend.Encoder`."""
+    """What is converted: ``uint8`` (B, 3, H, W) -> normalised -> features.
+
+    The same computation as :class:`~batchcap.encode.torch_backend.Encoder`."""
 
     def __init__(self, backbone: nn.Module, preprocess: Preprocess, spatial: bool) -> None:
         super().__init__()
@@ -131,9 +137,11 @@ def compile_graph(xml: Path, precision: str) -> Any:
     import openvino as ov
 
     core = ov.Core()
-    return core.compile_model(core.read_model(str(xml)), "CPU",
-                              {"INFERENCE_PRECISION_HINT": inference_precision(precision),
-                               "PERFORMANCE_HINT": "LATENCY"})
+    return core.compile_model(
+        core.read_model(str(xml)),
+        "CPU",
+        {"INFERENCE_PRECISION_HINT": inference_precision(precision), "PERFORMANCE_HINT": "LATENCY"},
+    )
 
 
 def _stderr(message: str) -> None:
@@ -150,9 +158,15 @@ class OpenVINOEncoder:
     (:func:`batchcap.encode.quantize.int8_graph`); ``info`` is the used graph's cache record.
     """
 
-    def __init__(self, backbone: nn.Module | Callable[[], nn.Module], preprocess: Preprocess, runtime: RuntimeConfig,
-                 spatial: bool = True, log: Callable[[str], None] | None = None,
-                 identity: tuple[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        backbone: nn.Module | Callable[[], nn.Module],
+        preprocess: Preprocess,
+        runtime: RuntimeConfig,
+        spatial: bool = True,
+        log: Callable[[str], None] | None = None,
+        identity: tuple[str, str] | None = None,
+    ) -> None:
         """``backbone`` may be a function that builds it: with ``identity`` (architecture, weights digest)
         given, the network is built only when its graph is not cached yet, so a run from the cache
         never imports timm or builds Xception (seconds of start-up)."""
@@ -165,6 +179,7 @@ class OpenVINOEncoder:
             raise ValueError(f"OpenVINO encoder: unsupported precision {precision!r}")
         version = str(ov.__version__).split("-")[0]
         root = cache_root(runtime.encoder_cache)
+
         def network() -> nn.Module:
             return backbone if isinstance(backbone, nn.Module) else backbone()
 
@@ -174,7 +189,6 @@ class OpenVINOEncoder:
         fp32_xml, fp32_info = cached_graph(root, fp32_fields, lambda: convert(network(), preprocess, spatial), log)
         self.xml, self.info = fp32_xml, fp32_info
         if precision == "int8":
-
             self.xml, self.info = int8_graph(root, fp32_xml, fp32_fields, preprocess, log)
         started = time.perf_counter()
         self.compiled = compile_graph(self.xml, precision)

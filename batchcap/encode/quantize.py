@@ -12,14 +12,16 @@ decoded with the model's own preprocessing. For Flickr8k that is 144 of the 6,00
 training photos. The int8 graph's cache key is the fp32 graph's plus this recipe; the
 photos actually used are recorded in its ``info.json``.
 """
+
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -33,8 +35,11 @@ from batchcap.encode.graph_cache import cached_graph
 ENV_CALIBRATION = "BATCHCAP_CALIBRATION_IMAGES"
 CALIBRATION_PHOTOS = 144
 #: What the int8 graph depends on besides the fp32 graph: how it was calibrated.
-RECIPE = {"calibration": f"{CALIBRATION_PHOTOS} evenly spaced training photos", "preset": "performance",
-          "fast_bias_correction": True}
+RECIPE = {
+    "calibration": f"{CALIBRATION_PHOTOS} evenly spaced training photos",
+    "preset": "performance",
+    "fast_bias_correction": True,
+}
 
 
 class CalibrationError(Exception):
@@ -79,15 +84,28 @@ def quantize_graph(fp32_xml: Path, arrays: list[np.ndarray]) -> Any:
         try:
             import nncf
         except ImportError as exc:
-            raise CalibrationError("int8 needs nncf to calibrate the encoder once: pip install 'batchcap[int8]' "
-                                   "(or pip install nncf); or use --precision bf16") from exc
+            raise CalibrationError(
+                "int8 needs nncf to calibrate the encoder once: pip install 'batchcap[int8]' "
+                "(or pip install nncf); or use --precision bf16"
+            ) from exc
         model = ov.Core().read_model(str(fp32_xml))
-        return nncf.quantize(model, nncf.Dataset(arrays), subset_size=len(arrays),
-                             preset=nncf.QuantizationPreset.PERFORMANCE, fast_bias_correction=True)
+        return nncf.quantize(
+            model,
+            nncf.Dataset(arrays),
+            subset_size=len(arrays),
+            preset=nncf.QuantizationPreset.PERFORMANCE,
+            fast_bias_correction=True,
+        )
 
 
-def int8_graph(root: Path, fp32_xml: Path, fp32_fields: dict[str, Any], preprocess: Preprocess,
-               log: Callable[[str], None] | None = None, source: str | None = None) -> tuple[Path, dict[str, Any]]:
+def int8_graph(
+    root: Path,
+    fp32_xml: Path,
+    fp32_fields: dict[str, Any],
+    preprocess: Preprocess,
+    log: Callable[[str], None] | None = None,
+    source: str | None = None,
+) -> tuple[Path, dict[str, Any]]:
     """The cached int8 graph for the fp32 graph ``fp32_xml``, calibrated now when it is not cached yet."""
 
     fields = {**fp32_fields, "precision": "int8", **RECIPE}
@@ -96,8 +114,10 @@ def int8_graph(root: Path, fp32_xml: Path, fp32_fields: dict[str, Any], preproce
     def build() -> Any:
         where = source or os.environ.get(ENV_CALIBRATION)
         if not where:
-            raise CalibrationError(f"int8 is calibrated once on training photos: set {ENV_CALIBRATION} to the "
-                                   "training data (a dataset folder or a folder of photos); or use --precision bf16")
+            raise CalibrationError(
+                f"int8 is calibrated once on training photos: set {ENV_CALIBRATION} to the "
+                "training data (a dataset folder or a folder of photos); or use --precision bf16"
+            )
         photos = calibration_photos(where)
         if log:
             log(f"calibrating int8 on {len(photos)} photos from {where}; first use only, the result is cached")

@@ -5,6 +5,7 @@ found beside the model or among the packaged assets); ``--encoder-weights`` /
 ``BATCHCAP_ENCODER_WEIGHTS``; timm's ``pretrained=True`` download (online users).
 With none of these the encoder is refused -- never silently random at captioning time.
 """
+
 from __future__ import annotations
 
 import torch
@@ -31,7 +32,8 @@ def build_backbone(cfg: EncoderConfig, source: WeightsSource) -> nn.Module:
         if source.kind == "pretrained":
             raise EncoderError(
                 f"could not download pretrained weights for {cfg.name!r} ({exc.__class__.__name__}: {exc}); "
-                f"offline, pass --encoder-weights FILE or set {ENV_WEIGHTS}") from exc
+                f"offline, pass --encoder-weights FILE or set {ENV_WEIGHTS}"
+            ) from exc
         raise
     if source.kind != "pretrained":
         state = source.state if source.state is not None else load_state_dict_file(source.path or "")
@@ -42,9 +44,9 @@ def build_backbone(cfg: EncoderConfig, source: WeightsSource) -> nn.Module:
             raise EncoderError(
                 f"encoder weights ({source.describe()}) do not fit {cfg.name!r}: "
                 f"{len(missing)} missing keys (e.g. {missing[:3]}), {len(unexpected)} unexpected "
-                f"(e.g. {unexpected[:3]}); check --encoder-name")
+                f"(e.g. {unexpected[:3]}); check --encoder-name"
+            )
     if source.exit_flow is not None:
-
         try:
             apply_exit_flow(model, source.exit_flow, source.describe())
         except ExitFlowError as exc:
@@ -60,8 +62,9 @@ class Encoder(nn.Module):
     else pooled ``(B, F)``.
     """
 
-    def __init__(self, backbone: nn.Module, preprocess: Preprocess, runtime: RuntimeConfig,
-                 spatial: bool = True) -> None:
+    def __init__(
+        self, backbone: nn.Module, preprocess: Preprocess, runtime: RuntimeConfig, spatial: bool = True
+    ) -> None:
         super().__init__()
         self.backbone = backbone
         self.runtime = runtime
@@ -86,5 +89,3 @@ class Encoder(nn.Module):
         if self.spatial:
             return fmap.flatten(2).transpose(1, 2).contiguous()  # (B, h*w, F)
         return fmap.mean(dim=(2, 3))  # (B, F)
-
-

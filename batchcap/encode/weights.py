@@ -3,6 +3,7 @@ found beside the model or among the packaged assets); ``--encoder-weights`` / ``
 timm's ``pretrained=True`` download (online users). With none of these the encoder is refused --
 never silently random at captioning time.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -58,7 +59,8 @@ class WeightsSource:
 
     def describe(self) -> str:
         base = {"embedded": "embedded in the model file", "pretrained": "timm pretrained download"}.get(
-            self.kind, str(self.path))
+            self.kind, str(self.path)
+        )
         return base + (" with the model file's fine-tuned exit flow" if self.exit_flow is not None else "")
 
 
@@ -95,8 +97,9 @@ def stored_identity(cfg: EncoderConfig, source: WeightsSource) -> tuple[str, str
     return cfg.name, digest
 
 
-def resolve_encoder_weights(model: CaptionModel, explicit: str | None = None,
-                            environ: "os._Environ[str] | dict[str, str] | None" = None) -> WeightsSource:
+def resolve_encoder_weights(
+    model: CaptionModel, explicit: str | None = None, environ: os._Environ[str] | dict[str, str] | None = None
+) -> WeightsSource:
     """Pick the encoder weights for ``model``; refuse weights it was not trained with.
 
     Order: weights embedded in the model file; ``explicit`` (``--encoder-weights``); the
@@ -113,8 +116,9 @@ def resolve_encoder_weights(model: CaptionModel, explicit: str | None = None,
     return base
 
 
-def _base_weights(model: CaptionModel, explicit: str | None, environ: "os._Environ[str] | dict[str, str]"
-                  ) -> WeightsSource:
+def _base_weights(
+    model: CaptionModel, explicit: str | None, environ: os._Environ[str] | dict[str, str]
+) -> WeightsSource:
     """The weights file (or download) ``model`` names, found and checked as :func:`resolve_encoder_weights` says."""
     candidates: list[str] = []
     if explicit:
@@ -134,7 +138,8 @@ def _base_weights(model: CaptionModel, explicit: str | None, environ: "os._Envir
     raise EncoderError(
         f"this model needs the encoder weights {model.encoder.weights_file or ''} "
         f"(sha256 {model.encoder.weights_sha256[:12]}…), which were not found beside the model "
-        f"or in the package; pass --encoder-weights FILE or set {ENV_WEIGHTS}")
+        f"or in the package; pass --encoder-weights FILE or set {ENV_WEIGHTS}"
+    )
 
 
 class EncoderError(Exception):

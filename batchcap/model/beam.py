@@ -41,10 +41,11 @@ Semantics, exactly (the reference implements the same rules one image at a time)
   Missing ones (only when fewer than ``n_best`` candidates were ever finite) have score
   ``-inf`` and length 0.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 
@@ -80,7 +81,7 @@ def _ngram_blocked(words: torch.Tensor, t: int, n: int, vocab: int) -> torch.Ten
     hist = words[:, :t]  # (N, t)
     windows = hist.unfold(1, n, 1)  # (N, t-n+1, n) every complete n-gram
     if n > 1:
-        suffix = hist[:, t - n + 1:]  # (N, n-1) the words the next one would follow
+        suffix = hist[:, t - n + 1 :]  # (N, n-1) the words the next one would follow
         match = (windows[:, :, : n - 1] == suffix[:, None, :]).all(-1)  # (N, t-n+1)
     else:
         match = torch.ones(windows.shape[:2], dtype=torch.bool, device=words.device)
@@ -90,10 +91,19 @@ def _ngram_blocked(words: torch.Tensor, t: int, n: int, vocab: int) -> torch.Ten
 
 
 @torch.inference_mode()
-def beam_search(step: StepFn, state: State, cfg: BeamConfig, *, start_id: int, end_id: int,
-                pad_id: int = 0, banned_ids: Sequence[int] = (),
-                unendable_ids: Sequence[int] = (), per_image: Sequence[bool] = (),
-                sync_every: int | None = None) -> BeamResult:
+def beam_search(
+    step: StepFn,
+    state: State,
+    cfg: BeamConfig,
+    *,
+    start_id: int,
+    end_id: int,
+    pad_id: int = 0,
+    banned_ids: Sequence[int] = (),
+    unendable_ids: Sequence[int] = (),
+    per_image: Sequence[bool] = (),
+    sync_every: int | None = None,
+) -> BeamResult:
     """Search ``cfg.beam_size`` beams for each of the ``B`` rows of ``state`` at once.
 
     ``step(tokens (N,), state) -> (log_probs (N, V), state)`` advances N hypotheses by one
@@ -109,7 +119,7 @@ def beam_search(step: StepFn, state: State, cfg: BeamConfig, *, start_id: int, e
     between checks of whether every image has finished (a device-to-host sync); the result
     is the same for any value, since words after the end change nothing. Default: every word
     on CPU, where the check is free, every 4 on an accelerator.
-    
+
     One function on purpose: the word loop's steps (score, block, rank, reorder, finish) share a
     dozen ``(B, K)`` tensors, and read inline, with a shape comment on each line, they can be
     checked against the per-image reference search (``tests/beam_reference.py``) line by line;
@@ -213,8 +223,7 @@ def beam_search(step: StepFn, state: State, cfg: BeamConfig, *, start_id: int, e
             break
         if any(keep and new is not old for old, new, keep in zip(state, new_state, shared)):
             raise ValueError("step changed a per_image state tensor; it must return it unchanged")
-        state = tuple(old if new is old else new.index_select(0, reorder)
-                      for old, new in zip(state, new_state))
+        state = tuple(old if new is old else new.index_select(0, reorder) for old, new in zip(state, new_state))
 
     if not all_done:  # finalise beams still live after max_len words, in beam order
         alive = torch.isfinite(beam_scores)  # (B, K); dead beams are exactly the -inf ones
@@ -229,7 +238,7 @@ def beam_search(step: StepFn, state: State, cfg: BeamConfig, *, start_id: int, e
             word_lp[:, :, :T] = word_lp[:, :, :T].masked_fill(~kept, 0.0)
         fin_words.scatter_(1, fin_pos[:, :, None].expand(B, K, T), words)
         fin_len.scatter_(1, fin_pos, lengths)
-        fin_score.scatter_(1, fin_pos, beam_scores / float(T ** alpha))
+        fin_score.scatter_(1, fin_pos, beam_scores / float(T**alpha))
         fin_ended.scatter_(1, fin_pos, torch.zeros_like(alive))
         fin_lp.scatter_(1, fin_pos[:, :, None].expand(B, K, T + 1), word_lp)
 

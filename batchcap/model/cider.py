@@ -1,11 +1,12 @@
 """CIDEr-D (Vedantam et al., 2015), as the COCO toolkit computes it: a reward in self-critical training,
 and the neighbours' consensus at caption time.
 """
+
 from __future__ import annotations
 
 import math
 from collections import Counter, defaultdict
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 
 def ngram_counts(words: Sequence[str], n: int = 4) -> Counter:
@@ -13,7 +14,7 @@ def ngram_counts(words: Sequence[str], n: int = 4) -> Counter:
     counts: Counter = Counter()
     for k in range(1, n + 1):
         for i in range(len(words) - k + 1):
-            counts[tuple(words[i:i + k])] += 1
+            counts[tuple(words[i : i + k])] += 1
     return counts
 
 
@@ -63,7 +64,7 @@ class CiderD:
         hyp_vec, hyp_norm, hyp_len = self.vector(words)
         total = 0.0
         for ref_vec, ref_norm, ref_len in references:
-            penalty = math.exp(-((hyp_len - ref_len) ** 2) / (2 * self.sigma ** 2))
+            penalty = math.exp(-((hyp_len - ref_len) ** 2) / (2 * self.sigma**2))
             for order in range(self.n):
                 refs = ref_vec[order]
                 value = 0.0

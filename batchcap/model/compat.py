@@ -1,6 +1,7 @@
 """Whether two model files can be combined (averaged, or run as an ensemble): the same encoder, preprocessing
 and vocabulary, and what differs when they are not.
 """
+
 from __future__ import annotations
 
 import torch
@@ -14,14 +15,19 @@ def same_encoder_state(a: CaptionModel, b: CaptionModel) -> bool:
     if a.encoder_state is None or b.encoder_state is None:
         return a.encoder_state is None and b.encoder_state is None
     return a.encoder_state.keys() == b.encoder_state.keys() and all(
-        torch.equal(v, b.encoder_state[k]) for k, v in a.encoder_state.items())
+        torch.equal(v, b.encoder_state[k]) for k, v in a.encoder_state.items()
+    )
 
 
 def same_exit_flow_keys(a: CaptionModel, b: CaptionModel) -> bool:
     """Both models store a fine-tuned exit flow (``--finetune-exit-flow``) with the same tensors, values aside."""
-    return (a.encoder.finetuned == b.encoder.finetuned == EXIT_FLOW and a.encoder_state is not None
-            and b.encoder_state is not None and a.encoder_state.keys() == b.encoder_state.keys()
-            and all(v.shape == b.encoder_state[k].shape for k, v in a.encoder_state.items()))
+    return (
+        a.encoder.finetuned == b.encoder.finetuned == EXIT_FLOW
+        and a.encoder_state is not None
+        and b.encoder_state is not None
+        and a.encoder_state.keys() == b.encoder_state.keys()
+        and all(v.shape == b.encoder_state[k].shape for k, v in a.encoder_state.items())
+    )
 
 
 def setup_differences(first: CaptionModel, other: CaptionModel, exit_flows_may_differ: bool = False) -> list[str]:
@@ -33,9 +39,14 @@ def setup_differences(first: CaptionModel, other: CaptionModel, exit_flows_may_d
     match in name and shape (averaging averages them; an ensemble, which encodes once, cannot).
     """
     same_weights = same_encoder_state(first, other) or (exit_flows_may_differ and same_exit_flow_keys(first, other))
-    return [what for what, same in (
-        ("vocabulary", other.vocab == first.vocab),
-        ("encoder", to_dict(other.encoder) == to_dict(first.encoder)),
-        ("preprocessing", other.preprocess == first.preprocess),
-        ("maximum caption length", other.max_caption_len == first.max_caption_len),
-        ("embedded encoder weights", same_weights)) if not same]
+    return [
+        what
+        for what, same in (
+            ("vocabulary", other.vocab == first.vocab),
+            ("encoder", to_dict(other.encoder) == to_dict(first.encoder)),
+            ("preprocessing", other.preprocess == first.preprocess),
+            ("maximum caption length", other.max_caption_len == first.max_caption_len),
+            ("embedded encoder weights", same_weights),
+        )
+        if not same
+    ]

@@ -19,11 +19,13 @@
 
 Everything here is float64 and deterministic: the same features give the same confidence.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,8 +34,7 @@ from batchcap.model.beam import BeamResult
 from batchcap.model.cider import CiderD
 from batchcap.model.text import normalize_caption
 
-EVIDENCE = ("mean_logprob", "min_logprob", "margin", "length", "familiarity", "neighbour_similarity",
-            "consensus")
+EVIDENCE = ("mean_logprob", "min_logprob", "margin", "length", "familiarity", "neighbour_similarity", "consensus")
 NEIGHBOURS_K = 5
 
 
@@ -68,19 +69,30 @@ class Familiarity:
         return torch.log(d.clamp(min=1e-12) / x.shape[1])
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {"familiarity.mean": self.mean, "familiarity.components": self.components,
-                "familiarity.variances": self.variances}
+        return {
+            "familiarity.mean": self.mean,
+            "familiarity.components": self.components,
+            "familiarity.variances": self.variances,
+        }
 
     def meta(self) -> dict[str, Any]:
-        return {"residual_variance": self.residual_variance, "images": self.images,
-                "components": int(self.components.shape[0]), "note": self.note}
+        return {
+            "residual_variance": self.residual_variance,
+            "images": self.images,
+            "components": int(self.components.shape[0]),
+            "note": self.note,
+        }
 
     @classmethod
-    def from_file(cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> "Familiarity":
-        return cls(mean=tensors["familiarity.mean"].float(), components=tensors["familiarity.components"].float(),
-                   variances=tensors["familiarity.variances"].float(),
-                   residual_variance=float(meta["residual_variance"]), images=int(meta["images"]),
-                   note=str(meta.get("note", "")))
+    def from_file(cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Familiarity:
+        return cls(
+            mean=tensors["familiarity.mean"].float(),
+            components=tensors["familiarity.components"].float(),
+            variances=tensors["familiarity.variances"].float(),
+            residual_variance=float(meta["residual_variance"]),
+            images=int(meta["images"]),
+            note=str(meta.get("note", "")),
+        )
 
 
 def fit_familiarity(pooled: torch.Tensor, components: int = 128, note: str = "") -> Familiarity:
@@ -91,12 +103,17 @@ def fit_familiarity(pooled: torch.Tensor, components: int = 128, note: str = "")
         raise ValueError(f"familiarity needs at least 3 pictures, got {n}")
     mean = x.mean(0)
     _, singular, vh = torch.linalg.svd(x - mean, full_matrices=False)
-    variances = singular ** 2 / (n - 1)  # (min(n, F),)
+    variances = singular**2 / (n - 1)  # (min(n, F),)
     k = min(components, n - 2, dim - 1)
     rest = variances[k:].sum() / max(1, dim - k)  # the remaining variance, spread over the other dimensions
-    return Familiarity(mean=mean.float(), components=vh[:k].float().contiguous(),
-                       variances=variances[:k].clamp(min=1e-12).float(),
-                       residual_variance=float(max(rest, 1e-12)), images=n, note=note)
+    return Familiarity(
+        mean=mean.float(),
+        components=vh[:k].float().contiguous(),
+        variances=variances[:k].clamp(min=1e-12).float(),
+        residual_variance=float(max(rest, 1e-12)),
+        images=n,
+        note=note,
+    )
 
 
 class Neighbours:
@@ -128,16 +145,19 @@ class Neighbours:
 
         sim = whitened.double() @ self.vectors.double().T  # (B, N)
         top = sim.topk(self.k, dim=1)
-        consensus = [self._cider.score(normalize_caption(text), [r for j in row for r in self._prepared(j)])
-                     for row, text in zip(top.indices.tolist(), texts)]
+        consensus = [
+            self._cider.score(normalize_caption(text), [r for j in row for r in self._prepared(j)])
+            for row, text in zip(top.indices.tolist(), texts)
+        ]
         return top.values.mean(1).numpy(), np.asarray(consensus, dtype=np.float64)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"familiarity.neighbours": self.vectors}
 
 
-def caption_evidence(result: BeamResult, familiarity: torch.Tensor | None,
-                     neighbours: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+def caption_evidence(
+    result: BeamResult, familiarity: torch.Tensor | None, neighbours: tuple[np.ndarray, np.ndarray] | None = None
+) -> np.ndarray:
     """float64 ``(B, len(EVIDENCE))``: the calibrator's inputs for each image's best caption.
 
     ``mean_logprob`` and ``min_logprob`` are over the caption's tokens (``<end>`` included
@@ -158,8 +178,11 @@ def caption_evidence(result: BeamResult, familiarity: torch.Tensor | None,
     else:
         margin = torch.full_like(mean, torch.nan)
     fam = familiarity.double().cpu() if familiarity is not None else torch.full_like(mean, torch.nan)
-    similarity, consensus = (torch.from_numpy(n) for n in neighbours) if neighbours is not None else (
-        torch.full_like(mean, torch.nan), torch.full_like(mean, torch.nan))
+    similarity, consensus = (
+        (torch.from_numpy(n) for n in neighbours)
+        if neighbours is not None
+        else (torch.full_like(mean, torch.nan), torch.full_like(mean, torch.nan))
+    )
     return torch.stack([mean, low, margin, lengths.double(), fam, similarity, consensus], 1).numpy()
 
 
@@ -189,14 +212,25 @@ class Calibrator:
         return 1.0 / (1.0 + np.exp(-z))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"features": list(self.features), "center": list(self.center), "scale": list(self.scale),
-                "coef": list(self.coef), "intercept": self.intercept, "report": self.report}
+        return {
+            "features": list(self.features),
+            "center": list(self.center),
+            "scale": list(self.scale),
+            "coef": list(self.coef),
+            "intercept": self.intercept,
+            "report": self.report,
+        }
 
     @classmethod
-    def from_dict(cls, doc: dict[str, Any]) -> "Calibrator":
-        return cls(features=tuple(doc["features"]), center=tuple(map(float, doc["center"])),
-                   scale=tuple(map(float, doc["scale"])), coef=tuple(map(float, doc["coef"])),
-                   intercept=float(doc["intercept"]), report=dict(doc.get("report", {})))
+    def from_dict(cls, doc: dict[str, Any]) -> Calibrator:
+        return cls(
+            features=tuple(doc["features"]),
+            center=tuple(map(float, doc["center"])),
+            scale=tuple(map(float, doc["scale"])),
+            coef=tuple(map(float, doc["coef"])),
+            intercept=float(doc["intercept"]),
+            report=dict(doc.get("report", {})),
+        )
 
 
 def fit_logistic(x: np.ndarray, y: np.ndarray, l2: float = 1.0, iterations: int = 50) -> tuple[np.ndarray, float]:
@@ -221,8 +255,9 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, l2: float = 1.0, iterations: int 
     return w[1:], float(w[0])
 
 
-def fit_calibrator(evidence: np.ndarray, labels: np.ndarray, features: Sequence[str] = EVIDENCE,
-                   l2: float = 1.0) -> Calibrator:
+def fit_calibrator(
+    evidence: np.ndarray, labels: np.ndarray, features: Sequence[str] = EVIDENCE, l2: float = 1.0
+) -> Calibrator:
     """Standardise the chosen ``features`` of ``evidence`` and fit :func:`fit_logistic` to ``labels``."""
     columns = [EVIDENCE.index(name) for name in features]
     x = np.asarray(evidence, dtype=np.float64)[:, columns]
@@ -232,8 +267,7 @@ def fit_calibrator(evidence: np.ndarray, labels: np.ndarray, features: Sequence[
     scale = x.std(0)
     scale = np.where(scale > 0, scale, 1.0)
     coef, intercept = fit_logistic((x - center) / scale, np.asarray(labels, dtype=np.float64), l2)
-    return Calibrator(tuple(features), tuple(center.tolist()), tuple(scale.tolist()), tuple(coef.tolist()),
-                      intercept)
+    return Calibrator(tuple(features), tuple(center.tolist()), tuple(scale.tolist()), tuple(coef.tolist()), intercept)
 
 
 def auroc(scores: Sequence[float], labels: Sequence[int]) -> float:
@@ -251,7 +285,7 @@ def auroc(scores: Sequence[float], labels: Sequence[int]) -> float:
         j = i
         while j + 1 < len(s) and sorted_s[j + 1] == sorted_s[i]:
             j += 1
-        ranks[order[i:j + 1]] = (i + j) / 2 + 1
+        ranks[order[i : j + 1]] = (i + j) / 2 + 1
         i = j + 1
     return float((ranks[y].sum() - pos * (pos + 1) / 2) / (pos * neg))
 
@@ -265,7 +299,12 @@ def reliability_table(confidence: Sequence[float], labels: Sequence[int], bins: 
         low, high = b / bins, (b + 1) / bins
         inside = (c >= low) & ((c < high) if b < bins - 1 else (c <= high))
         n = int(inside.sum())
-        rows.append({"bin": f"{low:.1f}-{high:.1f}", "images": n,
-                     "mean_confidence": round(float(c[inside].mean()), 3) if n else None,
-                     "acceptable": round(float(y[inside].mean()), 3) if n else None})
+        rows.append(
+            {
+                "bin": f"{low:.1f}-{high:.1f}",
+                "images": n,
+                "mean_confidence": round(float(c[inside].mean()), 3) if n else None,
+                "acceptable": round(float(y[inside].mean()), 3) if n else None,
+            }
+        )
     return rows

@@ -19,6 +19,7 @@ not the LSTM, dominated the cost of a training step.
 over the prefix. All state tensors are batch-first so a beam search can reorder them
 with one ``index_select`` each, without knowing what they are.
 """
+
 from __future__ import annotations
 
 import torch
@@ -58,7 +59,7 @@ class CaptionDecoder(nn.Module):
             self.out = nn.Linear(cfg.embed_dim, cfg.vocab_size, **kw)
         else:
             self.out = nn.Linear(cfg.hidden_dim, cfg.vocab_size, **kw)
-        self._scale = d ** -0.5
+        self._scale = d**-0.5
 
     # -- state ---------------------------------------------------------------------------
     #: Which tensors of the state are one row per image (memory, keys), shared by all of the
@@ -88,8 +89,9 @@ class CaptionDecoder(nn.Module):
             c = c.repeat_interleave(captions_per_image, dim=0)  # (N, L, H)
         return (h, c, memory, keys)
 
-    def _context(self, h_top: torch.Tensor, memory: torch.Tensor, keys: torch.Tensor
-                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _context(
+        self, h_top: torch.Tensor, memory: torch.Tensor, keys: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         m, regions, d = memory.shape
         per_image = h_top.shape[0] // max(1, m)  # C hypotheses share each image's memory
         if not self.cfg.attention:
@@ -101,8 +103,7 @@ class CaptionDecoder(nn.Module):
         context = torch.sigmoid(self.att_gate(h_top)) * context  # gated, as in SAT
         return context, alpha.reshape(m * per_image, regions)
 
-    def _advance(self, tokens: torch.Tensor, state: State
-                 ) -> tuple[torch.Tensor, State, torch.Tensor | None]:
+    def _advance(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State, torch.Tensor | None]:
         h, c, memory, keys = state
         context, alpha = self._context(h[:, -1], memory, keys)
         embedded = self.embed(tokens)  # (N, E)
@@ -125,8 +126,9 @@ class CaptionDecoder(nn.Module):
         return torch.log_softmax(logits.float(), dim=-1), state
 
     # -- training ------------------------------------------------------------------------
-    def forward(self, features: torch.Tensor, captions: torch.Tensor, captions_per_image: int = 1
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(
+        self, features: torch.Tensor, captions: torch.Tensor, captions_per_image: int = 1
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Teacher-forced logits ``(N, T-1, V)`` for ``captions`` ``(N, T)`` = ``<start> w1 .. <end> <pad>..``.
 
         ``N = M * captions_per_image``, image-major. Also returns the attention weights

@@ -16,10 +16,11 @@ the encoder and the preprocessing; their architectures may differ.
 Unlike weight averaging (:mod:`batchcap.tools.average`), an ensemble works for decoders trained
 from different random starts, and costs one decoder step per member at run time.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -51,7 +52,7 @@ class EnsembleDecoder(nn.Module):
     def _split(self, state: State) -> list[State]:
         parts, start = [], 0
         for size in self._sizes:
-            parts.append(tuple(state[start:start + size]))
+            parts.append(tuple(state[start : start + size]))
             start += size
         return parts
 
@@ -83,5 +84,3 @@ def combine_log_probs(log_probs: Sequence[torch.Tensor], rule: str = "logprob") 
     if rule == "prob":
         return torch.logsumexp(stacked, dim=0) - math.log(len(log_probs))
     raise EnsembleError(f"combine rule {rule!r}: expected one of {', '.join(COMBINE_RULES)}")
-
-

@@ -32,6 +32,7 @@ Loading reads the header with plain JSON, never unpickles, and refuses files tha
 not batchcap models, come from a newer format, are truncated or corrupt.
 Saving writes a temp file beside the target and ``os.replace``s it.
 """
+
 from __future__ import annotations
 
 import json
@@ -123,8 +124,10 @@ class CaptionModel:
         if self.extra_decoders:
             records = self.training.get("ensemble") or []
             first = records[0] if records else {"identity": self.identity, "training": {}}
-            return [DecoderMember(self.decoder, self.decoder_state, first["identity"], first.get("training") or {}),
-                    *self.extra_decoders]
+            return [
+                DecoderMember(self.decoder, self.decoder_state, first["identity"], first.get("training") or {}),
+                *self.extra_decoders,
+            ]
         return [DecoderMember(self.decoder, self.decoder_state, self.identity, self.training)]
 
     @property
@@ -162,19 +165,29 @@ class CaptionModel:
             "training": self.training,
             "metrics": self.metrics,
             "tensors_sha256": self.tensors_sha256,
-            "encoder_embedded": (False if self.encoder_state is None else
-                                 "exit_flow" if self.encoder.finetuned else True),
-            **({"ending_rule": {**self.ending_rule, "unendable_words": list(self.unendable_words)}}
-               if self.unendable_words is not None else {}),
+            "encoder_embedded": (
+                False if self.encoder_state is None else "exit_flow" if self.encoder.finetuned else True
+            ),
+            **(
+                {"ending_rule": {**self.ending_rule, "unendable_words": list(self.unendable_words)}}
+                if self.unendable_words is not None
+                else {}
+            ),
             **({"familiarity": self.familiarity.meta()} if self.familiarity is not None else {}),
-            **({"neighbours": {"k": self.neighbours.k, "captions": self.neighbours.captions}}
-               if self.neighbours is not None else {}),
+            **(
+                {"neighbours": {"k": self.neighbours.k, "captions": self.neighbours.captions}}
+                if self.neighbours is not None
+                else {}
+            ),
             **({"calibration": self.calibration.to_dict()} if self.calibration is not None else {}),
-            **({"ensemble": {"combine": self.combine, "decoders": [to_dict(m.config) for m in self.extra_decoders]}}
-               if self.extra_decoders else {}),
+            **(
+                {"ensemble": {"combine": self.combine, "decoders": [to_dict(m.config) for m in self.extra_decoders]}}
+                if self.extra_decoders
+                else {}
+            ),
         }
 
-    def build_decoder(self, dtype: torch.dtype | None = None) -> "torch.nn.Module":
+    def build_decoder(self, dtype: torch.dtype | None = None) -> torch.nn.Module:
         """The decoder module with this file's weights, in eval mode, fp32 (or ``dtype``).
 
         For an ensemble, an :class:`batchcap.model.ensemble.EnsembleDecoder` of all members: the
@@ -197,6 +210,7 @@ def save_model(model: CaptionModel, path: str | os.PathLike[str], half: bool = F
 
     Returns the model with ``tensors_sha256`` set to the hash of what was written.
     """
+
     def stored(v: torch.Tensor) -> torch.Tensor:
         return v.half() if half and v.is_floating_point() else v
 
@@ -204,8 +218,9 @@ def save_model(model: CaptionModel, path: str | os.PathLike[str], half: bool = F
     for i, member in enumerate(model.extra_decoders, 1):
         tensors.update({f"ensemble.{i}.{k}": stored(v) for k, v in member.state.items()})
     if model.encoder_state is not None:  # a fine-tuned exit flow halves like the decoder (the base file is fp16)
-        tensors.update({f"encoder.{k}": stored(v) if model.encoder.finetuned else v
-                        for k, v in model.encoder_state.items()})
+        tensors.update(
+            {f"encoder.{k}": stored(v) if model.encoder.finetuned else v for k, v in model.encoder_state.items()}
+        )
     if model.familiarity is not None:
         tensors.update(model.familiarity.tensors())
     if model.neighbours is not None:
@@ -237,7 +252,8 @@ def read_header(path: str | os.PathLike[str]) -> dict[str, Any]:
         if header_len > min(_MAX_HEADER, size - 8):
             raise ModelFileError(
                 f"{path}: not a batchcap model file, or truncated (header claims {header_len} bytes, "
-                f"file has {size}); re-download or re-train it")
+                f"file has {size}); re-download or re-train it"
+            )
         raw_header = fh.read(header_len)
     try:
         header = json.loads(raw_header)
@@ -248,8 +264,7 @@ def read_header(path: str | os.PathLike[str]) -> dict[str, Any]:
     data_end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
     expected = 8 + header_len + data_end
     if size < expected:
-        raise ModelFileError(
-            f"{path}: truncated model file ({size} of {expected} bytes); re-download or re-train it")
+        raise ModelFileError(f"{path}: truncated model file ({size} of {expected} bytes); re-download or re-train it")
     if size > expected:
         raise ModelFileError(f"{path}: corrupt model file ({size - expected} unexpected trailing bytes)")
     return header
@@ -262,7 +277,8 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
     if meta.get("batchcap.format") != FORMAT_NAME:
         raise ModelFileError(
             f"{path}: not a batchcap model file (a safetensors file without batchcap metadata; "
-            "encoder weights go to --encoder-weights, models to --model)")
+            "encoder weights go to --encoder-weights, models to --model)"
+        )
     try:
         version = int(meta.get("batchcap.format_version", ""))
     except ValueError as exc:
@@ -270,7 +286,8 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
     if version > FORMAT_VERSION:
         raise ModelFileError(
             f"{path}: model format version {version} is newer than this batchcap understands "
-            f"({FORMAT_VERSION}); upgrade batchcap (pip install -U batchcap)")
+            f"({FORMAT_VERSION}); upgrade batchcap (pip install -U batchcap)"
+        )
     try:
         return json.loads(meta["batchcap.meta"])
     except (KeyError, json.JSONDecodeError) as exc:
@@ -286,8 +303,8 @@ def load_model(path: str | os.PathLike[str], verify: bool = True) -> CaptionMode
         raise ModelFileError(f"{path}: corrupt model file ({exc})") from exc
     if verify and tensors_sha256(tensors) != meta.get("tensors_sha256"):
         raise ModelFileError(
-            f"{path}: corrupt model file (tensor checksum does not match the one recorded); "
-            "re-download or re-train it")
+            f"{path}: corrupt model file (tensor checksum does not match the one recorded); re-download or re-train it"
+        )
     try:
         vocab = Vocabulary(tuple(meta["vocabulary"]))
         decoder = from_dict(DecoderConfig, meta["decoder"])
@@ -298,9 +315,8 @@ def load_model(path: str | os.PathLike[str], verify: bool = True) -> CaptionMode
             decoder=decoder,
             vocab=vocab,
             max_caption_len=int(meta["max_caption_len"]),
-            decoder_state={k[len("decoder."):]: v for k, v in tensors.items() if k.startswith("decoder.")},
-            encoder_state={k[len("encoder."):]: v for k, v in tensors.items() if k.startswith("encoder.")}
-            or None,
+            decoder_state={k[len("decoder.") :]: v for k, v in tensors.items() if k.startswith("decoder.")},
+            encoder_state={k[len("encoder.") :]: v for k, v in tensors.items() if k.startswith("encoder.")} or None,
             training=meta.get("training", {}),
             metrics=meta.get("metrics", {}),
             tensors_sha256=meta.get("tensors_sha256", ""),
@@ -308,8 +324,11 @@ def load_model(path: str | os.PathLike[str], verify: bool = True) -> CaptionMode
             unendable_words=(tuple(meta["ending_rule"]["unendable_words"]) if "ending_rule" in meta else None),
             ending_rule={k: v for k, v in meta.get("ending_rule", {}).items() if k != "unendable_words"},
             familiarity=Familiarity.from_file(tensors, meta["familiarity"]) if "familiarity" in meta else None,
-            neighbours=Neighbours(tensors["familiarity.neighbours"], meta["neighbours"]["captions"],
-                                  int(meta["neighbours"]["k"])) if "neighbours" in meta else None,
+            neighbours=Neighbours(
+                tensors["familiarity.neighbours"], meta["neighbours"]["captions"], int(meta["neighbours"]["k"])
+            )
+            if "neighbours" in meta
+            else None,
             calibration=Calibrator.from_dict(meta["calibration"]) if "calibration" in meta else None,
             extra_decoders=_extra_decoders(tensors, meta.get("ensemble"), meta.get("training") or {}),
             combine=(meta.get("ensemble") or {}).get("combine", "logprob"),
@@ -320,12 +339,14 @@ def load_model(path: str | os.PathLike[str], verify: bool = True) -> CaptionMode
         if len(vocab) != member.config.vocab_size:
             raise ModelFileError(
                 f"{path}: corrupt model file (vocabulary has {len(vocab)} words, decoder expects "
-                f"{member.config.vocab_size})")
+                f"{member.config.vocab_size})"
+            )
     return model
 
 
-def _extra_decoders(tensors: dict[str, torch.Tensor], ensemble: dict[str, Any] | None,
-                    training: dict[str, Any]) -> tuple[DecoderMember, ...]:
+def _extra_decoders(
+    tensors: dict[str, torch.Tensor], ensemble: dict[str, Any] | None, training: dict[str, Any]
+) -> tuple[DecoderMember, ...]:
     """Members 1.. of an ensemble file: ``ensemble.<i>.*`` tensors, hyper-parameters, training records."""
     if not ensemble:
         return ()
@@ -333,11 +354,14 @@ def _extra_decoders(tensors: dict[str, torch.Tensor], ensemble: dict[str, Any] |
     members = []
     for i, config in enumerate(ensemble["decoders"], 1):
         prefix = f"ensemble.{i}."
-        state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
         if not state:
             raise KeyError(f"tensors of ensemble member {i}")
-        members.append(DecoderMember(from_dict(DecoderConfig, config), state, records[i]["identity"],
-                                     records[i].get("training") or {}))
+        members.append(
+            DecoderMember(
+                from_dict(DecoderConfig, config), state, records[i]["identity"], records[i].get("training") or {}
+            )
+        )
     return tuple(members)
 
 
@@ -349,7 +373,8 @@ def check_encoder_weights(model: CaptionModel, weights_path: str | os.PathLike[s
         raise ModelFileError(
             f"encoder weights {weights_path} (sha256 {digest[:12]}…) are not the ones this model was "
             f"trained with (sha256 {expected[:12]}…, file {model.encoder.weights_file or '?'}); "
-            "pass the matching --encoder-weights or retrain the decoder on these weights")
+            "pass the matching --encoder-weights or retrain the decoder on these weights"
+        )
     return digest
 
 
@@ -365,7 +390,8 @@ def resolve_model_path(model: str | None) -> Path:
     if not DEFAULT_MODEL.is_file():
         raise ModelFileError(
             f"no --model given and the packaged default model is missing ({DEFAULT_MODEL}); "
-            "reinstall batchcap or pass --model FILE")
+            "reinstall batchcap or pass --model FILE"
+        )
     return DEFAULT_MODEL
 
 

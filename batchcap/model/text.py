@@ -5,13 +5,14 @@ scoring) and captioning (to detokenise), so the three can never disagree.
 :func:`learn_unendable` finds the words a caption must not stop on ("a", "of", "red"),
 which the beam search then never lets ``<end>`` follow.
 """
+
 from __future__ import annotations
 
 import re
 import unicodedata
 from collections import Counter
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
 SPECIAL_TOKENS = (PAD, START, END, UNK)
@@ -25,11 +26,64 @@ ENDING_MIN_COUNT = 20  # second-half occurrences needed to judge a word; rarer w
 # For model files written before the rule was stored: closed-class words that never end an
 # English caption (articles, prepositions, conjunctions, auxiliaries, possessives, numbers).
 FALLBACK_UNENDABLE = (
-    "a", "an", "the", "of", "in", "on", "at", "to", "into", "onto", "with", "from", "for", "by", "near",
-    "through", "across", "along", "under", "over", "behind", "beside", "between", "toward", "towards",
-    "against", "during", "while", "whilst", "as", "and", "or", "but", "that", "who", "which", "is", "are",
-    "was", "were", "be", "being", "has", "have", "its", "his", "her", "their", "some", "several", "each",
-    "two", "three", "four", "five", "very", "next", "front",
+    "a",
+    "an",
+    "the",
+    "of",
+    "in",
+    "on",
+    "at",
+    "to",
+    "into",
+    "onto",
+    "with",
+    "from",
+    "for",
+    "by",
+    "near",
+    "through",
+    "across",
+    "along",
+    "under",
+    "over",
+    "behind",
+    "beside",
+    "between",
+    "toward",
+    "towards",
+    "against",
+    "during",
+    "while",
+    "whilst",
+    "as",
+    "and",
+    "or",
+    "but",
+    "that",
+    "who",
+    "which",
+    "is",
+    "are",
+    "was",
+    "were",
+    "be",
+    "being",
+    "has",
+    "have",
+    "its",
+    "his",
+    "her",
+    "their",
+    "some",
+    "several",
+    "each",
+    "two",
+    "three",
+    "four",
+    "five",
+    "very",
+    "next",
+    "front",
 )
 
 _NON_WORD = re.compile(r"[^a-z0-9' ]+")
@@ -71,11 +125,12 @@ class Vocabulary:
         object.__setattr__(self, "_index", {w: i for i, w in enumerate(self.words)})
 
     @classmethod
-    def build(cls, captions: Iterable[Sequence[str]], min_count: int = 5) -> "Vocabulary":
+    def build(cls, captions: Iterable[Sequence[str]], min_count: int = 5) -> Vocabulary:
         """Words seen at least ``min_count`` times, most frequent first (ties by word)."""
         counts = Counter(word for caption in captions for word in caption)
-        kept = sorted((w for w, c in counts.items() if c >= min_count and w not in SPECIAL_TOKENS),
-                      key=lambda w: (-counts[w], w))
+        kept = sorted(
+            (w for w, c in counts.items() if c >= min_count and w not in SPECIAL_TOKENS), key=lambda w: (-counts[w], w)
+        )
         return cls(SPECIAL_TOKENS + tuple(kept))
 
     def __len__(self) -> int:
@@ -125,8 +180,9 @@ class Vocabulary:
         return " ".join(out)
 
 
-def learn_unendable(captions: Iterable[Sequence[str]], max_rate: float = ENDING_MAX_RATE,
-                    min_count: int = ENDING_MIN_COUNT) -> tuple[str, ...]:
+def learn_unendable(
+    captions: Iterable[Sequence[str]], max_rate: float = ENDING_MAX_RATE, min_count: int = ENDING_MIN_COUNT
+) -> tuple[str, ...]:
     """Words that (almost) never end a normalised caption, most frequent first (ties by word).
 
     A word qualifies when it occurs at least ``min_count`` times in the second half of a

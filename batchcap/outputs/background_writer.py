@@ -13,12 +13,14 @@ writes parts the same way, and a ``kill -9`` loses at most the queued and buffer
 An exception in the thread (a full disk) is re-raised in the caller's thread by the next
 :meth:`add` or by :meth:`close`, with the thread's traceback.
 """
+
 from __future__ import annotations
 
 import queue
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 _CLOSE = object()
 
@@ -26,8 +28,9 @@ _CLOSE = object()
 class BackgroundWriter:
     """Feeds ``store`` from a thread; ``add`` rows, then ``close`` (commits the rest, joins)."""
 
-    def __init__(self, store: Any, commit_seconds: float, max_pending: int = 4,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, store: Any, commit_seconds: float, max_pending: int = 4, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         if commit_seconds <= 0:
             raise ValueError("commit_seconds must be positive")
         self.store = store

@@ -20,6 +20,7 @@ so, instead of running without the one-writer guarantee.
 :func:`check_output_writable` runs before any model or image work, so a read-only or
 foreign folder is a one-line error naming it, not a traceback after the model loaded.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -29,8 +30,8 @@ import fcntl
 import json
 import os
 import socket
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 LOCK_SUFFIX = ".lock"
 _HELD_FDS: set[int] = set()
@@ -72,8 +73,9 @@ def check_output_writable(out: str | os.PathLike[str], work_dir: Path | None = N
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise OutputUnwritable(f"cannot create the output folder {folder}: {exc.strerror or exc}; "
-                               "choose another --out") from None
+        raise OutputUnwritable(
+            f"cannot create the output folder {folder}: {exc.strerror or exc}; choose another --out"
+        ) from None
     for where in (folder, work_dir):
         if where is None or not where.is_dir():
             continue
@@ -82,15 +84,17 @@ def check_output_writable(out: str | os.PathLike[str], work_dir: Path | None = N
             os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
             os.unlink(probe)
         except OSError as exc:
-            raise OutputUnwritable(f"cannot write in {where}: {exc.strerror or exc}; choose another --out, "
-                                   "or make the folder writable") from None
+            raise OutputUnwritable(
+                f"cannot write in {where}: {exc.strerror or exc}; choose another --out, or make the folder writable"
+            ) from None
     lock = lock_path_for(out)
     if lock.exists():
         try:
             os.close(os.open(lock, os.O_RDWR))
         except OSError as exc:
-            raise OutputUnwritable(f"cannot open the lock file {lock}: {exc.strerror or exc}; "
-                                   "choose another --out, or make it writable") from None
+            raise OutputUnwritable(
+                f"cannot open the lock file {lock}: {exc.strerror or exc}; choose another --out, or make it writable"
+            ) from None
 
 
 def lock_path_for(out: str | os.PathLike[str]) -> Path:
@@ -120,14 +124,20 @@ def hold_lock(out: str | os.PathLike[str]) -> Iterator[Path]:
                 raise OutputUnwritable(
                     f"the file system of {path} does not support flock ({exc.strerror}); batchcap needs it to "
                     "keep to one writer per output: write to a local disk, NFS with its lock service, or "
-                    "Lustre mounted with -o flock") from None
+                    "Lustre mounted with -o flock"
+                ) from None
             if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise
             holder = _describe_holder(os.pread(fd, 4096, 0).decode("utf-8", "replace"))
-            raise LockHeld(f"another batchcap run is writing {out} ({holder}; lock file {path}). "
-                           "Wait for it to finish, or choose another --out.") from None
-        info = {"pid": os.getpid(), "host": socket.gethostname(),
-                "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+            raise LockHeld(
+                f"another batchcap run is writing {out} ({holder}; lock file {path}). "
+                "Wait for it to finish, or choose another --out."
+            ) from None
+        info = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        }
         data = (json.dumps(info) + "\n").encode()
         try:
             os.ftruncate(fd, 0)

@@ -22,6 +22,7 @@ Only then are the rows streamed (a row group, or a line, at a time) into a temp 
 The ids are held in memory during verification (a dict entry per row, about 150 bytes: some
 150 MB per million rows); the rows are not.
 """
+
 from __future__ import annotations
 
 import json
@@ -29,9 +30,10 @@ import os
 import re
 import time
 from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -44,15 +46,54 @@ from batchcap.outputs.schema import METADATA_KEY_BYTES, OUTPUT_FORMATS, infer_fo
 # Run-configuration keys that differ between the parts of one job by design (which shard,
 # where it was written, when, on which host/device). Any other difference means the parts
 # were made with different models or caption settings and must not be mixed.
-PER_PART_KEYS = frozenset({
-    "shard", "shards", "shard_index", "shard_count", "num_shards",
-    "out", "output", "out_path", "path", "input", "inputs", "source", "sources",
-    "started_at", "finished_at", "created_at", "updated_at", "time", "timestamp",
-    "host", "hostname", "pid", "user", "slurm", "slurm_job_id", "job_id", "array_task_id",
-    "device", "workers", "num_workers", "batch_size", "prefetch", "progress", "log_every",
-    "max_failures", "overwrite", "resume", "incremental", "summary", "stats", "counts",
-    "elapsed", "elapsed_s", "merge",
-})
+PER_PART_KEYS = frozenset(
+    {
+        "shard",
+        "shards",
+        "shard_index",
+        "shard_count",
+        "num_shards",
+        "out",
+        "output",
+        "out_path",
+        "path",
+        "input",
+        "inputs",
+        "source",
+        "sources",
+        "started_at",
+        "finished_at",
+        "created_at",
+        "updated_at",
+        "time",
+        "timestamp",
+        "host",
+        "hostname",
+        "pid",
+        "user",
+        "slurm",
+        "slurm_job_id",
+        "job_id",
+        "array_task_id",
+        "device",
+        "workers",
+        "num_workers",
+        "batch_size",
+        "prefetch",
+        "progress",
+        "log_every",
+        "max_failures",
+        "overwrite",
+        "resume",
+        "incremental",
+        "summary",
+        "stats",
+        "counts",
+        "elapsed",
+        "elapsed_s",
+        "merge",
+    }
+)
 _MAX_NAMED = 5  # how many offending ids/values a message lists before "and N more"
 
 
@@ -76,8 +117,9 @@ class MergeReport:
     def summary(self) -> str:
         """One key=value line for logs (Slurm, cron)."""
         status = " ".join(f"{name}={count}" for name, count in self.statuses)
-        return (f"merged parts={len(self.parts)} rows={self.rows} {status} "
-                f"out={self.out} elapsed_s={self.elapsed_s:.2f}").replace("  ", " ")
+        return (
+            f"merged parts={len(self.parts)} rows={self.rows} {status} out={self.out} elapsed_s={self.elapsed_s:.2f}"
+        ).replace("  ", " ")
 
 
 def read_listing(path: str | os.PathLike[str]) -> list[str]:
@@ -96,8 +138,9 @@ def format_of(path: str | os.PathLike[str], fmt: str | None = None) -> str:
     try:
         return infer_format(path, fmt)
     except ValueError:
-        raise MergeError(f"cannot tell the format of {path} from its suffix; "
-                         "name it .parquet or .jsonl, or pass the format") from None
+        raise MergeError(
+            f"cannot tell the format of {path} from its suffix; name it .parquet or .jsonl, or pass the format"
+        ) from None
 
 
 def merge_outputs(
@@ -144,7 +187,10 @@ def merge_outputs(
     for info in infos:
         statuses.update(info.statuses)
     return MergeReport(
-        out=out, fmt=out_fmt, parts=tuple(part_paths), rows=len(ids),
+        out=out,
+        fmt=out_fmt,
+        parts=tuple(part_paths),
+        rows=len(ids),
         part_rows=tuple(info.rows for info in infos),
         statuses=tuple(sorted(statuses.items())),
         models=tuple(sorted({m for info in infos for m in info.models})),
@@ -153,6 +199,7 @@ def merge_outputs(
 
 
 # --- reading parts --------------------------------------------------------------------------
+
 
 @dataclass
 class _Part:
@@ -191,12 +238,14 @@ class _IdIndex:
                 owner[id_] = part
         return count
 
-    def check(self, infos: list["_Part"]) -> None:
+    def check(self, infos: list[_Part]) -> None:
         """MergeError naming the repeated ids and the parts that hold them."""
         if not self.repeats:
             return
-        named = [f"{id_!r} in {', '.join(infos[i].name for i in where)}"
-                 for id_, where in list(self.repeats.items())[:_MAX_NAMED]]
+        named = [
+            f"{id_!r} in {', '.join(infos[i].name for i in where)}"
+            for id_, where in list(self.repeats.items())[:_MAX_NAMED]
+        ]
         more = f" and {len(self.repeats) - _MAX_NAMED} more" if len(self.repeats) > _MAX_NAMED else ""
         raise MergeError(f"{len(self.repeats)} id(s) occur more than once: {'; '.join(named)}{more}")
 
@@ -206,8 +255,9 @@ def _open_part(path: str, out_fmt: str, index: _IdIndex, number: int) -> _Part:
         raise MergeError(f"part {path} is missing (no such file)")
     part_fmt = format_of(path)
     if part_fmt != out_fmt:
-        raise MergeError(f"part {path} is {part_fmt} but the output is {out_fmt}; "
-                         "merge parts into a file of their own format")
+        raise MergeError(
+            f"part {path} is {part_fmt} but the output is {out_fmt}; merge parts into a file of their own format"
+        )
     try:
         if part_fmt == "parquet":
             return _scan_parquet(path, index, number)
@@ -223,8 +273,7 @@ def _scan_parquet(path: str, index: _IdIndex, number: int) -> _Part:
         missing = [c for c in ("id", "model", "status") if c not in schema.names]
         if missing:
             raise MergeError(f"part {path} is not a batchcap output: no column(s) {', '.join(missing)}")
-        part = _Part(path, "parquet", schema.remove_metadata(), _parquet_config(path, schema),
-                     set(), Counter())
+        part = _Part(path, "parquet", schema.remove_metadata(), _parquet_config(path, schema), set(), Counter())
         for i in range(pf.num_row_groups):
             table = pf.read_row_group(i, columns=["id", "model", "status"])
             part.rows += index.add(map(str, table.column("id").to_pylist()), number)
@@ -253,15 +302,17 @@ def _iter_jsonl(path: str) -> Iterator[tuple[int, str, dict[str, Any]]]:
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
-                raise MergeError(f"part {path} line {number} is not UTF-8 text (byte {exc.start + 1}); "
-                                 "the part is damaged") from exc
+                raise MergeError(
+                    f"part {path} line {number} is not UTF-8 text (byte {exc.start + 1}); the part is damaged"
+                ) from exc
             if not line.strip():
                 continue
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise MergeError(f"part {path} line {number} is not valid JSON ({exc.msg}); "
-                                 "the part is damaged or unfinished") from exc
+                raise MergeError(
+                    f"part {path} line {number} is not valid JSON ({exc.msg}); the part is damaged or unfinished"
+                ) from exc
             if not isinstance(obj, dict) or "id" not in obj:
                 raise MergeError(f"part {path} line {number} is not a batchcap row (no 'id')")
             yield number, line, obj
@@ -286,6 +337,7 @@ def _scan_jsonl(path: str, index: _IdIndex, number: int) -> _Part:
 
 
 # --- verification ---------------------------------------------------------------------------
+
 
 def _index_of(path: str) -> int | None:
     """The part number at the end of a file name (``part-7.parquet`` -> 7), if any."""
@@ -318,11 +370,15 @@ def _check_part_names(parts: list[str], out: str, expected_parts: int | None) ->
         if missing:
             example = Path(parts[0]).name
             names = ", ".join(re.sub(r"\d+(?=\.)", str(i), example, count=1) for i in missing)
-            raise MergeError(f"expected {expected_parts} parts (0..{expected_parts - 1}); "
-                             f"missing part(s) {', '.join(map(str, missing))}: {names}")
+            raise MergeError(
+                f"expected {expected_parts} parts (0..{expected_parts - 1}); "
+                f"missing part(s) {', '.join(map(str, missing))}: {names}"
+            )
         if extra:
-            raise MergeError(f"expected {expected_parts} parts (0..{expected_parts - 1}) but got "
-                             f"{', '.join(indices[i] for i in extra)}")  # type: ignore[index]
+            raise MergeError(
+                f"expected {expected_parts} parts (0..{expected_parts - 1}) but got "
+                f"{', '.join(indices[i] for i in extra)}"
+            )  # type: ignore[index]
     elif len(parts) != expected_parts:
         raise MergeError(f"expected {expected_parts} parts, got {len(parts)}: {', '.join(parts)}")
 
@@ -334,17 +390,20 @@ def _check_same_version(infos: list[_Part]) -> None:
             versions.setdefault(info.config.get("schema_version", 1), []).append(info.name)
     if len(versions) > 1:
         named = "; ".join(f"version {v}: {', '.join(names)}" for v, names in sorted(versions.items(), key=str))
-        raise MergeError(f"the parts were written by different output schema versions ({named}); "
-                         "their score columns mean different things, so they are not merged. Merge each "
-                         "version on its own, or re-caption the older parts with this batchcap")
+        raise MergeError(
+            f"the parts were written by different output schema versions ({named}); "
+            "their score columns mean different things, so they are not merged. Merge each "
+            "version on its own, or re-caption the older parts with this batchcap"
+        )
 
 
 def _check_same_schema(infos: list[_Part]) -> None:
     first = infos[0]
     for info in infos[1:]:
         if first.schema is not None and info.schema is not None and not info.schema.equals(first.schema):
-            raise MergeError(f"part {info.path} has a different schema from {first.path}:\n"
-                             f"{info.schema}\nvs\n{first.schema}")
+            raise MergeError(
+                f"part {info.path} has a different schema from {first.path}:\n{info.schema}\nvs\n{first.schema}"
+            )
 
 
 def _settings(config: dict[str, Any]) -> dict[str, Any]:
@@ -352,14 +411,18 @@ def _settings(config: dict[str, Any]) -> dict[str, Any]:
     ``batchcap run`` refuses to resume across) and format when present, else the whole
     configuration; minus the keys that differ per part by design (PER_PART_KEYS)."""
     if isinstance(config.get("resume_settings"), dict):
-        config = {"resume_settings": config["resume_settings"], "format": config.get("format"),
-                  "schema_version": config.get("schema_version")}
+        config = {
+            "resume_settings": config["resume_settings"],
+            "format": config.get("format"),
+            "schema_version": config.get("schema_version"),
+        }
     return _without_per_part(config)
 
 
 def _without_per_part(config: dict[str, Any]) -> dict[str, Any]:
-    return {k: (_without_per_part(v) if isinstance(v, dict) else v)
-            for k, v in config.items() if k not in PER_PART_KEYS}
+    return {
+        k: (_without_per_part(v) if isinstance(v, dict) else v) for k, v in config.items() if k not in PER_PART_KEYS
+    }
 
 
 def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
@@ -392,8 +455,7 @@ def _check_same_settings(infos: list[_Part]) -> None:
             raise MergeError(f"parts {first.name} and {info.name} were made with different settings: {shown}")
 
 
-def _check_expected(ids: dict[str, int], expected_count: int | None,
-                    expected_ids: Iterable[str] | None) -> None:
+def _check_expected(ids: dict[str, int], expected_count: int | None, expected_ids: Iterable[str] | None) -> None:
     if expected_count is not None and len(ids) != expected_count:
         raise MergeError(f"the parts hold {len(ids)} rows but {expected_count} were expected")
     if expected_ids is None:
@@ -409,8 +471,7 @@ def _check_expected(ids: dict[str, int], expected_count: int | None,
     if unexpected:
         problems.append(f"{len(unexpected)} row(s) are not in the listing: {_some(unexpected)}")
     if problems:
-        raise MergeError(f"the parts do not match the expected listing of {len(expected)} ids: "
-                         + "; ".join(problems))
+        raise MergeError(f"the parts do not match the expected listing of {len(expected)} ids: " + "; ".join(problems))
 
 
 def _some(values: list[str]) -> str:
@@ -420,6 +481,7 @@ def _some(values: list[str]) -> str:
 
 # --- writing --------------------------------------------------------------------------------
 
+
 def _merged_meta(infos: list[_Part]) -> dict[str, Any] | None:
     """The first part's run configuration, without its shard, plus what was merged."""
     config = next((info.config for info in infos if info.config is not None), None)
@@ -427,8 +489,9 @@ def _merged_meta(infos: list[_Part]) -> dict[str, Any] | None:
         return None
     meta = {k: v for k, v in config.items() if k not in ("shard", "shards", "out", "output")}
     if isinstance(meta.get("run_config"), dict):  # as batchcap.outputs.store writes it
-        meta["run_config"] = {k: v for k, v in meta["run_config"].items()
-                              if k not in ("shard", "shards", "out", "output")}
+        meta["run_config"] = {
+            k: v for k, v in meta["run_config"].items() if k not in ("shard", "shards", "out", "output")
+        }
     meta["merge"] = {"parts": [info.name for info in infos], "rows": sum(i.rows for i in infos)}
     return meta
 

@@ -14,6 +14,7 @@ placeholder: the report of a broken collection must still render. Every piece of
 from the output is untrusted and goes through :func:`html.escape`; the page needs no
 network (inline CSS and JS, thumbnails as ``data:`` URIs or links to local files).
 """
+
 from __future__ import annotations
 
 import base64
@@ -27,13 +28,14 @@ import tarfile
 import time
 import urllib.parse
 from collections import Counter, defaultdict
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import resources
 from pathlib import Path
 from string import Template
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -54,8 +56,13 @@ BATCH_ROWS = 65_536
 
 # The columns the report reads: the output schema's, less the resume fingerprint, with the time as
 # text (UTC wall time; no time-zone database needed). Anything missing becomes nulls.
-SCHEMA = pa.schema([pa.field("created_at", pa.string()) if f.name == "created_at" else f
-                    for f in OUTPUT_SCHEMA if f.name not in ("size", "mtime_ns")])
+SCHEMA = pa.schema(
+    [
+        pa.field("created_at", pa.string()) if f.name == "created_at" else f
+        for f in OUTPUT_SCHEMA
+        if f.name not in ("size", "mtime_ns")
+    ]
+)
 _BEAM_KEYS = ("beam_size", "n_best", "max_len", "min_len", "length_penalty", "no_repeat_ngram")
 
 
@@ -89,7 +96,6 @@ def describe_lines(numbers: list[int] | tuple[int, ...], most: int = 10) -> str:
 
 
 # ----------------------------------------------------------------------------- reading
-
 
 
 def _to_report_view(table: pa.Table) -> pa.Table:
@@ -158,8 +164,10 @@ class _LineCounter:
 
     def damaged(self, number: int, why: str) -> None:
         if self.strict:
-            raise ReportError(f"{self.path} line {number} {why}: the file is damaged. Rerun with "
-                              "--skip-bad-lines to report the readable rows anyway")
+            raise ReportError(
+                f"{self.path} line {number} {why}: the file is damaged. Rerun with "
+                "--skip-bad-lines to report the readable rows anyway"
+            )
         self.lines.append(number)
 
 
@@ -224,9 +232,14 @@ def _lenient(value: Any, name: str) -> Any:
         if pa.types.is_integer(kind):
             return int(value)
         if name == "n_best" and isinstance(value, list):
-            return [{"caption": _clean(str(d.get("caption"))),
-                     "score": None if d.get("score") is None else float(d["score"])}
-                    for d in value if isinstance(d, dict)]
+            return [
+                {
+                    "caption": _clean(str(d.get("caption"))),
+                    "score": None if d.get("score") is None else float(d["score"]),
+                }
+                for d in value
+                if isinstance(d, dict)
+            ]
     except (TypeError, ValueError):
         return None
     return None
@@ -269,8 +282,16 @@ class _Scan:
     candidates: pa.Table | None = None
 
 
-def _scan(batches: Iterator[pa.Table], *, keep: int | None, sample: int | None, seed: int,
-          order: str, failure_cap: int, only_status: str | None = None) -> _Scan:
+def _scan(
+    batches: Iterator[pa.Table],
+    *,
+    keep: int | None,
+    sample: int | None,
+    seed: int,
+    order: str,
+    failure_cap: int,
+    only_status: str | None = None,
+) -> _Scan:
     scan = _Scan()
     rng = np.random.default_rng(seed)
     # A sample is bottom-k by a seeded random key: uniform, without replacement, and
@@ -298,8 +319,7 @@ def _scan(batches: Iterator[pa.Table], *, keep: int | None, sample: int | None, 
         if len(scan.failures) < failure_cap:
             failed = table.filter(pc.invert(pc.is_in(status, value_set=pa.array(sorted(CAPTIONED)))))
             room = failure_cap - len(scan.failures)
-            scan.failures.extend(failed.slice(0, room).select(
-                ["id", "source", "status", "error"]).to_pylist())
+            scan.failures.extend(failed.slice(0, room).select(["id", "source", "status", "error"]).to_pylist())
         if only_status is not None:
             table = table.filter(pc.equal(status, only_status))
         merged = table if scan.candidates is None else pa.concat_tables([scan.candidates, table])
@@ -329,11 +349,11 @@ def _local_path(source: str, base: Path) -> Path | None:
     if source.startswith("file://"):
         source = urllib.parse.unquote(urllib.parse.urlparse(source).path)
     elif source.startswith("file:"):
-        source = source[len("file:"):]
+        source = source[len("file:") :]
     elif source.startswith("pipe:") or "://" in source:
         return None
     path = Path(source)
-    for candidate in ([path] if path.is_absolute() else [Path.cwd() / path, base / path]):
+    for candidate in [path] if path.is_absolute() else [Path.cwd() / path, base / path]:
         if candidate.is_file():
             return candidate
     return None
@@ -353,12 +373,11 @@ def _shard_keys(row_id: str, source: str) -> tuple[str, ...]:
         if stem.lower().endswith(suffix):
             stem = stem[: -len(suffix)]
             break
-    keys = [row_id[len(prefix) + 1:] for prefix in (name, stem) if row_id.startswith(prefix + "/")]
+    keys = [row_id[len(prefix) + 1 :] for prefix in (name, stem) if row_id.startswith(prefix + "/")]
     return tuple(dict.fromkeys(keys + [row_id]))
 
 
-def _read_members(tar_path: Path, wanted: dict[str, list[int]],
-                  exts: tuple[str, ...]) -> dict[int, bytes | str]:
+def _read_members(tar_path: Path, wanted: dict[str, list[int]], exts: tuple[str, ...]) -> dict[int, bytes | str]:
     """Image bytes (or why not) for rows whose keys are in ``wanted``, reading the tar once."""
     found: dict[int, tuple[int, bytes | str]] = {}
     rank = {ext: i for i, ext in enumerate(exts)}
@@ -415,8 +434,16 @@ def _file_link(path: Path, html_dir: Path) -> str:
     return urllib.parse.quote(rel.as_posix())
 
 
-def _thumbnails(rows: list[dict[str, Any]], *, base: Path, html_dir: Path, size: int,
-                link_images: bool, exts: tuple[str, ...], workers: int) -> list[_Thumb]:
+def _thumbnails(
+    rows: list[dict[str, Any]],
+    *,
+    base: Path,
+    html_dir: Path,
+    size: int,
+    link_images: bool,
+    exts: tuple[str, ...],
+    workers: int,
+) -> list[_Thumb]:
     """One :class:`_Thumb` per shown row; only shown ``ok`` rows are ever opened."""
     thumbs: list[_Thumb] = [_Thumb(reason="")] * len(rows)
     jobs: dict[int, bytes | Path] = {}
@@ -470,7 +497,6 @@ def _esc(value: Any) -> str:
     return html.escape("" if value is None else str(value), quote=True)
 
 
-
 def _lookup(flat: dict[str, Any], *names: str) -> Any:
     """The first metadata value whose last dotted component is one of ``names``."""
     for name in names:
@@ -509,15 +535,22 @@ def _run_facts(meta: dict[str, Any], scan: _Scan) -> list[tuple[str, str]]:
     models = list(scan.models)
     meta_model = _lookup(flat, "model")
     if models:
-        facts.append(("Model" if len(models) == 1 else "Models",
-                      ", ".join(f"{m} ({scan.models[m]:,})" if len(models) > 1 else m for m in models)))
+        facts.append(
+            (
+                "Model" if len(models) == 1 else "Models",
+                ", ".join(f"{m} ({scan.models[m]:,})" if len(models) > 1 else m for m in models),
+            )
+        )
     elif meta_model is not None:
         facts.append(("Model", str(meta_model)))
     beam = [f"{k.replace('_', ' ')} {_lookup(flat, k)}" for k in _BEAM_KEYS if _lookup(flat, k) is not None]
     if beam:
         facts.append(("Beam", ", ".join(beam)))
-    for label, names in (("Precision", ("precision",)), ("Device", ("device",)),
-                         ("Version", ("batchcap_version", "version"))):
+    for label, names in (
+        ("Precision", ("precision",)),
+        ("Device", ("device",)),
+        ("Version", ("batchcap_version", "version")),
+    ):
         value = _lookup(flat, *names)
         if value is not None:
             facts.append((label, f"batchcap {value}" if label == "Version" else str(value)))
@@ -552,8 +585,10 @@ def _confidence_html(confidence: float | None) -> str:
     if confidence is None or math.isnan(confidence):
         return ""
     level = "low" if confidence < 0.3 else "mid" if confidence < 0.6 else "high"
-    return (f'<span class="score s-{level}" title="confidence: estimated probability that the caption is '
-            f'acceptable">{confidence:.0%} sure</span>')
+    return (
+        f'<span class="score s-{level}" title="confidence: estimated probability that the caption is '
+        f'acceptable">{confidence:.0%} sure</span>'
+    )
 
 
 def _card(row: dict[str, Any], thumb: _Thumb, rank: int) -> str:
@@ -562,34 +597,41 @@ def _card(row: dict[str, Any], thumb: _Thumb, rank: int) -> str:
     score = row.get("score")
     logprob = row.get("logprob")
     nbest = [alt for alt in (row.get("n_best") or []) if alt]
-    search = " ".join(filter(None, [caption, row.get("id"), row.get("error")]
-                             + [alt.get("caption") for alt in nbest])).lower()
+    search = " ".join(
+        filter(None, [caption, row.get("id"), row.get("error")] + [alt.get("caption") for alt in nbest])
+    ).lower()
     if thumb.src:
         picture = f'<img src="{_esc(thumb.src)}" alt="{_esc(caption or row.get("id"))}" loading="lazy">'
     else:
         picture = f'<div class="ph"><span>{_esc(thumb.reason or "no preview")}</span></div>'
     if thumb.href:
         picture = f'<a href="{_esc(thumb.href)}" target="_blank" rel="noopener">{picture}</a>'
-    parts = [f'<article class="card st-{_esc(_css_name(status))}" data-status="{_esc(status)}" '
-             f'data-text="{_esc(search)}">',
-             f'<div class="pic">{picture}</div>', '<div class="body">']
+    parts = [
+        f'<article class="card st-{_esc(_css_name(status))}" data-status="{_esc(status)}" data-text="{_esc(search)}">',
+        f'<div class="pic">{picture}</div>',
+        '<div class="body">',
+    ]
     if caption is not None:
         parts.append(f'<p class="cap">{_esc(caption)}</p>')
     else:
         parts.append(f'<p class="err">{_esc(row.get("error") or "no caption")}</p>')
-    size = f'{row["width"]}×{row["height"]}' if row.get("width") and row.get("height") else ""
-    parts.append('<div class="meta">'
-                 f'{_confidence_html(row.get("confidence"))}'
-                 f'<span class="score s-{_score_class(logprob)}" title="search score (what the beam ranked by); '
-                 f'per-token probability {_esc(_per_word(logprob))}">{_esc(_score_text(score))}</span>'
-                 f'<span class="badge b-{_esc(_css_name(status))}">{_esc(status)}</span>'
-                 f'<span class="dim">{_esc(size)}</span><span class="rank">#{rank}</span></div>')
+    size = f"{row['width']}×{row['height']}" if row.get("width") and row.get("height") else ""
+    parts.append(
+        '<div class="meta">'
+        f"{_confidence_html(row.get('confidence'))}"
+        f'<span class="score s-{_score_class(logprob)}" title="search score (what the beam ranked by); '
+        f'per-token probability {_esc(_per_word(logprob))}">{_esc(_score_text(score))}</span>'
+        f'<span class="badge b-{_esc(_css_name(status))}">{_esc(status)}</span>'
+        f'<span class="dim">{_esc(size)}</span><span class="rank">#{rank}</span></div>'
+    )
     parts.append(f'<p class="id" title="{_esc(row.get("source"))}">{_esc(row.get("id"))}</p>')
     if len(nbest) > 1 or (nbest and nbest[0].get("caption") != caption):
-        alts = "".join(f'<li><span class="alt">{_esc(alt.get("caption"))}</span>'
-                       f'<span class="altscore">{_esc(_score_text(alt.get("score")))}</span></li>'
-                       for alt in nbest)
-        parts.append(f'<details><summary>{len(nbest)} alternatives</summary><ol>{alts}</ol></details>')
+        alts = "".join(
+            f'<li><span class="alt">{_esc(alt.get("caption"))}</span>'
+            f'<span class="altscore">{_esc(_score_text(alt.get("score")))}</span></li>'
+            for alt in nbest
+        )
+        parts.append(f"<details><summary>{len(nbest)} alternatives</summary><ol>{alts}</ol></details>")
     parts.append("</div></article>")
     return "".join(parts)
 
@@ -602,52 +644,95 @@ def _css_name(status: str) -> str:
     return re.sub(r"[^a-z0-9_-]", "_", status.lower())
 
 
-def _render(*, title: str, output: Path, meta: dict[str, Any], scan: _Scan, rows: list[dict[str, Any]],
-            thumbs: list[_Thumb], note: str, bad_lines: list[int], failure_cap: int) -> str:
+def _render(
+    *,
+    title: str,
+    output: Path,
+    meta: dict[str, Any],
+    scan: _Scan,
+    rows: list[dict[str, Any]],
+    thumbs: list[_Thumb],
+    note: str,
+    bad_lines: list[int],
+    failure_cap: int,
+) -> str:
     ok = scan.statuses.get("ok", 0)
     low = scan.statuses.get("low_confidence", 0)
     failed = scan.total - ok - low
-    tiles = [("Rows", f"{scan.total:,}", ""), ("Captioned", f"{ok:,}", "ok"),
-             ("Failed", f"{failed:,}", "bad" if failed else "")]
+    tiles = [
+        ("Rows", f"{scan.total:,}", ""),
+        ("Captioned", f"{ok:,}", "ok"),
+        ("Failed", f"{failed:,}", "bad" if failed else ""),
+    ]
     if low:
         tiles.insert(2, ("Low confidence", f"{low:,}", ""))
-    tiles_html = "".join(f'<div class="tile {cls}"><div class="num">{_esc(v)}</div>'
-                         f'<div class="lbl">{_esc(k)}</div></div>' for k, v, cls in tiles)
-    chips = "".join(f'<span class="badge b-{_esc(_css_name(s))}">{_esc(s)} <b>{n:,}</b></span>'
-                    for s, n in sorted(scan.statuses.items(), key=lambda kv: (kv[0] != "ok", -kv[1], kv[0])))
+    tiles_html = "".join(
+        f'<div class="tile {cls}"><div class="num">{_esc(v)}</div><div class="lbl">{_esc(k)}</div></div>'
+        for k, v, cls in tiles
+    )
+    chips = "".join(
+        f'<span class="badge b-{_esc(_css_name(s))}">{_esc(s)} <b>{n:,}</b></span>'
+        for s, n in sorted(scan.statuses.items(), key=lambda kv: (kv[0] != "ok", -kv[1], kv[0]))
+    )
     facts = _run_facts(meta, scan)
     if bad_lines:
-        facts.append(("Damaged lines", f"{len(bad_lines):,} JSONL lines could not be parsed "
-                                       f"(line {describe_lines(bad_lines)}); they are not in this report"))
+        facts.append(
+            (
+                "Damaged lines",
+                f"{len(bad_lines):,} JSONL lines could not be parsed "
+                f"(line {describe_lines(bad_lines)}); they are not in this report",
+            )
+        )
     facts_html = "".join(f"<dt>{_esc(k)}</dt><dd>{_esc(v)}</dd>" for k, v in facts)
-    meta_html = (f'<details class="config"><summary>Run configuration</summary>'
-                 f'<pre>{_esc(json.dumps(meta, indent=2, sort_keys=True, default=str))}</pre></details>'
-                 if meta else "")
-    options = "".join(f'<option value="{_esc(s)}">{_esc(s)} ({n:,})</option>'
-                      for s, n in sorted(scan.statuses.items(), key=lambda kv: (kv[0] != "ok", kv[0])))
+    meta_html = (
+        f'<details class="config"><summary>Run configuration</summary>'
+        f"<pre>{_esc(json.dumps(meta, indent=2, sort_keys=True, default=str))}</pre></details>"
+        if meta
+        else ""
+    )
+    options = "".join(
+        f'<option value="{_esc(s)}">{_esc(s)} ({n:,})</option>'
+        for s, n in sorted(scan.statuses.items(), key=lambda kv: (kv[0] != "ok", kv[0]))
+    )
     if scan.failures:
         more = failed - len(scan.failures)
         rows_html = "".join(
             f'<tr data-status="{_esc(f.get("status") or "unknown")}" data-text="'
             f'{_esc(" ".join(filter(None, [f.get("id"), f.get("error")])).lower())}">'
             f'<td><span class="badge b-{_esc(_css_name(str(f.get("status") or "unknown")))}">'
-            f'{_esc(f.get("status") or "unknown")}</span></td>'
+            f"{_esc(f.get('status') or 'unknown')}</span></td>"
             f'<td class="mono">{_esc(f.get("id"))}</td><td>{_esc(f.get("error"))}</td>'
-            f'<td class="mono src">{_esc(f.get("source"))}</td></tr>' for f in scan.failures)
-        more_html = (f'<p class="note">{more:,} more failed rows not listed '
-                     f'(the first {failure_cap:,} are).</p>' if more > 0 else "")
-        failures_html = (f'<section id="failures"><h2>Failures <span class="count">{failed:,}</span></h2>'
-                         '<div class="tablewrap"><table><thead><tr><th>Status</th><th>Id</th><th>Error</th>'
-                         f'<th>Source</th></tr></thead><tbody>{rows_html}</tbody></table></div>'
-                         f'{more_html}</section>')
+            f'<td class="mono src">{_esc(f.get("source"))}</td></tr>'
+            for f in scan.failures
+        )
+        more_html = (
+            f'<p class="note">{more:,} more failed rows not listed (the first {failure_cap:,} are).</p>'
+            if more > 0
+            else ""
+        )
+        failures_html = (
+            f'<section id="failures"><h2>Failures <span class="count">{failed:,}</span></h2>'
+            '<div class="tablewrap"><table><thead><tr><th>Status</th><th>Id</th><th>Error</th>'
+            f"<th>Source</th></tr></thead><tbody>{rows_html}</tbody></table></div>"
+            f"{more_html}</section>"
+        )
     else:
         failures_html = ""
     grid = "".join(_card(row, thumb, i + 1) for i, (row, thumb) in enumerate(zip(rows, thumbs)))
     template = Template(resources.files("batchcap.outputs").joinpath("report_template.html").read_text("utf-8"))
     return template.substitute(
-        title=_esc(title), source=_esc(str(output)), tiles=tiles_html, chips=chips, facts=facts_html,
-        config=meta_html, options=options, failures=failures_html, grid=grid, note=_esc(note),
-        shown=str(len(rows)), generated=_esc(datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")),
+        title=_esc(title),
+        source=_esc(str(output)),
+        tiles=tiles_html,
+        chips=chips,
+        facts=facts_html,
+        config=meta_html,
+        options=options,
+        failures=failures_html,
+        grid=grid,
+        note=_esc(note),
+        shown=str(len(rows)),
+        generated=_esc(datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")),
     )
 
 
@@ -663,11 +748,21 @@ def default_html_path(output_path: str | os.PathLike[str]) -> str:
     return os.fspath(output_path) + ".html"
 
 
-def write_report(output_path: str | os.PathLike[str], html_path: str | os.PathLike[str], *,
-                 limit: int | None = 1000, sample: int | None = None, seed: int = 0,
-                 link_images: bool = False, thumb_size: int = 192, order: str = "score",
-                 failure_cap: int = FAILURE_CAP, workers: int | None = None,
-                 status: str | None = None, skip_bad_lines: bool = False) -> ReportSummary:
+def write_report(
+    output_path: str | os.PathLike[str],
+    html_path: str | os.PathLike[str],
+    *,
+    limit: int | None = 1000,
+    sample: int | None = None,
+    seed: int = 0,
+    link_images: bool = False,
+    thumb_size: int = 192,
+    order: str = "score",
+    failure_cap: int = FAILURE_CAP,
+    workers: int | None = None,
+    status: str | None = None,
+    skip_bad_lines: bool = False,
+) -> ReportSummary:
     """Render ``output_path`` (a batchcap Parquet or JSONL output) as one HTML page at ``html_path``.
 
     Cards are ordered lowest score first (``order="score"``; failures last), lowest
@@ -697,8 +792,9 @@ def write_report(output_path: str | os.PathLike[str], html_path: str | os.PathLi
     else:
         batches, meta = _jsonl_batches(output, counter)
     meta = meta if isinstance(meta, dict) else {}
-    scan = _scan(batches, keep=limit, sample=sample, seed=seed, order=order, failure_cap=failure_cap,
-                 only_status=status)
+    scan = _scan(
+        batches, keep=limit, sample=sample, seed=seed, order=order, failure_cap=failure_cap, only_status=status
+    )
     rows: list[dict[str, Any]] = []
     if scan.candidates is not None:
         shown = _keep_first(scan.candidates, _sort_keys(order), limit)
@@ -707,8 +803,15 @@ def write_report(output_path: str | os.PathLike[str], html_path: str | os.PathLi
     exts = _lookup(flat, "image_keys")
     exts = tuple(str(e).lower() for e in exts) if isinstance(exts, (list, tuple)) and exts else IMAGE_KEYS
     exts = exts + tuple(e for e in IMAGE_KEYS if e not in exts)
-    thumbs = _thumbnails(rows, base=output.parent, html_dir=html_file.parent, size=thumb_size,
-                         link_images=link_images, exts=exts, workers=workers or available_cpus())
+    thumbs = _thumbnails(
+        rows,
+        base=output.parent,
+        html_dir=html_file.parent,
+        size=thumb_size,
+        link_images=link_images,
+        exts=exts,
+        workers=workers or available_cpus(),
+    )
     how = {"score": "lowest score first", "confidence": "lowest confidence first"}.get(order, "by id")
     note = f"Showing {len(rows):,} of {scan.total:,} rows" + (f" (status {status} only)" if status else "")
     note += f", {how}"
@@ -716,17 +819,34 @@ def write_report(output_path: str | os.PathLike[str], html_path: str | os.PathLi
         note += f", from a random sample of {min(sample, scan.total):,} (seed {seed})"
     elif limit is not None and scan.total > limit:
         note += f" (limit {limit:,})"
-    text = _render(title=f"batchcap report · {output.name}", output=output, meta=meta, scan=scan, rows=rows,
-                   thumbs=thumbs, note=note + ".", bad_lines=counter.lines, failure_cap=failure_cap)
+    text = _render(
+        title=f"batchcap report · {output.name}",
+        output=output,
+        meta=meta,
+        scan=scan,
+        rows=rows,
+        thumbs=thumbs,
+        note=note + ".",
+        bad_lines=counter.lines,
+        failure_cap=failure_cap,
+    )
     data = text.encode("utf-8", errors="replace")  # lone surrogates from JSON must not crash the write
     html_file.parent.mkdir(parents=True, exist_ok=True)
     tmp = html_file.with_name(f".{html_file.name}.{os.getpid()}.tmp")
     tmp.write_bytes(data)
     os.replace(tmp, html_file)
     return ReportSummary(
-        output=str(output), html=str(html_file), total_rows=scan.total, status_counts=dict(scan.statuses),
-        shown=len(rows), thumbnails=sum(1 for t in thumbs if t.src and t.src.startswith("data:")),
-        placeholders=sum(1 for t in thumbs if not t.src), failures_listed=len(scan.failures),
-        bad_lines=counter.bad, bad_line_numbers=tuple(counter.lines), html_bytes=len(data), seconds=time.perf_counter() - started,
+        output=str(output),
+        html=str(html_file),
+        total_rows=scan.total,
+        status_counts=dict(scan.statuses),
+        shown=len(rows),
+        thumbnails=sum(1 for t in thumbs if t.src and t.src.startswith("data:")),
+        placeholders=sum(1 for t in thumbs if not t.src),
+        failures_listed=len(scan.failures),
+        bad_lines=counter.bad,
+        bad_line_numbers=tuple(counter.lines),
+        html_bytes=len(data),
+        seconds=time.perf_counter() - started,
         models=dict(scan.models),
     )

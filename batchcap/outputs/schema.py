@@ -4,6 +4,7 @@ Version 2: ``score`` is what the beam search ranked by (it was the mean log-prob
 the ``logprob`` column); ``logprob`` and ``confidence`` were appended. A run refuses to resume
 into an output of another version.
 """
+
 from __future__ import annotations
 
 import datetime as dt
@@ -25,23 +26,25 @@ SUFFIX_FORMATS = {".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".
 NBEST_TYPE = pa.list_(pa.struct([("caption", pa.string()), ("score", pa.float64())]))
 
 
-SCHEMA = pa.schema([
-    ("id", pa.string()),
-    ("source", pa.string()),
-    ("caption", pa.string()),
-    ("score", pa.float64()),
-    ("n_best", NBEST_TYPE),
-    ("status", pa.string()),
-    ("error", pa.string()),
-    ("width", pa.int32()),
-    ("height", pa.int32()),
-    ("size", pa.int64()),
-    ("mtime_ns", pa.int64()),
-    ("model", pa.string()),
-    ("created_at", pa.timestamp("ms", tz="UTC")),
-    ("logprob", pa.float64()),
-    ("confidence", pa.float64()),
-])
+SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("source", pa.string()),
+        ("caption", pa.string()),
+        ("score", pa.float64()),
+        ("n_best", NBEST_TYPE),
+        ("status", pa.string()),
+        ("error", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("size", pa.int64()),
+        ("mtime_ns", pa.int64()),
+        ("model", pa.string()),
+        ("created_at", pa.timestamp("ms", tz="UTC")),
+        ("logprob", pa.float64()),
+        ("confidence", pa.float64()),
+    ]
+)
 
 COLUMNS: tuple[str, ...] = tuple(SCHEMA.names)
 
@@ -55,8 +58,9 @@ def infer_format(out: str | os.PathLike[str], fmt: str | None = None) -> str:
     suffix = Path(out).suffix.lower()
     if suffix in SUFFIX_FORMATS:
         return SUFFIX_FORMATS[suffix]
-    raise ValueError(f"cannot tell the format of {str(out)!r} from its suffix: "
-                     "name it .parquet or .jsonl, or pass --format")
+    raise ValueError(
+        f"cannot tell the format of {str(out)!r} from its suffix: name it .parquet or .jsonl, or pass --format"
+    )
 
 
 def row_to_json(row: dict[str, Any]) -> str:
@@ -70,9 +74,13 @@ def row_to_json(row: dict[str, Any]) -> str:
         elif isinstance(value, float) and not math.isfinite(value):
             value = None
         elif key == "n_best" and value:
-            value = [{"caption": h["caption"],
-                      "score": h["score"] if h["score"] is None or math.isfinite(h["score"]) else None}
-                     for h in value]
+            value = [
+                {
+                    "caption": h["caption"],
+                    "score": h["score"] if h["score"] is None or math.isfinite(h["score"]) else None,
+                }
+                for h in value
+            ]
         clean[key] = value
     return json.dumps(clean, ensure_ascii=False, allow_nan=False)
 

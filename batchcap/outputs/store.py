@@ -31,6 +31,7 @@ All of this assumes one writer per output: hold ``batchcap.outputs.lock.hold_loc
 ``OutputStore.open`` ... ``finalize``. The output's folder must rename atomically and
 support ``flock`` (see ``batchcap.outputs.lock``).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -41,9 +42,10 @@ import os
 import re
 import secrets
 import shutil
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -115,9 +117,17 @@ class OutputStore:
     status is not in ``RETRY_STATUSES`` to its input fingerprint ``(size, mtime_ns)``.
     """
 
-    def __init__(self, out: Path, fmt: str, meta: dict[str, Any], commit_every: int,
-                 done: dict[str, Fingerprint], previous_rows: int, next_seq: int,
-                 final_retry_rows: int = 0) -> None:
+    def __init__(
+        self,
+        out: Path,
+        fmt: str,
+        meta: dict[str, Any],
+        commit_every: int,
+        done: dict[str, Fingerprint],
+        previous_rows: int,
+        next_seq: int,
+        final_retry_rows: int = 0,
+    ) -> None:
         self.out = out
         self.fmt = fmt
         self.meta = meta
@@ -140,9 +150,15 @@ class OutputStore:
     # -- opening ---------------------------------------------------------------------
 
     @classmethod
-    def open(cls, out: str | os.PathLike[str], fmt: str | None, resume_settings: dict[str, Any],
-             run_config: dict[str, Any], overwrite: bool = False,
-             commit_every: int = 512) -> "OutputStore":
+    def open(
+        cls,
+        out: str | os.PathLike[str],
+        fmt: str | None,
+        resume_settings: dict[str, Any],
+        run_config: dict[str, Any],
+        overwrite: bool = False,
+        commit_every: int = 512,
+    ) -> OutputStore:
         """Open ``out`` for writing, continuing a previous run unless ``overwrite``.
 
         Raises ``ResumeRefused`` when an earlier run (its work folder, or the final
@@ -173,13 +189,16 @@ class OutputStore:
             try:
                 previous = json.loads(run_json.read_text(encoding="utf-8"))
             except (OSError, ValueError) as exc:
-                raise ResumeRefused(f"cannot read {run_json} ({exc}); rerun with --overwrite "
-                                    "to start over, or choose another --out") from exc
+                raise ResumeRefused(
+                    f"cannot read {run_json} ({exc}); rerun with --overwrite to start over, or choose another --out"
+                ) from exc
             _check_previous(out, previous, meta, what="the unfinished run in " + str(work))
         elif parts:
-            raise ResumeRefused(f"{work} holds committed parts but no run.json, so their settings "
-                                "are unknown; rerun with --overwrite to start over, "
-                                "or choose another --out")
+            raise ResumeRefused(
+                f"{work} holds committed parts but no run.json, so their settings "
+                "are unknown; rerun with --overwrite to start over, "
+                "or choose another --out"
+            )
         with _io_errors(run_json):
             work.mkdir(parents=True, exist_ok=True)
             if not run_json.exists():
@@ -296,19 +315,32 @@ class OutputStore:
                 kept_old, replaced, dropped = self._write_parquet(tmp, parts, keep_masks, part_ids, kept_ids)
             else:
                 # The meta file goes first: whenever the .jsonl exists, its meta describes it.
-                atomic_write_bytes(meta_path_for(out),
-                                    (json.dumps(self.meta, indent=2, sort_keys=True) + "\n").encode(), tmp=meta_tmp)
+                atomic_write_bytes(
+                    meta_path_for(out), (json.dumps(self.meta, indent=2, sort_keys=True) + "\n").encode(), tmp=meta_tmp
+                )
                 kept_old, replaced, dropped = self._write_jsonl(tmp, parts, keep_masks, part_ids, kept_ids)
             fsync_file(tmp)
             os.replace(tmp, out)
         with _io_errors(out.parent):
             fsync_dir(out.parent)
         _remove_work(work)
-        return FinalizeSummary(str(out), kept_old + len(kept_ids), len(kept_ids) - replaced, replaced,
-                               rewritten=True, rows_dropped=dropped + len(part_ids) - len(kept_ids))
+        return FinalizeSummary(
+            str(out),
+            kept_old + len(kept_ids),
+            len(kept_ids) - replaced,
+            replaced,
+            rewritten=True,
+            rows_dropped=dropped + len(part_ids) - len(kept_ids),
+        )
 
-    def _write_parquet(self, tmp: Path, parts: list[tuple[int, Path]], keep_masks: list[list[bool]],
-                       part_ids: set[str], kept_ids: set[str]) -> tuple[int, int, int]:
+    def _write_parquet(
+        self,
+        tmp: Path,
+        parts: list[tuple[int, Path]],
+        keep_masks: list[list[bool]],
+        part_ids: set[str],
+        kept_ids: set[str],
+    ) -> tuple[int, int, int]:
         schema = SCHEMA.with_metadata({METADATA_KEY: json.dumps(self.meta, sort_keys=True)})
         id_set = pa.array(sorted(part_ids), type=pa.string())
         kept_set = pa.array(sorted(kept_ids), type=pa.string())
@@ -337,8 +369,14 @@ class OutputStore:
             buffer.flush()
         return kept_old, replaced, dropped
 
-    def _write_jsonl(self, tmp: Path, parts: list[tuple[int, Path]], keep_masks: list[list[bool]],
-                     part_ids: set[str], kept_ids: set[str]) -> tuple[int, int, int]:
+    def _write_jsonl(
+        self,
+        tmp: Path,
+        parts: list[tuple[int, Path]],
+        keep_masks: list[list[bool]],
+        part_ids: set[str],
+        kept_ids: set[str],
+    ) -> tuple[int, int, int]:
         kept_old = replaced = dropped = 0
         with open(tmp, "w", encoding="utf-8", newline="\n") as dst:
             if self.out.exists():
@@ -404,29 +442,33 @@ def _jsonable(value: Any) -> Any:
 
 def _check_previous(out: Path, previous: dict[str, Any] | None, meta: dict[str, Any], what: str) -> None:
     if previous is None:
-        raise ResumeRefused(f"{out} exists but was not written by batchcap (no run configuration found); "
-                            "rerun with --overwrite to replace it, or choose another --out")
+        raise ResumeRefused(
+            f"{out} exists but was not written by batchcap (no run configuration found); "
+            "rerun with --overwrite to replace it, or choose another --out"
+        )
     version = previous.get("schema_version", 1)
     if version != meta["schema_version"]:
         raise ResumeRefused(
             f"refusing to continue {out}: {what} has output schema version {version}, this batchcap writes "
             f"version {meta['schema_version']} (score means the search's ranking score since version 2; the "
             "old per-token score is the logprob column). Finish it with the batchcap that started it, "
-            "or write new captions to another --out, or rerun with --overwrite to start over")
+            "or write new captions to another --out, or rerun with --overwrite to start over"
+        )
     if previous.get("format", meta["format"]) != meta["format"]:
-        raise ResumeRefused(f"{what} is {previous.get('format')}, not {meta['format']}; "
-                            "rerun with --overwrite to start over, or choose another --out")
+        raise ResumeRefused(
+            f"{what} is {previous.get('format')}, not {meta['format']}; "
+            "rerun with --overwrite to start over, or choose another --out"
+        )
     old = flatten_settings(previous.get("resume_settings") or {})
     new = flatten_settings(meta["resume_settings"])
     differ = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
     if differ:
-
-        changes = "; ".join(f"{option_name(k)}: {json.dumps(old.get(k))} -> {json.dumps(new.get(k))}"
-                            for k in differ)
+        changes = "; ".join(f"{option_name(k)}: {json.dumps(old.get(k))} -> {json.dumps(new.get(k))}" for k in differ)
         raise ResumeRefused(
             f"refusing to continue {out}: {what} was made with other settings ({changes}). "
             "Mixing them would put captions from different settings in one file; rerun with "
-            "--overwrite to start over, or choose another --out")
+            "--overwrite to start over, or choose another --out"
+        )
 
 
 def _final_meta(out: Path, fmt: str) -> dict[str, Any] | None:
@@ -437,12 +479,15 @@ def _final_meta(out: Path, fmt: str) -> dict[str, Any] | None:
         meta = meta_path_for(out)
         return json.loads(meta.read_text(encoding="utf-8")) if meta.exists() else None
     except (OSError, ValueError, pa.ArrowException) as exc:
-        raise ResumeRefused(f"cannot read the existing output {out} ({exc}); rerun with --overwrite "
-                            "to replace it, or choose another --out") from exc
+        raise ResumeRefused(
+            f"cannot read the existing output {out} ({exc}); rerun with --overwrite "
+            "to replace it, or choose another --out"
+        ) from exc
 
 
-def _fold_done(done: dict[str, Fingerprint], seen: set[str],
-               rows: Iterable[tuple[str, int | None, int | None, str]]) -> int:
+def _fold_done(
+    done: dict[str, Fingerprint], seen: set[str], rows: Iterable[tuple[str, int | None, int | None, str]]
+) -> int:
     """Fold rows (in order) into ``done``; returns how many had a retry status."""
     retry = 0
     for rid, size, mtime_ns, status in rows:
@@ -459,8 +504,9 @@ def _read_done_parquet(path: Path) -> Iterator[tuple[str, int | None, int | None
     try:
         table = pq.read_table(path, columns=DONE_COLUMNS)
     except (OSError, pa.ArrowException) as exc:
-        raise ResumeRefused(f"cannot read {path} ({exc}); rerun with --overwrite to start over, "
-                            "or choose another --out") from exc
+        raise ResumeRefused(
+            f"cannot read {path} ({exc}); rerun with --overwrite to start over, or choose another --out"
+        ) from exc
     return zip(*(table.column(c).to_pylist() for c in DONE_COLUMNS))
 
 
@@ -477,8 +523,10 @@ def _read_done_final(out: Path, fmt: str) -> Iterator[Iterable[tuple[str, int | 
                 obj = json.loads(line)
                 rows.append((obj["id"], obj.get("size"), obj.get("mtime_ns"), obj.get("status")))
             except (ValueError, KeyError, TypeError) as exc:
-                raise ResumeRefused(f"{out} line {number} is not a batchcap row ({exc}); rerun with "
-                                    "--overwrite to replace it, or choose another --out") from exc
+                raise ResumeRefused(
+                    f"{out} line {number} is not a batchcap row ({exc}); rerun with "
+                    "--overwrite to replace it, or choose another --out"
+                ) from exc
             if len(rows) >= 65_536:
                 yield rows
                 rows = []
@@ -560,8 +608,9 @@ class OutputIOError(Exception):
             advice = "free space and rerun"
         else:
             advice = "fix the cause and rerun"
-        super().__init__(f"cannot write {path}: {reason}; {advice} (rows committed so far are kept "
-                         "and the rerun resumes)")
+        super().__init__(
+            f"cannot write {path}: {reason}; {advice} (rows committed so far are kept and the rerun resumes)"
+        )
 
     @property
     def no_space(self) -> bool:
@@ -591,11 +640,13 @@ def _set_aside(work: Path, part: Path, reason: str) -> Path:
     damaged.mkdir(exist_ok=True)
     target = damaged / part.name
     os.rename(part, target)
-    note = (f"{part.name} could not be read back when a run resumed at "
-            f"{dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds')}:\n"
-            f"{reason}\n"
-            "It was moved here and its rows were captioned again; it is not part of the output. "
-            "Delete it once you have looked at it.\n")
+    note = (
+        f"{part.name} could not be read back when a run resumed at "
+        f"{dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds')}:\n"
+        f"{reason}\n"
+        "It was moved here and its rows were captioned again; it is not part of the output. "
+        "Delete it once you have looked at it.\n"
+    )
     atomic_write_bytes(damaged / (part.name + ".why.txt"), note.encode())
     fsync_dir(work)
     return target

@@ -5,13 +5,14 @@ This is where the model file, the encoder weights and the runtime settings meet:
 :func:`resolve_encoder_weights` finds weights the model can trust, and
 :class:`Captioner` runs the batched encoder and the vectorised beam search.
 """
+
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -73,8 +74,9 @@ def search_decoder(model: CaptionModel, runtime: RuntimeConfig) -> torch.nn.Modu
     return model.build_decoder(torch.bfloat16 if runtime.precision == "bf16" else None).to(runtime.device)
 
 
-def encode_fixed_size(encode: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor,
-                      batch_size: int) -> torch.Tensor:
+def encode_fixed_size(
+    encode: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, batch_size: int
+) -> torch.Tensor:
     """``encode(images)``, with a short batch padded by blank pictures up to ``batch_size`` rows.
 
     On CUDA, cuDNN's autotuner (``cudnn.benchmark``) times its kernels again for every new
@@ -88,7 +90,7 @@ def encode_fixed_size(encode: Callable[[torch.Tensor], torch.Tensor], images: to
     return encode(images)
 
 
-def caption_batch(captioner: Callable[[torch.Tensor], list[Caption]], batch: "Batch") -> list[Caption]:
+def caption_batch(captioner: Callable[[torch.Tensor], list[Caption]], batch: Batch) -> list[Caption]:
     """Captions for ``batch.ok``; a picture without one moves from ``batch.ok`` to ``batch.failed``.
 
     So a bad picture becomes its own failure row (status ``no_caption``) and the rest of
@@ -109,18 +111,22 @@ def caption_batch(captioner: Callable[[torch.Tensor], list[Caption]], batch: "Ba
 class Captioner:
     """Batched encoder + vectorised beam search for one model and one set of settings."""
 
-    def __init__(self, model: CaptionModel, runtime: RuntimeConfig, beam: BeamConfig,
-                 encoder_weights: str | None = None) -> None:
+    def __init__(
+        self, model: CaptionModel, runtime: RuntimeConfig, beam: BeamConfig, encoder_weights: str | None = None
+    ) -> None:
         self.model = model
         self.runtime = runtime
         self.beam = beam
         source = resolve_encoder_weights(model, encoder_weights)
         self.weights_source = source
         encoder_cfg = EncoderConfig(name=model.encoder.name, spatial=model.encoder.spatial)
-        self.encoder = build_encoder(lambda: build_backbone(encoder_cfg, source), model.preprocess, runtime,
-                                     spatial=model.encoder.spatial,
-                                     identity=stored_identity(encoder_cfg, source) if runtime.backend == "openvino"
-                                     else None)
+        self.encoder = build_encoder(
+            lambda: build_backbone(encoder_cfg, source),
+            model.preprocess,
+            runtime,
+            spatial=model.encoder.spatial,
+            identity=stored_identity(encoder_cfg, source) if runtime.backend == "openvino" else None,
+        )
         self.decoder = search_decoder(model, runtime)
         self.fixed_batch = torch.device(runtime.device).type == "cuda"
         # A second hypothesis gives the calibrator its margin; asking for it never changes the best.
@@ -138,13 +144,21 @@ class Captioner:
         return self.search_with_evidence(features)[0]
 
     @torch.inference_mode()
-    def search_with_evidence(self, features: torch.Tensor) -> tuple[list[Caption], "np.ndarray"]:
+    def search_with_evidence(self, features: torch.Tensor) -> tuple[list[Caption], np.ndarray]:
         """:meth:`search`, plus each image's calibrator inputs (:func:`caption_evidence`)."""
         vocab, model = self.model.vocab, self.model
         state = self.decoder.init_state(features)
-        result = beam_search(self.decoder.step, state, self._search_cfg, start_id=vocab.start_id,
-                             end_id=vocab.end_id, pad_id=vocab.pad_id, banned_ids=vocab.never_generated,
-                             unendable_ids=model.unendable_ids, per_image=self.decoder.per_image_state)
+        result = beam_search(
+            self.decoder.step,
+            state,
+            self._search_cfg,
+            start_id=vocab.start_id,
+            end_id=vocab.end_id,
+            pad_id=vocab.pad_id,
+            banned_ids=vocab.never_generated,
+            unendable_ids=model.unendable_ids,
+            per_image=self.decoder.per_image_state,
+        )
         familiarity = neighbours = None
         if model.familiarity is not None:
             pooled = features.float().mean(1) if features.dim() == 3 else features.float()
@@ -159,15 +173,29 @@ class Captioner:
         logprobs = token_logprobs_mean(result)[:, 0].cpu().tolist()
         captions = []
         for b, (image_tokens, image_scores) in enumerate(zip(tokens, scores)):
-            ranked = [(vocab.decode(t), float(sc)) for t, sc in zip(image_tokens, image_scores)
-                      if math.isfinite(sc)]  # a slot stays empty when fewer hypotheses existed
+            ranked = [
+                (vocab.decode(t), float(sc)) for t, sc in zip(image_tokens, image_scores) if math.isfinite(sc)
+            ]  # a slot stays empty when fewer hypotheses existed
             if not ranked:
-                captions.append(Caption("", math.nan, (), error="no finite caption: every hypothesis "
-                                        "scored NaN or -inf (NaN or inf encoder features?)"))
+                captions.append(
+                    Caption(
+                        "",
+                        math.nan,
+                        (),
+                        error="no finite caption: every hypothesis scored NaN or -inf (NaN or inf encoder features?)",
+                    )
+                )
                 continue
-            captions.append(Caption(ranked[0][0], ranked[0][1], tuple(ranked), logprob=float(logprobs[b]),
-                                    confidence=None if confidence is None else round(float(confidence[b]), 6),
-                                    familiarity=None if familiarity is None else float(familiarity[b])))
+            captions.append(
+                Caption(
+                    ranked[0][0],
+                    ranked[0][1],
+                    tuple(ranked),
+                    logprob=float(logprobs[b]),
+                    confidence=None if confidence is None else round(float(confidence[b]), 6),
+                    familiarity=None if familiarity is None else float(familiarity[b]),
+                )
+            )
         return captions, evidence
 
     def __call__(self, images: torch.Tensor) -> list[Caption]:

@@ -14,6 +14,7 @@ repeat that arrives within ``repeat_window`` seconds of the first counts as the 
 request, because one event is often delivered twice: Slurm's ``scancel`` signals every
 process of a job, including the batch shell, whose trap forwards it again.
 """
+
 from __future__ import annotations
 
 import os
@@ -41,7 +42,7 @@ class StopSignals:
         self._pid = os.getpid()
         self._previous: dict[int, Any] = {}
 
-    def __enter__(self) -> "StopSignals":
+    def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():
             self._pid = os.getpid()
             for signum in STOP_SIGNALS:
@@ -67,11 +68,15 @@ class StopSignals:
         now = time.monotonic()
         if self.requested is None:
             self.requested, self._first_at = name, now
-            self._say(f"batchcap: {name} received: stopping after the current batch and committing the "
-                      f"captioned rows (send it again to stop at once)\n")
+            self._say(
+                f"batchcap: {name} received: stopping after the current batch and committing the "
+                f"captioned rows (send it again to stop at once)\n"
+            )
             return
         if now - self._first_at < self.repeat_window:
             return  # the same event, delivered twice
-        self._say(f"batchcap: second {name}: stopping at once; rows not yet committed are lost, "
-                  f"a rerun resumes from the last commit\n")
+        self._say(
+            f"batchcap: second {name}: stopping at once; rows not yet committed are lost, "
+            f"a rerun resumes from the last commit\n"
+        )
         os._exit(self.exit_code)

@@ -4,6 +4,7 @@ On a terminal a rich progress bar; off a terminal (cron, Slurm logs) one ``key=v
 line every ``log_every`` seconds with no control characters; always a plain summary at
 the end.
 """
+
 from __future__ import annotations
 
 import datetime as dt
@@ -12,8 +13,9 @@ import re
 import sys
 import time
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping, TextIO
+from typing import Any, TextIO
 
 # Exit codes of ``batchcap run``; cron and Slurm scripts branch on them.
 EXIT_OK = 0  # every input has a row; failures within --max-failures
@@ -50,8 +52,10 @@ _INT = re.compile(r"^\d+$")
 def parse_max_failures(text: str) -> MaxFailures:
     """``"10"`` is a count, ``"0.05"`` or ``"5%"`` a fraction of the inputs processed."""
     raw = str(text).strip()
-    hint = ("--max-failures takes a count (e.g. 10), a fraction between 0 and 1 (e.g. 0.05) "
-            f"or a percentage (e.g. 5%), not {text!r}")
+    hint = (
+        "--max-failures takes a count (e.g. 10), a fraction between 0 and 1 (e.g. 0.05) "
+        f"or a percentage (e.g. 5%), not {text!r}"
+    )
     if _INT.match(raw):
         return MaxFailures(count=int(raw))
     percent = raw.endswith("%")
@@ -84,8 +88,15 @@ class Progress:
     included); ``None`` when unknown. ``tty=None`` asks ``stream.isatty()``.
     """
 
-    def __init__(self, total: int | None, *, tty: bool | None = None, log_every: float = 30.0,
-                 stream: TextIO | None = None, clock: Any = time.monotonic) -> None:
+    def __init__(
+        self,
+        total: int | None,
+        *,
+        tty: bool | None = None,
+        log_every: float = 30.0,
+        stream: TextIO | None = None,
+        clock: Any = time.monotonic,
+    ) -> None:
         self.total = total
         self.stream = stream if stream is not None else sys.stderr
         self.tty = bool(tty if tty is not None else getattr(self.stream, "isatty", lambda: False)())
@@ -123,7 +134,7 @@ class Progress:
 
     # -- lifecycle -------------------------------------------------------------------
 
-    def __enter__(self) -> "Progress":
+    def __enter__(self) -> Progress:
         self._start = self._last_log = self._clock()
         if self.tty:
             from rich.console import Console
@@ -132,15 +143,18 @@ class Progress:
 
             console = Console(file=self.stream, force_terminal=True)
             self._bar = RichProgress(
-                TextColumn("[bold]captioning"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("{task.fields[rate]:.1f} img/s"), TimeElapsedColumn(),
+                TextColumn("[bold]captioning"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[rate]:.1f} img/s"),
+                TimeElapsedColumn(),
                 TextColumn("eta {task.fields[eta]}"),
                 TextColumn("[green]ok {task.fields[ok]}[/] [red]failed {task.fields[failed]}[/]"),
-                console=console, transient=False,
+                console=console,
+                transient=False,
             )
             self._bar.start()
-            self._task = self._bar.add_task("captioning", total=self.total, ok=0, failed=0, rate=0.0,
-                                              eta="?")
+            self._task = self._bar.add_task("captioning", total=self.total, ok=0, failed=0, rate=0.0, eta="?")
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -148,8 +162,7 @@ class Progress:
             self._bar.stop()
             self._bar = None
 
-    def advance(self, ok: int = 0, failed: Mapping[str, int] | None = None, skipped: int = 0,
-                ignored: int = 0) -> None:
+    def advance(self, ok: int = 0, failed: Mapping[str, int] | None = None, skipped: int = 0, ignored: int = 0) -> None:
         """Count a batch: ``ok`` captions, ``failed`` by status, ``skipped`` as done, ``ignored``."""
         self.ok += ok
         if failed:
@@ -157,9 +170,14 @@ class Progress:
         self.skipped += skipped
         self.ignored += ignored
         if self._bar is not None:
-            self._bar.update(self._task, completed=self.done, ok=self.ok,
-                             failed=sum(self.failed.values()), rate=self.rate(),
-                             eta=_fmt_seconds(self.eta()))
+            self._bar.update(
+                self._task,
+                completed=self.done,
+                ok=self.ok,
+                failed=sum(self.failed.values()),
+                rate=self.rate(),
+                eta=_fmt_seconds(self.eta()),
+            )
         elif not self.tty:
             now = self._clock()
             if now - self._last_log >= self.log_every:
@@ -169,14 +187,17 @@ class Progress:
     def log_line(self) -> str:
         """Write (and return) one ``key=value`` status line."""
         stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-        line = (f"time={stamp} done={self.done} total={self.total if self.total is not None else '?'} "
-                f"ok={self.ok} failed={sum(self.failed.values())} skipped={self.skipped} "
-                f"rate={self.rate():.2f}/s eta={_fmt_seconds(self.eta())}")
+        line = (
+            f"time={stamp} done={self.done} total={self.total if self.total is not None else '?'} "
+            f"ok={self.ok} failed={sum(self.failed.values())} skipped={self.skipped} "
+            f"rate={self.rate():.2f}/s eta={_fmt_seconds(self.eta())}"
+        )
         print(line, file=self.stream, flush=True)
         return line
 
-    def summary(self, output: str | None = None, *, extra: Mapping[str, Any] | None = None,
-                echo: bool = True) -> dict[str, Any]:
+    def summary(
+        self, output: str | None = None, *, extra: Mapping[str, Any] | None = None, echo: bool = True
+    ) -> dict[str, Any]:
         """The end-of-run figures as a dict; printed as plain lines to the stream unless ``echo=False``.
 
         The lines say what *this* process did: ``captioned now`` and ``failed now`` are the
@@ -209,8 +230,10 @@ class Progress:
             ]
             if output:
                 fields.append(("output", output))
-            lines = [f"batchcap: {result['processed']} images in {_fmt_seconds(wall)} "
-                     f"({result['images_per_s']:.1f} images/s)"]
+            lines = [
+                f"batchcap: {result['processed']} images in {_fmt_seconds(wall)} "
+                f"({result['images_per_s']:.1f} images/s)"
+            ]
             lines += [f"  {key + ':':<24}{value}" for key, value in fields]
             print("\n".join(lines), file=self.stream, flush=True)
         return result

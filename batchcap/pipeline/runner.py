@@ -6,6 +6,7 @@ the input stage, captions them, hands rows to the store, and finalises the outpu
 The model's tensors are loaded lazily, on the first batch that has pictures, so a
 rerun of a finished job does no model or image work at all.
 """
+
 from __future__ import annotations
 
 import datetime as dt
@@ -66,32 +67,64 @@ def output_summary(final: Any, processed: int) -> dict[str, Any]:
     captioned now reads as 400 added, 128 of them from the earlier attempt.
     """
     added = final.rows_new + final.rows_replaced
-    extra: dict[str, Any] = {"rows in output": final.rows_total, "added to output": final.rows_new,
-                             "replaced rows": final.rows_replaced}
+    extra: dict[str, Any] = {
+        "rows in output": final.rows_total,
+        "added to output": final.rows_new,
+        "replaced rows": final.rows_replaced,
+    }
     earlier = max(0, added - processed)
     if earlier:
         extra["from earlier attempts"] = f"{earlier} (committed before an interruption, now in the output)"
     return extra
 
 
-def _ok_row(item: ItemResult, text: str, score: float, n_best: tuple[tuple[str, float], ...], n: int,
-            model: str, now: dt.datetime, logprob: float | None = None, confidence: float | None = None,
-            min_confidence: float | None = None) -> dict[str, Any]:
+def _ok_row(
+    item: ItemResult,
+    text: str,
+    score: float,
+    n_best: tuple[tuple[str, float], ...],
+    n: int,
+    model: str,
+    now: dt.datetime,
+    logprob: float | None = None,
+    confidence: float | None = None,
+    min_confidence: float | None = None,
+) -> dict[str, Any]:
     low = min_confidence is not None and confidence is not None and confidence < min_confidence
     return {
-        "id": item.item.id, "source": item.item.source, "caption": text, "score": score,
+        "id": item.item.id,
+        "source": item.item.source,
+        "caption": text,
+        "score": score,
         "n_best": [{"caption": c, "score": s} for c, s in n_best[:n]] if n > 1 else None,
-        "status": LOW_CONFIDENCE if low else "ok", "error": None, "width": item.width, "height": item.height,
-        "size": item.item.size, "mtime_ns": item.item.mtime_ns, "model": model, "created_at": now,
-        "logprob": logprob, "confidence": confidence,
+        "status": LOW_CONFIDENCE if low else "ok",
+        "error": None,
+        "width": item.width,
+        "height": item.height,
+        "size": item.item.size,
+        "mtime_ns": item.item.mtime_ns,
+        "model": model,
+        "created_at": now,
+        "logprob": logprob,
+        "confidence": confidence,
     }
 
 
 def _failed_row(item: ItemResult, model: str, now: dt.datetime) -> dict[str, Any]:
     return {
-        "id": item.item.id, "source": item.item.source, "caption": None, "score": None, "n_best": None,
-        "status": item.status, "error": item.error, "width": item.width, "height": item.height,
-        "size": item.item.size, "mtime_ns": item.item.mtime_ns, "model": model, "created_at": now,
+        "id": item.item.id,
+        "source": item.item.source,
+        "caption": None,
+        "score": None,
+        "n_best": None,
+        "status": item.status,
+        "error": item.error,
+        "width": item.width,
+        "height": item.height,
+        "size": item.item.size,
+        "mtime_ns": item.item.mtime_ns,
+        "model": model,
+        "created_at": now,
     }
 
 
@@ -102,8 +135,7 @@ class _LazyCaptioner:
     (:func:`batchcap.pipeline.captioner.caption_batch`), so it is written and counted as a failure.
     """
 
-    def __init__(self, model_path: Path, encoder_weights: str | None, runtime: RuntimeConfig,
-                 beam: BeamConfig) -> None:
+    def __init__(self, model_path: Path, encoder_weights: str | None, runtime: RuntimeConfig, beam: BeamConfig) -> None:
         self.model_path, self.encoder_weights = model_path, encoder_weights
         self.runtime, self.beam = runtime, beam
         self._captioner: Any = None
@@ -111,8 +143,7 @@ class _LazyCaptioner:
     def __call__(self, batch: Batch) -> list[Any]:
 
         if self._captioner is None:
-            self._captioner = Captioner(load_model(self.model_path), self.runtime, self.beam,
-                                        self.encoder_weights)
+            self._captioner = Captioner(load_model(self.model_path), self.runtime, self.beam, self.encoder_weights)
         return caption_batch(self._captioner, batch)
 
 
@@ -120,12 +151,21 @@ def _fault_notes(store: OutputStore) -> dict[str, str]:
     """Summary lines for damaged parts the store set aside on open."""
     if not store.set_aside:
         return {}
-    return {"damaged parts": f"{len(store.set_aside)} set aside in {store.set_aside[0][0].parent}; "
-                             "their rows were captioned again"}
+    return {
+        "damaged parts": f"{len(store.set_aside)} set aside in {store.set_aside[0][0].parent}; "
+        "their rows were captioned again"
+    }
 
 
-def run_job(cfg: RunConfig, model_path: Path, beam: BeamConfig, runtime: RuntimeConfig, policy: ImagePolicy,
-            encoder_weights: str | None = None, stream: TextIO | None = None) -> RunResult:
+def run_job(
+    cfg: RunConfig,
+    model_path: Path,
+    beam: BeamConfig,
+    runtime: RuntimeConfig,
+    policy: ImagePolicy,
+    encoder_weights: str | None = None,
+    stream: TextIO | None = None,
+) -> RunResult:
     """Caption every input of ``cfg`` not yet in ``cfg.out``; returns the exit code and summary.
 
     SIGTERM/SIGINT stop it cleanly (:mod:`batchcap.pipeline.interrupt`): rows already captioned are
@@ -143,38 +183,74 @@ def run_job(cfg: RunConfig, model_path: Path, beam: BeamConfig, runtime: Runtime
     sources = open_sources(cfg.sources, cfg.files_from, policy)
     run_config = _run_configuration(cfg, model_path, meta, identity, beam, runtime, policy)
     with StopSignals(stream, EXIT_INTERRUPTED) as stop, hold_lock(out):
-        store = OutputStore.open(out, cfg.format, resume_settings(meta, beam, cfg.min_confidence), run_config,
-                                 overwrite=cfg.overwrite, commit_every=cfg.commit_every)
+        store = OutputStore.open(
+            out,
+            cfg.format,
+            resume_settings(meta, beam, cfg.min_confidence),
+            run_config,
+            overwrite=cfg.overwrite,
+            commit_every=cfg.commit_every,
+        )
         for path, reason in store.set_aside:
-            print(f"batchcap: warning: part {path.name} is damaged ({reason}); moved to {path.parent}, "
-                  "its rows are captioned again", file=stream, flush=True)
-        rows = _BatchRows(_LazyCaptioner(model_path, encoder_weights, runtime, beam), cfg, beam, identity,
-                          preprocess, policy, runtime.device)
-        with Progress(sources.count(cfg.shard_index, cfg.shard_count), log_every=cfg.log_every,
-                      stream=stream) as progress:
-            batches = iter_batches(sources, preprocess, policy, batch_size=runtime.batch_size,
-                                   workers=runtime.workers, shard_index=cfg.shard_index,
-                                   shard_count=cfg.shard_count, done=store.done,
-                                   pin_memory=runtime.device.startswith("cuda"))
+            print(
+                f"batchcap: warning: part {path.name} is damaged ({reason}); moved to {path.parent}, "
+                "its rows are captioned again",
+                file=stream,
+                flush=True,
+            )
+        rows = _BatchRows(
+            _LazyCaptioner(model_path, encoder_weights, runtime, beam),
+            cfg,
+            beam,
+            identity,
+            preprocess,
+            policy,
+            runtime.device,
+        )
+        with Progress(
+            sources.count(cfg.shard_index, cfg.shard_count), log_every=cfg.log_every, stream=stream
+        ) as progress:
+            batches = iter_batches(
+                sources,
+                preprocess,
+                policy,
+                batch_size=runtime.batch_size,
+                workers=runtime.workers,
+                shard_index=cfg.shard_index,
+                shard_count=cfg.shard_count,
+                done=store.done,
+                pin_memory=runtime.device.startswith("cuda"),
+            )
             if not _caption_batches(batches, rows, BackgroundWriter(store, cfg.commit_seconds), progress, stop):
-                notes = {**_fault_notes(store), "interrupted": (
-                    f"by {stop.requested}: {store.rows_added} rows of this run committed, output not "
-                    "finalised; rerun the same command to resume")}
+                notes = {
+                    **_fault_notes(store),
+                    "interrupted": (
+                        f"by {stop.requested}: {store.rows_added} rows of this run committed, output not "
+                        "finalised; rerun the same command to resume"
+                    ),
+                }
                 return RunResult(EXIT_INTERRUPTED, progress.summary(str(out), extra=notes))
             processed = progress.processed
-            extra = _finished_notes(store, store.finalize(), processed, rows.set_aside, cfg.min_confidence,
-                                    stop.requested)
+            extra = _finished_notes(
+                store, store.finalize(), processed, rows.set_aside, cfg.min_confidence, stop.requested
+            )
             summary = progress.summary(str(out), extra=extra)
     failed = sum(progress.failed.values())
     if max_failures.exceeded(failed, processed):
-        print(f"error: {failed} of {processed} inputs failed, more than --max-failures {cfg.max_failures}",
-              file=stream)
+        print(f"error: {failed} of {processed} inputs failed, more than --max-failures {cfg.max_failures}", file=stream)
         return RunResult(EXIT_TOO_MANY_FAILURES, summary)
     return RunResult(EXIT_OK, summary)
 
 
-def _run_configuration(cfg: RunConfig, model_path: Path, meta: dict[str, Any], identity: str, beam: BeamConfig,
-                       runtime: RuntimeConfig, policy: ImagePolicy) -> dict[str, Any]:
+def _run_configuration(
+    cfg: RunConfig,
+    model_path: Path,
+    meta: dict[str, Any],
+    identity: str,
+    beam: BeamConfig,
+    runtime: RuntimeConfig,
+    policy: ImagePolicy,
+) -> dict[str, Any]:
     """What is stored beside the output, so that a result can be explained months later."""
     return {
         "batchcap_version": __version__,
@@ -193,8 +269,16 @@ def _run_configuration(cfg: RunConfig, model_path: Path, meta: dict[str, Any], i
 class _BatchRows:
     """One batch in, its output rows out: captions for the pictures that decoded, failure rows for the rest."""
 
-    def __init__(self, captioner: _LazyCaptioner, cfg: RunConfig, beam: BeamConfig, identity: str,
-                 preprocess: Preprocess, policy: ImagePolicy, device: str) -> None:
+    def __init__(
+        self,
+        captioner: _LazyCaptioner,
+        cfg: RunConfig,
+        beam: BeamConfig,
+        identity: str,
+        preprocess: Preprocess,
+        policy: ImagePolicy,
+        device: str,
+    ) -> None:
         self.captioner, self.cfg, self.beam, self.identity = captioner, cfg, beam, identity
         self.preprocess, self.policy, self.device = preprocess, policy, device
         self.set_aside = 0  # rows labelled low_confidence by --min-confidence
@@ -206,24 +290,41 @@ class _BatchRows:
             fill_batch(batch, self.preprocess, self.policy, self.device)
         if batch.ok:
             captions = self.captioner(batch)
-            rows += [_ok_row(item, c.text, c.score, c.n_best, self.beam.n_best, self.identity, now,
-                             logprob=c.logprob, confidence=c.confidence, min_confidence=self.cfg.min_confidence)
-                     for item, c in zip(batch.ok, captions, strict=True)]
+            rows += [
+                _ok_row(
+                    item,
+                    c.text,
+                    c.score,
+                    c.n_best,
+                    self.beam.n_best,
+                    self.identity,
+                    now,
+                    logprob=c.logprob,
+                    confidence=c.confidence,
+                    min_confidence=self.cfg.min_confidence,
+                )
+                for item, c in zip(batch.ok, captions, strict=True)
+            ]
             self.set_aside += sum(1 for r in rows if r["status"] == LOW_CONFIDENCE)
         rows += [_failed_row(item, self.identity, now) for item in batch.failed]
         return rows
 
 
-def _caption_batches(batches: Any, rows: _BatchRows, writer: BackgroundWriter, progress: Progress,
-                     stop: StopSignals) -> bool:
+def _caption_batches(
+    batches: Any, rows: _BatchRows, writer: BackgroundWriter, progress: Progress, stop: StopSignals
+) -> bool:
     """Caption and write every batch; False when a signal stopped it first (committed rows are kept)."""
     try:
         for batch in batches:
             if stop.requested:  # arrived while this batch was on its way: take it no further
                 return False
             writer.add(rows(batch))
-            progress.advance(ok=len(batch.ok), failed=Counter(i.status for i in batch.failed),
-                             skipped=batch.skipped, ignored=batch.ignored)
+            progress.advance(
+                ok=len(batch.ok),
+                failed=Counter(i.status for i in batch.failed),
+                skipped=batch.skipped,
+                ignored=batch.ignored,
+            )
             if stop.requested:
                 return False
         return True
@@ -232,8 +333,14 @@ def _caption_batches(batches: Any, rows: _BatchRows, writer: BackgroundWriter, p
         writer.close()  # commits every captioned row (also on the way out of a crash)
 
 
-def _finished_notes(store: OutputStore, final: Any, processed: int, set_aside: int, min_confidence: float | None,
-                    signal_name: str | None) -> dict[str, str]:
+def _finished_notes(
+    store: OutputStore,
+    final: Any,
+    processed: int,
+    set_aside: int,
+    min_confidence: float | None,
+    signal_name: str | None,
+) -> dict[str, str]:
     """The summary lines of a run that finalised its output."""
     extra = output_summary(final, processed)
     if min_confidence is not None:

@@ -5,6 +5,7 @@ dataclasses of :mod:`batchcap.config`. Doing that here keeps the library free of
 a bad value raises :class:`OptionError`, which names the option as the user typed it
 and says what to do; the click layer shows it as a usage error (exit 2).
 """
+
 from __future__ import annotations
 
 from batchcap.config import BeamConfig, ImagePolicy, OptionError, RuntimeConfig
@@ -18,8 +19,14 @@ from batchcap.hardware import default_workers, resolve_device, resolve_precision
 DEFAULT_BATCH_SIZE = {"cuda": 256, "cpu": 16}
 
 
-def runtime_config(device: str, precision: str, batch_size: int | None, workers: str, backend: str = "torch",
-                   encoder_cache: str | None = None) -> RuntimeConfig:
+def runtime_config(
+    device: str,
+    precision: str,
+    batch_size: int | None,
+    workers: str,
+    backend: str = "torch",
+    encoder_cache: str | None = None,
+) -> RuntimeConfig:
     """A resolved :class:`RuntimeConfig`: backend, device, precision, batch size and workers made concrete.
 
     ``cuda:N`` becomes this process's current device, so that what allocates on "the" GPU
@@ -27,20 +34,21 @@ def runtime_config(device: str, precision: str, batch_size: int | None, workers:
     """
     import torch
 
-
     resolved = resolve_device(device)
     if resolved.type == "cuda" and resolved.index is not None:
         torch.cuda.set_device(resolved)
     engine, note = resolve_backend(backend, resolved.type)
     if engine == "openvino":
-
         try:
             resolved_precision = openvino_backend.resolve_precision(precision)
         except ValueError as exc:
             raise OptionError("--precision", str(exc)) from None
     elif precision == "int8":
-        raise OptionError("--precision", "int8 runs on the OpenVINO backend only; use --backend openvino "
-                                         "(pip install openvino) or another precision")
+        raise OptionError(
+            "--precision",
+            "int8 runs on the OpenVINO backend only; use --backend openvino "
+            "(pip install openvino) or another precision",
+        )
     else:
         resolved_precision = resolve_precision(precision, resolved)
     if batch_size is None:
@@ -54,41 +62,78 @@ def runtime_config(device: str, precision: str, batch_size: int | None, workers:
             raise OptionError("--workers", f"{workers!r} is not a number or auto") from None
         if n_workers < 0:
             raise OptionError("--workers", "must be 0 (decode in this process) or more")
-    return RuntimeConfig(device=str(resolved), precision=resolved_precision, batch_size=batch_size,
-                         workers=n_workers, channels_last=True, backend=engine, backend_note=note,
-                         encoder_cache=str(encoder_cache) if encoder_cache else None)
+    return RuntimeConfig(
+        device=str(resolved),
+        precision=resolved_precision,
+        batch_size=batch_size,
+        workers=n_workers,
+        channels_last=True,
+        backend=engine,
+        backend_note=note,
+        encoder_cache=str(encoder_cache) if encoder_cache else None,
+    )
 
 
-def beam_config(beam: int, max_len: int | None, min_len: int, length_penalty: float, no_repeat_ngram: int,
-                n_best: int, model_max_len: int) -> BeamConfig:
+def beam_config(
+    beam: int,
+    max_len: int | None,
+    min_len: int,
+    length_penalty: float,
+    no_repeat_ngram: int,
+    n_best: int,
+    model_max_len: int,
+) -> BeamConfig:
     """A validated :class:`BeamConfig`; ``max_len`` None means the model's own maximum."""
     max_len = max_len or model_max_len
     if n_best > beam:
-        raise OptionError("--n-best", f"{n_best} is more than the beam keeps; use --beam {n_best} or more "
-                                      f"for --n-best {n_best}")
+        raise OptionError(
+            "--n-best", f"{n_best} is more than the beam keeps; use --beam {n_best} or more for --n-best {n_best}"
+        )
     if min_len > max_len:
-        raise OptionError("--min-len", f"{min_len} is longer than --max-len {max_len}; lower --min-len or "
-                                       "raise --max-len")
-    return BeamConfig(beam_size=beam, max_len=max_len, min_len=min_len, length_penalty=length_penalty,
-                      no_repeat_ngram=no_repeat_ngram, n_best=n_best)
+        raise OptionError(
+            "--min-len", f"{min_len} is longer than --max-len {max_len}; lower --min-len or raise --max-len"
+        )
+    return BeamConfig(
+        beam_size=beam,
+        max_len=max_len,
+        min_len=min_len,
+        length_penalty=length_penalty,
+        no_repeat_ngram=no_repeat_ngram,
+        n_best=n_best,
+    )
 
 
-def image_policy(max_pixels: int, background: str, no_draft: bool, image_keys: str,
-                 decode_on_device: bool = False, device: str = "cpu") -> ImagePolicy:
+def image_policy(
+    max_pixels: int,
+    background: str,
+    no_draft: bool,
+    image_keys: str,
+    decode_on_device: bool = False,
+    device: str = "cpu",
+) -> ImagePolicy:
     """The :class:`ImagePolicy` for ``--max-pixels``, ``--background``, ``--no-draft``, ``--image-key``,
     ``--decode-on-device`` (which needs the resolved ``device`` to be CUDA)."""
     if decode_on_device and not device.startswith("cuda"):
-        raise OptionError("--decode-on-device", f"decodes JPEGs with nvJPEG on a CUDA device, and this run is on "
-                                                f"{device}; drop it, or pass --device cuda on a GPU node")
+        raise OptionError(
+            "--decode-on-device",
+            f"decodes JPEGs with nvJPEG on a CUDA device, and this run is on "
+            f"{device}; drop it, or pass --device cuda on a GPU node",
+        )
     try:
         rgb = tuple(int(v) for v in background.split(","))
         if len(rgb) != 3 or not all(0 <= v <= 255 for v in rgb):
             raise ValueError
     except ValueError:
-        raise OptionError("--background", f"{background!r}: expected R,G,B with values 0-255, "
-                                          "e.g. 255,255,255") from None
+        raise OptionError(
+            "--background", f"{background!r}: expected R,G,B with values 0-255, e.g. 255,255,255"
+        ) from None
     keys = tuple(k.strip().lower().lstrip(".") for k in image_keys.split(",") if k.strip())
     if not keys:
         raise OptionError("--image-key", "name at least one extension, e.g. jpg,png")
-    return ImagePolicy(max_pixels=max_pixels, background=rgb, draft=not no_draft,  # type: ignore[arg-type]
-                       image_keys=keys, decode_on_device=decode_on_device)
+    return ImagePolicy(
+        max_pixels=max_pixels,
+        background=rgb,
+        draft=not no_draft,  # type: ignore[arg-type]
+        image_keys=keys,
+        decode_on_device=decode_on_device,
+    )

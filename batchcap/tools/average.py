@@ -8,10 +8,11 @@ from different random starts do not average; evaluate the result (``batchcap eva
 before using it. Models whose exit flow was fine-tuned with the decoder
 (``--finetune-exit-flow``) average their exit flows too, with the same weights.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
-from typing import Sequence
 
 import torch
 
@@ -27,21 +28,26 @@ def check_compatible(models: Sequence[CaptionModel]) -> None:
     """Refuse models that differ in anything but decoder weights (vocabulary, architecture, encoder)."""
     for model in models:
         if model.extra_decoders:
-            raise AverageError(f"{model.path or model.name} is an ensemble of {len(model.decoders())} decoders; "
-                               "average single-decoder models (or ensemble the averaged result)")
+            raise AverageError(
+                f"{model.path or model.name} is an ensemble of {len(model.decoders())} decoders; "
+                "average single-decoder models (or ensemble the averaged result)"
+            )
     first = models[0]
     for other in models[1:]:
         differences = setup_differences(first, other, exit_flows_may_differ=True)
         if other.decoder != first.decoder:
             differences.append("decoder architecture")
         if differences:
-            raise AverageError(f"{other.path or other.name} differs from {first.path or first.name} in "
-                               f"{', '.join(differences)}; only decoders fine-tuned from one another "
-                               "(batchcap train --init-model) can be averaged")
+            raise AverageError(
+                f"{other.path or other.name} differs from {first.path or first.name} in "
+                f"{', '.join(differences)}; only decoders fine-tuned from one another "
+                "(batchcap train --init-model) can be averaged"
+            )
 
 
-def average_models(models: Sequence[CaptionModel], weights: Sequence[float] | None = None,
-                   name: str = "averaged") -> CaptionModel:
+def average_models(
+    models: Sequence[CaptionModel], weights: Sequence[float] | None = None, name: str = "averaged"
+) -> CaptionModel:
     """A model whose decoder weights are the ``weights``-weighted mean of ``models``' (equal by default).
 
     Weights are normalised to sum to one. The result keeps everything else of the first
@@ -63,8 +69,16 @@ def average_models(models: Sequence[CaptionModel], weights: Sequence[float] | No
     if models[0].encoder.finetuned == EXIT_FLOW:  # fine-tuned from one another too: the exit flows average
         encoder_state = weighted_mean([m.encoder_state or {} for m in models], mix)
     members = [{"identity": m.identity, "weight": w, "training": m.training} for w, m in zip(mix, models)]
-    return replace(models[0], name=name, decoder_state=state, encoder_state=encoder_state,
-                   training={"averaged": members}, metrics={}, path=None, tensors_sha256="")
+    return replace(
+        models[0],
+        name=name,
+        decoder_state=state,
+        encoder_state=encoder_state,
+        training={"averaged": members},
+        metrics={},
+        path=None,
+        tensors_sha256="",
+    )
 
 
 def weighted_mean(states: Sequence[dict[str, torch.Tensor]], mix: Sequence[float]) -> dict[str, torch.Tensor]:

@@ -20,6 +20,7 @@ every ratio is taken between figures measured in this one process:
 The figures go to a rich table, or to stdout as JSON with ``--json``; notes on what is
 being measured go to stderr.
 """
+
 from __future__ import annotations
 
 import copy
@@ -34,9 +35,10 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -80,8 +82,9 @@ def _sync(device: torch.device | str) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(fn: Callable[[], Any], repeats: int, device: torch.device | str = "cpu", warmup: int = 1,
-          min_seconds: float = 0.0) -> tuple[float, int]:
+def timed(
+    fn: Callable[[], Any], repeats: int, device: torch.device | str = "cpu", warmup: int = 1, min_seconds: float = 0.0
+) -> tuple[float, int]:
     """Median seconds per call of ``fn`` over ``repeats`` timed runs, and calls per run.
 
     A run repeats ``fn`` until ``min_seconds`` have passed (fast GPU calls are timed in
@@ -129,10 +132,17 @@ def machine_info(device: torch.device) -> dict[str, Any]:
 
     usable = available_cpus()
     info: dict[str, Any] = {
-        "host": platform.node(), "cpu": cpu_model(), "cpu_count": os.cpu_count(), "cpus_usable": usable,
-        "cpu_native_bf16": cpu_has_native_bf16(), "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__, "python": platform.python_version(), "batchcap": __version__,
-        "device": str(device), "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "host": platform.node(),
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "cpus_usable": usable,
+        "cpu_native_bf16": cpu_has_native_bf16(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "batchcap": __version__,
+        "device": str(device),
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "openvino": openvino_version(),
     }
     if device.type == "cuda":
@@ -152,8 +162,7 @@ def parse_size(size: str) -> tuple[int, int]:
     return w, h
 
 
-def write_bench_images(folder: Path, count: int, size: tuple[int, int], seed: int = 0,
-                       distinct: int = 8) -> list[Path]:
+def write_bench_images(folder: Path, count: int, size: tuple[int, int], seed: int = 0, distinct: int = 8) -> list[Path]:
     """``count`` photo-like JPEGs (smooth colour fields plus grain, quality 90) of ``size``.
 
     Random noise would make JPEGs several times larger and slower to decode than photos;
@@ -199,8 +208,14 @@ def list_images(folder: str | Path, limit: int | None = None) -> list[Path]:
 
 
 # -- a stand-in model ---------------------------------------------------------------------------
-def random_decoder_model(path: str | Path, encoder_weights: str | Path, vocab_size: int = 3000,
-                         seed: int = 0, end_bias: float = 0.0, max_caption_len: int = 20) -> CaptionModel:
+def random_decoder_model(
+    path: str | Path,
+    encoder_weights: str | Path,
+    vocab_size: int = 3000,
+    seed: int = 0,
+    end_bias: float = 0.0,
+    max_caption_len: int = 20,
+) -> CaptionModel:
     """A model file with the default model's encoder and preprocessing and a random decoder.
 
     For measuring speed (and testing) where no trained model is at hand: the encoder is
@@ -215,20 +230,40 @@ def random_decoder_model(path: str | Path, encoder_weights: str | Path, vocab_si
 
     torch.manual_seed(seed)
     vocab = Vocabulary(SPECIAL_TOKENS + tuple(f"w{i}" for i in range(vocab_size - len(SPECIAL_TOKENS))))
-    cfg = DecoderConfig(vocab_size=vocab_size, feature_dim=2048, embed_dim=256, hidden_dim=512,
-                        attention=True, attention_dim=512, dropout=0.0)
+    cfg = DecoderConfig(
+        vocab_size=vocab_size,
+        feature_dim=2048,
+        embed_dim=256,
+        hidden_dim=512,
+        attention=True,
+        attention_dim=512,
+        dropout=0.0,
+    )
     decoder = CaptionDecoder(cfg).eval()
     with torch.no_grad():
         decoder.out.weight.mul_(4.0)  # peaked word distributions, as a trained model has
         decoder.out.bias[vocab.end_id] += end_bias
     model = CaptionModel(
         name="random-decoder-standin",
-        encoder=EncoderSpec(name="legacy_xception", weights_sha256=file_sha256(encoder_weights),
-                            weights_file=Path(encoder_weights).name, spatial=True, feature_dim=2048),
-        preprocess=Preprocess(input_size=(3, 299, 299), resize="squash", interpolation="bicubic",
-                              mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
-        decoder=cfg, vocab=vocab, max_caption_len=max_caption_len,
-        decoder_state=decoder.state_dict(), training={"data": "random decoder weights (benchmark stand-in)"},
+        encoder=EncoderSpec(
+            name="legacy_xception",
+            weights_sha256=file_sha256(encoder_weights),
+            weights_file=Path(encoder_weights).name,
+            spatial=True,
+            feature_dim=2048,
+        ),
+        preprocess=Preprocess(
+            input_size=(3, 299, 299),
+            resize="squash",
+            interpolation="bicubic",
+            mean=(0.5, 0.5, 0.5),
+            std=(0.5, 0.5, 0.5),
+        ),
+        decoder=cfg,
+        vocab=vocab,
+        max_caption_len=max_caption_len,
+        decoder_state=decoder.state_dict(),
+        training={"data": "random decoder weights (benchmark stand-in)"},
     )
     return save_model(model, path)
 
@@ -287,12 +322,14 @@ def encoder_gmacs(backbone: torch.nn.Module, preprocess: Preprocess) -> float:
         elif isinstance(module, torch.nn.Linear):
             total[0] += output.numel() * module.in_features
 
-    hooks = [m.register_forward_hook(count) for m in backbone.modules()
-             if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    hooks = [
+        m.register_forward_hook(count) for m in backbone.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))
+    ]
     try:
         with torch.inference_mode():
-            backbone.forward_features(torch.zeros(1, 3, preprocess.height, preprocess.width,
-                                                  device=next(backbone.parameters()).device))
+            backbone.forward_features(
+                torch.zeros(1, 3, preprocess.height, preprocess.width, device=next(backbone.parameters()).device)
+            )
     finally:
         for hook in hooks:
             hook.remove()
@@ -308,38 +345,66 @@ def hardware_limit(gmacs: float, precision: str, device: torch.device) -> float 
     return per_core * available_cpus() * PEAK_SCALE.get(precision, 1.0) / (2.0 * gmacs)
 
 
-def build_variant_encoder(backbone: torch.nn.Module, model: CaptionModel, device: torch.device, variant: Variant,
-                          batch_size: int, encoder_cache: str | None = None,
-                          identity: tuple[str, str] | None = None) -> Any:
-    """The encode stage for ``variant``: a torch :class:`~batchcap.encode.torch_backend.Encoder` on a copy, or an OpenVINO one.
+def build_variant_encoder(
+    backbone: torch.nn.Module,
+    model: CaptionModel,
+    device: torch.device,
+    variant: Variant,
+    batch_size: int,
+    encoder_cache: str | None = None,
+    identity: tuple[str, str] | None = None,
+) -> Any:
+    """The encode stage for ``variant``: a torch encoder on a copy, or an OpenVINO one.
 
     ``identity`` (:func:`batchcap.encode.weights.stored_identity`) keys the OpenVINO cache as ``run`` does.
     """
 
-    runtime = RuntimeConfig(device=str(device), precision=variant.precision, batch_size=batch_size, workers=0,
-                            channels_last=variant.channels_last, backend=variant.backend,
-                            encoder_cache=encoder_cache)
+    runtime = RuntimeConfig(
+        device=str(device),
+        precision=variant.precision,
+        batch_size=batch_size,
+        workers=0,
+        channels_last=variant.channels_last,
+        backend=variant.backend,
+        encoder_cache=encoder_cache,
+    )
     if variant.backend == "torch":
         backbone = copy.deepcopy(backbone).to(memory_format=torch.contiguous_format)
-    return build_encoder(backbone, model.preprocess, runtime, spatial=model.encoder.spatial,
-                         log=lambda m: _note(m), identity=identity)
+    return build_encoder(
+        backbone, model.preprocess, runtime, spatial=model.encoder.spatial, log=lambda m: _note(m), identity=identity
+    )
 
 
-def measure_encoder(encoder: Any, model: CaptionModel, device: torch.device, variant: Variant,
-                    batch_size: int, repeats: int, limit: float | None = None) -> dict[str, Any]:
+def measure_encoder(
+    encoder: Any,
+    model: CaptionModel,
+    device: torch.device,
+    variant: Variant,
+    batch_size: int,
+    repeats: int,
+    limit: float | None = None,
+) -> dict[str, Any]:
     """Bare encoder images/s: ``uint8`` input already on the device, features out, nothing else."""
     pre = model.preprocess
     gen = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (batch_size, 3, pre.height, pre.width), dtype=torch.uint8,
-                           generator=gen).to(device)
+    images = torch.randint(0, 256, (batch_size, 3, pre.height, pre.width), dtype=torch.uint8, generator=gen).to(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    seconds, calls = timed(lambda: encoder(images), repeats, device, warmup=2,
-                           min_seconds=0.5 if device.type == "cuda" else 0.0)
-    row = {"backend": variant.backend, "precision": variant.precision, "channels_last": variant.channels_last,
-           "batch_size": batch_size, "images_per_s": batch_size / seconds, "seconds_per_batch": seconds,
-           "batches_per_repeat": calls, "repeats": repeats, "hardware_limit_images_per_s": limit,
-           "share_of_limit": (batch_size / seconds) / limit if limit else None}
+    seconds, calls = timed(
+        lambda: encoder(images), repeats, device, warmup=2, min_seconds=0.5 if device.type == "cuda" else 0.0
+    )
+    row = {
+        "backend": variant.backend,
+        "precision": variant.precision,
+        "channels_last": variant.channels_last,
+        "batch_size": batch_size,
+        "images_per_s": batch_size / seconds,
+        "seconds_per_batch": seconds,
+        "batches_per_repeat": calls,
+        "repeats": repeats,
+        "hardware_limit_images_per_s": limit,
+        "share_of_limit": (batch_size / seconds) / limit if limit else None,
+    }
     if device.type == "cuda":
         row["peak_memory_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
     return row
@@ -353,8 +418,7 @@ def batch_size_sweep(batch_size: int, device: torch.device) -> list[int]:
     return sorted({max(1, batch_size // 2), batch_size, 2 * batch_size})
 
 
-def measure_decode(paths: list[Path], preprocess: Preprocess, policy: ImagePolicy,
-                   repeats: int) -> dict[str, Any]:
+def measure_decode(paths: list[Path], preprocess: Preprocess, policy: ImagePolicy, repeats: int) -> dict[str, Any]:
     """Read + decode + resize in this one process: what one DataLoader worker can do."""
 
     def run() -> None:
@@ -371,8 +435,15 @@ def measure_decode(paths: list[Path], preprocess: Preprocess, policy: ImagePolic
     return {"images_per_s": len(paths) / seconds, "images": len(paths), "processes": 1, "repeats": repeats}
 
 
-def measure_loader(list_file: Path, count: int, preprocess: Preprocess, policy: ImagePolicy, batch_size: int,
-                   workers: int, repeats: int) -> dict[str, Any]:
+def measure_loader(
+    list_file: Path,
+    count: int,
+    preprocess: Preprocess,
+    policy: ImagePolicy,
+    batch_size: int,
+    workers: int,
+    repeats: int,
+) -> dict[str, Any]:
     """The input stage alone: :func:`batchcap.data.loader.iter_batches` with ``workers`` processes."""
 
     def run() -> None:
@@ -382,8 +453,13 @@ def measure_loader(list_file: Path, count: int, preprocess: Preprocess, policy: 
         assert n == count, (n, count)
 
     seconds, _ = timed(run, repeats)
-    return {"images_per_s": count / seconds, "images": count, "workers": workers, "repeats": repeats,
-            "note": "whole pass, worker start-up included"}
+    return {
+        "images_per_s": count / seconds,
+        "images": count,
+        "workers": workers,
+        "repeats": repeats,
+        "note": "whole pass, worker start-up included",
+    }
 
 
 def measure_beam(captioner: Any, images: torch.Tensor, repeats: int) -> dict[str, Any]:
@@ -395,14 +471,27 @@ def measure_beam(captioner: Any, images: torch.Tensor, repeats: int) -> dict[str
         seconds, _ = timed(lambda: captioner.search(features), repeats, device)
         captions = captioner.search(features)
     words = [len(c.text.split()) for c in captions]
-    return {"captions_per_s": len(captions) / seconds, "batch_size": len(captions),
-            "beam": captioner.beam.beam_size, "max_len": captioner.beam.max_len,
-            "mean_words": statistics.mean(words), "repeats": repeats}
+    return {
+        "captions_per_s": len(captions) / seconds,
+        "batch_size": len(captions),
+        "beam": captioner.beam.beam_size,
+        "max_len": captioner.beam.max_len,
+        "mean_words": statistics.mean(words),
+        "repeats": repeats,
+    }
 
 
-def measure_end_to_end(paths: list[Path], model_path: Path, beam: BeamConfig, runtime: RuntimeConfig,
-                       policy: ImagePolicy, encoder_weights: str | None, repeats: int, workdir: Path,
-                       quiet: bool = False) -> dict[str, Any]:
+def measure_end_to_end(
+    paths: list[Path],
+    model_path: Path,
+    beam: BeamConfig,
+    runtime: RuntimeConfig,
+    policy: ImagePolicy,
+    encoder_weights: str | None,
+    repeats: int,
+    workdir: Path,
+    quiet: bool = False,
+) -> dict[str, Any]:
     """``run_job`` as ``batchcap run`` calls it: whole-run and steady-state images/s.
 
     Each timed run writes a fresh Parquet output. The steady state comes from runs over
@@ -421,8 +510,7 @@ def measure_end_to_end(paths: list[Path], model_path: Path, beam: BeamConfig, ru
         counter[0] += 1
         out = workdir / f"run-{counter[0]}" / "captions.parquet"  # with its lock and work folder
         cfg = RunConfig(sources=(), out=str(out), files_from=str(lists[n]), log_every=1e9, overwrite=True)
-        result = run_job(cfg, model_path, beam, runtime, policy, encoder_weights=encoder_weights,
-                         stream=io.StringIO())
+        result = run_job(cfg, model_path, beam, runtime, policy, encoder_weights=encoder_weights, stream=io.StringIO())
         if result.exit_code != 0:
             raise RuntimeError(f"batchcap run failed during the benchmark: {result.summary}")
         shutil.rmtree(out.parent, ignore_errors=True)
@@ -433,15 +521,31 @@ def measure_end_to_end(paths: list[Path], model_path: Path, beam: BeamConfig, ru
     _note(f"end to end: first {n_part} pictures, {repeats} runs (+1 warm-up), for the steady state")
     t_part, _ = timed(lambda: run(n_part), repeats, device)
     steady = (n_all - n_part) / (t_all - t_part) if t_all > t_part and n_all > n_part else None
-    return {"images": n_all, "whole_run_seconds": t_all, "whole_run_images_per_s": n_all / t_all,
-            "part_images": n_part, "part_run_seconds": t_part, "steady_images_per_s": steady,
-            "startup_seconds": (t_all - (n_all / steady)) if steady else None,
-            "batch_size": runtime.batch_size, "workers": runtime.workers, "precision": runtime.precision,
-            "channels_last": runtime.channels_last, "beam": beam.beam_size, "repeats": repeats}
+    return {
+        "images": n_all,
+        "whole_run_seconds": t_all,
+        "whole_run_images_per_s": n_all / t_all,
+        "part_images": n_part,
+        "part_run_seconds": t_part,
+        "steady_images_per_s": steady,
+        "startup_seconds": (t_all - (n_all / steady)) if steady else None,
+        "batch_size": runtime.batch_size,
+        "workers": runtime.workers,
+        "precision": runtime.precision,
+        "channels_last": runtime.channels_last,
+        "beam": beam.beam_size,
+        "repeats": repeats,
+    }
 
 
-def measure_reference(model: CaptionModel, paths: list[Path], encoder_weights: str | None,
-                      device: torch.device, max_len: int, min_len: int) -> dict[str, Any]:
+def measure_reference(
+    model: CaptionModel,
+    paths: list[Path],
+    encoder_weights: str | None,
+    device: torch.device,
+    max_len: int,
+    min_len: int,
+) -> dict[str, Any]:
     """The tutorial-style path (:mod:`batchcap.tools.reference`): one picture per call, fp32, prefix re-run."""
 
     ref = ReferenceCaptioner(model, encoder_weights, min_len=min_len, max_len=max_len, device=device)
@@ -452,8 +556,12 @@ def measure_reference(model: CaptionModel, paths: list[Path], encoder_weights: s
         ref.caption(path)
     _sync(device)
     seconds = time.perf_counter() - start
-    return {"images_per_s": len(paths) / seconds, "images": len(paths), "seconds": seconds,
-            "note": "one timed pass after one warm-up picture"}
+    return {
+        "images_per_s": len(paths) / seconds,
+        "images": len(paths),
+        "seconds": seconds,
+        "note": "one timed pass after one warm-up picture",
+    }
 
 
 def suggest(sweep: list[dict[str, Any]], decode_rate: float, device: torch.device) -> dict[str, Any]:
@@ -467,16 +575,39 @@ def suggest(sweep: list[dict[str, Any]], decode_rate: float, device: torch.devic
     cores = available_cpus()
     need = math.ceil(1.25 * chosen["images_per_s"] / decode_rate) if decode_rate > 0 else 1
     cap = max(1, cores - 1) if device.type == "cpu" else cores
-    return {"batch_size": chosen["batch_size"], "workers": max(1, min(need, cap)),
-            "workers_needed_to_keep_up": need, "encoder_images_per_s": chosen["images_per_s"]}
+    return {
+        "batch_size": chosen["batch_size"],
+        "workers": max(1, min(need, cap)),
+        "workers_needed_to_keep_up": need,
+        "encoder_images_per_s": chosen["images_per_s"],
+    }
 
 
 # -- the command -------------------------------------------------------------------------------
-def run_bench(*, images: str | None, as_json: bool, count: int, size: str, repeats: int, model: str | None,
-              encoder_weights: str | None, device: str, precision: str, batch_size: int | None, workers: str,
-              beam: int, max_len: int | None, min_len: int, length_penalty: float, no_repeat_ngram: int,
-              n_best: int, backend: str = "torch", encoder_cache: str | None = None, reference_images: int = 8,
-              sweep: bool = True) -> dict[str, Any]:
+def run_bench(
+    *,
+    images: str | None,
+    as_json: bool,
+    count: int,
+    size: str,
+    repeats: int,
+    model: str | None,
+    encoder_weights: str | None,
+    device: str,
+    precision: str,
+    batch_size: int | None,
+    workers: str,
+    beam: int,
+    max_len: int | None,
+    min_len: int,
+    length_penalty: float,
+    no_repeat_ngram: int,
+    n_best: int,
+    backend: str = "torch",
+    encoder_cache: str | None = None,
+    reference_images: int = 8,
+    sweep: bool = True,
+) -> dict[str, Any]:
     """Measure everything ``batchcap bench`` reports; print a table (or JSON) and return the results.
 
     ``images`` is a folder (its first ``count`` pictures are used) or ``None`` for
@@ -492,8 +623,7 @@ def run_bench(*, images: str | None, as_json: bool, count: int, size: str, repea
     model_path = resolve_model_path(model)
     loaded = load_model(model_path)
     runtime = runtime_config(device, precision, batch_size, workers, backend, encoder_cache)
-    beam_cfg = beam_config(beam, max_len, min_len, length_penalty, no_repeat_ngram, n_best,
-                          loaded.max_caption_len)
+    beam_cfg = beam_config(beam, max_len, min_len, length_penalty, no_repeat_ngram, n_best, loaded.max_caption_len)
     dev = torch.device(runtime.device)
     policy = ImagePolicy()
     results: dict[str, Any] = {"machine": machine_info(dev)}
@@ -507,9 +637,15 @@ def run_bench(*, images: str | None, as_json: bool, count: int, size: str, repea
             _note(f"writing {count} {size} JPEGs")
             paths = write_bench_images(work / "images", count, generated_size)
             source = {"generated": size, "images": len(paths)}
-        results["settings"] = {"model": str(model_path), "model_identity": loaded.identity, "source": source,
-                               "runtime": to_dict(runtime), "beam": to_dict(beam_cfg), "repeats": repeats,
-                               "statistic": "median"}
+        results["settings"] = {
+            "model": str(model_path),
+            "model_identity": loaded.identity,
+            "source": source,
+            "runtime": to_dict(runtime),
+            "beam": to_dict(beam_cfg),
+            "repeats": repeats,
+            "statistic": "median",
+        }
 
         # encoder, per backend and precision at the batch size, then a batch-size sweep at run's choice
         backbone, encoders = _measure_encoders(loaded, encoder_weights, dev, runtime, repeats, sweep)
@@ -524,8 +660,9 @@ def run_bench(*, images: str | None, as_json: bool, count: int, size: str, repea
         list_file = work / "all.txt"
         list_file.write_text("".join(f"{p}\n" for p in paths), encoding="utf-8")
         _note(f"loader: {runtime.workers} workers")
-        results["loader"] = measure_loader(list_file, len(paths), loaded.preprocess, policy,
-                                           runtime.batch_size, runtime.workers, repeats)
+        results["loader"] = measure_loader(
+            list_file, len(paths), loaded.preprocess, policy, runtime.batch_size, runtime.workers, repeats
+        )
 
         # beam search on real features
         decoded = (decode_file(str(p), loaded.preprocess, policy).tensor for p in paths)
@@ -537,12 +674,14 @@ def run_bench(*, images: str | None, as_json: bool, count: int, size: str, repea
         del captioner, backbone
 
         # the whole job, then the tutorial-style path on a few of the same pictures
-        results["end_to_end"] = measure_end_to_end(paths, model_path, beam_cfg, runtime, policy,
-                                                   encoder_weights, repeats, work)
+        results["end_to_end"] = measure_end_to_end(
+            paths, model_path, beam_cfg, runtime, policy, encoder_weights, repeats, work
+        )
         n_ref = max(1, min(reference_images, len(paths)))
         _note(f"tutorial-style reference: {n_ref} pictures")
-        results["reference"] = measure_reference(loaded, paths[:n_ref], encoder_weights, dev,
-                                                 beam_cfg.max_len, beam_cfg.min_len)
+        results["reference"] = measure_reference(
+            loaded, paths[:n_ref], encoder_weights, dev, beam_cfg.max_len, beam_cfg.min_len
+        )
 
     results["ratios"] = _ratios(rows, same, results)
     results["suggested"] = suggest(results["batch_sizes"], results["decode"]["images_per_s"], dev)
@@ -558,8 +697,14 @@ def _run_variant(runtime: RuntimeConfig) -> Variant:
     return Variant(runtime.precision, runtime.channels_last if runtime.backend == "torch" else False, runtime.backend)
 
 
-def _measure_encoders(loaded: CaptionModel, encoder_weights: str | None, dev: torch.device, runtime: RuntimeConfig,
-                      repeats: int, sweep: bool) -> tuple[torch.nn.Module, dict[str, Any]]:
+def _measure_encoders(
+    loaded: CaptionModel,
+    encoder_weights: str | None,
+    dev: torch.device,
+    runtime: RuntimeConfig,
+    repeats: int,
+    sweep: bool,
+) -> tuple[torch.nn.Module, dict[str, Any]]:
     """The bare encoder per backend and precision at the run's batch size, then run's variant over batch sizes."""
     encoder_cfg = EncoderConfig(name=loaded.encoder.name, spatial=loaded.encoder.spatial)
     source = resolve_encoder_weights(loaded, encoder_weights)
@@ -572,8 +717,9 @@ def _measure_encoders(loaded: CaptionModel, encoder_weights: str | None, dev: to
     for variant in encoder_variants(dev, runtime.precision, openvino=openvino_version() is not None):
         _note(f"encoder {variant.label}, batch {runtime.batch_size}")
         try:
-            encoder = build_variant_encoder(backbone, loaded, dev, variant, runtime.batch_size,
-                                            runtime.encoder_cache, identity)
+            encoder = build_variant_encoder(
+                backbone, loaded, dev, variant, runtime.batch_size, runtime.encoder_cache, identity
+            )
         except EncoderError as exc:  # e.g. int8 with no calibration photos named
             skipped.append({"variant": variant.label, "reason": str(exc)})
             _note(f"skipped {variant.label}: {exc}")
@@ -591,12 +737,25 @@ def _measure_encoders(loaded: CaptionModel, encoder_weights: str | None, dev: to
                 continue
             _note(f"encoder {run_variant.label}, batch {bs}")
             try:
-                sweep_rows.append(measure_encoder(run_encoder, loaded, dev, run_variant, bs, repeats,
-                                                  hardware_limit(gmacs, run_variant.precision, dev)))
+                sweep_rows.append(
+                    measure_encoder(
+                        run_encoder,
+                        loaded,
+                        dev,
+                        run_variant,
+                        bs,
+                        repeats,
+                        hardware_limit(gmacs, run_variant.precision, dev),
+                    )
+                )
             except torch.cuda.OutOfMemoryError:
                 break
-    return backbone, {"encoder_gmacs_per_image": gmacs, "encoder": rows, "encoder_skipped": skipped,
-                      "batch_sizes": sorted(sweep_rows, key=lambda r: r["batch_size"])}
+    return backbone, {
+        "encoder_gmacs_per_image": gmacs,
+        "encoder": rows,
+        "encoder_skipped": skipped,
+        "batch_sizes": sorted(sweep_rows, key=lambda r: r["batch_size"]),
+    }
 
 
 def _ratios(rows: list[dict[str, Any]], same: list[dict[str, Any]], results: dict[str, Any]) -> dict[str, Any]:
@@ -606,7 +765,8 @@ def _ratios(rows: list[dict[str, Any]], same: list[dict[str, Any]], results: dic
     e2e, ref_rate = results["end_to_end"], results["reference"]["images_per_s"]
     return {
         "end_to_end_steady_vs_encoder": (e2e["steady_images_per_s"] / enc)
-        if enc and e2e["steady_images_per_s"] else None,
+        if enc and e2e["steady_images_per_s"]
+        else None,
         "end_to_end_whole_run_vs_encoder": e2e["whole_run_images_per_s"] / enc if enc else None,
         "end_to_end_whole_run_vs_reference": e2e["whole_run_images_per_s"] / ref_rate,
         "encoder_vs_fp32": {_label(r): r["images_per_s"] / rows[0]["images_per_s"] for r in rows},
@@ -635,30 +795,43 @@ def print_tables(results: dict[str, Any]) -> None:
     console = Console()
     m, s = results["machine"], results["settings"]
     load = ", ".join(f"{v:.1f}" for v in m["load_average"] or [])
-    console.print(f"[bold]batchcap bench[/bold] on {m['host']}: {m.get('gpu') or m['cpu']}, "
-                  f"{m['cpus_usable']} CPUs usable, torch {m['torch']} with {m['torch_threads']} threads, "
-                  f"device {m['device']}; load average {load}")
+    console.print(
+        f"[bold]batchcap bench[/bold] on {m['host']}: {m.get('gpu') or m['cpu']}, "
+        f"{m['cpus_usable']} CPUs usable, torch {m['torch']} with {m['torch_threads']} threads, "
+        f"device {m['device']}; load average {load}"
+    )
     src = s["source"]
-    console.print(f"model {s['model_identity']}; {src['images']} pictures "
-                  f"({'generated ' + src['generated'] if 'generated' in src else src['folder']}); "
-                  f"median of {s['repeats']} runs after a warm-up")
+    console.print(
+        f"model {s['model_identity']}; {src['images']} pictures "
+        f"({'generated ' + src['generated'] if 'generated' in src else src['folder']}); "
+        f"median of {s['repeats']} runs after a warm-up"
+    )
     rt = s["runtime"]
-    console.print(f"run uses: backend {rt['backend']} ({rt['backend_note']}), {rt['precision']}, "
-                  f"batch {rt['batch_size']}, {rt['workers']} workers")
+    console.print(
+        f"run uses: backend {rt['backend']} ({rt['backend_note']}), {rt['precision']}, "
+        f"batch {rt['batch_size']}, {rt['workers']} workers"
+    )
 
-    table = Table(title=f"Encoder alone (input on the device; {results['encoder_gmacs_per_image']:.3g} GMAC "
-                        "per picture)")
+    table = Table(
+        title=f"Encoder alone (input on the device; {results['encoder_gmacs_per_image']:.3g} GMAC per picture)"
+    )
     for col in ("backend + precision", "batch", "images/s", "vs torch fp32", "share of hardware limit"):
         table.add_column(col, justify="right" if col != "backend + precision" else "left")
     base = results["encoder"][0]["images_per_s"]
     chosen = Variant(rt["precision"], rt["channels_last"] if rt["backend"] == "torch" else False, rt["backend"])
-    for row in results["encoder"] + [r for r in results["batch_sizes"]
-                                     if r["batch_size"] != results["encoder"][0]["batch_size"]]:
+    for row in results["encoder"] + [
+        r for r in results["batch_sizes"] if r["batch_size"] != results["encoder"][0]["batch_size"]
+    ]:
         share = row.get("share_of_limit")
         limit = f"{share:.0%} of {row['hardware_limit_images_per_s']:.1f}" if share else "—"
         mark = " (run)" if _variant(row) == chosen else ""
-        table.add_row(_label(row) + mark, str(row["batch_size"]), _fmt(row["images_per_s"]),
-                      f"{row['images_per_s'] / base:.2f}x", limit)
+        table.add_row(
+            _label(row) + mark,
+            str(row["batch_size"]),
+            _fmt(row["images_per_s"]),
+            f"{row['images_per_s'] / base:.2f}x",
+            limit,
+        )
     console.print(table)
     for skipped in results.get("encoder_skipped", []):
         console.print(f"skipped {skipped['variant']}: {skipped['reason']}")
@@ -670,26 +843,39 @@ def print_tables(results: dict[str, Any]) -> None:
     table.add_column("stage")
     table.add_column("rate", justify="right")
     table.add_column("what was measured")
-    table.add_row("decode + resize", f"{_fmt(dec['images_per_s'])} images/s",
-                  f"one process, {dec['images']} pictures")
-    table.add_row("loader", f"{_fmt(loader['images_per_s'])} images/s",
-                  f"{loader['workers']} workers, whole pass incl. start-up")
-    table.add_row("beam search", f"{_fmt(beam['captions_per_s'])} captions/s",
-                  f"beam {beam['beam']}, batch {beam['batch_size']}, "
-                  f"{beam['mean_words']:.1f} words on average")
-    table.add_row("run, steady state", f"{_fmt(e2e['steady_images_per_s'])} images/s",
-                  f"(N - n) / (t(N) - t(n)), N={e2e['images']}, n={e2e['part_images']}; "
-                  f"{_fmt(ratios['end_to_end_steady_vs_encoder'], 2)} of the encoder alone")
-    table.add_row("run, whole", f"{_fmt(e2e['whole_run_images_per_s'])} images/s",
-                  f"{e2e['whole_run_seconds']:.1f} s for {e2e['images']} incl. model load "
-                  f"(~{_fmt(e2e['startup_seconds'])} s start-up); "
-                  f"{_fmt(ratios['end_to_end_whole_run_vs_encoder'], 2)} of the encoder alone")
-    table.add_row("tutorial-style", f"{_fmt(ref['images_per_s'], 2)} images/s",
-                  f"one picture per call, fp32, prefix re-run; run is "
-                  f"{_fmt(ratios['end_to_end_whole_run_vs_reference'])}x faster")
+    table.add_row("decode + resize", f"{_fmt(dec['images_per_s'])} images/s", f"one process, {dec['images']} pictures")
+    table.add_row(
+        "loader", f"{_fmt(loader['images_per_s'])} images/s", f"{loader['workers']} workers, whole pass incl. start-up"
+    )
+    table.add_row(
+        "beam search",
+        f"{_fmt(beam['captions_per_s'])} captions/s",
+        f"beam {beam['beam']}, batch {beam['batch_size']}, {beam['mean_words']:.1f} words on average",
+    )
+    table.add_row(
+        "run, steady state",
+        f"{_fmt(e2e['steady_images_per_s'])} images/s",
+        f"(N - n) / (t(N) - t(n)), N={e2e['images']}, n={e2e['part_images']}; "
+        f"{_fmt(ratios['end_to_end_steady_vs_encoder'], 2)} of the encoder alone",
+    )
+    table.add_row(
+        "run, whole",
+        f"{_fmt(e2e['whole_run_images_per_s'])} images/s",
+        f"{e2e['whole_run_seconds']:.1f} s for {e2e['images']} incl. model load "
+        f"(~{_fmt(e2e['startup_seconds'])} s start-up); "
+        f"{_fmt(ratios['end_to_end_whole_run_vs_encoder'], 2)} of the encoder alone",
+    )
+    table.add_row(
+        "tutorial-style",
+        f"{_fmt(ref['images_per_s'], 2)} images/s",
+        f"one picture per call, fp32, prefix re-run; run is "
+        f"{_fmt(ratios['end_to_end_whole_run_vs_reference'])}x faster",
+    )
     console.print(table)
     sug = results["suggested"]
-    console.print(f"suggested: [bold]--batch-size {sug['batch_size']} --workers {sug['workers']}[/bold] "
-                  f"(encoder {sug['encoder_images_per_s']:,.1f} images/s needs about "
-                  f"{sug['workers_needed_to_keep_up']} decoding process(es) at "
-                  f"{dec['images_per_s']:,.1f} images/s each)")
+    console.print(
+        f"suggested: [bold]--batch-size {sug['batch_size']} --workers {sug['workers']}[/bold] "
+        f"(encoder {sug['encoder_images_per_s']:,.1f} images/s needs about "
+        f"{sug['workers_needed_to_keep_up']} decoding process(es) at "
+        f"{dec['images_per_s']:,.1f} images/s each)"
+    )

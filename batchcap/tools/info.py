@@ -1,4 +1,5 @@
 """``batchcap info``: a model file's metadata, printed for people."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -15,8 +16,10 @@ def _stage(identity: str, training: dict[str, Any]) -> str:
     parts = [objective]
     pretrain = training.get("pretrain") or {}
     if pretrain:
-        parts[0] = (f"language model on {pretrain.get('captions', '?')} captions (held-out perplexity "
-                    f"{(pretrain.get('held_out_perplexity') or {}).get('after', '?')}), then {objective}")
+        parts[0] = (
+            f"language model on {pretrain.get('captions', '?')} captions (held-out perplexity "
+            f"{(pretrain.get('held_out_perplexity') or {}).get('after', '?')}), then {objective}"
+        )
     if config.get("lr") is not None:
         parts.append(f"lr {config['lr']:g}")
     history = training.get("history") or []
@@ -53,29 +56,40 @@ def describe_model(model: CaptionModel, show_vocab: bool = False, console: Conso
     table.add_column("what", style="bold")
     table.add_column("value", overflow="fold")
     enc = model.encoder
-    weights = ("embedded in the model file" if model.encoder_state is not None and not enc.finetuned else
-               f"{enc.weights_file or '?'} (sha256 {enc.weights_sha256})" if enc.weights_sha256 else
-               f"timm pretrained ({enc.pretrained_tag})")
+    weights = (
+        "embedded in the model file"
+        if model.encoder_state is not None and not enc.finetuned
+        else f"{enc.weights_file or '?'} (sha256 {enc.weights_sha256})"
+        if enc.weights_sha256
+        else f"timm pretrained ({enc.pretrained_tag})"
+    )
     if enc.finetuned:
         weights += f", with the {enc.finetuned.replace('_', ' ')} fine-tuned and stored in the model file"
-    table.add_row("encoder", f"{enc.name}, {'spatial map' if enc.spatial else 'pooled'} features, "
-                             f"{enc.feature_dim}-d")
+    table.add_row("encoder", f"{enc.name}, {'spatial map' if enc.spatial else 'pooled'} features, {enc.feature_dim}-d")
     table.add_row("encoder weights", weights)
     pre = model.preprocess
-    table.add_row("preprocessing", f"{pre.resize} to {pre.width}x{pre.height}, {pre.interpolation}, "
-                                   f"crop_pct {pre.crop_pct}, mean {pre.mean}, std {pre.std}")
+    table.add_row(
+        "preprocessing",
+        f"{pre.resize} to {pre.width}x{pre.height}, {pre.interpolation}, "
+        f"crop_pct {pre.crop_pct}, mean {pre.mean}, std {pre.std}",
+    )
     members = model.decoders()
     if len(members) > 1:
         rule = "mean log-probability" if model.combine == "logprob" else "mean probability"
-        table.add_row("ensemble", f"{len(members)} decoders in one beam search, combined by {rule}: "
-                      + ", ".join(m.identity for m in members))
+        table.add_row(
+            "ensemble",
+            f"{len(members)} decoders in one beam search, combined by {rule}: "
+            + ", ".join(m.identity for m in members),
+        )
     for n, member in enumerate(members, 1):
         dec = member.config
         n_params = sum(t.numel() for t in member.state.values())
-        table.add_row("decoder" if len(members) == 1 else f"decoder {n}",
-                      f"LSTM x{dec.num_layers}, hidden {dec.hidden_dim}, embedding {dec.embed_dim}, "
-                      f"{'soft attention ' + str(dec.attention_dim) + '-d' if dec.attention else 'no attention'}"
-                      f", dropout {dec.dropout}, {n_params / 1e6:.2f} M parameters")
+        table.add_row(
+            "decoder" if len(members) == 1 else f"decoder {n}",
+            f"LSTM x{dec.num_layers}, hidden {dec.hidden_dim}, embedding {dec.embed_dim}, "
+            f"{'soft attention ' + str(dec.attention_dim) + '-d' if dec.attention else 'no attention'}"
+            f", dropout {dec.dropout}, {n_params / 1e6:.2f} M parameters",
+        )
     table.add_row("vocabulary", f"{len(model.vocab)} words (ids 0-3: <pad> <start> <end> <unk>)")
     table.add_row("max caption length", f"{model.max_caption_len} words")
     training = model.training
@@ -92,8 +106,9 @@ def describe_model(model: CaptionModel, show_vocab: bool = False, console: Conso
         table.add_row("lineage", "\n".join(f"{n}. {stage}" for n, stage in enumerate(stages, 1)))
     data = training.get("data") or {}
     if isinstance(data, dict) and "splits" in data:
-        splits = ", ".join(f"{name} {s.get('images', 0)} images" for name, s in data["splits"].items()
-                           if s.get("images"))
+        splits = ", ".join(
+            f"{name} {s.get('images', 0)} images" for name, s in data["splits"].items() if s.get("images")
+        )
         table.add_row("training data", f"{data.get('format')} at {data.get('root')}: {splits}")
     elif data:
         table.add_row("training data", str(data))
@@ -103,17 +118,23 @@ def describe_model(model: CaptionModel, show_vocab: bool = False, console: Conso
     if metrics:
         where = model.metrics.get("selected_on", "")
         table.add_row(f"scores ({where})", ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
-    ending = (f"{len(model.unendable_words)} words may not end a caption (learnt from "
-              f"{model.ending_rule.get('learnt_from', 'training captions')})" if model.unendable_words is not None
-              else "built-in closed-class words (none stored)")
+    ending = (
+        f"{len(model.unendable_words)} words may not end a caption (learnt from "
+        f"{model.ending_rule.get('learnt_from', 'training captions')})"
+        if model.unendable_words is not None
+        else "built-in closed-class words (none stored)"
+    )
     table.add_row("ending rule", ending)
     if model.familiarity is not None:
         table.add_row("familiarity", model.familiarity.note or f"{model.familiarity.images} training pictures")
     if model.calibration is not None:
         auroc = model.calibration.report.get("auroc", {})
         first = next(iter(auroc.items()), None)
-        table.add_row("confidence", f"calibrated on {model.calibration.report.get('fitted_on', '?')}"
-                      + (f"; AUROC {first[1]} ({first[0]})" if first else ""))
+        table.add_row(
+            "confidence",
+            f"calibrated on {model.calibration.report.get('fitted_on', '?')}"
+            + (f"; AUROC {first[1]} ({first[0]})" if first else ""),
+        )
     console.print(table)
     if show_vocab:
         console.print(" ".join(model.vocab.words))

@@ -13,9 +13,10 @@ batchcap's own model file so the two paths can be compared caption for caption:
 
 It follows batchcap's caption rules (``<pad> <start> <unk>`` are never emitted, ``<end>``
 not before ``min_len`` words) so that :class:`batchcap.pipeline.captioner.Captioner` with
-``--beam 1 --precision fp32`` must return the same caption; ``tests/test_reference.py``
+``--beam 1 --precision fp32`` must return the same caption; ``tests/tools/test_reference.py``
 checks that. It is deliberately slow: never use it to caption a collection.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -53,16 +54,26 @@ class ReferenceCaptioner:
     does, so both paths use the same network.
     """
 
-    def __init__(self, model: CaptionModel, encoder_weights: str | None = None, min_len: int = 1,
-                 max_len: int | None = None, device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self,
+        model: CaptionModel,
+        encoder_weights: str | None = None,
+        min_len: int = 1,
+        max_len: int | None = None,
+        device: torch.device | str = "cpu",
+    ) -> None:
 
         self.model = model
         self.min_len = min_len
         self.max_len = max_len or model.max_caption_len
         self.device = torch.device(device)
         source = resolve_encoder_weights(model, encoder_weights)
-        self.backbone = build_backbone(EncoderConfig(name=model.encoder.name, spatial=model.encoder.spatial),
-                                       source).float().eval().to(self.device)
+        self.backbone = (
+            build_backbone(EncoderConfig(name=model.encoder.name, spatial=model.encoder.spatial), source)
+            .float()
+            .eval()
+            .to(self.device)
+        )
         self.decoder = model.build_decoder().float().eval().to(self.device)
 
     @torch.inference_mode()

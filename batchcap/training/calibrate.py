@@ -13,11 +13,13 @@ The flow is ``encode (cached) -> caption -> label -> fit -> measure -> model fil
   cross-validated AUROC on dev, then refitted on all of dev; the figures (AUROC, reliability
   table, confidence on unfamiliar pictures) are returned and stored with it.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -55,29 +57,40 @@ def train_subset(records: Sequence[CaptionRecord], count: int) -> list[CaptionRe
 
 def familiarity_note(pictures: int, of: int, precision: str, components: int) -> str:
     """How familiarity statistics were fitted, in the words the model card uses."""
-    return (f"{pictures} train pictures (every {of / max(1, pictures):.0f}th id in sorted order), "
-            f"{precision} encoder features, {components} components")
+    return (
+        f"{pictures} train pictures (every {of / max(1, pictures):.0f}th id in sorted order), "
+        f"{precision} encoder features, {components} components"
+    )
 
 
-def ending_and_familiarity(records: Sequence[CaptionRecord], ids: Sequence[str], features: torch.Tensor,
-                           precision: str, count: int = 1500, components: int = 128
-                           ) -> tuple[tuple[str, ...], dict[str, Any], Familiarity | None, Neighbours | None]:
+def ending_and_familiarity(
+    records: Sequence[CaptionRecord],
+    ids: Sequence[str],
+    features: torch.Tensor,
+    precision: str,
+    count: int = 1500,
+    components: int = 128,
+) -> tuple[tuple[str, ...], dict[str, Any], Familiarity | None, Neighbours | None]:
     """What ``batchcap train`` stores for trusting captions: the ending rule and familiarity.
 
     ``ids`` / ``features`` are the training split's cached features (empty when the encoder is
     fine-tuned: then there is no familiarity, as the features change with the encoder).
     """
     words = learn_unendable(normalize_caption(c) for r in records for c in r.captions)
-    rule = {"learnt_from": f"{len(records)} train images", "max_end_rate": ENDING_MAX_RATE,
-            "min_count": ENDING_MIN_COUNT}
+    rule = {
+        "learnt_from": f"{len(records)} train images",
+        "max_end_rate": ENDING_MAX_RATE,
+        "min_count": ENDING_MIN_COUNT,
+    }
     if features.numel() == 0 or len(ids) < 3:
         return words, rule, None, None
     row = {image_id: n for n, image_id in enumerate(ids)}
     chosen_records = [r for r in train_subset(records, count) if r.image_id in row]
     chosen = features[torch.tensor([row[r.image_id] for r in chosen_records], dtype=torch.long)].float()
     pooled = chosen.mean(1) if chosen.dim() == 3 else chosen
-    familiarity = fit_familiarity(pooled, components,
-                                  note=familiarity_note(len(chosen_records), len(records), precision, components))
+    familiarity = fit_familiarity(
+        pooled, components, note=familiarity_note(len(chosen_records), len(records), precision, components)
+    )
     return words, rule, familiarity, fit_neighbours(familiarity, pooled, chosen_records)
 
 
@@ -100,17 +113,26 @@ class EncodedSet:
     features: torch.Tensor  # fp16 (N, R, F) or (N, F)
 
 
-def encode_cached(captioner: Captioner, items: Sequence[tuple[str, Any]], cache_root: str | Path,
-                  runtime: RuntimeConfig, pooled: bool, log: Log = print) -> EncodedSet:
+def encode_cached(
+    captioner: Captioner,
+    items: Sequence[tuple[str, Any]],
+    cache_root: str | Path,
+    runtime: RuntimeConfig,
+    pooled: bool,
+    log: Log = print,
+) -> EncodedSet:
     """Features of ``items`` ``(id, path or record)`` from the cache, computing the missing ones.
 
     ``pooled`` keeps only the mean over regions (what familiarity needs), a 100th of the space.
     """
     model = captioner.model
-    key = FeatureKey(encoder=model.encoder.name,
-                     weights=model.encoder_weights_id(),
-                     preprocess=model.preprocess, spatial=model.encoder.spatial and not pooled,
-                     precision=runtime.precision)
+    key = FeatureKey(
+        encoder=model.encoder.name,
+        weights=model.encoder_weights_id(),
+        preprocess=model.preprocess,
+        spatial=model.encoder.spatial and not pooled,
+        precision=runtime.precision,
+    )
     cache = FeatureCache(cache_root, key)
 
     def encode(images: torch.Tensor) -> torch.Tensor:
@@ -129,22 +151,22 @@ def encode_cached(captioner: Captioner, items: Sequence[tuple[str, Any]], cache_
     return EncodedSet(ids, features)
 
 
-def caption_encoded(captioner: Captioner, encoded: EncodedSet, batch: int = 64
-                    ) -> tuple[list[Any], np.ndarray]:
+def caption_encoded(captioner: Captioner, encoded: EncodedSet, batch: int = 64) -> tuple[list[Any], np.ndarray]:
     """Captions and calibrator evidence for every picture of ``encoded``, searched in batches."""
     captions: list[Any] = []
     evidence = []
     device = captioner.runtime.device
     for start in range(0, len(encoded.ids), batch):
-        feats = encoded.features[start:start + batch].to(device).float()
+        feats = encoded.features[start : start + batch].to(device).float()
         got, ev = captioner.search_with_evidence(feats)
         captions += got
         evidence.append(ev)
     return captions, (np.concatenate(evidence) if evidence else np.zeros((0, len(EVIDENCE))))
 
 
-def quality_labels(captions: Sequence[str], references: Sequence[Sequence[str]], threshold: float
-                   ) -> tuple[np.ndarray, np.ndarray]:
+def quality_labels(
+    captions: Sequence[str], references: Sequence[Sequence[str]], threshold: float
+) -> tuple[np.ndarray, np.ndarray]:
     """Per-image CIDEr-D (toolkit scale, document frequencies from these references) and ``>= threshold``."""
     refs = [[normalize_caption(r) for r in image_refs] for image_refs in references]
     cider = CiderD(refs)
@@ -152,8 +174,9 @@ def quality_labels(captions: Sequence[str], references: Sequence[Sequence[str]],
     return values, (values >= threshold).astype(np.int64)
 
 
-def cross_validated(evidence: np.ndarray, labels: np.ndarray, folds: int, features: Sequence[str] = EVIDENCE,
-                    l2: float = 1.0) -> np.ndarray:
+def cross_validated(
+    evidence: np.ndarray, labels: np.ndarray, folds: int, features: Sequence[str] = EVIDENCE, l2: float = 1.0
+) -> np.ndarray:
     """Out-of-fold confidences: picture ``i`` is scored by a calibrator fitted without fold ``i % folds``."""
     out = np.empty(len(labels))
     fold = np.arange(len(labels)) % folds
@@ -178,11 +201,23 @@ def recommend_threshold(confidence: np.ndarray, labels: np.ndarray, bad_share: f
     return best
 
 
-def calibrate(model: CaptionModel, dataset: CaptionDataset, runtime: RuntimeConfig, beam: BeamConfig, *,
-              cache_dir: str | Path, unfamiliar: str | Path | None = None, train_images: int = 1500,
-              components: int = 128, folds: int = 5, label_threshold: float = 0.5, l2: float = 1.0,
-              refit_familiarity: bool = False, encoder_weights: str | None = None,
-              log: Log = print) -> dict[str, Any]:
+def calibrate(
+    model: CaptionModel,
+    dataset: CaptionDataset,
+    runtime: RuntimeConfig,
+    beam: BeamConfig,
+    *,
+    cache_dir: str | Path,
+    unfamiliar: str | Path | None = None,
+    train_images: int = 1500,
+    components: int = 128,
+    folds: int = 5,
+    label_threshold: float = 0.5,
+    l2: float = 1.0,
+    refit_familiarity: bool = False,
+    encoder_weights: str | None = None,
+    log: Log = print,
+) -> dict[str, Any]:
     """Give ``model`` an ending rule (if it lacks one), familiarity statistics and a fitted calibrator.
 
     Returns the report stored as ``calibration.report``: what was fitted on what, the
@@ -191,16 +226,27 @@ def calibrate(model: CaptionModel, dataset: CaptionDataset, runtime: RuntimeConf
     """
     train, dev = dataset.splits.get("train", []), dataset.splits.get("val", [])
     if not train or not dev:
-        raise ValueError(f"{dataset.root}: calibration needs a train split (familiarity, ending rule) and a "
-                         "val split (the calibrator's labels)")
+        raise ValueError(
+            f"{dataset.root}: calibration needs a train split (familiarity, ending rule) and a "
+            "val split (the calibrator's labels)"
+        )
     if model.unendable_words is None:
         model.unendable_words, model.ending_rule, _, _ = ending_and_familiarity(train, [], torch.empty(0), "")
         model.ending_rule["learnt_from"] += f" of {dataset.root}"
         log(f"ending rule: {len(model.unendable_words)} words may not end a caption")
     model.calibration = None  # the captioner must not use an old calibrator while we fit a new one
     captioner = Captioner(model, runtime, beam, encoder_weights)
-    _fit_familiarity_and_neighbours(model, captioner, train, runtime, cache_dir=cache_dir, train_images=train_images,
-                                    components=components, refit=refit_familiarity, log=log)
+    _fit_familiarity_and_neighbours(
+        model,
+        captioner,
+        train,
+        runtime,
+        cache_dir=cache_dir,
+        train_images=train_images,
+        components=components,
+        refit=refit_familiarity,
+        log=log,
+    )
     log(f"dev: encoding {len(dev)} pictures")
     encoded = encode_cached(captioner, [(r.image_id, r) for r in dev], cache_dir, runtime, pooled=False, log=log)
     by_id = {r.image_id: r for r in dev}
@@ -212,9 +258,12 @@ def calibrate(model: CaptionModel, dataset: CaptionDataset, runtime: RuntimeConf
     oof = cross_validated(evidence, labels, folds, EVIDENCE, l2)
     logprob = evidence[:, EVIDENCE.index("mean_logprob")]
     ranked_score = np.array([c.score for c in captions])
-    single = {name: round(auroc(np.nan_to_num(evidence[:, i], nan=0.0) * (-1 if name in ("familiarity", "length")
-                                                                              else 1), labels), 3)
-              for i, name in enumerate(EVIDENCE)}
+    single = {
+        name: round(
+            auroc(np.nan_to_num(evidence[:, i], nan=0.0) * (-1 if name in ("familiarity", "length") else 1), labels), 3
+        )
+        for i, name in enumerate(EVIDENCE)
+    }
     picture_free = [f for f in EVIDENCE if f not in ("familiarity", "neighbour_similarity", "consensus")]
     without_fam = cross_validated(evidence, labels, folds, [f for f in EVIDENCE if f != "familiarity"], l2)
     summary_only = cross_validated(evidence, labels, folds, picture_free + ["familiarity"], l2)
@@ -222,59 +271,92 @@ def calibrate(model: CaptionModel, dataset: CaptionDataset, runtime: RuntimeConf
     threshold = recommend_threshold(oof, labels)
     report: dict[str, Any] = {
         "label": f"per-image CIDEr-D >= {label_threshold} (batchcap.model.cider.CiderD, document frequencies from "
-                 "the dev references)",
+        "the dev references)",
         "fitted_on": f"{len(labels)} val pictures of {dataset.root}",
         "beam": {"beam_size": beam.beam_size, "max_len": beam.max_len, "length_penalty": beam.length_penalty},
         "precision": runtime.precision,
         "acceptable_share": round(float(labels.mean()), 3),
-        "auroc": {f"confidence ({folds}-fold cross-validated)": round(auroc(oof, labels), 3),
-                  "confidence without familiarity (cross-validated)": round(auroc(without_fam, labels), 3),
-                  "confidence without neighbours: log-probs, margin, length, familiarity (cross-validated)":
-                      round(auroc(summary_only, labels), 3),
-                  "logprob (schema-1 score: mean log-prob per token)": round(auroc(logprob, labels), 3),
-                  "score (search ranking score)": round(auroc(ranked_score, labels), 3),
-                  "single features (sign: higher = better)": single},
+        "auroc": {
+            f"confidence ({folds}-fold cross-validated)": round(auroc(oof, labels), 3),
+            "confidence without familiarity (cross-validated)": round(auroc(without_fam, labels), 3),
+            "confidence without neighbours: log-probs, margin, length, familiarity (cross-validated)": round(
+                auroc(summary_only, labels), 3
+            ),
+            "logprob (schema-1 score: mean log-prob per token)": round(auroc(logprob, labels), 3),
+            "score (search ranking score)": round(auroc(ranked_score, labels), 3),
+            "single features (sign: higher = better)": single,
+        },
         "reliability": reliability_table(oof, labels),
         "recommended_min_confidence": threshold,
-        "dev": {"mean_confidence": round(float(oof.mean()), 3),
-                "set_aside_share": round(float((oof < threshold).mean()), 3),
-                "mean_cider": round(float(cider.mean()), 3)},
+        "dev": {
+            "mean_confidence": round(float(oof.mean()), 3),
+            "set_aside_share": round(float((oof < threshold).mean()), 3),
+            "mean_cider": round(float(cider.mean()), 3),
+        },
     }
     grid = (0.2, 0.3, 0.4, 0.5)
-    report["thresholds"] = [{"min_confidence": p, "dev_set_aside": round(float((oof < p).mean()), 3),
-                             "dev_bad_among_set_aside": round(float(1 - labels[oof < p].mean()), 3)
-                             if (oof < p).any() else None} for p in grid]
+    report["thresholds"] = [
+        {
+            "min_confidence": p,
+            "dev_set_aside": round(float((oof < p).mean()), 3),
+            "dev_bad_among_set_aside": round(float(1 - labels[oof < p].mean()), 3) if (oof < p).any() else None,
+        }
+        for p in grid
+    ]
     if unfamiliar is not None:
-        report["unfamiliar"] = _unfamiliar_report(captioner, calibrator, unfamiliar, evidence, threshold, grid,
-                                                  cache_dir=cache_dir, runtime=runtime, log=log)
-    model.calibration = Calibrator(calibrator.features, calibrator.center, calibrator.scale, calibrator.coef,
-                                   calibrator.intercept, report)
+        report["unfamiliar"] = _unfamiliar_report(
+            captioner, calibrator, unfamiliar, evidence, threshold, grid, cache_dir=cache_dir, runtime=runtime, log=log
+        )
+    model.calibration = Calibrator(
+        calibrator.features, calibrator.center, calibrator.scale, calibrator.coef, calibrator.intercept, report
+    )
     return report
 
 
-def _fit_familiarity_and_neighbours(model: CaptionModel, captioner: Captioner, train: Sequence[CaptionRecord],
-                                    runtime: RuntimeConfig, *, cache_dir: str | Path, train_images: int,
-                                    components: int, refit: bool, log: Log) -> None:
+def _fit_familiarity_and_neighbours(
+    model: CaptionModel,
+    captioner: Captioner,
+    train: Sequence[CaptionRecord],
+    runtime: RuntimeConfig,
+    *,
+    cache_dir: str | Path,
+    train_images: int,
+    components: int,
+    refit: bool,
+    log: Log,
+) -> None:
     """Fit what tells familiar pictures from new ones, from pooled features of training pictures."""
     if model.familiarity is None or refit:
         subset = train_subset(train, train_images)
         log(f"familiarity: pooled features of {len(subset)} train pictures")
         pooled = encode_cached(captioner, [(r.image_id, r) for r in subset], cache_dir, runtime, pooled=True, log=log)
         model.familiarity = fit_familiarity(
-            pooled.features.float(), components,
-            note=familiarity_note(len(pooled.ids), len(train), runtime.precision, components))
+            pooled.features.float(),
+            components,
+            note=familiarity_note(len(pooled.ids), len(train), runtime.precision, components),
+        )
         model.neighbours = None
     if model.neighbours is None:
         subset = train_subset(train, train_images)
         pooled = encode_cached(captioner, [(r.image_id, r) for r in subset], cache_dir, runtime, pooled=True, log=log)
         by_train_id = {r.image_id: r for r in subset}
-        model.neighbours = fit_neighbours(model.familiarity, pooled.features.float(),
-                                          [by_train_id[i] for i in pooled.ids])
+        model.neighbours = fit_neighbours(
+            model.familiarity, pooled.features.float(), [by_train_id[i] for i in pooled.ids]
+        )
 
 
-def _unfamiliar_report(captioner: Captioner, calibrator: Any, unfamiliar: str | Path, dev_evidence: np.ndarray,
-                       threshold: float, grid: Sequence[float], *, cache_dir: str | Path, runtime: RuntimeConfig,
-                       log: Log) -> dict[str, Any]:
+def _unfamiliar_report(
+    captioner: Captioner,
+    calibrator: Any,
+    unfamiliar: str | Path,
+    dev_evidence: np.ndarray,
+    threshold: float,
+    grid: Sequence[float],
+    *,
+    cache_dir: str | Path,
+    runtime: RuntimeConfig,
+    log: Log,
+) -> dict[str, Any]:
     """How the fitted confidence treats pictures unlike the dev set: their confidence and familiarity."""
     items = folder_items(unfamiliar)
     log(f"unfamiliar: encoding {len(items)} pictures of {unfamiliar}")
@@ -287,11 +369,14 @@ def _unfamiliar_report(captioner: Captioner, calibrator: Any, unfamiliar: str | 
         "pictures": f"{len(other.ids)} pictures of {unfamiliar}",
         "mean_confidence": round(float(conf.mean()), 3),
         "set_aside_share": round(float((conf < threshold).mean()), 3),
-        "familiarity_auroc_vs_dev": round(auroc(np.concatenate([fam_other, fam_dev]),
-                                                np.r_[np.ones(len(fam_other)), np.zeros(len(fam_dev))]), 3),
+        "familiarity_auroc_vs_dev": round(
+            auroc(np.concatenate([fam_other, fam_dev]), np.r_[np.ones(len(fam_other)), np.zeros(len(fam_dev))]), 3
+        ),
         "set_aside_at": {str(p): round(float((conf < p).mean()), 3) for p in grid},
-        "examples": [{"id": i, "caption": c.text, "confidence": round(float(p), 3)}
-                     for i, c, p in list(zip(other.ids, other_captions, conf))[:5]],
+        "examples": [
+            {"id": i, "caption": c.text, "confidence": round(float(p), 3)}
+            for i, c, p in list(zip(other.ids, other_captions, conf))[:5]
+        ],
     }
 
 
@@ -303,15 +388,21 @@ def format_report(report: dict[str, Any]) -> str:
     lines.append("  reliability (out-of-fold, dev): bin / pictures / mean confidence / acceptable")
     for row in report["reliability"]:
         lines.append(f"    {row['bin']}  {row['images']:>5}  {row['mean_confidence']}  {row['acceptable']}")
-    lines.append(f"  recommended --min-confidence {report['recommended_min_confidence']}: sets aside "
-                 f"{report['dev']['set_aside_share']:.1%} of dev (mean confidence {report['dev']['mean_confidence']})")
+    lines.append(
+        f"  recommended --min-confidence {report['recommended_min_confidence']}: sets aside "
+        f"{report['dev']['set_aside_share']:.1%} of dev (mean confidence {report['dev']['mean_confidence']})"
+    )
     for row in report.get("thresholds", []):
         other = report.get("unfamiliar", {}).get("set_aside_at", {}).get(str(row["min_confidence"]))
-        lines.append(f"    --min-confidence {row['min_confidence']}: sets aside {row['dev_set_aside']:.1%} of dev "
-                     f"({row['dev_bad_among_set_aside']:.0%} of them bad)"
-                     + (f", {other:.1%} of the unfamiliar pictures" if other is not None else ""))
+        lines.append(
+            f"    --min-confidence {row['min_confidence']}: sets aside {row['dev_set_aside']:.1%} of dev "
+            f"({row['dev_bad_among_set_aside']:.0%} of them bad)"
+            + (f", {other:.1%} of the unfamiliar pictures" if other is not None else "")
+        )
     if "unfamiliar" in report:
         u = report["unfamiliar"]
-        lines.append(f"  unfamiliar ({u['pictures']}): mean confidence {u['mean_confidence']}, set aside "
-                     f"{u['set_aside_share']:.1%}; familiarity AUROC vs dev {u['familiarity_auroc_vs_dev']}")
+        lines.append(
+            f"  unfamiliar ({u['pictures']}): mean confidence {u['mean_confidence']}, set aside "
+            f"{u['set_aside_share']:.1%}; familiarity AUROC vs dev {u['familiarity_auroc_vs_dev']}"
+        )
     return "\n".join(lines)

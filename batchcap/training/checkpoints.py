@@ -1,6 +1,7 @@
 """Epoch checkpoints for ``train --resume``: decoder, optimiser and progress in one safetensors file, written
 atomically (no pickle), so a killed run continues where its last epoch ended.
 """
+
 from __future__ import annotations
 
 import json
@@ -15,8 +16,9 @@ from batchcap.fileio import atomic_save_safetensors
 
 
 # -- checkpoints (safetensors + JSON; never pickle) ----------------------------------------
-def save_checkpoint(path: Path, decoder: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    state: dict[str, Any]) -> None:
+def save_checkpoint(
+    path: Path, decoder: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]
+) -> None:
     """Trained weights (decoder, and encoder when fine-tuned), AdamW moments and the loop state, atomically."""
     tensors = {f"model.{k}": v for k, v in decoder.state_dict().items()}
     names = {id(p): n for n, p in decoder.named_parameters()}
@@ -41,8 +43,9 @@ def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]
         return tensors, fh.metadata()
 
 
-def restore_checkpoint(tensors: dict[str, torch.Tensor], meta: dict[str, str], decoder: torch.nn.Module,
-                       optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+def restore_checkpoint(
+    tensors: dict[str, torch.Tensor], meta: dict[str, str], decoder: torch.nn.Module, optimizer: torch.optim.Optimizer
+) -> dict[str, Any]:
     """Put a checkpoint's weights and AdamW moments back; returns the loop state.
 
     The moments go through ``optimizer.load_state_dict``, which moves each to its
@@ -58,9 +61,11 @@ def restore_checkpoint(tensors: dict[str, torch.Tensor], meta: dict[str, str], d
         for p in group["params"]:
             name = names[id(p)]
             if name in steps:
-                moments[index] = {"step": torch.tensor(steps[name], dtype=torch.float32),
-                                  "exp_avg": tensors[f"adam.exp_avg.{name}"],
-                                  "exp_avg_sq": tensors[f"adam.exp_avg_sq.{name}"]}
+                moments[index] = {
+                    "step": torch.tensor(steps[name], dtype=torch.float32),
+                    "exp_avg": tensors[f"adam.exp_avg.{name}"],
+                    "exp_avg_sq": tensors[f"adam.exp_avg_sq.{name}"],
+                }
             index += 1
     optimizer.load_state_dict({"state": moments, "param_groups": optimizer.state_dict()["param_groups"]})
     return json.loads(meta["state"])

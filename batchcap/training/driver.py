@@ -22,15 +22,17 @@ The flow is ``dataset -> vocabulary -> feature cache -> epochs -> best model fil
   and ``--self-critical`` then fine-tunes it on the CIDEr-D of its own sampled captions
   (:mod:`batchcap.training.scst`) instead of on the reference words.
 """
+
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
 import random
 import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -75,8 +77,14 @@ class TrainingError(Exception):
     """A training request that cannot work as given (no data in a split, a start model that does not fit)."""
 
 
-def caption_features(decoder: CaptionDecoder, features: torch.Tensor, vocab: Vocabulary, beam: BeamConfig,
-                     batch_size: int = 100, unendable_ids: Sequence[int] = ()) -> list[str]:
+def caption_features(
+    decoder: CaptionDecoder,
+    features: torch.Tensor,
+    vocab: Vocabulary,
+    beam: BeamConfig,
+    batch_size: int = 100,
+    unendable_ids: Sequence[int] = (),
+) -> list[str]:
     """Beam-search captions for features (on any device), in order: validation and dev sweeps.
 
     The features move to the decoder's device chunk by chunk, so a CPU feature cache
@@ -88,17 +96,26 @@ def caption_features(decoder: CaptionDecoder, features: torch.Tensor, vocab: Voc
     out: list[str] = []
     with torch.inference_mode():
         for start in range(0, features.shape[0], batch_size):
-            chunk = features[start:start + batch_size].to(device, non_blocking=True)
+            chunk = features[start : start + batch_size].to(device, non_blocking=True)
             state = decoder.init_state(chunk.float())
-            result = beam_search(decoder.step, state, beam, start_id=vocab.start_id, end_id=vocab.end_id,
-                                 pad_id=vocab.pad_id, banned_ids=vocab.never_generated,
-                                 unendable_ids=unendable_ids, per_image=decoder.per_image_state)
+            result = beam_search(
+                decoder.step,
+                state,
+                beam,
+                start_id=vocab.start_id,
+                end_id=vocab.end_id,
+                pad_id=vocab.pad_id,
+                banned_ids=vocab.never_generated,
+                unendable_ids=unendable_ids,
+                per_image=decoder.per_image_state,
+            )
             out.extend(vocab.decode(row[0]) for row in result.tokens.cpu().tolist())
     return out
 
 
-def validate(decoder: CaptionDecoder, split: Split, features: torch.Tensor, vocab: Vocabulary,
-             beam: BeamConfig) -> dict[str, Any]:
+def validate(
+    decoder: CaptionDecoder, split: Split, features: torch.Tensor, vocab: Vocabulary, beam: BeamConfig
+) -> dict[str, Any]:
     """BLEU and CIDEr-D of beam-search captions on ``split`` (batchcap tokenisation: fast, no Java)."""
     captions = caption_features(decoder, features, vocab, beam)
     predictions = dict(zip(split.image_ids, captions))
@@ -107,8 +124,14 @@ def validate(decoder: CaptionDecoder, split: Split, features: torch.Tensor, voca
     return scores
 
 
-def train(cfg: TrainConfig, dataset: CaptionDataset, choice: EncoderChoice, decoder_cfg: dict[str, Any],
-          runtime: RuntimeConfig, log: Log = print) -> CaptionModel:
+def train(
+    cfg: TrainConfig,
+    dataset: CaptionDataset,
+    choice: EncoderChoice,
+    decoder_cfg: dict[str, Any],
+    runtime: RuntimeConfig,
+    log: Log = print,
+) -> CaptionModel:
     """Train a decoder on ``dataset``'s train split, select on its val split, save ``cfg.out``."""
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
@@ -122,11 +145,16 @@ def train(cfg: TrainConfig, dataset: CaptionDataset, choice: EncoderChoice, deco
     data = _training_data(cfg, dataset, choice, runtime, vocab, start_model, log)
     train_split, val_split, source = data.train, data.val, data.source
     # Trunk activations are not the model's features: an exit-flow model gets familiarity from calibrate.
-    trust = ending_and_familiarity(train_split.records, train_split.image_ids,
-                                   torch.empty(0) if cfg.finetune_exit_flow else train_split.features,
-                                   runtime.precision)
-    log(f"train: {len(train_split.image_ids)} images, {train_split.captions.shape[0]} captions; "
-        f"val: {len(val_split.image_ids)} images")
+    trust = ending_and_familiarity(
+        train_split.records,
+        train_split.image_ids,
+        torch.empty(0) if cfg.finetune_exit_flow else train_split.features,
+        runtime.precision,
+    )
+    log(
+        f"train: {len(train_split.image_ids)} images, {train_split.captions.shape[0]} captions; "
+        f"val: {len(val_split.image_ids)} images"
+    )
     dcfg = _decoder_config(cfg, start_model, len(vocab), data.feature_dim, decoder_cfg)
     # Seeded again here: building an encoder to fill a missing feature cache draws from the global
     # generator, and the same --seed must give the same model whether the cache was there or not.
@@ -150,32 +178,63 @@ def train(cfg: TrainConfig, dataset: CaptionDataset, choice: EncoderChoice, deco
     best_model: CaptionModel | None = None
     rewarder = None
     if cfg.self_critical:
-        rewarder = CaptionReward([[normalize_caption(c) for c in train_split.references[i]]
-                                  for i in train_split.image_ids], vocab)
+        rewarder = CaptionReward(
+            [[normalize_caption(c) for c in train_split.references[i]] for i in train_split.image_ids], vocab
+        )
     stepper = TrainStep(decoder, trained, optimizer, cfg, runtime, vocab, train_split, total_steps, rewarder)
     if use_tf32(runtime.device):
         log("fp32 matmuls use TF32 (Ampere or later GPU)")
 
     for epoch in range(loop["epoch"] + 1, cfg.epochs + 1):
         started = time.time()
-        totals = _run_epoch(epoch, cfg, decoder, stepper, source, train_split, loop, total_steps,
-                            self_critical=rewarder is not None, runtime=runtime, log=log)
+        totals = _run_epoch(
+            epoch,
+            cfg,
+            decoder,
+            stepper,
+            source,
+            train_split,
+            loop,
+            total_steps,
+            self_critical=rewarder is not None,
+            runtime=runtime,
+            log=log,
+        )
         train_loss = totals.mean_loss()  # waits for the epoch's last steps, so the time below is theirs
         train_time = time.time() - started
         scores = validate(decoder, val_split, source.val_features(val_split), vocab, val_beam)
-        record = {"epoch": epoch, "step": loop["step"], "train_loss": train_loss,
-                  "train_seconds": round(train_time, 1), "val": scores, "time": time.time()}
+        record = {
+            "epoch": epoch,
+            "step": loop["step"],
+            "train_loss": train_loss,
+            "train_seconds": round(train_time, 1),
+            "val": scores,
+            "time": time.time(),
+        }
         if rewarder is not None:
             record["train_reward"] = totals.mean_reward(cfg.samples_per_image)
         loop["history"].append({k: v for k, v in record.items() if k != "time"})
         with open(log_path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(record) + "\n")
-        log(f"epoch {epoch}: loss {record['train_loss']:.3f}, val BLEU-4 {scores['BLEU-4']:.3f}, "
-            f"CIDEr {scores['CIDEr']:.3f}, e.g. {scores['examples'][0][1]!r}")
+        log(
+            f"epoch {epoch}: loss {record['train_loss']:.3f}, val BLEU-4 {scores['BLEU-4']:.3f}, "
+            f"CIDEr {scores['CIDEr']:.3f}, e.g. {scores['examples'][0][1]!r}"
+        )
         if loop["best"] is None or scores["CIDEr"] > loop["best"]:
             loop["best"], loop["best_epoch"], loop["bad_epochs"] = scores["CIDEr"], epoch, 0
-            best_model = _model_file(cfg, choice, dcfg, vocab, decoder, dataset, data.failures, loop, scores,
-                                     encoder=source.trainable, start_model=start_model)
+            best_model = _model_file(
+                cfg,
+                choice,
+                dcfg,
+                vocab,
+                decoder,
+                dataset,
+                data.failures,
+                loop,
+                scores,
+                encoder=source.trainable,
+                start_model=start_model,
+            )
             best_model.unendable_words, best_model.ending_rule, best_model.familiarity, best_model.neighbours = trust
             save_model(best_model, out, half=bool(cfg.extra.get("half", False)))
             log(f"saved {out} (best so far)")
@@ -198,21 +257,25 @@ def _refuse_conflicting_options(cfg: TrainConfig) -> None:
     except ValueError as exc:
         raise TrainingError(str(exc)) from exc
     if cfg.finetune_encoder and cfg.finetune_exit_flow:
-        raise TrainingError("--finetune-encoder already trains the exit flow: give one of --finetune-encoder "
-                            "and --finetune-exit-flow")
+        raise TrainingError(
+            "--finetune-encoder already trains the exit flow: give one of --finetune-encoder and --finetune-exit-flow"
+        )
     if cfg.pretrain_captions and cfg.init_model:
-        raise TrainingError("--pretrain-captions pretrains a fresh decoder; --init-model already gives one: "
-                            "leave one of them out")
+        raise TrainingError(
+            "--pretrain-captions pretrains a fresh decoder; --init-model already gives one: leave one of them out"
+        )
 
 
-def _vocabulary(cfg: TrainConfig, start_model: CaptionModel | None, train_records: list[CaptionRecord],
-                log: Log) -> Vocabulary:
+def _vocabulary(
+    cfg: TrainConfig, start_model: CaptionModel | None, train_records: list[CaptionRecord], log: Log
+) -> Vocabulary:
     """The start model's vocabulary, or one built from the training captions."""
     if start_model is not None:
         log(f"starting from {cfg.init_model}: its decoder and vocabulary ({len(start_model.vocab)} words)")
         return start_model.vocab
-    vocab = Vocabulary.build((normalize_caption(c) for r in train_records for c in r.captions),
-                             min_count=cfg.min_word_count)
+    vocab = Vocabulary.build(
+        (normalize_caption(c) for r in train_records for c in r.captions), min_count=cfg.min_word_count
+    )
     log(f"vocabulary: {len(vocab)} words (min count {cfg.min_word_count})")
     return vocab
 
@@ -228,15 +291,21 @@ class _TrainingData:
     failures: dict[str, str]
 
 
-def _training_data(cfg: TrainConfig, dataset: CaptionDataset, choice: EncoderChoice, runtime: RuntimeConfig,
-                   vocab: Vocabulary, start_model: CaptionModel | None, log: Log) -> _TrainingData:
+def _training_data(
+    cfg: TrainConfig,
+    dataset: CaptionDataset,
+    choice: EncoderChoice,
+    runtime: RuntimeConfig,
+    vocab: Vocabulary,
+    start_model: CaptionModel | None,
+    log: Log,
+) -> _TrainingData:
     """Features for the whole network fine-tuned, for the exit flow fine-tuned, or cached for a frozen encoder."""
     failures: dict[str, str] = {}
     source: CachedFeatures | FinetunedEncoder | CachedTrunk
     if cfg.finetune_encoder:
         train_split = build_split(dataset.splits.get("train", []), None, vocab, cfg.max_caption_len)
-        val_split = build_split(dataset.splits.get("val", []), None, vocab, cfg.max_caption_len,
-                                limit=cfg.val_images)
+        val_split = build_split(dataset.splits.get("val", []), None, vocab, cfg.max_caption_len, limit=cfg.val_images)
         backbone = build_backbone(choice.config, choice.source)
         source = FinetunedEncoder(backbone, choice.preprocess, train_split.records, runtime, cfg.augment)
         feature_dim = int(backbone.num_features)
@@ -245,15 +314,18 @@ def _training_data(cfg: TrainConfig, dataset: CaptionDataset, choice: EncoderCho
             check_supported(choice.config.name, choice.config.spatial)
         except ExitFlowError as exc:
             raise TrainingError(str(exc)) from exc
-        train_split, train_views, val_split, failures = cached_splits(dataset, choice, runtime, cfg, vocab, log,
-                                                                      layer=TRUNK_LAYER)
+        train_split, train_views, val_split, failures = cached_splits(
+            dataset, choice, runtime, cfg, vocab, log, layer=TRUNK_LAYER
+        )
         backbone = build_backbone(choice.config, choice.source)
         if start_model is not None and start_model.encoder.finetuned == EXIT_FLOW:
             apply_exit_flow(backbone, start_model.encoder_state or {}, str(cfg.init_model))
             log(f"exit flow: continuing from {cfg.init_model}'s fine-tuned one")
         source = CachedTrunk(train_views, XceptionExitFlow(backbone), runtime, val_split.features)
-        log(f"trunk activations: {describe_residence(train_views)}; each step "
-            f"trains the exit flow at lr {cfg.encoder_lr:g}")
+        log(
+            f"trunk activations: {describe_residence(train_views)}; each step "
+            f"trains the exit flow at lr {cfg.encoder_lr:g}"
+        )
         feature_dim = int(backbone.num_features)
     else:
         train_split, train_views, val_split, failures = cached_splits(dataset, choice, runtime, cfg, vocab, log)
@@ -269,32 +341,45 @@ def _training_data(cfg: TrainConfig, dataset: CaptionDataset, choice: EncoderCho
     return _TrainingData(train_split, val_split, source, feature_dim, failures)
 
 
-def _decoder_config(cfg: TrainConfig, start_model: CaptionModel | None, vocab_size: int, feature_dim: int,
-                    decoder_cfg: dict[str, Any]) -> DecoderConfig:
+def _decoder_config(
+    cfg: TrainConfig, start_model: CaptionModel | None, vocab_size: int, feature_dim: int, decoder_cfg: dict[str, Any]
+) -> DecoderConfig:
     """The start model's decoder shape (which must fit the features), or a new one from the options."""
     if start_model is None:
         return DecoderConfig(vocab_size=vocab_size, feature_dim=feature_dim, **decoder_cfg)
     if start_model.decoder.feature_dim != feature_dim:
-        raise TrainingError(f"{cfg.init_model} expects {start_model.decoder.feature_dim}-dim features; the "
-                            f"encoder gives {feature_dim}")
+        raise TrainingError(
+            f"{cfg.init_model} expects {start_model.decoder.feature_dim}-dim features; the encoder gives {feature_dim}"
+        )
     return start_model.decoder
 
 
-def _optimizer(cfg: TrainConfig, decoder: torch.nn.Module, source: Any
-               ) -> tuple[torch.nn.ModuleDict, torch.optim.Optimizer]:
+def _optimizer(
+    cfg: TrainConfig, decoder: torch.nn.Module, source: Any
+) -> tuple[torch.nn.ModuleDict, torch.optim.Optimizer]:
     """What is trained (the decoder, and a fine-tuned encoder part at its own rate) and its AdamW."""
     groups = [{"params": list(decoder.parameters()), "lr": cfg.lr, "base_lr": cfg.lr}]
     trained = torch.nn.ModuleDict({"decoder": decoder})
     if source.trainable is not None:
-        groups.append({"params": list(source.trainable.parameters()), "lr": cfg.encoder_lr,
-                       "base_lr": cfg.encoder_lr})
+        groups.append({"params": list(source.trainable.parameters()), "lr": cfg.encoder_lr, "base_lr": cfg.encoder_lr})
         trained["encoder"] = source.trainable
     return trained, torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
 
 
-def _run_epoch(epoch: int, cfg: TrainConfig, decoder: torch.nn.Module, stepper: TrainStep, source: Any,
-               train_split: Split, loop: dict[str, Any], total_steps: int, *, self_critical: bool,
-               runtime: RuntimeConfig, log: Log) -> StepTotals:
+def _run_epoch(
+    epoch: int,
+    cfg: TrainConfig,
+    decoder: torch.nn.Module,
+    stepper: TrainStep,
+    source: Any,
+    train_split: Split,
+    loop: dict[str, Any],
+    total_steps: int,
+    *,
+    self_critical: bool,
+    runtime: RuntimeConfig,
+    log: Log,
+) -> StepTotals:
     """One pass over the training images in a seeded order; ``loop["step"]`` counts on."""
     # Self-critical samples come from the policy that captions at run time (no dropout):
     # measured on Flickr8k dev, it learns faster than sampling through dropout.
@@ -303,16 +388,23 @@ def _run_epoch(epoch: int, cfg: TrainConfig, decoder: torch.nn.Module, stepper: 
     order = torch.randperm(len(train_split.image_ids), generator=generator).tolist()
     started = time.time()
     totals = StepTotals.zeros(runtime.device)
-    batches = [[i for i in order[start:start + cfg.batch_size] if stepper.per_image[i]]
-               for start in range(0, len(order), cfg.batch_size)]
+    batches = [
+        [i for i in order[start : start + cfg.batch_size] if stepper.per_image[i]]
+        for start in range(0, len(order), cfg.batch_size)
+    ]
     for images, feats in source.epoch([b for b in batches if b], generator):
         totals.add(stepper(loop["step"], images, feats, generator), len(images))
         loop["step"] += 1
         if loop["step"] % 50 == 0:  # the only time a step's numbers come back to the host
-            progress = (f"reward {totals.mean_reward(cfg.samples_per_image):.3f}" if self_critical
-                        else f"loss {totals.mean_loss():.3f}")
-            log(f"epoch {epoch} step {loop['step']}/{total_steps} {progress} "
-                f"({totals.images / (time.time() - started):.0f} img/s)")
+            progress = (
+                f"reward {totals.mean_reward(cfg.samples_per_image):.3f}"
+                if self_critical
+                else f"loss {totals.mean_loss():.3f}"
+            )
+            log(
+                f"epoch {epoch} step {loop['step']}/{total_steps} {progress} "
+                f"({totals.images / (time.time() - started):.0f} img/s)"
+            )
     return totals
 
 
@@ -320,40 +412,64 @@ def load_start_model(cfg: TrainConfig, choice: EncoderChoice) -> CaptionModel | 
     """The model ``--init-model`` names, checked against the features training will use."""
     if cfg.init_model is None:
         if cfg.self_critical:
-            raise TrainingError("--self-critical fine-tunes a trained model: pass it with --init-model MODEL "
-                             "(train one with cross-entropy first)")
+            raise TrainingError(
+                "--self-critical fine-tunes a trained model: pass it with --init-model MODEL "
+                "(train one with cross-entropy first)"
+            )
         return None
     if cfg.finetune_encoder:
         raise TrainingError("--init-model cannot be combined with --finetune-encoder")
     model = load_model(cfg.init_model)
     if model.encoder.finetuned == EXIT_FLOW and not cfg.finetune_exit_flow:
-        raise TrainingError(f"{cfg.init_model} has a fine-tuned exit flow, which cached features cannot "
-                            "reproduce: continue with --finetune-exit-flow (--encoder-lr sets how fast it "
-                            "moves)")
+        raise TrainingError(
+            f"{cfg.init_model} has a fine-tuned exit flow, which cached features cannot "
+            "reproduce: continue with --finetune-exit-flow (--encoder-lr sets how fast it "
+            "moves)"
+        )
     if model.extra_decoders:
-        raise TrainingError(f"{cfg.init_model} is an ensemble of {len(model.decoders())} decoders; --init-model "
-                            "needs a single decoder: fine-tune each member's own model file, then "
-                            "`batchcap ensemble` them again")
+        raise TrainingError(
+            f"{cfg.init_model} is an ensemble of {len(model.decoders())} decoders; --init-model "
+            "needs a single decoder: fine-tune each member's own model file, then "
+            "`batchcap ensemble` them again"
+        )
     if model.encoder_state is not None and model.encoder.finetuned != EXIT_FLOW:
-        raise TrainingError(f"{cfg.init_model} embeds a fine-tuned encoder; --init-model needs a model "
-                            "trained on cached features of a stock encoder")
+        raise TrainingError(
+            f"{cfg.init_model} embeds a fine-tuned encoder; --init-model needs a model "
+            "trained on cached features of a stock encoder"
+        )
     weights_id = choice.spec.weights_sha256 or choice.spec.pretrained_tag
     theirs = model.encoder.weights_sha256 or model.encoder.pretrained_tag
-    mismatches = [f"{what}: model {a!r}, now {b!r}" for what, a, b in (
-        ("encoder", model.encoder.name, choice.config.name),
-        ("encoder weights", theirs, weights_id),
-        ("spatial features", model.encoder.spatial, choice.config.spatial),
-        ("preprocessing", to_dict(model.preprocess), to_dict(choice.preprocess))) if a != b]
+    mismatches = [
+        f"{what}: model {a!r}, now {b!r}"
+        for what, a, b in (
+            ("encoder", model.encoder.name, choice.config.name),
+            ("encoder weights", theirs, weights_id),
+            ("spatial features", model.encoder.spatial, choice.config.spatial),
+            ("preprocessing", to_dict(model.preprocess), to_dict(choice.preprocess)),
+        )
+        if a != b
+    ]
     if mismatches:
-        raise TrainingError(f"{cfg.init_model} was trained on other features ({'; '.join(mismatches)}); use "
-                            f"the encoder options it was trained with (see `batchcap info {cfg.init_model}`)")
+        raise TrainingError(
+            f"{cfg.init_model} was trained on other features ({'; '.join(mismatches)}); use "
+            f"the encoder options it was trained with (see `batchcap info {cfg.init_model}`)"
+        )
     return model
 
 
-def _model_file(cfg: TrainConfig, choice: EncoderChoice, dcfg: DecoderConfig, vocab: Vocabulary,
-                decoder: CaptionDecoder, dataset: CaptionDataset, failures: dict[str, str], loop: dict[str, Any],
-                scores: dict[str, Any], encoder: torch.nn.Module | None = None,
-                start_model: CaptionModel | None = None) -> CaptionModel:
+def _model_file(
+    cfg: TrainConfig,
+    choice: EncoderChoice,
+    dcfg: DecoderConfig,
+    vocab: Vocabulary,
+    decoder: CaptionDecoder,
+    dataset: CaptionDataset,
+    failures: dict[str, str],
+    loop: dict[str, Any],
+    scores: dict[str, Any],
+    encoder: torch.nn.Module | None = None,
+    start_model: CaptionModel | None = None,
+) -> CaptionModel:
     """The model file's contents; a fine-tuned encoder is embedded (its weights are new).
 
     A model trained from ``--init-model`` keeps its start model's identity and training
@@ -384,10 +500,16 @@ def _model_file(cfg: TrainConfig, choice: EncoderChoice, dcfg: DecoderConfig, vo
             "config": {k: v for k, v in to_dict(cfg).items() if k not in ("out",)},
             "epoch": loop["epoch"] + 1 if loop["best_epoch"] is None else loop["best_epoch"],
             "history": loop["history"],
-            **({"init_model": {"identity": start_model.identity, "training": start_model.training}}
-               if start_model is not None else {}),
+            **(
+                {"init_model": {"identity": start_model.identity, "training": start_model.training}}
+                if start_model is not None
+                else {}
+            ),
             **({"pretrain": loop["pretrain"]} if "pretrain" in loop else {}),
         },
-        metrics={"selected_on": "val", "tokenizer": scores.get("tokenizer"),
-                 **{k: v for k, v in scores.items() if k.startswith(("BLEU", "CIDEr"))}},
+        metrics={
+            "selected_on": "val",
+            "tokenizer": scores.get("tokenizer"),
+            **{k: v for k, v in scores.items() if k.startswith(("BLEU", "CIDEr"))},
+        },
     )

@@ -5,12 +5,14 @@ policy, preprocessing, workers) and the same :class:`batchcap.pipeline.captioner
 (encoder precision, beam search) as ``batchcap run`` -- so the scores describe what
 users get, not a separate evaluation path.
 """
+
 from __future__ import annotations
 
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from batchcap.config import BeamConfig, ImagePolicy, RuntimeConfig, to_dict
 from batchcap.data.captions.records import CaptionDataset
@@ -40,9 +42,18 @@ def _sources_for(records: list[Any], tmp: Path) -> tuple[SourceSet, dict[str, st
     return SourceSet(tuple(readers)), ids
 
 
-def evaluate_split(dataset: CaptionDataset, split: str, model: CaptionModel, runtime: RuntimeConfig,
-                   beam: BeamConfig, *, encoder_weights: str | None = None, limit: int | None = None,
-                   policy: ImagePolicy = ImagePolicy(), log: Callable[[str], None] = print) -> dict[str, Any]:
+def evaluate_split(
+    dataset: CaptionDataset,
+    split: str,
+    model: CaptionModel,
+    runtime: RuntimeConfig,
+    beam: BeamConfig,
+    *,
+    encoder_weights: str | None = None,
+    limit: int | None = None,
+    policy: ImagePolicy = ImagePolicy(),
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
     """Caption ``split`` of ``dataset`` and score against all its references."""
     records = dataset.splits[split][:limit] if limit else dataset.splits[split]
     references = {r.image_id: list(r.captions) for r in records}
@@ -52,8 +63,14 @@ def evaluate_split(dataset: CaptionDataset, split: str, model: CaptionModel, run
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="batchcap-eval-") as tmp:
         sources, id_map = _sources_for(records, Path(tmp))
-        for batch in iter_batches(sources, model.preprocess, policy, batch_size=runtime.batch_size,
-                                  workers=runtime.workers, pin_memory=runtime.device.startswith("cuda")):
+        for batch in iter_batches(
+            sources,
+            model.preprocess,
+            policy,
+            batch_size=runtime.batch_size,
+            workers=runtime.workers,
+            pin_memory=runtime.device.startswith("cuda"),
+        ):
             if batch.ok:
                 captions = caption_batch(captioner, batch)  # may move pictures to batch.failed
                 for item, caption in zip(batch.ok, captions, strict=True):
@@ -78,8 +95,9 @@ def evaluate_split(dataset: CaptionDataset, split: str, model: CaptionModel, run
         "missing": len(dataset.missing.get(split, [])),
         "seconds": round(wall, 1),
         "scores": scores,
-        "captions": [{"image_id": k, "caption": v, "references": references[k]}
-                     for k, v in sorted(predictions.items())],
+        "captions": [
+            {"image_id": k, "caption": v, "references": references[k]} for k, v in sorted(predictions.items())
+        ],
     }
 
 
@@ -87,9 +105,11 @@ def format_scores(result: dict[str, Any]) -> str:
     """The scores as a small aligned table, plus what they were computed on."""
     scores = result["scores"]
     names = ["BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr"]
-    lines = [f"{result['model']} on {result['split']} ({result['images']} images, beam "
-             f"{result['beam']['beam_size']}, {result.get('backend', 'torch')} {result['precision']}, "
-             f"tokenizer {scores.get('tokenizer')})"]
+    lines = [
+        f"{result['model']} on {result['split']} ({result['images']} images, beam "
+        f"{result['beam']['beam_size']}, {result.get('backend', 'torch')} {result['precision']}, "
+        f"tokenizer {scores.get('tokenizer')})"
+    ]
     for name in names:
         value = scores.get(name)
         lines.append(f"  {name:<8} {'n/a' if value is None else f'{value:.4f}'}")

@@ -13,6 +13,7 @@ the memory budget (:func:`feature_memory_budget`: half the memory available, or
 cache instead, unlinked at once: the kernel pages it in and out, so a COCO-size cache
 (tens of GiB of fp16) trains on a machine with less memory, and nothing is left behind.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -20,9 +21,9 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
 
 import torch
 from safetensors import safe_open
@@ -59,8 +60,9 @@ def feature_memory_budget(environ: Mapping[str, str] | None = None) -> float:
         try:
             gib = float(value)
         except ValueError:
-            raise ValueError(f"{FEATURE_MEMORY_ENV}={value!r}: expected a number of GiB (0: always map "
-                             "features from disk)") from None
+            raise ValueError(
+                f"{FEATURE_MEMORY_ENV}={value!r}: expected a number of GiB (0: always map features from disk)"
+            ) from None
         if gib < 0:
             raise ValueError(f"{FEATURE_MEMORY_ENV}={value!r}: expected 0 or more GiB")
         return gib * 2**30
@@ -94,7 +96,8 @@ def file_backed_empty(folder: Path, shape: tuple[int, ...], dtype: torch.dtype) 
             raise FeatureSpaceError(
                 f"no room for {_size(nbytes)} of features, memory-mapped beside the cache in {folder} "
                 f"({exc.strerror}): free disk space there, give --cache-dir on a larger disk, or set "
-                f"{FEATURE_MEMORY_ENV} to the GiB this machine can hold in memory") from exc
+                f"{FEATURE_MEMORY_ENV} to the GiB this machine can hold in memory"
+            ) from exc
         flat = torch.from_file(name, shared=True, size=numel, dtype=dtype)
     finally:
         os.close(fd)
@@ -120,8 +123,14 @@ class FeatureKey:
     layer: str = ""  # "": the encoder's output; "block11": the trunk an exit-flow fine-tune starts from
 
     def doc(self) -> dict:
-        doc = {"encoder": self.encoder, "weights": self.weights, "preprocess": to_dict(self.preprocess),
-               "spatial": self.spatial, "precision": self.precision, "view": self.view}
+        doc = {
+            "encoder": self.encoder,
+            "weights": self.weights,
+            "preprocess": to_dict(self.preprocess),
+            "spatial": self.spatial,
+            "precision": self.precision,
+            "view": self.view,
+        }
         return {**doc, "layer": self.layer} if self.layer else doc  # older caches keep their names
 
     def digest(self) -> str:
@@ -136,8 +145,14 @@ class ImageFiles(torch.utils.data.Dataset):
     failure yields its status and message instead of a tensor.
     """
 
-    def __init__(self, items: Sequence[tuple[str, str | CaptionRecord]], preprocess: Preprocess,
-                 hflip: bool, random_flip: bool = False, policy: ImagePolicy = ImagePolicy()) -> None:
+    def __init__(
+        self,
+        items: Sequence[tuple[str, str | CaptionRecord]],
+        preprocess: Preprocess,
+        hflip: bool,
+        random_flip: bool = False,
+        policy: ImagePolicy = ImagePolicy(),
+    ) -> None:
         self.items = list(items)
         self.preprocess = preprocess
         self.hflip = hflip
@@ -166,8 +181,9 @@ class ImageFiles(torch.utils.data.Dataset):
         return image_id, tensor, None
 
 
-def collate_images(batch: list[tuple[str, torch.Tensor | None, str | None]]
-             ) -> tuple[list[str], torch.Tensor | None, list[tuple[str, str]]]:
+def collate_images(
+    batch: list[tuple[str, torch.Tensor | None, str | None]],
+) -> tuple[list[str], torch.Tensor | None, list[tuple[str, str]]]:
     ok = [(i, t) for i, t, e in batch if t is not None]
     failed = [(i, e or "") for i, t, e in batch if t is None]
     images = torch.stack([t for _, t in ok]) if ok else None
@@ -192,9 +208,14 @@ class FeatureCache:
         """Ids whose features are already on disk (read from chunk metadata only)."""
         return {i for chunk in self.chunks() for i in self._chunk_ids(chunk)}
 
-    def extract(self, items: Sequence[tuple[str, "str | CaptionRecord"]], encoder: Callable[[torch.Tensor], torch.Tensor],
-                runtime: RuntimeConfig, chunk_size: int = 256,
-                on_progress: Callable[[int, int], None] | None = None) -> dict[str, str]:
+    def extract(
+        self,
+        items: Sequence[tuple[str, str | CaptionRecord]],
+        encoder: Callable[[torch.Tensor], torch.Tensor],
+        runtime: RuntimeConfig,
+        chunk_size: int = 256,
+        on_progress: Callable[[int, int], None] | None = None,
+    ) -> dict[str, str]:
         """Compute features for ``items`` ``(id, path or record)`` not yet cached; returns failures ``{id: error}``."""
         done = self.cached_ids()
         todo = [(i, p) for i, p in items if i not in done]
@@ -202,9 +223,13 @@ class FeatureCache:
         if not todo:
             return failures
         dataset = ImageFiles(todo, self.key.preprocess, hflip=self.key.view == "hflip")
-        loader = torch.utils.data.DataLoader(dataset, batch_size=runtime.batch_size, num_workers=runtime.workers,
-                                             collate_fn=collate_images,
-                                             pin_memory=torch.device(runtime.device).type == "cuda")
+        loader = torch.utils.data.DataLoader(
+            dataset,
+            batch_size=runtime.batch_size,
+            num_workers=runtime.workers,
+            collate_fn=collate_images,
+            pin_memory=torch.device(runtime.device).type == "cuda",
+        )
         pending_ids: list[str] = []
         pending: list[torch.Tensor] = []
         processed = 0
@@ -235,8 +260,9 @@ class FeatureCache:
         atomic_save_safetensors({"features": features.half()}, path, {"ids": json.dumps(list(ids))})
         return path
 
-    def load(self, ids: Sequence[str] | None = None, memory_budget: float | None = None
-             ) -> tuple[list[str], torch.Tensor]:
+    def load(
+        self, ids: Sequence[str] | None = None, memory_budget: float | None = None
+    ) -> tuple[list[str], torch.Tensor]:
         """All cached features (or those of ``ids``, in that order) as one fp16 tensor.
 
         Chunks are read one at a time and only the wanted rows are kept, so loading the

@@ -1,13 +1,15 @@
 """What a training step reads: cached encoder features (or cached trunk activations under a fine-tuned exit
 flow) with the captions encoded beside them, on the device when they fit.
 """
+
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 
@@ -33,8 +35,9 @@ from batchcap.training.steps import Split, training_autocast
 Log = Callable[[str], None]
 
 
-def encode_captions(records: list[CaptionRecord], keep: dict[str, int], vocab: Vocabulary, max_len: int
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_captions(
+    records: list[CaptionRecord], keep: dict[str, int], vocab: Vocabulary, max_len: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Token matrix ``(C, max_len + 2)`` and caption->image index for records whose image is in ``keep``."""
     rows, owners = [], []
     for record in records:
@@ -50,8 +53,9 @@ def encode_captions(records: list[CaptionRecord], keep: dict[str, int], vocab: V
     return torch.tensor(rows, dtype=torch.long), torch.tensor(owners, dtype=torch.long)
 
 
-def build_split(records: list[CaptionRecord], cache: FeatureCache | None, vocab: Vocabulary, max_len: int,
-                limit: int | None = None) -> Split:
+def build_split(
+    records: list[CaptionRecord], cache: FeatureCache | None, vocab: Vocabulary, max_len: int, limit: int | None = None
+) -> Split:
     """Load cached features for ``records`` (those that have them) and tokenise their captions.
 
     Without a cache (encoder fine-tuning) every record is kept and ``features`` is empty:
@@ -89,17 +93,25 @@ def describe_encoder(cfg: EncoderConfig, preprocess: Preprocess) -> EncoderChoic
     if cfg.weights:
         digest = file_sha256(cfg.weights)
         source = WeightsSource("file", path=cfg.weights)
-        spec = EncoderSpec(name=cfg.name, weights_sha256=digest, weights_file=Path(cfg.weights).name,
-                           spatial=cfg.spatial)
+        spec = EncoderSpec(
+            name=cfg.name, weights_sha256=digest, weights_file=Path(cfg.weights).name, spatial=cfg.spatial
+        )
     else:
         source = WeightsSource("pretrained")
         spec = EncoderSpec(name=cfg.name, pretrained_tag=cfg.name, spatial=cfg.spatial)
     return EncoderChoice(cfg, source, preprocess, spec)
 
 
-def extract_features(dataset: CaptionDataset, splits: list[str], choice: EncoderChoice, runtime: RuntimeConfig,
-                     cache_dir: str, views: tuple[str, ...], log: Log, layer: str = ""
-                     ) -> tuple[dict[str, FeatureCache], dict]:
+def extract_features(
+    dataset: CaptionDataset,
+    splits: list[str],
+    choice: EncoderChoice,
+    runtime: RuntimeConfig,
+    cache_dir: str,
+    views: tuple[str, ...],
+    log: Log,
+    layer: str = "",
+) -> tuple[dict[str, FeatureCache], dict]:
     """Fill the feature caches (one per view) for ``splits``; returns caches and failures per id.
 
     ``layer`` ``"block11"`` caches the trunk's activations instead of the encoder's output
@@ -111,8 +123,9 @@ def extract_features(dataset: CaptionDataset, splits: list[str], choice: Encoder
     failures: dict[str, str] = {}
     items = [(r.image_id, r) for s in splits for r in dataset.splits.get(s, [])]
     for view in views:
-        key = FeatureKey(choice.config.name, weights_id, choice.preprocess, choice.config.spatial,
-                         runtime.precision, view, layer)
+        key = FeatureKey(
+            choice.config.name, weights_id, choice.preprocess, choice.config.spatial, runtime.precision, view, layer
+        )
         cache = FeatureCache(cache_dir, key)
         caches[view] = cache
         todo = [(i, r) for i, r in items if i not in cache.cached_ids()]
@@ -121,8 +134,12 @@ def extract_features(dataset: CaptionDataset, splits: list[str], choice: Encoder
             continue
         if encoder is None:
             backbone = build_backbone(choice.config, choice.source)
-            encoder = Encoder(XceptionTrunk(backbone) if layer == TRUNK_LAYER else backbone, choice.preprocess,
-                              runtime, spatial=choice.config.spatial)
+            encoder = Encoder(
+                XceptionTrunk(backbone) if layer == TRUNK_LAYER else backbone,
+                choice.preprocess,
+                runtime,
+                spatial=choice.config.spatial,
+            )
         what = f"{view}, {layer} activations" if layer else view
         log(f"features ({what}): computing {len(todo)} of {len(items)} into {cache.dir}")
         started = time.time()
@@ -135,8 +152,15 @@ def extract_features(dataset: CaptionDataset, splits: list[str], choice: Encoder
     return caches, failures
 
 
-def cached_splits(dataset: CaptionDataset, choice: EncoderChoice, runtime: RuntimeConfig, cfg: TrainConfig,
-                  vocab: Vocabulary, log: Log, layer: str = "") -> tuple[Split, list[torch.Tensor], Split, dict]:
+def cached_splits(
+    dataset: CaptionDataset,
+    choice: EncoderChoice,
+    runtime: RuntimeConfig,
+    cfg: TrainConfig,
+    vocab: Vocabulary,
+    log: Log,
+    layer: str = "",
+) -> tuple[Split, list[torch.Tensor], Split, dict]:
     """Train and val splits from the feature caches (of ``layer``, see :func:`extract_features`).
 
     Returns the train split, its views (plain, and hflip with ``--augment``), the val split
@@ -144,12 +168,12 @@ def cached_splits(dataset: CaptionDataset, choice: EncoderChoice, runtime: Runti
     """
     views = ("plain", "hflip") if cfg.augment else ("plain",)
     cache_dir = cfg.cache_dir or str(Path(cfg.out).parent / ".batchcap-features")
-    caches, failures = extract_features(dataset, ["train", "val"], choice, runtime, cache_dir, views, log,
-                                        layer=layer)
+    caches, failures = extract_features(dataset, ["train", "val"], choice, runtime, cache_dir, views, log, layer=layer)
     train_records, val_records = dataset.splits.get("train", []), dataset.splits.get("val", [])
     train_split = build_split(train_records, caches["plain"], vocab, cfg.max_caption_len)
     train_views = [train_split.features] + [
-        build_split(train_records, caches[v], vocab, cfg.max_caption_len).features for v in views[1:]]
+        build_split(train_records, caches[v], vocab, cfg.max_caption_len).features for v in views[1:]
+    ]
     val_split = build_split(val_records, caches["plain"], vocab, cfg.max_caption_len, limit=cfg.val_images)
     return train_split, train_views, val_split, failures
 
@@ -160,8 +184,10 @@ def describe_residence(views: list[torch.Tensor]) -> str:
     held = sum(v.nbytes for v in views if not is_file_backed(v)) / 2**30
     parts = [f"{held:.1f} GiB in memory"] if held or not mapped else []
     if mapped:
-        parts.append(f"{mapped:.1f} GiB memory-mapped from a file beside the cache (more than "
-                     f"{FEATURE_MEMORY_ENV} or half the available memory)")
+        parts.append(
+            f"{mapped:.1f} GiB memory-mapped from a file beside the cache (more than "
+            f"{FEATURE_MEMORY_ENV} or half the available memory)"
+        )
     return ", ".join(parts)
 
 
@@ -190,8 +216,7 @@ class CachedFeatures:
         self.device = device
         self.on_device = on_device
 
-    def epoch(self, batches: list[list[int]], generator: torch.Generator
-              ) -> Iterator[tuple[list[int], torch.Tensor]]:
+    def epoch(self, batches: list[list[int]], generator: torch.Generator) -> Iterator[tuple[list[int], torch.Tensor]]:
         """``(images, features (M, R, F) fp32 on the device)`` per step; each step draws one view at random."""
         for images in batches:
             view = self.views[int(torch.randint(len(self.views), (1,), generator=generator))]
@@ -214,8 +239,9 @@ class CachedTrunk:
     ``encoder_lr``. Validation features are the exit flow's output as trained so far.
     """
 
-    def __init__(self, views: list[torch.Tensor], head: XceptionExitFlow, runtime: RuntimeConfig,
-                 val_trunk: torch.Tensor) -> None:
+    def __init__(
+        self, views: list[torch.Tensor], head: XceptionExitFlow, runtime: RuntimeConfig, val_trunk: torch.Tensor
+    ) -> None:
         self.views, self.runtime, self.val_trunk = views, runtime, val_trunk
         self.trainable = head.to(runtime.device).eval()
         if runtime.channels_last:
@@ -230,16 +256,19 @@ class CachedTrunk:
             fmap = self.trainable(x)
         return fmap.float().flatten(2).transpose(1, 2)
 
-    def epoch(self, batches: list[list[int]], generator: torch.Generator
-              ) -> Iterator[tuple[list[int], torch.Tensor]]:
+    def epoch(self, batches: list[list[int]], generator: torch.Generator) -> Iterator[tuple[list[int], torch.Tensor]]:
         for images in batches:
             view = self.views[int(torch.randint(len(self.views), (1,), generator=generator))]
             yield images, self.forward(view[torch.tensor(images, dtype=torch.long)])
 
     def val_features(self, split: Split, batch_size: int = 50) -> torch.Tensor:
         with torch.inference_mode():
-            return torch.cat([self.forward(self.val_trunk[s:s + batch_size]).half()
-                              for s in range(0, self.val_trunk.shape[0], batch_size)])
+            return torch.cat(
+                [
+                    self.forward(self.val_trunk[s : s + batch_size]).half()
+                    for s in range(0, self.val_trunk.shape[0], batch_size)
+                ]
+            )
 
 
 class FinetunedEncoder:
@@ -250,8 +279,14 @@ class FinetunedEncoder:
     Pictures that cannot be read are left out of the step, with their captions.
     """
 
-    def __init__(self, backbone: torch.nn.Module, preprocess: Preprocess, records: list[CaptionRecord],
-                 runtime: RuntimeConfig, augment: bool) -> None:
+    def __init__(
+        self,
+        backbone: torch.nn.Module,
+        preprocess: Preprocess,
+        records: list[CaptionRecord],
+        runtime: RuntimeConfig,
+        augment: bool,
+    ) -> None:
         self.trainable = backbone.to(runtime.device).eval()
         self.preprocess, self.records, self.runtime, self.augment = preprocess, records, runtime, augment
         self.mean = torch.tensor(preprocess.mean, device=runtime.device).view(1, 3, 1, 1) * 255.0
@@ -266,14 +301,16 @@ class FinetunedEncoder:
         return fmap.float().flatten(2).transpose(1, 2)  # (B, h*w, F)
 
     def _loader(self, records: list[CaptionRecord], batches: list[list[int]], flip: bool) -> Any:
-        dataset = ImageFiles([(r.image_id, r) for r in records], self.preprocess, hflip=False,
-                              random_flip=flip)
-        return torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=self.runtime.workers,
-                                           collate_fn=collate_images,
-                                           pin_memory=torch.device(self.runtime.device).type == "cuda")
+        dataset = ImageFiles([(r.image_id, r) for r in records], self.preprocess, hflip=False, random_flip=flip)
+        return torch.utils.data.DataLoader(
+            dataset,
+            batch_sampler=batches,
+            num_workers=self.runtime.workers,
+            collate_fn=collate_images,
+            pin_memory=torch.device(self.runtime.device).type == "cuda",
+        )
 
-    def epoch(self, batches: list[list[int]], generator: torch.Generator
-              ) -> Iterator[tuple[list[int], torch.Tensor]]:
+    def epoch(self, batches: list[list[int]], generator: torch.Generator) -> Iterator[tuple[list[int], torch.Tensor]]:
         for ids, images, _failed in self._loader(self.records, batches, self.augment):
             if images is not None:
                 yield [self.index[i] for i in ids], self._forward(images)
@@ -281,8 +318,10 @@ class FinetunedEncoder:
     def val_features(self, split: Split) -> torch.Tensor:
         """Features of the validation pictures under the encoder as trained so far, on the device."""
         index = {i: n for n, i in enumerate(split.image_ids)}
-        batches = [list(range(s, min(s + self.runtime.batch_size, len(split.records))))
-                   for s in range(0, len(split.records), self.runtime.batch_size)]
+        batches = [
+            list(range(s, min(s + self.runtime.batch_size, len(split.records))))
+            for s in range(0, len(split.records), self.runtime.batch_size)
+        ]
         out = torch.zeros(0, device=self.runtime.device)
         rows: list[torch.Tensor] = []
         order: list[int] = []
@@ -305,4 +344,5 @@ def every_so_often(log: Log, started: float, seconds: float = 30.0) -> Callable[
         if now - last[0] >= seconds or done == total:
             last[0] = now
             log(f"  {done}/{total} images, {done / max(1e-9, now - started):.1f} img/s")
+
     return report

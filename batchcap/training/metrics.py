@@ -8,11 +8,12 @@ falls back to :func:`batchcap.model.text.normalize_caption`, which differs from 
 details (e.g. it folds ``man 's`` into ``mans``); such scores are marked
 ``tokenizer: batchcap``.
 """
+
 from __future__ import annotations
 
 import importlib.util
 import shutil
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 from batchcap.model.text import normalize_caption
 
@@ -35,8 +36,10 @@ def require_metrics() -> None:
     except (ImportError, ValueError):  # a blocked or half-installed package
         found = False
     if not found:
-        raise MetricsUnavailable(f"the caption metrics need pycocoevalcap, which is not installed: "
-                                 f"run `{INSTALL_HINT}` (or reinstall batchcap) and retry")
+        raise MetricsUnavailable(
+            f"the caption metrics need pycocoevalcap, which is not installed: "
+            f"run `{INSTALL_HINT}` (or reinstall batchcap) and retry"
+        )
 
 
 def java_available() -> bool:
@@ -52,8 +55,13 @@ def _tokenize(captions: Mapping[str, Sequence[str]], ptb: bool) -> dict[str, lis
     return {k: [" ".join(normalize_caption(c)) for c in v] for k, v in captions.items()}
 
 
-def score_captions(predictions: Mapping[str, str], references: Mapping[str, Sequence[str]], *,
-                   full: bool = True, use_java: bool | None = None) -> dict[str, object]:
+def score_captions(
+    predictions: Mapping[str, str],
+    references: Mapping[str, Sequence[str]],
+    *,
+    full: bool = True,
+    use_java: bool | None = None,
+) -> dict[str, object]:
     """BLEU-1..4, METEOR, ROUGE-L and CIDEr-D of ``predictions`` against ``references``.
 
     ``full=False`` computes only BLEU and CIDEr with batchcap tokenisation (fast, no

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import torch
 
@@ -57,8 +58,10 @@ def read_caption_lines(path: str, notes: list[str] | None = None) -> list[tuple[
         with open(path, encoding="utf-8-sig") as fh:
             lines = [line.rstrip("\r\n") for line in fh if line.strip()]
     except UnicodeDecodeError as error:
-        raise PretrainError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start}); expected "
-                            "IMAGE#N<TAB>caption lines or one caption per line") from None
+        raise PretrainError(
+            f"{path}: not UTF-8 text ({error.reason} at byte {error.start}); expected "
+            "IMAGE#N<TAB>caption lines or one caption per line"
+        ) from None
     except OSError as error:
         raise PretrainError(f"{path}: {error.strerror}") from None
     if not lines:
@@ -72,8 +75,9 @@ def read_caption_lines(path: str, notes: list[str] | None = None) -> list[tuple[
     return [(image, caption) for image, texts in captions.items() for caption in texts]
 
 
-def prepare_caption_text(path: str, vocab: Vocabulary, max_len: int, dataset_images: Iterable[str],
-                         val_captions: Iterable[str], seed: int) -> CaptionText:
+def prepare_caption_text(
+    path: str, vocab: Vocabulary, max_len: int, dataset_images: Iterable[str], val_captions: Iterable[str], seed: int
+) -> CaptionText:
     """Tokenise ``path``'s captions in ``vocab``, drop those that could leak, hold 1 % out."""
     notes: list[str] = []
     pairs = read_caption_lines(path, notes)
@@ -98,14 +102,25 @@ def prepare_caption_text(path: str, vocab: Vocabulary, max_len: int, dataset_ima
         ids = [vocab.start_id] + ids + [vocab.end_id]
         rows.append(ids + [vocab.pad_id] * (max_len + 2 - len(ids)))
     if len(rows) < 2:
-        raise PretrainError(f"{path}: {len(rows)} usable captions after filtering ({same_photo} of the "
-                            f"dataset's own photos, {same_text} equal to validation captions, {empty} empty)")
+        raise PretrainError(
+            f"{path}: {len(rows)} usable captions after filtering ({same_photo} of the "
+            f"dataset's own photos, {same_text} equal to validation captions, {empty} empty)"
+        )
     order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))
     tokens_all = torch.tensor(rows, dtype=torch.long)[order]
     held = max(1, int(len(rows) * HELD_OUT_SHARE))
-    report = {"file": path, "sha256": file_sha256(path), "lines": len(pairs), "captions": len(rows) - held,
-              "held_out": held, "dropped_dataset_photos": same_photo, "dropped_val_captions": same_text,
-              "dropped_empty": empty, "unknown_word_share": round(unknown / max(1, words), 4), "notes": notes}
+    report = {
+        "file": path,
+        "sha256": file_sha256(path),
+        "lines": len(pairs),
+        "captions": len(rows) - held,
+        "held_out": held,
+        "dropped_dataset_photos": same_photo,
+        "dropped_val_captions": same_text,
+        "dropped_empty": empty,
+        "unknown_word_share": round(unknown / max(1, words), 4),
+        "notes": notes,
+    }
     return CaptionText(tokens_all[held:], tokens_all[:held], report, vocab.pad_id)
 
 
@@ -114,33 +129,51 @@ def _null_image(decoder: CaptionDecoder, device: str) -> torch.Tensor:
     return torch.zeros(1, 1, decoder.cfg.feature_dim, device=device)
 
 
-def _batch_loss(decoder: CaptionDecoder, captions: torch.Tensor, pad_id: int, device: str
-                ) -> tuple[torch.Tensor, int]:
+def _batch_loss(decoder: CaptionDecoder, captions: torch.Tensor, pad_id: int, device: str) -> tuple[torch.Tensor, int]:
     """Mean next-word cross-entropy of ``captions`` given the null image, and their target-token count."""
     captions, tokens = reference_captions(captions, pad_id)
-    loss = teacher_forced_loss(decoder, _null_image(decoder, device), captions.to(device), captions.shape[0],
-                               pad_id, attention_penalty=0.0, label_smoothing=0.0)
+    loss = teacher_forced_loss(
+        decoder,
+        _null_image(decoder, device),
+        captions.to(device),
+        captions.shape[0],
+        pad_id,
+        attention_penalty=0.0,
+        label_smoothing=0.0,
+    )
     return loss, tokens
 
 
 @torch.no_grad()
-def perplexity(decoder: CaptionDecoder, captions: torch.Tensor, runtime: RuntimeConfig, pad_id: int = 0,
-               batch_size: int = 500) -> float:
+def perplexity(
+    decoder: CaptionDecoder, captions: torch.Tensor, runtime: RuntimeConfig, pad_id: int = 0, batch_size: int = 500
+) -> float:
     """Per-word perplexity of ``captions`` under the decoder given the null image (eval mode)."""
     was_training = decoder.training
     decoder.eval()
     total, tokens = 0.0, 0
     with training_autocast(runtime):
         for start in range(0, captions.shape[0], batch_size):
-            loss, n = _batch_loss(decoder, captions[start:start + batch_size], pad_id, runtime.device)
+            loss, n = _batch_loss(decoder, captions[start : start + batch_size], pad_id, runtime.device)
             total, tokens = total + float(loss) * n, tokens + n
     decoder.train(was_training)
     return math.exp(total / max(1, tokens))
 
 
-def pretrain_language_model(decoder: CaptionDecoder, text: CaptionText, runtime: RuntimeConfig, *, epochs: int,
-                            batch_size: int, lr: float, warmup_steps: int, weight_decay: float,
-                            grad_clip: float, seed: int, log: Callable[[str], None] = print) -> dict[str, Any]:
+def pretrain_language_model(
+    decoder: CaptionDecoder,
+    text: CaptionText,
+    runtime: RuntimeConfig,
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    warmup_steps: int,
+    weight_decay: float,
+    grad_clip: float,
+    seed: int,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
     """Teacher-force ``decoder`` on ``text`` (null image, its own AdamW, warm-up + cosine); returns a report.
 
     The report (text statistics, held-out perplexity before and after, steps and seconds)
@@ -153,8 +186,10 @@ def pretrain_language_model(decoder: CaptionDecoder, text: CaptionText, runtime:
     started = time.time()
     step = 0
     decoder.train()
-    log(f"language-model pretraining on {text.train.shape[0]} captions ({text.report['file']}): {epochs} "
-        f"epoch(s) of {steps_per_epoch} steps, {batch_size} captions a step; held-out perplexity {before:.1f}")
+    log(
+        f"language-model pretraining on {text.train.shape[0]} captions ({text.report['file']}): {epochs} "
+        f"epoch(s) of {steps_per_epoch} steps, {batch_size} captions a step; held-out perplexity {before:.1f}"
+    )
     for epoch in range(1, epochs + 1):
         order = torch.randperm(text.train.shape[0], generator=torch.Generator().manual_seed(seed + epoch))
         loss_sum, token_sum = 0.0, 0
@@ -162,8 +197,9 @@ def pretrain_language_model(decoder: CaptionDecoder, text: CaptionText, runtime:
             for group in optimizer.param_groups:
                 group["lr"] = lr * lr_factor(step, warmup_steps, total)
             with training_autocast(runtime):
-                loss, tokens = _batch_loss(decoder, text.train[order[start:start + batch_size]], text.pad_id,
-                                           runtime.device)
+                loss, tokens = _batch_loss(
+                    decoder, text.train[order[start : start + batch_size]], text.pad_id, runtime.device
+                )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(decoder.parameters(), grad_clip)
@@ -171,33 +207,61 @@ def pretrain_language_model(decoder: CaptionDecoder, text: CaptionText, runtime:
             step += 1
             loss_sum, token_sum = loss_sum + float(loss.detach()) * tokens, token_sum + tokens
             if step % 100 == 0:
-                log(f"pretraining step {step}/{total}: loss {loss_sum / token_sum:.3f} "
-                    f"({time.time() - started:.0f} s)")
+                log(f"pretraining step {step}/{total}: loss {loss_sum / token_sum:.3f} ({time.time() - started:.0f} s)")
         log(f"pretraining epoch {epoch}: train loss {loss_sum / max(1, token_sum):.3f}")
     after = perplexity(decoder, text.held_out, runtime, text.pad_id)
     seconds = round(time.time() - started, 1)
     log(f"pretraining done in {seconds:.0f} s: held-out perplexity {before:.1f} -> {after:.1f}")
-    return {**text.report, "epochs": epochs, "steps": step, "batch_size": batch_size, "lr": lr,
-            "seconds": seconds, "held_out_perplexity": {"before": round(before, 2), "after": round(after, 2)}}
+    return {
+        **text.report,
+        "epochs": epochs,
+        "steps": step,
+        "batch_size": batch_size,
+        "lr": lr,
+        "seconds": seconds,
+        "held_out_perplexity": {"before": round(before, 2), "after": round(after, 2)},
+    }
 
 
-def pretrain_for_training(cfg: TrainConfig, decoder: CaptionDecoder, dataset: CaptionDataset, vocab: Vocabulary,
-                          runtime: RuntimeConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
+def pretrain_for_training(
+    cfg: TrainConfig,
+    decoder: CaptionDecoder,
+    dataset: CaptionDataset,
+    vocab: Vocabulary,
+    runtime: RuntimeConfig,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
     """``batchcap train --pretrain-captions``: the fresh decoder on ``cfg``'s caption text; returns the report.
 
     The settings are the captioning run's (``--lr``, ``--warmup-steps``, five captions per
     ``--batch-size`` photo); the dataset's photos and validation captions set what is dropped.
     """
-    text = prepare_caption_text(cfg.pretrain_captions or "", vocab, cfg.max_caption_len,
-                                (r.image_id for records in dataset.splits.values() for r in records),
-                                (c for r in dataset.splits.get("val", []) for c in r.captions), cfg.seed)
+    text = prepare_caption_text(
+        cfg.pretrain_captions or "",
+        vocab,
+        cfg.max_caption_len,
+        (r.image_id for records in dataset.splits.values() for r in records),
+        (c for r in dataset.splits.get("val", []) for c in r.captions),
+        cfg.seed,
+    )
     report = text.report
     for note in report["notes"]:
         log(f"note: {note}")
-    log(f"caption text: {report['captions']} captions ({report['unknown_word_share']:.1%} of words <unk>), "
+    log(
+        f"caption text: {report['captions']} captions ({report['unknown_word_share']:.1%} of words <unk>), "
         f"{report['held_out']} held out; dropped {report['dropped_dataset_photos']} of the dataset's photos, "
-        f"{report['dropped_val_captions']} equal to validation captions")
-    return pretrain_language_model(decoder, text, runtime, epochs=cfg.pretrain_epochs,
-                                   batch_size=cfg.batch_size * int(cfg.extra.get("captions_per_image", 5)),
-                                   lr=cfg.lr, warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay,
-                                   grad_clip=cfg.grad_clip, seed=cfg.seed, log=log)
+        f"{report['dropped_val_captions']} equal to validation captions"
+    )
+    return pretrain_language_model(
+        decoder,
+        text,
+        runtime,
+        epochs=cfg.pretrain_epochs,
+        batch_size=cfg.batch_size * int(cfg.extra.get("captions_per_image", 5)),
+        lr=cfg.lr,
+        warmup_steps=cfg.warmup_steps,
+        weight_decay=cfg.weight_decay,
+        grad_clip=cfg.grad_clip,
+        seed=cfg.seed,
+        log=log,
+    )

@@ -16,11 +16,12 @@ weights every sample scores zero and nothing is learned.
 computes for one candidate, with the document frequencies fixed once from the training
 references instead of recomputed from every batch (tested against pycocoevalcap).
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
@@ -54,8 +55,10 @@ class CaptionReward:
 
     def __call__(self, images: Sequence[int], tokens: torch.Tensor, samples_per_image: int) -> torch.Tensor:
         """Rewards ``(len(images) * samples_per_image,)`` for image-major sampled ``tokens`` ``(N, T)``."""
-        rewards = [self.cider.score(self.words(row), self.prepared[images[n // samples_per_image]])
-                   for n, row in enumerate(tokens.tolist())]
+        rewards = [
+            self.cider.score(self.words(row), self.prepared[images[n // samples_per_image]])
+            for n, row in enumerate(tokens.tolist())
+        ]
         return torch.tensor(rewards, dtype=torch.float32)
 
 
@@ -68,8 +71,17 @@ class Samples:
     mask: torch.Tensor  # float (N, T): 1 for the words and the <end> that were chosen
 
 
-def sample_captions(decoder: CaptionDecoder, features: torch.Tensor, samples_per_image: int, max_len: int, *,
-                    start_id: int, end_id: int, pad_id: int, banned_ids: Sequence[int] = ()) -> Samples:
+def sample_captions(
+    decoder: CaptionDecoder,
+    features: torch.Tensor,
+    samples_per_image: int,
+    max_len: int,
+    *,
+    start_id: int,
+    end_id: int,
+    pad_id: int,
+    banned_ids: Sequence[int] = (),
+) -> Samples:
     """Sample ``samples_per_image`` captions for each image from the decoder's distribution.
 
     Runs with autograd on (unlike beam search) so the chosen tokens' log-probabilities

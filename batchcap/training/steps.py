@@ -1,6 +1,7 @@
 """One training step, for teacher forcing and self-critical training alike: the loss, the schedule, the
 precision, and the running totals a log line reports.
 """
+
 from __future__ import annotations
 
 import math
@@ -31,8 +32,7 @@ def training_autocast(runtime: RuntimeConfig) -> torch.autocast:
     fp16 is not used for training (it would need loss scaling): ``--precision fp16``
     trains in fp32.
     """
-    return torch.autocast(torch.device(runtime.device).type, dtype=torch.bfloat16,
-                          enabled=runtime.precision == "bf16")
+    return torch.autocast(torch.device(runtime.device).type, dtype=torch.bfloat16, enabled=runtime.precision == "bf16")
 
 
 def use_tf32(device: str) -> bool:
@@ -57,10 +57,10 @@ class StepTotals:
     images: int = 0
 
     @classmethod
-    def zeros(cls, device: str) -> "StepTotals":
+    def zeros(cls, device: str) -> StepTotals:
         return cls(*(torch.zeros((), device=device) for _ in range(3)))
 
-    def add(self, step: "StepResult", images: int) -> None:
+    def add(self, step: StepResult, images: int) -> None:
         self.loss += step.loss.detach().float() * step.tokens
         self.tokens += step.tokens
         self.reward += step.reward
@@ -89,9 +89,18 @@ class TrainStep:
     counted on the CPU before they are copied, and the loss stays on the device.
     """
 
-    def __init__(self, decoder: CaptionDecoder, trained: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                 cfg: TrainConfig, runtime: RuntimeConfig, vocab: Vocabulary, split: Split, total_steps: int,
-                 rewarder: CaptionReward | None = None) -> None:
+    def __init__(
+        self,
+        decoder: CaptionDecoder,
+        trained: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        cfg: TrainConfig,
+        runtime: RuntimeConfig,
+        vocab: Vocabulary,
+        split: Split,
+        total_steps: int,
+        rewarder: CaptionReward | None = None,
+    ) -> None:
         self.decoder, self.trained, self.optimizer = decoder, trained, optimizer
         self.cfg, self.runtime, self.vocab, self.split = cfg, runtime, vocab, split
         self.total_steps, self.rewarder = total_steps, rewarder
@@ -102,26 +111,38 @@ class TrainStep:
         self.attention_penalty = float(cfg.extra.get("attention_penalty", 1.0))
         self.label_smoothing = float(cfg.extra.get("label_smoothing", 0.0))
 
-    def __call__(self, step: int, images: list[int], feats: torch.Tensor, generator: torch.Generator
-                 ) -> StepResult:
+    def __call__(self, step: int, images: list[int], feats: torch.Tensor, generator: torch.Generator) -> StepResult:
         """Train on ``images`` (indices into the split) with their features ``(M, R, F)`` on the device."""
         cfg, vocab = self.cfg, self.vocab
         for group in self.optimizer.param_groups:
             group["lr"] = group["base_lr"] * lr_factor(step, cfg.warmup_steps, self.total_steps)
         with training_autocast(self.runtime):
             if self.rewarder is not None:
-                samples = sample_captions(self.decoder, feats, cfg.samples_per_image, cfg.max_caption_len,
-                                          start_id=vocab.start_id, end_id=vocab.end_id,
-                                          pad_id=vocab.pad_id, banned_ids=vocab.never_generated)
+                samples = sample_captions(
+                    self.decoder,
+                    feats,
+                    cfg.samples_per_image,
+                    cfg.max_caption_len,
+                    start_id=vocab.start_id,
+                    end_id=vocab.end_id,
+                    pad_id=vocab.pad_id,
+                    banned_ids=vocab.never_generated,
+                )
                 rewards = self.rewarder(images, samples.tokens, cfg.samples_per_image)
                 loss = self_critical_loss(samples, rewards, cfg.samples_per_image)
                 result = StepResult(loss, samples.mask.sum(), rewards.sum())
             else:
                 rows = [c for i in images for c in _pick(self.per_image[i], self.per_step, generator)]
                 captions, tokens = reference_captions(self.split.captions[rows], vocab.pad_id)
-                loss = teacher_forced_loss(self.decoder, feats, captions.to(feats.device, non_blocking=True),
-                                            self.per_step, vocab.pad_id, self.attention_penalty,
-                                            self.label_smoothing)
+                loss = teacher_forced_loss(
+                    self.decoder,
+                    feats,
+                    captions.to(feats.device, non_blocking=True),
+                    self.per_step,
+                    vocab.pad_id,
+                    self.attention_penalty,
+                    self.label_smoothing,
+                )
                 result = StepResult(loss, tokens)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -133,17 +154,25 @@ class TrainStep:
 def reference_captions(captions: torch.Tensor, pad_id: int) -> tuple[torch.Tensor, int]:
     """CPU captions ``(N, T)`` cut to the longest one, and the number of target tokens (after ``<start>``)."""
     lengths = (captions != pad_id).sum(1)  # (N,)
-    return captions[:, :int(lengths.max())], int((lengths - 1).sum())
+    return captions[:, : int(lengths.max())], int((lengths - 1).sum())
 
 
-def teacher_forced_loss(decoder: CaptionDecoder, feats: torch.Tensor, caps: torch.Tensor, per_step: int,
-                         pad_id: int, attention_penalty: float, label_smoothing: float) -> torch.Tensor:
+def teacher_forced_loss(
+    decoder: CaptionDecoder,
+    feats: torch.Tensor,
+    caps: torch.Tensor,
+    per_step: int,
+    pad_id: int,
+    attention_penalty: float,
+    label_smoothing: float,
+) -> torch.Tensor:
     """Cross-entropy on the reference words (plus SAT's attention penalty) for captions cut to length."""
     logits, alphas = decoder(feats, caps, per_step)  # (N, T-1, V), (N, T-1, R)
     logits = logits.float()
     targets = caps[:, 1:]
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=pad_id,
-                           label_smoothing=label_smoothing)
+    loss = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=pad_id, label_smoothing=label_smoothing
+    )
     if alphas is not None and attention_penalty > 0:
         mask = (targets != pad_id).float()[:, :, None]  # (N, T-1, 1)
         coverage = (alphas.float() * mask).sum(1)  # (N, R)

@@ -12,6 +12,7 @@ time and in CPU time (steadier on a shared machine).
     python tests/benchmarks/bench_beam.py                  # B=64, K=1,3,5, fp32 and bf16
     python tests/benchmarks/bench_beam.py --beam 5 --precision fp32 --device cuda
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,8 +20,9 @@ import contextlib
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 import torch
 
@@ -38,8 +40,9 @@ T = TypeVar("T")
 
 def make_decoder(vocab: int, end_bias: float, device: str) -> CaptionDecoder:
     torch.manual_seed(0)
-    decoder = CaptionDecoder(DecoderConfig(vocab_size=vocab, embed_dim=256, hidden_dim=512,
-                                           attention_dim=512, dropout=0.0)).eval()
+    decoder = CaptionDecoder(
+        DecoderConfig(vocab_size=vocab, embed_dim=256, hidden_dim=512, attention_dim=512, dropout=0.0)
+    ).eval()
     with torch.no_grad():
         decoder.out.weight.mul_(4.0)  # peaked distributions, so beams differ
         decoder.out.bias[END] += end_bias
@@ -71,6 +74,7 @@ class Clock:
             sync()
             self.in_step += time.perf_counter() - start
             return out
+
         return wrapped
 
 
@@ -98,8 +102,10 @@ def main() -> None:
     decoder = make_decoder(args.vocab, args.end_bias, args.device)
     gen = torch.Generator().manual_seed(1)
     feats = torch.randn(args.batch, args.regions, 2048, generator=gen).to(args.device)
-    print(f"device={args.device} threads={torch.get_num_threads()} B={args.batch} V={args.vocab} "
-          f"max_len={args.max_len} R={args.regions} torch={torch.__version__}")
+    print(
+        f"device={args.device} threads={torch.get_num_threads()} B={args.batch} V={args.vocab} "
+        f"max_len={args.max_len} R={args.regions} torch={torch.__version__}"
+    )
     kw = dict(start_id=START, end_id=END, banned_ids=BANNED)
     n_ref = min(args.ref_images, args.batch)
     for precision in args.precision:
@@ -119,8 +125,10 @@ def main() -> None:
 
             def per_image():
                 with torch.inference_mode(), autocast():
-                    parts = [reference_beam_search(decoder.step, decoder.init_state(feats[b:b + 1]),
-                                                   cfg, **kw) for b in range(n_ref)]
+                    parts = [
+                        reference_beam_search(decoder.step, decoder.init_state(feats[b : b + 1]), cfg, **kw)
+                        for b in range(n_ref)
+                    ]
                 return torch.cat([p.tokens for p in parts])
 
             batched()  # warm-up
@@ -131,12 +139,15 @@ def main() -> None:
             same = (result.tokens[:n_ref].cpu() == ref_tokens.cpu()).all(dim=(1, 2)).float().mean().item()
             wall_fast, wall_ref = statistics.median(fast.wall), statistics.median(ref.wall)
             cpu_fast, cpu_ref = statistics.median(fast.cpu), statistics.median(ref.cpu)
-            print(f"{precision} K={k}: vectorised {args.batch / wall_fast:7.2f} captions/s  "
-                  f"per-image {n_ref / wall_ref:6.2f} captions/s  "
-                  f"speed-up {wall_ref / n_ref * args.batch / wall_fast:5.1f}x wall, "
-                  f"{cpu_ref / n_ref * args.batch / cpu_fast:5.1f}x cpu  "
-                  f"(decoder step {fast.in_step / sum(fast.wall):.0%} of vectorised time; "
-                  f"mean words {result.lengths.float().mean():.1f}; same captions {same:.0%})", flush=True)
+            print(
+                f"{precision} K={k}: vectorised {args.batch / wall_fast:7.2f} captions/s  "
+                f"per-image {n_ref / wall_ref:6.2f} captions/s  "
+                f"speed-up {wall_ref / n_ref * args.batch / wall_fast:5.1f}x wall, "
+                f"{cpu_ref / n_ref * args.batch / cpu_fast:5.1f}x cpu  "
+                f"(decoder step {fast.in_step / sum(fast.wall):.0%} of vectorised time; "
+                f"mean words {result.lengths.float().mean():.1f}; same captions {same:.0%})",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

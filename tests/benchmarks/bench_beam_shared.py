@@ -5,6 +5,7 @@ whether the captions are the same. The shipped decoder, random (ReLU) 10x10x2048
 
     python tests/benchmarks/bench_beam_shared.py [--batch 64] [--beam 3] [--repeats 5]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,8 +30,13 @@ def main() -> None:
     decoder, vocab = model.build_decoder().eval(), model.vocab
     features = torch.randn(args.batch, 100, 2048).relu()
     cfg = BeamConfig(beam_size=args.beam, max_len=model.max_caption_len)
-    kw = dict(start_id=vocab.start_id, end_id=vocab.end_id, pad_id=vocab.pad_id,
-              banned_ids=vocab.never_generated, unendable_ids=model.unendable_ids)
+    kw = dict(
+        start_id=vocab.start_id,
+        end_id=vocab.end_id,
+        pad_id=vocab.pad_id,
+        banned_ids=vocab.never_generated,
+        unendable_ids=model.unendable_ids,
+    )
     times: dict[str, list[float]] = {"copied": [], "shared": []}
     tokens: dict[str, torch.Tensor] = {}
     with torch.inference_mode():
@@ -41,8 +47,10 @@ def main() -> None:
                 tokens[name] = beam_search(decoder.step, state, cfg, per_image=per_image, **kw).tokens
                 times[name].append(time.perf_counter() - start)
     copied, shared = (statistics.median(times[k]) for k in ("copied", "shared"))
-    print(f"B={args.batch} K={args.beam}: copied {copied:.3f} s, shared {shared:.3f} s, "
-          f"ratio {copied / shared:.2f}x, same captions: {torch.equal(tokens['copied'], tokens['shared'])}")
+    print(
+        f"B={args.batch} K={args.beam}: copied {copied:.3f} s, shared {shared:.3f} s, "
+        f"ratio {copied / shared:.2f}x, same captions: {torch.equal(tokens['copied'], tokens['shared'])}"
+    )
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ temporary folder, then times :func:`batchcap.data.image_decode.decode_file` with
 :class:`~batchcap.config.Preprocess` (299 x 299) in this one process and prints the
 median images/s of each mode and their ratio.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -60,8 +61,10 @@ def main() -> None:
             photo_like(width, height, i).save(path, "JPEG", quality=90)
             paths.append(path)
         mb = sum(p.stat().st_size for p in paths) / len(paths) / 1e6
-        print(f"{args.count} JPEGs of {width}x{height} ({mb:.1f} MB each), preprocess "
-              f"{pre.input_size[1]}x{pre.input_size[2]} {pre.resize}/{pre.interpolation}, one process")
+        print(
+            f"{args.count} JPEGs of {width}x{height} ({mb:.1f} MB each), preprocess "
+            f"{pre.input_size[1]}x{pre.input_size[2]} {pre.resize}/{pre.interpolation}, one process"
+        )
         full = time_mode(paths, pre, ImagePolicy(draft=False), args.repeats)
         draft = time_mode(paths, pre, ImagePolicy(draft=True), args.repeats)
     print(f"full decode : {full:7.2f} images/s")

@@ -9,6 +9,7 @@ captions equal the fp32 search's.
 
     python tests/benchmarks/bench_ensemble.py PHOTOS --model ensemble.safetensors [--batch 16] [--rounds 5]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,20 +44,31 @@ def main() -> None:
     beam = BeamConfig(beam_size=args.beam, max_len=model.max_caption_len)
     captioner = Captioner(model, runtime, beam)  # its encoder; the searches are built below
     paths = sorted(str(p) for p in Path(args.photos).rglob("*.jpg"))[: args.count]
-    batches = [b.images for b in iter_batches(open_sources(paths), model.preprocess, ImagePolicy(),
-                                              batch_size=args.batch, workers=0)]
+    batches = [
+        b.images
+        for b in iter_batches(open_sources(paths), model.preprocess, ImagePolicy(), batch_size=args.batch, workers=0)
+    ]
     searches = {}
     for dtype in (torch.float32, torch.bfloat16):  # the decoder in fp32, and in bf16 as bf16 runs use it
         decoder = model.build_decoder(dtype)
         members = list(decoder.members) if isinstance(decoder, EnsembleDecoder) else [decoder]
         combine = decoder.combine if isinstance(decoder, EnsembleDecoder) else "logprob"
         name = "fp32" if dtype == torch.float32 else "bf16"
-        searches.update({f"{n} {name}": (members[0] if n == 1 else EnsembleDecoder(members[:n], combine))
-                         for n in range(1, len(members) + 1)})
+        searches.update(
+            {
+                f"{n} {name}": (members[0] if n == 1 else EnsembleDecoder(members[:n], combine))
+                for n in range(1, len(members) + 1)
+            }
+        )
     cfg = dataclasses.replace(beam, n_best=min(2, args.beam))  # as run searches: 2 hypotheses for the margin
     vocab = model.vocab
-    kw = dict(start_id=vocab.start_id, end_id=vocab.end_id, pad_id=vocab.pad_id, banned_ids=vocab.never_generated,
-              unendable_ids=model.unendable_ids)
+    kw = dict(
+        start_id=vocab.start_id,
+        end_id=vocab.end_id,
+        pad_id=vocab.pad_id,
+        banned_ids=vocab.never_generated,
+        unendable_ids=model.unendable_ids,
+    )
     pictures = sum(b.shape[0] for b in batches)
     times: dict[str, list[float]] = {"encoder": [], **{n: [] for n in searches}}
     tokens: dict[str, list[torch.Tensor]] = {}
@@ -70,19 +82,31 @@ def main() -> None:
             for n, search in searches.items():
                 start = time.perf_counter()
                 with search_threads(runtime):
-                    tokens[n] = [beam_search(search.step, search.init_state(f), cfg, per_image=search.per_image_state,
-                                             **kw).tokens[:, 0] for f in features]
+                    tokens[n] = [
+                        beam_search(
+                            search.step, search.init_state(f), cfg, per_image=search.per_image_state, **kw
+                        ).tokens[:, 0]
+                        for f in features
+                    ]
                 times[n].append(time.perf_counter() - start)
     ms = {k: 1000 * statistics.median(v) / pictures for k, v in times.items()}
-    print(f"{pictures} photos, batch {args.batch}, beam {args.beam}, encoder {runtime.backend} {runtime.precision}: "
-          f"encoder {ms['encoder']:.1f} ms/picture")
+    print(
+        f"{pictures} photos, batch {args.batch}, beam {args.beam}, encoder {runtime.backend} {runtime.precision}: "
+        f"encoder {ms['encoder']:.1f} ms/picture"
+    )
     for n in searches:
         search = ms[n]
-        same = sum(int(torch.equal(a[i], b[i])) for a, b in zip(tokens[n], tokens[n.replace("bf16", "fp32")])
-                   for i in range(a.shape[0]))
-        print(f"  {n:>9} decoder(s): search {search:.1f} ms/picture, {ms['1 fp32'] / search:.2f}x the speed of one "
-              f"fp32 decoder, {search / (search + ms['encoder']):.0%} of encoder + search, "
-              f"captions equal to the fp32 search's: {same}/{pictures}")
+        same = sum(
+            int(torch.equal(a[i], b[i]))
+            for a, b in zip(tokens[n], tokens[n.replace("bf16", "fp32")])
+            for i in range(a.shape[0])
+        )
+        print(
+            f"  {n:>9} decoder(s): search {search:.1f} ms/picture, {ms['1 fp32'] / search:.2f}x the speed of one "
+            f"fp32 decoder, {search / (search + ms['encoder']):.0%} of encoder + search, "
+            f"captions equal to the fp32 search's: {same}/{pictures}"
+        )
+
 
 if __name__ == "__main__":
     main()

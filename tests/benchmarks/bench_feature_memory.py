@@ -13,6 +13,7 @@ than memory is what the mapped path exists for, and there each step reads from t
     python tests/benchmarks/bench_feature_memory.py                 # 4,000 rows, 2.1 GB
     python tests/benchmarks/bench_feature_memory.py --rows 8000 --dir /scratch
 """
+
 from __future__ import annotations
 
 import argparse
@@ -78,17 +79,19 @@ def main() -> None:
         for r in range(args.rounds):
             order = ("in memory", "mapped") if r % 2 == 0 else ("mapped", "in memory")
             for name in order:
-                times[name].append(time_steps(held if name == "in memory" else mapped, args.batch, args.steps,
-                                              seed=r))
+                times[name].append(time_steps(held if name == "in memory" else mapped, args.batch, args.steps, seed=r))
         gib = held.nbytes / 2**30
-        print(f"{args.rows} rows of {ROW_SHAPE} fp16 ({gib:.2f} GiB); load: in memory {load_held:.1f} s, "
-              f"mapped {load_mapped:.1f} s")
+        print(
+            f"{args.rows} rows of {ROW_SHAPE} fp16 ({gib:.2f} GiB); load: in memory {load_held:.1f} s, "
+            f"mapped {load_mapped:.1f} s"
+        )
         for name, values in times.items():
             per_step = statistics.median(values) / args.steps * 1000
             print(f"{name:>9}: {per_step:.2f} ms a step of {args.batch} rows (median of {args.rounds} rounds)")
         ratios = [m / h for m, h in zip(times["mapped"], times["in memory"])]
-        print(f"mapped / in memory: {statistics.median(ratios):.2f}x  (rounds: "
-              f"{', '.join(f'{x:.2f}' for x in ratios)})")
+        print(
+            f"mapped / in memory: {statistics.median(ratios):.2f}x  (rounds: {', '.join(f'{x:.2f}' for x in ratios)})"
+        )
 
 
 if __name__ == "__main__":

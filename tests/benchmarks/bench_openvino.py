@@ -20,6 +20,7 @@ compared with torch fp32's on the same photos.
     python tests/benchmarks/bench_openvino.py --rounds 3 --json bench-openvino.json
     python tests/benchmarks/bench_openvino.py --photos everyday-unlabelled/ --limit 500  # a longer job
 """
+
 from __future__ import annotations
 
 import argparse
@@ -63,8 +64,9 @@ from batchcap.tools.bench import (
 SHARED = Path(os.environ.get("BATCHCAP_SHARED", REPO.parent / "shared"))
 
 
-def run_defaults(paths: list[Path], model_path: Path, beam: BeamConfig, runtime: RuntimeConfig,
-                 work: Path) -> tuple[float, dict[str, str]]:
+def run_defaults(
+    paths: list[Path], model_path: Path, beam: BeamConfig, runtime: RuntimeConfig, work: Path
+) -> tuple[float, dict[str, str]]:
     """Seconds for ``batchcap run`` over ``paths`` into a fresh JSONL output, and its captions."""
     from batchcap.pipeline.runner import run_job
 
@@ -83,8 +85,9 @@ def run_defaults(paths: list[Path], model_path: Path, beam: BeamConfig, runtime:
 
 def torch_fp32_captions(model_path: Path, paths: list[Path], beam: BeamConfig, work: Path) -> dict[str, str]:
     """The reference captions: the same run on the torch backend in fp32."""
-    runtime = RuntimeConfig(device="cpu", precision="fp32", batch_size=16, workers=1, channels_last=False,
-                            backend="torch")
+    runtime = RuntimeConfig(
+        device="cpu", precision="fp32", batch_size=16, workers=1, channels_last=False, backend="torch"
+    )
     return run_defaults(paths, model_path, beam, runtime, work)[1]
 
 
@@ -108,76 +111,114 @@ def main() -> None:
     device = torch.device("cpu")
     load_before = os.getloadavg()
     info = machine_info(device)
-    print(f"machine: {info['cpu']}, {info['cpus_usable']} CPUs, openvino {info['openvino']}, torch "
-          f"{info['torch']} | load average {load_before[0]:.1f} | {len(paths)} photos from {args.photos}")
+    print(
+        f"machine: {info['cpu']}, {info['cpus_usable']} CPUs, openvino {info['openvino']}, torch "
+        f"{info['torch']} | load average {load_before[0]:.1f} | {len(paths)} photos from {args.photos}"
+    )
     print(f"run defaults: {to_dict(runtime)}")
     encoder_cfg = EncoderConfig(name=model.encoder.name, spatial=model.encoder.spatial)
     source = resolve_encoder_weights(model, None)
     identity = stored_identity(encoder_cfg, source)  # the cache key run uses
     backbone = build_backbone(encoder_cfg, source)
     gmacs = encoder_gmacs(backbone, model.preprocess)
-    variants = [Variant("bf16", True), Variant("fp32", False, "openvino"), Variant("bf16", False, "openvino"),
-                Variant("int8", False, "openvino")]
+    variants = [
+        Variant("bf16", True),
+        Variant("fp32", False, "openvino"),
+        Variant("bf16", False, "openvino"),
+        Variant("int8", False, "openvino"),
+    ]
     encoders = {}
     for v in variants:
         try:
-            encoders[v] = build_variant_encoder(backbone, model, device, v, args.batch_size, runtime.encoder_cache,
-                                                identity)
+            encoders[v] = build_variant_encoder(
+                backbone, model, device, v, args.batch_size, runtime.encoder_cache, identity
+            )
         except EncoderError as exc:
             print(f"skipping {v.label}: {exc}")
-    chosen = Variant(runtime.precision, runtime.channels_last if runtime.backend == "torch" else False,
-                     runtime.backend)
+    chosen = Variant(runtime.precision, runtime.channels_last if runtime.backend == "torch" else False, runtime.backend)
     rounds = []
     with tempfile.TemporaryDirectory(prefix="bench-openvino-") as tmp:
         work = Path(tmp)
         for r in range(args.rounds):
-            rates = {v.label: measure_encoder(enc, model, device, v, args.batch_size, 3,
-                                              hardware_limit(gmacs, v.precision, device))
-                     for v, enc in encoders.items()}
+            rates = {
+                v.label: measure_encoder(
+                    enc, model, device, v, args.batch_size, 3, hardware_limit(gmacs, v.precision, device)
+                )
+                for v, enc in encoders.items()
+            }
             n_part = len(paths) // 4
             run_defaults(paths[:n_part], model_path, beam, runtime, work)  # untimed: the first run after the
             # bare encoders was measured up to 25 % slower than the next
             seconds, captions = run_defaults(paths, model_path, beam, runtime, work)
             part_seconds, _ = run_defaults(paths[:n_part], model_path, beam, runtime, work)
-            ref = measure_reference(model, paths[:args.reference_images], None, device, beam.max_len, beam.min_len)
+            ref = measure_reference(model, paths[: args.reference_images], None, device, beam.max_len, beam.min_len)
             e2e = len(paths) / seconds
             steady = (len(paths) - n_part) / (seconds - part_seconds)  # start-up (model load, workers) cancels
             bare = rates[chosen.label]["images_per_s"]
-            row = {"encoder": {k: v["images_per_s"] for k, v in rates.items()},
-                   "share_of_limit": {k: v["share_of_limit"] for k, v in rates.items()},
-                   "run_images_per_s": e2e, "run_steady_images_per_s": steady,
-                   "reference_images_per_s": ref["images_per_s"], "run_vs_reference": e2e / ref["images_per_s"],
-                   "chosen_vs_torch_bf16": bare / rates["bf16+channels_last"]["images_per_s"],
-                   "run_vs_chosen_encoder": e2e / bare, "run_steady_vs_chosen_encoder": steady / bare,
-                   "load_average": os.getloadavg()[0]}
+            row = {
+                "encoder": {k: v["images_per_s"] for k, v in rates.items()},
+                "share_of_limit": {k: v["share_of_limit"] for k, v in rates.items()},
+                "run_images_per_s": e2e,
+                "run_steady_images_per_s": steady,
+                "reference_images_per_s": ref["images_per_s"],
+                "run_vs_reference": e2e / ref["images_per_s"],
+                "chosen_vs_torch_bf16": bare / rates["bf16+channels_last"]["images_per_s"],
+                "run_vs_chosen_encoder": e2e / bare,
+                "run_steady_vs_chosen_encoder": steady / bare,
+                "load_average": os.getloadavg()[0],
+            }
             rounds.append(row)
-            print(f"round {r + 1}: " + ", ".join(f"{k} {v:.1f}" for k, v in row["encoder"].items())
-                  + f" img/s | run {e2e:.1f} img/s ({seconds:.1f} s), steady {steady:.1f} | "
-                  f"tutorial {ref['images_per_s']:.2f} img/s | "
-                  f"run/tutorial {row['run_vs_reference']:.1f}x, {chosen.label}/torch bf16 "
-                  f"{row['chosen_vs_torch_bf16']:.2f}x, run/{chosen.label} whole {row['run_vs_chosen_encoder']:.2f}, "
-                  f"steady {row['run_steady_vs_chosen_encoder']:.2f} | "
-                  f"load {row['load_average']:.1f}", flush=True)
-        median = {key: statistics.median(r[key] for r in rounds)
-                  for key in ("run_images_per_s", "run_steady_images_per_s", "reference_images_per_s",
-                              "run_vs_reference", "chosen_vs_torch_bf16", "run_vs_chosen_encoder",
-                              "run_steady_vs_chosen_encoder")}
+            print(
+                f"round {r + 1}: "
+                + ", ".join(f"{k} {v:.1f}" for k, v in row["encoder"].items())
+                + f" img/s | run {e2e:.1f} img/s ({seconds:.1f} s), steady {steady:.1f} | "
+                f"tutorial {ref['images_per_s']:.2f} img/s | "
+                f"run/tutorial {row['run_vs_reference']:.1f}x, {chosen.label}/torch bf16 "
+                f"{row['chosen_vs_torch_bf16']:.2f}x, run/{chosen.label} whole {row['run_vs_chosen_encoder']:.2f}, "
+                f"steady {row['run_steady_vs_chosen_encoder']:.2f} | "
+                f"load {row['load_average']:.1f}",
+                flush=True,
+            )
+        median = {
+            key: statistics.median(r[key] for r in rounds)
+            for key in (
+                "run_images_per_s",
+                "run_steady_images_per_s",
+                "reference_images_per_s",
+                "run_vs_reference",
+                "chosen_vs_torch_bf16",
+                "run_vs_chosen_encoder",
+                "run_steady_vs_chosen_encoder",
+            )
+        }
         median["encoder"] = {k: statistics.median(r["encoder"][k] for r in rounds) for k in rounds[0]["encoder"]}
-        median["share_of_limit"] = {k: statistics.median(r["share_of_limit"][k] or 0 for r in rounds)
-                                    for k in rounds[0]["share_of_limit"]}
-        results = {"machine": info, "runtime": to_dict(runtime), "photos": len(paths), "gmacs": gmacs,
-                   "rounds": rounds, "median": median, "load_average_before": load_before,
-                   "load_average_after": os.getloadavg()}
-        print(f"median of {args.rounds}: run/tutorial {median['run_vs_reference']:.1f}x (target >= 6), "
-              f"{chosen.label} bare/torch bf16+channels_last {median['chosen_vs_torch_bf16']:.2f}x (target >= 2), "
-              f"run/bare: whole run {median['run_vs_chosen_encoder']:.2f}, steady state "
-              f"{median['run_steady_vs_chosen_encoder']:.2f} (target >= 0.85)")
+        median["share_of_limit"] = {
+            k: statistics.median(r["share_of_limit"][k] or 0 for r in rounds) for k in rounds[0]["share_of_limit"]
+        }
+        results = {
+            "machine": info,
+            "runtime": to_dict(runtime),
+            "photos": len(paths),
+            "gmacs": gmacs,
+            "rounds": rounds,
+            "median": median,
+            "load_average_before": load_before,
+            "load_average_after": os.getloadavg(),
+        }
+        print(
+            f"median of {args.rounds}: run/tutorial {median['run_vs_reference']:.1f}x (target >= 6), "
+            f"{chosen.label} bare/torch bf16+channels_last {median['chosen_vs_torch_bf16']:.2f}x (target >= 2), "
+            f"run/bare: whole run {median['run_vs_chosen_encoder']:.2f}, steady state "
+            f"{median['run_steady_vs_chosen_encoder']:.2f} (target >= 0.85)"
+        )
         if not args.skip_agreement:
             reference = torch_fp32_captions(model_path, paths, beam, work)
             same = sum(captions[k] == reference[k] for k in reference)
             results["agreement"] = {"identical": same, "images": len(reference)}
-            print(f"captions with defaults equal to torch fp32: {same} of {len(reference)} "
-                  f"({same / len(reference):.1%}; target >= 90 %)")
+            print(
+                f"captions with defaults equal to torch fp32: {same} of {len(reference)} "
+                f"({same / len(reference):.1%}; target >= 90 %)"
+            )
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(results, indent=2, default=str) + "\n")
 

@@ -15,6 +15,7 @@ With ``--cli`` it also captions 1,000 and 10,000 generated images with the real
 ``batchcap run`` and a tiny random-weight model (peak RSS of the run, its workers
 included), then times the rerun of the finished 10,000-image job.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -109,9 +110,23 @@ def finished_output(folder: Path, out: Path, settings: dict) -> None:
     now = dt.datetime.now(dt.timezone.utc)
     for entry in sorted(os.scandir(folder), key=lambda e: e.name):
         st = entry.stat()
-        store.add([{"id": entry.name, "source": entry.path, "caption": "a red square", "score": -0.5,
-                    "status": "ok", "width": 8, "height": 8, "size": st.st_size, "mtime_ns": st.st_mtime_ns,
-                    "model": "bench@0123456789ab", "created_at": now}])
+        store.add(
+            [
+                {
+                    "id": entry.name,
+                    "source": entry.path,
+                    "caption": "a red square",
+                    "score": -0.5,
+                    "status": "ok",
+                    "width": 8,
+                    "height": 8,
+                    "size": st.st_size,
+                    "mtime_ns": st.st_mtime_ns,
+                    "model": "bench@0123456789ab",
+                    "created_at": now,
+                }
+            ]
+        )
     store.finalize()
 
 
@@ -123,12 +138,14 @@ def bench_library(tmp: Path, n: int, small: int, fmt: str) -> dict:
     finished_output(folder, out, settings)
     runs = []
     for _ in range(3):
-        wall, _, output = run_measured([sys.executable, "-c", RERUN, str(folder), str(out),
-                                           json.dumps(settings)], cwd=REPO)
+        wall, _, output = run_measured(
+            [sys.executable, "-c", RERUN, str(folder), str(out), json.dumps(settings)], cwd=REPO
+        )
         figures = json.loads(output.strip().splitlines()[-1])
         assert figures["work"] == 0 and figures["skipped"] == n and not figures["rewritten"], figures
-        runs.append({"wall_s": round(wall, 3), **{k: round(v, 3) if isinstance(v, float) else v
-                                                   for k, v in figures.items()}})
+        runs.append(
+            {"wall_s": round(wall, 3), **{k: round(v, 3) if isinstance(v, float) else v for k, v in figures.items()}}
+        )
     results[f"rerun_{n}_{fmt}"] = min(runs, key=lambda r: r["wall_s"])
     for count in (small, n):
         target = tmp / f"rss{count}.{fmt}"
@@ -148,8 +165,20 @@ def bench_cli(tmp: Path, n: int, small: int) -> dict:
     for count in (small, n):
         folder, out = tmp / f"cli{count}", tmp / f"cli{count}.parquet"
         write_images(folder, count, size=(32, 24))
-        cmd = batchcap + ["run", str(folder), "--out", str(out), "--model", str(model), "--workers", "1",
-                          "--batch-size", "64", "--device", "cpu"]
+        cmd = batchcap + [
+            "run",
+            str(folder),
+            "--out",
+            str(out),
+            "--model",
+            str(model),
+            "--workers",
+            "1",
+            "--batch-size",
+            "64",
+            "--device",
+            "cpu",
+        ]
         wall, rss, _ = run_measured(cmd, cwd=REPO)
         results[f"cli_run_{count}"] = {"wall_s": round(wall, 1), "peak_rss_mib": round(rss / 1024, 1)}
         if count == n:
@@ -159,8 +188,7 @@ def bench_cli(tmp: Path, n: int, small: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=10_000)
     parser.add_argument("--small", type=int, default=1_000)
     parser.add_argument("--cli", action="store_true", help="also time the real batchcap run")

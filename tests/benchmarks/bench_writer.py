@@ -11,6 +11,7 @@ On a shared machine the whole-run figure is noisy; the hand-over time is not.
     python tests/benchmarks/bench_writer.py --commit-every 512   # the default commit size
     python tests/benchmarks/bench_writer.py --out-dir /mnt/nfs/scratch   # a slower disk
 """
+
 from __future__ import annotations
 
 import argparse
@@ -69,12 +70,19 @@ def timing(cls: type) -> type:
 
 
 def timed_run(paths_file: Path, out: Path, model: Path, commit_every: int, batch_size: int, workers: int) -> float:
-    cfg = RunConfig(sources=(), out=str(out), files_from=str(paths_file), log_every=1e9, overwrite=True,
-                    commit_every=commit_every)
+    cfg = RunConfig(
+        sources=(), out=str(out), files_from=str(paths_file), log_every=1e9, overwrite=True, commit_every=commit_every
+    )
     runtime = runtime_config("cpu", "auto", batch_size, str(workers))
     start = time.perf_counter()
-    result = run_job(cfg, model, BeamConfig(max_len=int(read_metadata(model)["max_caption_len"])), runtime,
-                     ImagePolicy(), stream=io.StringIO())
+    result = run_job(
+        cfg,
+        model,
+        BeamConfig(max_len=int(read_metadata(model)["max_caption_len"])),
+        runtime,
+        ImagePolicy(),
+        stream=io.StringIO(),
+    )
     elapsed = time.perf_counter() - start
     assert result.exit_code == 0, result.summary
     shutil.rmtree(out.parent, ignore_errors=True)
@@ -83,12 +91,17 @@ def timed_run(paths_file: Path, out: Path, model: Path, commit_every: int, batch
 
 def commit_cost(workdir: Path, model: Path, rows: int, repeats: int = 20) -> float:
     """Median seconds of one ``OutputStore.commit`` of ``rows`` rows (Parquet write, fsync, rename, fsync)."""
-    store = OutputStore.open(workdir / "c" / "x.parquet", None, resume_settings(read_metadata(model), BeamConfig()),
-                             {}, commit_every=10**9)
+    store = OutputStore.open(
+        workdir / "c" / "x.parquet", None, resume_settings(read_metadata(model), BeamConfig()), {}, commit_every=10**9
+    )
     times = []
     for r in range(repeats):
-        store.add([{"id": f"{r}-{i}", "status": "ok", "caption": "a dog runs on the grass", "score": -1.0}
-                   for i in range(rows)])
+        store.add(
+            [
+                {"id": f"{r}-{i}", "status": "ok", "caption": "a dog runs on the grass", "score": -1.0}
+                for i in range(rows)
+            ]
+        )
         start = time.perf_counter()
         store.commit()
         times.append(time.perf_counter() - start)
@@ -123,28 +136,47 @@ def main() -> None:
                 batchcap.outputs.background_writer.BackgroundWriter = timing(writer)  # type: ignore[misc]
                 HAND_OVER[0] = 0.0
                 try:
-                    t = timed_run(listing, out_root / f"bench-{mode}-{repeat}" / "captions.parquet", model,
-                                  args.commit_every, args.batch_size, args.workers)
+                    t = timed_run(
+                        listing,
+                        out_root / f"bench-{mode}-{repeat}" / "captions.parquet",
+                        model,
+                        args.commit_every,
+                        args.batch_size,
+                        args.workers,
+                    )
                 finally:
                     batchcap.outputs.background_writer.BackgroundWriter = shipped  # type: ignore[misc]
                 if repeat:
                     times[mode].append(t)
                     hand_over[mode].append(HAND_OVER[0])
-                print(f"{mode:>6} run {repeat}: {args.count / t:.2f} img/s ({t:.2f} s), "
-                      f"hand-over {HAND_OVER[0] * 1000:.1f} ms", file=sys.stderr)
+                print(
+                    f"{mode:>6} run {repeat}: {args.count / t:.2f} img/s ({t:.2f} s), "
+                    f"hand-over {HAND_OVER[0] * 1000:.1f} ms",
+                    file=sys.stderr,
+                )
         cost = commit_cost(out_root, model, args.commit_every)
     inline, thread = statistics.median(times["inline"]), statistics.median(times["thread"])
     inline_hand, thread_hand = statistics.median(hand_over["inline"]), statistics.median(hand_over["thread"])
-    print(f"{args.count} pictures 224x224, batch {args.batch_size}, commit every {args.commit_every} rows, "
-          f"{args.repeats} repeats, medians")
-    print(f"  inline writes : {args.count / inline:.2f} img/s ({inline:.2f} s), "
-          f"run loop in add(): {inline_hand * 1000:.1f} ms ({inline_hand / inline:.2%} of the run)")
-    print(f"  writer thread : {args.count / thread:.2f} img/s ({thread:.2f} s), "
-          f"run loop in add(): {thread_hand * 1000:.1f} ms ({thread_hand / thread:.2%} of the run)")
-    print(f"  thread / inline throughput: {inline / thread:.3f}; hand-over time inline / thread: "
-          f"{inline_hand / max(thread_hand, 1e-9):.0f}x")
-    print(f"  one part commit of {args.commit_every} rows: {cost * 1000:.1f} ms "
-          f"({args.count // args.commit_every} commits per run)")
+    print(
+        f"{args.count} pictures 224x224, batch {args.batch_size}, commit every {args.commit_every} rows, "
+        f"{args.repeats} repeats, medians"
+    )
+    print(
+        f"  inline writes : {args.count / inline:.2f} img/s ({inline:.2f} s), "
+        f"run loop in add(): {inline_hand * 1000:.1f} ms ({inline_hand / inline:.2%} of the run)"
+    )
+    print(
+        f"  writer thread : {args.count / thread:.2f} img/s ({thread:.2f} s), "
+        f"run loop in add(): {thread_hand * 1000:.1f} ms ({thread_hand / thread:.2%} of the run)"
+    )
+    print(
+        f"  thread / inline throughput: {inline / thread:.3f}; hand-over time inline / thread: "
+        f"{inline_hand / max(thread_hand, 1e-9):.0f}x"
+    )
+    print(
+        f"  one part commit of {args.commit_every} rows: {cost * 1000:.1f} ms "
+        f"({args.count // args.commit_every} commits per run)"
+    )
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ A setting is ``BEAM:LENGTH_PENALTY[:NO_REPEAT_NGRAM]``. ``--cache-dir`` is the f
 encoder, weights, preprocessing and precision is used. A model with a fine-tuned exit flow
 (``--finetune-exit-flow``) is scored on the cached trunk activations through its own exit flow.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,8 +49,10 @@ def dev_features(cache_dir: Path, ids: list[str], layer: str = "") -> torch.Tens
         cache.dir = folder
         if set(ids) <= cache.cached_ids():
             return cache.load(ids)[1]
-    raise SystemExit(f"no folder in {cache_dir} holds the {layer or 'encoder'} features of all {len(ids)} dev "
-                     "photos; run batchcap train with this --cache-dir first")
+    raise SystemExit(
+        f"no folder in {cache_dir} holds the {layer or 'encoder'} features of all {len(ids)} dev "
+        "photos; run batchcap train with this --cache-dir first"
+    )
 
 
 def exit_flow_features(model: CaptionModel, trunk: torch.Tensor, batch: int = 50) -> torch.Tensor:
@@ -68,8 +71,11 @@ def main() -> None:
     parser.add_argument("--settings", default="3:0")
     parser.add_argument("--no-ending-rule", action="store_true")
     parser.add_argument("--fast", action="store_true", help="BLEU and CIDEr-D with batchcap's tokenisation only")
-    parser.add_argument("--bf16-search", action="store_true",
-                        help="search with bf16 decoder weights, as `run` does at bf16 (default: fp32)")
+    parser.add_argument(
+        "--bf16-search",
+        action="store_true",
+        help="search with bf16 decoder weights, as `run` does at bf16 (default: fp32)",
+    )
     parser.add_argument("--json", dest="json_out", default=None)
     args = parser.parse_args()
     torch.set_num_threads(1)  # as run searches on a CPU
@@ -89,16 +95,26 @@ def main() -> None:
         decoder, vocab = model.build_decoder(torch.bfloat16 if args.bf16_search else None), model.vocab
         for setting in args.settings.split(","):
             parts = setting.split(":")
-            cfg = BeamConfig(beam_size=int(parts[0]), max_len=model.max_caption_len, length_penalty=float(parts[1]),
-                             no_repeat_ngram=int(parts[2]) if len(parts) > 2 else 0)
+            cfg = BeamConfig(
+                beam_size=int(parts[0]),
+                max_len=model.max_caption_len,
+                length_penalty=float(parts[1]),
+                no_repeat_ngram=int(parts[2]) if len(parts) > 2 else 0,
+            )
             started = time.perf_counter()
-            captions = caption_features(decoder, features, vocab, cfg,
-                                        unendable_ids=() if args.no_ending_rule else model.unendable_ids)
+            captions = caption_features(
+                decoder, features, vocab, cfg, unendable_ids=() if args.no_ending_rule else model.unendable_ids
+            )
             seconds = time.perf_counter() - started
             scores = score_captions(dict(zip(ids, captions)), references, full=not args.fast)
-            row = {"model": path, "setting": setting, "BLEU-4": round(scores["BLEU-4"], 4),
-                   "CIDEr-D": round(scores["CIDEr"], 4), "search_seconds": round(seconds, 1),
-                   "mean_words": round(sum(len(c.split()) for c in captions) / len(captions), 2)}
+            row = {
+                "model": path,
+                "setting": setting,
+                "BLEU-4": round(scores["BLEU-4"], 4),
+                "CIDEr-D": round(scores["CIDEr"], 4),
+                "search_seconds": round(seconds, 1),
+                "mean_words": round(sum(len(c.split()) for c in captions) / len(captions), 2),
+            }
             print(json.dumps(row), flush=True)
             rows.append({**row, "captions": dict(zip(ids, captions))})  # the JSON keeps every caption
     if args.json_out:

@@ -1,14 +1,15 @@
 """Caption dataset readers: tiny fixtures per layout in tmp_path, and the real Flickr8k files when present."""
+
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+from conftest import shared_path
 from PIL import Image
 
 from batchcap.data.captions.factory import detect_format, load_caption_dataset
 from batchcap.data.captions.records import CaptionDataset, DatasetError, hash_split, read_image_bytes
-from conftest import shared_path
 
 
 def _jpeg(path: Path, colour: tuple[int, int, int] = (200, 30, 30)) -> Path:
@@ -20,8 +21,13 @@ def _jpeg(path: Path, colour: tuple[int, int, int] = (200, 30, 30)) -> Path:
 # --------------------------------------------------------------------------- original Flickr8k
 
 
-def make_flickr8k(root: Path, text_dir: str = "Flickr8k_text", image_dir: str = "Flicker8k_Dataset",
-                  crlf: bool = True, absent: tuple[str, ...] = ("t0.jpg",)) -> Path:
+def make_flickr8k(
+    root: Path,
+    text_dir: str = "Flickr8k_text",
+    image_dir: str = "Flicker8k_Dataset",
+    crlf: bool = True,
+    absent: tuple[str, ...] = ("t0.jpg",),
+) -> Path:
     """Six captioned images (2 train, 2 dev, 2 test) + the bogus id; ``absent`` photos are not written."""
     names = {"train": ["a0.jpg", "a1.jpg"], "dev": ["d0.jpg", "d1.jpg"], "test": ["t0.jpg", "t1.jpg"]}
     lines = []
@@ -151,7 +157,7 @@ def test_real_flickr8k_sample() -> None:
 
 
 def make_kaggle(root: Path) -> Path:
-    rows = ['image,caption']
+    rows = ["image,caption"]
     for i in range(12):
         rows.append(f'k{i}.jpg,"A dog, wet, says ""woof"" ."')
         rows.append(f"k{i}.jpg,A plain caption {i} .")
@@ -205,14 +211,24 @@ def test_kaggle_bad_header_and_empty_file_are_refused(tmp_path: Path) -> None:
 
 
 def _karpathy(entries: list[tuple[str, str, str]], dataset: str) -> dict:
-    return {"dataset": dataset, "images": [
-        {"filepath": filepath, "filename": filename, "split": split, "imgid": i,
-         "sentences": [{"raw": f"Raw caption {j} of {filename} .", "tokens": ["raw"]} for j in range(3)]}
-        for i, (filepath, filename, split) in enumerate(entries)]}
+    return {
+        "dataset": dataset,
+        "images": [
+            {
+                "filepath": filepath,
+                "filename": filename,
+                "split": split,
+                "imgid": i,
+                "sentences": [{"raw": f"Raw caption {j} of {filename} .", "tokens": ["raw"]} for j in range(3)],
+            }
+            for i, (filepath, filename, split) in enumerate(entries)
+        ],
+    }
 
 
 def test_karpathy_flickr8k_split_names_and_image_folder(tmp_path: Path) -> None:
     import json
+
     root = tmp_path / "karpathy"
     entries = [("", "a.jpg", "train"), ("", "b.jpg", "restval"), ("", "c.jpg", "val"), ("", "d.jpg", "test")]
     root.mkdir()
@@ -229,23 +245,28 @@ def test_karpathy_flickr8k_split_names_and_image_folder(tmp_path: Path) -> None:
 
 def test_karpathy_coco_filepath_subfolders_and_images_override(tmp_path: Path) -> None:
     import json
+
     root = tmp_path / "k"
     root.mkdir()
-    entries = [("train2014", "COCO_train2014_1.jpg", "train"), ("val2014", "COCO_val2014_2.jpg", "restval"),
-               ("val2014", "COCO_val2014_3.jpg", "val"), ("val2014", "COCO_val2014_4.jpg", "test")]
+    entries = [
+        ("train2014", "COCO_train2014_1.jpg", "train"),
+        ("val2014", "COCO_val2014_2.jpg", "restval"),
+        ("val2014", "COCO_val2014_3.jpg", "val"),
+        ("val2014", "COCO_val2014_4.jpg", "test"),
+    ]
     (root / "dataset_coco.json").write_text(json.dumps(_karpathy(entries, "coco")))
     photos = tmp_path / "coco_photos"
     for folder, name, _ in entries:
         _jpeg(photos / folder / name)
     ds = load_caption_dataset(root / "dataset_coco.json", images=photos)
-    assert [r.image_id for r in ds.splits["train"]] == ["train2014/COCO_train2014_1.jpg",
-                                                        "val2014/COCO_val2014_2.jpg"]
+    assert [r.image_id for r in ds.splits["train"]] == ["train2014/COCO_train2014_1.jpg", "val2014/COCO_val2014_2.jpg"]
     assert ds.splits["test"][0].path == str(photos / "val2014" / "COCO_val2014_4.jpg")
     assert not any(ds.missing.values())
 
 
 def test_karpathy_malformed_refused_and_several_files_ambiguous(tmp_path: Path) -> None:
     import json
+
     (tmp_path / "dataset_flickr8k.json").write_text(json.dumps({"images": []}))
     with pytest.raises(DatasetError, match="lists no images: expected"):
         load_caption_dataset(tmp_path)
@@ -265,10 +286,10 @@ def test_karpathy_malformed_refused_and_several_files_ambiguous(tmp_path: Path) 
 
 def _coco_file(path: Path, tag: str, ids: range) -> None:
     import json
+
     path.parent.mkdir(parents=True, exist_ok=True)
     images = [{"id": i, "file_name": f"COCO_{tag}_{i:012d}.jpg"} for i in ids]
-    annotations = [{"id": 100 * i + j, "image_id": i, "caption": f"caption {j} of {i}"}
-                   for i in ids for j in range(2)]
+    annotations = [{"id": 100 * i + j, "image_id": i, "caption": f"caption {j} of {i}"} for i in ids for j in range(2)]
     path.write_text(json.dumps({"info": {}, "images": images, "annotations": annotations}))
 
 
@@ -291,6 +312,7 @@ def test_coco_folder_with_annotations_and_split_folders(tmp_path: Path) -> None:
 
 def test_coco_without_annotations_is_refused(tmp_path: Path) -> None:
     import json
+
     path = tmp_path / "captions_val2017.json"
     path.write_text(json.dumps({"images": [{"id": 1, "file_name": "a.jpg"}], "annotations": []}))
     with pytest.raises(DatasetError, match='holds no captions: expected .*"annotations"'):
@@ -305,6 +327,7 @@ def test_coco_without_annotations_is_refused(tmp_path: Path) -> None:
 
 def _jpeg_bytes(colour: tuple[int, int, int]) -> bytes:
     import io
+
     buffer = io.BytesIO()
     Image.new("RGB", (8, 6), colour).save(buffer, format="JPEG")
     return buffer.getvalue()
@@ -314,6 +337,7 @@ def make_shard(path: Path, start: int, count: int) -> Path:
     import json
 
     import webdataset as wds
+
     path.parent.mkdir(parents=True, exist_ok=True)
     with wds.TarWriter(str(path)) as sink:
         for i in range(start, start + count):
@@ -354,6 +378,7 @@ def test_wds_hash_split_bad_rows_and_streaming(tmp_path: Path) -> None:
     import webdataset as wds
 
     from batchcap.data.captions.wds import iter_wds_images
+
     shard = tmp_path / "data-000.tar"
     with wds.TarWriter(str(shard)) as sink:
         for i in range(40):
@@ -375,6 +400,7 @@ def test_wds_hash_split_bad_rows_and_streaming(tmp_path: Path) -> None:
 
 def test_wds_empty_or_absent_shards_are_refused(tmp_path: Path) -> None:
     import webdataset as wds
+
     shard = tmp_path / "empty.tar"
     with wds.TarWriter(str(shard)) as sink:
         sink.write({"__key__": "x", "jpg": _jpeg_bytes((0, 0, 0))})
@@ -388,6 +414,7 @@ def test_wds_empty_or_absent_shards_are_refused(tmp_path: Path) -> None:
 
 def test_json_detected_by_content_and_wds_split_folders(tmp_path: Path) -> None:
     import json
+
     (tmp_path / "mine.json").write_text(json.dumps(_karpathy([("", "a.jpg", "val")], "flickr8k")))
     assert detect_format(str(tmp_path / "mine.json")) == "karpathy"
     _coco_file(tmp_path / "ann.json", "x", range(2))

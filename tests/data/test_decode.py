@@ -1,4 +1,5 @@
 """The image policy on a corpus of awkward inputs generated in tmp_path."""
+
 from __future__ import annotations
 
 import io
@@ -29,15 +30,23 @@ def _png_chunk(kind: bytes, data: bytes) -> bytes:
 def bomb_png(width: int = 50000, height: int = 50000) -> bytes:
     """A ~70-byte PNG whose header claims ``width`` x ``height`` RGB pixels."""
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr)
-            + _png_chunk(b"IDAT", zlib.compress(b"\0" * 16)) + _png_chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", ihdr)
+        + _png_chunk(b"IDAT", zlib.compress(b"\0" * 16))
+        + _png_chunk(b"IEND", b"")
+    )
 
 
 def bad_idat_png() -> bytes:
     """A PNG with a valid header and a garbage zlib stream (chunk CRCs intact)."""
     ihdr = struct.pack(">IIBBBBB", 16, 16, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr)
-            + _png_chunk(b"IDAT", b"\x78\x9c" + b"\xff" * 100) + _png_chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", ihdr)
+        + _png_chunk(b"IDAT", b"\x78\x9c" + b"\xff" * 100)
+        + _png_chunk(b"IEND", b"")
+    )
 
 
 def encode(img: Image.Image, fmt: str, **kw: object) -> bytes:
@@ -132,7 +141,7 @@ def test_every_awkward_input_gets_its_status(corpus: tuple[Path, dict[str, str]]
     got = {name: decode_path(root / name) for name in expected}
     wrong = {n: (d.status, d.error) for n, d in got.items() if d.status != expected[n]}
     assert not wrong
-    for name, d in got.items():
+    for d in got.values():
         if d.status == "ok":
             assert d.tensor is not None and d.tensor.dtype == torch.uint8 and d.tensor.shape == (3, 32, 32)
             assert d.error is None
@@ -223,8 +232,7 @@ def test_code_errors_are_not_rows() -> None:
 
 
 def test_to_rgb_handles_every_mode() -> None:
-    modes = ["1", "L", "P", "RGB", "RGBA", "CMYK", "YCbCr", "LA", "PA", "I", "F", "I;16", "LAB", "HSV",
-             "RGBX"]
+    modes = ["1", "L", "P", "RGB", "RGBA", "CMYK", "YCbCr", "LA", "PA", "I", "F", "I;16", "LAB", "HSV", "RGBX"]
     for mode in modes:
         out = to_rgb(Image.new(mode, (4, 4)), (255, 255, 255))
         assert out.mode == "RGB" and out.size == (4, 4), mode

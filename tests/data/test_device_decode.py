@@ -4,6 +4,7 @@ rules, the per-picture fallback, features against the Pillow path, and the optio
 The device code runs on a CPU device here (torchvision's CPU ``decode_jpeg``); the tests marked
 ``cuda`` run the same on a GPU where there is one.
 """
+
 from __future__ import annotations
 
 import io
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import shared_path
 from PIL import Image
 
 from batchcap.cli import cli
@@ -23,13 +25,18 @@ from batchcap.data.image_decode import decode_bytes
 from batchcap.data.loader import fill_batch, iter_batches
 from batchcap.data.preprocess import to_input_tensor
 from batchcap.data.sources import open_sources
-from conftest import shared_path
 
 PRE = Preprocess(input_size=(3, 64, 64), resize="squash", interpolation="bicubic", mean=(0.5,) * 3, std=(0.5,) * 3)
 ON_DEVICE = ImagePolicy(decode_on_device=True)
-_PIL_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
-                  4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270,
-                  7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
+_PIL_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 
 
 def _photo(width: int = 120, height: int = 80, seed: int = 0) -> np.ndarray:
@@ -62,11 +69,13 @@ def test_orientation_matches_pillow(orientation: int) -> None:
     assert np.array_equal(got, want)
 
 
-@pytest.mark.parametrize("resize,interpolation", [("squash", "bicubic"), ("crop", "bicubic"),
-                                                  ("squash", "bilinear"), ("crop", "nearest")])
+@pytest.mark.parametrize(
+    "resize,interpolation", [("squash", "bicubic"), ("crop", "bicubic"), ("squash", "bilinear"), ("crop", "nearest")]
+)
 def test_resize_matches_pillow(resize: str, interpolation: str) -> None:
-    cfg = Preprocess(input_size=(3, 64, 64), resize=resize, interpolation=interpolation,
-                     crop_pct=0.875 if resize == "crop" else 1.0)
+    cfg = Preprocess(
+        input_size=(3, 64, 64), resize=resize, interpolation=interpolation, crop_pct=0.875 if resize == "crop" else 1.0
+    )
     array = _photo(300, 200)
     want = to_input_tensor(Image.fromarray(array), cfg).float()
     got = resize_on_device(torch.from_numpy(array).permute(2, 0, 1).contiguous(), cfg).float()
@@ -104,8 +113,9 @@ def _damaged_inside(data: bytes) -> bytes:
     """A JPEG whose scan is garbage but which still ends with the end-of-image marker."""
     start = data.index(b"\xff\xda")  # start of scan
     middle = bytearray(data)
-    middle[start + 20:len(data) - 2] = b"\xff\x01" * ((len(data) - 2 - start - 20) // 2) + \
-        b"\x00" * ((len(data) - 2 - start - 20) % 2)
+    middle[start + 20 : len(data) - 2] = b"\xff\x01" * ((len(data) - 2 - start - 20) // 2) + b"\x00" * (
+        (len(data) - 2 - start - 20) % 2
+    )
     return bytes(middle)
 
 
@@ -136,8 +146,11 @@ def test_fill_batch_decodes_like_pillow_and_keeps_every_row(tmp_path: Path, devi
         pytest.skip("needs CUDA")
     folder = _folder(tmp_path)
     sources = open_sources([str(folder)])
-    pillow = {i.item.id: t for b in iter_batches(sources, PRE, ImagePolicy(), batch_size=16, workers=0)
-              for i, t in zip(b.ok, b.images)}
+    pillow = {
+        i.item.id: t
+        for b in iter_batches(sources, PRE, ImagePolicy(), batch_size=16, workers=0)
+        for i, t in zip(b.ok, b.images)
+    }
     # one worker process: the undecoded files cross a process boundary, as in a run
     [batch] = list(iter_batches(open_sources([str(folder)]), PRE, ON_DEVICE, batch_size=16, workers=1))
     assert len(batch.encoded_rows) == 6  # plain, turned, grey, progressive, damaged, bad header: handed over
@@ -171,14 +184,16 @@ def test_features_match_the_pillow_path(device: str) -> None:
     from batchcap.pipeline.captioner import Captioner
 
     model = load_model(DEFAULT_MODEL)
-    runtime = RuntimeConfig(device=device, precision="fp32" if device == "cpu" else "bf16", batch_size=8,
-                            workers=0, channels_last=True)
+    runtime = RuntimeConfig(
+        device=device, precision="fp32" if device == "cpu" else "bf16", batch_size=8, workers=0, channels_last=True
+    )
     captioner = Captioner(model, runtime, BeamConfig(beam_size=1))
     paths = sorted(p for p in folder.rglob("*.jpg"))[:8]
     sources = open_sources([str(p) for p in paths])
     [plain] = list(iter_batches(sources, model.preprocess, ImagePolicy(), batch_size=8, workers=0))
-    [handed] = list(iter_batches(open_sources([str(p) for p in paths]), model.preprocess, ON_DEVICE,
-                                 batch_size=8, workers=0))
+    [handed] = list(
+        iter_batches(open_sources([str(p) for p in paths]), model.preprocess, ON_DEVICE, batch_size=8, workers=0)
+    )
     assert len(handed.encoded_rows) == 8
     fill_batch(handed, model.preprocess, ON_DEVICE, device)
     with torch.inference_mode():
@@ -190,8 +205,20 @@ def test_features_match_the_pillow_path(device: str) -> None:
 
 
 def test_option_is_refused_without_cuda(tmp_path: Path, image_folder: Path, tiny_model_path: Path) -> None:
-    result = CliRunner().invoke(cli, ["run", str(image_folder), "--out", str(tmp_path / "c.jsonl"),
-                                      "--model", str(tiny_model_path), "--device", "cpu", "--decode-on-device"])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "run",
+            str(image_folder),
+            "--out",
+            str(tmp_path / "c.jsonl"),
+            "--model",
+            str(tiny_model_path),
+            "--device",
+            "cpu",
+            "--decode-on-device",
+        ],
+    )
     assert result.exit_code == 2, result.output
     assert "--decode-on-device" in result.output and "--device cuda" in result.output
 
@@ -202,8 +229,22 @@ def test_run_decodes_on_the_gpu(tmp_path: Path, tiny_model_path: Path) -> None:
         pytest.skip("needs CUDA")
     folder = _folder(tmp_path)
     out = tmp_path / "c.jsonl"
-    result = CliRunner().invoke(cli, ["run", str(folder), "--out", str(out), "--model", str(tiny_model_path),
-                                      "--device", "cuda", "--decode-on-device", "--workers", "1"])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "run",
+            str(folder),
+            "--out",
+            str(out),
+            "--model",
+            str(tiny_model_path),
+            "--device",
+            "cuda",
+            "--decode-on-device",
+            "--workers",
+            "1",
+        ],
+    )
     rows = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
     assert len(rows) == 8 and rows["g-truncated.jpg"]["status"] == "corrupt", result.output
     assert rows["h-bad-scan-header.jpg"]["status"] == "corrupt"

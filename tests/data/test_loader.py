@@ -1,4 +1,5 @@
 """The loader: every input in exactly one batch, across job shards and DataLoader workers."""
+
 from __future__ import annotations
 
 from pathlib import Path

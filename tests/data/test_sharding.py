@@ -1,4 +1,5 @@
 """Sharding as a pure function: disjoint, complete, stable when the input grows."""
+
 from __future__ import annotations
 
 import pytest
@@ -62,11 +63,20 @@ def test_resolve_shard_prefers_the_option_then_slurm() -> None:
     assert resolve_shard("1/3", slurm) == (1, 3)
     assert resolve_shard(None, slurm) == (2, 5)
     assert resolve_shard(None, {**slurm, "SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_MIN": "1"}) == (2, 5)
-    assert resolve_shard(None, {"SLURM_ARRAY_TASK_ID": "4", "SLURM_ARRAY_TASK_COUNT": "3",
-                                "SLURM_ARRAY_TASK_MIN": "0", "SLURM_ARRAY_TASK_STEP": "2"}) == (2, 3)
-    for env in ({"SLURM_ARRAY_TASK_ID": "7", "SLURM_ARRAY_TASK_COUNT": "5"},
-                {"SLURM_ARRAY_TASK_ID": "x", "SLURM_ARRAY_TASK_COUNT": "5"},
-                {"SLURM_ARRAY_TASK_ID": "1"}):
+    assert resolve_shard(
+        None,
+        {
+            "SLURM_ARRAY_TASK_ID": "4",
+            "SLURM_ARRAY_TASK_COUNT": "3",
+            "SLURM_ARRAY_TASK_MIN": "0",
+            "SLURM_ARRAY_TASK_STEP": "2",
+        },
+    ) == (2, 3)
+    for env in (
+        {"SLURM_ARRAY_TASK_ID": "7", "SLURM_ARRAY_TASK_COUNT": "5"},
+        {"SLURM_ARRAY_TASK_ID": "x", "SLURM_ARRAY_TASK_COUNT": "5"},
+        {"SLURM_ARRAY_TASK_ID": "1"},
+    ):
         with pytest.raises(ShardError):
             resolve_shard(None, env)
     with pytest.raises(ShardError):

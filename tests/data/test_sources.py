@@ -1,4 +1,5 @@
 """Sources: folder walks, file lists, and WebDataset shards written with webdataset.TarWriter."""
+
 from __future__ import annotations
 
 import io
@@ -45,8 +46,7 @@ def write_shards(folder: Path, shards: int, per_shard: int, prefix: str = "shard
         path = folder / f"{prefix}-{s:04d}.tar"
         with wds.TarWriter(str(path)) as sink:
             for i in range(per_shard):
-                sink.write({"__key__": f"s{s}_{i:03d}", "jpg": jpeg_bytes(s * 1000 + i),
-                            "txt": f"caption {i}"})
+                sink.write({"__key__": f"s{s}_{i:03d}", "jpg": jpeg_bytes(s * 1000 + i), "txt": f"caption {i}"})
         paths.append(path)
     return paths
 
@@ -54,8 +54,9 @@ def write_shards(folder: Path, shards: int, per_shard: int, prefix: str = "shard
 def collect(sources, **kw) -> tuple[dict[str, str], int, int]:
     seen: dict[str, str] = {}
     ignored = skipped = 0
-    for batch in iter_batches(sources, PRE, ImagePolicy(), batch_size=kw.pop("batch_size", 5),
-                              workers=kw.pop("workers", 0), **kw):
+    for batch in iter_batches(
+        sources, PRE, ImagePolicy(), batch_size=kw.pop("batch_size", 5), workers=kw.pop("workers", 0), **kw
+    ):
         for r in batch.ok + batch.failed:
             assert r.item.id not in seen, r.item.id
             seen[r.item.id] = r.status
@@ -65,6 +66,7 @@ def collect(sources, **kw) -> tuple[dict[str, str], int, int]:
 
 
 # -- folders -------------------------------------------------------------------------------
+
 
 def test_folder_walk_is_sorted_recursive_and_relative(tmp_path: Path) -> None:
     write_images(tmp_path / "b", 2)
@@ -98,8 +100,12 @@ def test_files_from_lists_paths_as_given(tmp_path: Path, monkeypatch: pytest.Mon
     sources = open_sources([], files_from=str(listing))
     assert sources.count() == 4
     seen, _, _ = collect(sources)
-    assert seen == {str(paths[0]): "ok", str(paths[2]): "ok", str(tmp_path / "gone.jpg"): "missing",
-                    str(tmp_path / "list.txt"): "unsupported"}
+    assert seen == {
+        str(paths[0]): "ok",
+        str(paths[2]): "ok",
+        str(tmp_path / "gone.jpg"): "missing",
+        str(tmp_path / "list.txt"): "unsupported",
+    }
 
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(f"{paths[1]}\n".encode())))
     seen, _, _ = collect(open_sources([], files_from="-"))
@@ -108,8 +114,12 @@ def test_files_from_lists_paths_as_given(tmp_path: Path, monkeypatch: pytest.Mon
 
 def test_bad_specs_are_user_errors(tmp_path: Path) -> None:
     (tmp_path / "notes.txt").write_text("x")
-    for spec in (str(tmp_path / "nope"), str(tmp_path / "*.tar"), str(tmp_path / "notes.txt"),
-                 str(tmp_path / "s-{0000..0003}.tar")):
+    for spec in (
+        str(tmp_path / "nope"),
+        str(tmp_path / "*.tar"),
+        str(tmp_path / "notes.txt"),
+        str(tmp_path / "s-{0000..0003}.tar"),
+    ):
         with pytest.raises(SourceError):
             open_sources([spec])
     with pytest.raises(SourceError):
@@ -125,11 +135,15 @@ def test_single_picture_spec(tmp_path: Path) -> None:
 
 # -- WebDataset shards ---------------------------------------------------------------------
 
+
 def test_several_shards_by_brace_glob_and_path(tmp_path: Path) -> None:
     write_shards(tmp_path, 3, 4)
     expected = {f"shards-{s:04d}.tar/s{s}_{i:03d}": "ok" for s in range(3) for i in range(4)}
-    for spec in ([str(tmp_path / "shards-{0000..0002}.tar")], [str(tmp_path / "shards-*.tar")],
-                 [str(p) for p in sorted(tmp_path.glob("*.tar"))]):
+    for spec in (
+        [str(tmp_path / "shards-{0000..0002}.tar")],
+        [str(tmp_path / "shards-*.tar")],
+        [str(p) for p in sorted(tmp_path.glob("*.tar"))],
+    ):
         sources = open_sources(spec)
         assert sources.count() is None
         seen, _, _ = collect(sources)
@@ -193,11 +207,14 @@ def test_shard_name() -> None:
 def test_done_skips_unchanged_files_and_known_members(tmp_path: Path) -> None:
     paths = write_images(tmp_path / "p", 3)
     st = [os.stat(p) for p in paths]
-    done = {"img00000.jpg": (st[0].st_size, st[0].st_mtime_ns),
-            "img00001.jpg": (st[1].st_size, st[1].st_mtime_ns - 1)}  # changed since: redone
+    done = {
+        "img00000.jpg": (st[0].st_size, st[0].st_mtime_ns),
+        "img00001.jpg": (st[1].st_size, st[1].st_mtime_ns - 1),
+    }  # changed since: redone
     seen, _, skipped = collect(open_sources([str(tmp_path / "p")]), done=done)
     assert set(seen) == {"img00001.jpg", "img00002.jpg"} and skipped == 1
     write_shards(tmp_path / "t", 1, 3)
-    seen, _, skipped = collect(open_sources([str(tmp_path / "t" / "shards-0000.tar")]),
-                               done={"shards-0000.tar/s0_001": (None, None)})
+    seen, _, skipped = collect(
+        open_sources([str(tmp_path / "t" / "shards-0000.tar")]), done={"shards-0000.tar/s0_001": (None, None)}
+    )
     assert set(seen) == {"shards-0000.tar/s0_000", "shards-0000.tar/s0_002"} and skipped == 1

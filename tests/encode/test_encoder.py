@@ -1,4 +1,5 @@
 """The encoder stage: weights resolution, refusals, and real Xception features (when ../shared is there)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -73,8 +74,9 @@ def test_referenced_weights_are_found_beside_the_model(tmp_path: Path) -> None:
     save_file(timm.create_model("test_efficientnet", num_classes=0).state_dict(), weights)
     model = make_tiny_model(tmp_path / "m.safetensors")
     model.encoder_state = None
-    model.encoder = dataclasses.replace(model.encoder, weights_sha256=file_sha256(weights),
-                                        weights_file="enc.safetensors")
+    model.encoder = dataclasses.replace(
+        model.encoder, weights_sha256=file_sha256(weights), weights_file="enc.safetensors"
+    )
     model.path = str(tmp_path / "m.safetensors")
     source = resolve_encoder_weights(model, None, environ={})
     assert source.kind == "file" and source.path == str(weights)
@@ -97,8 +99,9 @@ def test_wrong_weights_for_the_network_are_refused(tmp_path: Path) -> None:
 
 def test_tiny_encoder_shapes(tiny_model_path: Path) -> None:
     model = load_model(tiny_model_path)
-    backbone = build_backbone(EncoderConfig(name="test_efficientnet"),
-                              WeightsSource("embedded", state=model.encoder_state))
+    backbone = build_backbone(
+        EncoderConfig(name="test_efficientnet"), WeightsSource("embedded", state=model.encoder_state)
+    )
     enc = Encoder(backbone, model.preprocess, RuntimeConfig(precision="fp32", channels_last=False))
     x = torch.randint(0, 256, (3, 3, 64, 64), dtype=torch.uint8)
     feats = enc(x)

@@ -1,4 +1,5 @@
 """Exit-flow fine-tuning: the split network equals the whole, and what trains is what captions."""
+
 from __future__ import annotations
 
 import json
@@ -8,6 +9,7 @@ import pytest
 import timm
 import torch
 from click.testing import CliRunner
+from conftest import write_shapes_dataset
 from safetensors.torch import save_file
 
 from batchcap.cli import cli
@@ -25,7 +27,6 @@ from batchcap.encode.exit_flow import (
 from batchcap.encode.torch_backend import build_backbone
 from batchcap.encode.weights import EncoderError, WeightsSource, resolve_encoder_weights, stored_identity
 from batchcap.model.modelfile import load_model, save_model
-from conftest import write_shapes_dataset
 
 
 @pytest.fixture(scope="module")
@@ -80,12 +81,44 @@ def test_train_with_exit_flow_stores_it_and_run_uses_it(tmp_path: Path, xception
     save_file(original, weights)
     out = models / "tuned.safetensors"
     runner = CliRunner()
-    result = runner.invoke(cli, [
-        "train", str(data), "--out", str(out), "--encoder-weights", str(weights), "--input-size", "64",
-        "--epochs", "2", "--batch-size", "8", "--embed-dim", "16", "--hidden-dim", "32", "--attention-dim", "16",
-        "--min-word-count", "1", "--max-caption-len", "8", "--finetune-exit-flow", "--encoder-lr", "1e-3",
-        "--precision", "fp32", "--workers", "0", "--device", "cpu", "--cache-dir", str(tmp_path / "cache"),
-    ])
+    result = runner.invoke(
+        cli,
+        [
+            "train",
+            str(data),
+            "--out",
+            str(out),
+            "--encoder-weights",
+            str(weights),
+            "--input-size",
+            "64",
+            "--epochs",
+            "2",
+            "--batch-size",
+            "8",
+            "--embed-dim",
+            "16",
+            "--hidden-dim",
+            "32",
+            "--attention-dim",
+            "16",
+            "--min-word-count",
+            "1",
+            "--max-caption-len",
+            "8",
+            "--finetune-exit-flow",
+            "--encoder-lr",
+            "1e-3",
+            "--precision",
+            "fp32",
+            "--workers",
+            "0",
+            "--device",
+            "cpu",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+        ],
+    )
     assert result.exit_code == 0, result.output
     model = load_model(out)
     assert model.encoder.finetuned == "exit_flow" and model.encoder.weights_file == "xception.safetensors"
@@ -111,17 +144,47 @@ def test_train_with_exit_flow_stores_it_and_run_uses_it(tmp_path: Path, xception
     plain = WeightsSource("file", path=str(weights))
     assert stored_identity(EncoderConfig(), source) != stored_identity(EncoderConfig(), plain)
 
-    captions = runner.invoke(cli, ["run", str(data / "Flicker8k_Dataset"), "--out", str(tmp_path / "c.jsonl"),
-                                   "--model", str(out), "--precision", "fp32", "--workers", "0",
-                                   "--backend", "torch"])
+    captions = runner.invoke(
+        cli,
+        [
+            "run",
+            str(data / "Flicker8k_Dataset"),
+            "--out",
+            str(tmp_path / "c.jsonl"),
+            "--model",
+            str(out),
+            "--precision",
+            "fp32",
+            "--workers",
+            "0",
+            "--backend",
+            "torch",
+        ],
+    )
     assert captions.exit_code == 0, captions.output
     rows = [json.loads(line) for line in (tmp_path / "c.jsonl").read_text().splitlines()]
     assert rows and all(r["status"] == "ok" and r["caption"] for r in rows)
 
     # Continuing needs --finetune-exit-flow: cached features of the stock encoder would not match.
-    again = runner.invoke(cli, ["train", str(data), "--out", str(models / "next.safetensors"), "--init-model",
-                                str(out), "--epochs", "1", "--precision", "fp32", "--workers", "0",
-                                "--cache-dir", str(tmp_path / "cache")])
+    again = runner.invoke(
+        cli,
+        [
+            "train",
+            str(data),
+            "--out",
+            str(models / "next.safetensors"),
+            "--init-model",
+            str(out),
+            "--epochs",
+            "1",
+            "--precision",
+            "fp32",
+            "--workers",
+            "0",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+        ],
+    )
     assert again.exit_code != 0 and "--finetune-exit-flow" in again.output
 
 

@@ -1,4 +1,5 @@
 """The OpenVINO encoder backend against the torch fp32 reference: features, cache, int8, fallback to torch."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -21,7 +22,8 @@ from batchcap.pipeline.settings import runtime_config
 
 needs_openvino = pytest.mark.skipif(
     __import__("batchcap.encode.openvino_backend", fromlist=["x"]).openvino_version() is None,
-    reason="openvino is not installed")
+    reason="openvino is not installed",
+)
 
 
 def _subprocess_env() -> dict[str, str]:
@@ -33,21 +35,26 @@ def _tiny_backbone(tmp_path: Path, seed: int = 0):  # type: ignore[no-untyped-de
     from batchcap.encode.weights import WeightsSource
 
     model = make_tiny_model(tmp_path / f"tiny-{seed}.safetensors", seed=seed)
-    backbone = build_backbone(EncoderConfig(name=model.encoder.name), WeightsSource("embedded",
-                                                                                      state=model.encoder_state))
+    backbone = build_backbone(
+        EncoderConfig(name=model.encoder.name), WeightsSource("embedded", state=model.encoder_state)
+    )
     return model, backbone
 
 
 def _ov_runtime(precision: str, cache: Path) -> RuntimeConfig:
-    return RuntimeConfig(device="cpu", precision=precision, batch_size=4, workers=0, backend="openvino",
-                         encoder_cache=str(cache))
+    return RuntimeConfig(
+        device="cpu", precision=precision, batch_size=4, workers=0, backend="openvino", encoder_cache=str(cache)
+    )
 
 
 def _torch_fp32(backbone: torch.nn.Module, preprocess: Preprocess) -> Encoder:
     import copy
 
-    return Encoder(copy.deepcopy(backbone), preprocess,
-                   RuntimeConfig(device="cpu", precision="fp32", workers=0, channels_last=False))
+    return Encoder(
+        copy.deepcopy(backbone),
+        preprocess,
+        RuntimeConfig(device="cpu", precision="fp32", workers=0, channels_last=False),
+    )
 
 
 def _cosines(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -87,9 +94,11 @@ def test_auto_falls_back_to_torch_when_openvino_is_not_importable() -> None:
         "    runtime_config('cpu', 'auto', None, '0', 'openvino'); refused = ''\n"
         "except OptionError as exc:\n"
         "    refused = str(exc)\n"
-        "print(json.dumps({'backend': r.backend, 'note': r.backend_note, 'refused': refused}))\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env=_subprocess_env())
+        "print(json.dumps({'backend': r.backend, 'note': r.backend_note, 'refused': refused}))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=_subprocess_env()
+    )
     result = json.loads(out.stdout)
     assert result["backend"] == "torch"
     assert "openvino is not importable here, fell back to torch" in result["note"]
@@ -103,7 +112,8 @@ def test_run_without_openvino_captions_on_torch_and_records_why(tmp_path: Path, 
         "from batchcap.cli import main\n"
         f"sys.argv = ['batchcap', 'run', {str(tmp_path / 'imgs')!r}, '--out', {str(out)!r}, '--model', "
         f"{str(tiny_model_path)!r}, '--workers', '0']\n"
-        "main()\n")
+        "main()\n"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_subprocess_env())
     assert proc.returncode == 0, proc.stderr
     assert len(out.read_text().splitlines()) == 3
@@ -115,8 +125,10 @@ def test_run_without_openvino_captions_on_torch_and_records_why(tmp_path: Path, 
 @needs_openvino
 def test_openvino_sends_no_usage_telemetry() -> None:
     # In a fresh process, as a run would: OpenVINO's converter must fall back to its no-op stub.
-    code = ("import batchcap.encode.openvino_backend, sys, openvino.tools.ovc.telemetry_utils as t; "
-            "print(sys.modules['openvino_telemetry'], t.tm.__name__)")
+    code = (
+        "import batchcap.encode.openvino_backend, sys, openvino.tools.ovc.telemetry_utils as t; "
+        "print(sys.modules['openvino_telemetry'], t.tm.__name__)"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["None", "openvino.tools.ovc.telemetry_stub"]
@@ -149,8 +161,9 @@ def test_cache_is_reused_and_rebuilt_when_the_weights_change(tmp_path: Path) -> 
 
 
 @needs_openvino
-def test_a_cached_graph_is_found_without_building_the_network(tmp_path: Path, tiny_model_path: Path,
-                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_cached_graph_is_found_without_building_the_network(
+    tmp_path: Path, tiny_model_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The captioner keys the cache by the weights as stored: from the cache, no timm, no network."""
     import batchcap.pipeline.captioner as captioner_module
     from batchcap.config import BeamConfig
@@ -168,8 +181,9 @@ def test_a_cached_graph_is_found_without_building_the_network(tmp_path: Path, ti
     again = Captioner(model, runtime, BeamConfig(beam_size=2, max_len=5))
     assert built == ["built"] and again.encoder.xml == first.encoder.xml  # from the cache alone
     assert torch.equal(again.encode(images), first.encode(images))
-    changed = dataclasses.replace(model, encoder_state={k: (v + 0.01 if v.is_floating_point() else v)
-                                                        for k, v in model.encoder_state.items()})
+    changed = dataclasses.replace(
+        model, encoder_state={k: (v + 0.01 if v.is_floating_point() else v) for k, v in model.encoder_state.items()}
+    )
     other = Captioner(changed, runtime, BeamConfig(beam_size=2, max_len=5))
     assert built == ["built", "built"] and other.encoder.xml != first.encoder.xml  # new weights: new graph
 
@@ -182,9 +196,23 @@ def test_an_unwritable_cache_is_a_clear_error(tmp_path: Path, tiny_model_path: P
 
     write_images(tmp_path / "imgs", 2)
     (tmp_path / "a-file").write_text("not a folder")
-    result = CliRunner().invoke(cli, ["run", str(tmp_path / "imgs"), "--out", str(tmp_path / "c.jsonl"), "--model",
-                                      str(tiny_model_path), "--workers", "0", "--backend", "openvino",
-                                      "--encoder-cache", str(tmp_path / "a-file" / "cache")])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "run",
+            str(tmp_path / "imgs"),
+            "--out",
+            str(tmp_path / "c.jsonl"),
+            "--model",
+            str(tiny_model_path),
+            "--workers",
+            "0",
+            "--backend",
+            "openvino",
+            "--encoder-cache",
+            str(tmp_path / "a-file" / "cache"),
+        ],
+    )
     assert result.exit_code == 2, result.output
     assert "cannot write there" in result.output and "--encoder-cache" in result.output
     assert "Traceback" not in result.output
@@ -206,9 +234,25 @@ def test_concurrent_conversions_share_one_cache_folder(tmp_path: Path) -> None:
     # Two processes, as two Slurm tasks on one node would be (plain subprocesses: a multiprocessing
     # pool inside the test process crashed it after other tests had loaded OpenVINO there).
     cache = tmp_path / "cache"
-    procs = [subprocess.Popen([sys.executable, "-c", _BUILD_ELSEWHERE.format(
-                 tests=str(Path(__file__).parent), root=str(Path(__file__).parents[1]), tmp=str(tmp_path / str(i)), cache=str(cache))],
-                 cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                _BUILD_ELSEWHERE.format(
+                    tests=str(Path(__file__).parent),
+                    root=str(Path(__file__).parents[1]),
+                    tmp=str(tmp_path / str(i)),
+                    cache=str(cache),
+                ),
+            ],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
     outputs = [p.communicate(timeout=600) for p in procs]
     assert all(p.returncode == 0 for p in procs), outputs
     xmls = [out.strip().splitlines()[-1] for out, _ in outputs]
@@ -217,8 +261,9 @@ def test_concurrent_conversions_share_one_cache_folder(tmp_path: Path) -> None:
 
 
 @needs_openvino
-def test_int8_calibrates_once_from_the_named_photos_and_needs_them(tmp_path: Path,
-                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_int8_calibrates_once_from_the_named_photos_and_needs_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     pytest.importorskip("nncf")
     model, backbone = _tiny_backbone(tmp_path)
     cache = tmp_path / "cache"
@@ -253,16 +298,28 @@ def xception(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyp
     model = load_model(resolve_model_path(None))
     reference = Captioner(model, RuntimeConfig(precision="fp32", workers=0, channels_last=False), BeamConfig())
     images = torch.stack([decode_file(str(p), model.preprocess, ImagePolicy()).tensor for p in photos])
-    return {"model": model, "backbone": reference.encoder.backbone, "images": images,
-            "fp32": reference.encode(images), "cache": tmp_path_factory.mktemp("ov-cache")}
+    return {
+        "model": model,
+        "backbone": reference.encoder.backbone,
+        "images": images,
+        "fp32": reference.encode(images),
+        "cache": tmp_path_factory.mktemp("ov-cache"),
+    }
 
 
 @needs_openvino
 @pytest.mark.parametrize("precision, floor", [("fp32", 0.99), ("bf16", 0.99)])
-def test_openvino_features_match_torch_fp32_on_real_photos(xception, precision: str,  # type: ignore[no-untyped-def]
-                                                           floor: float) -> None:
-    enc = build_encoder(xception["backbone"], xception["model"].preprocess, _ov_runtime(precision, xception["cache"]),
-                        log=lambda m: None)
+def test_openvino_features_match_torch_fp32_on_real_photos(
+    xception,
+    precision: str,  # type: ignore[no-untyped-def]
+    floor: float,
+) -> None:
+    enc = build_encoder(
+        xception["backbone"],
+        xception["model"].preprocess,
+        _ov_runtime(precision, xception["cache"]),
+        log=lambda m: None,
+    )
     cos = _cosines(enc(xception["images"]), xception["fp32"])
     assert cos.min() >= floor, cos
 
@@ -289,8 +346,9 @@ def test_int8_features_match_torch_fp32_on_real_photos(xception) -> None:  # typ
     from batchcap.encode.openvino_backend import compile_graph
     from batchcap.encode.quantize import CALIBRATION_PHOTOS, calibration_arrays, calibration_photos, quantize_graph
 
-    fp32 = build_encoder(xception["backbone"], xception["model"].preprocess, _ov_runtime("fp32", xception["cache"]),
-                         log=lambda m: None)
+    fp32 = build_encoder(
+        xception["backbone"], xception["model"].preprocess, _ov_runtime("fp32", xception["cache"]), log=lambda m: None
+    )
     photos = calibration_photos(shared_path("data", "flickr8k"))
     assert len(photos) == CALIBRATION_PHOTOS == len({os.path.basename(p) for p in photos})
     import openvino as ov

@@ -5,6 +5,7 @@ row differently depending on how many rows share the call, and the reference cal
 with far fewer rows than the batched search. Row by row, both searches see bit-identical
 log-probabilities, so any difference is the search's own.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -21,16 +22,24 @@ BANNED = (PAD, START, UNK)
 FEATURE_DIM, REGIONS = 24, 6
 
 
-def make_decoder(seed: int, attention: bool = True, vocab: int = 40, end_bias: float = 0.0,
-                 unk_bias: float = 0.0) -> CaptionDecoder:
+def make_decoder(
+    seed: int, attention: bool = True, vocab: int = 40, end_bias: float = 0.0, unk_bias: float = 0.0
+) -> CaptionDecoder:
     """A small random decoder whose captions depend on the image, diverge across beams and end.
 
     Features, initial state and recurrent weights are scaled up so images and histories
     matter; output weights are scaled so distributions are peaked enough for beams to differ.
     """
     torch.manual_seed(seed)
-    cfg = DecoderConfig(vocab_size=vocab, feature_dim=FEATURE_DIM, embed_dim=16, hidden_dim=32,
-                        attention=attention, attention_dim=16, dropout=0.0)
+    cfg = DecoderConfig(
+        vocab_size=vocab,
+        feature_dim=FEATURE_DIM,
+        embed_dim=16,
+        hidden_dim=32,
+        attention=attention,
+        attention_dim=16,
+        dropout=0.0,
+    )
     decoder = CaptionDecoder(cfg).eval()
     with torch.no_grad():
         for layer in (decoder.feature_proj, decoder.init_h, decoder.init_c):
@@ -50,22 +59,29 @@ def features(seed: int, batch: int) -> torch.Tensor:
 
 def rowwise(decoder: CaptionDecoder) -> StepFn:
     """``decoder.step`` one row at a time; state tensors it passes through stay the same objects."""
+
     def step(tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         outs = []
         for i in range(tokens.shape[0]):
-            rows = tuple(s[i:i + 1] for s in state)
-            log_probs, new = decoder.step(tokens[i:i + 1], rows)
+            rows = tuple(s[i : i + 1] for s in state)
+            log_probs, new = decoder.step(tokens[i : i + 1], rows)
             outs.append((log_probs, new, rows))
         new_state = tuple(
-            state[j] if all(new[j] is rows[j] for _, new, rows in outs)
-            else torch.cat([o[1][j] for o in outs])
-            for j in range(len(state)))
+            state[j] if all(new[j] is rows[j] for _, new, rows in outs) else torch.cat([o[1][j] for o in outs])
+            for j in range(len(state))
+        )
         return torch.cat([o[0] for o in outs]), new_state
+
     return step
 
 
-def run_both(decoder: CaptionDecoder, feats: torch.Tensor, cfg: BeamConfig,
-             banned: tuple[int, ...] = BANNED, unendable: tuple[int, ...] = ()) -> tuple[BeamResult, BeamResult]:
+def run_both(
+    decoder: CaptionDecoder,
+    feats: torch.Tensor,
+    cfg: BeamConfig,
+    banned: tuple[int, ...] = BANNED,
+    unendable: tuple[int, ...] = (),
+) -> tuple[BeamResult, BeamResult]:
     with torch.inference_mode():
         state = decoder.init_state(feats)
     step = rowwise(decoder)
@@ -80,8 +96,13 @@ def test_shared_memory_and_sparse_syncs_change_nothing(seed: int) -> None:
     # K beams sums in another order than K bmms of one, so log-probabilities agree to rounding.)
     rng = np.random.default_rng(100 + seed)
     k = (1, 3, 5)[seed % 3]
-    cfg = BeamConfig(beam_size=k, max_len=int(rng.integers(4, 13)), min_len=int(rng.integers(0, 3)),
-                     length_penalty=float(rng.choice([0.0, 0.7])), n_best=int(rng.integers(1, k + 1)))
+    cfg = BeamConfig(
+        beam_size=k,
+        max_len=int(rng.integers(4, 13)),
+        min_len=int(rng.integers(0, 3)),
+        length_penalty=float(rng.choice([0.0, 0.7])),
+        n_best=int(rng.integers(1, k + 1)),
+    )
     decoder = make_decoder(seed, attention=bool(seed % 2), end_bias=float(rng.uniform(-1.0, 1.0)))
     with torch.inference_mode():
         state = decoder.init_state(features(seed, int(rng.integers(1, 20))))
@@ -106,8 +127,14 @@ def test_a_step_that_changes_per_image_state_is_refused() -> None:
             return log_probs, (new[0], new[1], new[2].clone(), new[3])
 
         with pytest.raises(ValueError, match="per_image"):
-            beam_search(step, state, BeamConfig(beam_size=3, max_len=5), start_id=START, end_id=END,
-                        per_image=decoder.per_image_state)
+            beam_search(
+                step,
+                state,
+                BeamConfig(beam_size=3, max_len=5),
+                start_id=START,
+                end_id=END,
+                per_image=decoder.per_image_state,
+            )
 
 
 def assert_same(got: BeamResult, want: BeamResult) -> None:
@@ -128,13 +155,21 @@ def test_batched_equals_reference(seed: int) -> None:
     rng = np.random.default_rng(seed)
     k = (1, 3, 5)[seed % 3]
     batch = 33 if seed < 3 else int(rng.integers(1, 34))
-    cfg = BeamConfig(beam_size=k, max_len=int(rng.integers(4, 13)), min_len=int(rng.integers(0, 3)),
-                     length_penalty=float(rng.choice([0.0, 0.0, 0.7, 1.0])),
-                     no_repeat_ngram=int(rng.choice([0, 0, 1, 2, 3])), n_best=int(rng.integers(1, k + 1)))
+    cfg = BeamConfig(
+        beam_size=k,
+        max_len=int(rng.integers(4, 13)),
+        min_len=int(rng.integers(0, 3)),
+        length_penalty=float(rng.choice([0.0, 0.0, 0.7, 1.0])),
+        no_repeat_ngram=int(rng.choice([0, 0, 1, 2, 3])),
+        n_best=int(rng.integers(1, k + 1)),
+    )
     decoder = make_decoder(seed, attention=bool(seed % 2), end_bias=float(rng.uniform(-1.0, 1.0)))
     # half the seeds with an ending rule: a random tenth to half of the words may not end a caption
-    unendable = tuple(int(w) for w in rng.choice(np.arange(4, 40), size=int(rng.integers(4, 18)), replace=False)
-                      ) if seed % 2 == 0 else ()
+    unendable = (
+        tuple(int(w) for w in rng.choice(np.arange(4, 40), size=int(rng.integers(4, 18)), replace=False))
+        if seed % 2 == 0
+        else ()
+    )
     got, want = run_both(decoder, features(seed, batch), cfg, unendable=unendable)
     assert_same(got, want)
     assert got.tokens.shape == (batch, cfg.n_best, cfg.max_len)
@@ -189,7 +224,7 @@ def test_token_logprobs_add_up_to_the_raw_score() -> None:
     got, want = run_both(decoder, features(22, 16), cfg, unendable=(5, 6, 7))
     assert_same(got, want)
     length = (got.lengths + got.ended.long()).float()
-    torch.testing.assert_close(got.token_logprobs.sum(2), got.scores * length ** 0.7)
+    torch.testing.assert_close(got.token_logprobs.sum(2), got.scores * length**0.7)
 
 
 @pytest.mark.parametrize("attention", [True, False])
@@ -254,7 +289,7 @@ def test_length_penalty_normalises_by_length() -> None:
 
 
 def has_repeat(words: list[int], n: int) -> bool:
-    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
     return len(grams) != len(set(grams))
 
 
@@ -303,7 +338,7 @@ def test_batch_of_one_equals_inside_batch() -> None:
     kw = dict(start_id=START, end_id=END, banned_ids=BANNED)
     many = beam_search(rowwise(decoder), state, cfg, **kw)
     for b in (0, 7, 19):
-        one = beam_search(rowwise(decoder), tuple(s[b:b + 1] for s in state), cfg, **kw)
+        one = beam_search(rowwise(decoder), tuple(s[b : b + 1] for s in state), cfg, **kw)
         assert torch.equal(one.tokens[0], many.tokens[b]) and torch.equal(one.lengths[0], many.lengths[b])
         torch.testing.assert_close(one.scores[0], many.scores[b])
 
@@ -326,8 +361,9 @@ def test_cuda_matches_reference() -> None:
     decoder = make_decoder(17).cuda()
     got, want = run_both(decoder, features(17, 6).cuda(), BeamConfig(beam_size=3, max_len=8, n_best=2))
     assert got.tokens.device.type == "cuda"
-    assert_same(BeamResult(*(x.cpu() for x in (got.tokens, got.lengths, got.scores, got.ended,
-                                                got.token_logprobs))), want)
+    assert_same(
+        BeamResult(*(x.cpu() for x in (got.tokens, got.lengths, got.scores, got.ended, got.token_logprobs))), want
+    )
 
 
 def test_fewer_candidates_than_beams_and_empty_batch() -> None:
@@ -337,7 +373,12 @@ def test_fewer_candidates_than_beams_and_empty_batch() -> None:
     assert_same(got, want)
     assert torch.isinf(got.scores[:, 2:]).all() and (got.lengths[:, 2:] == 0).all()
     with torch.inference_mode():
-        empty = beam_search(decoder.step, decoder.init_state(features(2, 0)),
-                            BeamConfig(beam_size=3, max_len=5, n_best=2),
-                            start_id=START, end_id=END, banned_ids=BANNED)
+        empty = beam_search(
+            decoder.step,
+            decoder.init_state(features(2, 0)),
+            BeamConfig(beam_size=3, max_len=5, n_best=2),
+            start_id=START,
+            end_id=END,
+            banned_ids=BANNED,
+        )
     assert empty.tokens.shape == (0, 2, 5) and empty.scores.shape == (0, 2)

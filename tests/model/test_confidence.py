@@ -1,4 +1,5 @@
 """Confidence: familiarity, the calibrator and its measures, and --min-confidence on real runs."""
+
 from __future__ import annotations
 
 import json
@@ -26,8 +27,9 @@ from batchcap.model.modelfile import load_model, save_model
 def test_auroc_is_the_chance_a_good_one_outscores_a_bad_one() -> None:
     rng = np.random.default_rng(0)
     scores, labels = rng.normal(size=60).round(1), rng.integers(0, 2, 60)  # rounded: ties happen
-    pairs = [(s1 > s0) + 0.5 * (s1 == s0) for s1, l1 in zip(scores, labels) if l1
-             for s0, l0 in zip(scores, labels) if not l0]
+    pairs = [
+        (s1 > s0) + 0.5 * (s1 == s0) for s1, l1 in zip(scores, labels) if l1 for s0, l0 in zip(scores, labels) if not l0
+    ]
     assert auroc(scores, labels) == pytest.approx(np.mean(pairs))
     assert auroc([1, 2, 3], [0, 1, 1]) == 1.0 and auroc([3, 2, 1], [0, 1, 1]) == 0.0
 
@@ -79,7 +81,9 @@ def calibrated_model(tiny_model_path: Path, image_folder: Path, tmp_path: Path) 
     from batchcap.pipeline.captioner import Captioner
 
     model = load_model(tiny_model_path)
-    images = torch.stack([decode_file(str(p), model.preprocess, ImagePolicy()).tensor for p in sorted(image_folder.iterdir())])
+    images = torch.stack(
+        [decode_file(str(p), model.preprocess, ImagePolicy()).tensor for p in sorted(image_folder.iterdir())]
+    )
     captioner = Captioner(model, RuntimeConfig(precision="fp32", channels_last=False), BeamConfig(beam_size=3))
     features = captioner.encode(images)
     model.familiarity = fit_familiarity(features.mean(1)[:12], components=4)
@@ -96,10 +100,21 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_min_confidence_sets_rows_aside_without_failing_the_run(calibrated_model: Path, image_folder: Path,
-                                                                tmp_path: Path) -> None:
-    base = ["run", str(image_folder), "--model", str(calibrated_model), "--workers", "0", "--device", "cpu",
-            "--precision", "fp32"]
+def test_min_confidence_sets_rows_aside_without_failing_the_run(
+    calibrated_model: Path, image_folder: Path, tmp_path: Path
+) -> None:
+    base = [
+        "run",
+        str(image_folder),
+        "--model",
+        str(calibrated_model),
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+        "--precision",
+        "fp32",
+    ]
     plain = CliRunner().invoke(cli, base + ["--out", str(tmp_path / "plain.jsonl")])
     assert plain.exit_code == 0, plain.output
     rows = read_jsonl(tmp_path / "plain.jsonl")
@@ -109,8 +124,9 @@ def test_min_confidence_sets_rows_aside_without_failing_the_run(calibrated_model
     below = {r["id"] for r in rows if r["confidence"] < threshold}
     assert below
 
-    gated = CliRunner().invoke(cli, base + ["--out", str(tmp_path / "gated.jsonl"), "--min-confidence",
-                                            str(threshold), "--max-failures", "0"])
+    gated = CliRunner().invoke(
+        cli, base + ["--out", str(tmp_path / "gated.jsonl"), "--min-confidence", str(threshold), "--max-failures", "0"]
+    )
     assert gated.exit_code == 0, gated.output  # set-aside rows are not failures
     assert re.search(rf"low confidence: +{len(below)} \(set aside below {threshold:g}\)", gated.output)
     again = {r["id"]: r for r in read_jsonl(tmp_path / "gated.jsonl")}
@@ -118,15 +134,25 @@ def test_min_confidence_sets_rows_aside_without_failing_the_run(calibrated_model
         kept = again[row["id"]]
         assert kept["status"] == ("low_confidence" if row["id"] in below else "ok")
         # the caption, score and confidence stay in the row, for the reviewer
-        assert (kept["caption"], kept["score"], kept["confidence"]) == (row["caption"], row["score"],
-                                                                        row["confidence"])
+        assert (kept["caption"], kept["score"], kept["confidence"]) == (row["caption"], row["score"], row["confidence"])
 
     resumed = CliRunner().invoke(cli, base + ["--out", str(tmp_path / "gated.jsonl"), "--min-confidence", "0.9"])
     assert resumed.exit_code == 4 and "min_confidence" in resumed.output  # another threshold: not mixed
 
 
 def test_min_confidence_needs_a_calibrated_model(tiny_model_path: Path, image_folder: Path, tmp_path: Path) -> None:
-    result = CliRunner().invoke(cli, ["run", str(image_folder), "--model", str(tiny_model_path), "--out",
-                                      str(tmp_path / "o.jsonl"), "--min-confidence", "0.5"])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "run",
+            str(image_folder),
+            "--model",
+            str(tiny_model_path),
+            "--out",
+            str(tmp_path / "o.jsonl"),
+            "--min-confidence",
+            "0.5",
+        ],
+    )
     assert result.exit_code == 2 and "no confidence calibration" in result.output
     assert not (tmp_path / "o.jsonl").exists()

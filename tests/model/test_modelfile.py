@@ -1,4 +1,5 @@
 """The model file: round trip, and each refusal with its message."""
+
 from __future__ import annotations
 
 import json
@@ -76,11 +77,11 @@ def test_refuses_flipped_bytes(tmp_path: Path) -> None:
 def _rewrite_metadata(path: Path, change) -> None:
     data = path.read_bytes()
     (n,) = struct.unpack("<Q", data[:8])
-    header = json.loads(data[8:8 + n])
+    header = json.loads(data[8 : 8 + n])
     change(header["__metadata__"])
     raw = json.dumps(header).encode()
     raw += b" " * ((8 - len(raw) % 8) % 8)
-    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n:])
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n :])
 
 
 def test_refuses_a_newer_format_version(tmp_path: Path) -> None:
@@ -95,8 +96,9 @@ def test_refuses_encoder_weights_with_another_hash(tmp_path: Path) -> None:
     model = make_tiny_model(tmp_path / "m.safetensors")
     weights = tmp_path / "enc.safetensors"
     save_file({"w": torch.ones(2)}, weights)
-    model.encoder = type(model.encoder)(**{**model.encoder.__dict__, "weights_sha256": "0" * 64,
-                                           "weights_file": "enc.safetensors"})
+    model.encoder = type(model.encoder)(
+        **{**model.encoder.__dict__, "weights_sha256": "0" * 64, "weights_file": "enc.safetensors"}
+    )
     with pytest.raises(ModelFileError, match="not the ones this model was trained with"):
         check_encoder_weights(model, weights)
 
@@ -136,11 +138,13 @@ def test_trust_statistics_round_trip(tmp_path: Path) -> None:
     model.familiarity = fit_familiarity(pooled, components=6, note="40 random pictures")
     unendable = tuple(w for w in model.vocab.words[4:7])
     model.unendable_words, model.ending_rule = unendable, {"learnt_from": "a test", "max_end_rate": 0.03}
-    model.neighbours = Neighbours(model.familiarity.whiten(pooled).float(),
-                                  [[f"a dog runs {i % 3}", "a man"] for i in range(40)], k=3)
+    model.neighbours = Neighbours(
+        model.familiarity.whiten(pooled).float(), [[f"a dog runs {i % 3}", "a man"] for i in range(40)], k=3
+    )
     n = len(EVIDENCE)
-    model.calibration = Calibrator(EVIDENCE, (0.1,) * n, (2.0,) * n, (1.0, 0.5, 0.2, -0.1, -0.7, 0.3, 0.9), 0.25,
-                                   {"auroc": {"confidence": 0.8}})
+    model.calibration = Calibrator(
+        EVIDENCE, (0.1,) * n, (2.0,) * n, (1.0, 0.5, 0.2, -0.1, -0.7, 0.3, 0.9), 0.25, {"auroc": {"confidence": 0.8}}
+    )
     from batchcap.model.modelfile import save_model
 
     save_model(model, tmp_path / "trust.safetensors")
@@ -163,7 +167,8 @@ def test_trust_statistics_round_trip(tmp_path: Path) -> None:
     from safetensors.torch import load_file
 
     assert {"familiarity.mean", "familiarity.components", "familiarity.variances", "familiarity.neighbours"} <= set(
-        load_file(str(tmp_path / "trust.safetensors")))
+        load_file(str(tmp_path / "trust.safetensors"))
+    )
 
 
 def test_model_files_without_trust_statistics_still_load(tmp_path: Path) -> None:

@@ -1,4 +1,5 @@
 """The output lock, exercised with real processes (flock is per open file, so threads won't do)."""
+
 from __future__ import annotations
 
 import os
@@ -22,8 +23,12 @@ with hold_lock(sys.argv[1]):
 
 
 def start_holder(out: Path) -> subprocess.Popen[str]:
-    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(out)], stdout=subprocess.PIPE, text=True,
-                            cwd=Path(__file__).resolve().parents[2])
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(out)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parents[2],
+    )
     assert proc.stdout is not None
     assert proc.stdout.readline().strip() == "locked"
     return proc
@@ -77,8 +82,13 @@ with hold_lock(sys.argv[1]):
 
 def test_forked_children_do_not_keep_the_lock(tmp_path: Path) -> None:
     out = tmp_path / "captions.parquet"
-    proc = subprocess.Popen([sys.executable, "-c", FORKING_HOLDER, str(out)], stdout=subprocess.PIPE,
-                            text=True, cwd=Path(__file__).resolve().parents[2], start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", FORKING_HOLDER, str(out)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parents[2],
+        start_new_session=True,
+    )
     try:
         assert proc.stdout is not None and proc.stdout.readline().strip() == "locked"
         with pytest.raises(LockHeld):

@@ -1,4 +1,5 @@
 """batchcap merge: combine part outputs, refuse (and write nothing) when they are incomplete."""
+
 from __future__ import annotations
 
 import datetime as dt
@@ -14,25 +15,26 @@ from batchcap.outputs.merge import MergeError, MergeReport, merge_outputs, read_
 
 # Written out on purpose: the output schema is a promise to users (README "Output"), and
 # test_output_schema_is_stable fails if the sink's drifts from it.
-SCHEMA_V1 = pa.schema([
-    ("id", pa.string()),
-    ("source", pa.string()),
-    ("caption", pa.string()),
-    ("score", pa.float64()),
-    ("n_best", pa.list_(pa.struct([("caption", pa.string()), ("score", pa.float64())]))),
-    ("status", pa.string()),
-    ("error", pa.string()),
-    ("width", pa.int32()),
-    ("height", pa.int32()),
-    ("size", pa.int64()),
-    ("mtime_ns", pa.int64()),
-    ("model", pa.string()),
-    ("created_at", pa.timestamp("ms", tz="UTC")),
-])
+SCHEMA_V1 = pa.schema(
+    [
+        ("id", pa.string()),
+        ("source", pa.string()),
+        ("caption", pa.string()),
+        ("score", pa.float64()),
+        ("n_best", pa.list_(pa.struct([("caption", pa.string()), ("score", pa.float64())]))),
+        ("status", pa.string()),
+        ("error", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("size", pa.int64()),
+        ("mtime_ns", pa.int64()),
+        ("model", pa.string()),
+        ("created_at", pa.timestamp("ms", tz="UTC")),
+    ]
+)
 # Version 2 appends the per-token log-probability and the calibrated confidence.
 SCHEMA = pa.schema(list(SCHEMA_V1) + [pa.field("logprob", pa.float64()), pa.field("confidence", pa.float64())])
-CONFIG = {"model": "tiny@abc123", "beam_size": 3, "max_len": 12, "precision": "fp32",
-          "version": "0.1.0"}
+CONFIG = {"model": "tiny@abc123", "beam_size": 3, "max_len": 12, "precision": "fp32", "version": "0.1.0"}
 
 
 def test_output_schema_is_stable() -> None:
@@ -44,14 +46,35 @@ def test_output_schema_is_stable() -> None:
 def rows(ids: list[str], model: str = "tiny@abc123", status: str = "ok") -> list[dict[str, Any]]:
     """Rows in the output schema, as `batchcap run` writes them."""
     now = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
-    return [{"id": i, "source": f"/data/{i}", "caption": "a dog runs", "score": -1.5,
-             "n_best": [{"caption": "a dog runs", "score": -1.5}], "status": status,
-             "error": None if status == "ok" else "decode: broken", "width": 48, "height": 40,
-             "size": 1234, "mtime_ns": 1, "model": model, "created_at": now} for i in ids]
+    return [
+        {
+            "id": i,
+            "source": f"/data/{i}",
+            "caption": "a dog runs",
+            "score": -1.5,
+            "n_best": [{"caption": "a dog runs", "score": -1.5}],
+            "status": status,
+            "error": None if status == "ok" else "decode: broken",
+            "width": 48,
+            "height": 40,
+            "size": 1234,
+            "mtime_ns": 1,
+            "model": model,
+            "created_at": now,
+        }
+        for i in ids
+    ]
 
 
-def write_parquet(path: Path, ids: list[str], shard: int = 0, row_group_size: int = 4,
-                  config: dict[str, Any] | None = None, schema: pa.Schema = SCHEMA, **kw: Any) -> Path:
+def write_parquet(
+    path: Path,
+    ids: list[str],
+    shard: int = 0,
+    row_group_size: int = 4,
+    config: dict[str, Any] | None = None,
+    schema: pa.Schema = SCHEMA,
+    **kw: Any,
+) -> Path:
     config = dict(config or CONFIG, shard=f"{shard}/3", out=str(path))
     table = pa.Table.from_pylist(rows(ids, **kw), schema=schema)
     table = table.replace_schema_metadata({b"batchcap": json.dumps(config).encode()})
@@ -59,8 +82,7 @@ def write_parquet(path: Path, ids: list[str], shard: int = 0, row_group_size: in
     return path
 
 
-def write_jsonl(path: Path, ids: list[str], shard: int = 0, config: dict[str, Any] | None = None,
-                **kw: Any) -> Path:
+def write_jsonl(path: Path, ids: list[str], shard: int = 0, config: dict[str, Any] | None = None, **kw: Any) -> Path:
     with open(path, "w") as f:
         for row in rows(ids, **kw):
             row["created_at"] = row["created_at"].isoformat()
@@ -75,14 +97,14 @@ def ids_of(start: int, stop: int) -> list[str]:
 
 @pytest.fixture
 def parquet_parts(tmp_path: Path) -> list[Path]:
-    return [write_parquet(tmp_path / f"part-{k}.parquet", ids_of(10 * k, 10 * k + 10), shard=k)
-            for k in range(3)]
+    return [write_parquet(tmp_path / f"part-{k}.parquet", ids_of(10 * k, 10 * k + 10), shard=k) for k in range(3)]
 
 
 def test_parquet_parts_merge_in_order_with_metadata(parquet_parts: list[Path], tmp_path: Path) -> None:
     out = tmp_path / "merged.parquet"
-    report = merge_outputs([str(p) for p in parquet_parts], str(out), expected_parts=3,
-                           expected_count=30, expected_ids=ids_of(0, 30))
+    report = merge_outputs(
+        [str(p) for p in parquet_parts], str(out), expected_parts=3, expected_count=30, expected_ids=ids_of(0, 30)
+    )
     assert isinstance(report, MergeReport)
     assert report.rows == 30 and report.part_rows == (10, 10, 10)
     assert report.statuses == (("ok", 30),) and report.models == ("tiny@abc123",)
@@ -133,8 +155,12 @@ def test_missing_part_is_named(parquet_parts: list[Path], tmp_path: Path) -> Non
 
 
 def test_nonexistent_part_and_unmatched_glob(parquet_parts: list[Path], tmp_path: Path) -> None:
-    assert_refused([parquet_parts[0], tmp_path / "part-*.parquet"], tmp_path / "m.parquet",
-                   r"missing.*part-\*\.parquet", expected_parts=2)
+    assert_refused(
+        [parquet_parts[0], tmp_path / "part-*.parquet"],
+        tmp_path / "m.parquet",
+        r"missing.*part-\*\.parquet",
+        expected_parts=2,
+    )
 
 
 def test_part_beyond_expected_count_is_refused(parquet_parts: list[Path], tmp_path: Path) -> None:
@@ -174,8 +200,7 @@ def test_count_mismatch(parquet_parts: list[Path], tmp_path: Path) -> None:
 def test_listing_mismatch_names_ids(parquet_parts: list[Path], tmp_path: Path) -> None:
     listing = tmp_path / "listing.txt"
     listing.write_text("\n".join(ids_of(1, 31)) + "\n\n")
-    err = assert_refused(parquet_parts, tmp_path / "m.parquet", "listing",
-                         expected_ids=read_listing(listing))
+    err = assert_refused(parquet_parts, tmp_path / "m.parquet", "listing", expected_ids=read_listing(listing))
     assert "'img00030.jpg'" in str(err) and "'img00000.jpg'" in str(err)
 
 
@@ -221,8 +246,13 @@ def test_parts_written_by_the_sink(tmp_path: Path, fmt: str) -> None:
 
     def part(k: int, ids: list[str], beam: int = 3) -> Path:
         out = tmp_path / f"part-{k}.{fmt}"
-        store = sink.OutputStore.open(out, None, resume_settings={"model": "tiny@abc123", "beam_size": beam},
-                                      run_config={"shard": f"{k}/2", "input": "/data"}, commit_every=2)
+        store = sink.OutputStore.open(
+            out,
+            None,
+            resume_settings={"model": "tiny@abc123", "beam_size": beam},
+            run_config={"shard": f"{k}/2", "input": "/data"},
+            commit_every=2,
+        )
         store.add({key: value for key, value in row.items() if key != "created_at"} for row in rows(ids))
         store.finalize()
         return out
@@ -248,8 +278,10 @@ def test_same_file_names_in_two_folders_are_named_by_path(tmp_path: Path) -> Non
 
 def test_parts_of_the_previous_schema_version_merge_among_themselves(tmp_path: Path) -> None:
     old = dict(CONFIG, schema_version=1)
-    parts = [write_parquet(tmp_path / f"part-{k}.parquet", ids_of(5 * k, 5 * k + 5), shard=k, config=old,
-                           schema=SCHEMA_V1) for k in range(2)]
+    parts = [
+        write_parquet(tmp_path / f"part-{k}.parquet", ids_of(5 * k, 5 * k + 5), shard=k, config=old, schema=SCHEMA_V1)
+        for k in range(2)
+    ]
     out = tmp_path / "merged.parquet"
     merge_outputs([str(p) for p in parts], str(out))
     merged = pq.read_table(out)
@@ -260,8 +292,9 @@ def test_parts_of_the_previous_schema_version_merge_among_themselves(tmp_path: P
 @pytest.mark.parametrize("fmt", ["parquet", "jsonl"])
 def test_parts_of_two_schema_versions_are_refused(tmp_path: Path, fmt: str) -> None:
     if fmt == "parquet":
-        old = write_parquet(tmp_path / "part-0.parquet", ids_of(0, 5), config=dict(CONFIG, schema_version=1),
-                            schema=SCHEMA_V1)
+        old = write_parquet(
+            tmp_path / "part-0.parquet", ids_of(0, 5), config=dict(CONFIG, schema_version=1), schema=SCHEMA_V1
+        )
         new = write_parquet(tmp_path / "part-1.parquet", ids_of(5, 10), shard=1, config=dict(CONFIG, schema_version=2))
     else:
         old = write_jsonl(tmp_path / "part-0.jsonl", ids_of(0, 5), config=dict(CONFIG, schema_version=1))

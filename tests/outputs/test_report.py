@@ -1,4 +1,5 @@
 """The HTML report: hand-written Parquet/JSONL outputs with real pictures, checked as text and in chromium."""
+
 from __future__ import annotations
 
 import base64
@@ -31,12 +32,23 @@ META = {
     "finished_at": "2026-01-02T03:06:15+00:00",
 }
 NBEST_TYPE = pa.list_(pa.struct([("caption", pa.string()), ("score", pa.float64())]))
-SCHEMA = pa.schema([
-    ("id", pa.string()), ("source", pa.string()), ("caption", pa.string()), ("score", pa.float64()),
-    ("n_best", NBEST_TYPE), ("status", pa.string()), ("error", pa.string()), ("width", pa.int32()),
-    ("height", pa.int32()), ("size", pa.int64()), ("mtime_ns", pa.int64()), ("model", pa.string()),
-    ("created_at", pa.timestamp("ms", tz="UTC")),
-])
+SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("source", pa.string()),
+        ("caption", pa.string()),
+        ("score", pa.float64()),
+        ("n_best", NBEST_TYPE),
+        ("status", pa.string()),
+        ("error", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("size", pa.int64()),
+        ("mtime_ns", pa.int64()),
+        ("model", pa.string()),
+        ("created_at", pa.timestamp("ms", tz="UTC")),
+    ]
+)
 
 
 def make_rows(tmp_path: Path, n_ok: int = 6) -> list[dict]:
@@ -51,21 +63,50 @@ def make_rows(tmp_path: Path, n_ok: int = 6) -> list[dict]:
     rows = []
     for i, path in enumerate(paths):
         caption = EVIL if i == 2 else f"caption number {i} of a red ball"
-        rows.append({
-            "id": path.name, "source": str(path), "caption": caption, "score": -0.2 - 0.3 * i,
-            "n_best": [{"caption": caption, "score": -0.2 - 0.3 * i},
-                       {"caption": f"alternative {i} <b>bold</b>", "score": -1.5 - 0.3 * i}],
-            "status": "ok", "error": None, "width": 64, "height": 48, "size": path.stat().st_size,
-            "mtime_ns": path.stat().st_mtime_ns, "model": META["model"], "created_at": created,
-        })
-    failures = [("broken.jpg", "corrupt", "image file is truncated <bytes>"),
-                ("huge.png", "too_large", "50000x50000 exceeds --max-pixels"),
-                ("gone.jpg", "missing", "listed but not found")]
+        rows.append(
+            {
+                "id": path.name,
+                "source": str(path),
+                "caption": caption,
+                "score": -0.2 - 0.3 * i,
+                "n_best": [
+                    {"caption": caption, "score": -0.2 - 0.3 * i},
+                    {"caption": f"alternative {i} <b>bold</b>", "score": -1.5 - 0.3 * i},
+                ],
+                "status": "ok",
+                "error": None,
+                "width": 64,
+                "height": 48,
+                "size": path.stat().st_size,
+                "mtime_ns": path.stat().st_mtime_ns,
+                "model": META["model"],
+                "created_at": created,
+            }
+        )
+    failures = [
+        ("broken.jpg", "corrupt", "image file is truncated <bytes>"),
+        ("huge.png", "too_large", "50000x50000 exceeds --max-pixels"),
+        ("gone.jpg", "missing", "listed but not found"),
+    ]
     for name, status, error in failures:
         (tmp_path / "photos" / name).write_bytes(b"not really an image")
-        rows.append({"id": name, "source": str(tmp_path / "photos" / name), "caption": None, "score": None,
-                     "n_best": None, "status": status, "error": error, "width": None, "height": None,
-                     "size": None, "mtime_ns": None, "model": META["model"], "created_at": created})
+        rows.append(
+            {
+                "id": name,
+                "source": str(tmp_path / "photos" / name),
+                "caption": None,
+                "score": None,
+                "n_best": None,
+                "status": status,
+                "error": error,
+                "width": None,
+                "height": None,
+                "size": None,
+                "mtime_ns": None,
+                "model": META["model"],
+                "created_at": created,
+            }
+        )
     return rows
 
 
@@ -202,13 +243,16 @@ def test_webdataset_members(tmp_path: Path) -> None:
 
 
 def test_tolerant_of_missing_columns_and_damage(tmp_path: Path) -> None:
-    pq.write_table(pa.table({"id": ["a", "b"], "caption": ["one", None], "status": ["ok", "corrupt"]}),
-                   tmp_path / "bare.parquet")
+    pq.write_table(
+        pa.table({"id": ["a", "b"], "caption": ["one", None], "status": ["ok", "corrupt"]}), tmp_path / "bare.parquet"
+    )
     summary = write_report(tmp_path / "bare.parquet", tmp_path / "bare.html")
     assert summary.total_rows == 2 and summary.placeholders == 2
     jsonl = tmp_path / "damaged.jsonl"
-    jsonl.write_text('{"id": "a", "caption": "fine", "status": "ok", "score": "-0.5", "n_best": 3}\n'
-                     '{"id": "b", "capt\n[1, 2]\n\n{"id": "c\\ud800", "status": "ok", "caption": "x"}\n')
+    jsonl.write_text(
+        '{"id": "a", "caption": "fine", "status": "ok", "score": "-0.5", "n_best": 3}\n'
+        '{"id": "b", "capt\n[1, 2]\n\n{"id": "c\\ud800", "status": "ok", "caption": "x"}\n'
+    )
     with pytest.raises(ReportError, match=r"damaged.jsonl line 2 is not valid JSON: the file is damaged"):
         write_report(jsonl, tmp_path / "damaged.html")
     assert not (tmp_path / "damaged.html").exists()
@@ -231,16 +275,30 @@ def _chromium(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     chromium = shutil.which("chromium")
     profile = tmp_path / f"profile-{len(list(tmp_path.glob('profile-*')))}"
     return subprocess.run(
-        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         f"--user-data-dir={profile}", *args],
-        capture_output=True, text=True, timeout=120, check=True,
+        [
+            chromium,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={profile}",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
     )
 
 
 @pytest.mark.browser
-@pytest.mark.skipif(shutil.which("chromium") is None,
-                    reason="Debian's chromium is not installed (apt-get install chromium)")
+@pytest.mark.skipif(
+    shutil.which("chromium") is None, reason="Debian's chromium is not installed (apt-get install chromium)"
+)
 def test_report_in_headless_chromium(tmp_path: Path) -> None:
     rows = make_rows(tmp_path)
     out = write_parquet(tmp_path / "captions.parquet", rows)
@@ -270,9 +328,12 @@ def test_reads_what_the_real_sink_writes(tmp_path: Path, fmt: str) -> None:
 
     rows = make_rows(tmp_path, n_ok=3)
     out = tmp_path / f"captions.{fmt}"
-    store = OutputStore.open(out, None, resume_settings={"model": META["model"], "beam": META["beam"]},
-                             run_config={"runtime": META["runtime"], "started_at": META["started_at"],
-                                         "finished_at": META["finished_at"]})
+    store = OutputStore.open(
+        out,
+        None,
+        resume_settings={"model": META["model"], "beam": META["beam"]},
+        run_config={"runtime": META["runtime"], "started_at": META["started_at"], "finished_at": META["finished_at"]},
+    )
     store.add(rows)
     store.finalize()
     summary = write_report(out, tmp_path / "r.html")
@@ -305,7 +366,7 @@ def test_cli_refuses_a_damaged_jsonl_output_naming_the_line(tmp_path: Path) -> N
     from batchcap.cli import cli
 
     jsonl = tmp_path / "out.jsonl"
-    jsonl.write_text(json.dumps({"id": "a", "caption": "fine", "status": "ok"}) + "\n{\"id\": \"b\", \"capt\n")
+    jsonl.write_text(json.dumps({"id": "a", "caption": "fine", "status": "ok"}) + '\n{"id": "b", "capt\n')
     runner = CliRunner()
     result = runner.invoke(cli, ["report", str(jsonl)])
     assert result.exit_code == 2 and "line 2 is not valid JSON" in result.output
@@ -322,8 +383,14 @@ def with_confidence(rows: list[dict]) -> list[dict]:
             out.append({**row, "logprob": None, "confidence": None})
             continue
         confidence = round(0.9 - 0.15 * ((i * 2) % 6), 2)  # not in score order
-        out.append({**row, "logprob": row["score"] / 4, "confidence": confidence,
-                    "status": "low_confidence" if confidence < 0.4 else "ok"})
+        out.append(
+            {
+                **row,
+                "logprob": row["score"] / 4,
+                "confidence": confidence,
+                "status": "low_confidence" if confidence < 0.4 else "ok",
+            }
+        )
     return out
 
 
@@ -342,12 +409,12 @@ def test_confidence_order_filter_and_low_confidence_rows(tmp_path: Path, fmt: st
     summary = write_report(out, tmp_path / "all.html", order="confidence")
     text = (tmp_path / "all.html").read_text("utf-8")
     captioned = sorted((r for r in rows if r["confidence"] is not None), key=lambda r: r["confidence"])
-    assert card_ids(tmp_path / "all.html")[:len(captioned)] == [r["id"] for r in captioned]
+    assert card_ids(tmp_path / "all.html")[: len(captioned)] == [r["id"] for r in captioned]
     assert summary.failures_listed == 3  # set-aside rows are not failures
     assert summary.thumbnails == len(captioned)  # and they show their picture
     assert summary.status_counts["low_confidence"] == len(low)
     assert f"{low[0]['confidence']:.0%} sure" in text and '<option value="low_confidence">' in text
-    assert re.search(r'<div class="num">%d</div><div class="lbl">Low confidence' % len(low), text)
+    assert re.search(rf'<div class="num">{len(low)}</div><div class="lbl">Low confidence', text)
 
     write_report(out, tmp_path / "low.html", status="low_confidence")
     assert sorted(card_ids(tmp_path / "low.html")) == sorted(r["id"] for r in low)

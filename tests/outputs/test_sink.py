@@ -1,4 +1,5 @@
 """OutputStore: parts, resume state, refusal, overwrite, incremental merge, atomic finalize."""
+
 from __future__ import annotations
 
 import datetime as dt
@@ -17,16 +18,22 @@ SETTINGS = {"model": "tiny@0123456789ab", "beam_size": 3, "max_len": 12, "min_le
 CONFIG = {"sources": ["photos/"], "workers": 1, "resume_settings": SETTINGS}
 
 
-def row(i: int, status: str = "ok", caption: str | None = None, size: int | None = 100,
-        mtime_ns: int | None = 1_000) -> dict[str, Any]:
+def row(
+    i: int, status: str = "ok", caption: str | None = None, size: int | None = 100, mtime_ns: int | None = 1_000
+) -> dict[str, Any]:
     ok = status == "ok"
     return {
-        "id": f"img{i:05d}.jpg", "source": f"photos/img{i:05d}.jpg",
+        "id": f"img{i:05d}.jpg",
+        "source": f"photos/img{i:05d}.jpg",
         "caption": (caption or f"a dog number {i}") if ok else None,
         "score": -1.25 if ok else None,
         "n_best": [{"caption": "a dog", "score": -1.25}, {"caption": "a cat", "score": -2.5}] if ok else None,
-        "status": status, "error": None if ok else f"{status}: boom",
-        "width": 48, "height": 40, "size": size, "mtime_ns": mtime_ns,
+        "status": status,
+        "error": None if ok else f"{status}: boom",
+        "width": 48,
+        "height": 40,
+        "size": size,
+        "mtime_ns": mtime_ns,
         "model": SETTINGS["model"],
         "created_at": dt.datetime(2026, 1, 2, 3, 4, 5, 678000, tzinfo=dt.timezone.utc),
     }
@@ -39,8 +46,9 @@ def read_rows(out: Path, fmt: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in lines]
 
 
-def open_store(out: Path, fmt: str, settings: dict[str, Any] = SETTINGS, overwrite: bool = False,
-               commit_every: int = 4) -> OutputStore:
+def open_store(
+    out: Path, fmt: str, settings: dict[str, Any] = SETTINGS, overwrite: bool = False, commit_every: int = 4
+) -> OutputStore:
     return OutputStore.open(out, fmt, settings, CONFIG, overwrite=overwrite, commit_every=commit_every)
 
 
@@ -189,8 +197,10 @@ def test_later_part_replaces_earlier_row_of_same_id(out: Path, fmt: str) -> None
     assert len(rows) == 1 and rows[0]["status"] == "ok"
 
 
-@pytest.mark.parametrize("status,done", [("missing", False), ("unreadable", False), ("shard_error", False),
-                                         ("corrupt", True), ("too_large", True)])
+@pytest.mark.parametrize(
+    "status,done",
+    [("missing", False), ("unreadable", False), ("shard_error", False), ("corrupt", True), ("too_large", True)],
+)
 def test_which_failures_count_as_done(out: Path, fmt: str, status: str, done: bool) -> None:
     store = open_store(out, fmt)
     store.add([row(0, status=status, size=None, mtime_ns=None)])

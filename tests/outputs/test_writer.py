@@ -1,5 +1,6 @@
 """The sink's writer thread, over a real OutputStore: rows arrive, commits by count and by time,
 and an error in the thread is raised in the caller's."""
+
 from __future__ import annotations
 
 import shutil
@@ -32,8 +33,11 @@ def test_rows_reach_the_store_in_order_and_close_commits_the_rest(tmp_path: Path
     for start in range(0, 25, 5):
         writer.add(rows(start, 5))
     writer.close()
-    assert part_ids(store) == [[f"img{i}" for i in range(0, 10)], [f"img{i}" for i in range(10, 20)],
-                               [f"img{i}" for i in range(20, 25)]]
+    assert part_ids(store) == [
+        [f"img{i}" for i in range(0, 10)],
+        [f"img{i}" for i in range(10, 20)],
+        [f"img{i}" for i in range(20, 25)],
+    ]
     assert store.rows_added == 25 and set(store.done) == {f"img{i}" for i in range(25)}
     writer.close()  # a second close is harmless
 

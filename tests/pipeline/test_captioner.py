@@ -1,4 +1,5 @@
 """The captioner's output: per-word scores, empty n-best slots, and the packaged default model."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -20,27 +21,34 @@ def test_logprob_is_the_mean_over_the_tokens_a_caption_shows() -> None:
     token_lp = torch.zeros(1, 2, 6)
     token_lp[0, 0, :3] = torch.tensor([-1.0, -2.0, -3.0])
     token_lp[0, 1, :5] = -2.0
-    result = BeamResult(tokens=torch.zeros(1, 2, 5, dtype=torch.long), lengths=torch.tensor([[2, 5]]),
-                        scores=torch.tensor([[-2.0, -10.0]]), ended=torch.tensor([[True, False]]),
-                        token_logprobs=token_lp)
+    result = BeamResult(
+        tokens=torch.zeros(1, 2, 5, dtype=torch.long),
+        lengths=torch.tensor([[2, 5]]),
+        scores=torch.tensor([[-2.0, -10.0]]),
+        ended=torch.tensor([[True, False]]),
+        token_logprobs=token_lp,
+    )
     assert torch.allclose(token_logprobs_mean(result), torch.tensor([[-2.0, -2.0]]))
 
 
 def test_n_best_never_holds_empty_slots(tiny_model_path: Path, tmp_path: Path) -> None:
     model = load_model(tiny_model_path)
-    captioner = Captioner(model, RuntimeConfig(precision="fp32", channels_last=False),
-                          BeamConfig(beam_size=5, n_best=5, max_len=3))
+    captioner = Captioner(
+        model, RuntimeConfig(precision="fp32", channels_last=False), BeamConfig(beam_size=5, n_best=5, max_len=3)
+    )
     images = torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8)
     for caption in captioner(images):
         assert caption.n_best and all(score > float("-inf") for _, score in caption.n_best)
         assert caption.text == caption.n_best[0][0] and caption.score == caption.n_best[0][1]
 
 
-def test_a_picture_with_nan_features_is_its_own_failure_not_the_batchs(tiny_model_path: Path,
-                                                                        image_folder: Path) -> None:
+def test_a_picture_with_nan_features_is_its_own_failure_not_the_batchs(
+    tiny_model_path: Path, image_folder: Path
+) -> None:
     model = load_model(tiny_model_path)
-    captioner = Captioner(model, RuntimeConfig(precision="fp32", channels_last=False),
-                          BeamConfig(beam_size=3, n_best=2, max_len=5))
+    captioner = Captioner(
+        model, RuntimeConfig(precision="fp32", channels_last=False), BeamConfig(beam_size=3, n_best=2, max_len=5)
+    )
 
     def poisoned(images: torch.Tensor) -> list:
         features = captioner.encode(images).clone()
@@ -48,8 +56,9 @@ def test_a_picture_with_nan_features_is_its_own_failure_not_the_batchs(tiny_mode
         features[2, 0] = float("inf")
         return captioner.search(features)
 
-    batch = next(iter(iter_batches(open_sources([str(image_folder)]), model.preprocess, ImagePolicy(),
-                                   batch_size=5, workers=0)))
+    batch = next(
+        iter(iter_batches(open_sources([str(image_folder)]), model.preprocess, ImagePolicy(), batch_size=5, workers=0))
+    )
     ids = [r.item.id for r in batch.ok]
     captions = caption_batch(poisoned, batch)
     assert [r.item.id for r in batch.ok] == [ids[0]] + ids[3:] and len(captions) == 3
@@ -58,8 +67,9 @@ def test_a_picture_with_nan_features_is_its_own_failure_not_the_batchs(tiny_mode
     assert all("no finite caption" in r.error for r in batch.failed)
 
 
-def test_a_run_whose_encoder_overflows_writes_failure_rows(tiny_model_path: Path, image_folder: Path,
-                                                          tmp_path: Path) -> None:
+def test_a_run_whose_encoder_overflows_writes_failure_rows(
+    tiny_model_path: Path, image_folder: Path, tmp_path: Path
+) -> None:
     import json
 
     from click.testing import CliRunner
@@ -73,8 +83,10 @@ def test_a_run_whose_encoder_overflows_writes_failure_rows(tiny_model_path: Path
     broken = tmp_path / "overflowing.safetensors"
     save_model(dataclasses.replace(model, encoder_state=state), broken)
     out = tmp_path / "c.jsonl"
-    result = CliRunner().invoke(cli, ["run", str(image_folder), "--out", str(out), "--model", str(broken),
-                                      "--precision", "fp32", "--workers", "0"])
+    result = CliRunner().invoke(
+        cli,
+        ["run", str(image_folder), "--out", str(out), "--model", str(broken), "--precision", "fp32", "--workers", "0"],
+    )
     assert result.exit_code == 5, result.output  # finished, with more failures than --max-failures
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 20 and {r["status"] for r in rows} == {NO_CAPTION}
@@ -96,8 +108,11 @@ def test_a_short_batch_on_cuda_is_padded_and_captioned_like_on_the_cpu(tiny_mode
 @pytest.mark.parametrize("alpha", [0.0, 0.7, 1.0])
 def test_n_best_is_ordered_by_the_score_it_shows(tiny_model_path: Path, alpha: float) -> None:
     model = load_model(tiny_model_path)
-    captioner = Captioner(model, RuntimeConfig(precision="fp32", channels_last=False),
-                          BeamConfig(beam_size=5, n_best=5, max_len=6, length_penalty=alpha))
+    captioner = Captioner(
+        model,
+        RuntimeConfig(precision="fp32", channels_last=False),
+        BeamConfig(beam_size=5, n_best=5, max_len=6, length_penalty=alpha),
+    )
     images = torch.randint(0, 256, (6, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
     captions = captioner(images)
     for caption in captions:
@@ -114,12 +129,13 @@ def test_confidence_is_deterministic_and_in_unit_range(tiny_model_path: Path) ->
 
     model = load_model(tiny_model_path)
     dim = model.encoder.feature_dim
-    model.familiarity = fit_familiarity(torch.randn(50, dim, generator=torch.Generator().manual_seed(0)),
-                                        components=8)
-    model.calibration = Calibrator(EVIDENCE[:5], center=(0.0,) * 5, scale=(1.0,) * 5,
-                                   coef=(2.0, 1.0, 0.5, 0.1, -1.0), intercept=0.3)  # no neighbours stored
-    captioner = Captioner(model, RuntimeConfig(precision="fp32", channels_last=False),
-                          BeamConfig(beam_size=3, max_len=5))
+    model.familiarity = fit_familiarity(torch.randn(50, dim, generator=torch.Generator().manual_seed(0)), components=8)
+    model.calibration = Calibrator(
+        EVIDENCE[:5], center=(0.0,) * 5, scale=(1.0,) * 5, coef=(2.0, 1.0, 0.5, 0.1, -1.0), intercept=0.3
+    )  # no neighbours stored
+    captioner = Captioner(
+        model, RuntimeConfig(precision="fp32", channels_last=False), BeamConfig(beam_size=3, max_len=5)
+    )
     images = torch.randint(0, 256, (5, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(4))
     first = [c.confidence for c in captioner(images)]
     again = [c.confidence for c in captioner(images)]
@@ -143,8 +159,9 @@ def test_the_packaged_model_captions_photos_offline(tmp_path: Path) -> None:
     for path in sorted(photos.glob("*.jpg"))[:6]:
         (subset / path.name).write_bytes(path.read_bytes())
     out = tmp_path / "captions.jsonl"
-    result = CliRunner().invoke(cli, ["run", str(subset), "--out", str(out), "--workers", "0"],
-                                env={"BATCHCAP_ENCODER_WEIGHTS": ""})
+    result = CliRunner().invoke(
+        cli, ["run", str(subset), "--out", str(out), "--workers", "0"], env={"BATCHCAP_ENCODER_WEIGHTS": ""}
+    )
     assert result.exit_code == 0, result.output
     import json
 
@@ -160,7 +177,6 @@ def test_the_packaged_model_captions_photos_offline(tmp_path: Path) -> None:
     # Flickr8k's world is people and dogs; these photos show both.
     text = " ".join(r["caption"] for r in rows)
     assert any(w in text for w in ("dog", "man", "girl", "boy", "woman", "people"))
-
 
 
 def test_a_bf16_run_searches_with_bf16_weights_and_agrees_with_fp32() -> None:

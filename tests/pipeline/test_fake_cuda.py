@@ -16,11 +16,13 @@ there is a no-op, as it is on a GPU), and autograd's backward, which asks the CU
 about devices (it is replaced by one that gives every trained parameter a zero gradient
 on the parameter's device, as a real backward would).
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -61,14 +63,19 @@ class FakeCuda(FakeTensorMode):
         if func is torch.ops.aten._local_scalar_dense.default:  # .item(), bool(), int(), float()
             self.host_reads += 1
             return _placeholder(args[0].dtype)
-        if func.overloadpacket in _MOVES and fake and fake[0].device.type == "cuda" and any(
-                isinstance(x, torch.device) and x.type == "cpu" for x in leaves):  # .cpu(), .to("cpu")
+        if (
+            func.overloadpacket in _MOVES
+            and fake
+            and fake[0].device.type == "cuda"
+            and any(isinstance(x, torch.device) and x.type == "cpu" for x in leaves)
+        ):  # .cpu(), .to("cpu")
             self.host_reads += 1  # a device-to-host copy waits for the GPU
             dtype = kwargs.get("dtype") or next((x for x in leaves if isinstance(x, torch.dtype)), fake[0].dtype)
             with torch._subclasses.fake_tensor.unset_fake_temporarily():
                 return torch.full(fake[0].shape, _placeholder(dtype), dtype=dtype)
-        args, kwargs = tree_map_only(torch.Tensor, lambda t: t if isinstance(t, FakeTensor) else self.from_tensor(t),
-                                     (args, kwargs))
+        args, kwargs = tree_map_only(
+            torch.Tensor, lambda t: t if isinstance(t, FakeTensor) else self.from_tensor(t), (args, kwargs)
+        )
         return super().__torch_dispatch__(func, types, args, kwargs)
 
 
@@ -118,17 +125,18 @@ def tiny_split(images: int = 6) -> tuple[Split, Vocabulary]:
     keep = {r.image_id: n for n, r in enumerate(records)}
     captions, owners = encode_captions(records, keep, vocab, max_len=6)
     features = torch.randn(images, 4, 8, generator=torch.Generator().manual_seed(0)).half()
-    return Split(list(keep), features, records, captions, owners,
-                 {r.image_id: list(r.captions) for r in records}), vocab
+    return Split(
+        list(keep), features, records, captions, owners, {r.image_id: list(r.captions) for r in records}
+    ), vocab
 
 
 def decoder_config(vocab: Vocabulary) -> DecoderConfig:
-    return DecoderConfig(vocab_size=len(vocab), feature_dim=8, embed_dim=8, hidden_dim=16, attention_dim=8,
-                         dropout=0.0)
+    return DecoderConfig(vocab_size=len(vocab), feature_dim=8, embed_dim=8, hidden_dim=16, attention_dim=8, dropout=0.0)
 
 
-def trainer(vocab: Vocabulary, split: Split, decoder: CaptionDecoder, fake: FakeCuda
-            ) -> tuple[TrainStep, torch.optim.Optimizer, torch.nn.ModuleDict]:
+def trainer(
+    vocab: Vocabulary, split: Split, decoder: CaptionDecoder, fake: FakeCuda
+) -> tuple[TrainStep, torch.optim.Optimizer, torch.nn.ModuleDict]:
     trained = torch.nn.ModuleDict({"decoder": decoder})
     optimizer = torch.optim.AdamW([{"params": list(decoder.parameters()), "lr": 1e-3, "base_lr": 1e-3}])
     fake.trained_parameters = list(trained.parameters())  # type: ignore[attr-defined]

@@ -1,4 +1,5 @@
 """Progress lines, the summary, --max-failures parsing, exit codes."""
+
 from __future__ import annotations
 
 import io
@@ -41,9 +42,17 @@ def test_non_tty_logs_plain_key_value_lines_every_n_seconds() -> None:
     fields = dict(item.split("=", 1) for item in logs[0].split())
     assert fields["done"] == "40" and fields["total"] == "100" and fields["ok"] == "19"
     assert fields["failed"] == "1" and fields["rate"] == "0.65/s" and fields["eta"] == "1m33s"
-    assert summary == {"ok": 39, "failed": {"corrupt": 1}, "failed_total": 1, "skipped": 20, "ignored": 2,
-                       "processed": 40, "wall_s": 66.0, "images_per_s": 0.61,
-                       "output": "out/captions.parquet"}
+    assert summary == {
+        "ok": 39,
+        "failed": {"corrupt": 1},
+        "failed_total": 1,
+        "skipped": 20,
+        "ignored": 2,
+        "processed": 40,
+        "wall_s": 66.0,
+        "images_per_s": 0.61,
+        "output": "out/captions.parquet",
+    }
     assert "failed now:             1 (corrupt 1)" in text
     assert "already done:           20" in text and "output:                 out/captions.parquet" in text
 
@@ -68,12 +77,19 @@ def test_tty_draws_a_rich_bar() -> None:
     assert "\x1b[" in text and "ok 3" in text and "failed 1" in text and "img/s" in text
 
 
-@pytest.mark.parametrize("text,expected", [
-    ("10", MaxFailures(count=10)), ("0", MaxFailures(count=0)), (" 7 ", MaxFailures(count=7)),
-    ("0.05", MaxFailures(fraction=0.05)), ("5%", MaxFailures(fraction=0.05)),
-    ("1.0", MaxFailures(fraction=1.0)), ("100%", MaxFailures(fraction=1.0)),
-    (".5", MaxFailures(fraction=0.5)),
-])
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("10", MaxFailures(count=10)),
+        ("0", MaxFailures(count=0)),
+        (" 7 ", MaxFailures(count=7)),
+        ("0.05", MaxFailures(fraction=0.05)),
+        ("5%", MaxFailures(fraction=0.05)),
+        ("1.0", MaxFailures(fraction=1.0)),
+        ("100%", MaxFailures(fraction=1.0)),
+        (".5", MaxFailures(fraction=0.5)),
+    ],
+)
 def test_parse_max_failures(text: str, expected: MaxFailures) -> None:
     assert parse_max_failures(text) == expected
 
@@ -95,6 +111,12 @@ def test_max_failures_exceeded() -> None:
 
 
 def test_exit_codes_are_distinct() -> None:
-    codes = [progress.EXIT_OK, progress.EXIT_CRASH, progress.EXIT_USAGE, progress.EXIT_LOCKED,
-             progress.EXIT_RESUME_REFUSED, progress.EXIT_TOO_MANY_FAILURES]
+    codes = [
+        progress.EXIT_OK,
+        progress.EXIT_CRASH,
+        progress.EXIT_USAGE,
+        progress.EXIT_LOCKED,
+        progress.EXIT_RESUME_REFUSED,
+        progress.EXIT_TOO_MANY_FAILURES,
+    ]
     assert codes == [0, 1, 2, 3, 4, 5]

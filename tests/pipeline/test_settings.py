@@ -1,4 +1,5 @@
 """Option values -> config objects: messages name the options as typed; workers follow the CPU mask."""
+
 from __future__ import annotations
 
 import os
@@ -53,19 +54,27 @@ def test_default_workers_leave_one_cpu_for_the_model() -> None:
 def test_available_cpus_follow_the_affinity_mask_not_the_node() -> None:
     # What Slurm's cgroup/affinity or taskset gives a task: one CPU, although the node has more.
     cpu = sorted(os.sched_getaffinity(0))[0]
-    code = (f"import os; os.sched_setaffinity(0, {{{cpu}}}); "
-            "from batchcap.hardware import available_cpus; from batchcap.pipeline.settings import runtime_config; "
-            "print(available_cpus(), runtime_config('cpu', 'fp32', None, 'auto').workers)")
+    code = (
+        f"import os; os.sched_setaffinity(0, {{{cpu}}}); "
+        "from batchcap.hardware import available_cpus; from batchcap.pipeline.settings import runtime_config; "
+        "print(available_cpus(), runtime_config('cpu', 'fp32', None, 'auto').workers)"
+    )
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
     assert out.split() == ["1", "1"]
     assert available_cpus() == len(os.sched_getaffinity(0))
 
 
-@pytest.mark.parametrize("setting, shown", [
-    ("beam.beam_size", "--beam"), ("resume_settings.beam.n_best", "--n-best"), ("no_repeat_ngram", "--no-repeat-ngram"),
-    ("model", "--model"), ("preprocess.resize", "the model's preprocessing (resize)"),
-    ("schema_version", "schema version"),
-])
+@pytest.mark.parametrize(
+    "setting, shown",
+    [
+        ("beam.beam_size", "--beam"),
+        ("resume_settings.beam.n_best", "--n-best"),
+        ("no_repeat_ngram", "--no-repeat-ngram"),
+        ("model", "--model"),
+        ("preprocess.resize", "the model's preprocessing (resize)"),
+        ("schema_version", "schema version"),
+    ],
+)
 def test_refusals_name_settings_as_options(setting: str, shown: str) -> None:
     from batchcap.config import option_name
 
@@ -92,11 +101,14 @@ class FakeGpus:
         return self.capability
 
 
-@pytest.mark.parametrize("capability, precision", [((7, 0), "fp16"), ((7, 5), "fp16"), ((8, 0), "bf16"),
-                                                   ((9, 0), "bf16")], ids=["V100", "T4", "A100", "H100"])
-def test_auto_precision_follows_the_chosen_gpus_compute_capability(monkeypatch: pytest.MonkeyPatch,
-                                                                    capability: tuple[int, int],
-                                                                    precision: str) -> None:
+@pytest.mark.parametrize(
+    "capability, precision",
+    [((7, 0), "fp16"), ((7, 5), "fp16"), ((8, 0), "bf16"), ((9, 0), "bf16")],
+    ids=["V100", "T4", "A100", "H100"],
+)
+def test_auto_precision_follows_the_chosen_gpus_compute_capability(
+    monkeypatch: pytest.MonkeyPatch, capability: tuple[int, int], precision: str
+) -> None:
     import torch
 
     gpus = FakeGpus(monkeypatch, capability)

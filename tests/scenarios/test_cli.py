@@ -1,4 +1,5 @@
 """The command line: help for every command, version, module entry point, clean user errors."""
+
 from __future__ import annotations
 
 import subprocess
@@ -31,16 +32,16 @@ def test_version() -> None:
 
 
 def test_python_dash_m_works() -> None:
-    proc = subprocess.run([sys.executable, "-m", "batchcap", "--help"], capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run([sys.executable, "-m", "batchcap", "--help"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "run" in proc.stdout
 
 
 def test_a_bad_model_file_is_a_message_not_a_traceback(tmp_path: Path, image_folder: Path) -> None:
     bogus = tmp_path / "model.safetensors"
     bogus.write_text("this is not a model")
-    result = CliRunner().invoke(cli, ["run", str(image_folder), "--out", str(tmp_path / "o.parquet"),
-                                      "--model", str(bogus)])
+    result = CliRunner().invoke(
+        cli, ["run", str(image_folder), "--out", str(tmp_path / "o.parquet"), "--model", str(bogus)]
+    )
     assert result.exit_code == 2
     assert "not a batchcap model file" in result.output and "Traceback" not in result.output
 
@@ -73,9 +74,11 @@ def test_missing_metrics_are_named_before_any_work(tmp_path: Path, command: str)
     # An environment without pycocoevalcap (installed with --no-deps, say): the message must come
     # first, not after every picture was captioned. DATA does not even exist here, so any work
     # done before the check would fail differently.
-    code = ("import sys; sys.modules['pycocoevalcap'] = None; from batchcap.cli import main; "
-            f"sys.argv = ['batchcap', {command!r}, {str(tmp_path / 'absent')!r}] + "
-            f"({['--out', str(tmp_path / 'm.safetensors')]!r} if {command!r} == 'train' else []); main()")
+    code = (
+        "import sys; sys.modules['pycocoevalcap'] = None; from batchcap.cli import main; "
+        f"sys.argv = ['batchcap', {command!r}, {str(tmp_path / 'absent')!r}] + "
+        f"({['--out', str(tmp_path / 'm.safetensors')]!r} if {command!r} == 'train' else []); main()"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr
     assert "pip install pycocoevalcap" in proc.stderr and "Traceback" not in proc.stderr

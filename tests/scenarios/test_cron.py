@@ -1,4 +1,5 @@
 """The cron wrapper: flock against overlap, incremental runs, a log, non-zero exit on trouble."""
+
 from __future__ import annotations
 
 import fcntl
@@ -19,11 +20,13 @@ BATCHCAP = str(Path(sys.prefix) / "bin" / "batchcap")
 pytestmark = pytest.mark.skipif(shutil.which("flock") is None, reason="flock (util-linux) is not installed")
 
 
-def cron(watched: Path, out: Path, *args: str, batchcap: str = BATCHCAP, model: Path | None = None,
-         timeout: float = 300) -> subprocess.CompletedProcess[str]:
+def cron(
+    watched: Path, out: Path, *args: str, batchcap: str = BATCHCAP, model: Path | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, BATCHCAP=batchcap, MODEL=str(model or ""))
-    return subprocess.run(["bash", str(SCRIPT), str(watched), str(out), *args], env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        ["bash", str(SCRIPT), str(watched), str(out), *args], env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def log_of(out: Path) -> str:
@@ -58,8 +61,9 @@ def test_log_dir_and_success_is_silent(tmp_path: Path) -> None:
     watched, out, logs = tmp_path / "photos", tmp_path / "captions.parquet", tmp_path / "logs"
     watched.mkdir()
     env = dict(os.environ, BATCHCAP="true", LOG_DIR=str(logs))
-    result = subprocess.run(["bash", str(SCRIPT), str(watched), str(out)], env=env,
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        ["bash", str(SCRIPT), str(watched), str(out)], env=env, capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0 and result.stdout == result.stderr == ""
     assert "done: rc=0" in (logs / "captions.parquet.cron.log").read_text()
 
@@ -70,8 +74,13 @@ def test_overlap_then_incremental_run(tmp_path: Path, tiny_model_path: Path) -> 
     watched, out = tmp_path / "photos", tmp_path / "captions.parquet"
     write_images(watched, 8)
     env = dict(os.environ, BATCHCAP=BATCHCAP, MODEL=str(tiny_model_path))
-    first = subprocess.Popen(["bash", str(SCRIPT), str(watched), str(out), "--batch-size", "1", "--workers", "0"],
-                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen(
+        ["bash", str(SCRIPT), str(watched), str(out), "--batch-size", "1", "--workers", "0"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 60
     while "start:" not in (log_of(out) if Path(f"{out}.cron.log").exists() else ""):
         assert time.monotonic() < deadline and first.poll() is None

@@ -11,6 +11,7 @@
 
 A renamed or removed option, or a moved page, then fails here instead of in a user's terminal.
 """
+
 from __future__ import annotations
 
 import re
@@ -54,9 +55,9 @@ def mentions(text: str, default_command: str = "run") -> list[tuple[str, str, st
     found = []
     for line in _joined_lines(text):
         for match in _COMMAND.finditer(line):
-            rest = line[match.end():]
+            rest = line[match.end() :]
             end = _END_OF_COMMAND.search(rest)
-            rest = rest[:end.start()] if end else rest
+            rest = rest[: end.start()] if end else rest
             found += [(match.group(1), opt, line.strip()) for opt in _OPTION.findall(rest)]
         if "EXTRA_ARGS" in line:  # job scripts pass EXTRA_ARGS to their batchcap command
             command = "train" if "train" in line else default_command
@@ -111,21 +112,29 @@ def _all_mentions() -> list[tuple[str, str, str, str]]:
 
 def test_the_collector_sees_what_it_should() -> None:
     # A collector that finds nothing would pass the real test vacuously.
-    sample = ("batchcap run ./photos --out x.parquet --beam 5 | batchcap report x.parquet --html r.html\n"
-              "batchcap train flickr8k/ --out m.safetensors \\\n    --epochs 3  # then --not-this\n"
-              "EXTRA_ARGS='--beam-size 5' sbatch caption-array.sbatch\n")
+    sample = (
+        "batchcap run ./photos --out x.parquet --beam 5 | batchcap report x.parquet --html r.html\n"
+        "batchcap train flickr8k/ --out m.safetensors \\\n    --epochs 3  # then --not-this\n"
+        "EXTRA_ARGS='--beam-size 5' sbatch caption-array.sbatch\n"
+    )
     assert mentions(sample) == [
-        ("run", "--out", sample.splitlines()[0]), ("run", "--beam", sample.splitlines()[0]),
+        ("run", "--out", sample.splitlines()[0]),
+        ("run", "--beam", sample.splitlines()[0]),
         ("report", "--html", sample.splitlines()[0]),
         ("train", "--out", "batchcap train flickr8k/ --out m.safetensors  --epochs 3  # then --not-this"),
         ("train", "--epochs", "batchcap train flickr8k/ --out m.safetensors  --epochs 3  # then --not-this"),
         ("run", "--beam-size", "EXTRA_ARGS='--beam-size 5' sbatch caption-array.sbatch"),
     ]
     assert "--beam-size" not in _options("run")
-    page = ("## `batchcap merge`\n\n| `--out`, `-o` | required | x |\n\n### Checks\n\n| `--expect-parts` | | x |\n\n"
-            "## Environment variables\n\n| `--not-an-option` | | x |\n\n#### `batchcap report`\n\n| `--html FILE` | | x |\n")
+    page = (
+        "## `batchcap merge`\n\n| `--out`, `-o` | required | x |\n\n### Checks\n\n| `--expect-parts` | | x |\n\n"
+        "## Environment variables\n\n| `--not-an-option` | | x |\n\n#### `batchcap report`\n\n| `--html FILE` | | x |\n"
+    )
     assert [(c, o) for c, o, _ in table_mentions(page)] == [
-        ("merge", "--out"), ("merge", "--expect-parts"), ("report", "--html")]
+        ("merge", "--out"),
+        ("merge", "--expect-parts"),
+        ("report", "--html"),
+    ]
     seen = _all_mentions()
     assert len(seen) > 80
     assert {command for _, command, _, _ in seen} >= {"run", "train", "eval", "merge", "report", "bench"}
@@ -139,19 +148,24 @@ def test_the_collector_sees_what_it_should() -> None:
 def unknown_options(rows: list[tuple[str, str, str, str]], command: str) -> list[str]:
     """The rows that give ``command`` an option it does not have."""
     valid = _options(command)
-    return sorted({f"{where}: {opt}  <- {line[:120]}" for where, cmd, opt, line in rows
-                   if cmd == command and opt not in valid})
+    return sorted(
+        {f"{where}: {opt}  <- {line[:120]}" for where, cmd, opt, line in rows if cmd == command and opt not in valid}
+    )
 
 
 def test_an_unknown_option_on_a_docs_page_is_caught() -> None:
-    page = ("# Merging\n\nRun `batchcap merge out/part-*.parquet --out all.parquet --expect-part 8` once.\n\n"
-            "## `batchcap merge`\n\n| option | default | what |\n|---|---|---|\n| `--out`, `-o` | required | x |\n"
-            "| `--verify` | off | x |\n")
+    page = (
+        "# Merging\n\nRun `batchcap merge out/part-*.parquet --out all.parquet --expect-part 8` once.\n\n"
+        "## `batchcap merge`\n\n| option | default | what |\n|---|---|---|\n| `--out`, `-o` | required | x |\n"
+        "| `--verify` | off | x |\n"
+    )
     rows = [("docs/page.md", *m) for m in mentions(page)]
     rows += [("docs/page.md (option table)", *m) for m in table_mentions(page)]
     wrong = unknown_options(rows, "merge")
-    assert [w.split("  <-")[0] for w in wrong] == ["docs/page.md (option table): --verify",
-                                                    "docs/page.md: --expect-part"], wrong
+    assert [w.split("  <-")[0] for w in wrong] == [
+        "docs/page.md (option table): --verify",
+        "docs/page.md: --expect-part",
+    ], wrong
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -200,8 +214,10 @@ def _all_help_examples() -> list[tuple[str, str]]:
 def test_help_examples_are_found() -> None:
     found = _all_help_examples()
     assert {where for where, _ in found} == {"batchcap --help"} | {f"batchcap {name} --help" for name in COMMANDS}
-    assert ("batchcap train --help", "batchcap train flickr8k/ --out flickr8k.safetensors "
-            "--encoder-weights legacy_xception.safetensors") in found  # a continued line, joined
+    assert (
+        "batchcap train --help",
+        "batchcap train flickr8k/ --out flickr8k.safetensors --encoder-weights legacy_xception.safetensors",
+    ) in found  # a continued line, joined
 
 
 @pytest.mark.parametrize("where, line", _all_help_examples())
@@ -212,13 +228,16 @@ def test_help_example_parses(where: str, line: str, monkeypatch: pytest.MonkeyPa
         pytest.fail(f"{where}: `{line}` does not parse: {exc.format_message()}")
 
 
-@pytest.mark.parametrize("line", [
-    "batchcap run ./photos --out x.parquet --beam-size 5",      # no such option
-    "batchcap run ./photos --beam 3",                           # --out is required
-    "batchcap run ./photos --out x.parquet --precision fp8",    # not a choice
-    "batchcap merge --out captions.parquet",                    # PARTS... is required
-    "batchcap report captions.parquet --order random",          # not a choice
-])
+@pytest.mark.parametrize(
+    "line",
+    [
+        "batchcap run ./photos --out x.parquet --beam-size 5",  # no such option
+        "batchcap run ./photos --beam 3",  # --out is required
+        "batchcap run ./photos --out x.parquet --precision fp8",  # not a choice
+        "batchcap merge --out captions.parquet",  # PARTS... is required
+        "batchcap report captions.parquet --order random",  # not a choice
+    ],
+)
 def test_a_broken_example_fails_to_parse(line: str, monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(click.UsageError):
         parse_example(line, monkeypatch)
@@ -276,17 +295,24 @@ def broken_links(page: Path) -> list[str]:
 
 def test_link_checker_catches_planted_mistakes(tmp_path: Path) -> None:
     (tmp_path / "docs").mkdir()
-    (tmp_path / "docs" / "cli.md").write_text("# CLI\n\n## `batchcap run`\n\n### Where `--out` may be\n\n## Run\n\n## Run\n")
+    (tmp_path / "docs" / "cli.md").write_text(
+        "# CLI\n\n## `batchcap run`\n\n### Where `--out` may be\n\n## Run\n\n## Run\n"
+    )
     (tmp_path / "shot.png").write_bytes(b"png")
     page = tmp_path / "README.md"
     page.write_text(
         "# Top\n\n[ok](docs/cli.md) [ok](docs/cli.md#batchcap-run) [ok](docs/cli.md#where---out-may-be)\n"
         "[ok](docs/cli.md#run-1) ![ok](shot.png) [ok](#top) [web](https://example.org/x.md)\n"
         "[bad file](docs/nothing.md) [bad anchor](docs/cli.md#batchcap-runs) ![bad image](docs/shot.png)\n"
-        "[bad here](#bottom) `[in code](nowhere.md)`\n\n```\n[in a block](nowhere.md)\n```\n")
+        "[bad here](#bottom) `[in code](nowhere.md)`\n\n```\n[in a block](nowhere.md)\n```\n"
+    )
     wrong = broken_links(page)
     assert [w.split(":")[0] for w in wrong] == [
-        "docs/nothing.md", "docs/cli.md#batchcap-runs", "docs/shot.png", "#bottom"], wrong
+        "docs/nothing.md",
+        "docs/cli.md#batchcap-runs",
+        "docs/shot.png",
+        "#bottom",
+    ], wrong
 
 
 @pytest.mark.parametrize("page", _pages(), ids=lambda p: str(p.relative_to(ROOT)))

@@ -3,6 +3,7 @@ a damaged part file. Every test ends with a rerun that leaves every input in the
 
 The disk tests mount small tmpfs file systems and so need root; they skip, saying why, without it.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -13,8 +14,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pyarrow.parquet as pq
 import pytest
@@ -31,8 +32,9 @@ class Running:
     """A ``batchcap run`` subprocess in its own session, its output collected line by line."""
 
     def __init__(self, cmd: list[str]) -> None:
-        self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+        )
         self.lines: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -64,8 +66,9 @@ class Running:
         return code
 
 
-def signal_when(cmd: list[str], ready: Callable[[Running], bool], what: str, signum: int = signal.SIGTERM,
-                group: bool = False) -> Running:
+def signal_when(
+    cmd: list[str], ready: Callable[[Running], bool], what: str, signum: int = signal.SIGTERM, group: bool = False
+) -> Running:
     """Run ``cmd``; once ``ready(job)`` holds send ``signum`` to it (or its process group); wait for the end."""
     job = Running(cmd)
     try:
@@ -123,12 +126,24 @@ def test_signal_commits_captioned_rows_and_rerun_resumes(tmp_path: Path, tiny_mo
     write_images(folder, 600)  # a quiet machine captions 120 before a signal sent at 8 takes effect
     out = tmp_path / "not" / "yet" / "there" / "captions.parquet"  # a missing folder is created
     # No commit would happen before the end: whatever is committed, the stop committed.
-    cmd = command([folder], out, tiny_model_path, "--batch-size", "4", "--commit-every", "100000",
-                  "--commit-seconds", "100000", "--log-every", "0.1")
+    cmd = command(
+        [folder],
+        out,
+        tiny_model_path,
+        "--batch-size",
+        "4",
+        "--commit-every",
+        "100000",
+        "--commit-seconds",
+        "100000",
+        "--log-every",
+        "0.1",
+    )
     name = "SIGTERM" if how.startswith("SIGTERM") else "SIGINT"
     # Ctrl-C: what a terminal does, the decoding workers get it too
-    job = signal_when(cmd, lambda job: job.captioned() >= 8, "8 captions", getattr(signal, name),
-                      group=name == "SIGINT")
+    job = signal_when(
+        cmd, lambda job: job.captioned() >= 8, "8 captions", getattr(signal, name), group=name == "SIGINT"
+    )
     assert job.proc.returncode == EXIT_INTERRUPTED, job.text
     assert_clean_stop(job.text)
     assert f"{name} received" in job.text and re.search(r"interrupted:\s+by " + name, job.text), job.text
@@ -142,8 +157,9 @@ def test_signal_commits_captioned_rows_and_rerun_resumes(tmp_path: Path, tiny_mo
     assert summary_count(again.stdout, "already done") == ok
 
 
-def test_signal_after_the_last_batch_finishes_the_output_and_says_so(tmp_path: Path, tiny_model_path: Path,
-                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_signal_after_the_last_batch_finishes_the_output_and_says_so(
+    tmp_path: Path, tiny_model_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A SIGTERM that lands once every row is captioned (here: as finalize begins) ends in a finished
     output, exit 0 and a note, not in an unfinalised output that a rerun must finish."""
     import io
@@ -164,9 +180,14 @@ def test_signal_after_the_last_batch_finishes_the_output_and_says_so(tmp_path: P
 
     monkeypatch.setattr(OutputStore, "finalize", signalled_finalize)
     stream = io.StringIO()
-    result = run_job(RunConfig(sources=(str(folder),), out=str(out), log_every=0), tiny_model_path,
-                     BeamConfig(beam_size=2, max_len=8), runtime_config("cpu", "fp32", 4, "0", "torch"),
-                     ImagePolicy(), stream=stream)
+    result = run_job(
+        RunConfig(sources=(str(folder),), out=str(out), log_every=0),
+        tiny_model_path,
+        BeamConfig(beam_size=2, max_len=8),
+        runtime_config("cpu", "fp32", 4, "0", "torch"),
+        ImagePolicy(),
+        stream=stream,
+    )
     assert result.exit_code == EXIT_OK, stream.getvalue()
     assert result.summary["note"] == "SIGTERM arrived after the last batch: the output was finished first"
     assert "SIGTERM" in stream.getvalue()
@@ -178,15 +199,23 @@ def test_signal_after_the_last_batch_finishes_the_output_and_says_so(tmp_path: P
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_signal_before_captioning_began_is_exit_6_not_aborted(tmp_path: Path, tiny_model_path: Path,
-                                                              signum: int) -> None:
+def test_signal_before_captioning_began_is_exit_6_not_aborted(
+    tmp_path: Path, tiny_model_path: Path, signum: int
+) -> None:
     """Stopped while reading --files-from - (before run_job takes the signals): no click ``Aborted!``."""
     folder = tmp_path / "photos"
     write_images(folder, 4)
     out = tmp_path / "captions.parquet"
     cmd = command([], out, tiny_model_path, "--files-from", "-")
-    proc = subprocess.Popen(cmd, cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         syscall = Path(f"/proc/{proc.pid}/syscall")
         deadline = time.monotonic() + 240
@@ -200,8 +229,14 @@ def test_signal_before_captioning_began_is_exit_6_not_aborted(tmp_path: Path, ti
     assert proc.returncode == EXIT_INTERRUPTED, text
     assert "interrupted before captioning began" in text
     assert_clean_stop(text)
-    again = subprocess.run(cmd, cwd=REPO, input="".join(f"{p}\n" for p in sorted(folder.iterdir())),
-                           capture_output=True, text=True, timeout=300)
+    again = subprocess.run(
+        cmd,
+        cwd=REPO,
+        input="".join(f"{p}\n" for p in sorted(folder.iterdir())),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert again.returncode == EXIT_OK, again.stderr
     assert_exactly_once(out, {str(p) for p in folder.iterdir()})
 
@@ -244,8 +279,19 @@ def test_parts_are_committed_by_time_and_survive_kill_9(tmp_path: Path, tiny_mod
     folder = tmp_path / "photos"
     write_images(folder, 1200)  # the tiny model captions ~100/s when the machine is quiet: ~12 s of work
     out = tmp_path / "captions.parquet"
-    cmd = command([folder], out, tiny_model_path, "--batch-size", "2", "--commit-every", "100000",
-                  "--commit-seconds", "0.3", "--log-every", "0.1")
+    cmd = command(
+        [folder],
+        out,
+        tiny_model_path,
+        "--batch-size",
+        "2",
+        "--commit-every",
+        "100000",
+        "--commit-seconds",
+        "0.3",
+        "--log-every",
+        "0.1",
+    )
     signal_when(cmd, lambda job: parts_of(out) >= 2, "two timed commits", signal.SIGKILL)
     kept = committed_rows(out)
     assert 0 < kept < 1200
@@ -294,8 +340,9 @@ def test_disk_full_during_part_commit_then_rerun_resumes(tmp_path: Path, tiny_mo
         cmd = command([folder], out, tiny_model_path, "--batch-size", "4", "--commit-every", "4")
         full = run(cmd)
         assert full.returncode == EXIT_IO_ERROR, full.stdout
-        assert_one_line_error(full.stdout, f"cannot write {work_dir_for(out)}", "No space left on device",
-                              "free space and rerun")
+        assert_one_line_error(
+            full.stdout, f"cannot write {work_dir_for(out)}", "No space left on device", "free space and rerun"
+        )
         assert temp_files(out) == []
         kept = committed_rows(out)
         assert kept >= 4 and not out.exists()
@@ -335,16 +382,17 @@ def test_read_only_output_is_refused_before_any_work(tmp_path: Path, tiny_model_
     folder = tmp_path / "photos"
     write_images(folder, 6)
     with tmpfs(tmp_path / "ro", options="ro") as ro:
-        for out, message in [(ro / "captions.parquet", f"cannot write in {ro}: Read-only file system"),
-                             (ro / "sub" / "captions.parquet", f"cannot create the output folder {ro / 'sub'}")]:
+        for out, message in [
+            (ro / "captions.parquet", f"cannot write in {ro}: Read-only file system"),
+            (ro / "sub" / "captions.parquet", f"cannot create the output folder {ro / 'sub'}"),
+        ]:
             proc = run(command([folder], out, tiny_model_path))
             assert proc.returncode == EXIT_USAGE, proc.stdout
             assert_one_line_error(proc.stdout, message)
             assert "done=" not in proc.stdout  # no image was touched
 
         subprocess.run(["mount", "-o", "remount,rw", str(ro)], check=True)
-        rerun_exactly_once(command([folder], ro / "captions.parquet", tiny_model_path), ro / "captions.parquet",
-                           folder)
+        rerun_exactly_once(command([folder], ro / "captions.parquet", tiny_model_path), ro / "captions.parquet", folder)
 
 
 def test_unwritable_work_folder_is_refused(tmp_path: Path, tiny_model_path: Path) -> None:
@@ -414,18 +462,20 @@ def test_signal_while_torch_is_importing_is_exit_6_not_a_crash(tmp_path: Path, t
     folder = tmp_path / "photos"
     write_images(folder, 2)
     cmd = command([folder], tmp_path / "captions.parquet", tiny_model_path)
-    code = ("import builtins, sys\n"
-            "real, seen = builtins.__import__, []\n"
-            "def hook(name, *a, **k):\n"
-            "    if name == 'torch' or name.startswith('torch.'):\n"
-            "        if not seen:\n"
-            "            seen.append(name); raise KeyboardInterrupt\n"
-            "        raise SystemError('torch is half imported')\n"
-            "    return real(name, *a, **k)\n"
-            "builtins.__import__ = hook\n"
-            "from batchcap.cli import main\n"
-            f"sys.argv = {['batchcap', *cmd[3:]]!r}\n"
-            "main()\n")
+    code = (
+        "import builtins, sys\n"
+        "real, seen = builtins.__import__, []\n"
+        "def hook(name, *a, **k):\n"
+        "    if name == 'torch' or name.startswith('torch.'):\n"
+        "        if not seen:\n"
+        "            seen.append(name); raise KeyboardInterrupt\n"
+        "        raise SystemError('torch is half imported')\n"
+        "    return real(name, *a, **k)\n"
+        "builtins.__import__ = hook\n"
+        "from batchcap.cli import main\n"
+        f"sys.argv = {['batchcap', *cmd[3:]]!r}\n"
+        "main()\n"
+    )
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == EXIT_INTERRUPTED, proc.stderr
     assert "interrupted before captioning began" in proc.stderr and "Traceback" not in proc.stderr

@@ -3,6 +3,7 @@
 Every test here starts real processes with a tiny random-weight model, so each takes
 seconds; the SIGKILL trials take longer and are marked slow.
 """
+
 from __future__ import annotations
 
 import json
@@ -13,8 +14,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pyarrow.parquet as pq
 import pytest
@@ -29,15 +31,34 @@ CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 
 
 def command(sources: list[Path], out: Path, model: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "batchcap", "run", *map(str, sources), "--out", str(out),
-            "--model", str(model),
-            "--workers", "1", "--batch-size", "16", "--commit-every", "16", "--device", "cpu",
-            "--precision", "fp32", "--log-every", "1", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "batchcap",
+        "run",
+        *map(str, sources),
+        "--out",
+        str(out),
+        "--model",
+        str(model),
+        "--workers",
+        "1",
+        "--batch-size",
+        "16",
+        "--commit-every",
+        "16",
+        "--device",
+        "cpu",
+        "--precision",
+        "fp32",
+        "--log-every",
+        "1",
+        *extra,
+    ]
 
 
 def run(cmd: list[str], timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          timeout=timeout)
+    proc = subprocess.run(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
     assert not CONTROL.search(proc.stdout), "control characters in non-terminal output"
     return proc
 
@@ -109,6 +130,7 @@ def moment_between_commits(commits: int, seconds: float) -> Callable[[Path], boo
         if reached is None and len(parts - seen) >= commits:
             reached = time.monotonic()
         return reached is not None and time.monotonic() - reached >= seconds
+
     return when
 
 
@@ -127,11 +149,11 @@ def moment_finalizing(out: Path) -> bool:
     return any(n.startswith(out.name + ".tmp-") for n in _names(out.parent))
 
 
-def run_and_kill(cmd: list[str], out: Path, when: Callable[[Path], bool], pgids: list[int],
-                 timeout: float = 300) -> bool:
+def run_and_kill(
+    cmd: list[str], out: Path, when: Callable[[Path], bool], pgids: list[int], timeout: float = 300
+) -> bool:
     """Start ``cmd``; SIGKILL its main process (only) once ``when(out)`` holds. True if killed."""
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     pgids.append(proc.pid)
     deadline = time.monotonic() + timeout
     killed = False
@@ -165,8 +187,9 @@ def reap_groups(pgids: list[int]) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["parquet", "jsonl"])
-def test_sigkill_at_any_moment_then_rerun_captions_every_input_once(tmp_path: Path, tiny_model_path: Path,
-                                                                      fmt: str) -> None:
+def test_sigkill_at_any_moment_then_rerun_captions_every_input_once(
+    tmp_path: Path, tiny_model_path: Path, fmt: str
+) -> None:
     folder = tmp_path / "photos"
     write_images(folder, 200)
     ids = ids_of(folder)
@@ -225,8 +248,7 @@ def test_second_run_on_a_locked_output_exits_at_once(tmp_path: Path, tiny_model_
 
 
 @pytest.mark.slow
-def test_changed_settings_are_refused_and_overwrite_starts_over(tmp_path: Path,
-                                                                tiny_model_path: Path) -> None:
+def test_changed_settings_are_refused_and_overwrite_starts_over(tmp_path: Path, tiny_model_path: Path) -> None:
     folder = tmp_path / "photos"
     write_images(folder, 12)
     out = tmp_path / "captions.jsonl"

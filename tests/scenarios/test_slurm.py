@@ -4,6 +4,7 @@
 The real-Slurm tests skip, saying why, when there is no running Slurm; with CI=true they fail
 instead, because CI starts one first.
 """
+
 from __future__ import annotations
 
 import os
@@ -13,8 +14,8 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pyarrow.parquet as pq
 import pytest
@@ -22,11 +23,21 @@ from conftest import REPO, write_images
 
 SLURM_DIR = REPO / "jobs" / "slurm"
 BATCHCAP = str(Path(sys.prefix) / "bin" / "batchcap")
-FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL",
-                "PREEMPTED", "BOOT_FAIL", "DEADLINE"}
+FINAL_STATES = {
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "OUT_OF_MEMORY",
+    "NODE_FAIL",
+    "PREEMPTED",
+    "BOOT_FAIL",
+    "DEADLINE",
+}
 
 
 # --- the scripts' command lines, run with bash and a stand-in for batchcap -------------------
+
 
 def run_script(script: str, tmp_path: Path, **env: str) -> list[str]:
     """Run ``script`` outside Slurm with BATCHCAP=a recorder; the argv it would have run."""
@@ -35,23 +46,51 @@ def run_script(script: str, tmp_path: Path, **env: str) -> list[str]:
     recorder.chmod(0o755)
     record = tmp_path / "argv.txt"
     full_env = {"PATH": os.environ["PATH"], "BATCHCAP": str(recorder), "RECORD": str(record), **env}
-    subprocess.run(["bash", str(SLURM_DIR / script)], env=full_env, check=True, capture_output=True,
-                   text=True, timeout=30)
+    subprocess.run(
+        ["bash", str(SLURM_DIR / script)], env=full_env, check=True, capture_output=True, text=True, timeout=30
+    )
     return record.read_text().splitlines()
 
 
 def test_caption_array_command(tmp_path: Path) -> None:
-    argv = run_script("caption-array.sbatch", tmp_path, INPUT="/data/photos", OUT_DIR=str(tmp_path / "out"),
-                      SLURM_ARRAY_TASK_ID="2", SLURM_ARRAY_TASK_MAX="3", MODEL="m.safetensors",
-                      EXTRA_ARGS="--beam 5 --device cuda")
-    assert argv == ["run", "/data/photos", "--out", f"{tmp_path}/out/part-2.parquet", "--shard", "2/4",
-                    "--model", "m.safetensors", "--beam", "5", "--device", "cuda"]
+    argv = run_script(
+        "caption-array.sbatch",
+        tmp_path,
+        INPUT="/data/photos",
+        OUT_DIR=str(tmp_path / "out"),
+        SLURM_ARRAY_TASK_ID="2",
+        SLURM_ARRAY_TASK_MAX="3",
+        MODEL="m.safetensors",
+        EXTRA_ARGS="--beam 5 --device cuda",
+    )
+    assert argv == [
+        "run",
+        "/data/photos",
+        "--out",
+        f"{tmp_path}/out/part-2.parquet",
+        "--shard",
+        "2/4",
+        "--model",
+        "m.safetensors",
+        "--beam",
+        "5",
+        "--device",
+        "cuda",
+    ]
 
 
 def test_caption_array_resubmitted_task_keeps_tasks(tmp_path: Path) -> None:
     # `sbatch --array=1` resubmits one task: SLURM_ARRAY_TASK_MAX is then 1, TASKS must win.
-    argv = run_script("caption-array.sbatch", tmp_path, INPUT="in", OUT_DIR=str(tmp_path), TASKS="3",
-                      SLURM_ARRAY_TASK_ID="1", SLURM_ARRAY_TASK_MAX="1", FORMAT="jsonl")
+    argv = run_script(
+        "caption-array.sbatch",
+        tmp_path,
+        INPUT="in",
+        OUT_DIR=str(tmp_path),
+        TASKS="3",
+        SLURM_ARRAY_TASK_ID="1",
+        SLURM_ARRAY_TASK_MAX="1",
+        FORMAT="jsonl",
+    )
     assert argv[argv.index("--shard") + 1] == "1/3" and argv[3].endswith("part-1.jsonl")
 
 
@@ -59,15 +98,40 @@ def test_merge_command_names_a_missing_part_literally(tmp_path: Path) -> None:
     (tmp_path / "part-0.parquet").touch()
     (tmp_path / "part-2.parquet").touch()
     argv = run_script("merge.sbatch", tmp_path, OUT_DIR=str(tmp_path), TASKS="3", EXPECT_COUNT="7")
-    assert argv == ["merge", f"{tmp_path}/part-0.parquet", f"{tmp_path}/part-2.parquet", "--expect-parts", "3",
-                    "--out", f"{tmp_path}/captions.parquet", "--expect-count", "7"]
+    assert argv == [
+        "merge",
+        f"{tmp_path}/part-0.parquet",
+        f"{tmp_path}/part-2.parquet",
+        "--expect-parts",
+        "3",
+        "--out",
+        f"{tmp_path}/captions.parquet",
+        "--expect-count",
+        "7",
+    ]
 
 
 def test_train_command(tmp_path: Path) -> None:
-    argv = run_script("train.sbatch", tmp_path, DATA="/data/flickr8k", MODEL_OUT=str(tmp_path / "m.safetensors"),
-                      ENCODER_WEIGHTS="x.safetensors", EPOCHS="3")
-    assert argv == ["train", "/data/flickr8k", "--out", str(tmp_path / "m.safetensors"), "--device", "cuda",
-                    "--encoder-weights", "x.safetensors", "--epochs", "3"]
+    argv = run_script(
+        "train.sbatch",
+        tmp_path,
+        DATA="/data/flickr8k",
+        MODEL_OUT=str(tmp_path / "m.safetensors"),
+        ENCODER_WEIGHTS="x.safetensors",
+        EPOCHS="3",
+    )
+    assert argv == [
+        "train",
+        "/data/flickr8k",
+        "--out",
+        str(tmp_path / "m.safetensors"),
+        "--device",
+        "cuda",
+        "--encoder-weights",
+        "x.safetensors",
+        "--epochs",
+        "3",
+    ]
 
 
 def test_submit_builds_array_and_dependent_merge(tmp_path: Path) -> None:
@@ -76,13 +140,27 @@ def test_submit_builds_array_and_dependent_merge(tmp_path: Path) -> None:
     bin_dir.mkdir()
     calls = tmp_path / "calls.txt"
     fake = bin_dir / "sbatch"
-    fake.write_text('#!/bin/sh\necho "$TASKS|$INPUT|$*" >> "$CALLS"\n'
-                    'n=$(wc -l < "$CALLS"); echo "$((100 + n));cluster"\n')
+    fake.write_text(
+        '#!/bin/sh\necho "$TASKS|$INPUT|$*" >> "$CALLS"\nn=$(wc -l < "$CALLS"); echo "$((100 + n));cluster"\n'
+    )
     fake.chmod(0o755)
-    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", CALLS=str(calls), GRES="gpu:1",
-               ARRAY_LIMIT="2", SBATCH_ARGS="--partition=gpu --time=1:00:00")
-    result = subprocess.run([str(SLURM_DIR / "submit.sh"), "photos", str(tmp_path / "out"), "5"], env=env,
-                            cwd=tmp_path, capture_output=True, text=True, timeout=30, check=True)
+    env = dict(
+        os.environ,
+        PATH=f"{bin_dir}:{os.environ['PATH']}",
+        CALLS=str(calls),
+        GRES="gpu:1",
+        ARRAY_LIMIT="2",
+        SBATCH_ARGS="--partition=gpu --time=1:00:00",
+    )
+    result = subprocess.run(
+        [str(SLURM_DIR / "submit.sh"), "photos", str(tmp_path / "out"), "5"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
     assert result.stdout.startswith("array_job=101 merge_job=102 tasks=5 ")
     caption, merge = calls.read_text().splitlines()
     assert caption.startswith(f"5|{tmp_path}/photos|")
@@ -95,13 +173,26 @@ def test_submit_builds_array_and_dependent_merge(tmp_path: Path) -> None:
 
     calls.unlink()
     env = dict(env, GRES="", CPUS_PER_TASK="6", MEM="12G")
-    subprocess.run([str(SLURM_DIR / "submit.sh"), "photos", str(tmp_path / "out"), "2"], env=env,
-                   cwd=tmp_path, capture_output=True, text=True, timeout=30, check=True)
+    subprocess.run(
+        [str(SLURM_DIR / "submit.sh"), "photos", str(tmp_path / "out"), "2"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
     caption = calls.read_text().splitlines()[0]
     assert "--cpus-per-task=6" in caption and "--mem=12G" in caption and "--gres" not in caption
     env = dict(env, CPUS_PER_TASK="many")
-    refused = subprocess.run([str(SLURM_DIR / "submit.sh"), "photos", str(tmp_path / "out"), "2"], env=env,
-                             cwd=tmp_path, capture_output=True, text=True, timeout=30)
+    refused = subprocess.run(
+        [str(SLURM_DIR / "submit.sh"), "photos", str(tmp_path / "out"), "2"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert refused.returncode == 2 and "CPUS_PER_TASK must be a positive integer" in refused.stderr
 
 
@@ -115,6 +206,7 @@ def test_caption_task_decodes_with_the_cpus_slurm_gave_it(tmp_path: Path) -> Non
 
 
 # --- a real Slurm -------------------------------------------------------------------------------
+
 
 def _slurm_problem() -> str | None:
     """Why the Slurm tests cannot run here, or None when a node is up."""
@@ -166,16 +258,27 @@ def dump_logs(logs: Path) -> str:
 
 
 def submit(photos: Path, out_dir: Path, tasks: int, env: dict[str, str]) -> tuple[str, str]:
-    result = subprocess.run([str(SLURM_DIR / "submit.sh"), str(photos), str(out_dir), str(tasks)],
-                            env=env, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [str(SLURM_DIR / "submit.sh"), str(photos), str(out_dir), str(tasks)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr
     ids = dict(re.findall(r"(\w+)=(\S+)", result.stdout))
     return ids["array_job"], ids["merge_job"]
 
 
 def slurm_env(model: Path, images: int, extra: str) -> dict[str, str]:
-    return dict(os.environ, BATCHCAP=BATCHCAP, MODEL=str(model), EXPECT_COUNT=str(images),
-                EXTRA_ARGS=f"--workers 0 {extra}", OMP_NUM_THREADS="1")
+    return dict(
+        os.environ,
+        BATCHCAP=BATCHCAP,
+        MODEL=str(model),
+        EXPECT_COUNT=str(images),
+        EXTRA_ARGS=f"--workers 0 {extra}",
+        OMP_NUM_THREADS="1",
+    )
 
 
 def assert_exactly_once(path: Path, photos: Path) -> None:
@@ -206,8 +309,9 @@ def test_array_and_merge(slurm: None, tmp_path: Path, tiny_model_path: Path) -> 
         cancel(array, merge)
 
 
-def three_task_array(tmp_path: Path, model: Path, extra: str,
-                     images: int = 240) -> tuple[Path, Path, Path, dict[str, str], str, str]:
+def three_task_array(
+    tmp_path: Path, model: Path, extra: str, images: int = 240
+) -> tuple[Path, Path, Path, dict[str, str], str, str]:
     """240 pictures as a 3-task array plus merge: photos, out_dir, logs, env, array id, merge id."""
     photos, out_dir = tmp_path / "photos", tmp_path / "out"
     write_images(photos, images)
@@ -220,8 +324,9 @@ def three_task_array(tmp_path: Path, model: Path, extra: str,
 @pytest.mark.slow
 def test_cancelled_task_requeued_stays_exactly_once(slurm: None, tmp_path: Path, tiny_model_path: Path) -> None:
     # One image per batch, a commit every 2 rows: task 1 is cancelled with work committed.
-    photos, out_dir, logs, env, array, merge = three_task_array(tmp_path, tiny_model_path,
-                                                                "--batch-size 1 --commit-every 2")
+    photos, out_dir, logs, env, array, merge = three_task_array(
+        tmp_path, tiny_model_path, "--batch-size 1 --commit-every 2"
+    )
     task = f"{array}_1"
     work = out_dir / "part-1.parquet.batchcap-work"
     try:
@@ -244,9 +349,21 @@ def test_cancelled_task_requeued_stays_exactly_once(slurm: None, tmp_path: Path,
         # A cancelled task fails an afterok dependency for good: merge again once it is done.
         wait_for(lambda: job_state(array) in FINAL_STATES, 600, f"array {array}", logs)
         merge_env = dict(env, OUT_DIR=str(out_dir), TASKS="3", OUT=str(out_dir / "final.parquet"))
-        again = subprocess.run(["sbatch", "--parsable", f"--dependency=afterok:{task}", f"--chdir={out_dir}",
-                                f"--output={logs}/merge-%j.log", str(SLURM_DIR / "merge.sbatch")],
-                               env=merge_env, capture_output=True, text=True, timeout=60, check=True)
+        again = subprocess.run(
+            [
+                "sbatch",
+                "--parsable",
+                f"--dependency=afterok:{task}",
+                f"--chdir={out_dir}",
+                f"--output={logs}/merge-%j.log",
+                str(SLURM_DIR / "merge.sbatch"),
+            ],
+            env=merge_env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
         merge2 = again.stdout.strip().split(";")[0]
         wait_for(lambda: job_state(merge2) in FINAL_STATES, 300, f"merge job {merge2}", logs)
         assert job_state(merge2) == "COMPLETED", dump_logs(logs)
@@ -261,14 +378,16 @@ def committed_rows(work: Path) -> int:
 
 @pytest.mark.slurm
 @pytest.mark.slow
-def test_running_task_requeued_stops_cleanly_and_merge_is_exactly_once(slurm: None, tmp_path: Path,
-                                                                        tiny_model_path: Path) -> None:
+def test_running_task_requeued_stops_cleanly_and_merge_is_exactly_once(
+    slurm: None, tmp_path: Path, tiny_model_path: Path
+) -> None:
     """`scontrol requeue` of a running task: SIGTERM, forwarded by the script, commits what was captioned."""
     # No commit before the end but the one the stop makes. 1,000 pictures a task: the tiny model
     # captions ~400 a second on a quiet CPU, and the requeue's SIGTERM must land mid-run (with 80
     # a task it once arrived after the last batch, where batchcap finishes the output instead).
     photos, out_dir, logs, _, array, merge = three_task_array(
-        tmp_path, tiny_model_path, "--batch-size 1 --commit-every 100000 --log-every 0.2", images=3000)
+        tmp_path, tiny_model_path, "--batch-size 1 --commit-every 100000 --log-every 0.2", images=3000
+    )
     task = f"{array}_1"
     log_path = logs / f"caption-{array}_1.log"
     work = out_dir / "part-1.parquet.batchcap-work"
@@ -286,8 +405,12 @@ def test_running_task_requeued_stops_cleanly_and_merge_is_exactly_once(slurm: No
         kept = committed_rows(work)
         assert kept == int(re.findall(r"^  captioned now:\s+(\d+)", first, re.MULTILINE)[-1]) > 0
 
-        wait_for(lambda: job_state(task) in ("PENDING", "REQUEUED", "RUNNING", "COMPLETED"), 120,
-                 f"{task} to be requeued", logs)
+        wait_for(
+            lambda: job_state(task) in ("PENDING", "REQUEUED", "RUNNING", "COMPLETED"),
+            120,
+            f"{task} to be requeued",
+            logs,
+        )
         wait_for(lambda: job_state(merge) in FINAL_STATES, 600, f"merge job {merge}", logs)
         assert job_state(merge) == "COMPLETED", dump_logs(logs)  # a requeue keeps afterok
         log = log_path.read_text()
@@ -300,8 +423,7 @@ def test_running_task_requeued_stops_cleanly_and_merge_is_exactly_once(slurm: No
 
 @pytest.mark.slurm
 @pytest.mark.slow
-def test_time_limit_warning_stops_and_requeues_until_done(slurm: None, tmp_path: Path,
-                                                          tiny_model_path: Path) -> None:
+def test_time_limit_warning_stops_and_requeues_until_done(slurm: None, tmp_path: Path, tiny_model_path: Path) -> None:
     """A two-minute limit with the warning 100 s before it: the task stops, requeues itself, finishes."""
     photos, out_dir, logs = tmp_path / "photos", tmp_path / "out", tmp_path / "out" / "logs"
     # Each run has about 20 s before the warning. How many pictures that is depends on the machine
@@ -311,19 +433,54 @@ def test_time_limit_warning_stops_and_requeues_until_done(slurm: None, tmp_path:
     # underestimates a long run's rate by up to 1.6x: 50 s of work sometimes finished in one run.
     probe = tmp_path / "probe"
     write_images(probe, 1000)  # enough that start-up (in the summary's rate) weighs little
-    timed = subprocess.run([BATCHCAP, "run", str(probe), "--out", str(tmp_path / "probe.parquet"), "--model",
-                            str(tiny_model_path), "--workers", "0", "--batch-size", "1", "--commit-every", "2"],
-                           env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
+    timed = subprocess.run(
+        [
+            BATCHCAP,
+            "run",
+            str(probe),
+            "--out",
+            str(tmp_path / "probe.parquet"),
+            "--model",
+            str(tiny_model_path),
+            "--workers",
+            "0",
+            "--batch-size",
+            "1",
+            "--commit-every",
+            "2",
+        ],
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     rate = float(re.findall(r"\(([\d.]+) images/s\)", timed.stderr + timed.stdout)[-1])
     images = max(1000, int(rate * 90))
     write_images(photos, images)
-    env = dict(slurm_env(tiny_model_path, images, "--batch-size 1 --commit-every 2"), TASKS="1",
-               INPUT=str(photos), OUT_DIR=str(out_dir))
+    env = dict(
+        slurm_env(tiny_model_path, images, "--batch-size 1 --commit-every 2"),
+        TASKS="1",
+        INPUT=str(photos),
+        OUT_DIR=str(out_dir),
+    )
     logs.mkdir(parents=True)
-    submitted = subprocess.run(["sbatch", "--parsable", "--array=0", "--time=2", "--signal=B:USR1@100",
-                                f"--chdir={out_dir}", f"--output={logs}/caption-%A_%a.log",
-                                str(SLURM_DIR / "caption-array.sbatch")],
-                               env=env, capture_output=True, text=True, timeout=60, check=True)
+    submitted = subprocess.run(
+        [
+            "sbatch",
+            "--parsable",
+            "--array=0",
+            "--time=2",
+            "--signal=B:USR1@100",
+            f"--chdir={out_dir}",
+            f"--output={logs}/caption-%A_%a.log",
+            str(SLURM_DIR / "caption-array.sbatch"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
     array = submitted.stdout.strip().split(";")[0]
     task = f"{array}_0"
     log_path = logs / f"caption-{array}_0.log"

@@ -1,4 +1,5 @@
 """Weight averaging: exact weighted means, provenance, refusals, and a model that captions."""
+
 from __future__ import annotations
 
 import json
@@ -8,12 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import make_tiny_model
 
 from batchcap.cli import cli
 from batchcap.model.modelfile import load_model, save_model
 from batchcap.model.text import SPECIAL_TOKENS, Vocabulary
 from batchcap.tools.average import AverageError, average_models
-from conftest import make_tiny_model
 
 
 @pytest.fixture
@@ -22,8 +23,10 @@ def two_models(tmp_path: Path) -> tuple[Path, Path]:
     first = tmp_path / "a.safetensors"
     model = make_tiny_model(first)
     generator = torch.Generator().manual_seed(1)
-    moved = {k: v + torch.randn(v.shape, generator=generator) if v.is_floating_point() else v
-             for k, v in model.decoder_state.items()}
+    moved = {
+        k: v + torch.randn(v.shape, generator=generator) if v.is_floating_point() else v
+        for k, v in model.decoder_state.items()
+    }
     second = tmp_path / "b.safetensors"
     save_model(replace(model, decoder_state=moved, name="b"), second)
     return first, second
@@ -60,8 +63,7 @@ def test_refuses_models_that_differ_beyond_decoder_weights(two_models: tuple[Pat
         average_models([a, a], [1, -1])
 
 
-def test_cli_writes_a_model_that_captions(two_models: tuple[Path, Path], tmp_path: Path,
-                                          image_folder: Path) -> None:
+def test_cli_writes_a_model_that_captions(two_models: tuple[Path, Path], tmp_path: Path, image_folder: Path) -> None:
     out = tmp_path / "soup.safetensors"
     runner = CliRunner()
     result = runner.invoke(cli, ["average", *map(str, two_models), "--weights", "0.25,0.75", "--out", str(out)])
@@ -69,8 +71,21 @@ def test_cli_writes_a_model_that_captions(two_models: tuple[Path, Path], tmp_pat
     assert [m["weight"] for m in json.loads(result.output)["members"]] == [0.25, 0.75]
     info = runner.invoke(cli, ["info", str(out)])
     assert info.exit_code == 0 and "averaged from" in info.output, info.output
-    captions = runner.invoke(cli, ["run", str(image_folder), "--out", str(tmp_path / "c.jsonl"), "--model", str(out),
-                                   "--precision", "fp32", "--workers", "0"])
+    captions = runner.invoke(
+        cli,
+        [
+            "run",
+            str(image_folder),
+            "--out",
+            str(tmp_path / "c.jsonl"),
+            "--model",
+            str(out),
+            "--precision",
+            "fp32",
+            "--workers",
+            "0",
+        ],
+    )
     assert captions.exit_code == 0, captions.output
     rows = [json.loads(line) for line in (tmp_path / "c.jsonl").read_text().splitlines()]
     assert len(rows) == 20 and all(r["status"] == "ok" for r in rows)
@@ -78,11 +93,13 @@ def test_cli_writes_a_model_that_captions(two_models: tuple[Path, Path], tmp_pat
 
 
 def test_cli_refuses_bad_weights(two_models: tuple[Path, Path], tmp_path: Path) -> None:
-    result = CliRunner().invoke(cli, ["average", *map(str, two_models), "--weights", "a,b",
-                                      "--out", str(tmp_path / "x.safetensors")])
+    result = CliRunner().invoke(
+        cli, ["average", *map(str, two_models), "--weights", "a,b", "--out", str(tmp_path / "x.safetensors")]
+    )
     assert result.exit_code == 2 and "expected numbers" in result.output
-    result = CliRunner().invoke(cli, ["average", *map(str, two_models), "--weights", "1",
-                                      "--out", str(tmp_path / "x.safetensors")])
+    result = CliRunner().invoke(
+        cli, ["average", *map(str, two_models), "--weights", "1", "--out", str(tmp_path / "x.safetensors")]
+    )
     assert result.exit_code == 2 and "1 weights for 2 models" in result.output
     assert not (tmp_path / "x.safetensors").exists()
 

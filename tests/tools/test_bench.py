@@ -1,4 +1,5 @@
 """``batchcap bench`` end to end on a tiny model: the JSON has every figure, and they are positive."""
+
 from __future__ import annotations
 
 import json
@@ -13,8 +14,22 @@ from PIL import Image
 from batchcap.cli import cli
 from batchcap.tools.bench import parse_size, suggest, write_bench_images
 
-TINY_ARGS = ["--count", "8", "--size", "64x48", "--repeats", "1", "--batch-size", "4", "--workers", "1",
-             "--device", "cpu", "--beam", "2"]
+TINY_ARGS = [
+    "--count",
+    "8",
+    "--size",
+    "64x48",
+    "--repeats",
+    "1",
+    "--batch-size",
+    "4",
+    "--workers",
+    "1",
+    "--device",
+    "cpu",
+    "--beam",
+    "2",
+]
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -78,8 +93,11 @@ def test_generated_pictures(tmp_path: Path) -> None:
 
 
 def test_suggest_prefers_the_smallest_batch_near_the_best() -> None:
-    sweep = [{"batch_size": 16, "images_per_s": 90.0}, {"batch_size": 32, "images_per_s": 97.0},
-             {"batch_size": 64, "images_per_s": 100.0}]
+    sweep = [
+        {"batch_size": 16, "images_per_s": 90.0},
+        {"batch_size": 32, "images_per_s": 97.0},
+        {"batch_size": 64, "images_per_s": 100.0},
+    ]
     got = suggest(sweep, decode_rate=40.0, device=torch.device("cuda"))
     assert got["batch_size"] == 32
     assert got["workers_needed_to_keep_up"] == 4  # 1.25 * 97 / 40 rounded up

@@ -1,5 +1,6 @@
 """Decoder ensembles: the combined step against a plain per-row reference, the search against
 the per-image reference search, the model file, and the refusals."""
+
 from __future__ import annotations
 
 import json
@@ -11,6 +12,7 @@ import pytest
 import torch
 from beam_reference import reference_beam_search
 from click.testing import CliRunner
+from conftest import make_tiny_model
 
 from batchcap.cli import cli
 from batchcap.config import BeamConfig, DecoderConfig
@@ -20,7 +22,6 @@ from batchcap.model.ensemble import EnsembleDecoder, EnsembleError, combine_log_
 from batchcap.model.modelfile import ModelFileError, load_model, read_header, save_model
 from batchcap.model.text import SPECIAL_TOKENS, Vocabulary
 from batchcap.tools.ensemble import ensemble_models
-from conftest import make_tiny_model
 
 VOCAB = 12
 
@@ -31,8 +32,9 @@ def _members(seed: int = 0) -> list[CaptionDecoder]:
     shapes = [dict(hidden_dim=16), dict(hidden_dim=24, deep_output=True), dict(hidden_dim=8, num_layers=2)]
     members = []
     for shape in shapes:
-        decoder = CaptionDecoder(DecoderConfig(vocab_size=VOCAB, feature_dim=6, embed_dim=8, attention_dim=8,
-                                               dropout=0.0, **shape)).eval()
+        decoder = CaptionDecoder(
+            DecoderConfig(vocab_size=VOCAB, feature_dim=6, embed_dim=8, attention_dim=8, dropout=0.0, **shape)
+        ).eval()
         with torch.no_grad():
             decoder.out.bias[2] += 1.0  # <end> likely enough that searches finish
         members.append(decoder)
@@ -46,13 +48,13 @@ def _reference_step(members: list[CaptionDecoder], rule: str):
     def step(tokens: torch.Tensor, state: tuple[torch.Tensor, ...]):
         parts, start = [], 0
         for size in sizes:
-            parts.append(state[start:start + size])
+            parts.append(state[start : start + size])
             start += size
         rows, new_parts = [], [[] for _ in members]
         for n in range(tokens.shape[0]):
             probs = []
             for j, (member, part) in enumerate(zip(members, parts)):
-                lp, new = member.step(tokens[n:n + 1], tuple(t[n:n + 1] for t in part))
+                lp, new = member.step(tokens[n : n + 1], tuple(t[n : n + 1] for t in part))
                 probs.append(lp[0].double())
                 new_parts[j].append(new)
             if rule == "logprob":
@@ -60,8 +62,9 @@ def _reference_step(members: list[CaptionDecoder], rule: str):
                 rows.append(mean - torch.logsumexp(mean, 0))
             else:
                 rows.append(torch.log(sum(p.exp() for p in probs) / len(probs)))
-        new_state = tuple(torch.cat([new[i] for new in per_member])
-                          for per_member in new_parts for i in range(len(per_member[0])))
+        new_state = tuple(
+            torch.cat([new[i] for new in per_member]) for per_member in new_parts for i in range(len(per_member[0]))
+        )
         return torch.stack(rows).float(), new_state
 
     return step
@@ -111,8 +114,10 @@ def three_models(tmp_path: Path) -> list[Path]:
     base = make_tiny_model(paths[0])
     generator = torch.Generator().manual_seed(7)
     for i, path in enumerate(paths[1:], 1):
-        moved = {k: v + 0.5 * torch.randn(v.shape, generator=generator) if v.is_floating_point() else v
-                 for k, v in base.decoder_state.items()}
+        moved = {
+            k: v + 0.5 * torch.randn(v.shape, generator=generator) if v.is_floating_point() else v
+            for k, v in base.decoder_state.items()
+        }
         save_model(replace(base, name=f"m{i}", decoder_state=moved), path)
     return paths
 
@@ -136,8 +141,9 @@ def test_model_file_round_trip_and_format_version(three_models: list[Path], tmp_
     assert len(again.decoders()) == 4
 
 
-def test_a_batchcap_that_reads_only_version_1_refuses_an_ensemble(three_models: list[Path], tmp_path: Path,
-                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_batchcap_that_reads_only_version_1_refuses_an_ensemble(
+    three_models: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     out = tmp_path / "ens.safetensors"
     save_model(ensemble_models([load_model(p) for p in three_models]), out)
     import batchcap.model.modelfile as modelfile
@@ -147,27 +153,44 @@ def test_a_batchcap_that_reads_only_version_1_refuses_an_ensemble(three_models: 
         load_model(out)
 
 
-def test_identical_members_caption_like_the_single_model(three_models: list[Path], tmp_path: Path,
-                                                         image_folder: Path) -> None:
+def test_identical_members_caption_like_the_single_model(
+    three_models: list[Path], tmp_path: Path, image_folder: Path
+) -> None:
     out = tmp_path / "twice.safetensors"
     single = load_model(three_models[0])
     save_model(ensemble_models([single, single]), out)
     runner = CliRunner()
     rows = {}
     for name, model in (("single", three_models[0]), ("twice", out)):
-        result = runner.invoke(cli, ["run", str(image_folder), "--out", str(tmp_path / f"{name}.jsonl"),
-                                     "--model", str(model), "--precision", "fp32", "--workers", "0", "--n-best", "2"])
+        result = runner.invoke(
+            cli,
+            [
+                "run",
+                str(image_folder),
+                "--out",
+                str(tmp_path / f"{name}.jsonl"),
+                "--model",
+                str(model),
+                "--precision",
+                "fp32",
+                "--workers",
+                "0",
+                "--n-best",
+                "2",
+            ],
+        )
         assert result.exit_code == 0, result.output
-        rows[name] = sorted((json.loads(line) for line in (tmp_path / f"{name}.jsonl").read_text().splitlines()),
-                            key=lambda r: r["id"])
+        rows[name] = sorted(
+            (json.loads(line) for line in (tmp_path / f"{name}.jsonl").read_text().splitlines()), key=lambda r: r["id"]
+        )
     assert len(rows["twice"]) == 20 and all(r["status"] == "ok" for r in rows["twice"])
     assert [r["caption"] for r in rows["twice"]] == [r["caption"] for r in rows["single"]]
-    assert all(math.isclose(a["logprob"], b["logprob"], abs_tol=1e-4)
-               for a, b in zip(rows["twice"], rows["single"]))
+    assert all(math.isclose(a["logprob"], b["logprob"], abs_tol=1e-4) for a, b in zip(rows["twice"], rows["single"]))
 
 
-def test_cli_writes_an_ensemble_that_info_describes(three_models: list[Path], tmp_path: Path,
-                                                    image_folder: Path) -> None:
+def test_cli_writes_an_ensemble_that_info_describes(
+    three_models: list[Path], tmp_path: Path, image_folder: Path
+) -> None:
     out = tmp_path / "ens.safetensors"
     runner = CliRunner()
     result = runner.invoke(cli, ["ensemble", *map(str, three_models), "--out", str(out), "--half"])
@@ -176,8 +199,9 @@ def test_cli_writes_an_ensemble_that_info_describes(three_models: list[Path], tm
     info = runner.invoke(cli, ["info", str(out)], env={"COLUMNS": "200"})
     assert info.exit_code == 0, info.output
     assert "3 decoders in one beam search" in info.output and "decoder 3" in info.output
-    captions = runner.invoke(cli, ["run", str(image_folder), "--out", str(tmp_path / "c.parquet"),
-                                   "--model", str(out), "--workers", "0"])
+    captions = runner.invoke(
+        cli, ["run", str(image_folder), "--out", str(tmp_path / "c.parquet"), "--model", str(out), "--workers", "0"]
+    )
     assert captions.exit_code == 0, captions.output
     import pyarrow.parquet as pq
 

@@ -1,4 +1,5 @@
 """``batchcap info``: the model's lineage by the names its files recorded."""
+
 from __future__ import annotations
 
 import re
@@ -12,10 +13,16 @@ from batchcap.tools.info import lineage
 
 def test_lineage_reads_the_init_model_chain_oldest_first() -> None:
     first = {"config": {"lr": 8e-4}, "epoch": 8, "history": [{"epoch": 8, "val": {"CIDEr": 0.479}}]}
-    second = {"config": {"lr": 1e-4, "self_critical": True}, "epoch": 3,
-              "init_model": {"identity": "base@111111111111", "training": first}}
-    third = {"config": {"lr": 5e-5, "self_critical": True}, "epoch": 5,
-             "init_model": {"identity": "scst@222222222222", "training": second}}
+    second = {
+        "config": {"lr": 1e-4, "self_critical": True},
+        "epoch": 3,
+        "init_model": {"identity": "base@111111111111", "training": first},
+    }
+    third = {
+        "config": {"lr": 5e-5, "self_critical": True},
+        "epoch": 5,
+        "init_model": {"identity": "scst@222222222222", "training": second},
+    }
     assert lineage("final@333333333333", third) == [
         "base@111111111111: teacher forcing, lr 0.0008, epoch 8 selected, val CIDEr-D 0.479",
         "scst@222222222222: self-critical (CIDEr-D), lr 0.0001, epoch 3 selected",
@@ -23,8 +30,10 @@ def test_lineage_reads_the_init_model_chain_oldest_first() -> None:
     ]
     assert lineage("only@0", first) == ["only@0: teacher forcing, lr 0.0008, epoch 8 selected, val CIDEr-D 0.479"]
     pretrained = {**first, "pretrain": {"captions": 116496, "held_out_perplexity": {"before": 2548.0, "after": 30.1}}}
-    assert lineage("lm@0", pretrained) == ["lm@0: language model on 116496 captions (held-out perplexity 30.1), "
-                                           "then teacher forcing, lr 0.0008, epoch 8 selected, val CIDEr-D 0.479"]
+    assert lineage("lm@0", pretrained) == [
+        "lm@0: language model on 116496 captions (held-out perplexity 30.1), "
+        "then teacher forcing, lr 0.0008, epoch 8 selected, val CIDEr-D 0.479"
+    ]
 
 
 def test_info_on_the_packaged_model_shows_the_stages_the_model_card_names() -> None:

@@ -1,4 +1,5 @@
 """The tutorial-style reference path and batchcap's own path write the same greedy captions."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -15,8 +16,9 @@ from batchcap.pipeline.captioner import Captioner
 from batchcap.tools.reference import ReferenceCaptioner, reference_pixels
 
 
-def batchcap_greedy(model_path: Path, paths: list[Path], min_len: int = 1,
-                    encoder_weights: str | None = None) -> list[str]:
+def batchcap_greedy(
+    model_path: Path, paths: list[Path], min_len: int = 1, encoder_weights: str | None = None
+) -> list[str]:
     """Captions from batchcap's own path: decode stage, batched encoder, beam 1, fp32.
 
     Without the ending rule: the tutorial's path has none, and like is compared with like.
@@ -30,8 +32,9 @@ def batchcap_greedy(model_path: Path, paths: list[Path], min_len: int = 1,
     return [c.text for c in captioner(images)]
 
 
-def reference_greedy(model_path: Path, paths: list[Path], min_len: int = 1,
-                     encoder_weights: str | None = None) -> list[str]:
+def reference_greedy(
+    model_path: Path, paths: list[Path], min_len: int = 1, encoder_weights: str | None = None
+) -> list[str]:
     ref = ReferenceCaptioner(load_model(model_path), encoder_weights, min_len=min_len)
     return [ref.caption(p) for p in paths]
 
@@ -40,8 +43,9 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.mark.parametrize("seed,attention,min_len", [(0, True, 1), (1, False, 1), (2, True, 4)])
-def test_reference_greedy_matches_beam_one(tiny_model_path: Path, seed: int, attention: bool,
-                                           min_len: int, tmp_path: Path) -> None:
+def test_reference_greedy_matches_beam_one(
+    tiny_model_path: Path, seed: int, attention: bool, min_len: int, tmp_path: Path
+) -> None:
     """From the same features, varied enough that the captions differ between pictures."""
     model_path = tmp_path / "tiny.safetensors"
     make_tiny_model(model_path, seed=seed, attention=attention)
@@ -54,7 +58,7 @@ def test_reference_greedy_matches_beam_one(tiny_model_path: Path, seed: int, att
     gen = torch.Generator().manual_seed(seed)
     features = 3 * torch.randn(8, regions, model.decoder.feature_dim, generator=gen)  # (B, R, F)
     ours = [c.text for c in captioner.search(features)]
-    assert ours == [ref.greedy(features[i:i + 1]) for i in range(len(features))]
+    assert ours == [ref.greedy(features[i : i + 1]) for i in range(len(features))]
     assert len(set(ours)) > 1
     assert all(len(c.split()) >= min_len for c in ours)
 
@@ -75,6 +79,7 @@ def test_reference_reruns_the_prefix(tiny_model_path: Path, tmp_path: Path) -> N
     ref = ReferenceCaptioner(model, max_len=5, min_len=5)  # exactly 5 words, then stop
     calls = []
     step = ref.decoder.step
+
     def counting_step(tokens: torch.Tensor, state: tuple[torch.Tensor, ...]) -> object:
         calls.append(int(tokens[0]))
         return step(tokens, state)

@@ -1,4 +1,5 @@
 """The training feature cache: chunked, resumable, keyed by what made the features."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -56,9 +57,12 @@ def test_extract_resumes_and_load_returns_rows_in_the_asked_order(tmp_path: Path
 
 def test_a_change_in_what_makes_features_gives_a_new_cache(tmp_path: Path) -> None:
     key = FeatureKey("legacy_xception", "abc", PRE, True, "bf16")
-    variants = [dataclasses.replace(key, weights="abd"), dataclasses.replace(key, precision="fp32"),
-                dataclasses.replace(key, view="hflip"),
-                dataclasses.replace(key, preprocess=dataclasses.replace(PRE, resize="crop"))]
+    variants = [
+        dataclasses.replace(key, weights="abd"),
+        dataclasses.replace(key, precision="fp32"),
+        dataclasses.replace(key, view="hflip"),
+        dataclasses.replace(key, preprocess=dataclasses.replace(PRE, resize="crop")),
+    ]
     digests = {key.digest()} | {v.digest() for v in variants}
     assert len(digests) == 5
     assert FeatureCache(tmp_path, key).dir != FeatureCache(tmp_path, variants[0]).dir

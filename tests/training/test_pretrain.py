@@ -1,4 +1,5 @@
 """Language-model pretraining on caption text: reading, leak filtering, learning, and its place in training."""
+
 from __future__ import annotations
 
 import math
@@ -8,6 +9,7 @@ import pytest
 import timm
 import torch
 from click.testing import CliRunner
+from conftest import write_shapes_dataset
 from safetensors.torch import save_file
 
 from batchcap.cli import cli
@@ -22,7 +24,6 @@ from batchcap.training.pretrain import (
     pretrain_language_model,
     read_caption_lines,
 )
-from conftest import write_shapes_dataset
 
 CPU = RuntimeConfig(device="cpu", precision="fp32", batch_size=8, workers=0)
 
@@ -30,18 +31,24 @@ CPU = RuntimeConfig(device="cpu", precision="fp32", batch_size=8, workers=0)
 def test_token_files_and_plain_text_are_read(tmp_path: Path) -> None:
     tokens = tmp_path / "tokens.txt"
     tokens.write_bytes(b"1.jpg#0\tA dog runs .\r\n1.jpg#1\tA dog plays\r\n\r\n2.jpg#0\tTwo cats .\r\n")
-    assert read_caption_lines(str(tokens)) == [("1.jpg", "A dog runs ."), ("1.jpg", "A dog plays"),
-                                               ("2.jpg", "Two cats .")]
+    assert read_caption_lines(str(tokens)) == [
+        ("1.jpg", "A dog runs ."),
+        ("1.jpg", "A dog plays"),
+        ("2.jpg", "Two cats ."),
+    ]
     plain = tmp_path / "plain.txt"
     plain.write_text("a dog runs\n\n  two cats sit  \n")
     assert read_caption_lines(str(plain)) == [(None, "a dog runs"), (None, "two cats sit")]
 
 
-@pytest.mark.parametrize("content, message", [
-    (b"1.jpg#0\ta dog\nno tab here\n", "line 2: expected IMAGE#N<TAB>caption"),
-    (b"\xff\xfe a dog\n", "not UTF-8"),
-    (b"\n\n", "no captions"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"1.jpg#0\ta dog\nno tab here\n", "line 2: expected IMAGE#N<TAB>caption"),
+        (b"\xff\xfe a dog\n", "not UTF-8"),
+        (b"\n\n", "no captions"),
+    ],
+)
 def test_unusable_text_is_refused_with_the_reason(tmp_path: Path, content: bytes, message: str) -> None:
     path = tmp_path / "text.txt"
     path.write_bytes(content)
@@ -51,8 +58,13 @@ def test_unusable_text_is_refused_with_the_reason(tmp_path: Path, content: bytes
 
 def test_captions_that_could_leak_the_selection_split_are_dropped(tmp_path: Path) -> None:
     path = tmp_path / "tokens.txt"
-    lines = ["own.jpg#0\ta red circle", "other.jpg#0\tThe dog runs on the grass .",
-             "other.jpg#1\ta blue zebra", "third.jpg#0\ta dog runs on the grass", "fourth.jpg#0\t..."]
+    lines = [
+        "own.jpg#0\ta red circle",
+        "other.jpg#0\tThe dog runs on the grass .",
+        "other.jpg#1\ta blue zebra",
+        "third.jpg#0\ta dog runs on the grass",
+        "fourth.jpg#0\t...",
+    ]
     path.write_text("\n".join(lines * 50) + "\n")
     vocab = Vocabulary.build([["a", "dog", "runs", "on", "the", "grass", "blue"]], min_count=1)
     text = prepare_caption_text(str(path), vocab, 20, ["own.jpg"], ["The dog runs on the grass."], seed=0)
@@ -68,17 +80,41 @@ def test_captions_that_could_leak_the_selection_split_are_dropped(tmp_path: Path
 
 def test_pretraining_learns_the_language_of_the_text(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    sentences = [f"a {c} {s} on the {side}" for c in ("red", "green", "blue") for s in ("circle", "square")
-                 for side in ("left", "right")]
+    sentences = [
+        f"a {c} {s} on the {side}"
+        for c in ("red", "green", "blue")
+        for s in ("circle", "square")
+        for side in ("left", "right")
+    ]
     path = tmp_path / "text.txt"
     path.write_text("\n".join(sentences * 40) + "\n")
     vocab = Vocabulary.build((normalize_caption(s) for s in sentences), min_count=1)
     text = prepare_caption_text(str(path), vocab, 8, [], [], seed=0)
-    decoder = CaptionDecoder(DecoderConfig(vocab_size=len(vocab), feature_dim=16, embed_dim=16, hidden_dim=32,
-                                           attention=True, attention_dim=16, dropout=0.0))
+    decoder = CaptionDecoder(
+        DecoderConfig(
+            vocab_size=len(vocab),
+            feature_dim=16,
+            embed_dim=16,
+            hidden_dim=32,
+            attention=True,
+            attention_dim=16,
+            dropout=0.0,
+        )
+    )
     before = perplexity(decoder, text.held_out, CPU)
-    report = pretrain_language_model(decoder, text, CPU, epochs=3, batch_size=32, lr=1e-2, warmup_steps=5,
-                                     weight_decay=0.0, grad_clip=5.0, seed=0, log=lambda m: None)
+    report = pretrain_language_model(
+        decoder,
+        text,
+        CPU,
+        epochs=3,
+        batch_size=32,
+        lr=1e-2,
+        warmup_steps=5,
+        weight_decay=0.0,
+        grad_clip=5.0,
+        seed=0,
+        log=lambda m: None,
+    )
     after = report["held_out_perplexity"]["after"]
     assert report["held_out_perplexity"]["before"] == pytest.approx(before, rel=1e-3)
     # 12 equally likely sentences with 3 free choices: the best per-word perplexity is 12 ** (1/7) ~ 1.43
@@ -91,17 +127,59 @@ def test_train_pretrains_records_it_and_resumes_without_repeating_it(tmp_path: P
     data = tmp_path / "shapes"
     write_shapes_dataset(data, n_train=32, n_val=8)
     text = tmp_path / "text.txt"
-    text.write_text("train0000.jpg#0\ta red circle on the left\n" + "\n".join(
-        f"x{i}.jpg#0\tthe {c} square is on the right" for i, c in enumerate(["red", "green", "blue", "yellow"] * 30)))
+    text.write_text(
+        "train0000.jpg#0\ta red circle on the left\n"
+        + "\n".join(
+            f"x{i}.jpg#0\tthe {c} square is on the right" for i, c in enumerate(["red", "green", "blue", "yellow"] * 30)
+        )
+    )
     weights = tmp_path / "encoder.safetensors"
     save_file(timm.create_model("resnet10t", num_classes=0).state_dict(), weights)
     out = tmp_path / "m.safetensors"
-    common = ["train", str(data), "--out", str(out), "--encoder", "resnet10t", "--encoder-weights", str(weights),
-              "--input-size", "64", "--batch-size", "8", "--lr", "5e-3", "--warmup-steps", "5",
-              "--embed-dim", "16", "--hidden-dim", "32", "--attention-dim", "16", "--min-word-count", "1",
-              "--max-caption-len", "8", "--attention-penalty", "0", "--precision", "fp32", "--workers", "0",
-              "--device", "cpu", "--cache-dir", str(tmp_path / "cache"), "--pretrain-captions", str(text),
-              "--pretrain-epochs", "2", "--patience", "5"]
+    common = [
+        "train",
+        str(data),
+        "--out",
+        str(out),
+        "--encoder",
+        "resnet10t",
+        "--encoder-weights",
+        str(weights),
+        "--input-size",
+        "64",
+        "--batch-size",
+        "8",
+        "--lr",
+        "5e-3",
+        "--warmup-steps",
+        "5",
+        "--embed-dim",
+        "16",
+        "--hidden-dim",
+        "32",
+        "--attention-dim",
+        "16",
+        "--min-word-count",
+        "1",
+        "--max-caption-len",
+        "8",
+        "--attention-penalty",
+        "0",
+        "--precision",
+        "fp32",
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--pretrain-captions",
+        str(text),
+        "--pretrain-epochs",
+        "2",
+        "--patience",
+        "5",
+    ]
     first = CliRunner().invoke(cli, [*common, "--epochs", "1"])
     assert first.exit_code == 0, first.output
     assert "language-model pretraining on 119 captions" in first.output
@@ -119,6 +197,17 @@ def test_pretraining_a_trained_decoder_is_refused(tmp_path: Path) -> None:
     text = tmp_path / "text.txt"
     text.write_text("a dog\n")
     start = Path(__file__).parents[2] / "batchcap" / "assets" / "default-model.safetensors"
-    result = CliRunner().invoke(cli, ["train", str(tmp_path), "--out", str(tmp_path / "m.safetensors"),
-                                      "--init-model", str(start), "--pretrain-captions", str(text)])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "train",
+            str(tmp_path),
+            "--out",
+            str(tmp_path / "m.safetensors"),
+            "--init-model",
+            str(start),
+            "--pretrain-captions",
+            str(text),
+        ],
+    )
     assert result.exit_code == 2 and "give one of them" in result.output

@@ -1,4 +1,5 @@
 """Self-critical training: the CIDEr-D reward, caption sampling, the loss, and the train options."""
+
 from __future__ import annotations
 
 import json
@@ -9,6 +10,7 @@ import pytest
 import timm
 import torch
 from click.testing import CliRunner
+from conftest import write_shapes_dataset
 from safetensors.torch import save_file
 
 from batchcap.cli import cli
@@ -18,7 +20,6 @@ from batchcap.model.decoder import CaptionDecoder
 from batchcap.model.modelfile import load_model
 from batchcap.model.text import END, SPECIAL_TOKENS, Vocabulary
 from batchcap.training.scst import CaptionReward, Samples, sample_captions, self_critical_loss
-from conftest import write_shapes_dataset
 
 WORDS = "a dog cat man runs on the grass red blue ball in water jumps over".split()
 
@@ -36,8 +37,9 @@ def test_cider_d_equals_pycocoevalcap_per_image(seed: int) -> None:
     hyps = {k: _random_captions(rng, 1)[0] for k in refs}
     hyps["img0"] = list(refs["img0"][0])  # one exact match
     hyps["img1"] = ["zebra", "unseen"]  # n-grams no reference holds
-    _, expected = Cider().compute_score({k: [" ".join(r) for r in v] for k, v in refs.items()},
-                                        {k: [" ".join(h)] for k, h in hyps.items()})
+    _, expected = Cider().compute_score(
+        {k: [" ".join(r) for r in v] for k, v in refs.items()}, {k: [" ".join(h)] for k, h in hyps.items()}
+    )
     cider = CiderD(refs.values())
     ours = [cider.score(hyps[k], cider.prepare(refs[k])) for k in refs]  # pycocoevalcap keeps key order
     assert ours == pytest.approx(list(expected), rel=1e-9, abs=1e-12)
@@ -52,8 +54,10 @@ def test_cider_d_refuses_an_empty_corpus() -> None:
 def test_reward_counts_the_end_so_a_caption_cut_mid_phrase_loses() -> None:
     words = "two dogs play in front of a house on the grass".split()
     vocab = Vocabulary(SPECIAL_TOKENS + tuple(dict.fromkeys(words)))
-    references = [["two dogs play in front of a house".split(), "two dogs play on the grass".split()],
-                  ["a dog on the grass".split()]]
+    references = [
+        ["two dogs play in front of a house".split(), "two dogs play on the grass".split()],
+        ["a dog on the grass".split()],
+    ]
     reward = CaptionReward(references, vocab)
 
     def row(text: str, ended: bool = True) -> list[int]:
@@ -72,8 +76,9 @@ def test_reward_counts_the_end_so_a_caption_cut_mid_phrase_loses() -> None:
 
 def _decoder(seed: int = 0, vocab: int = 12) -> CaptionDecoder:
     torch.manual_seed(seed)
-    return CaptionDecoder(DecoderConfig(vocab_size=vocab, feature_dim=8, embed_dim=8, hidden_dim=16,
-                                        attention_dim=8, dropout=0.0))
+    return CaptionDecoder(
+        DecoderConfig(vocab_size=vocab, feature_dim=8, embed_dim=8, hidden_dim=16, attention_dim=8, dropout=0.0)
+    )
 
 
 def test_samples_respect_bans_masks_and_end() -> None:
@@ -88,7 +93,7 @@ def test_samples_respect_bans_masks_and_end() -> None:
         assert not set(chosen) & {0, 1, 3}, "a banned token was sampled"
         assert 2 not in chosen[:-1], "tokens were chosen after <end>"
         assert chosen[-1] == 2 or len(chosen) == 6  # ended, or forced to end at max_len
-        assert all(t == 0 for t in row[len(chosen):])
+        assert all(t == 0 for t in row[len(chosen) :])
         assert all(p <= 0 for p in logp) and all(p == 0 for p, m in zip(logp, mask) if not m)
     assert s.log_probs.requires_grad
 
@@ -97,8 +102,7 @@ def test_sampling_follows_the_decoders_distribution() -> None:
     decoder = _decoder(seed=3).eval()
     features = torch.randn(1, 4, 8)
     torch.manual_seed(0)
-    s = sample_captions(decoder, features, 20000, max_len=1, start_id=1, end_id=2, pad_id=0,
-                        banned_ids=(0, 1))
+    s = sample_captions(decoder, features, 20000, max_len=1, start_id=1, end_id=2, pad_id=0, banned_ids=(0, 1))
     with torch.no_grad():
         log_probs, _ = decoder.step(torch.tensor([1]), decoder.init_state(features))
     never = torch.tensor([i in (0, 1, 2) for i in range(12)])  # banned, and <end> as a first word
@@ -147,17 +151,73 @@ def test_self_critical_training_raises_the_reward_it_optimises(tmp_path: Path) -
     weights = _shapes_encoder(tmp_path)
     runner = CliRunner()
     start = tmp_path / "xe.safetensors"
-    result = runner.invoke(cli, [
-        "train", str(data), "--out", str(start), "--encoder", "resnet10t", "--encoder-weights", str(weights),
-        "--input-size", "64", "--epochs", "3", "--batch-size", "16", "--lr", "5e-3", "--warmup-steps", "5",
-        "--embed-dim", "32", "--hidden-dim", "64", "--attention-dim", "32", "--dropout", "0.1",
-        "--min-word-count", "1", "--attention-penalty", "0", "--cache-dir", str(tmp_path / "cache"), *COMMON])
+    result = runner.invoke(
+        cli,
+        [
+            "train",
+            str(data),
+            "--out",
+            str(start),
+            "--encoder",
+            "resnet10t",
+            "--encoder-weights",
+            str(weights),
+            "--input-size",
+            "64",
+            "--epochs",
+            "3",
+            "--batch-size",
+            "16",
+            "--lr",
+            "5e-3",
+            "--warmup-steps",
+            "5",
+            "--embed-dim",
+            "32",
+            "--hidden-dim",
+            "64",
+            "--attention-dim",
+            "32",
+            "--dropout",
+            "0.1",
+            "--min-word-count",
+            "1",
+            "--attention-penalty",
+            "0",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            *COMMON,
+        ],
+    )
     assert result.exit_code == 0, result.output
     tuned = tmp_path / "scst.safetensors"
-    result = runner.invoke(cli, [
-        "train", str(data), "--out", str(tuned), "--init-model", str(start), "--self-critical",
-        "--epochs", "10", "--batch-size", "16", "--lr", "3e-3", "--warmup-steps", "0", "--patience", "10",
-        "--encoder-weights", str(weights), "--cache-dir", str(tmp_path / "cache"), *COMMON])
+    result = runner.invoke(
+        cli,
+        [
+            "train",
+            str(data),
+            "--out",
+            str(tuned),
+            "--init-model",
+            str(start),
+            "--self-critical",
+            "--epochs",
+            "10",
+            "--batch-size",
+            "16",
+            "--lr",
+            "3e-3",
+            "--warmup-steps",
+            "0",
+            "--patience",
+            "10",
+            "--encoder-weights",
+            str(weights),
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            *COMMON,
+        ],
+    )
     assert result.exit_code == 0, result.output
     log = [json.loads(line) for line in (tmp_path / "scst.safetensors.log.jsonl").read_text().splitlines()]
     rewards = [r["train_reward"] for r in log]
@@ -173,17 +233,31 @@ def test_self_critical_training_raises_the_reward_it_optimises(tmp_path: Path) -
 def test_self_critical_needs_a_start_model(tmp_path: Path) -> None:
     data = tmp_path / "shapes"
     write_shapes_dataset(data, n_train=4, n_val=2)
-    result = CliRunner().invoke(cli, ["train", str(data), "--out", str(tmp_path / "m.safetensors"),
-                                      "--self-critical", *COMMON])
+    result = CliRunner().invoke(
+        cli, ["train", str(data), "--out", str(tmp_path / "m.safetensors"), "--self-critical", *COMMON]
+    )
     assert result.exit_code == 2 and "--init-model" in result.output, result.output
 
 
 def test_init_model_refuses_options_it_overrides(tmp_path: Path, tiny_model_path: Path) -> None:
     data = tmp_path / "shapes"
     write_shapes_dataset(data, n_train=4, n_val=2)
-    result = CliRunner().invoke(cli, ["train", str(data), "--out", str(tmp_path / "m.safetensors"),
-                                      "--init-model", str(tiny_model_path), "--embed-dim", "64",
-                                      "--input-size", "128", *COMMON])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "train",
+            str(data),
+            "--out",
+            str(tmp_path / "m.safetensors"),
+            "--init-model",
+            str(tiny_model_path),
+            "--embed-dim",
+            "64",
+            "--input-size",
+            "128",
+            *COMMON,
+        ],
+    )
     assert result.exit_code == 2, result.output
     assert "--input-size, --embed-dim" in result.output and "come from the model file" in result.output
 
@@ -191,8 +265,10 @@ def test_init_model_refuses_options_it_overrides(tmp_path: Path, tiny_model_path
 def test_init_model_refuses_a_model_with_an_embedded_encoder(tmp_path: Path, tiny_model_path: Path) -> None:
     data = tmp_path / "shapes"
     write_shapes_dataset(data, n_train=4, n_val=2)
-    result = CliRunner().invoke(cli, ["train", str(data), "--out", str(tmp_path / "m.safetensors"),
-                                      "--init-model", str(tiny_model_path), *COMMON])
+    result = CliRunner().invoke(
+        cli,
+        ["train", str(data), "--out", str(tmp_path / "m.safetensors"), "--init-model", str(tiny_model_path), *COMMON],
+    )
     assert result.exit_code == 2 and "embeds a fine-tuned encoder" in result.output, result.output
 
 
@@ -205,6 +281,7 @@ def test_init_model_refuses_an_ensemble(tmp_path: Path, tiny_model_path: Path) -
     ensemble = tmp_path / "ens.safetensors"
     single = load_model(tiny_model_path)
     save_model(ensemble_models([single, single]), ensemble)
-    result = CliRunner().invoke(cli, ["train", str(data), "--out", str(tmp_path / "m.safetensors"),
-                                      "--init-model", str(ensemble), *COMMON])
+    result = CliRunner().invoke(
+        cli, ["train", str(data), "--out", str(tmp_path / "m.safetensors"), "--init-model", str(ensemble), *COMMON]
+    )
     assert result.exit_code == 2 and "is an ensemble of 2 decoders" in result.output, result.output

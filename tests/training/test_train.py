@@ -1,4 +1,5 @@
 """Training learns: captions of generated shape pictures beat a baseline that ignores the image."""
+
 from __future__ import annotations
 
 import json
@@ -9,9 +10,8 @@ import pytest
 import timm
 import torch
 from click.testing import CliRunner
-from safetensors.torch import save_file
-
 from conftest import write_shapes_dataset
+from safetensors.torch import save_file
 
 from batchcap.cli import cli
 from batchcap.model.modelfile import load_model
@@ -29,15 +29,54 @@ def test_training_learns_from_pictures(tmp_path: Path) -> None:
     weights = tmp_path / "encoder.safetensors"
     save_file(encoder.state_dict(), weights)
     out = tmp_path / "shapes.safetensors"
-    result = CliRunner().invoke(cli, [
-        "train", str(data), "--out", str(out), "--encoder", "resnet10t", "--encoder-weights", str(weights),
-        "--input-size", "64", "--epochs", "20", "--batch-size", "16", "--lr", "5e-3", "--warmup-steps", "10",
-        "--embed-dim", "32", "--hidden-dim", "64", "--attention-dim", "32", "--dropout", "0.1",
-        "--min-word-count", "1", "--max-caption-len", "8", "--patience", "20", "--precision", "fp32",
-        # SAT's penalty wants more regions than words; this encoder's map has only 2x2.
-        "--attention-penalty", "0",
-        "--workers", "0", "--device", "cpu", "--cache-dir", str(tmp_path / "cache"),
-    ])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "train",
+            str(data),
+            "--out",
+            str(out),
+            "--encoder",
+            "resnet10t",
+            "--encoder-weights",
+            str(weights),
+            "--input-size",
+            "64",
+            "--epochs",
+            "20",
+            "--batch-size",
+            "16",
+            "--lr",
+            "5e-3",
+            "--warmup-steps",
+            "10",
+            "--embed-dim",
+            "32",
+            "--hidden-dim",
+            "64",
+            "--attention-dim",
+            "32",
+            "--dropout",
+            "0.1",
+            "--min-word-count",
+            "1",
+            "--max-caption-len",
+            "8",
+            "--patience",
+            "20",
+            "--precision",
+            "fp32",
+            # SAT's penalty wants more regions than words; this encoder's map has only 2x2.
+            "--attention-penalty",
+            "0",
+            "--workers",
+            "0",
+            "--device",
+            "cpu",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+        ],
+    )
     assert result.exit_code == 0, result.output
     model = load_model(out)
     assert model.training["data"]["splits"]["train"]["images"] == 240
@@ -49,15 +88,38 @@ def test_training_learns_from_pictures(tmp_path: Path) -> None:
     log = [json.loads(line) for line in (tmp_path / "shapes.safetensors.log.jsonl").read_text().splitlines()]
     assert len(log) == 20 and log[-1]["train_loss"] < log[0]["train_loss"]
 
-    evaluated = CliRunner().invoke(cli, ["eval", str(data), "--split", "val", "--model", str(out),
-                                         "--encoder-weights", str(weights), "--beam", "3", "--precision", "fp32",
-                                         "--workers", "0", "--device", "cpu", "--json", str(tmp_path / "s.json")])
+    evaluated = CliRunner().invoke(
+        cli,
+        [
+            "eval",
+            str(data),
+            "--split",
+            "val",
+            "--model",
+            str(out),
+            "--encoder-weights",
+            str(weights),
+            "--beam",
+            "3",
+            "--precision",
+            "fp32",
+            "--workers",
+            "0",
+            "--device",
+            "cpu",
+            "--json",
+            str(tmp_path / "s.json"),
+        ],
+    )
     assert evaluated.exit_code == 0, evaluated.output
     scores = json.loads((tmp_path / "s.json").read_text())
     references = {c["image_id"]: c["references"] for c in scores["captions"]}
     # The best a model that ignores the picture can do: one caption for every image.
-    train_refs = [line.split("\t")[1].strip(" .\r\n") for line in
-                  (data / "Flickr8k_text" / "Flickr8k.token.txt").read_text().splitlines() if "train" in line]
+    train_refs = [
+        line.split("\t")[1].strip(" .\r\n")
+        for line in (data / "Flickr8k_text" / "Flickr8k.token.txt").read_text().splitlines()
+        if "train" in line
+    ]
     constant = Counter(train_refs).most_common(1)[0][0]
     baseline = score_captions({k: constant for k in references}, references, full=False)
     learned = scores["scores"]
@@ -74,20 +136,66 @@ def test_finetuning_the_encoder_embeds_it_and_captions_run(tmp_path: Path, image
     save_file(original, weights)
     out = tmp_path / "tuned.safetensors"
     runner = CliRunner()
-    result = runner.invoke(cli, [
-        "train", str(data), "--out", str(out), "--encoder", "test_efficientnet", "--encoder-weights", str(weights),
-        "--input-size", "64", "--epochs", "2", "--batch-size", "8", "--embed-dim", "16", "--hidden-dim", "32",
-        "--attention-dim", "16", "--min-word-count", "1", "--max-caption-len", "8", "--finetune-encoder",
-        "--encoder-lr", "1e-2", "--augment", "--precision", "fp32", "--workers", "0", "--device", "cpu",
-    ])
+    result = runner.invoke(
+        cli,
+        [
+            "train",
+            str(data),
+            "--out",
+            str(out),
+            "--encoder",
+            "test_efficientnet",
+            "--encoder-weights",
+            str(weights),
+            "--input-size",
+            "64",
+            "--epochs",
+            "2",
+            "--batch-size",
+            "8",
+            "--embed-dim",
+            "16",
+            "--hidden-dim",
+            "32",
+            "--attention-dim",
+            "16",
+            "--min-word-count",
+            "1",
+            "--max-caption-len",
+            "8",
+            "--finetune-encoder",
+            "--encoder-lr",
+            "1e-2",
+            "--augment",
+            "--precision",
+            "fp32",
+            "--workers",
+            "0",
+            "--device",
+            "cpu",
+        ],
+    )
     assert result.exit_code == 0, result.output
     model = load_model(out)
     assert model.encoder_state is not None and model.encoder.weights_sha256 is None
     changed = [k for k, v in model.encoder_state.items() if v.is_floating_point() and not torch.equal(v, original[k])]
     assert changed, "the encoder's weights did not train"
     assert not (tmp_path / ".batchcap-features").exists()  # no feature cache when fine-tuning
-    captions = runner.invoke(cli, ["run", str(image_folder), "--out", str(tmp_path / "c.jsonl"), "--model", str(out),
-                                   "--precision", "fp32", "--workers", "0"])
+    captions = runner.invoke(
+        cli,
+        [
+            "run",
+            str(image_folder),
+            "--out",
+            str(tmp_path / "c.jsonl"),
+            "--model",
+            str(out),
+            "--precision",
+            "fp32",
+            "--workers",
+            "0",
+        ],
+    )
     assert captions.exit_code == 0, captions.output
     rows = [json.loads(line) for line in (tmp_path / "c.jsonl").read_text().splitlines()]
     assert len(rows) == 20 and all(r["status"] == "ok" and r["caption"] for r in rows)
@@ -150,10 +258,38 @@ def test_training_and_resuming_on_a_real_gpu(tmp_path: Path) -> None:
     weights = tmp_path / "encoder.safetensors"
     save_file(timm.create_model("test_efficientnet", num_classes=0).state_dict(), weights)
     out = tmp_path / "gpu.safetensors"
-    args = ["train", str(data), "--out", str(out), "--encoder", "test_efficientnet", "--encoder-weights",
-            str(weights), "--input-size", "64", "--batch-size", "8", "--embed-dim", "16", "--hidden-dim", "32",
-            "--attention-dim", "16", "--min-word-count", "1", "--max-caption-len", "8", "--workers", "0",
-            "--device", "cuda", "--cache-dir", str(tmp_path / "cache"), "--patience", "10"]
+    args = [
+        "train",
+        str(data),
+        "--out",
+        str(out),
+        "--encoder",
+        "test_efficientnet",
+        "--encoder-weights",
+        str(weights),
+        "--input-size",
+        "64",
+        "--batch-size",
+        "8",
+        "--embed-dim",
+        "16",
+        "--hidden-dim",
+        "32",
+        "--attention-dim",
+        "16",
+        "--min-word-count",
+        "1",
+        "--max-caption-len",
+        "8",
+        "--workers",
+        "0",
+        "--device",
+        "cuda",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--patience",
+        "10",
+    ]
     first = CliRunner().invoke(cli, args + ["--epochs", "1"])
     assert first.exit_code == 0, first.output  # a training epoch and a validation on the GPU
     resumed = CliRunner().invoke(cli, args + ["--epochs", "2", "--resume"])
@@ -175,13 +311,46 @@ def test_features_mapped_from_disk_train_the_same_model(tmp_path: Path, monkeypa
     for budget in ("100", "0"):  # the first run fills the feature cache, the second finds it
         monkeypatch.setenv("BATCHCAP_FEATURE_MEMORY_GIB", budget)
         out = tmp_path / f"budget-{budget}.safetensors"
-        result = CliRunner().invoke(cli, [
-            "train", str(data), "--out", str(out), "--encoder", "resnet10t", "--encoder-weights", str(weights),
-            "--input-size", "64", "--epochs", "2", "--batch-size", "8", "--embed-dim", "16", "--hidden-dim", "32",
-            "--attention-dim", "16", "--min-word-count", "1", "--max-caption-len", "8", "--augment",
-            "--attention-penalty", "0", "--precision", "fp32", "--workers", "0", "--device", "cpu",
-            "--cache-dir", str(tmp_path / "cache"),
-        ])
+        result = CliRunner().invoke(
+            cli,
+            [
+                "train",
+                str(data),
+                "--out",
+                str(out),
+                "--encoder",
+                "resnet10t",
+                "--encoder-weights",
+                str(weights),
+                "--input-size",
+                "64",
+                "--epochs",
+                "2",
+                "--batch-size",
+                "8",
+                "--embed-dim",
+                "16",
+                "--hidden-dim",
+                "32",
+                "--attention-dim",
+                "16",
+                "--min-word-count",
+                "1",
+                "--max-caption-len",
+                "8",
+                "--augment",
+                "--attention-penalty",
+                "0",
+                "--precision",
+                "fp32",
+                "--workers",
+                "0",
+                "--device",
+                "cpu",
+                "--cache-dir",
+                str(tmp_path / "cache"),
+            ],
+        )
         assert result.exit_code == 0, result.output
         mapped = "memory-mapped from a file beside the cache" in result.output
         assert mapped == (budget == "0"), result.output
@@ -191,9 +360,26 @@ def test_features_mapped_from_disk_train_the_same_model(tmp_path: Path, monkeypa
     assert not list((tmp_path / "cache").glob("*/.split-*"))
 
     monkeypatch.setenv("BATCHCAP_FEATURE_MEMORY_GIB", "plenty")
-    refused = CliRunner().invoke(cli, ["train", str(data), "--out", str(tmp_path / "x.safetensors"),
-                                       "--encoder", "resnet10t", "--encoder-weights", str(weights),
-                                       "--input-size", "64", "--workers", "0", "--device", "cpu",
-                                       "--cache-dir", str(tmp_path / "cache")])
+    refused = CliRunner().invoke(
+        cli,
+        [
+            "train",
+            str(data),
+            "--out",
+            str(tmp_path / "x.safetensors"),
+            "--encoder",
+            "resnet10t",
+            "--encoder-weights",
+            str(weights),
+            "--input-size",
+            "64",
+            "--workers",
+            "0",
+            "--device",
+            "cpu",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+        ],
+    )
     assert refused.exit_code != 0 and "BATCHCAP_FEATURE_MEMORY_GIB='plenty'" in refused.output, refused.output
     assert "Traceback" not in refused.output

@@ -1,5 +1,5 @@
-"""COCO caption annotations (``captions_train2014.json`` ...) beside their image folders.
-"""
+"""COCO caption annotations (``captions_train2014.json`` ...) beside their image folders."""
+
 from __future__ import annotations
 
 import glob
@@ -73,8 +73,11 @@ def load_coco(path: str, images: str | None = None) -> CaptionDataset:
     for file in files:
         name = os.path.basename(file)
         data = load_json(file)
-        if not isinstance(data, dict) or not isinstance(data.get("images"), list) \
-                or not isinstance(data.get("annotations"), list):
+        if (
+            not isinstance(data, dict)
+            or not isinstance(data.get("images"), list)
+            or not isinstance(data.get("annotations"), list)
+        ):
             raise DatasetError(f"{name}: {expected}")
         if not data["annotations"]:
             raise DatasetError(f"{name} holds no captions: {expected}")
@@ -83,8 +86,7 @@ def load_coco(path: str, images: str | None = None) -> CaptionDataset:
         image_dirs.append(image_dir)
         file_names: dict[Any, str] = {}
         for index, image in enumerate(data["images"]):
-            if not isinstance(image, dict) or "id" not in image \
-                    or not isinstance(image.get("file_name"), str):
+            if not isinstance(image, dict) or "id" not in image or not isinstance(image.get("file_name"), str):
                 raise DatasetError(f"{name}: images[{index}]: {expected}")
             file_names[image["id"]] = image["file_name"]
         captions: dict[Any, list[str]] = {}
@@ -104,8 +106,10 @@ def load_coco(path: str, images: str | None = None) -> CaptionDataset:
         if uncaptioned:
             notes.append(f"{name}: {uncaptioned} images without captions; left out")
         if split is None:
-            notes.append(f"{name}: no train/val/test in the file name: made a deterministic "
-                         f"{HASH_SPLIT[0]}/{HASH_SPLIT[1]}/{HASH_SPLIT[2]} split by SHA-1 of the file name")
+            notes.append(
+                f"{name}: no train/val/test in the file name: made a deterministic "
+                f"{HASH_SPLIT[0]}/{HASH_SPLIT[1]}/{HASH_SPLIT[2]} split by SHA-1 of the file name"
+            )
         for image_id in sorted(captions, key=lambda i: file_names[i]):
             file_name = file_names[image_id]
             target = split or hash_split(file_name)

@@ -20,6 +20,7 @@ Split names are canonical: ``train``, ``val``, ``test`` (Flickr8k ``dev`` -> ``v
 stable hash of the image id (see :func:`hash_split`): the same id always lands in the same
 split, on every machine and Python version, whatever else the dataset holds.
 """
+
 from __future__ import annotations
 
 import glob
@@ -85,8 +86,13 @@ def detect_format(path: str) -> str:
             data = load_json(path)
             if isinstance(data, dict) and isinstance(data.get("annotations"), list):
                 return "coco"
-            if isinstance(data, dict) and isinstance(data.get("images"), list) and data["images"] \
-                    and isinstance(data["images"][0], dict) and "sentences" in data["images"][0]:
+            if (
+                isinstance(data, dict)
+                and isinstance(data.get("images"), list)
+                and data["images"]
+                and isinstance(data["images"][0], dict)
+                and "sentences" in data["images"][0]
+            ):
                 return "karpathy"
     elif os.path.isdir(path):
         if find_flickr_text_dir(path) is not None:
@@ -97,8 +103,9 @@ def detect_format(path: str) -> str:
             return "karpathy"
         if coco_files(path):
             return "coco"
-        if glob.glob(os.path.join(glob.escape(path), "*.tar")) or \
-                glob.glob(os.path.join(glob.escape(path), "*", "*.tar")):
+        if glob.glob(os.path.join(glob.escape(path), "*.tar")) or glob.glob(
+            os.path.join(glob.escape(path), "*", "*.tar")
+        ):
             return "wds"
     elif any(ch in path for ch in "{*?[") or path.endswith(".tar"):
         return "wds"
@@ -107,8 +114,9 @@ def detect_format(path: str) -> str:
     raise DatasetError(f"{path}: not a recognised caption dataset\n{LAYOUTS}")
 
 
-def load_caption_dataset(path: str | os.PathLike[str], format: str = "auto", *,
-                         images: str | os.PathLike[str] | None = None) -> CaptionDataset:
+def load_caption_dataset(
+    path: str | os.PathLike[str], format: str = "auto", *, images: str | os.PathLike[str] | None = None
+) -> CaptionDataset:
     """Read the caption dataset at ``path``; ``format="auto"`` detects it; ``images`` overrides the photos.
 
     Raises :class:`DatasetError` for a user error (nothing recognisable, an empty or malformed
@@ -134,5 +142,3 @@ def load_caption_dataset(path: str | os.PathLike[str], format: str = "auto", *,
     if image_dir is not None:
         raise DatasetError("images= does not apply to WebDataset shards (the images are inside the tars)")
     return load_wds(path)
-
-

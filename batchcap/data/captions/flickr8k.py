@@ -2,11 +2,12 @@
 ``Flickr_8k.{train,dev,test}Images.txt`` split files and the photo folder. The same token format
 carries caption text without photos (Flickr30k, COCO) for language-model pretraining.
 """
+
 from __future__ import annotations
 
 import os
 import re
-from typing import Iterator
+from collections.abc import Iterator
 
 from batchcap.data.captions.records import (
     SPLITS,
@@ -24,8 +25,14 @@ from batchcap.data.captions.records import (
 _FLICKR_TEXT_DIRS = (".", "Flickr8k_text", "Flickr8k_text/Flickr8k_text", "text")
 
 
-FLICKR_IMAGE_DIRS = ("Flicker8k_Dataset", "Flickr8k_Dataset", "Images", "images",
-                      "Flicker8k_Dataset/Flicker8k_Dataset", "Flickr8k_Dataset/Flicker8k_Dataset")
+FLICKR_IMAGE_DIRS = (
+    "Flicker8k_Dataset",
+    "Flickr8k_Dataset",
+    "Images",
+    "images",
+    "Flicker8k_Dataset/Flicker8k_Dataset",
+    "Flickr8k_Dataset/Flicker8k_Dataset",
+)
 
 
 TOKEN_LINE = re.compile(r"^(?P<image>[^\t]+)#(?P<n>\d+)\t(?P<caption>.*)$")
@@ -50,8 +57,9 @@ def read_flickr8k_tokens(path: str, notes: list[str]) -> dict[str, list[str]]:
         with open(path, encoding="utf-8-sig", newline=None) as f:  # universal newlines: CRLF -> \n
             lines = f.read().split("\n")
     except UnicodeDecodeError as error:
-        raise DatasetError(f"{name}: not UTF-8 text ({error.reason} at byte {error.start}); "
-                           "expected lines of IMAGE#N<TAB>caption") from None
+        raise DatasetError(
+            f"{name}: not UTF-8 text ({error.reason} at byte {error.start}); expected lines of IMAGE#N<TAB>caption"
+        ) from None
 
     def pairs() -> Iterator[tuple[str, str]]:
         for lineno, line in enumerate(lines, start=1):
@@ -79,8 +87,10 @@ def load_flickr8k(root: str, images: str | None = None) -> CaptionDataset:
     image_dir = images or first_dir(root, FLICKR_IMAGE_DIRS)
     if image_dir is None:
         image_dir = text_dir
-        notes.append(f"no image folder ({', '.join(FLICKR_IMAGE_DIRS[:3])}) under {root}: "
-                     f"looking for photos beside the text files")
+        notes.append(
+            f"no image folder ({', '.join(FLICKR_IMAGE_DIRS[:3])}) under {root}: "
+            f"looking for photos beside the text files"
+        )
     by_split = {s: [(i, captions[i], os.path.join(image_dir, i)) for i in ids[s]] for s in SPLITS}
     splits, missing = place_folder_records(by_split)
     dataset = CaptionDataset("flickr8k", root, splits, missing, notes)

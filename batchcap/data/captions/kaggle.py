@@ -1,10 +1,10 @@
-"""Kaggle's Flickr8k: ``captions.txt`` (CSV, header ``image,caption``) and ``Images/``.
-"""
+"""Kaggle's Flickr8k: ``captions.txt`` (CSV, header ``image,caption``) and ``Images/``."""
+
 from __future__ import annotations
 
 import csv
 import os
-from typing import Iterator
+from collections.abc import Iterator
 
 from batchcap.data.captions.flickr8k import FLICKR_IMAGE_DIRS
 from batchcap.data.captions.records import (
@@ -30,8 +30,7 @@ def read_kaggle_captions(path: str, notes: list[str]) -> dict[str, list[str]]:
     try:
         return _read_kaggle_captions(path, notes)
     except (csv.Error, UnicodeDecodeError) as error:
-        raise DatasetError(f"{os.path.basename(path)}: not a UTF-8 CSV with header image,caption "
-                           f"({error})") from None
+        raise DatasetError(f"{os.path.basename(path)}: not a UTF-8 CSV with header image,caption ({error})") from None
 
 
 def _read_kaggle_captions(path: str, notes: list[str]) -> dict[str, list[str]]:
@@ -42,16 +41,16 @@ def _read_kaggle_captions(path: str, notes: list[str]) -> dict[str, list[str]]:
         if header is None:
             raise DatasetError(f"{name} is empty: expected a CSV with header image,caption")
         if [h.strip().lower() for h in header[:2]] != ["image", "caption"]:
-            raise DatasetError(f"{name} line 1: expected the header image,caption, "
-                               f"got {','.join(header)[:80]!r}")
+            raise DatasetError(f"{name} line 1: expected the header image,caption, got {','.join(header)[:80]!r}")
 
         def pairs() -> Iterator[tuple[str, str]]:
             for row in reader:
                 if not row or not any(cell.strip() for cell in row):
                     continue
                 if len(row) < 2 or not row[0].strip():
-                    raise DatasetError(f"{name} line {reader.line_num}: expected image,caption, "
-                                       f"got {','.join(row)[:80]!r}")
+                    raise DatasetError(
+                        f"{name} line {reader.line_num}: expected image,caption, got {','.join(row)[:80]!r}"
+                    )
                 yield row[0].strip(), ",".join(row[1:]).strip()
 
         return group_captions(pairs(), name, notes, "a CSV with header image,caption")

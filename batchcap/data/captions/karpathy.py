@@ -1,5 +1,5 @@
-"""Karpathy's split JSON (``dataset_flickr8k.json``, ``dataset_flickr30k.json``, ``dataset_coco.json``).
-"""
+"""Karpathy's split JSON (``dataset_flickr8k.json``, ``dataset_flickr30k.json``, ``dataset_coco.json``)."""
+
 from __future__ import annotations
 
 import glob
@@ -50,8 +50,11 @@ def load_karpathy(path: str, images: str | None = None) -> CaptionDataset:
     other_splits: dict[str, int] = defaultdict(int)
     no_captions = 0
     for index, entry in enumerate(data["images"]):
-        if not isinstance(entry, dict) or not isinstance(entry.get("filename"), str) \
-                or not isinstance(entry.get("sentences"), list):
+        if (
+            not isinstance(entry, dict)
+            or not isinstance(entry.get("filename"), str)
+            or not isinstance(entry.get("sentences"), list)
+        ):
             raise DatasetError(f"{name}: images[{index}]: {expected}")
         filepath = str(entry.get("filepath") or "")
         image_id = f"{filepath}/{entry['filename']}" if filepath and kind == "coco" else entry["filename"]
@@ -59,8 +62,11 @@ def load_karpathy(path: str, images: str | None = None) -> CaptionDataset:
         if split is None:
             other_splits[str(entry.get("split"))] += 1
             continue
-        captions = [str(s.get("raw") or " ".join(s.get("tokens") or [])).strip()
-                    for s in entry["sentences"] if isinstance(s, dict)]
+        captions = [
+            str(s.get("raw") or " ".join(s.get("tokens") or [])).strip()
+            for s in entry["sentences"]
+            if isinstance(s, dict)
+        ]
         captions = [c for c in captions if c]
         if not captions:
             no_captions += 1
@@ -69,8 +75,11 @@ def load_karpathy(path: str, images: str | None = None) -> CaptionDataset:
             continue
         seen.add(image_id)
         image_path = os.path.join(image_dir, filepath, entry["filename"])
-        if filepath and entry["filename"] not in file_listing(os.path.join(image_dir, filepath), listing) \
-                and entry["filename"] in file_listing(image_dir, listing):
+        if (
+            filepath
+            and entry["filename"] not in file_listing(os.path.join(image_dir, filepath), listing)
+            and entry["filename"] in file_listing(image_dir, listing)
+        ):
             image_path = os.path.join(image_dir, entry["filename"])
         by_split[split].append((image_id, captions, image_path))
     for split_name, count in sorted(other_splits.items()):
@@ -92,6 +101,7 @@ def karpathy_file(path: str) -> str:
     if not found:
         raise DatasetError(f"{path}: no dataset_*.json (Karpathy split file)")
     if len(found) > 1:
-        raise DatasetError(f"{path} holds several Karpathy split files; pass one: "
-                           + ", ".join(os.path.basename(f) for f in found))
+        raise DatasetError(
+            f"{path} holds several Karpathy split files; pass one: " + ", ".join(os.path.basename(f) for f in found)
+        )
     return found[0]

@@ -5,20 +5,20 @@ Split names are canonical: ``train``, ``val``, ``test`` (Flickr8k ``dev`` -> ``v
 stable hash of the image id (see :func:`hash_split`): the same id always lands in the same
 split, on every machine and Python version, whatever else the dataset holds.
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
 import os
 import tarfile
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 from batchcap.data.extensions import IMAGE_KEYS, is_image_name
 
 SPLITS = ("train", "val", "test")
-
-
 
 
 # Fractions (in percent) of the deterministic split used when a layout has none.
@@ -26,9 +26,15 @@ HASH_SPLIT = (90, 5, 5)
 
 
 _SPLIT_ALIASES = {
-    "train": "train", "training": "train", "restval": "train",
-    "val": "val", "valid": "val", "validation": "val", "dev": "val",
-    "test": "test", "testing": "test",
+    "train": "train",
+    "training": "train",
+    "restval": "train",
+    "val": "val",
+    "valid": "val",
+    "validation": "val",
+    "dev": "val",
+    "test": "test",
+    "testing": "test",
 }
 
 
@@ -154,23 +160,31 @@ def read_split_file(path: str) -> list[str]:
 
 def find_flickr_split_files(folders: Iterable[str]) -> dict[str, str]:
     for folder in folders:
-        found = {split: os.path.join(folder, name) for split, name in FLICKR_SPLIT_FILES.items()
-                 if os.path.isfile(os.path.join(folder, name))}
+        found = {
+            split: os.path.join(folder, name)
+            for split, name in FLICKR_SPLIT_FILES.items()
+            if os.path.isfile(os.path.join(folder, name))
+        }
         if found:
             return found
     return {}
 
 
 def official_or_hash_split(
-    captions: dict[str, list[str]], split_files: dict[str, str], notes: list[str], source: str,
+    captions: dict[str, list[str]],
+    split_files: dict[str, str],
+    notes: list[str],
+    source: str,
 ) -> dict[str, list[str]]:
     """Image ids per split: from the official Flickr8k split files when present, else by hash."""
     ids: dict[str, list[str]] = {s: [] for s in SPLITS}
     if not split_files:
         for image_id in captions:
             ids[hash_split(image_id)].append(image_id)
-        notes.append(f"no split files beside {source}: made a deterministic "
-                     f"{HASH_SPLIT[0]}/{HASH_SPLIT[1]}/{HASH_SPLIT[2]} split by SHA-1 of the image id")
+        notes.append(
+            f"no split files beside {source}: made a deterministic "
+            f"{HASH_SPLIT[0]}/{HASH_SPLIT[1]}/{HASH_SPLIT[2]} split by SHA-1 of the image id"
+        )
         return ids
     assigned: set[str] = set()
     for split, path in split_files.items():
@@ -185,16 +199,18 @@ def official_or_hash_split(
             ids[split].append(image_id)
         if uncaptioned:
             shown = ", ".join(uncaptioned[:5]) + (", ..." if len(uncaptioned) > 5 else "")
-            notes.append(f"{os.path.basename(path)}: {len(uncaptioned)} listed images have no captions "
-                         f"({shown}); skipped")
+            notes.append(
+                f"{os.path.basename(path)}: {len(uncaptioned)} listed images have no captions ({shown}); skipped"
+            )
     unsplit = len(captions) - len(assigned)
     if unsplit:
         notes.append(f"{unsplit} captioned images are in no split file; left out")
     return ids
 
 
-def group_captions(pairs: Iterable[tuple[str, str]], name: str, notes: list[str], expected: str
-                    ) -> dict[str, list[str]]:
+def group_captions(
+    pairs: Iterable[tuple[str, str]], name: str, notes: list[str], expected: str
+) -> dict[str, list[str]]:
     """Captions per image id from ``(image id, caption)`` pairs, shared by the line-based readers.
 
     Ids that are not image file names are skipped and counted, empty captions too; a file
@@ -234,8 +250,6 @@ def load_json(path: str) -> Any:
         raise DatasetError(f"{os.path.basename(path)}: not UTF-8 JSON") from None
 
 
-
-
 def read_image_bytes(record: CaptionRecord) -> bytes:
     """The encoded image of ``record``; ``OSError`` (``FileNotFoundError``...) when absent or unreadable.
 
@@ -266,5 +280,8 @@ def split_member_name(name: str) -> tuple[str, str]:
     return (f"{folder}/{stem}" if folder else stem), ext
 
 
-FLICKR_SPLIT_FILES = {"train": "Flickr_8k.trainImages.txt", "val": "Flickr_8k.devImages.txt",
-                       "test": "Flickr_8k.testImages.txt"}
+FLICKR_SPLIT_FILES = {
+    "train": "Flickr_8k.trainImages.txt",
+    "val": "Flickr_8k.devImages.txt",
+    "test": "Flickr_8k.testImages.txt",
+}

@@ -1,5 +1,5 @@
-"""WebDataset shards holding an image plus ``txt`` or ``json`` captions.
-"""
+"""WebDataset shards holding an image plus ``txt`` or ``json`` captions."""
+
 from __future__ import annotations
 
 import glob
@@ -8,7 +8,8 @@ import os
 import re
 import tarfile
 from collections import defaultdict
-from typing import Any, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
 
 from batchcap.data.captions.records import (
     HASH_SPLIT,
@@ -146,15 +147,19 @@ def load_wds(spec: str) -> CaptionDataset:
     if uncaptioned:
         notes.append(f"skipped {uncaptioned} samples with no txt or json captions")
     if hashed:
-        notes.append(f"{hashed} samples in shards whose name says no split: deterministic "
-                     f"{HASH_SPLIT[0]}/{HASH_SPLIT[1]}/{HASH_SPLIT[2]} split by SHA-1 of <shard>/<key>")
+        notes.append(
+            f"{hashed} samples in shards whose name says no split: deterministic "
+            f"{HASH_SPLIT[0]}/{HASH_SPLIT[1]}/{HASH_SPLIT[2]} split by SHA-1 of <shard>/<key>"
+        )
     dataset = CaptionDataset("wds", spec, splits, missing, notes)
     for split in SPLITS:
         if missing[split]:
             notes.append(f"{split}: {len(missing[split])} captioned samples have no image member")
     if not any(splits.values()) and not any(missing.values()):
-        raise DatasetError(f"{spec}: no samples with an image and txt/json captions in {len(shards)} shards "
-                           "(expected KEY.jpg|png|webp + KEY.txt or KEY.json with caption/captions)")
+        raise DatasetError(
+            f"{spec}: no samples with an image and txt/json captions in {len(shards)} shards "
+            "(expected KEY.jpg|png|webp + KEY.txt or KEY.json with caption/captions)"
+        )
     return dataset
 
 

@@ -4,6 +4,7 @@ A GPU machine is lent rarely and briefly, so the script must work the first time
 these tests run it end to end here, through its command line as a GPU machine would,
 and fail when a step that can work on a CPU does not.
 """
+
 from __future__ import annotations
 
 import json
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "tests" / "benchmarks" / "gpu_check.py"
 CPU_OK = ("prepare-inputs", "bench-224x224", "bench-500x375", "run", "train", "eval")
 
@@ -22,9 +23,26 @@ CPU_OK = ("prepare-inputs", "bench-224x224", "bench-500x375", "run", "train", "e
 def gpu_check(tmp_path: Path, *args: str, timeout: float = 300) -> tuple[subprocess.CompletedProcess, dict]:
     """Run the script with ``args`` into ``tmp_path/out``; its exit and its JSON."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--out", str(tmp_path / "out"), "--work",
-                           str(tmp_path / "work"), "--device", "cpu", "--skip-install", *args],
-                          check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--out",
+            str(tmp_path / "out"),
+            "--work",
+            str(tmp_path / "work"),
+            "--device",
+            "cpu",
+            "--skip-install",
+            *args,
+        ],
+        check=False,
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     result = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
     return proc, result
 
@@ -35,11 +53,23 @@ def by_name(result: dict) -> dict[str, dict]:
 
 @pytest.mark.slow
 def test_cpu_rehearsal_runs_every_step_that_a_cpu_can(tmp_path: Path, tiny_model_path: Path) -> None:
-    proc, result = gpu_check(tmp_path, "--count", "12", "--train-images", "16", "--model", str(tiny_model_path),
-                             "--train-encoder", "test_efficientnet", "--train-input-size", "64")
+    proc, result = gpu_check(
+        tmp_path,
+        "--count",
+        "12",
+        "--train-images",
+        "16",
+        "--model",
+        str(tiny_model_path),
+        "--train-encoder",
+        "test_efficientnet",
+        "--train-input-size",
+        "64",
+    )
     steps = by_name(result)
-    assert {name: steps[name]["status"] for name in CPU_OK} == dict.fromkeys(CPU_OK, "ok"), \
-        {name: steps[name]["detail"] for name in CPU_OK}
+    assert {name: steps[name]["status"] for name in CPU_OK} == dict.fromkeys(CPU_OK, "ok"), {
+        name: steps[name]["detail"] for name in CPU_OK
+    }
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert steps["install"]["status"] == "skipped: --skip-install"
     assert steps["run-decode-on-device"]["status"].startswith("skipped: --decode-on-device needs a CUDA")
@@ -61,8 +91,15 @@ def test_cpu_rehearsal_runs_every_step_that_a_cpu_can(tmp_path: Path, tiny_model
 
 @pytest.mark.slow
 def test_a_failing_step_is_recorded_and_the_next_runs(tmp_path: Path) -> None:
-    proc, result = gpu_check(tmp_path, "--count", "4", "--only", "prepare-inputs,bench-224x224,run",
-                             "--model", str(tmp_path / "no-such-model.safetensors"))
+    proc, result = gpu_check(
+        tmp_path,
+        "--count",
+        "4",
+        "--only",
+        "prepare-inputs,bench-224x224,run",
+        "--model",
+        str(tmp_path / "no-such-model.safetensors"),
+    )
     steps = by_name(result)
     assert proc.returncode == 1
     assert steps["prepare-inputs"]["status"] == "ok"
@@ -74,8 +111,11 @@ def test_a_failing_step_is_recorded_and_the_next_runs(tmp_path: Path) -> None:
 
 def test_out_of_budget_steps_are_skipped_and_results_written(tmp_path: Path) -> None:
     proc, result = gpu_check(tmp_path, "--budget", "1")
-    assert {s["status"] for s in result["steps"]} <= {"skipped: budget", "skipped: --skip-install",
-                                                       "skipped: no --images",
-                                                       "skipped: --decode-on-device needs a CUDA device"}
+    assert {s["status"] for s in result["steps"]} <= {
+        "skipped: budget",
+        "skipped: --skip-install",
+        "skipped: no --images",
+        "skipped: --decode-on-device needs a CUDA device",
+    }
     assert "| run | skipped: budget |" in (tmp_path / "out" / "gpu_check.md").read_text()
     assert proc.returncode == 0
