@@ -61,6 +61,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return _USER_ERRORS
 
 
+class InputError(click.ClickException):
+    """The command cannot run as given (exit 2); exit 1 stays "crash"."""
+
+    exit_code = 2
+
+
 def user_errors(func: F) -> F:
     """Turn library errors that describe bad input into clean messages, not tracebacks."""
 
@@ -77,9 +83,7 @@ def user_errors(func: F) -> F:
             # a signal that cut ``import torch`` short never re-enters the half-imported module.
             if not isinstance(exc, _user_errors()):
                 raise
-            error = click.ClickException(str(exc))
-            error.exit_code = 2  # the command cannot run as given; exit 1 stays "crash"
-            raise error from exc
+            raise InputError(str(exc)) from exc
 
     return wrapper
 

@@ -29,7 +29,7 @@ def from_dict(cls: type[T], data: dict[str, Any]) -> T:
         if isinstance(value, list):
             value = tuple(value)
         kwargs[key] = value
-    return cls(**kwargs)  # type: ignore[call-arg]
+    return cls(**kwargs)
 
 
 @dataclass(frozen=True)

@@ -200,8 +200,8 @@ class BatchDataset(IterableDataset):
             if isinstance(reader, TarReader):
                 for url in reader.urls:
                     if self._mine(shard_name(url), counter, worker, workers):
-                        for entry in reader.read_shard(url):
-                            yield from self._handle(entry, builder)
+                        for shard_entry in reader.read_shard(url):
+                            yield from self._handle(shard_entry, builder)
                 continue
             for entry in reader.entries():
                 key = entry.path if isinstance(entry, Ignored) else entry.item.id

@@ -334,7 +334,12 @@ def _stdin_to_file() -> str:
     with os.fdopen(fd, "wb") as out:
         shutil.copyfileobj(sys.stdin.buffer, out)
     owner = os.getpid()  # forked workers must not remove it
-    atexit.register(lambda: os.getpid() == owner and os.path.exists(path) and os.unlink(path))
+
+    def remove() -> None:
+        if os.getpid() == owner and os.path.exists(path):
+            os.unlink(path)
+
+    atexit.register(remove)
     return path
 
 

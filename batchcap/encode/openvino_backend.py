@@ -99,8 +99,10 @@ class EncoderGraph(nn.Module):
 
     def __init__(self, backbone: nn.Module, preprocess: Preprocess, spatial: bool) -> None:
         super().__init__()
-        self.backbone = backbone
+        self.backbone: Any = backbone  # a timm network: forward_features is timm's, untyped
         self.spatial = spatial
+        self.mean: torch.Tensor
+        self.std: torch.Tensor
         self.register_buffer("mean", torch.tensor(preprocess.mean).view(1, 3, 1, 1) * 255.0)
         self.register_buffer("std", torch.tensor(preprocess.std).view(1, 3, 1, 1) * 255.0)
 

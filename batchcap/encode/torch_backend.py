@@ -8,6 +8,8 @@ With none of these the encoder is refused -- never silently random at captioning
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -17,7 +19,7 @@ from batchcap.encode.weights import ENV_WEIGHTS, EncoderError, WeightsSource, lo
 from batchcap.hardware import autocast
 
 
-def build_backbone(cfg: EncoderConfig, source: WeightsSource) -> nn.Module:
+def build_backbone(cfg: EncoderConfig, source: WeightsSource) -> Any:
     """The timm network as a feature extractor (``num_classes=0``) with weights loaded, eval mode."""
     import timm
 
@@ -66,9 +68,11 @@ class Encoder(nn.Module):
         self, backbone: nn.Module, preprocess: Preprocess, runtime: RuntimeConfig, spatial: bool = True
     ) -> None:
         super().__init__()
-        self.backbone = backbone
+        self.backbone: Any = backbone  # a timm network: forward_features is timm's, untyped
         self.runtime = runtime
         self.spatial = spatial
+        self.mean: torch.Tensor
+        self.std: torch.Tensor
         self.register_buffer("mean", torch.tensor(preprocess.mean).view(1, 3, 1, 1) * 255.0)
         self.register_buffer("std", torch.tensor(preprocess.std).view(1, 3, 1, 1) * 255.0)
         self.to(runtime.device)

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -130,7 +131,7 @@ def beam_search(
     device = state[0].device
     B = state[0].shape[0]
     BK = B * K
-    long = dict(dtype=torch.long, device=device)
+    long: dict[str, Any] = {"dtype": torch.long, "device": device}
 
     shared = tuple(per_image) + (False,) * (len(state) - len(per_image))
     state = tuple(s if keep else s.repeat_interleave(K, dim=0) for s, keep in zip(state, shared))  # (B*K, ...)
@@ -168,6 +169,7 @@ def beam_search(
             unendable = torch.zeros(V, dtype=torch.bool, device=device)  # (V,)
             if len(unendable_ids):
                 unendable[torch.tensor(list(unendable_ids), **long)] = True
+        assert base_mask is not None and end_mask is not None and unendable is not None  # built at t == 0
         log_probs = log_probs + (end_mask if t < min_len else base_mask)  # (B*K, V)
         if t > 0 and len(unendable_ids):
             log_probs[:, end_id] = log_probs[:, end_id].masked_fill(unendable[last], _NEG_INF)

@@ -270,7 +270,7 @@ def fit_calibrator(
     return Calibrator(tuple(features), tuple(center.tolist()), tuple(scale.tolist()), tuple(coef.tolist()), intercept)
 
 
-def auroc(scores: Sequence[float], labels: Sequence[int]) -> float:
+def auroc(scores: Sequence[float] | np.ndarray, labels: Sequence[int] | np.ndarray) -> float:
     """Area under the ROC curve (ties count half): the chance a good caption outscores a bad one."""
     s = np.asarray(scores, dtype=np.float64)
     y = np.asarray(labels).astype(bool)
@@ -290,7 +290,9 @@ def auroc(scores: Sequence[float], labels: Sequence[int]) -> float:
     return float((ranks[y].sum() - pos * (pos + 1) / 2) / (pos * neg))
 
 
-def reliability_table(confidence: Sequence[float], labels: Sequence[int], bins: int = 5) -> list[dict[str, Any]]:
+def reliability_table(
+    confidence: Sequence[float] | np.ndarray, labels: Sequence[int] | np.ndarray, bins: int = 5
+) -> list[dict[str, Any]]:
     """Per equal-width confidence bin: pictures, mean confidence and the share actually acceptable."""
     c = np.asarray(confidence, dtype=np.float64)
     y = np.asarray(labels, dtype=np.float64)

@@ -22,6 +22,8 @@ with one ``index_select`` each, without knowing what they are.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -38,7 +40,7 @@ class CaptionDecoder(nn.Module):
     def __init__(self, cfg: DecoderConfig, dtype: torch.dtype | None = None) -> None:
         """``dtype``: the weights' (default fp32); bf16 makes a faster search on CPUs with native bf16."""
         super().__init__()
-        kw = {"dtype": dtype}
+        kw: dict[str, Any] = {"dtype": dtype}
         self.cfg = cfg
         d = cfg.attention_dim
         self.feature_proj = nn.Linear(cfg.feature_dim, d, **kw)

@@ -56,9 +56,12 @@ class EnsembleDecoder(nn.Module):
             start += size
         return parts
 
+    def _decoders(self) -> list[CaptionDecoder]:
+        return list(self.members)  # type: ignore[arg-type]  # a ModuleList of CaptionDecoders
+
     def init_state(self, features: torch.Tensor) -> State:
         """Every member's initial state from the same features, laid end to end."""
-        return tuple(t for member in self.members for t in member.init_state(features))
+        return tuple(t for member in self._decoders() for t in member.init_state(features))
 
     def step(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         """One word for N hypotheses: the combined fp32 log-probabilities ``(N, V)`` and new state.
@@ -66,8 +69,9 @@ class EnsembleDecoder(nn.Module):
         Tensors a member returns unchanged (its memory and keys) come back as the same
         objects, as the beam search requires of per-image state.
         """
-        log_probs, new_state = [], []
-        for member, part in zip(self.members, self._split(state)):
+        log_probs: list[torch.Tensor] = []
+        new_state: list[torch.Tensor] = []
+        for member, part in zip(self._decoders(), self._split(state)):
             member_lp, member_state = member.step(tokens, part)
             log_probs.append(member_lp.float())
             new_state.extend(member_state)

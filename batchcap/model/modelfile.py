@@ -123,7 +123,7 @@ class CaptionModel:
         """Every decoder of the file, member 0 first (a single-decoder model has one)."""
         if self.extra_decoders:
             records = self.training.get("ensemble") or []
-            first = records[0] if records else {"identity": self.identity, "training": {}}
+            first: dict[str, Any] = records[0] if records else {"identity": self.identity, "training": {}}
             return [
                 DecoderMember(self.decoder, self.decoder_state, first["identity"], first.get("training") or {}),
                 *self.extra_decoders,
@@ -187,7 +187,7 @@ class CaptionModel:
             ),
         }
 
-    def build_decoder(self, dtype: torch.dtype | None = None) -> torch.nn.Module:
+    def build_decoder(self, dtype: torch.dtype | None = None) -> CaptionDecoder | EnsembleDecoder:
         """The decoder module with this file's weights, in eval mode, fp32 (or ``dtype``).
 
         For an ensemble, an :class:`batchcap.model.ensemble.EnsembleDecoder` of all members: the

@@ -363,10 +363,11 @@ def _check_part_names(parts: list[str], out: str, expected_parts: int | None) ->
         return
     if expected_parts < 1:
         raise MergeError(f"expected parts must be at least 1, not {expected_parts}")
-    indices = {_index_of(p): p for p in parts}
-    if None not in indices and len(indices) == len(parts):
+    numbered = {_index_of(p): p for p in parts}
+    indices = {i: p for i, p in numbered.items() if i is not None}
+    if None not in numbered and len(indices) == len(parts):
         missing = sorted(set(range(expected_parts)) - set(indices))
-        extra = sorted(i for i in indices if i >= expected_parts)  # type: ignore[operator]
+        extra = sorted(i for i in indices if i >= expected_parts)
         if missing:
             example = Path(parts[0]).name
             names = ", ".join(re.sub(r"\d+(?=\.)", str(i), example, count=1) for i in missing)
@@ -378,7 +379,7 @@ def _check_part_names(parts: list[str], out: str, expected_parts: int | None) ->
             raise MergeError(
                 f"expected {expected_parts} parts (0..{expected_parts - 1}) but got "
                 f"{', '.join(indices[i] for i in extra)}"
-            )  # type: ignore[index]
+            )
     elif len(parts) != expected_parts:
         raise MergeError(f"expected {expected_parts} parts, got {len(parts)}: {', '.join(parts)}")
 

@@ -405,11 +405,11 @@ def _read_members(tar_path: Path, wanted: dict[str, list[int]], exts: tuple[str,
 def _thumbnail(data: bytes | Path, size: int) -> _Thumb:
     """A JPEG data URI no larger than ``size`` px, or the reason the picture would not open."""
     try:
-        with Image.open(data if isinstance(data, Path) else io.BytesIO(data)) as img:
-            if img.width * img.height > THUMB_MAX_PIXELS and img.format != "JPEG":
-                return _Thumb(reason=f"{img.width}x{img.height} is too large to preview")
-            img.draft("RGB", (size, size))  # JPEG: decode at 1/2..1/8 scale, nearly free
-            img = ImageOps.exif_transpose(img)
+        with Image.open(data if isinstance(data, Path) else io.BytesIO(data)) as opened:
+            if opened.width * opened.height > THUMB_MAX_PIXELS and opened.format != "JPEG":
+                return _Thumb(reason=f"{opened.width}x{opened.height} is too large to preview")
+            opened.draft("RGB", (size, size))  # JPEG: decode at 1/2..1/8 scale, nearly free
+            img: Image.Image = ImageOps.exif_transpose(opened)
             if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
                 rgba = img.convert("RGBA")
                 img = Image.new("RGB", rgba.size, (255, 255, 255))

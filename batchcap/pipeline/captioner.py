@@ -24,6 +24,8 @@ from batchcap.encode.torch_backend import build_backbone
 from batchcap.encode.weights import resolve_encoder_weights, stored_identity
 from batchcap.model.beam import BeamResult, beam_search
 from batchcap.model.confidence import caption_evidence
+from batchcap.model.decoder import CaptionDecoder
+from batchcap.model.ensemble import EnsembleDecoder
 from batchcap.model.modelfile import CaptionModel
 
 #: The status of a picture that decoded but got no caption: every hypothesis scored NaN or
@@ -63,7 +65,7 @@ class Caption:
     error: str | None = None
 
 
-def search_decoder(model: CaptionModel, runtime: RuntimeConfig) -> torch.nn.Module:
+def search_decoder(model: CaptionModel, runtime: RuntimeConfig) -> CaptionDecoder | EnsembleDecoder:
     """The model's decoder on the run's device, with bf16 weights when the run's precision is bf16.
 
     The search is matrix products of a few dozen rows by the LSTM and output weights; in bf16

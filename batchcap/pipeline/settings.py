@@ -133,7 +133,7 @@ def image_policy(
     return ImagePolicy(
         max_pixels=max_pixels,
         background=rgb,
-        draft=not no_draft,  # type: ignore[arg-type]
+        draft=not no_draft,
         image_keys=keys,
         decode_on_device=decode_on_device,
     )

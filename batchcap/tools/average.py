@@ -11,6 +11,8 @@ before using it. Models whose exit flow was fine-tuned with the decoder
 
 from __future__ import annotations
 
+import functools
+import operator
 from collections.abc import Sequence
 from dataclasses import replace
 
@@ -86,7 +88,8 @@ def weighted_mean(states: Sequence[dict[str, torch.Tensor]], mix: Sequence[float
     mean = {}
     for key, first in states[0].items():
         if first.is_floating_point():
-            mean[key] = sum(w * s[key].double() for w, s in zip(mix, states)).float()
+            terms = [w * s[key].double() for w, s in zip(mix, states)]
+            mean[key] = functools.reduce(operator.add, terms).float()
         else:
             mean[key] = first.clone()
     return mean

@@ -311,7 +311,7 @@ PEAK_FP32_GFLOPS_PER_CORE = 100.0
 PEAK_SCALE = {"fp32": 1.0, "bf16": 2.0, "fp16": 2.0, "int8": 4.0}
 
 
-def encoder_gmacs(backbone: torch.nn.Module, preprocess: Preprocess) -> float:
+def encoder_gmacs(backbone: Any, preprocess: Preprocess) -> float:
     """Multiply-accumulates of one picture through the encoder's convolutions and linear layers, in G."""
     total = [0]
 

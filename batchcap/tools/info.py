@@ -26,7 +26,7 @@ def _stage(identity: str, training: dict[str, Any]) -> str:
     selected = training.get("epoch")
     if selected:
         parts.append(f"epoch {selected} selected")
-        chosen = next((h for h in history if h.get("epoch") == selected), {})
+        chosen: dict[str, Any] = next((h for h in history if h.get("epoch") == selected), {})
         cider = (chosen.get("val") or {}).get("CIDEr")
         if isinstance(cider, (int, float)):
             parts.append(f"val CIDEr-D {cider:.3f}")

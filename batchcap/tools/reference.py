@@ -42,8 +42,8 @@ def reference_pixels(path: str | Path, cfg: Preprocess) -> torch.Tensor:
     if cfg.resize == "crop":
         left, top = max(0, round((tw - cfg.width) / 2)), max(0, round((th - cfg.height) / 2))
         img = img.crop((left, top, left + cfg.width, top + cfg.height))
-    x = np.asarray(img, dtype=np.float32) / 255.0  # (H, W, 3)
-    x = (x - np.asarray(cfg.mean, dtype=np.float32)) / np.asarray(cfg.std, dtype=np.float32)
+    unit = np.asarray(img, dtype=np.float32) / 255.0  # (H, W, 3)
+    x = (unit - np.asarray(cfg.mean, dtype=np.float32)) / np.asarray(cfg.std, dtype=np.float32)
     return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))[None]  # (1, 3, H, W)
 
 

@@ -160,12 +160,14 @@ def train(
     # generator, and the same --seed must give the same model whether the cache was there or not.
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-    decoder = (CaptionDecoder(dcfg) if start_model is None else start_model.build_decoder()).to(runtime.device)
+    decoder = CaptionDecoder(dcfg) if start_model is None else start_model.build_decoder()
+    assert isinstance(decoder, CaptionDecoder)  # load_start_model refuses ensembles
+    decoder.to(runtime.device)
     trained, optimizer = _optimizer(cfg, decoder, source)
     total_steps = math.ceil(len(train_split.image_ids) / cfg.batch_size) * cfg.epochs
     checkpoint = out.with_name(out.name + ".ckpt")
     log_path = out.with_name(out.name + ".log.jsonl")
-    loop = {"epoch": 0, "step": 0, "best": None, "best_epoch": None, "bad_epochs": 0, "history": []}
+    loop: dict[str, Any] = {"epoch": 0, "step": 0, "best": None, "best_epoch": None, "bad_epochs": 0, "history": []}
     if cfg.resume and checkpoint.exists():
         loop = load_checkpoint(checkpoint, trained, optimizer)
         log(f"resumed from {checkpoint} after epoch {loop['epoch']}")

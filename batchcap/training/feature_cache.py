@@ -164,9 +164,11 @@ class ImageFiles(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> tuple[str, torch.Tensor | None, str | None]:
         image_id, where = self.items[index]
-        if isinstance(where, str) or where.path is not None:
-            decoded = decode_file(where if isinstance(where, str) else where.path, self.preprocess, self.policy)
+        path = where if isinstance(where, str) else where.path
+        if path is not None:
+            decoded = decode_file(path, self.preprocess, self.policy)
         else:
+            assert not isinstance(where, str)
             try:
                 data = read_image_bytes(where)
             except OSError as exc:

@@ -287,7 +287,7 @@ class FinetunedEncoder:
         runtime: RuntimeConfig,
         augment: bool,
     ) -> None:
-        self.trainable = backbone.to(runtime.device).eval()
+        self.trainable: Any = backbone.to(runtime.device).eval()  # a timm network: forward_features is timm's
         self.preprocess, self.records, self.runtime, self.augment = preprocess, records, runtime, augment
         self.mean = torch.tensor(preprocess.mean, device=runtime.device).view(1, 3, 1, 1) * 255.0
         self.std = torch.tensor(preprocess.std, device=runtime.device).view(1, 3, 1, 1) * 255.0

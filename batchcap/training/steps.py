@@ -58,7 +58,7 @@ class StepTotals:
 
     @classmethod
     def zeros(cls, device: str) -> StepTotals:
-        return cls(*(torch.zeros((), device=device) for _ in range(3)))
+        return cls(torch.zeros((), device=device), torch.zeros((), device=device), torch.zeros((), device=device))
 
     def add(self, step: StepResult, images: int) -> None:
         self.loss += step.loss.detach().float() * step.tokens

@@ -265,10 +265,10 @@ def read_image_bytes(record: CaptionRecord) -> bytes:
                 if member.isfile():
                     key, ext = split_member_name(member.name)
                     if key == record.key and ext.lower() in IMAGE_KEYS:
-                        f = tar.extractfile(member)
-                        if f is None:
+                        member_file = tar.extractfile(member)
+                        if member_file is None:
                             break
-                        return f.read()
+                        return member_file.read()
         raise FileNotFoundError(f"{record.shard}: no image member for key {record.key!r}")
     raise FileNotFoundError(f"record {record.image_id!r} has neither a path nor a shard")
 
