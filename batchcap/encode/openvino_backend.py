@@ -75,7 +75,7 @@ def import_openvino() -> Any:
 def auto_precision() -> str:
     """What ``--precision auto`` runs on OpenVINO: bf16 on CPUs with native bf16, else fp32.
 
-    Chosen by measurement (README, Performance): bf16 is the fastest precision whose dev
+    Chosen by measurement (docs/performance.md): bf16 is the fastest precision whose dev
     CIDEr-D stays within 0.005 of fp32 with >= 90 % of captions unchanged.
     """
 

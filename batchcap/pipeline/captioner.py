@@ -70,7 +70,7 @@ def search_decoder(model: CaptionModel, runtime: RuntimeConfig) -> CaptionDecode
 
     The search is matrix products of a few dozen rows by the LSTM and output weights; in bf16
     they run about 1.3x faster on this project's CPU, and on Flickr8k dev 981 of 1,000 captions
-    equal the fp32 decoder's (CIDEr-D 0.5301 vs 0.5299; README, Performance). Scores stay fp32:
+    equal the fp32 decoder's (CIDEr-D 0.5301 vs 0.5299; docs/performance.md). Scores stay fp32:
     the log-softmax runs in fp32. ``--precision fp32`` keeps the whole search fp32.
     """
     return model.build_decoder(torch.bfloat16 if runtime.precision == "bf16" else None).to(runtime.device)
@@ -212,7 +212,7 @@ def search_threads(runtime: RuntimeConfig) -> Iterator[None]:
 
     Its ops are small (B*K rows), and two OpenMP threads fighting the encoder's thread
     pool and the decoding workers for two cores made it 3.5x slower than one thread,
-    with identical captions (README, Performance). CUDA is left alone.
+    with identical captions (docs/performance.md). CUDA is left alone.
     """
     if torch.device(runtime.device).type != "cpu":
         yield

@@ -15,7 +15,7 @@ from batchcap.hardware import default_workers, resolve_device, resolve_precision
 
 #: ``--batch-size`` when not given. CUDA: 256 pictures keep an 80 GB GPU's encoder busy and
 #: halve the beam search's per-word launch overhead per picture against 128, yet fit a 16 GB
-#: T4 or V100 (README, Performance). CPU: 16 was the fastest measured (README, Performance).
+#: T4 or V100 (docs/performance.md). CPU: 16 was the fastest measured (docs/performance.md).
 DEFAULT_BATCH_SIZE = {"cuda": 256, "cpu": 16}
 
 

@@ -1,4 +1,4 @@
-"""Issue 8's targets, measured in one process: encoder vs end-to-end vs tutorial-style, and bf16 vs fp32.
+"""The end-to-end targets, measured in one process: encoder vs end-to-end vs tutorial-style, and bf16 vs fp32.
 
 For 224x224 and 4000x3000 photo-like JPEGs (generated in a temp folder):
 

@@ -1,4 +1,4 @@
-"""Issue 15's targets, measured in one process on real photos: OpenVINO encoder vs torch, run vs tutorial.
+"""The OpenVINO backend's targets, measured in one process on real photos: OpenVINO encoder vs torch, run vs tutorial.
 
 Each round measures, on the same pictures (default: the 94 Flickr8k sample photos at
 their original size):

@@ -336,10 +336,10 @@ def cpu_has_int8_dot_products() -> bool:
 def test_int8_features_match_torch_fp32_on_real_photos(xception) -> None:  # type: ignore[no-untyped-def]
     """Calibrated as batchcap does it: 144 evenly spaced Flickr8k training photos (about a minute).
 
-    With VNNI or AMX every picture's features stay at cosine >= 0.97 of torch fp32's (issue 15's
-    bar). An AVX2-only CPU has no int8 dot-product instruction (oneDNN pairs the products in
+    With VNNI or AMX every picture's features stay at cosine >= 0.97 of torch fp32's (the bar
+    int8 was accepted at). An AVX2-only CPU has no int8 dot-product instruction (oneDNN pairs the products in
     16 bits instead) and its int8 features come out a little further off: the 16 sample photos
-    measured a mean of 0.981 there, the lowest 0.966 (README, Performance), so the bar is a
+    measured a mean of 0.981 there, the lowest 0.966 (docs/performance.md), so the bar is a
     mean of 0.975 with no picture below 0.96.
     """
     pytest.importorskip("nncf")

@@ -356,7 +356,7 @@ def test_resume_summary_tells_this_run_from_an_interrupted_attempt(out: Path, fm
 
 
 def test_outputs_read_back_in_pandas_and_duckdb_as_the_readme_shows(out: Path, fmt: str) -> None:
-    # The README's three-line recipes, run on a real output (list-of-struct n_best, UTC timestamps).
+    # docs/outputs.md's three-line recipes, run on a real output (list-of-struct n_best, UTC timestamps).
     pd = pytest.importorskip("pandas")
     duckdb = pytest.importorskip("duckdb")
     store = open_store(out, fmt)

@@ -231,7 +231,7 @@ def test_sigkill_at_any_moment_then_rerun_captions_every_input_once(
     assert {"during a part commit", "right as a part appears", "during finalize"} & set(kills), kills
 
 
-# -- the other promises of issue 5 ---------------------------------------------------------
+# -- the other promises of resuming ---------------------------------------------------------
 
 
 def test_second_run_on_a_locked_output_exits_at_once(tmp_path: Path, tiny_model_path: Path) -> None:

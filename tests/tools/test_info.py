@@ -40,9 +40,9 @@ def test_info_on_the_packaged_model_shows_the_stages_the_model_card_names() -> N
     result = CliRunner().invoke(cli, ["info"], terminal_width=200)
     assert result.exit_code == 0, result.output
     assert "lineage" in result.output
-    # Every earlier stage the model card's lineage row names, in its order, is what the file records.
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
-    row = next(line for line in readme.splitlines() if line.startswith("| lineage |"))
+    # Every earlier stage the model card's lineage line names, in its order, is what the file records.
+    card = (Path(__file__).resolve().parents[2] / "docs" / "model-card.md").read_text(encoding="utf-8")
+    row = next(line for line in card.splitlines() if line.startswith("- **Lineage:**"))
     named = re.findall(r"\*\*(\d+)\.\*\* `([\w-]+@[0-9a-f]{12})`", row)
     assert named, row
     for number, identity in named:
