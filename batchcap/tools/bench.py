@@ -63,7 +63,7 @@ from batchcap.encode.openvino_backend import openvino_version
 from batchcap.encode.torch_backend import build_backbone
 from batchcap.encode.weights import EncoderError, resolve_encoder_weights, stored_identity
 from batchcap.fileio import file_sha256
-from batchcap.hardware import available_cpus, cpu_has_native_bf16
+from batchcap.hardware import available_cpus, cpu_flags, cpu_has_native_bf16
 from batchcap.model.decoder import CaptionDecoder
 from batchcap.model.modelfile import CaptionModel, EncoderSpec, load_model, resolve_model_path, save_model
 from batchcap.model.text import SPECIAL_TOKENS, Vocabulary
@@ -305,10 +305,65 @@ def encoder_variants(device: torch.device, requested: str | None = None, openvin
     return variants
 
 
-#: Peak arithmetic of one CPU core in fp32 GFLOP/s (AVX-512 FMA at the clocks seen here: 2 cores ~ 200);
-#: bf16 doubles it (AVX512-BF16 dot products), int8 quadruples it (VNNI). Override with BATCHCAP_PEAK_GFLOPS.
-PEAK_FP32_GFLOPS_PER_CORE = 100.0
-PEAK_SCALE = {"fp32": 1.0, "bf16": 2.0, "fp16": 2.0, "int8": 4.0}
+#: Arithmetic one core can issue per cycle, by the widest instructions its flags name (FLOP per cycle:
+#: multiply and add count 2). Assumed, not measured: two FMA pipes (on AMD Zen 4, family 25, whose
+#: AVX-512 runs as two 256-bit halves, the rate of two 256-bit pipes), AMX tiles at their nominal
+#: rate. bf16 without native instructions runs at the fp32 rate.
+FLOP_PER_CYCLE = {
+    "avx2": {"fp32": 32, "bf16": 32, "int8": 64},  # 2 x 256-bit FMA; int8 through 16-bit pairs (no VNNI)
+    "avx2+vnni": {"fp32": 32, "bf16": 32, "int8": 128},
+    "avx512": {"fp32": 64, "bf16": 64, "int8": 128},
+    "avx512-amd": {"fp32": 32, "bf16": 32, "int8": 64},
+    "avx512_bf16": {"fp32": 64, "bf16": 128, "int8": 256},  # with VNNI
+    "avx512_bf16-amd": {"fp32": 32, "bf16": 64, "int8": 128},
+    "amx": {"fp32": 64, "bf16": 2048, "int8": 4096},  # AMX tiles for bf16 and int8, AVX-512 for fp32
+}
+
+
+def instruction_set(flags: set[str] | None = None, vendor: str | None = None, family: int | None = None) -> str | None:
+    """The widest matrix instructions the CPU has, as a key of :data:`FLOP_PER_CYCLE` (None: unknown)."""
+    flags = cpu_flags() if flags is None else flags
+    vendor = vendor if vendor is not None else _cpuinfo_field("vendor_id")
+    family = family if family is not None else int(_cpuinfo_field("cpu family") or 0)
+    amd = vendor == "AuthenticAMD" and family < 26  # Zen 5 (family 26) has full-width AVX-512
+    if {"amx_bf16", "amx_int8"} <= flags:
+        return "amx"
+    if "avx512_bf16" in flags:
+        return "avx512_bf16-amd" if amd else "avx512_bf16"
+    if "avx512f" in flags:
+        return "avx512-amd" if amd else "avx512"
+    if "avx2" in flags and "fma" in flags:
+        return "avx2+vnni" if "avx_vnni" in flags else "avx2"
+    return None
+
+
+def _cpuinfo_field(name: str) -> str | None:
+    """The first value of ``name`` in /proc/cpuinfo (None where it cannot be read)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as fh:
+            for line in fh:
+                if line.split(":", 1)[0].strip() == name:
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+def hardware_peak(precision: str) -> tuple[float, str] | None:
+    """(peak GFLOP/s of the usable cores at ``precision``, the assumption it rests on), or None when unknown.
+
+    ``BATCHCAP_PEAK_GFLOPS`` replaces the table with the user's own per-core figure.
+    """
+    cores = available_cpus()
+    if os.environ.get("BATCHCAP_PEAK_GFLOPS"):
+        per_core = float(os.environ["BATCHCAP_PEAK_GFLOPS"])
+        return per_core * cores, f"BATCHCAP_PEAK_GFLOPS={per_core:g} GFLOP/s per core x {cores} cores"
+    isa, mhz = instruction_set(), _cpuinfo_field("cpu MHz")
+    if isa is None or not mhz:
+        return None
+    flop = FLOP_PER_CYCLE[isa].get(precision, FLOP_PER_CYCLE[isa]["fp32"])
+    ghz = float(mhz) / 1000
+    return flop * ghz * cores, f"{isa}: {flop} FLOP/cycle/core at {ghz:.2f} GHz (/proc/cpuinfo) x {cores} cores"
 
 
 def encoder_gmacs(backbone: Any, preprocess: Preprocess) -> float:
@@ -337,12 +392,9 @@ def encoder_gmacs(backbone: Any, preprocess: Preprocess) -> float:
 
 
 def hardware_limit(gmacs: float, precision: str, device: torch.device) -> float | None:
-    """Images/s the CPU's peak arithmetic allows at ``precision`` (None on a GPU: no table of peaks)."""
-    if device.type != "cpu" or gmacs <= 0:
-        return None
-
-    per_core = float(os.environ.get("BATCHCAP_PEAK_GFLOPS", PEAK_FP32_GFLOPS_PER_CORE))
-    return per_core * available_cpus() * PEAK_SCALE.get(precision, 1.0) / (2.0 * gmacs)
+    """Images/s the CPU's assumed peak arithmetic allows at ``precision`` (None on a GPU, or when unknown)."""
+    peak = hardware_peak(precision) if device.type == "cpu" and gmacs > 0 else None
+    return peak[0] / (2.0 * gmacs) if peak else None
 
 
 def build_variant_encoder(
@@ -650,6 +702,8 @@ def run_bench(
         # encoder, per backend and precision at the batch size, then a batch-size sweep at run's choice
         backbone, encoders = _measure_encoders(loaded, encoder_weights, dev, runtime, repeats, sweep)
         results.update(encoders)
+        peak = hardware_peak(runtime.precision) if dev.type == "cpu" else None
+        results["hardware_limit_assumption"] = peak[1] if peak else None
         rows = encoders["encoder"]
         same = [r for r in rows if _variant(r) == _run_variant(runtime)]
         captioner = Captioner(loaded, runtime, beam_cfg, encoder_weights)
@@ -833,6 +887,8 @@ def print_tables(results: dict[str, Any]) -> None:
             limit,
         )
     console.print(table)
+    if results.get("hardware_limit_assumption"):
+        console.print(f"hardware limit assumes {results['hardware_limit_assumption']}: a peak, seldom reached")
     for skipped in results.get("encoder_skipped", []):
         console.print(f"skipped {skipped['variant']}: {skipped['reason']}")
 

@@ -117,3 +117,32 @@ def test_bench_on_cuda(tiny_model_path: Path) -> None:
     assert all(r["peak_memory_mib"] > 0 for r in report["encoder"])
     assert report["end_to_end"]["precision"] in ("bf16", "fp16")
     assert report["end_to_end"]["whole_run_images_per_s"] > 0
+
+
+def test_the_hardware_limit_follows_the_instruction_set_and_says_what_it_assumes(monkeypatch) -> None:
+    from batchcap.tools import bench
+
+    assert bench.instruction_set({"avx2", "fma"}, "AuthenticAMD", 25) == "avx2"
+    assert bench.instruction_set({"avx2", "fma", "avx_vnni"}, "GenuineIntel", 6) == "avx2+vnni"
+    assert bench.instruction_set({"avx2", "fma", "avx512f"}, "AuthenticAMD", 25) == "avx512-amd"  # Zen 4
+    assert bench.instruction_set({"avx512f", "avx512_bf16"}, "AuthenticAMD", 26) == "avx512_bf16"  # Zen 5
+    amx = {"avx512f", "avx512_bf16", "amx_bf16", "amx_int8"}
+    assert bench.instruction_set(amx, "GenuineIntel", 6) == "amx"
+    assert bench.instruction_set({"sse4_2"}, "GenuineIntel", 6) is None
+    table = bench.FLOP_PER_CYCLE
+    assert table["amx"]["bf16"] > table["avx512_bf16"]["bf16"] > table["avx512_bf16"]["fp32"]
+    assert table["avx2"]["bf16"] == table["avx2"]["fp32"]  # no native bf16: no faster than fp32
+
+    monkeypatch.setattr(bench, "available_cpus", lambda: 2)
+    monkeypatch.setattr(bench, "instruction_set", lambda: "avx2")
+    monkeypatch.setattr(bench, "_cpuinfo_field", lambda name: "2000.0" if name == "cpu MHz" else None)
+    monkeypatch.delenv("BATCHCAP_PEAK_GFLOPS", raising=False)
+    peak, assumption = bench.hardware_peak("fp32")
+    assert peak == 32 * 2.0 * 2 and "avx2" in assumption and "2.00 GHz" in assumption and "2 cores" in assumption
+    assert bench.hardware_limit(8.0, "fp32", torch.device("cpu")) == 128.0 / 16.0
+    assert bench.hardware_limit(8.0, "fp32", torch.device("meta")) is None  # no table for accelerators
+    monkeypatch.setenv("BATCHCAP_PEAK_GFLOPS", "50")
+    assert bench.hardware_peak("bf16") == (100.0, "BATCHCAP_PEAK_GFLOPS=50 GFLOP/s per core x 2 cores")
+    monkeypatch.delenv("BATCHCAP_PEAK_GFLOPS")
+    monkeypatch.setattr(bench, "instruction_set", lambda: None)
+    assert bench.hardware_peak("fp32") is None and bench.hardware_limit(8.0, "fp32", torch.device("cpu")) is None
