@@ -394,9 +394,10 @@ def format_report(report: dict[str, Any]) -> str:
     )
     for row in report.get("thresholds", []):
         other = report.get("unfamiliar", {}).get("set_aside_at", {}).get(str(row["min_confidence"]))
+        bad = row["dev_bad_among_set_aside"]  # None when the threshold sets no dev picture aside
         lines.append(
-            f"    --min-confidence {row['min_confidence']}: sets aside {row['dev_set_aside']:.1%} of dev "
-            f"({row['dev_bad_among_set_aside']:.0%} of them bad)"
+            f"    --min-confidence {row['min_confidence']}: sets aside {row['dev_set_aside']:.1%} of dev"
+            + (f" ({bad:.0%} of them bad)" if bad is not None else "")
             + (f", {other:.1%} of the unfamiliar pictures" if other is not None else "")
         )
     if "unfamiliar" in report:

@@ -1,0 +1,109 @@
+"""batchcap.model.text: caption normalisation, the vocabulary, and the learnt ending rule."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from batchcap.model.text import END, PAD, SPECIAL_TOKENS, START, UNK, Vocabulary, learn_unendable, normalize_caption
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ("A dog runs on the grass .", ["a", "dog", "runs", "on", "the", "grass"]),
+        ("  A   DOG\truns\n", ["a", "dog", "runs"]),
+        ("Two dogs, playing; happily!", ["two", "dogs", "playing", "happily"]),
+        ("a black-and-white dog", ["a", "black", "and", "white", "dog"]),
+        ("the man's hat", ["the", "man's", "hat"]),
+        ("the man 's hat", ["the", "mans", "hat"]),  # Flickr8k's split possessive, folded back
+        ("'quoted' words ''", ["quoted", "words"]),
+        ("a café crème", ["a", "cafe", "creme"]),
+        ("3 dogs and 1 cat", ["3", "dogs", "and", "1", "cat"]),
+        ("a b c dog", ["a", "dog"]),  # single letters other than "a" are dropped
+        ("s dog", ["dog"]),  # a stray "s" with nothing before it is dropped
+        ("", []),
+        ("... !!!", []),
+    ],
+)
+def test_normalize_caption(text: str, words: list[str]) -> None:
+    assert normalize_caption(text) == words
+
+
+def test_normalize_caption_is_idempotent() -> None:
+    for text in ["A man's dog, in the snow!", "Children play at the beach ."]:
+        once = normalize_caption(text)
+        assert normalize_caption(" ".join(once)) == once
+
+
+def test_vocabulary_starts_with_the_special_tokens() -> None:
+    vocab = Vocabulary(SPECIAL_TOKENS + ("dog",))
+    assert (vocab.pad_id, vocab.start_id, vocab.end_id, vocab.unk_id) == (0, 1, 2, 3)
+    assert [vocab.words[i] for i in (0, 1, 2, 3)] == [PAD, START, END, UNK]
+    assert set(vocab.never_generated) == {vocab.pad_id, vocab.start_id, vocab.unk_id}
+    assert vocab.end_id not in vocab.never_generated
+    with pytest.raises(ValueError):
+        Vocabulary(("dog", "cat"))
+    with pytest.raises(ValueError):
+        Vocabulary((START, PAD, END, UNK, "dog"))
+
+
+def test_build_keeps_words_seen_min_count_times_most_frequent_first() -> None:
+    captions = [["a", "dog"], ["a", "cat"], ["a", "dog", "runs"], ["the", "cat"], ["a", "bird"]]
+    vocab = Vocabulary.build(captions, min_count=2)
+    assert vocab.words == SPECIAL_TOKENS + ("a", "cat", "dog")  # a: 4; cat, dog: 2 each, ties by word
+    assert len(vocab) == 7
+    assert Vocabulary.build(captions, min_count=1).words[4:] == ("a", "cat", "dog", "bird", "runs", "the")
+    assert Vocabulary.build(captions, min_count=5).words == SPECIAL_TOKENS
+
+
+def test_build_never_duplicates_a_special_token_found_in_captions() -> None:
+    vocab = Vocabulary.build([["<end>", "dog"]] * 5, min_count=1)
+    assert vocab.words == SPECIAL_TOKENS + ("dog",)
+
+
+def test_encode_decode_round_trip_and_unknown_words() -> None:
+    vocab = Vocabulary.build([["a", "dog", "runs", "on", "grass"]] * 3, min_count=1)
+    words = ["a", "dog", "runs", "on", "grass"]
+    ids = vocab.encode(words)
+    assert all(i >= len(SPECIAL_TOKENS) for i in ids)
+    assert vocab.decode(ids) == "a dog runs on grass"
+    assert vocab.encode(["a", "zebra"]) == [vocab.encode(["a"])[0], vocab.unk_id]
+    assert vocab.decode(vocab.encode(["a", "zebra", "runs"])) == "a runs"  # <unk> is dropped when decoding
+
+
+def test_decode_stops_at_end_and_drops_specials() -> None:
+    vocab = Vocabulary(SPECIAL_TOKENS + ("a", "dog"))
+    a, dog = 4, 5
+    assert vocab.decode([vocab.start_id, a, vocab.pad_id, dog, vocab.end_id, a, dog]) == "a dog"
+    assert vocab.decode([vocab.end_id, a]) == ""
+    assert vocab.decode(torch.tensor([a, dog, vocab.end_id])) == "a dog"  # tensors of ids too
+
+
+def test_ids_of_is_sorted_and_skips_unknown_words() -> None:
+    vocab = Vocabulary(SPECIAL_TOKENS + ("a", "dog", "the"))
+    assert vocab.ids_of(["the", "zebra", "a", "the"]) == (4, 6)
+    assert vocab.ids_of([]) == ()
+
+
+def test_learn_unendable_finds_words_that_never_end_a_caption() -> None:
+    captions = [["a", "dog", "runs", "in", "the", "park"]] * 30 + [["a", "cat", "sits", "on", "a", "mat"]] * 30
+    words = learn_unendable(captions, max_rate=0.03, min_count=20)
+    # Second half of each caption: "in the park" and "on a mat"; park and mat always end.
+    assert words == ("a", "in", "on", "the")  # 30 late occurrences each: ties by word
+
+
+def test_learn_unendable_counts_only_the_second_half_and_needs_min_count() -> None:
+    captions = [["man", "with", "a", "dog"]] * 25
+    # "man" never ends, but only ever appears in the first half: it is not judged
+    assert learn_unendable(captions, min_count=20) == ("a",)
+    assert learn_unendable(captions, min_count=26) == ()
+
+
+def test_learn_unendable_respects_max_rate_and_orders_by_frequency() -> None:
+    ends_sometimes = [["x", "y", "dog", "runs"]] * 19 + [["x", "y", "z", "dog"]]  # dog ends 1 in 20
+    assert "dog" not in learn_unendable(ends_sometimes, max_rate=0.03, min_count=20)
+    assert "dog" in learn_unendable(ends_sometimes, max_rate=0.06, min_count=20)
+    many = [["p", "q", "r", "the", "on", "end"]] * 40 + [["p", "q", "r", "s", "on", "end"]] * 10
+    assert learn_unendable(many, min_count=20) == ("on", "the")  # on: 50 late, the: 40 late
+    assert learn_unendable([[], ["<end>"] * 4] * 30, min_count=1) == ()
