@@ -176,7 +176,7 @@ def test_model_files_without_trust_statistics_still_load(tmp_path: Path) -> None
 
     make_tiny_model(tmp_path / "old.safetensors")
     meta = read_metadata(tmp_path / "old.safetensors")
-    assert not {"ending_rule", "familiarity", "calibration"} & set(meta)  # as files written before trust statistics existed
+    assert not {"ending_rule", "familiarity", "calibration"} & set(meta)  # as older files
     old = load_model(tmp_path / "old.safetensors")
     assert old.unendable_words is None and old.familiarity is None and old.calibration is None
     # the ending rule falls back to closed-class words, of those the vocabulary has
