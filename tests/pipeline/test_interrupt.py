@@ -19,14 +19,49 @@ from batchcap.pipeline.interrupt import STOP_SIGNALS, StopSignals
 REPO = Path(__file__).resolve().parents[2]
 
 
+def in_fresh_python(check: str, *args: object) -> None:
+    """Run ``check(*args)`` of this module in a new interpreter.
+
+    These checks send signals to their own process. In the test process, native libraries that
+    earlier tests loaded (OpenVINO's thread pools) may receive them, and that crashes it; a fresh
+    interpreter holds only what the check imports, as ``batchcap run``'s main process does.
+    """
+    call = f"{check}({', '.join(map(repr, args))})"
+    code = f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); from test_interrupt import *; {call}"
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, f"{call} failed:\n{done.stdout}{done.stderr}"
+
+
+@pytest.mark.parametrize("signum", STOP_SIGNALS, ids=lambda s: signal.Signals(s).name)
+def test_first_signal_only_requests_a_stop(signum: int) -> None:
+    in_fresh_python("check_first_signal_only_requests_a_stop", int(signum))
+
+
+def test_the_first_signal_name_is_kept() -> None:
+    in_fresh_python("check_the_first_signal_name_is_kept")
+
+
+def test_previous_handlers_are_restored_on_exit() -> None:
+    in_fresh_python("check_previous_handlers_are_restored_on_exit")
+
+
+def test_the_first_signal_is_announced_on_the_stream(tmp_path: Path) -> None:
+    in_fresh_python("check_the_first_signal_is_announced_on_the_stream", str(tmp_path))
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_ignores_the_inherited_handler() -> None:
+    in_fresh_python("check_a_forked_child_ignores_the_inherited_handler")
+
+
 def deliver(signum: int) -> None:
     """Send ``signum`` to this process and give the interpreter a moment to run the handler."""
     os.kill(os.getpid(), signum)
     time.sleep(0.01)
 
 
-@pytest.mark.parametrize("signum", STOP_SIGNALS, ids=lambda s: signal.Signals(s).name)
-def test_first_signal_only_requests_a_stop(signum: int) -> None:
+def check_first_signal_only_requests_a_stop(signum: int) -> None:
     with StopSignals(io.StringIO(), exit_code=75) as stop:
         assert stop.requested is None
         deliver(signum)
@@ -35,14 +70,14 @@ def test_first_signal_only_requests_a_stop(signum: int) -> None:
         assert stop.requested == signal.Signals(signum).name
 
 
-def test_the_first_signal_name_is_kept() -> None:
+def check_the_first_signal_name_is_kept() -> None:
     with StopSignals(io.StringIO(), exit_code=75) as stop:
         deliver(signal.SIGTERM)
         deliver(signal.SIGINT)  # within the window: ignored, not a new name
     assert stop.requested == "SIGTERM"
 
 
-def test_previous_handlers_are_restored_on_exit() -> None:
+def check_previous_handlers_are_restored_on_exit() -> None:
     seen: list[int] = []
 
     def mine(signum: int, frame: object) -> None:
@@ -90,7 +125,8 @@ def test_outside_the_main_thread_it_does_nothing() -> None:
     assert {s: signal.getsignal(s) for s in STOP_SIGNALS} == before
 
 
-def test_the_first_signal_is_announced_on_the_stream(tmp_path: Path) -> None:
+def check_the_first_signal_is_announced_on_the_stream(folder: str) -> None:
+    tmp_path = Path(folder)
     with open(tmp_path / "log", "w") as stream, StopSignals(stream, exit_code=75):
         deliver(signal.SIGTERM)
     text = (tmp_path / "log").read_text()
@@ -98,8 +134,7 @@ def test_the_first_signal_is_announced_on_the_stream(tmp_path: Path) -> None:
     assert "send it again to stop at once" in text
 
 
-@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
-def test_a_forked_child_ignores_the_inherited_handler() -> None:
+def check_a_forked_child_ignores_the_inherited_handler() -> None:
     """A DataLoader worker inherits the handler; only the main process decides."""
     with StopSignals(io.StringIO(), exit_code=75) as stop:
         pid = os.fork()
