@@ -1101,8 +1101,11 @@ def ensemble(models: tuple[str, ...], out: str, combine: str, half: bool) -> Non
 @click.option("--vocab", "show_vocab", is_flag=True, help="Also list the vocabulary.")
 @user_errors
 def info(model: str | None, as_json: bool, show_vocab: bool) -> None:
-    """Show what a model file holds: encoder, preprocessing, decoder, vocabulary, training and scores.
+    """Show what a model file holds: encoder, preprocessing, decoder, vocabulary, training, scores and terms of use.
 
+    The terms of use (`licence` in --json) follow from the training data the file records:
+    a model learnt from research-use data (the packaged one: Flickr8k, Flickr30k captions)
+    may be used for research only, whatever the licence of batchcap's code (MIT).
     Without MODEL, describes the model shipped with batchcap.
 
     \b
@@ -1111,12 +1114,13 @@ def info(model: str | None, as_json: bool, show_vocab: bool) -> None:
         batchcap info flickr8k.safetensors --json
     """
     from batchcap.model.modelfile import load_model, resolve_model_path
-    from batchcap.tools.info import describe_model
+    from batchcap.tools.info import describe_model, terms_of
 
     loaded = load_model(resolve_model_path(model))
     meta = loaded.metadata()
     if "neighbours" in meta:  # 7,500 reference captions: a count says enough
         meta["neighbours"] = {"k": meta["neighbours"]["k"], "pictures": len(meta["neighbours"]["captions"])}
+    meta["licence"] = terms_of(loaded)  # derived from the training records, not stored in the file
     if as_json:
         click.echo(json.dumps(meta, indent=2))
         return
