@@ -23,10 +23,12 @@ of rows, because merging replaces by id.
 
 ``min_confidence`` is a label, not a resume setting: it decides only whether a captioned row's
 status is ``ok`` or ``low_confidence`` (:func:`batchcap.outputs.schema.label`). It is recorded in the
-metadata beside the resume settings, and ``finalize`` labels every row it writes with the current
+metadata beside the resume settings, and ``finalize`` labels the rows it writes with the current
 threshold. A rerun with another threshold (or none) over a finished output therefore captions
 nothing and rewrites the output once, through the same temp file + ``os.replace``, with only the
-statuses changed; a rerun with the same threshold rewrites nothing. Outputs written before the
+statuses changed; a rerun with the same threshold rewrites nothing. The final output's rows are
+relabelled when it recorded another threshold, and the parts of interrupted attempts always (each
+attempt may have had its own); the rows of this run arrive labelled. Outputs written before the
 threshold left the resume settings (``resume_settings.min_confidence``) are read the same way.
 
 A committed part that cannot be read back (a disk fault, a work folder copied badly) is
@@ -244,7 +246,17 @@ class OutputStore:
                 continue
             _fold_done(done, seen, rows)
         next_seq = (parts[-1][0] + 1) if parts else 1
-        store = cls(out, fmt, meta, commit_every, done, len(seen), next_seq, final_retry_rows, final_min_confidence)
+        store = cls(
+            out,
+            fmt,
+            meta,
+            commit_every,
+            done,
+            len(seen),
+            next_seq,
+            final_retry_rows,
+            final_min_confidence,
+        )
         store.set_aside = set_aside
         return store
 
@@ -370,6 +382,15 @@ class OutputStore:
             rows_low_confidence=low,
         )
 
+    def _relabels(self, seq: int | None) -> bool:
+        """Whether the rows of the final output (``seq`` None) or of part ``seq`` are labelled again
+        as they are written: the final output's when it recorded another ``min_confidence``, and
+        always those of interrupted attempts (each may have run with another threshold; labelling
+        is idempotent). This run's own parts arrive labelled with this run's threshold."""
+        if seq is None:
+            return self._final_min_confidence != self.meta["min_confidence"]
+        return seq < self._first_seq
+
     def _write_parquet(
         self,
         tmp: Path,
@@ -400,14 +421,16 @@ class OutputStore:
                     replaced += n_replaced
                     dropped += n_rows - table.num_rows - n_replaced
                     kept_old += table.num_rows
-                    table, changed = label_table(table, threshold)
-                    relabelled += changed
+                    if self._relabels(None):
+                        table, changed = label_table(table, threshold)
+                        relabelled += changed
                     low += _count_low(table)
                     buffer.add(table)
-            for (_, path), mask in zip(parts, keep_masks):
-                table = conform_table(pq.read_table(path))
-                table, changed = label_table(table.filter(pa.array(mask, type=pa.bool_())), threshold)
-                relabelled += changed  # rows an earlier attempt committed under another threshold
+            for (seq, path), mask in zip(parts, keep_masks):
+                table = conform_table(pq.read_table(path)).filter(pa.array(mask, type=pa.bool_()))
+                if self._relabels(seq):  # rows an earlier attempt committed under another threshold
+                    table, changed = label_table(table, threshold)
+                    relabelled += changed
                 low += _count_low(table)
                 buffer.add(table)
             buffer.flush()
@@ -422,6 +445,7 @@ class OutputStore:
         kept_ids: set[str],
     ) -> tuple[int, int, int, int, int]:
         threshold = self.meta["min_confidence"]
+        relabel_old = self._relabels(None)
         kept_old = replaced = dropped = relabelled = low = 0
         with open(tmp, "w", encoding="utf-8", newline="\n") as dst:
             if self.out.exists():
@@ -436,7 +460,9 @@ class OutputStore:
                         if old["id"] in part_ids or old.get("status") in RETRY_STATUSES:
                             dropped += 1
                             continue
-                        status = label(old.get("status"), old.get("confidence"), threshold)
+                        status = old.get("status")
+                        if relabel_old:
+                            status = label(status, old.get("confidence"), threshold)
                         if status != old.get("status"):  # only the status changes, in place
                             old["status"] = status
                             line = json.dumps(old, ensure_ascii=False, allow_nan=False)
@@ -444,14 +470,15 @@ class OutputStore:
                         low += status == LOW_CONFIDENCE
                         dst.write(line if line.endswith("\n") else line + "\n")
                         kept_old += 1
-            for (_, path), mask in zip(parts, keep_masks):
+            for (seq, path), mask in zip(parts, keep_masks):
                 source = pq.ParquetFile(path)
+                relabel = self._relabels(seq)
                 offset = 0
                 for group in range(source.num_row_groups):
                     rows = source.read_row_group(group).to_pylist()
                     for i, row in enumerate(rows):
                         if mask[offset + i]:
-                            status = label(row["status"], row["confidence"], threshold)
+                            status = label(row["status"], row["confidence"], threshold) if relabel else row["status"]
                             if status != row["status"]:
                                 row["status"] = status
                                 relabelled += 1
