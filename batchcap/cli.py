@@ -1203,10 +1203,11 @@ def merge(
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for --sample.")
 @click.option(
     "--order",
-    type=click.Choice(["score", "id", "confidence"]),
-    default="score",
-    show_default=True,
-    help="score: lowest search score first; confidence: lowest confidence first; id.",
+    type=click.Choice(["confidence", "score", "id"]),
+    default=None,
+    help="confidence: lowest confidence first (captions without one follow, lowest score first); "
+    "score: lowest search score first; id. [default: confidence; an output without confidence "
+    "values is shown lowest score first, and the page says so]",
 )
 @click.option(
     "--status",
@@ -1228,7 +1229,7 @@ def report(
     limit: int,
     sample: int | None,
     seed: int,
-    order: str,
+    order: str | None,
     only_status: str | None,
     link_images: bool,
     thumb_size: int,
@@ -1236,8 +1237,10 @@ def report(
 ) -> None:
     """Write a self-contained HTML page of a run's OUTPUT: thumbnails, captions, failures.
 
-    Lowest-confidence captions come first; the page filters by status and searches
-    captions, and needs no server or network. Works on Parquet and JSONL outputs.
+    Lowest-confidence captions come first (lowest score first for an output without
+    confidence values); the page filters by status and searches captions, and needs no
+    server or network. Works on Parquet and JSONL outputs that batchcap wrote; a file with
+    neither batchcap's metadata nor its columns is refused.
 
     \b
     Example:
