@@ -11,14 +11,21 @@
 #     so several array tasks share the node), node line taken from `slurmd -C`
 #   - creates the munge key, starts munged, slurmctld and slurmd as root
 #   - waits until `sinfo` shows the node idle (SLURM_UP_TIMEOUT seconds, default 90)
+#   - writes the marker /etc/slurm/batchcap-test-cluster (cluster name, control address, node,
+#     path and sha256 of slurm.conf): the Slurm tests submit jobs only when `scontrol show config`
+#     answers with exactly this cluster, so they never queue work on a real cluster
 #
-# Environment: SLURM_UP_TIMEOUT (90), SLURM_PARTITION (debug).
+# It refuses to replace a slurm.conf it did not write (a real cluster's), unless SLURM_UP_FORCE=1.
+#
+# Environment: SLURM_UP_TIMEOUT (90), SLURM_PARTITION (debug), SLURM_UP_FORCE (0).
 set -euo pipefail
 
 TIMEOUT="${SLURM_UP_TIMEOUT:-90}"
 PARTITION="${SLURM_PARTITION:-debug}"
 CONF_DIR=/etc/slurm
 CONF="$CONF_DIR/slurm.conf"
+MARKER="$CONF_DIR/batchcap-test-cluster"
+HEADER="# Written by batchcap .ci/slurm-up.sh: a one-node cluster for tests. Edits are overwritten."
 LOG_DIR=/var/log/slurm
 SPOOL_CTL=/var/spool/slurmctld
 SPOOL_D=/var/spool/slurmd
@@ -54,6 +61,9 @@ fi
 PATH="/usr/sbin:/usr/bin:/sbin:/bin:$PATH"
 
 # --- configuration ----------------------------------------------------------------------
+if [ -s "$CONF" ] && [ "$(head -n1 "$CONF")" != "$HEADER" ] && [ "${SLURM_UP_FORCE:-0}" != 1 ]; then
+    die "$CONF was not written by this script (a real cluster's?); refusing to replace it (SLURM_UP_FORCE=1 overrides)"
+fi
 host="$(hostname -s 2>/dev/null || uname -n)"; host="${host%%.*}"
 mkdir -p "$CONF_DIR" "$LOG_DIR" "$SPOOL_CTL" "$SPOOL_D" "$RUN_DIR"
 
@@ -68,7 +78,7 @@ node_line="$(printf '%s' "$node_line" | sed -E "s/^NodeName=[^ ]+/NodeName=$host
 
 new_conf="$(mktemp)"
 cat > "$new_conf" <<CONF
-# Written by batchcap .ci/slurm-up.sh: a one-node cluster for tests. Edits are overwritten.
+$HEADER
 ClusterName=batchcap
 SlurmctldHost=$host(127.0.0.1)
 SlurmUser=root
@@ -190,5 +200,20 @@ while :; do
     fi
     sleep 1
 done
+# --- marker for the tests ----------------------------------------------------------------
+# Written last, once the node is up: it names the cluster this script runs, so that the tests can
+# check that the Slurm their commands reach is this one (see tests/scenarios/test_slurm.py).
+marker_tmp="$(mktemp "$CONF_DIR/.batchcap-test-cluster.XXXXXX")"
+cat > "$marker_tmp" <<MARKER
+# Written by batchcap .ci/slurm-up.sh: the Slurm described here is batchcap's one-node test cluster.
+cluster=batchcap
+controller=127.0.0.1
+node=$host
+conf=$CONF
+conf_sha256=$(sha256sum "$CONF" | cut -d' ' -f1)
+MARKER
+chmod 644 "$marker_tmp"
+mv -f "$marker_tmp" "$MARKER"
+
 log "up: node $host is $state in partition $PARTITION"
 sinfo

@@ -1105,8 +1105,11 @@ def ensemble(models: tuple[str, ...], out: str, combine: str, half: bool) -> Non
 @click.option("--vocab", "show_vocab", is_flag=True, help="Also list the vocabulary.")
 @user_errors
 def info(model: str | None, as_json: bool, show_vocab: bool) -> None:
-    """Show what a model file holds: encoder, preprocessing, decoder, vocabulary, training and scores.
+    """Show what a model file holds: encoder, preprocessing, decoder, vocabulary, training, scores and terms of use.
 
+    The terms of use (`licence` in --json) follow from the training data the file records:
+    a model learnt from research-use data (the packaged one: Flickr8k, Flickr30k captions)
+    may be used for research only, whatever the licence of batchcap's code (MIT).
     Without MODEL, describes the model shipped with batchcap.
 
     \b
@@ -1115,12 +1118,13 @@ def info(model: str | None, as_json: bool, show_vocab: bool) -> None:
         batchcap info flickr8k.safetensors --json
     """
     from batchcap.model.modelfile import load_model, resolve_model_path
-    from batchcap.tools.info import describe_model
+    from batchcap.tools.info import describe_model, terms_of
 
     loaded = load_model(resolve_model_path(model))
     meta = loaded.metadata()
     if "neighbours" in meta:  # 7,500 reference captions: a count says enough
         meta["neighbours"] = {"k": meta["neighbours"]["k"], "pictures": len(meta["neighbours"]["captions"])}
+    meta["licence"] = terms_of(loaded)  # derived from the training records, not stored in the file
     if as_json:
         click.echo(json.dumps(meta, indent=2))
         return
@@ -1203,10 +1207,11 @@ def merge(
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for --sample.")
 @click.option(
     "--order",
-    type=click.Choice(["score", "id", "confidence"]),
-    default="score",
-    show_default=True,
-    help="score: lowest search score first; confidence: lowest confidence first; id.",
+    type=click.Choice(["confidence", "score", "id"]),
+    default=None,
+    help="confidence: lowest confidence first (captions without one follow, lowest score first); "
+    "score: lowest search score first; id. [default: confidence; an output without confidence "
+    "values is shown lowest score first, and the page says so]",
 )
 @click.option(
     "--status",
@@ -1228,7 +1233,7 @@ def report(
     limit: int,
     sample: int | None,
     seed: int,
-    order: str,
+    order: str | None,
     only_status: str | None,
     link_images: bool,
     thumb_size: int,
@@ -1236,8 +1241,10 @@ def report(
 ) -> None:
     """Write a self-contained HTML page of a run's OUTPUT: thumbnails, captions, failures.
 
-    Lowest-confidence captions come first; the page filters by status and searches
-    captions, and needs no server or network. Works on Parquet and JSONL outputs.
+    Lowest-confidence captions come first (lowest score first for an output without
+    confidence values); the page filters by status and searches captions, and needs no
+    server or network. Works on Parquet and JSONL outputs that batchcap wrote; a file with
+    neither batchcap's metadata nor its columns is refused.
 
     \b
     Example:

@@ -210,6 +210,7 @@ _OPTION_OF_SETTING = {
     "length_penalty": "--length-penalty",
     "no_repeat_ngram": "--no-repeat-ngram",
     "n_best": "--n-best",
+    "min_confidence": "--min-confidence",
 }
 
 

@@ -409,11 +409,16 @@ def _check_same_schema(infos: list[_Part]) -> None:
 
 def _settings(config: dict[str, Any]) -> dict[str, Any]:
     """What must agree between parts: the metadata's ``resume_settings`` (the settings
-    ``batchcap run`` refuses to resume across) and format when present, else the whole
+    ``batchcap run`` refuses to resume across), ``min_confidence`` and format when present, else the whole
     configuration; minus the keys that differ per part by design (PER_PART_KEYS)."""
     if isinstance(config.get("resume_settings"), dict):
+        settings = dict(config["resume_settings"])
+        # --min-confidence labels the rows: parts labelled differently would mix (older outputs
+        # recorded it among their resume settings).
+        threshold = config.get("min_confidence", settings.pop("min_confidence", None))
         config = {
-            "resume_settings": config["resume_settings"],
+            "resume_settings": settings,
+            "min_confidence": threshold,
             "format": config.get("format"),
             "schema_version": config.get("schema_version"),
         }

@@ -4,8 +4,8 @@ People check captions by looking at pictures. :func:`write_report` streams the o
 once, in Arrow record batches and only the columns it needs, keeping:
 
 * counts by status and by model, and the run configuration from the file's metadata;
-* the rows to show -- the ``limit`` lowest-scoring (or first by id), or a seeded random
-  ``sample`` -- as a bounded Arrow table, so memory does not grow with the output;
+* the rows to show -- the ``limit`` least confident (or lowest-scoring, or first by id), or a
+  seeded random ``sample`` -- as a bounded Arrow table, so memory does not grow with the output;
 * the first ``failure_cap`` failed rows, listed with their error messages.
 
 Only the rows shown get thumbnails, decoded from the original file (or from the member
@@ -44,11 +44,12 @@ from PIL import Image, ImageOps
 
 from batchcap.data.extensions import IMAGE_KEYS, TAR_SUFFIXES
 from batchcap.hardware import available_cpus
-from batchcap.outputs.schema import METADATA_KEY_BYTES, flatten_settings, sniff_format
+from batchcap.outputs.schema import CAPTIONED, METADATA_KEY_BYTES, flatten_settings, sniff_format
 from batchcap.outputs.schema import SCHEMA as OUTPUT_SCHEMA
 
-ORDERS = ("score", "id", "confidence")
-CAPTIONED = frozenset({"ok", "low_confidence"})  # statuses whose rows hold a caption
+ORDERS = ("confidence", "score", "id")
+#: Without batchcap metadata, a file is taken for a batchcap output only if it has these columns.
+REQUIRED_COLUMNS = ("id", "status", "caption")
 FAILURE_CAP = 1000
 THUMB_MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb threshold
 MEMBER_MAX_BYTES = 64 * 1024 * 1024  # a tar member larger than this is not read for a thumbnail
@@ -87,6 +88,7 @@ class ReportSummary:
     seconds: float
     models: dict[str, int] = field(default_factory=dict)
     bad_line_numbers: tuple[int, ...] = ()
+    order: str = "confidence"  # the order the cards are in (``confidence`` falls back to ``score``)
 
 
 def describe_lines(numbers: list[int] | tuple[int, ...], most: int = 10) -> str:
@@ -123,6 +125,17 @@ def _to_report_view(table: pa.Table) -> pa.Table:
     return pa.Table.from_arrays(columns, schema=SCHEMA)
 
 
+def _check_columns(path: Path, names: list[str]) -> None:
+    """Refuse a file batchcap did not write: no batchcap metadata, and not batchcap's columns."""
+    missing = [c for c in REQUIRED_COLUMNS if c not in names]
+    if missing:
+        shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+        raise ReportError(
+            f"{path} is not a batchcap output: it has no batchcap metadata, and its columns ({shown or 'none'}) "
+            f"lack {', '.join(missing)}. `batchcap report` renders what `batchcap run` or `batchcap merge` wrote"
+        )
+
+
 def _parquet_batches(path: Path) -> tuple[Iterator[pa.Table], dict[str, Any]]:
     import pyarrow.parquet as pq
 
@@ -137,6 +150,8 @@ def _parquet_batches(path: Path) -> tuple[Iterator[pa.Table], dict[str, Any]]:
             meta = json.loads(raw)
         except ValueError:
             meta = {}
+    if not raw:
+        _check_columns(path, pf.schema_arrow.names)
     wanted = [name for name in SCHEMA.names if name in pf.schema_arrow.names]
 
     def batches() -> Iterator[pa.Table]:
@@ -157,6 +172,7 @@ class _LineCounter:
     def __init__(self, path: Path, strict: bool = True) -> None:
         self.path, self.strict = path, strict
         self.lines: list[int] = []
+        self.seen_row = False
 
     @property
     def bad(self) -> int:
@@ -173,8 +189,10 @@ class _LineCounter:
 
 def _jsonl_batches(path: Path, counter: _LineCounter) -> tuple[Iterator[pa.Table], dict[str, Any]]:
     meta: dict[str, Any] = {}
+    has_meta = False
     for candidate in (Path(str(path) + ".meta.json"), path.with_suffix(".meta.json")):
         if candidate.is_file():
+            has_meta = True
             try:
                 meta = json.loads(candidate.read_text(encoding="utf-8"))
             except (ValueError, OSError):
@@ -209,6 +227,9 @@ def _jsonl_batches(path: Path, counter: _LineCounter) -> tuple[Iterator[pa.Table
                 if not isinstance(row, dict):
                     counter.damaged(number, "is not a JSON object")
                     continue
+                if not has_meta and not rows and not counter.seen_row:
+                    _check_columns(path, list(row))  # the first row tells whose file this is
+                counter.seen_row = True
                 rows.append(row)
                 if len(rows) >= BATCH_ROWS:
                     yield convert(rows)
@@ -254,8 +275,13 @@ def _clean(text: str) -> str:
 
 
 def _sort_keys(order: str) -> list[tuple[str, str]]:
-    if order in ("score", "confidence"):
-        return [(order, "ascending"), ("_seq", "ascending")]
+    """Arrow sort keys for ``order``. Rows without a confidence follow those with one, lowest
+    score first (``_then``, see :func:`_scan`), so an output without confidence values is simply
+    in score order; ties keep the output's order."""
+    if order == "confidence":
+        return [("confidence", "ascending"), ("_then", "ascending"), ("_seq", "ascending")]
+    if order == "score":
+        return [("score", "ascending"), ("_seq", "ascending")]
     return [("id", "ascending"), ("_seq", "ascending")]
 
 
@@ -280,6 +306,7 @@ class _Scan:
     last_created: str | None = None
     failures: list[dict[str, Any]] = field(default_factory=list)
     candidates: pa.Table | None = None
+    confident: int = 0  # rows with a confidence value
 
 
 def _scan(
@@ -305,7 +332,11 @@ def _scan(
         table = table.append_column("_seq", pa.array(np.arange(scan.total, scan.total + n, dtype=np.int64)))
         if sample is not None:
             table = table.append_column("_rand", pa.array(rng.random(n)))
+        if order == "confidence":  # the score, only where there is no confidence to order by
+            no_confidence = table.column("confidence").is_null(nan_is_null=True)
+            table = table.append_column("_then", pc.if_else(no_confidence, table.column("score"), None))
         scan.total += n
+        scan.confident += n - table.column("confidence").null_count
         status = pc.fill_null(table.column("status"), "unknown")
         for item in pc.value_counts(status).to_pylist():
             scan.statuses[item["values"]] += item["counts"]
@@ -568,6 +599,37 @@ def _run_facts(meta: dict[str, Any], scan: _Scan) -> list[tuple[str, str]]:
     return facts
 
 
+def _score_note(meta: dict[str, Any], scan: _Scan) -> str:
+    """What the score (and the confidence) on the cards mean, for this output's settings."""
+    flat = flatten_settings(meta)
+    penalty = _lookup(flat, "length_penalty")
+    version = meta.get("schema_version")
+    if version == 1:
+        note = (
+            "Scores are mean log-probabilities per word (an output of schema version 1): closer to 0 is more probable."
+        )
+    else:
+        ranked = "The score is what the beam search ranked the caption by: "
+        if isinstance(penalty, (int, float)) and penalty:
+            note = (
+                f"{ranked}its summed log-probability divided by its length^{penalty:g} (length penalty "
+                f"{penalty:g}); closer to 0 ranks higher."
+            )
+        else:
+            setting = "length penalty 0" if meta else "at the default length penalty 0; this output records no settings"
+            note = (
+                f"{ranked}the sum of its words' log-probabilities, <end> included ({setting}), not normalised "
+                "by length: always negative, and lower for longer captions (e.g. -12.8 for a long one). The "
+                "tooltip gives its per-token probability."
+            )
+    if scan.confident:
+        note += (
+            " Confidence (e.g. 72% sure) is the estimated probability that the caption is acceptable; "
+            "it ranks captions better than the score."
+        )
+    return note
+
+
 def _score_class(score: float | None) -> str:
     if score is None or math.isnan(score):
         return "none"
@@ -653,6 +715,7 @@ def _render(
     rows: list[dict[str, Any]],
     thumbs: list[_Thumb],
     note: str,
+    score_note: str,
     bad_lines: list[int],
     failure_cap: int,
 ) -> str:
@@ -731,6 +794,7 @@ def _render(
         failures=failures_html,
         grid=grid,
         note=_esc(note),
+        score_note=_esc(score_note),
         shown=str(len(rows)),
         generated=_esc(datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")),
     )
@@ -757,7 +821,7 @@ def write_report(
     seed: int = 0,
     link_images: bool = False,
     thumb_size: int = 192,
-    order: str = "score",
+    order: str | None = None,
     failure_cap: int = FAILURE_CAP,
     workers: int | None = None,
     status: str | None = None,
@@ -765,16 +829,20 @@ def write_report(
 ) -> ReportSummary:
     """Render ``output_path`` (a batchcap Parquet or JSONL output) as one HTML page at ``html_path``.
 
-    Cards are ordered lowest score first (``order="score"``; failures last), lowest
-    confidence first (``"confidence"``) or by id; ``status`` shows only rows of that status
+    Cards are ordered lowest confidence first (``order="confidence"``, the default; rows
+    without a confidence follow, lowest score first, failures last), lowest score first
+    (``"score"``) or by id; an output without confidence values is thus shown lowest score
+    first, and the page says so. ``status`` shows only rows of that status
     (e.g. ``"low_confidence"``, the captions ``--min-confidence`` set aside);
     ``sample`` picks that many rows at random (reproducible with ``seed``) before ordering,
     and ``limit`` keeps the first N (``None`` or 0 for all). Thumbnails are embedded JPEG
     data URIs of at most ``thumb_size`` px, or links to the original files when
-    ``link_images``. Raises :class:`ReportError` when the output cannot be read, or when a
-    JSONL output has a line that is not a row, unless ``skip_bad_lines``.
+    ``link_images``. Raises :class:`ReportError` when the output cannot be read, when it is
+    not a batchcap output (no batchcap metadata and not batchcap's columns), or when a JSONL
+    output has a line that is not a row, unless ``skip_bad_lines``.
     """
     started = time.perf_counter()
+    order = order or "confidence"
     if order not in ORDERS:
         raise ValueError(f"order must be one of {ORDERS}, not {order!r}")
     if sample is not None and sample < 1:
@@ -798,7 +866,7 @@ def write_report(
     rows: list[dict[str, Any]] = []
     if scan.candidates is not None:
         shown = _keep_first(scan.candidates, _sort_keys(order), limit)
-        rows = shown.drop_columns([c for c in ("_seq", "_rand") if c in shown.column_names]).to_pylist()
+        rows = shown.drop_columns([c for c in ("_seq", "_rand", "_then") if c in shown.column_names]).to_pylist()
     flat = flatten_settings(meta)
     exts = _lookup(flat, "image_keys")
     exts = tuple(str(e).lower() for e in exts) if isinstance(exts, (list, tuple)) and exts else IMAGE_KEYS
@@ -812,7 +880,15 @@ def write_report(
         exts=exts,
         workers=workers or available_cpus(),
     )
-    how = {"score": "lowest score first", "confidence": "lowest confidence first"}.get(order, "by id")
+    if order == "confidence" and not scan.confident:
+        order = "score"  # nothing to rank by confidence: the score is all there is, and the page says so
+        how = "lowest score first (this output has no confidence values, so the score orders it)"
+    elif order == "confidence":
+        how = "lowest confidence first"
+        if sum(scan.statuses.get(s, 0) for s in CAPTIONED) > scan.confident:
+            how += " (captions without a confidence follow, lowest score first)"
+    else:
+        how = "lowest score first" if order == "score" else "by id"
     note = f"Showing {len(rows):,} of {scan.total:,} rows" + (f" (status {status} only)" if status else "")
     note += f", {how}"
     if sample is not None:
@@ -827,6 +903,7 @@ def write_report(
         rows=rows,
         thumbs=thumbs,
         note=note + ".",
+        score_note=_score_note(meta, scan),
         bad_lines=counter.lines,
         failure_cap=failure_cap,
     )
@@ -849,4 +926,5 @@ def write_report(
         html_bytes=len(data),
         seconds=time.perf_counter() - started,
         models=dict(scan.models),
+        order=order,
     )

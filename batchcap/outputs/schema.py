@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 SCHEMA_VERSION = 2
 #: The Parquet footer key (and the ``.meta.json`` top level) that holds the run configuration.
@@ -47,6 +48,40 @@ SCHEMA = pa.schema(
 )
 
 COLUMNS: tuple[str, ...] = tuple(SCHEMA.names)
+
+OK = "ok"
+LOW_CONFIDENCE = "low_confidence"  # captioned, but set aside for review by --min-confidence
+CAPTIONED = frozenset({OK, LOW_CONFIDENCE})  # statuses whose rows hold a caption
+
+
+def label(status: str | None, confidence: float | None, min_confidence: float | None) -> str | None:
+    """The status a row has under ``min_confidence``: only ``ok`` <-> ``low_confidence`` change.
+
+    A captioned row is ``low_confidence`` when its confidence is below the threshold, else ``ok``
+    (a row without a confidence stays ``ok``); every other status is returned as it is. The
+    threshold is a label, not a caption setting: changing it relabels rows, it captions nothing.
+    """
+    if status not in CAPTIONED:
+        return status
+    low = min_confidence is not None and confidence is not None and confidence < min_confidence
+    return LOW_CONFIDENCE if low else OK
+
+
+def label_table(table: pa.Table, min_confidence: float | None) -> tuple[pa.Table, int]:
+    """``table`` (with ``status`` and ``confidence``) labelled by :func:`label`; and how many statuses changed."""
+    status = table.column("status")
+    captioned = pc.fill_null(pc.is_in(status, value_set=pa.array(sorted(CAPTIONED))), False)
+    if min_confidence is None:
+        low = pa.repeat(False, table.num_rows) if table.num_rows else pa.array([], pa.bool_())
+    else:
+        low = pc.fill_null(pc.less(table.column("confidence"), min_confidence), False)
+    wanted = pc.if_else(low, LOW_CONFIDENCE, OK)
+    new = pc.if_else(captioned, wanted, status)
+    changed = pc.sum(pc.fill_null(pc.not_equal(new, status), False)).as_py() or 0
+    if not changed:
+        return table, 0
+    index = table.schema.get_field_index("status")
+    return table.set_column(index, table.schema.field(index), new.cast(table.schema.field(index).type)), changed
 
 
 def infer_format(out: str | os.PathLike[str], fmt: str | None = None) -> str:

@@ -21,6 +21,16 @@ fsyncs it, ``os.replace``s it onto ``<out>`` and only then deletes the parts. Ki
 between the replace and the clean-up, the next run merges again and gets the same set
 of rows, because merging replaces by id.
 
+``min_confidence`` is a label, not a resume setting: it decides only whether a captioned row's
+status is ``ok`` or ``low_confidence`` (:func:`batchcap.outputs.schema.label`). It is recorded in the
+metadata beside the resume settings, and ``finalize`` labels the rows it writes with the current
+threshold. A rerun with another threshold (or none) over a finished output therefore captions
+nothing and rewrites the output once, through the same temp file + ``os.replace``, with only the
+statuses changed; a rerun with the same threshold rewrites nothing. The final output's rows are
+relabelled when it recorded another threshold, and the parts of interrupted attempts always (each
+attempt may have had its own); the rows of this run arrive labelled. Outputs written before the
+threshold left the resume settings (``resume_settings.min_confidence``) are read the same way.
+
 A committed part that cannot be read back (a disk fault, a work folder copied badly) is
 moved to ``damaged/`` inside the work folder beside a ``.why.txt`` note; its rows are not
 ``done``, so the run captions them again (``OutputStore.set_aside`` lists them). A failed
@@ -42,6 +52,7 @@ import os
 import re
 import secrets
 import shutil
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +67,7 @@ from batchcap.config import option_name
 from batchcap.fileio import atomic_write_bytes, fsync_dir, fsync_file
 from batchcap.outputs.schema import (
     COLUMNS,
+    LOW_CONFIDENCE,
     METADATA_KEY,
     METADATA_KEY_BYTES,
     SCHEMA,
@@ -63,6 +75,8 @@ from batchcap.outputs.schema import (
     conform_table,
     flatten_settings,
     infer_format,
+    label,
+    label_table,
     row_to_json,
 )
 
@@ -97,6 +111,8 @@ class FinalizeSummary:
     rows_replaced: int
     rewritten: bool
     rows_dropped: int = 0  # stale retry-status rows (see ``RETRY_STATUSES``) not emitted again
+    rows_relabelled: int = 0  # rows whose status changed under the current ``min_confidence``
+    rows_low_confidence: int = 0  # rows of the output with status ``low_confidence``
 
 
 def work_dir_for(out: str | os.PathLike[str]) -> Path:
@@ -127,6 +143,7 @@ class OutputStore:
         previous_rows: int,
         next_seq: int,
         final_retry_rows: int = 0,
+        final_min_confidence: float | None = None,
     ) -> None:
         self.out = out
         self.fmt = fmt
@@ -139,6 +156,7 @@ class OutputStore:
         self._next_seq = next_seq
         self._first_seq = next_seq  # parts below this came from earlier, killed attempts
         self._final_retry_rows = final_retry_rows
+        self._final_min_confidence = final_min_confidence  # the threshold the final output's rows carry
         self._buffer: list[dict[str, Any]] = []
         self._finalized = False
         self.set_aside: list[tuple[Path, str]] = []  # damaged parts moved aside on open, and why
@@ -158,12 +176,15 @@ class OutputStore:
         run_config: dict[str, Any],
         overwrite: bool = False,
         commit_every: int = 512,
+        min_confidence: float | None = None,
     ) -> OutputStore:
         """Open ``out`` for writing, continuing a previous run unless ``overwrite``.
 
-        Raises ``ResumeRefused`` when an earlier run (its work folder, or the final
-        output's metadata) used different ``resume_settings`` or another format, or
-        cannot be read. Call it while holding ``hold_lock(out)``.
+        ``min_confidence`` labels the rows (``ok`` / ``low_confidence``) when the output is
+        finalised; unlike ``resume_settings`` it may differ from the earlier run's. Raises
+        ``ResumeRefused`` when an earlier run (its work folder, or the final output's
+        metadata) used different ``resume_settings`` or another format, or cannot be read.
+        Call it while holding ``hold_lock(out)``.
         """
         if commit_every < 1:
             raise ValueError("commit_every must be at least 1")
@@ -174,6 +195,7 @@ class OutputStore:
             "batchcap_version": __version__,
             "format": fmt,
             "resume_settings": _jsonable(resume_settings),
+            "min_confidence": min_confidence,
             "run_config": _jsonable(run_config),
         }
         work = work_dir_for(out)
@@ -181,8 +203,11 @@ class OutputStore:
             _remove_outputs(out)
         _remove_stale_temps(out)
 
+        final_min_confidence = None
         if out.exists():
-            _check_previous(out, _final_meta(out, fmt), meta, what="the existing output")
+            final_meta = _final_meta(out, fmt)
+            _check_previous(out, final_meta, meta, what="the existing output")
+            final_min_confidence = _min_confidence_of(final_meta or {})
         run_json = work / "run.json"
         parts = _list_parts(work)
         if run_json.exists():
@@ -221,7 +246,17 @@ class OutputStore:
                 continue
             _fold_done(done, seen, rows)
         next_seq = (parts[-1][0] + 1) if parts else 1
-        store = cls(out, fmt, meta, commit_every, done, len(seen), next_seq, final_retry_rows)
+        store = cls(
+            out,
+            fmt,
+            meta,
+            commit_every,
+            done,
+            len(seen),
+            next_seq,
+            final_retry_rows,
+            final_min_confidence,
+        )
         store.set_aside = set_aside
         return store
 
@@ -283,11 +318,19 @@ class OutputStore:
         self._finalized = True
         out, work = self.out, self.work_dir
         parts = _list_parts(work)
-        if not parts and out.exists() and not self._final_retry_rows:
+        same_labels = self._final_min_confidence == self.meta["min_confidence"]
+        if not parts and out.exists() and not self._final_retry_rows and same_labels:
             # Nothing new: keep the output as it is (a finished rerun rewrites nothing).
-            total = _count_final_rows(out, self.fmt)
+            statuses = _count_final_statuses(out, self.fmt)
             _remove_work(work)
-            return FinalizeSummary(str(out), total, 0, 0, rewritten=False)
+            return FinalizeSummary(
+                str(out),
+                sum(statuses.values()),
+                0,
+                0,
+                rewritten=False,
+                rows_low_confidence=statuses[LOW_CONFIDENCE],
+            )
 
         # Which part row is the last one for its id (later parts replace earlier rows),
         # and whether it is kept (not a stale retry-status row of an earlier attempt).
@@ -312,13 +355,17 @@ class OutputStore:
         meta_tmp = out.with_name(f"{out.name}.tmp-{secrets.token_hex(6)}")
         with _io_errors(out, cleanup=[tmp]):
             if self.fmt == "parquet":
-                kept_old, replaced, dropped = self._write_parquet(tmp, parts, keep_masks, part_ids, kept_ids)
+                kept_old, replaced, dropped, relabelled, low = self._write_parquet(
+                    tmp, parts, keep_masks, part_ids, kept_ids
+                )
             else:
                 # The meta file goes first: whenever the .jsonl exists, its meta describes it.
                 atomic_write_bytes(
                     meta_path_for(out), (json.dumps(self.meta, indent=2, sort_keys=True) + "\n").encode(), tmp=meta_tmp
                 )
-                kept_old, replaced, dropped = self._write_jsonl(tmp, parts, keep_masks, part_ids, kept_ids)
+                kept_old, replaced, dropped, relabelled, low = self._write_jsonl(
+                    tmp, parts, keep_masks, part_ids, kept_ids
+                )
             fsync_file(tmp)
             os.replace(tmp, out)
         with _io_errors(out.parent):
@@ -331,7 +378,18 @@ class OutputStore:
             replaced,
             rewritten=True,
             rows_dropped=dropped + len(part_ids) - len(kept_ids),
+            rows_relabelled=relabelled,
+            rows_low_confidence=low,
         )
+
+    def _relabels(self, seq: int | None) -> bool:
+        """Whether the rows of the final output (``seq`` None) or of part ``seq`` are labelled again
+        as they are written: the final output's when it recorded another ``min_confidence``, and
+        always those of interrupted attempts (each may have run with another threshold; labelling
+        is idempotent). This run's own parts arrive labelled with this run's threshold."""
+        if seq is None:
+            return self._final_min_confidence != self.meta["min_confidence"]
+        return seq < self._first_seq
 
     def _write_parquet(
         self,
@@ -340,12 +398,13 @@ class OutputStore:
         keep_masks: list[list[bool]],
         part_ids: set[str],
         kept_ids: set[str],
-    ) -> tuple[int, int, int]:
+    ) -> tuple[int, int, int, int, int]:
         schema = SCHEMA.with_metadata({METADATA_KEY: json.dumps(self.meta, sort_keys=True)})
         id_set = pa.array(sorted(part_ids), type=pa.string())
         kept_set = pa.array(sorted(kept_ids), type=pa.string())
         retry_set = pa.array(sorted(RETRY_STATUSES), type=pa.string())
-        kept_old = replaced = dropped = 0
+        threshold = self.meta["min_confidence"]
+        kept_old = replaced = dropped = relabelled = low = 0
         with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
             buffer = _RowGroupBuffer(writer, schema)
             if self.out.exists():
@@ -362,12 +421,20 @@ class OutputStore:
                     replaced += n_replaced
                     dropped += n_rows - table.num_rows - n_replaced
                     kept_old += table.num_rows
+                    if self._relabels(None):
+                        table, changed = label_table(table, threshold)
+                        relabelled += changed
+                    low += _count_low(table)
                     buffer.add(table)
-            for (_, path), mask in zip(parts, keep_masks):
-                table = conform_table(pq.read_table(path))
-                buffer.add(table.filter(pa.array(mask, type=pa.bool_())))
+            for (seq, path), mask in zip(parts, keep_masks):
+                table = conform_table(pq.read_table(path)).filter(pa.array(mask, type=pa.bool_()))
+                if self._relabels(seq):  # rows an earlier attempt committed under another threshold
+                    table, changed = label_table(table, threshold)
+                    relabelled += changed
+                low += _count_low(table)
+                buffer.add(table)
             buffer.flush()
-        return kept_old, replaced, dropped
+        return kept_old, replaced, dropped, relabelled, low
 
     def _write_jsonl(
         self,
@@ -376,8 +443,10 @@ class OutputStore:
         keep_masks: list[list[bool]],
         part_ids: set[str],
         kept_ids: set[str],
-    ) -> tuple[int, int, int]:
-        kept_old = replaced = dropped = 0
+    ) -> tuple[int, int, int, int, int]:
+        threshold = self.meta["min_confidence"]
+        relabel_old = self._relabels(None)
+        kept_old = replaced = dropped = relabelled = low = 0
         with open(tmp, "w", encoding="utf-8", newline="\n") as dst:
             if self.out.exists():
                 with open(self.out, encoding="utf-8") as src:
@@ -391,18 +460,32 @@ class OutputStore:
                         if old["id"] in part_ids or old.get("status") in RETRY_STATUSES:
                             dropped += 1
                             continue
+                        status = old.get("status")
+                        if relabel_old:
+                            status = label(status, old.get("confidence"), threshold)
+                        if status != old.get("status"):  # only the status changes, in place
+                            old["status"] = status
+                            line = json.dumps(old, ensure_ascii=False, allow_nan=False)
+                            relabelled += 1
+                        low += status == LOW_CONFIDENCE
                         dst.write(line if line.endswith("\n") else line + "\n")
                         kept_old += 1
-            for (_, path), mask in zip(parts, keep_masks):
+            for (seq, path), mask in zip(parts, keep_masks):
                 source = pq.ParquetFile(path)
+                relabel = self._relabels(seq)
                 offset = 0
                 for group in range(source.num_row_groups):
                     rows = source.read_row_group(group).to_pylist()
                     for i, row in enumerate(rows):
                         if mask[offset + i]:
+                            status = label(row["status"], row["confidence"], threshold) if relabel else row["status"]
+                            if status != row["status"]:
+                                row["status"] = status
+                                relabelled += 1
+                            low += status == LOW_CONFIDENCE
                             dst.write(row_to_json(row) + "\n")
                     offset += len(rows)
-        return kept_old, replaced, dropped
+        return kept_old, replaced, dropped, relabelled, low
 
 
 def read_output_meta(out: str | os.PathLike[str], fmt: str | None = None) -> dict[str, Any] | None:
@@ -459,7 +542,7 @@ def _check_previous(out: Path, previous: dict[str, Any] | None, meta: dict[str, 
             f"{what} is {previous.get('format')}, not {meta['format']}; "
             "rerun with --overwrite to start over, or choose another --out"
         )
-    old = flatten_settings(previous.get("resume_settings") or {})
+    old = flatten_settings(_without_min_confidence(previous.get("resume_settings") or {}))
     new = flatten_settings(meta["resume_settings"])
     differ = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
     if differ:
@@ -469,6 +552,19 @@ def _check_previous(out: Path, previous: dict[str, Any] | None, meta: dict[str, 
             "Mixing them would put captions from different settings in one file; rerun with "
             "--overwrite to start over, or choose another --out"
         )
+
+
+def _without_min_confidence(settings: dict[str, Any]) -> dict[str, Any]:
+    """Resume settings as batchcap writes them now: the threshold used to be one of them."""
+    return {k: v for k, v in settings.items() if k != "min_confidence"}
+
+
+def _min_confidence_of(meta: dict[str, Any]) -> float | None:
+    """The ``min_confidence`` an output's rows were labelled with, also from outputs that
+    recorded it among their resume settings."""
+    if "min_confidence" in meta:
+        return meta["min_confidence"]
+    return (meta.get("resume_settings") or {}).get("min_confidence")
 
 
 def _final_meta(out: Path, fmt: str) -> dict[str, Any] | None:
@@ -533,11 +629,16 @@ def _read_done_final(out: Path, fmt: str) -> Iterator[Iterable[tuple[str, int | 
     yield rows
 
 
-def _count_final_rows(out: Path, fmt: str) -> int:
+def _count_final_statuses(out: Path, fmt: str) -> Counter[str | None]:
+    """How many rows of the finished output have each status."""
     if fmt == "parquet":
-        return pq.ParquetFile(out).metadata.num_rows
+        return Counter(pq.read_table(out, columns=["status"]).column("status").to_pylist())
     with open(out, encoding="utf-8") as src:
-        return sum(1 for line in src if line.strip())
+        return Counter(json.loads(line).get("status") for line in src if line.strip())
+
+
+def _count_low(table: pa.Table) -> int:
+    return pc.sum(pc.equal(table.column("status"), LOW_CONFIDENCE)).as_py() or 0
 
 
 def _list_parts(work: Path) -> list[tuple[int, Path]]:

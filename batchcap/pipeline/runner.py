@@ -24,6 +24,7 @@ from batchcap.data.sources import open_sources
 from batchcap.model.modelfile import load_model, read_metadata
 from batchcap.outputs.background_writer import BackgroundWriter
 from batchcap.outputs.lock import check_output_writable, hold_lock
+from batchcap.outputs.schema import OK, label
 from batchcap.outputs.store import OutputStore, work_dir_for
 from batchcap.pipeline.captioner import Captioner, caption_batch
 from batchcap.pipeline.interrupt import StopSignals
@@ -43,19 +44,15 @@ def model_identity(meta: dict[str, Any]) -> str:
     return f"{meta.get('name', 'batchcap-model')}@{str(meta.get('tensors_sha256', ''))[:12]}"
 
 
-def resume_settings(meta: dict[str, Any], beam: BeamConfig, min_confidence: float | None = None) -> dict[str, Any]:
-    """The settings a resumed run must share with the first: model, caption search, abstention.
+def resume_settings(meta: dict[str, Any], beam: BeamConfig) -> dict[str, Any]:
+    """The settings a resumed run must share with the first: model, preprocessing, caption search.
 
     Device, precision, batch size and workers are execution details and may change
     between attempts (a job pre-empted on a GPU node may resume on a CPU node).
+    ``--min-confidence`` is not one of them: it only labels captioned rows, so the store
+    relabels the output when it changes (``OutputStore.open(min_confidence=...)``).
     """
-    settings = {"model": model_identity(meta), "preprocess": meta.get("preprocess"), "beam": to_dict(beam)}
-    if min_confidence is not None:
-        settings["min_confidence"] = min_confidence
-    return settings
-
-
-LOW_CONFIDENCE = "low_confidence"  # captioned, but set aside for review by --min-confidence
+    return {"model": model_identity(meta), "preprocess": meta.get("preprocess"), "beam": to_dict(beam)}
 
 
 def output_summary(final: Any, processed: int) -> dict[str, Any]:
@@ -90,14 +87,13 @@ def _ok_row(
     confidence: float | None = None,
     min_confidence: float | None = None,
 ) -> dict[str, Any]:
-    low = min_confidence is not None and confidence is not None and confidence < min_confidence
     return {
         "id": item.item.id,
         "source": item.item.source,
         "caption": text,
         "score": score,
         "n_best": [{"caption": c, "score": s} for c, s in n_best[:n]] if n > 1 else None,
-        "status": LOW_CONFIDENCE if low else "ok",
+        "status": label(OK, confidence, min_confidence),
         "error": None,
         "width": item.width,
         "height": item.height,
@@ -186,10 +182,11 @@ def run_job(
         store = OutputStore.open(
             out,
             cfg.format,
-            resume_settings(meta, beam, cfg.min_confidence),
+            resume_settings(meta, beam),
             run_config,
             overwrite=cfg.overwrite,
             commit_every=cfg.commit_every,
+            min_confidence=cfg.min_confidence,
         )
         for path, reason in store.set_aside:
             print(
@@ -231,9 +228,7 @@ def run_job(
                 }
                 return RunResult(EXIT_INTERRUPTED, progress.summary(str(out), extra=notes))
             processed = progress.processed
-            extra = _finished_notes(
-                store, store.finalize(), processed, rows.set_aside, cfg.min_confidence, stop.requested
-            )
+            extra = _finished_notes(store, store.finalize(), processed, cfg.min_confidence, stop.requested)
             summary = progress.summary(str(out), extra=extra)
     failed = sum(progress.failed.values())
     if max_failures.exceeded(failed, processed):
@@ -281,7 +276,6 @@ class _BatchRows:
     ) -> None:
         self.captioner, self.cfg, self.beam, self.identity = captioner, cfg, beam, identity
         self.preprocess, self.policy, self.device = preprocess, policy, device
-        self.set_aside = 0  # rows labelled low_confidence by --min-confidence
 
     def __call__(self, batch: Batch) -> list[dict[str, Any]]:
         now = dt.datetime.now(dt.timezone.utc)
@@ -305,7 +299,6 @@ class _BatchRows:
                 )
                 for item, c in zip(batch.ok, captions, strict=True)
             ]
-            self.set_aside += sum(1 for r in rows if r["status"] == LOW_CONFIDENCE)
         rows += [_failed_row(item, self.identity, now) for item in batch.failed]
         return rows
 
@@ -337,14 +330,16 @@ def _finished_notes(
     store: OutputStore,
     final: Any,
     processed: int,
-    set_aside: int,
     min_confidence: float | None,
     signal_name: str | None,
 ) -> dict[str, str]:
     """The summary lines of a run that finalised its output."""
     extra = output_summary(final, processed)
     if min_confidence is not None:
-        extra["low confidence"] = f"{set_aside} (set aside below {min_confidence:g})"
+        extra["low confidence"] = f"{final.rows_low_confidence} (set aside below {min_confidence:g})"
+    if final.rows_relabelled:
+        threshold = f"--min-confidence {min_confidence:g}" if min_confidence is not None else "no --min-confidence"
+        extra["relabelled"] = f"{final.rows_relabelled} (status ok/low_confidence set again for {threshold})"
     if processed == 0:
         extra["note"] = "nothing new to caption: every input is already in the output"
     elif signal_name:

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
-from batchcap.model.modelfile import CaptionModel
+from batchcap.model.modelfile import DEFAULT_MODEL, CaptionModel
+from batchcap.model.terms import model_terms
+
+
+def terms_of(model: CaptionModel) -> dict:
+    """:func:`batchcap.model.terms.model_terms` for a loaded model (the packaged one known by its path)."""
+    path = getattr(model, "path", None)
+    is_default = path is not None and Path(path).resolve() == DEFAULT_MODEL.resolve()
+    return model_terms(model.metadata(), is_default_model=is_default)
 
 
 def _stage(identity: str, training: dict[str, Any]) -> str:
@@ -135,6 +144,13 @@ def describe_model(model: CaptionModel, show_vocab: bool = False, console: Conso
             f"calibrated on {model.calibration.report.get('fitted_on', '?')}"
             + (f"; AUROC {first[1]} ({first[0]})" if first else ""),
         )
+    terms = terms_of(model)
+    table.add_row(
+        "terms of use",
+        f"{terms['terms']}\n"
+        + "\n".join(f"- {s['source']}: {s['terms']}" for s in terms["sources"])
+        + f"\n(read from {terms['basis']}; batchcap's code: {terms['code']})",
+    )
     console.print(table)
     if show_vocab:
         console.print(" ".join(model.vocab.words))

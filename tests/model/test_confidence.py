@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 from click.testing import CliRunner
@@ -136,8 +138,96 @@ def test_min_confidence_sets_rows_aside_without_failing_the_run(
         # the caption, score and confidence stay in the row, for the reviewer
         assert (kept["caption"], kept["score"], kept["confidence"]) == (row["caption"], row["score"], row["confidence"])
 
-    resumed = CliRunner().invoke(cli, base + ["--out", str(tmp_path / "gated.jsonl"), "--min-confidence", "0.9"])
-    assert resumed.exit_code == 4 and "min_confidence" in resumed.output  # another threshold: not mixed
+
+def _unloadable_copy(model: Path, to: Path) -> Path:
+    """``model`` with its metadata intact but one tensor byte changed: reading its metadata works,
+    loading its tensors fails (hash mismatch). A run that captions nothing never notices."""
+    data = bytearray(model.read_bytes())
+    data[-1] ^= 0xFF
+    to.write_bytes(bytes(data))
+    with pytest.raises(Exception, match="(?i)hash|sha|corrupt|tensor"):
+        load_model(to)
+    return to
+
+
+def _statuses(path: Path) -> dict[str, str]:
+    if path.suffix == ".jsonl":
+        return {r["id"]: r["status"] for r in read_jsonl(path)}
+    table = pq.read_table(path, columns=["id", "status"])
+    return dict(zip(table.column("id").to_pylist(), table.column("status").to_pylist()))
+
+
+def _rows(path: Path) -> dict[str, dict]:
+    if path.suffix == ".jsonl":
+        return {r["id"]: r for r in read_jsonl(path)}
+    return {r["id"]: r for r in pq.read_table(path).to_pylist()}
+
+
+@pytest.mark.parametrize("suffix", ["jsonl", "parquet"])
+def test_another_min_confidence_relabels_the_output_without_captioning(
+    calibrated_model: Path, image_folder: Path, tmp_path: Path, suffix: str
+) -> None:
+    out = tmp_path / f"captions.{suffix}"
+
+    def run(model: Path, *threshold: str) -> Any:
+        args = ["run", str(image_folder), "--out", str(out), "--model", str(model), "--workers", "0"]
+        return CliRunner().invoke(cli, args + ["--device", "cpu", "--precision", "fp32", *threshold])
+
+    first = run(calibrated_model)
+    assert first.exit_code == 0, first.output
+    before = _rows(out)
+    confidences = sorted(r["confidence"] for r in before.values())
+    threshold = confidences[len(confidences) // 2]
+    below = {i for i, r in before.items() if r["confidence"] < threshold}
+    assert below and all(r["status"] == "ok" for r in before.values())
+
+    # From here on the model would fail to load: a relabel must not load it, nor caption anything.
+    broken = _unloadable_copy(calibrated_model, tmp_path / "calibrated-broken.safetensors")
+    relabel = run(broken, "--min-confidence", str(threshold))
+    assert relabel.exit_code == 0, relabel.output
+    assert re.search(r"captioned now:\s+0\b", relabel.output), relabel.output
+    assert re.search(rf"relabelled:\s+{len(below)} ", relabel.output), relabel.output
+    assert re.search(rf"low confidence:\s+{len(below)} \(set aside below {threshold:g}\)", relabel.output)
+    after = _rows(out)
+    assert _statuses(out) == {i: "low_confidence" if i in below else "ok" for i in before}
+    for i, row in before.items():  # only the status changed
+        assert {**after[i], "status": row["status"]} == row
+
+    # The same threshold again: nothing to do, the file is not rewritten.
+    stamp = out.stat().st_mtime_ns, out.stat().st_ino
+    again = run(broken, "--min-confidence", str(threshold))
+    assert again.exit_code == 0, again.output
+    assert (out.stat().st_mtime_ns, out.stat().st_ino) == stamp and "relabelled" not in again.output
+
+    # No threshold: every captioned row is ok again, still without captioning.
+    cleared = run(broken)
+    assert cleared.exit_code == 0, cleared.output
+    assert re.search(rf"relabelled:\s+{len(below)} ", cleared.output), cleared.output
+    assert set(_statuses(out).values()) == {"ok"} and _rows(out) == before
+
+
+def test_output_with_min_confidence_among_its_resume_settings_stays_resumable(
+    calibrated_model: Path, image_folder: Path, tmp_path: Path
+) -> None:
+    """Outputs written while the threshold was a resume setting resume, and relabel, like new ones."""
+    out = tmp_path / "old.jsonl"
+    args = ["run", str(image_folder), "--out", str(out), "--model", str(calibrated_model), "--workers", "0"]
+    first = CliRunner().invoke(cli, args + ["--min-confidence", "0.5"])
+    assert first.exit_code == 0, first.output
+    meta_path = Path(f"{out}.meta.json")
+    meta = json.loads(meta_path.read_text())
+    meta["resume_settings"]["min_confidence"] = meta.pop("min_confidence")  # as older batchcap wrote it
+    meta_path.write_text(json.dumps(meta))
+    rows = read_jsonl(out)
+
+    same = CliRunner().invoke(cli, args + ["--min-confidence", "0.5"])
+    assert same.exit_code == 0 and "relabelled" not in same.output, same.output
+    assert read_jsonl(out) == rows
+
+    off = CliRunner().invoke(cli, args)
+    assert off.exit_code == 0, off.output
+    assert {r["status"] for r in read_jsonl(out)} == {"ok"}
+    assert json.loads(meta_path.read_text())["min_confidence"] is None
 
 
 def test_min_confidence_needs_a_calibrated_model(tiny_model_path: Path, image_folder: Path, tmp_path: Path) -> None:

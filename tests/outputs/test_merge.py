@@ -244,7 +244,7 @@ def test_parts_written_by_the_sink(tmp_path: Path, fmt: str) -> None:
     """Real part outputs: per-shard run_config differs, resume_settings must agree."""
     sink = pytest.importorskip("batchcap.outputs.store")
 
-    def part(k: int, ids: list[str], beam: int = 3) -> Path:
+    def part(k: int, ids: list[str], beam: int = 3, min_confidence: float | None = None) -> Path:
         out = tmp_path / f"part-{k}.{fmt}"
         store = sink.OutputStore.open(
             out,
@@ -252,6 +252,7 @@ def test_parts_written_by_the_sink(tmp_path: Path, fmt: str) -> None:
             resume_settings={"model": "tiny@abc123", "beam_size": beam},
             run_config={"shard": f"{k}/2", "input": "/data"},
             commit_every=2,
+            min_confidence=min_confidence,
         )
         store.add({key: value for key, value in row.items() if key != "created_at"} for row in rows(ids))
         store.finalize()
@@ -265,6 +266,9 @@ def test_parts_written_by_the_sink(tmp_path: Path, fmt: str) -> None:
     assert meta["resume_settings"]["beam_size"] == 3 and "shard" not in meta["run_config"]
     part(2, ids_of(9, 10), beam=5)
     assert_refused([*parts, tmp_path / f"part-2.{fmt}"], tmp_path / f"m2.{fmt}", "--beam: 3 vs 5")
+    # --min-confidence labels rows: parts labelled with different thresholds would mix.
+    part(3, ids_of(10, 11), min_confidence=0.3)
+    assert_refused([*parts, tmp_path / f"part-3.{fmt}"], tmp_path / f"m3.{fmt}", "--min-confidence: None vs 0.3")
 
 
 def test_same_file_names_in_two_folders_are_named_by_path(tmp_path: Path) -> None:

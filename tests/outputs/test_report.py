@@ -17,6 +17,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from click.testing import CliRunner, Result
 from conftest import write_images
 from PIL import Image
 
@@ -427,3 +428,76 @@ def test_previous_schema_version_score_reads_as_per_token_logprob(tmp_path: Path
     text = (tmp_path / "v1.html").read_text("utf-8")
     # schema 1's score was the mean log-probability per token: exp(-0.2) = 0.82 per token
     assert "per-token probability 0.82" in text and "sure</span>" not in text
+
+
+def _cli_report(*args: str) -> Result:
+    from batchcap.cli import cli
+
+    return CliRunner().invoke(cli, ["report", *args])
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "jsonl"])
+def test_cli_default_order_is_confidence_and_falls_back_to_score(tmp_path: Path, fmt: str) -> None:
+    from batchcap.outputs.store import OutputStore
+
+    rows = with_confidence(make_rows(tmp_path))
+    out = tmp_path / f"captions.{fmt}"
+    store = OutputStore.open(out, None, resume_settings={"model": META["model"], "beam": META["beam"]}, run_config={})
+    store.add(rows)
+    store.finalize()
+    result = _cli_report(str(out), "--html", str(tmp_path / "conf.html"))
+    assert result.exit_code == 0, result.output
+    captioned = sorted((r for r in rows if r["confidence"] is not None), key=lambda r: r["confidence"])
+    assert card_ids(tmp_path / "conf.html")[: len(captioned)] == [r["id"] for r in captioned]
+    text = (tmp_path / "conf.html").read_text("utf-8")
+    assert "lowest confidence first" in text and "lowest score first" not in text
+    assert "ranks captions better than the score" in text
+
+    # An output without confidence values: lowest score first, and the page says why.
+    plain = (write_parquet if fmt == "parquet" else write_jsonl)(tmp_path / f"plain.{fmt}", make_rows(tmp_path))
+    result = _cli_report(str(plain), "--html", str(tmp_path / "plain.html"))
+    assert result.exit_code == 0, result.output
+    text = (tmp_path / "plain.html").read_text("utf-8")
+    assert "lowest score first (this output has no confidence values" in text and "% sure" not in text
+    scored = sorted((r for r in make_rows(tmp_path) if r["score"] is not None), key=lambda r: r["score"])
+    assert card_ids(tmp_path / "plain.html")[: len(scored)] == [r["id"] for r in scored]
+
+
+def test_page_says_what_the_score_is_for_the_outputs_length_penalty(tmp_path: Path) -> None:
+    rows = make_rows(tmp_path, n_ok=2)
+    write_report(write_parquet(tmp_path / "lp0.parquet", rows), tmp_path / "lp0.html")
+    text = (tmp_path / "lp0.html").read_text("utf-8")
+    assert "length-normalised" not in text  # at length penalty 0 the score is a plain sum
+    assert "the sum of its words&#x27; log-probabilities" in text and "(length penalty 0), not normalised" in text
+    tuned = {**META, "beam": {**META["beam"], "length_penalty": 0.7}}
+    write_report(write_parquet(tmp_path / "lp7.parquet", rows, meta=tuned), tmp_path / "lp7.html")
+    assert "divided by its length^0.7 (length penalty 0.7)" in (tmp_path / "lp7.html").read_text("utf-8")
+    write_report(write_parquet(tmp_path / "v1.parquet", rows, meta={**META, "schema_version": 1}), tmp_path / "v1.html")
+    assert "mean log-probabilities per word" in (tmp_path / "v1.html").read_text("utf-8")
+
+
+def test_help_and_docs_say_what_the_report_does() -> None:
+    root = Path(__file__).resolve().parents[2]
+    help_text = " ".join(_cli_report("--help").output.split())
+    assert "[default: confidence;" in help_text and "Lowest-confidence captions come first" in help_text
+    cli_md = (root / "docs" / "cli.md").read_text(encoding="utf-8")
+    assert "| `--order confidence\\|score\\|id` | confidence |" in cli_md
+    for page in ("docs/cli.md", "docs/outputs.md", "README.md", "batchcap/outputs/report_template.html"):
+        text = (root / page).read_text(encoding="utf-8")
+        assert "length-normalised log-prob" not in text, page  # false at the default length penalty 0
+    recipe = (root / "docs" / "outputs.md").read_text(encoding="utf-8")
+    assert 'sort_values("score")' not in recipe and 'sort_values("confidence")' in recipe
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "jsonl"])
+def test_cli_refuses_a_file_batchcap_did_not_write(tmp_path: Path, fmt: str) -> None:
+    foreign = tmp_path / f"sales.{fmt}"
+    if fmt == "parquet":
+        pq.write_table(pa.table({"region": ["north", "south"], "revenue": [1.5, 2.5]}), foreign)
+    else:
+        foreign.write_text('{"region": "north", "revenue": 1.5}\n{"region": "south", "revenue": 2.5}\n')
+    result = _cli_report(str(foreign))
+    assert result.exit_code == 2, result.output
+    assert "is not a batchcap output" in result.output and "region, revenue" in result.output
+    assert "lack id, status, caption" in result.output
+    assert not Path(f"{foreign}.html").exists()

@@ -414,3 +414,21 @@ def test_refuses_an_unfinished_run_of_the_previous_schema_version(out: Path, fmt
     run_json.write_text(json.dumps({**meta, "schema_version": 1}))
     with pytest.raises(ResumeRefused, match="schema version 1"):
         open_store(out, fmt)
+
+
+def test_interrupted_attempts_under_other_thresholds_are_relabelled_on_finalize(tmp_path: Path, fmt: str) -> None:
+    """Each attempt may run with its own --min-confidence: the finished output carries the last one's labels."""
+    out = tmp_path / f"c.{fmt}"
+    confidences = [0.1, 0.6, 0.7, 0.9]
+    rows = [{**row(i), "confidence": c} for i, c in enumerate(confidences)]
+    first = OutputStore.open(out, fmt, SETTINGS, CONFIG, commit_every=1, min_confidence=0.8)
+    first.add([{**r, "status": "low_confidence" if r["confidence"] < 0.8 else "ok"} for r in rows[:2]])
+    first.commit()  # killed here: parts committed under 0.8, never finalised
+    second = OutputStore.open(out, fmt, SETTINGS, CONFIG, commit_every=1, min_confidence=0.5)
+    assert set(second.done) == {rows[0]["id"], rows[1]["id"]}
+    second.add([{**r, "status": "low_confidence" if r["confidence"] < 0.5 else "ok"} for r in rows[2:]])
+    final = second.finalize()
+    statuses = {r["id"]: r["status"] for r in read_rows(out, fmt)}
+    assert statuses == {r["id"]: "low_confidence" if r["confidence"] < 0.5 else "ok" for r in rows}
+    assert final.rows_relabelled == 1 and final.rows_low_confidence == 1  # 0.6: low under 0.8, ok under 0.5
+    assert read_output_meta(out)["min_confidence"] == 0.5

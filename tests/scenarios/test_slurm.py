@@ -1,12 +1,16 @@
 """The Slurm job scripts: their command lines (no Slurm needed) and, on a real one-node Slurm
 (.ci/slurm-up.sh), a caption array + dependent merge, and a cancelled-then-requeued task.
 
-The real-Slurm tests skip, saying why, when there is no running Slurm; with CI=true they fail
-instead, because CI starts one first.
+The real-Slurm tests submit jobs only to the one-node test cluster that .ci/slurm-up.sh starts:
+it leaves a marker (/etc/slurm/batchcap-test-cluster) naming the cluster, its control address, its
+node and its slurm.conf's hash, and the tests check that the Slurm `scontrol show config` answers is
+exactly that one. Anything else (no Slurm, or a real cluster on a login node, where `sinfo` would
+happily answer) makes them skip, saying why; with CI=true they fail instead, because CI starts one first.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
@@ -208,11 +212,58 @@ def test_caption_task_decodes_with_the_cpus_slurm_gave_it(tmp_path: Path) -> Non
 # --- a real Slurm -------------------------------------------------------------------------------
 
 
+TEST_CLUSTER_MARKER = Path("/etc/slurm/batchcap-test-cluster")
+
+
+def _test_cluster_problem(marker: Path = TEST_CLUSTER_MARKER) -> str | None:
+    """Why the Slurm that answers here is not .ci/slurm-up.sh's test cluster, or None when it is.
+
+    The marker slurm-up writes names the cluster; ``scontrol show config`` says which cluster the
+    Slurm commands of this environment (SLURM_CONF included) actually reach. They must agree on the
+    cluster name, the slurm.conf in use (path and sha256) and a controller on 127.0.0.1.
+    """
+    advice = "the tests submit jobs only to the one-node cluster .ci/slurm-up.sh starts (run it as root)"
+    try:
+        lines = marker.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        return f"no test-cluster marker ({marker}: {exc.strerror or exc}): {advice}"
+    expected = dict(line.split("=", 1) for line in lines if "=" in line and not line.startswith("#"))
+    try:
+        shown = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=20)
+    except subprocess.TimeoutExpired:
+        return "scontrol show config timed out: slurmctld is not answering (run .ci/slurm-up.sh as root)"
+    config = {}
+    for line in shown.stdout.splitlines():
+        key, sep, value = line.partition("=")
+        if sep:
+            config[key.strip()] = value.strip()
+    if shown.returncode != 0 or not config:
+        return f"scontrol show config failed ({shown.stderr.strip()!r}): {advice}"
+    cluster, conf = config.get("ClusterName", ""), config.get("SLURM_CONF", "")
+    if cluster != expected.get("cluster") or conf != expected.get("conf"):
+        return (
+            f"the Slurm answering here is cluster {cluster!r} configured by {conf!r}, not the test cluster "
+            f"{expected.get('cluster')!r} of {marker} ({expected.get('conf')!r}): {advice}"
+        )
+    try:
+        digest = hashlib.sha256(Path(conf).read_bytes()).hexdigest()
+    except OSError as exc:
+        return f"cannot read {conf} ({exc.strerror or exc}): {advice}"
+    if digest != expected.get("conf_sha256"):
+        return f"{conf} changed since .ci/slurm-up.sh wrote it (sha256 differs from {marker}): {advice}"
+    if f"({expected.get('controller')})" not in config.get("SlurmctldHost[0]", ""):
+        return f"the controller is {config.get('SlurmctldHost[0]')!r}, not on this machine: {advice}"
+    return None
+
+
 def _slurm_problem() -> str | None:
-    """Why the Slurm tests cannot run here, or None when a node is up."""
+    """Why the Slurm tests cannot run here, or None when the test cluster's node is up."""
     for tool in ("sinfo", "sbatch", "scontrol", "scancel"):
         if shutil.which(tool) is None:
             return f"{tool} not found: Slurm is not installed (run .ci/slurm-up.sh as root)"
+    problem = _test_cluster_problem()
+    if problem is not None:
+        return problem
     try:
         states = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=20)
     except subprocess.TimeoutExpired:
@@ -221,6 +272,48 @@ def _slurm_problem() -> str | None:
     if states.returncode != 0 or not usable & {s.strip().rstrip("*~#") for s in states.stdout.split()}:
         return f"no usable Slurm node (sinfo: {(states.stdout + states.stderr).strip()!r}); run .ci/slurm-up.sh"
     return None
+
+
+def _fake_slurm(bin_dir: Path, config: str) -> None:
+    """Stand-ins for the Slurm commands: an idle node, and ``scontrol show config`` printing ``config``."""
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "config.txt").write_text(config)
+    tools = {"sinfo": "echo idle", "sbatch": "echo 1", "scancel": "true", "scontrol": f"cat {bin_dir / 'config.txt'}"}
+    for tool, body in tools.items():
+        (bin_dir / tool).write_text(f"#!/bin/sh\n{body}\n")
+        (bin_dir / tool).chmod(0o755)
+
+
+def test_a_slurm_that_is_not_the_test_cluster_is_never_used(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a login node `sinfo` answers too: the tests must skip there, not queue jobs on a real cluster."""
+    bin_dir = tmp_path / "bin"
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    _fake_slurm(
+        bin_dir, "ClusterName = prod\nSLURM_CONF = /etc/slurm/slurm.conf\nSlurmctldHost[0] = login1(10.1.2.3)\n"
+    )
+    problem = _slurm_problem()
+    assert problem is not None and ".ci/slurm-up.sh" in problem, problem
+
+    # What the marker describes, and nothing else, passes.
+    conf = tmp_path / "slurm.conf"
+    conf.write_text("ClusterName=batchcap\n")
+    marker = tmp_path / "batchcap-test-cluster"
+    digest = hashlib.sha256(conf.read_bytes()).hexdigest()
+    marker.write_text(
+        f"# test cluster\ncluster=batchcap\ncontroller=127.0.0.1\nnode=vm\nconf={conf}\nconf_sha256={digest}\n"
+    )
+    _fake_slurm(bin_dir, f"ClusterName = batchcap\nSLURM_CONF = {conf}\nSlurmctldHost[0] = vm(127.0.0.1)\n")
+    assert _test_cluster_problem(marker) is None
+    _fake_slurm(bin_dir, f"ClusterName = batchcap\nSLURM_CONF = {conf}\nSlurmctldHost[0] = head(10.1.2.3)\n")
+    assert "not on this machine" in (_test_cluster_problem(marker) or "")
+    _fake_slurm(
+        bin_dir, "ClusterName = batchcap\nSLURM_CONF = /etc/slurm-prod/slurm.conf\nSlurmctldHost[0] = vm(127.0.0.1)\n"
+    )
+    assert "not the test cluster" in (_test_cluster_problem(marker) or "")  # SLURM_CONF points elsewhere
+    _fake_slurm(bin_dir, f"ClusterName = batchcap\nSLURM_CONF = {conf}\nSlurmctldHost[0] = vm(127.0.0.1)\n")
+    conf.write_text("ClusterName=batchcap\nPartitionName=gpu Nodes=ALL\n")
+    assert "changed since" in (_test_cluster_problem(marker) or "")
+    assert "no test-cluster marker" in (_test_cluster_problem(tmp_path / "absent") or "")
 
 
 @pytest.fixture(scope="module")

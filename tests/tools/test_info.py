@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
 from click.testing import CliRunner
 
 from batchcap.cli import cli
+from batchcap.model.terms import model_terms
 from batchcap.tools.info import lineage
 
 
@@ -49,3 +51,43 @@ def test_info_on_the_packaged_model_shows_the_stages_the_model_card_names() -> N
         assert f"{number}. {identity}" in result.output, (identity, result.output)
     last = re.findall(r"\*\*(\d+)\.\*\* `([\w-]+)`, the shipped model", row)
     assert last and f"{last[0][0]}. {last[0][1]}@" in result.output, row
+
+
+def test_licence_file_is_mit_as_pyproject_says() -> None:
+    root = Path(__file__).resolve().parents[2]
+    licence = (root / "LICENSE").read_text(encoding="utf-8")
+    assert licence.startswith("MIT License") and "Copyright (c) 2026 the batchcap authors" in licence
+    assert 'license = { text = "MIT" }' in (root / "pyproject.toml").read_text(encoding="utf-8")
+
+
+def test_info_says_the_packaged_model_is_for_research_use_only() -> None:
+    text = CliRunner().invoke(cli, ["info"], terminal_width=400)
+    assert text.exit_code == 0, text.output
+    assert "terms of use" in text.output and "research use only" in text.output
+    assert "Flickr8k" in text.output and "Flickr30k captions" in text.output and "Keras" in text.output
+
+    as_json = CliRunner().invoke(cli, ["info", "--json"])
+    assert as_json.exit_code == 0, as_json.output
+    licence = json.loads(as_json.output)["licence"]
+    assert licence["terms"].startswith("research use only")
+    terms = {s["source"].split(" (")[0]: s["terms"] for s in licence["sources"]}
+    assert terms["Flickr8k"] == terms["Flickr30k captions"] == "research use"
+    assert terms["Xception ImageNet weights from Keras"] == "MIT"
+    assert licence["code"].startswith("MIT") and "training records in the model file" in licence["basis"]
+
+
+def test_terms_follow_the_training_data_a_model_file_records(tiny_model_path: Path) -> None:
+    # The test model records no real data set: its terms are unknown, not borrowed from the packaged model.
+    tiny = CliRunner().invoke(cli, ["info", str(tiny_model_path), "--json"])
+    assert tiny.exit_code == 0, tiny.output
+    assert json.loads(tiny.output)["licence"]["terms"].startswith("unknown")
+    # A model fine-tuned from a Flickr8k model on COCO captions inherits Flickr8k's terms.
+    chain = {
+        "data": {"format": "coco", "root": "/data/coco"},
+        "init_model": {"identity": "base@1", "training": {"data": {"format": "flickr8k", "root": "/d/f8k"}}},
+    }
+    sources = {s["source"].split(" (")[0]: s["terms"] for s in model_terms({"training": chain})["sources"]}
+    assert sources == {"MS-COCO captions": "research use", "Flickr8k": "research use"}
+    assert model_terms({"training": chain})["terms"].startswith("research use only")
+    # A packaged model without training records: what it is known to be.
+    assert model_terms({}, is_default_model=True)["terms"].startswith("research use only")
