@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from batchcap import __version__
 from batchcap.config import BeamConfig, ImagePolicy, Preprocess, RunConfig, RuntimeConfig, from_dict, to_dict
 from batchcap.data.loader import Batch, ItemResult, fill_batch, iter_batches
 from batchcap.data.sources import open_sources
@@ -28,6 +27,7 @@ from batchcap.outputs.store import OutputStore, work_dir_for
 from batchcap.pipeline.captioner import Captioner, caption_batch
 from batchcap.pipeline.interrupt import StopSignals
 from batchcap.pipeline.progress import EXIT_INTERRUPTED, EXIT_OK, EXIT_TOO_MANY_FAILURES, Progress, parse_max_failures
+from batchcap.version import __version__
 
 
 @dataclass(frozen=True)
