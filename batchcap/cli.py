@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import Any
 
 import click
 
-from batchcap import __version__
+from batchcap.version import __version__
 
 F = Callable[..., Any]
 
@@ -365,52 +364,47 @@ def run(
         batchcap run 'shards/train-{0000..0099}.tar' --out captions.jsonl --beam 5 --n-best 3
         batchcap run ./photos --out part-0.parquet --shard 0/4
     """
-    from batchcap.config import RunConfig
-    from batchcap.data.sharding import resolve_shard
-    from batchcap.model.modelfile import read_metadata, resolve_model_path
+    from batchcap.config import UsageError
     from batchcap.outputs.lock import LockHeld
-    from batchcap.outputs.schema import infer_format
     from batchcap.outputs.store import OutputIOError, ResumeRefused
-    from batchcap.pipeline.progress import EXIT_IO_ERROR, EXIT_LOCKED, EXIT_RESUME_REFUSED, parse_max_failures
-    from batchcap.pipeline.runner import run_job
-    from batchcap.pipeline.settings import beam_config, image_policy, runtime_config
+    from batchcap.pipeline.api import run as run_captions
+    from batchcap.pipeline.progress import EXIT_IO_ERROR, EXIT_LOCKED, EXIT_RESUME_REFUSED
 
-    if not sources and not files_from:
-        raise click.UsageError("give at least one SOURCE (folder, image, .tar shard) or --files-from FILE")
     try:
-        parse_max_failures(max_failures)
-        shard_index, shard_count = resolve_shard(shard, os.environ)
-        fmt = infer_format(out, fmt)
-    except ValueError as exc:
-        raise click.UsageError(str(exc)) from exc
-    model_path = resolve_model_path(model)
-    meta = read_metadata(model_path)
-    if min_confidence is not None and "calibration" not in meta:
-        raise click.UsageError(
-            f"--min-confidence: the model {model_path} has no confidence calibration; "
-            "fit one with `batchcap calibrate`, or drop --min-confidence"
+        result = run_captions(
+            sources,
+            out,
+            files_from=files_from,
+            shard=shard,
+            max_pixels=max_pixels,
+            background=background,
+            no_draft=no_draft,
+            decode_on_device=decode_on_device,
+            image_key=image_keys,
+            format=fmt,
+            overwrite=overwrite,
+            commit_every=commit_every,
+            commit_seconds=commit_seconds,
+            max_failures=max_failures,
+            log_every=log_every,
+            min_confidence=min_confidence,
+            model=model,
+            encoder_weights=encoder_weights,
+            device=device,
+            precision=precision,
+            batch_size=batch_size,
+            workers=workers,
+            backend=backend,
+            encoder_cache=encoder_cache,
+            beam=beam,
+            max_len=max_len,
+            min_len=min_len,
+            length_penalty=length_penalty,
+            no_repeat_ngram=no_repeat_ngram,
+            n_best=n_best,
         )
-    beam_cfg = beam_config(
-        beam, max_len, min_len, length_penalty, no_repeat_ngram, n_best, int(meta["max_caption_len"])
-    )
-    cfg = RunConfig(
-        sources=tuple(sources),
-        out=out,
-        format=fmt,
-        files_from=files_from,
-        shard_index=shard_index,
-        shard_count=shard_count,
-        overwrite=overwrite,
-        max_failures=max_failures,
-        commit_every=commit_every,
-        log_every=log_every,
-        commit_seconds=commit_seconds,
-        min_confidence=min_confidence,
-    )
-    runtime = runtime_config(device, precision, batch_size, workers, backend, encoder_cache)
-    policy = image_policy(max_pixels, background, no_draft, image_keys, decode_on_device, runtime.device)
-    try:
-        result = run_job(cfg, model_path, beam_cfg, runtime, policy, encoder_weights=encoder_weights)
+    except UsageError as exc:
+        raise click.UsageError(str(exc)) from exc
     except LockHeld as exc:
         click.echo(f"Error: {exc}", err=True)
         sys.exit(EXIT_LOCKED)

@@ -232,3 +232,10 @@ class OptionError(ValueError):
         super().__init__(f"{option}: {message}")
         self.option = option
         self.message = message
+
+
+class UsageError(ValueError):
+    """Values that cannot be used together, or none where one is needed; the message says what to do.
+
+    Unlike :class:`OptionError` it names no single option: the command line shows it as a usage error.
+    """
