@@ -15,9 +15,9 @@ The names below are imported on first use, so ``import batchcap`` stays light (n
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
 from batchcap.version import __version__
+
+TYPE_CHECKING = False  # typing's own flag, without importing typing (a few ms) on every ``import batchcap``
 
 #: What ``batchcap`` exports from :mod:`batchcap.pipeline.api`, loaded on first access.
 _API = ("load_model", "run", "ImageCaptioner", "CaptionResult", "RunResult")
@@ -25,6 +25,8 @@ _API = ("load_model", "run", "ImageCaptioner", "CaptionResult", "RunResult")
 __all__ = ["CaptionResult", "ImageCaptioner", "RunResult", "__version__", "load_model", "run"]
 
 if TYPE_CHECKING:
+    from typing import Any
+
     from batchcap.pipeline.api import CaptionResult, ImageCaptioner, RunResult, load_model, run
 
 

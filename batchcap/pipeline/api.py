@@ -324,15 +324,15 @@ def run(
     the summary go to ``stream`` (default: standard error).
 
     Returns:
-        :class:`RunResult`: ``exit_code`` (what the command exits with: 0 done, 3 too many
+        :class:`RunResult`: ``exit_code`` (what the command exits with: 0 done, 5 too many
         failures, 6 interrupted) and the ``summary`` dict it prints.
 
     Raises:
         batchcap.config.UsageError: no source, or options that do not fit together.
         batchcap.config.OptionError: a value that cannot be used (it names the option).
         batchcap.data.sources.SourceError: a source that names nothing.
-        batchcap.outputs.lock.LockHeld: another run is writing ``out`` (the command exits 4).
-        batchcap.outputs.store.ResumeRefused: ``out`` was made with other settings (exit 5).
+        batchcap.outputs.lock.LockHeld: another run is writing ``out`` (the command exits 3).
+        batchcap.outputs.store.ResumeRefused: ``out`` was made with other settings (exit 4).
         batchcap.outputs.lock.OutputUnwritable, batchcap.outputs.store.OutputIOError: ``out``
             cannot be written.
     """
