@@ -38,18 +38,9 @@ from batchcap.data.image_decode import (
     decode_bytes,
     decode_file,
 )
+from batchcap.data.inputs import FileEntry, Ignored, InputItem, MemberEntry, ShardFailure, fingerprinted
 from batchcap.data.sharding import in_shard
-from batchcap.data.sources import (
-    FileEntry,
-    Ignored,
-    InputItem,
-    MemberEntry,
-    ShardFailure,
-    SourceSet,
-    TarReader,
-    fingerprinted,
-    shard_name,
-)
+from batchcap.data.sources import SourceSet, TarReader, shard_name
 
 #: A worker sends a batch early once this many inputs failed, were skipped or ignored,
 #: so a resumed run over a finished collection still shows progress.

@@ -22,7 +22,6 @@ small frozen dataclass of paths, so a :class:`SourceSet` pickles into worker pro
 from __future__ import annotations
 
 import atexit
-import dataclasses
 import glob
 import os
 import posixpath
@@ -39,6 +38,7 @@ from pathlib import Path
 
 from batchcap.config import ImagePolicy
 from batchcap.data.extensions import TAR_SUFFIXES, is_image_name
+from batchcap.data.inputs import FileEntry, Ignored, InputItem, MemberEntry, ShardFailure, SourceError
 from batchcap.data.sharding import in_shard
 from batchcap.messages import one_line
 
@@ -47,70 +47,6 @@ _BRACE = re.compile(r"\{[^{}]*(\.\.|,)[^{}]*\}")
 
 #: What a damaged tar stream raises while it is read (tarfile, gzip, a failing ``pipe:``).
 SHARD_ERRORS = (tarfile.TarError, OSError, EOFError, zlib.error)
-
-
-class SourceError(Exception):
-    """A source spec the user must fix; the message says what is wrong and what to do."""
-
-
-@dataclass(frozen=True)
-class InputItem:
-    """One input picture: its stable id, where its bytes live, and a file fingerprint."""
-
-    id: str
-    source: str
-    size: int | None = None
-    mtime_ns: int | None = None
-
-
-# -- what readers yield --------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class FileEntry:
-    """A candidate picture on disk; decoded by reading ``item.source`` (fingerprint not yet taken)."""
-
-    item: InputItem
-
-
-@dataclass(frozen=True)
-class MemberEntry:
-    """A tar sample; ``data`` is the chosen image member (None: the sample has none)."""
-
-    item: InputItem
-    data: bytes | None
-    members: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class ShardFailure:
-    """A shard that could not be read to its end; becomes one ``shard_error`` row."""
-
-    item: InputItem
-    error: str
-
-
-@dataclass(frozen=True)
-class Ignored:
-    """A hidden or non-image name a folder walk passed over (counted, never decoded)."""
-
-    path: str
-
-
-Entry = FileEntry | MemberEntry | ShardFailure | Ignored
-
-
-def fingerprinted(item: InputItem) -> InputItem:
-    """``item`` with its file's (size, mtime_ns), following symlinks; (None, None) if stat fails.
-
-    Readers list names only; the loader stats the inputs it owns, so N workers walking
-    the same tree do not each stat every file.
-    """
-    try:
-        st = os.stat(item.source)
-    except OSError:
-        return dataclasses.replace(item, size=None, mtime_ns=None)
-    return dataclasses.replace(item, size=st.st_size, mtime_ns=st.st_mtime_ns)
 
 
 # -- readers -------------------------------------------------------------------------------
