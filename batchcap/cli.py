@@ -208,11 +208,16 @@ def beam_options(func: F) -> F:
 def input_options(func: F) -> F:
     """How inputs are found and decoded."""
     func = click.option(
+        "--id-column",
+        default=None,
+        help="Parquet tables: the column of ids [default: key if present, else id, else FILE/ROW].",
+    )(func)
+    func = click.option(
         "--image-key",
         "image_keys",
         default="jpg,jpeg,png,webp",
         show_default=True,
-        help="WebDataset: extensions to take the image from, first present wins.",
+        help="WebDataset: extensions to take the image from; Parquet: the bytes column. First present wins.",
     )(func)
     func = click.option(
         "--decode-on-device",
@@ -328,6 +333,7 @@ def run(
     no_draft: bool,
     decode_on_device: bool,
     image_keys: str,
+    id_column: str | None,
     out: str,
     fmt: str | None,
     overwrite: bool,
@@ -351,7 +357,7 @@ def run(
     no_repeat_ngram: int,
     n_best: int,
 ) -> None:
-    """Caption every picture in SOURCES (folders, files, WebDataset shards) into --out.
+    """Caption every picture in SOURCES (folders, files, WebDataset shards, Parquet tables) into --out.
 
     Rerunning the same command resumes: only pictures not yet in the output are
     captioned, and pictures whose size or modification time changed are captioned
@@ -363,6 +369,7 @@ def run(
         batchcap run ./photos --out captions.parquet
         batchcap run 'shards/train-{0000..0099}.tar' --out captions.jsonl --beam 5 --n-best 3
         batchcap run ./photos --out part-0.parquet --shard 0/4
+        batchcap run 'laion/*.parquet' --out captions.parquet --id-column key
     """
     from batchcap.config import UsageError
     from batchcap.outputs.lock import LockHeld
@@ -381,6 +388,7 @@ def run(
             no_draft=no_draft,
             decode_on_device=decode_on_device,
             image_key=image_keys,
+            id_column=id_column,
             format=fmt,
             overwrite=overwrite,
             commit_every=commit_every,

@@ -165,6 +165,7 @@ class RunConfig:
     log_every: float = 30.0
     commit_seconds: float = 60.0
     min_confidence: float | None = None  # rows below get status low_confidence (None: off)
+    id_column: str | None = None  # Parquet sources: the column of ids (None: key, else id, else file/row)
 
 
 @dataclass(frozen=True)

@@ -292,6 +292,7 @@ def run(
     no_draft: bool = False,
     decode_on_device: bool = False,
     image_key: str | Sequence[str] = "jpg,jpeg,png,webp",
+    id_column: str | None = None,
     format: str | None = None,
     overwrite: bool = False,
     commit_every: int = 512,
@@ -372,6 +373,7 @@ def run(
         log_every=log_every,
         commit_seconds=commit_seconds,
         min_confidence=min_confidence,
+        id_column=id_column,
     )
     runtime = runtime_config(
         device, precision, batch_size, str(workers), backend, _path_or_env(encoder_cache, "BATCHCAP_ENCODER_CACHE")

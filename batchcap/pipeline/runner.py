@@ -180,7 +180,8 @@ def run_job(
     meta = read_metadata(model_path)
     preprocess = from_dict(Preprocess, meta["preprocess"])
     identity = model_identity(meta)
-    sources = open_sources(cfg.sources, cfg.files_from, policy)
+    # the output and its parts are Parquet files too: a folder or pattern of tables must not read them
+    sources = open_sources(cfg.sources, cfg.files_from, policy, cfg.id_column, exclude=(out, work_dir_for(out)))
     run_config = _run_configuration(cfg, model_path, meta, identity, beam, runtime, policy)
     with StopSignals(stream, EXIT_INTERRUPTED) as stop, hold_lock(out):
         store = OutputStore.open(
