@@ -95,21 +95,28 @@ class TableFile:
             return
         row = sum(self.group_rows[:group])
         columns = [self.image] + ([self.id_column] if self.id_column else [])
-        try:
-            batches = pq.ParquetFile(self.path).iter_batches(
-                batch_size=READ_ROWS, row_groups=[group], columns=columns, use_threads=False
-            )
-            for batch in batches:
+        batches: Iterator[pa.RecordBatch] | None = None
+        while True:
+            try:  # only the reading: an error in the code below is a bug, not a damaged table
+                if batches is None:
+                    parquet = pq.ParquetFile(self.path)
+                    batches = parquet.iter_batches(
+                        batch_size=READ_ROWS, row_groups=[group], columns=columns, use_threads=False
+                    )
+                batch = next(batches, None)
+                if batch is None:
+                    return
                 images = batch.column(0).to_pylist()
                 ids = batch.column(1).to_pylist() if self.id_column else [None] * len(images)
-                for cell, key in zip(images, ids, strict=True):
-                    yield self._entry(cell, key, row)
-                    row += 1
-        except TABLE_ERRORS as exc:
-            yield ShardFailure(
-                InputItem(id=f"{self.name}#{group}", source=self.path),
-                one_line(f"row group {group} unreadable at row {row}: {type(exc).__name__}: {exc}"),
-            )
+            except TABLE_ERRORS as exc:
+                yield ShardFailure(
+                    InputItem(id=f"{self.name}#{group}", source=self.path),
+                    one_line(f"row group {group} unreadable at row {row}: {type(exc).__name__}: {exc}"),
+                )
+                return
+            for cell, key in zip(images, ids, strict=True):
+                yield self._entry(cell, key, row)
+                row += 1
 
     def _entry(self, cell: object, key: object, row: int) -> MemberEntry | FileEntry:
         rid = f"{self.name}/{row}" if key is None else str(key)

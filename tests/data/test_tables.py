@@ -145,6 +145,18 @@ def test_a_damaged_table_is_one_failure_row_and_the_next_goes_on(tmp_path: Path)
     assert got == {k: ("ok", None) for k in keys}
 
 
+def test_a_damaged_row_group_is_one_failure_row_and_the_next_row_group_goes_on(tmp_path: Path) -> None:
+    path = tmp_path / "damaged.parquet"
+    pq.write_table(pa.table({"key": ["a", "b", "c", "d"], "jpg": [jpeg(i) for i in range(4)]}), path, row_group_size=2)
+    first_chunk = pq.read_metadata(path).row_group(0).column(1)
+    data = bytearray(path.read_bytes())
+    data[first_chunk.data_page_offset : first_chunk.data_page_offset + 16] = b"\xff" * 16  # its page header
+    path.write_bytes(bytes(data))
+    got = outcomes(open_sources([str(path)]))
+    assert got.pop("damaged.parquet#0")[0] == "shard_error"
+    assert got == {"c": ("ok", None), "d": ("ok", None)}
+
+
 def test_a_folder_of_pictures_with_a_parquet_beside_them_is_still_a_folder_of_pictures(tmp_path: Path) -> None:
     (tmp_path / "photos").mkdir()
     (tmp_path / "photos" / "a.jpg").write_bytes(jpeg(1))
