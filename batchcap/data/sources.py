@@ -290,8 +290,15 @@ def _excluded(path: str, exclude: Sequence[str]) -> bool:
 def _table_folder(root: str, exclude: Sequence[str]) -> list[str]:
     """The Parquet files under ``root`` when it is a folder of tables (a ``.parquet`` at its top and no
     picture), sorted; else an empty list (a folder of pictures, walked by :class:`FolderReader`)."""
+
+    def is_file(entry: os.DirEntry[str]) -> bool:
+        try:
+            return entry.is_file()
+        except OSError:  # a symlink loop or a dangling link: the folder walk reports it
+            return False
+
     with os.scandir(root) as scan:
-        top = [e.name for e in scan if not e.name.startswith(".") and e.is_file()]
+        top = [e.name for e in scan if not e.name.startswith(".") and is_file(e)]
     if any(is_image_name(n) for n in top) or not any(is_table_name(n) for n in top):
         return []
     found = []
