@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from batchcap.config import BeamConfig, ImagePolicy, RunConfig, RuntimeConfig, UsageError
+from batchcap.config import BeamConfig, ImagePolicy, Preprocess, RunConfig, RuntimeConfig, UsageError
 from batchcap.data.image_decode import (
     OK,
     Decoded,
@@ -51,6 +51,9 @@ __all__ = ["CaptionResult", "ImageCaptioner", "Item", "RunResult", "load_model",
 #: What :meth:`ImageCaptioner.caption` takes: a path, a picture file's bytes, a Pillow picture, or
 #: a ``uint8`` array (H, W, 3) RGB, (H, W) grey or (H, W, 4) RGBA.
 Item = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview, Image.Image, np.ndarray]
+
+#: One item where a list of them is expected (a string or an array would be iterated piece by piece).
+_SINGLE_ITEMS = (str, os.PathLike, bytes, bytearray, memoryview, Image.Image, np.ndarray)
 
 _DEFAULT_MAX_PIXELS = ImagePolicy().max_pixels
 
@@ -168,14 +171,23 @@ class ImageCaptioner:
         """:meth:`caption` for an iterable of any length: reads ``batch_size`` items at a time, yields in order.
 
         Memory holds one batch of decoded pictures; the results of a batch are yielded once it
-        is captioned, so a consumer may write them out as they come.
+        is captioned, so a consumer may write them out as they come. ``n_best`` and
+        ``batch_size`` are checked here, before the first item is read.
         """
+        if isinstance(items, _SINGLE_ITEMS):
+            raise TypeError(
+                f"caption and caption_stream take a list (or any iterable) of items, not one "
+                f"{type(items).__name__}: for one picture, caption([item])[0]"
+            )
         size = batch_size or self.runtime.batch_size
         if size < 1:
             raise ValueError(f"batch_size must be at least 1, not {size}")
-        captioner = self._for_n_best(n_best)
+        return self._stream(iter(items), self._for_n_best(n_best), n_best, size)
+
+    def _stream(
+        self, iterator: Iterator[Item], captioner: Captioner, n_best: int, size: int
+    ) -> Iterator[CaptionResult]:
         preprocess = self.model.preprocess
-        iterator = iter(items)
         while chunk := list(itertools.islice(iterator, size)):
             decoded = [decode_item(item, preprocess, self.policy) for item in chunk]
             tensors = [d.tensor for d in decoded if d.status == OK and d.tensor is not None]
@@ -194,7 +206,7 @@ class ImageCaptioner:
         return self._by_n_best[n_best]
 
 
-def decode_item(item: Item, preprocess: Any, policy: ImagePolicy) -> Decoded:
+def decode_item(item: Item, preprocess: Preprocess, policy: ImagePolicy) -> Decoded:
     """Decode one API item by its type, under ``policy`` (never raises for bad data)."""
     if isinstance(item, (str, os.PathLike)):
         return decode_file(os.fspath(item), preprocess, policy)

@@ -95,6 +95,8 @@ def test_bad_items_become_results_not_exceptions(
     assert "(20, 30, 2)" in results[3].error and "float32" in results[4].error
     with pytest.raises(TypeError, match="cannot caption a int"):
         captioner.caption([good, 7])  # a bug in the caller, not bad data
+    with pytest.raises(TypeError, match=r"caption\(\[item\]\)\[0\]"):
+        captioner.caption(str(good))  # one item, not a list: never captioned letter by letter
 
 
 def test_the_in_memory_rules_are_runs_rules(
@@ -142,6 +144,9 @@ def test_caption_stream_batches_lazily_and_keeps_the_order(
             pulled.append(i)
             yield item
 
+    with pytest.raises(ValueError, match="beam=5"):
+        captioner.caption_stream(source(), n_best=5)  # checked at the call, before any item is read
+    assert pulled == []
     stream = captioner.caption_stream(source(), batch_size=3)
     first = next(stream)
     assert len(pulled) == 3  # one batch read, not the whole iterable
