@@ -21,7 +21,7 @@ that cannot be read is one ``shard_error`` row, and the next goes on.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import pyarrow as pa
@@ -177,3 +177,38 @@ class TableReader:
 def open_tables(paths: Sequence[str], image_keys: Sequence[str], id_column: str | None = None) -> TableReader:
     """A :class:`TableReader` over ``paths`` (each one's footer read once, here)."""
     return TableReader(tuple(open_table(p, image_keys, id_column) for p in paths))
+
+
+def pictures_by_id(path: str, ids: Collection[str], image_keys: Sequence[str]) -> dict[str, bytes | str]:
+    """The picture bytes of the rows of ``path`` whose id is in ``ids``, or why there are none, reading it once.
+
+    Ids follow the default rule (``key``, else ``id``, else ``<file name>/<row>``): rows captioned
+    with another ``--id-column`` are not found. For ``batchcap report``'s thumbnails.
+    """
+    wanted = set(ids)
+    try:
+        table = open_table(path, image_keys, None)
+    except SourceError as exc:
+        return dict.fromkeys(wanted, str(exc))
+    found: dict[str, bytes | str] = {}
+    failure: str | None = None  # a damaged row group may have held the rows not found
+    for _, group in table.units():
+        for entry in table.read(group):
+            if isinstance(entry, ShardFailure):
+                failure = entry.error
+                continue
+            if entry.item.id not in wanted:
+                continue
+            if isinstance(entry, MemberEntry):
+                found[entry.item.id] = entry.data if entry.data is not None else (entry.why or "no image")
+                continue
+            try:  # a Hugging Face row whose picture is a file beside the table
+                with open(entry.item.source, "rb") as f:
+                    found[entry.item.id] = f.read()
+            except OSError as exc:
+                found[entry.item.id] = f"{type(exc).__name__}: {exc}"
+        if len(found) == len(wanted):
+            return found
+    if failure is not None:
+        found.update(dict.fromkeys(wanted - set(found), failure))
+    return found
