@@ -214,7 +214,6 @@ def input_options(func: F) -> F:
     )(func)
     func = click.option(
         "--image-key",
-        "image_keys",
         default="jpg,jpeg,png,webp",
         show_default=True,
         help="WebDataset: extensions to take the image from; Parquet: the bytes column. First present wins.",
@@ -239,7 +238,8 @@ def input_options(func: F) -> F:
     func = click.option(
         "--shard",
         default=None,
-        help="I/N: caption only shard I of N, chosen by a hash of the picture id (of the tar name for shards); "
+        help="I/N: caption only shard I of N, chosen by a hash of the picture id (of the tar name for shards, "
+        "of the row group for Parquet tables); "
         "default: SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT when set.",
     )(func)
     func = click.option(
@@ -283,7 +283,6 @@ def output_options(func: F) -> F:
     func = click.option("--overwrite", is_flag=True, help="Start over instead of resuming.")(func)
     func = click.option(
         "--format",
-        "fmt",
         type=click.Choice(["parquet", "jsonl"]),
         default=None,
         help="Output format. Default: from the --out suffix.",
@@ -324,39 +323,7 @@ def cli() -> None:
 @beam_options
 @user_errors
 @interruptible
-def run(
-    sources: tuple[str, ...],
-    files_from: str | None,
-    shard: str | None,
-    max_pixels: int,
-    background: str,
-    no_draft: bool,
-    decode_on_device: bool,
-    image_keys: str,
-    id_column: str | None,
-    out: str,
-    fmt: str | None,
-    overwrite: bool,
-    commit_every: int,
-    commit_seconds: float,
-    max_failures: str,
-    log_every: float,
-    min_confidence: float | None,
-    model: str | None,
-    encoder_weights: str | None,
-    device: str,
-    precision: str,
-    batch_size: int | None,
-    workers: str,
-    backend: str,
-    encoder_cache: str | None,
-    beam: int,
-    max_len: int | None,
-    min_len: int,
-    length_penalty: float,
-    no_repeat_ngram: int,
-    n_best: int,
-) -> None:
+def run(sources: tuple[str, ...], **options: Any) -> None:
     """Caption every picture in SOURCES (folders, files, WebDataset shards, Parquet tables) into --out.
 
     Rerunning the same command resumes: only pictures not yet in the output are
@@ -378,39 +345,8 @@ def run(
     from batchcap.pipeline.progress import EXIT_IO_ERROR, EXIT_LOCKED, EXIT_RESUME_REFUSED
 
     try:
-        result = run_captions(
-            sources,
-            out,
-            files_from=files_from,
-            shard=shard,
-            max_pixels=max_pixels,
-            background=background,
-            no_draft=no_draft,
-            decode_on_device=decode_on_device,
-            image_key=image_keys,
-            id_column=id_column,
-            format=fmt,
-            overwrite=overwrite,
-            commit_every=commit_every,
-            commit_seconds=commit_seconds,
-            max_failures=max_failures,
-            log_every=log_every,
-            min_confidence=min_confidence,
-            model=model,
-            encoder_weights=encoder_weights,
-            device=device,
-            precision=precision,
-            batch_size=batch_size,
-            workers=workers,
-            backend=backend,
-            encoder_cache=encoder_cache,
-            beam=beam,
-            max_len=max_len,
-            min_len=min_len,
-            length_penalty=length_penalty,
-            no_repeat_ngram=no_repeat_ngram,
-            n_best=n_best,
-        )
+        # every option is batchcap.run's keyword of the same name, so the two cannot drift apart
+        result = run_captions(sources, **options)
     except UsageError as exc:
         raise click.UsageError(str(exc)) from exc
     except LockHeld as exc:

@@ -197,13 +197,11 @@ def test_run_refuses_what_the_command_refuses(tiny_model_path: Path, tmp_path: P
 def test_the_run_command_and_batchcap_run_take_the_same_options_with_the_same_defaults() -> None:
     from batchcap.cli import run as run_command
 
-    renamed = {"fmt": "format", "image_keys": "image_key"}  # click's names for --format, --image-key
     api = inspect.signature(batchcap.run).parameters
     options = [p for p in run_command.params if isinstance(p, click.Option)]
-    assert {renamed.get(p.name, p.name) for p in options} | {"sources", "out", "stream"} == set(api)
+    assert {p.name for p in options} | {"sources", "stream"} == set(api)
     for param in options:
-        keyword = renamed.get(param.name, param.name)
-        assert param.opts[0] == "--" + keyword.replace("_", "-"), keyword
+        assert param.opts[0] == "--" + param.name.replace("_", "-"), param.name  # --no-draft is no_draft
         if not param.required:
             default = param.default is True if param.is_flag else param.default  # an unset flag is off
-            assert api[keyword].default == default, keyword
+            assert api[param.name].default == default, param.name
