@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import Any
 
 import click
 
-from batchcap import __version__
+from batchcap.version import __version__
 
 F = Callable[..., Any]
 
@@ -213,11 +212,15 @@ def beam_options(func: F) -> F:
 def input_options(func: F) -> F:
     """How inputs are found and decoded."""
     func = click.option(
+        "--id-column",
+        default=None,
+        help="Parquet tables: the column of ids [default: key if present, else id, else FILE/ROW].",
+    )(func)
+    func = click.option(
         "--image-key",
-        "image_keys",
         default="jpg,jpeg,png,webp",
         show_default=True,
-        help="WebDataset: extensions to take the image from, first present wins.",
+        help="WebDataset: extensions to take the image from; Parquet: the bytes column. First present wins.",
     )(func)
     func = click.option(
         "--decode-on-device",
@@ -239,7 +242,8 @@ def input_options(func: F) -> F:
     func = click.option(
         "--shard",
         default=None,
-        help="I/N: caption only shard I of N, chosen by a hash of the picture id (of the tar name for shards); "
+        help="I/N: caption only shard I of N, chosen by a hash of the picture id (of the tar name for shards, "
+        "of the row group for Parquet tables); "
         "default: SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT when set.",
     )(func)
     func = click.option(
@@ -283,7 +287,6 @@ def output_options(func: F) -> F:
     func = click.option("--overwrite", is_flag=True, help="Start over instead of resuming.")(func)
     func = click.option(
         "--format",
-        "fmt",
         type=click.Choice(["parquet", "jsonl"]),
         default=None,
         help="Output format. Default: from the --out suffix.",
@@ -324,39 +327,8 @@ def cli() -> None:
 @beam_options
 @user_errors
 @interruptible
-def run(
-    sources: tuple[str, ...],
-    files_from: str | None,
-    shard: str | None,
-    max_pixels: int,
-    background: str,
-    no_draft: bool,
-    decode_on_device: bool,
-    image_keys: str,
-    out: str,
-    fmt: str | None,
-    overwrite: bool,
-    commit_every: int,
-    commit_seconds: float,
-    max_failures: str,
-    log_every: float,
-    min_confidence: float | None,
-    model: str | None,
-    encoder_weights: str | None,
-    device: str,
-    precision: str,
-    batch_size: int | None,
-    workers: str,
-    backend: str,
-    encoder_cache: str | None,
-    beam: int,
-    max_len: int | None,
-    min_len: int,
-    length_penalty: float,
-    no_repeat_ngram: int,
-    n_best: int,
-) -> None:
-    """Caption every picture in SOURCES (folders, files, WebDataset shards) into --out.
+def run(sources: tuple[str, ...], **options: Any) -> None:
+    """Caption every picture in SOURCES (folders, files, WebDataset shards, Parquet tables) into --out.
 
     Rerunning the same command resumes: only pictures not yet in the output are
     captioned, and pictures whose size or modification time changed are captioned
@@ -368,53 +340,19 @@ def run(
         batchcap run ./photos --out captions.parquet
         batchcap run 'shards/train-{0000..0099}.tar' --out captions.jsonl --beam 5 --n-best 3
         batchcap run ./photos --out part-0.parquet --shard 0/4
+        batchcap run 'laion/*.parquet' --out captions.parquet --id-column key
     """
-    from batchcap.config import RunConfig
-    from batchcap.data.sharding import resolve_shard
-    from batchcap.model.modelfile import read_metadata, resolve_model_path
+    from batchcap.config import UsageError
     from batchcap.outputs.lock import LockHeld
-    from batchcap.outputs.schema import infer_format
     from batchcap.outputs.store import OutputIOError, ResumeRefused
-    from batchcap.pipeline.progress import EXIT_IO_ERROR, EXIT_LOCKED, EXIT_RESUME_REFUSED, parse_max_failures
-    from batchcap.pipeline.runner import run_job
-    from batchcap.pipeline.settings import beam_config, image_policy, runtime_config
+    from batchcap.pipeline.api import run as run_captions
+    from batchcap.pipeline.progress import EXIT_IO_ERROR, EXIT_LOCKED, EXIT_RESUME_REFUSED
 
-    if not sources and not files_from:
-        raise click.UsageError("give at least one SOURCE (folder, image, .tar shard) or --files-from FILE")
     try:
-        parse_max_failures(max_failures)
-        shard_index, shard_count = resolve_shard(shard, os.environ)
-        fmt = infer_format(out, fmt)
-    except ValueError as exc:
+        # every option is batchcap.run's keyword of the same name, so the two cannot drift apart
+        result = run_captions(sources, **options)
+    except UsageError as exc:
         raise click.UsageError(str(exc)) from exc
-    model_path = resolve_model_path(model)
-    meta = read_metadata(model_path)
-    if min_confidence is not None and "calibration" not in meta:
-        raise click.UsageError(
-            f"--min-confidence: the model {model_path} has no confidence calibration; "
-            "fit one with `batchcap calibrate`, or drop --min-confidence"
-        )
-    beam_cfg = beam_config(
-        beam, max_len, min_len, length_penalty, no_repeat_ngram, n_best, int(meta["max_caption_len"])
-    )
-    cfg = RunConfig(
-        sources=tuple(sources),
-        out=out,
-        format=fmt,
-        files_from=files_from,
-        shard_index=shard_index,
-        shard_count=shard_count,
-        overwrite=overwrite,
-        max_failures=max_failures,
-        commit_every=commit_every,
-        log_every=log_every,
-        commit_seconds=commit_seconds,
-        min_confidence=min_confidence,
-    )
-    runtime = runtime_config(device, precision, batch_size, workers, backend, encoder_cache)
-    policy = image_policy(max_pixels, background, no_draft, image_keys, decode_on_device, runtime.device)
-    try:
-        result = run_job(cfg, model_path, beam_cfg, runtime, policy, encoder_weights=encoder_weights)
     except LockHeld as exc:
         click.echo(f"Error: {exc}", err=True)
         sys.exit(EXIT_LOCKED)

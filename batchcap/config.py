@@ -165,6 +165,7 @@ class RunConfig:
     log_every: float = 30.0
     commit_seconds: float = 60.0
     min_confidence: float | None = None  # rows below get status low_confidence (None: off)
+    id_column: str | None = None  # Parquet sources: the column of ids (None: key, else id, else file/row)
 
 
 @dataclass(frozen=True)
@@ -233,3 +234,10 @@ class OptionError(ValueError):
         super().__init__(f"{option}: {message}")
         self.option = option
         self.message = message
+
+
+class UsageError(ValueError):
+    """Values that cannot be used together, or none where one is needed; the message says what to do.
+
+    Unlike :class:`OptionError` it names no single option: the command line shows it as a usage error.
+    """

@@ -15,3 +15,12 @@ TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 def is_image_name(name: str) -> bool:
     """Whether ``name`` has one of the picture extensions (case-insensitive)."""
     return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+#: File names read as Parquet tables of encoded pictures (img2dataset, Hugging Face datasets).
+TABLE_SUFFIXES = (".parquet", ".pq")
+
+
+def is_table_name(name: str) -> bool:
+    """Whether ``name`` is a Parquet file name (case-insensitive)."""
+    return name.lower().endswith(TABLE_SUFFIXES)

@@ -181,12 +181,9 @@ def decode_bytes(data: bytes, preprocess: Preprocess, policy: ImagePolicy) -> De
         return _fail(CORRUPT, _describe(exc))
 
     width, height = img.size
-    if width * height > policy.max_pixels:
-        return _fail(
-            TOO_LARGE,
-            f"{width}x{height} = {width * height} pixels exceeds the cap of {policy.max_pixels}",
-            (width, height),
-        )
+    refused = _over_cap(width, height, policy)
+    if refused is not None:
+        return refused
     if policy.decode_on_device and _device_decodable(img, data, preprocess):
         orientation = _orientation(img)
         size = (height, width) if orientation >= 5 else (width, height)
@@ -198,6 +195,19 @@ def decode_bytes(data: bytes, preprocess: Preprocess, policy: ImagePolicy) -> De
             turned = _orientation(img) >= 5
             rw, rh = draft_request(*((height, width) if turned else (width, height)), preprocess)
             img.draft("RGB", (rh, rw) if turned else (rw, rh))
+    except Image.DecompressionBombError as exc:
+        return _fail(TOO_LARGE, _describe(exc), (width, height))
+    except DATA_ERRORS as exc:
+        return _fail(CORRUPT, _describe(exc), (width, height))
+    return _finish(img, width, height, preprocess, policy)
+
+
+def _finish(img: Image.Image, width: int, height: int, preprocess: Preprocess, policy: ImagePolicy) -> Decoded:
+    """Load an opened picture whose size passed the cap, make it RGB, apply its EXIF orientation, resize.
+
+    ``width`` x ``height`` is its size as stored (before any ``draft``), what the row reports.
+    """
+    try:
         img.load()  # Image.open stands on frame 0: the first frame of an animation
         rgb = to_rgb(img, policy.background)
     except Image.DecompressionBombError as exc:
@@ -209,6 +219,52 @@ def decode_bytes(data: bytes, preprocess: Preprocess, policy: ImagePolicy) -> De
         rgb = rgb.transpose(_TRANSPOSE[orientation])
     size = (height, width) if orientation >= 5 else (width, height)
     return Decoded(OK, None, size[0], size[1], to_input_tensor(rgb, preprocess))
+
+
+def _over_cap(width: int, height: int, policy: ImagePolicy) -> Decoded | None:
+    if width * height > policy.max_pixels:
+        return _fail(
+            TOO_LARGE,
+            f"{width}x{height} = {width * height} pixels exceeds the cap of {policy.max_pixels}",
+            (width, height),
+        )
+    return None
+
+
+def decode_image(img: Image.Image, preprocess: Preprocess, policy: ImagePolicy) -> Decoded:
+    """A Pillow picture already opened by the caller, under :func:`decode_bytes`' rules.
+
+    The pixel cap, the modes (alpha on ``policy.background``, 16-bit greys scaled), the first
+    frame and the EXIF orientation apply as to bytes; ``draft`` does not (the caller chose how to
+    open it). A lazily opened picture whose data turns out damaged is ``corrupt``.
+    """
+    width, height = img.size
+    refused = _over_cap(width, height, policy)
+    if refused is not None:
+        return refused
+    if width == 0 or height == 0:
+        return _fail(CORRUPT, f"empty picture ({width}x{height})", (width, height))
+    return _finish(img, width, height, preprocess, policy)
+
+
+def decode_array(array: np.ndarray, preprocess: Preprocess, policy: ImagePolicy) -> Decoded:
+    """A ``uint8`` pixel array: RGB (H, W, 3), grey (H, W) or RGBA (H, W, 4), composited on the background.
+
+    Any other shape or dtype is ``unsupported``, with the shape and dtype in the error; an array
+    over the pixel cap is ``too_large``.
+    """
+    shape = tuple(array.shape)
+    expected = "expected uint8 (H, W, 3) RGB, (H, W) grey or (H, W, 4) RGBA"
+    if array.dtype != np.uint8 or not (array.ndim == 2 or (array.ndim == 3 and shape[2] in (3, 4))):
+        return _fail(UNSUPPORTED, f"array of shape {shape} and dtype {array.dtype}: {expected}")
+    height, width = shape[:2]
+    refused = _over_cap(width, height, policy)
+    if refused is not None:
+        return refused
+    if width == 0 or height == 0:
+        return _fail(UNSUPPORTED, f"array of shape {shape} holds no pixels: {expected}", (width, height))
+    img = Image.fromarray(np.ascontiguousarray(array))  # uint8: L, RGB or RGBA by the channel count
+    return _finish(img, width, height, preprocess, policy)
 
 
 def _device_decodable(img: Image.Image, data: bytes, preprocess: Preprocess) -> bool:

@@ -38,18 +38,10 @@ from batchcap.data.image_decode import (
     decode_bytes,
     decode_file,
 )
+from batchcap.data.inputs import FileEntry, Ignored, InputItem, MemberEntry, ShardFailure, fingerprinted
 from batchcap.data.sharding import in_shard
-from batchcap.data.sources import (
-    FileEntry,
-    Ignored,
-    InputItem,
-    MemberEntry,
-    ShardFailure,
-    SourceSet,
-    TarReader,
-    fingerprinted,
-    shard_name,
-)
+from batchcap.data.sources import SourceSet, TarReader, shard_name
+from batchcap.data.tables import TableReader
 
 #: A worker sends a batch early once this many inputs failed, were skipped or ignored,
 #: so a resumed run over a finished collection still shows progress.
@@ -203,6 +195,13 @@ class BatchDataset(IterableDataset):
                         for shard_entry in reader.read_shard(url):
                             yield from self._handle(shard_entry, builder)
                 continue
+            if isinstance(reader, TableReader):  # a row group at a time
+                for table in reader.tables:
+                    for key, group in table.units():
+                        if self._mine(key, counter, worker, workers):
+                            for row in table.read(group):
+                                yield from self._handle(row, builder)
+                continue
             for entry in reader.entries():
                 key = entry.path if isinstance(entry, Ignored) else entry.item.id
                 if self._mine(key, counter, worker, workers):
@@ -228,7 +227,8 @@ class BatchDataset(IterableDataset):
                 entry.item,
                 Decoded(
                     UNSUPPORTED,
-                    f"no image member (looked for "
+                    entry.why
+                    or f"no image member (looked for "
                     f"{', '.join(self.policy.image_keys)}; "
                     f"has {', '.join(entry.members) or 'nothing'})",
                 ),

@@ -13,6 +13,9 @@ One factory, :func:`open_sources`, looks at each spec and picks a reader:
   ``tar_file_iterator``. The image is the first present of ``ImagePolicy.image_keys``;
   the id is ``<shard basename>/<__key__>``. A damaged shard yields the samples read
   before the damage and one ``shard_error`` entry, and the next shard goes on.
+* **Parquet tables** of encoded pictures -- a ``.parquet`` file, a pattern or brace range of
+  them, or a folder that holds ``.parquet`` files and no pictures at its top (img2dataset's
+  output folder); :mod:`batchcap.data.tables` reads them. The run's own output is never a source.
 
 Readers only list and read bytes; decoding is :mod:`batchcap.data.image_decode`'s job and the
 split into shards and DataLoader workers is :mod:`batchcap.data.loader`'s. Every reader is a
@@ -22,7 +25,6 @@ small frozen dataclass of paths, so a :class:`SourceSet` pickles into worker pro
 from __future__ import annotations
 
 import atexit
-import dataclasses
 import glob
 import os
 import posixpath
@@ -38,8 +40,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from batchcap.config import ImagePolicy
-from batchcap.data.extensions import TAR_SUFFIXES, is_image_name
+from batchcap.data.extensions import TAR_SUFFIXES, is_image_name, is_table_name
+from batchcap.data.inputs import FileEntry, Ignored, InputItem, MemberEntry, ShardFailure, SourceError
 from batchcap.data.sharding import in_shard
+from batchcap.data.tables import TableReader, open_tables
 from batchcap.messages import one_line
 
 _GLOB_CHARS = re.compile(r"[*?\[]")
@@ -47,70 +51,6 @@ _BRACE = re.compile(r"\{[^{}]*(\.\.|,)[^{}]*\}")
 
 #: What a damaged tar stream raises while it is read (tarfile, gzip, a failing ``pipe:``).
 SHARD_ERRORS = (tarfile.TarError, OSError, EOFError, zlib.error)
-
-
-class SourceError(Exception):
-    """A source spec the user must fix; the message says what is wrong and what to do."""
-
-
-@dataclass(frozen=True)
-class InputItem:
-    """One input picture: its stable id, where its bytes live, and a file fingerprint."""
-
-    id: str
-    source: str
-    size: int | None = None
-    mtime_ns: int | None = None
-
-
-# -- what readers yield --------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class FileEntry:
-    """A candidate picture on disk; decoded by reading ``item.source`` (fingerprint not yet taken)."""
-
-    item: InputItem
-
-
-@dataclass(frozen=True)
-class MemberEntry:
-    """A tar sample; ``data`` is the chosen image member (None: the sample has none)."""
-
-    item: InputItem
-    data: bytes | None
-    members: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class ShardFailure:
-    """A shard that could not be read to its end; becomes one ``shard_error`` row."""
-
-    item: InputItem
-    error: str
-
-
-@dataclass(frozen=True)
-class Ignored:
-    """A hidden or non-image name a folder walk passed over (counted, never decoded)."""
-
-    path: str
-
-
-Entry = FileEntry | MemberEntry | ShardFailure | Ignored
-
-
-def fingerprinted(item: InputItem) -> InputItem:
-    """``item`` with its file's (size, mtime_ns), following symlinks; (None, None) if stat fails.
-
-    Readers list names only; the loader stats the inputs it owns, so N workers walking
-    the same tree do not each stat every file.
-    """
-    try:
-        st = os.stat(item.source)
-    except OSError:
-        return dataclasses.replace(item, size=None, mtime_ns=None)
-    return dataclasses.replace(item, size=st.st_size, mtime_ns=st.st_mtime_ns)
 
 
 # -- readers -------------------------------------------------------------------------------
@@ -292,7 +232,7 @@ class TarReader:
             yield finish()
 
 
-Reader = FolderReader | ListReader | FileReader | TarReader
+Reader = FolderReader | ListReader | FileReader | TarReader | TableReader
 
 
 @dataclass(frozen=True)
@@ -307,6 +247,9 @@ class SourceSet:
             return None
         total = 0
         for reader in self.readers:
+            if isinstance(reader, TableReader):  # rows per row group, from the footers
+                total += reader.count(shard_index, shard_count)
+                continue
             for entry in reader.entries():  # type: ignore[union-attr]
                 if isinstance(entry, FileEntry) and in_shard(entry.item.id, shard_index, shard_count):
                     total += 1
@@ -343,20 +286,52 @@ def _stdin_to_file() -> str:
     return path
 
 
-def _open_spec(spec: str, policy: ImagePolicy) -> Reader:
+def _excluded(path: str, exclude: Sequence[str]) -> bool:
+    """Whether ``path`` is one of ``exclude`` or inside one (the run's own output and work folder)."""
+    real = os.path.realpath(path)
+    return any(real == e or real.startswith(e.rstrip(os.sep) + os.sep) for e in exclude)
+
+
+def _table_folder(root: str, exclude: Sequence[str]) -> list[str]:
+    """The Parquet files under ``root`` when it is a folder of tables (a ``.parquet`` at its top and no
+    picture), sorted; else an empty list (a folder of pictures, walked by :class:`FolderReader`)."""
+
+    def is_file(entry: os.DirEntry[str]) -> bool:
+        try:
+            return entry.is_file()
+        except OSError:  # a symlink loop or a dangling link: the folder walk reports it
+            return False
+
+    with os.scandir(root) as scan:
+        top = [e.name for e in scan if not e.name.startswith(".") and is_file(e)]
+    if any(is_image_name(n) for n in top) or not any(is_table_name(n) for n in top):
+        return []
+    found = []
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and not _excluded(os.path.join(folder, d), exclude))
+        found += [os.path.join(folder, n) for n in sorted(files) if is_table_name(n) and not n.startswith(".")]
+    return [f for f in found if not _excluded(f, exclude)]
+
+
+def _open_spec(spec: str, policy: ImagePolicy, id_column: str | None, exclude: Sequence[str]) -> Reader:
     keys = tuple(policy.image_keys)
     if _is_url(spec):
         from webdataset.shardlists import expand_urls
 
         return TarReader(tuple(expand_urls(spec)), keys)
     if os.path.isdir(spec):
-        return FolderReader(spec)
+        tables = _table_folder(spec, exclude)
+        return open_tables(tables, keys, id_column) if tables else FolderReader(spec)
     if os.path.isfile(spec):
         if _is_tar_name(spec):
             return TarReader((spec,), keys)
+        if is_table_name(spec):
+            return open_tables([spec], keys, id_column)
         if is_image_name(spec):
             return FileReader(spec)
-        raise SourceError(f"{spec}: not a folder, a .tar shard or a picture; a list of paths goes to --files-from")
+        raise SourceError(
+            f"{spec}: not a folder, a .tar shard, a .parquet table or a picture; a list of paths goes to --files-from"
+        )
     if _BRACE.search(spec):
         from webdataset.shardlists import expand_urls
 
@@ -367,15 +342,20 @@ def _open_spec(spec: str, policy: ImagePolicy) -> Reader:
                 f"{spec}: {len(missing)} of the {len(urls)} shards it names do not exist "
                 f"(first: {missing[0]}); fix the range or list the shards that exist"
             )
+        if all(is_table_name(u) for u in urls):
+            return open_tables([u for u in urls if not _excluded(u, exclude)], keys, id_column)
         return TarReader(tuple(urls), keys)
     if _GLOB_CHARS.search(spec):
-        matches = sorted(glob.glob(spec, recursive=True))
+        matches = [m for m in sorted(glob.glob(spec, recursive=True)) if not _excluded(m, exclude)]
         if not matches:
             raise SourceError(f"{spec}: the pattern matches nothing; check the path and quote it")
+        tables = [m for m in matches if is_table_name(m) and os.path.isfile(m)]
+        if tables and len(tables) == len(matches):
+            return open_tables(tables, keys, id_column)
         tars = [m for m in matches if _is_tar_name(m) and os.path.isfile(m)]
         if len(tars) != len(matches):
             raise SourceError(
-                f"{spec}: a pattern must match .tar shards only ({len(matches) - len(tars)} "
+                f"{spec}: a pattern must match .tar shards or .parquet tables only ({len(matches) - len(tars)} "
                 f"other matches, e.g. {next(m for m in matches if m not in tars)}); "
                 "pass folders by name"
             )
@@ -385,13 +365,24 @@ def _open_spec(spec: str, policy: ImagePolicy) -> Reader:
     raise SourceError(f"{spec}: no such file or folder")
 
 
-def open_sources(specs: Sequence[str], files_from: str | None = None, policy: ImagePolicy = ImagePolicy()) -> SourceSet:
+def open_sources(
+    specs: Sequence[str],
+    files_from: str | None = None,
+    policy: ImagePolicy = ImagePolicy(),
+    id_column: str | None = None,
+    exclude: Sequence[str] = (),
+) -> SourceSet:
     """Build the readers for ``specs`` (and ``--files-from``), checking that each exists.
+
+    ``id_column`` names the id column of Parquet tables (:mod:`batchcap.data.tables`);
+    ``exclude`` lists paths a folder of tables or a pattern must not pick up (the run's own
+    output and work folder, which are Parquet files too).
 
     Raises :class:`SourceError` for a spec that names nothing, or when there is no
     source at all. Folders and lists are not walked here (see :meth:`SourceSet.count`).
     """
-    readers: list[Reader] = [_open_spec(str(spec), policy) for spec in specs]
+    skip = [os.path.realpath(e) for e in exclude]
+    readers: list[Reader] = [_open_spec(str(spec), policy, id_column, skip) for spec in specs]
     if files_from is not None:
         if files_from == "-":
             readers.append(ListReader(_stdin_to_file()))

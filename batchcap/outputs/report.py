@@ -42,7 +42,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image, ImageOps
 
-from batchcap.data.extensions import IMAGE_KEYS, TAR_SUFFIXES
+from batchcap.data.extensions import IMAGE_KEYS, TAR_SUFFIXES, is_table_name
+from batchcap.data.tables import pictures_by_id
 from batchcap.hardware import available_cpus
 from batchcap.outputs.schema import CAPTIONED, METADATA_KEY_BYTES, flatten_settings, sniff_format
 from batchcap.outputs.schema import SCHEMA as OUTPUT_SCHEMA
@@ -479,6 +480,7 @@ def _thumbnails(
     thumbs: list[_Thumb] = [_Thumb(reason="")] * len(rows)
     jobs: dict[int, bytes | Path] = {}
     shards: dict[Path, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
+    tables: dict[Path, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
     for i, row in enumerate(rows):
         source = row.get("source") or ""
         if row.get("status") not in CAPTIONED:
@@ -502,6 +504,14 @@ def _thumbnails(
         if local is None:
             thumbs[i] = _Thumb(reason="file not found")
             continue
+        if is_table_name(source):  # a row of a Parquet table of pictures
+            href = _file_link(local, html_dir)
+            if link_images:
+                thumbs[i] = _Thumb(href=href, reason="inside a Parquet table")
+                continue
+            tables[local][str(row.get("id") or "")].append(i)
+            thumbs[i] = _Thumb(href=href, reason="not found in its table")
+            continue
         if link_images:
             link = _file_link(local, html_dir)
             thumbs[i] = _Thumb(src=link, href=link)
@@ -513,6 +523,13 @@ def _thumbnails(
                 jobs[i] = data
             else:
                 thumbs[i] = _Thumb(href=thumbs[i].href, reason=data)
+    for table_path, by_id in tables.items():
+        for rid, data in pictures_by_id(str(table_path), list(by_id), exts).items():
+            for i in by_id[rid]:
+                if isinstance(data, bytes):
+                    jobs[i] = data
+                else:
+                    thumbs[i] = _Thumb(href=thumbs[i].href, reason=data)
     order = sorted(jobs)
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:  # Pillow decodes without the GIL
         for i, thumb in zip(order, pool.map(lambda j: _thumbnail(jobs[j], size), order)):

@@ -62,7 +62,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from batchcap import __version__
 from batchcap.config import option_name
 from batchcap.fileio import atomic_write_bytes, fsync_dir, fsync_file
 from batchcap.outputs.schema import (
@@ -79,6 +78,7 @@ from batchcap.outputs.schema import (
     label_table,
     row_to_json,
 )
+from batchcap.version import __version__
 
 WORK_SUFFIX = ".batchcap-work"
 META_SUFFIX = ".meta.json"

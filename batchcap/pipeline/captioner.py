@@ -9,6 +9,7 @@ This is where the model file, the encoder weights and the runtime settings meet:
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import math
 from collections.abc import Callable, Iterator
@@ -133,6 +134,13 @@ class Captioner:
         self.fixed_batch = torch.device(runtime.device).type == "cuda"
         # A second hypothesis gives the calibrator its margin; asking for it never changes the best.
         self._search_cfg = dataclasses.replace(beam, n_best=max(beam.n_best, min(2, beam.beam_size)))
+
+    def with_beam(self, beam: BeamConfig) -> Captioner:
+        """This captioner with other search settings, sharing its loaded encoder and decoder."""
+        other = copy.copy(self)
+        other.beam = beam
+        other._search_cfg = dataclasses.replace(beam, n_best=max(beam.n_best, min(2, beam.beam_size)))
+        return other
 
     @torch.inference_mode()
     def encode(self, images: torch.Tensor) -> torch.Tensor:

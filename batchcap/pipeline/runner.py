@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from batchcap import __version__
 from batchcap.config import BeamConfig, ImagePolicy, Preprocess, RunConfig, RuntimeConfig, from_dict, to_dict
 from batchcap.data.loader import Batch, ItemResult, fill_batch, iter_batches
 from batchcap.data.sources import open_sources
@@ -29,6 +28,7 @@ from batchcap.outputs.store import OutputStore, work_dir_for
 from batchcap.pipeline.captioner import Captioner, caption_batch
 from batchcap.pipeline.interrupt import StopSignals
 from batchcap.pipeline.progress import EXIT_INTERRUPTED, EXIT_OK, EXIT_TOO_MANY_FAILURES, Progress, parse_max_failures
+from batchcap.version import __version__
 
 
 @dataclass(frozen=True)
@@ -176,7 +176,8 @@ def run_job(
     meta = read_metadata(model_path)
     preprocess = from_dict(Preprocess, meta["preprocess"])
     identity = model_identity(meta)
-    sources = open_sources(cfg.sources, cfg.files_from, policy)
+    # the output and its parts are Parquet files too: a folder or pattern of tables must not read them
+    sources = open_sources(cfg.sources, cfg.files_from, policy, cfg.id_column, exclude=(out, work_dir_for(out)))
     run_config = _run_configuration(cfg, model_path, meta, identity, beam, runtime, policy)
     with StopSignals(stream, EXIT_INTERRUPTED) as stop, hold_lock(out):
         store = OutputStore.open(

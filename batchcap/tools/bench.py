@@ -43,7 +43,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from batchcap import __version__
 from batchcap.config import (
     BeamConfig,
     DecoderConfig,
@@ -71,6 +70,7 @@ from batchcap.pipeline.captioner import Captioner, search_threads
 from batchcap.pipeline.runner import run_job
 from batchcap.pipeline.settings import beam_config, runtime_config
 from batchcap.tools.reference import ReferenceCaptioner
+from batchcap.version import __version__
 
 #: The encoder weights file the packaged default model references (fp16 Keras ImageNet Xception).
 XCEPTION_WEIGHTS_FILE = "legacy_xception-keras-imagenet-fp16.safetensors"

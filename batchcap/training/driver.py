@@ -36,7 +36,6 @@ from typing import Any
 
 import torch
 
-from batchcap import __version__
 from batchcap.config import BeamConfig, DecoderConfig, RuntimeConfig, TrainConfig, to_dict
 from batchcap.data.captions.records import CaptionDataset, CaptionRecord
 from batchcap.encode.exit_flow import (
@@ -69,6 +68,7 @@ from batchcap.training.metrics import score_captions
 from batchcap.training.pretrain import PretrainError, pretrain_for_training
 from batchcap.training.scst import CaptionReward
 from batchcap.training.steps import Split, StepTotals, TrainStep, use_tf32
+from batchcap.version import __version__
 
 Log = Callable[[str], None]
 

@@ -14,6 +14,7 @@ from conftest import write_images
 from PIL import Image
 
 from batchcap.config import ImagePolicy, Preprocess
+from batchcap.data.inputs import fingerprinted
 from batchcap.data.loader import iter_batches
 from batchcap.data.sources import (
     FileEntry,
@@ -23,7 +24,6 @@ from batchcap.data.sources import (
     ShardFailure,
     SourceError,
     TarReader,
-    fingerprinted,
     open_sources,
     shard_name,
 )

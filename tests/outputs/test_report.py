@@ -243,6 +243,23 @@ def test_webdataset_members(tmp_path: Path) -> None:
     assert "not found in its shard" in (tmp_path / "r.html").read_text("utf-8")
 
 
+def test_rows_of_parquet_tables(tmp_path: Path) -> None:
+    """Thumbnails come from the row of an img2dataset table (id: ``key``) or a Hugging Face one (``<file>/<row>``)."""
+    pictures = [p.read_bytes() for p in write_images(tmp_path / "src", 3, size=(30, 20))]
+    laion = tmp_path / "00000.parquet"
+    pq.write_table(pa.table({"key": ["k0", "k1"], "jpg": pictures[:2], "caption": ["a", "b"]}), laion)
+    hf = tmp_path / "train.parquet"
+    image = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    pq.write_table(pa.table({"image": pa.array([None, {"bytes": pictures[2], "path": "x.jpg"}], type=image)}), hf)
+    rows = make_rows(tmp_path, n_ok=4)[:4]
+    for row, (rid, source) in zip(rows, [("k0", laion), ("k1", laion), ("train.parquet/1", hf), ("k9", laion)]):
+        row.update(id=rid, source=str(source))
+    out = write_jsonl(tmp_path / "c.jsonl", rows, meta=None)
+    summary = write_report(out, tmp_path / "r.html")
+    assert summary.thumbnails == 3 and summary.placeholders == 1
+    assert "not found in its table" in (tmp_path / "r.html").read_text("utf-8")
+
+
 def test_tolerant_of_missing_columns_and_damage(tmp_path: Path) -> None:
     pq.write_table(
         pa.table({"id": ["a", "b"], "caption": ["one", None], "status": ["ok", "corrupt"]}), tmp_path / "bare.parquet"
