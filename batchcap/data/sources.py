@@ -370,7 +370,7 @@ def open_sources(
     files_from: str | None = None,
     policy: ImagePolicy = ImagePolicy(),
     id_column: str | None = None,
-    exclude: Sequence[str] = (),
+    exclude: Sequence[str | os.PathLike[str]] = (),
 ) -> SourceSet:
     """Build the readers for ``specs`` (and ``--files-from``), checking that each exists.
 

@@ -524,12 +524,12 @@ def _thumbnails(
             else:
                 thumbs[i] = _Thumb(href=thumbs[i].href, reason=data)
     for table_path, by_id in tables.items():
-        for rid, data in pictures_by_id(str(table_path), list(by_id), exts).items():
+        for rid, picture in pictures_by_id(str(table_path), list(by_id), exts).items():
             for i in by_id[rid]:
-                if isinstance(data, bytes):
-                    jobs[i] = data
+                if isinstance(picture, bytes):
+                    jobs[i] = picture
                 else:
-                    thumbs[i] = _Thumb(href=thumbs[i].href, reason=data)
+                    thumbs[i] = _Thumb(href=thumbs[i].href, reason=picture)
     order = sorted(jobs)
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:  # Pillow decodes without the GIL
         for i, thumb in zip(order, pool.map(lambda j: _thumbnail(jobs[j], size), order)):

@@ -349,8 +349,8 @@ def run(
         batchcap.outputs.lock.OutputUnwritable, batchcap.outputs.store.OutputIOError: ``out``
             cannot be written.
     """
-    specs = [sources] if isinstance(sources, (str, os.PathLike)) else list(sources)
-    specs = [os.fspath(s) for s in specs]
+    given = [sources] if isinstance(sources, (str, os.PathLike)) else list(sources)
+    specs: list[str] = [os.fspath(s) for s in given]
     files_list = None if files_from is None else os.fspath(files_from)
     out = os.fspath(out)
     max_failures = str(max_failures)
