@@ -533,8 +533,7 @@ def _thumbnails(
     order = sorted(jobs)
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:  # Pillow decodes without the GIL
         for i, thumb in zip(order, pool.map(lambda j: _thumbnail(jobs[j], size), order)):
-            href = thumbs[i].href
-            thumbs[i] = _Thumb(src=thumb.src, href=href, reason=thumb.reason)
+            thumbs[i] = _Thumb(src=thumb.src, href=thumbs[i].href, reason=thumb.reason)
     return thumbs
 
 
