@@ -286,7 +286,25 @@ def iter_batches(
         prefetch_factor=2 if workers > 0 else None,
         persistent_workers=False,
     )
-    yield from loader
+    batches = iter(loader)
+    try:
+        yield from batches
+    finally:
+        _stop_workers(batches)
+
+
+def _stop_workers(batches: Iterator[Batch]) -> None:
+    """Shut the DataLoader's workers down now, however the loop over ``batches`` ended.
+
+    When a worker raises (a reader's bug) or dies, torch re-raises in this process; the
+    traceback then keeps the loader's iterator, and with it its workers, alive until the
+    interpreter exits. Workers ignore SIGTERM (see :func:`_worker_init`), so
+    multiprocessing's exit handler, which terminates and then joins them, would wait for
+    ever. Stopping them here makes a failing worker a prompt crash, not a hang.
+    """
+    shutdown = getattr(batches, "_shutdown_workers", None)  # absent with workers=0
+    if shutdown is not None:
+        shutdown()
 
 
 def fill_batch(batch: Batch, preprocess: Preprocess, policy: ImagePolicy, device: str | torch.device) -> None:

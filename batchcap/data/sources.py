@@ -324,8 +324,33 @@ def _is_tar_name(path: str) -> bool:
     return path.lower().endswith(TAR_SUFFIXES)
 
 
+#: URL schemes batchcap reads shards from: a command's output, and curl's downloads.
+READABLE_SCHEMES = ("http", "https")
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
 def _is_url(spec: str) -> bool:
     return spec.startswith("pipe:") or "://" in spec
+
+
+def url_scheme(spec: str) -> str | None:
+    """The scheme of ``scheme://...`` (lower case), ``pipe`` for ``pipe:``, None for a path."""
+    if spec.startswith("pipe:"):
+        return "pipe"
+    match = _SCHEME.match(spec)
+    return match.group(1).lower() if match else None
+
+
+def _check_readable_url(spec: str) -> None:
+    """Refuse a URL no reader can open, before any worker tries (and fails) to."""
+    scheme = url_scheme(spec)
+    if scheme is None or scheme == "pipe" or scheme in READABLE_SCHEMES:
+        return
+    raise SourceError(
+        f"{spec}: batchcap cannot read {scheme}:// sources (object stores are not supported yet); "
+        "copy or mount the pictures on a local or network disk, or stream one shard through a "
+        f"command, e.g. 'pipe:aws s3 cp s3://bucket/shard.tar -'"
+    )
 
 
 def _stdin_to_file() -> str:
@@ -341,6 +366,7 @@ def _stdin_to_file() -> str:
 def _open_spec(spec: str, policy: ImagePolicy) -> Reader:
     keys = tuple(policy.image_keys)
     if _is_url(spec):
+        _check_readable_url(spec)
         from webdataset.shardlists import expand_urls
 
         return TarReader(tuple(expand_urls(spec)), keys)

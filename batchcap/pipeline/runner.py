@@ -23,7 +23,7 @@ from batchcap.data.loader import Batch, ItemResult, fill_batch, iter_batches
 from batchcap.data.sources import open_sources
 from batchcap.model.modelfile import load_model, read_metadata
 from batchcap.outputs.background_writer import BackgroundWriter
-from batchcap.outputs.lock import check_output_writable, hold_lock
+from batchcap.outputs.lock import check_output_location, check_output_writable, hold_lock
 from batchcap.outputs.store import OutputStore, work_dir_for
 from batchcap.pipeline.captioner import Captioner, caption_batch
 from batchcap.pipeline.interrupt import StopSignals
@@ -175,12 +175,13 @@ def run_job(
     """
     stream = stream if stream is not None else sys.stderr
     out = Path(cfg.out)
+    check_output_location(cfg.out)
+    sources = open_sources(cfg.sources, cfg.files_from, policy)  # before anything is created
     check_output_writable(out, work_dir_for(out))
     max_failures = parse_max_failures(cfg.max_failures)
     meta = read_metadata(model_path)
     preprocess = from_dict(Preprocess, meta["preprocess"])
     identity = model_identity(meta)
-    sources = open_sources(cfg.sources, cfg.files_from, policy)
     run_config = _run_configuration(cfg, model_path, meta, identity, beam, runtime, policy)
     with StopSignals(stream, EXIT_INTERRUPTED) as stop, hold_lock(out):
         store = OutputStore.open(
