@@ -306,6 +306,16 @@ def cli() -> None:
 @cli.command()
 @click.argument("sources", nargs=-1)
 @input_options
+@click.option(
+    "--id-from",
+    type=click.Choice(["auto", "relative", "source-relative", "absolute"]),
+    default="auto",
+    show_default=True,
+    help="How picture ids are made. relative: path within its folder, <shard name>/<key> in a tar; "
+    "source-relative: prefixed with the source's path relative to the sources' common parent "
+    "(cam2023/IMG_1.jpg); absolute: prefixed with its absolute path. auto: relative for one source, "
+    "source-relative for several. A resume setting.",
+)
 @output_options
 @click.option(
     "--min-confidence",
@@ -329,6 +339,7 @@ def run(
     no_draft: bool,
     decode_on_device: bool,
     image_keys: str,
+    id_from: str,
     out: str,
     fmt: str | None,
     overwrite: bool,
@@ -406,6 +417,7 @@ def run(
         log_every=log_every,
         commit_seconds=commit_seconds,
         min_confidence=min_confidence,
+        id_from=id_from,
     )
     runtime = runtime_config(device, precision, batch_size, workers, backend, encoder_cache)
     policy = image_policy(max_pixels, background, no_draft, image_keys, decode_on_device, runtime.device)

@@ -165,6 +165,7 @@ class RunConfig:
     log_every: float = 30.0
     commit_seconds: float = 60.0
     min_confidence: float | None = None  # rows below get status low_confidence (None: off)
+    id_from: str = "auto"  # how ids are made: auto | relative | source-relative | absolute
 
 
 @dataclass(frozen=True)
@@ -210,6 +211,7 @@ _OPTION_OF_SETTING = {
     "length_penalty": "--length-penalty",
     "no_repeat_ngram": "--no-repeat-ngram",
     "n_best": "--n-best",
+    "id_from": "--id-from",
 }
 
 

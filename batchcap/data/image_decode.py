@@ -44,7 +44,9 @@ OK, CORRUPT, UNREADABLE, TOO_LARGE, UNSUPPORTED, MISSING, SHARD_ERROR = (
     "missing",
     "shard_error",
 )
-STATUSES = (OK, CORRUPT, UNREADABLE, TOO_LARGE, UNSUPPORTED, MISSING, SHARD_ERROR)
+#: An input whose id an earlier input of the run already has (see ``batchcap.data.sources.Duplicate``).
+DUPLICATE_ID = "duplicate_id"
+STATUSES = (OK, CORRUPT, UNREADABLE, TOO_LARGE, UNSUPPORTED, MISSING, SHARD_ERROR, DUPLICATE_ID)
 
 #: What Pillow raises for damaged data: truncation and bad streams (OSError), broken
 #: headers (SyntaxError), bad values (ValueError), short reads (EOFError), bad EXIF/TIFF

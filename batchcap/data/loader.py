@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from batchcap.config import ImagePolicy, Preprocess
 from batchcap.data.device_decode import DEVICE_DECODE_ERRORS, decode_jpegs, orient, resize_on_device
 from batchcap.data.image_decode import (
+    DUPLICATE_ID,
     OK,
     SHARD_ERROR,
     UNSUPPORTED,
@@ -40,10 +41,11 @@ from batchcap.data.image_decode import (
 )
 from batchcap.data.sharding import in_shard
 from batchcap.data.sources import (
+    Duplicate,
+    Entry,
     FileEntry,
     Ignored,
     InputItem,
-    MemberEntry,
     ShardFailure,
     SourceSet,
     TarReader,
@@ -196,23 +198,30 @@ class BatchDataset(IterableDataset):
         allow_pillow_up_to(self.policy)
         builder = _Builder(self.preprocess, self.batch_size)
         counter = [0]
+        seen = self.sources.id_tracker()  # every worker walks every listing in one order: one owner each
         for reader in self.sources.readers:
             if isinstance(reader, TarReader):
-                for url in reader.urls:
+                for url, label in reader.shards():
                     if self._mine(shard_name(url), counter, worker, workers):
-                        for entry in reader.read_shard(url):
+                        for entry in reader.read_shard(url, label):
                             yield from self._handle(entry, builder)
                 continue
-            for entry in reader.entries():
+            for entry in self.sources.entries(reader, seen):
                 key = entry.path if isinstance(entry, Ignored) else entry.item.id
                 if self._mine(key, counter, worker, workers):
                     yield from self._handle(entry, builder)
         if not builder.empty():
             yield builder.take()
 
-    def _handle(self, entry: FileEntry | MemberEntry | ShardFailure | Ignored, builder: _Builder) -> Iterator[Batch]:
+    def _handle(self, entry: Entry, builder: _Builder) -> Iterator[Batch]:
         if isinstance(entry, Ignored):
             builder.ignored += 1
+        elif isinstance(entry, Duplicate):
+            item = entry.item if entry.member else fingerprinted(entry.item)
+            if self._is_done(item, member=entry.member):
+                builder.skipped += 1
+            else:
+                builder.add(item, Decoded(DUPLICATE_ID, entry.error))
         elif isinstance(entry, ShardFailure):
             builder.add(entry.item, Decoded(SHARD_ERROR, entry.error))
         elif isinstance(entry, FileEntry):

@@ -14,6 +14,16 @@ One factory, :func:`open_sources`, looks at each spec and picks a reader:
   the id is ``<shard basename>/<__key__>``. A damaged shard yields the samples read
   before the damage and one ``shard_error`` entry, and the next shard goes on.
 
+Those are the ``relative`` ids, which one source keeps unique. With several sources
+(``--id-from auto``, the default) ids are ``source-relative``: each folder's, picture's or
+shard's path relative to the common parent of all the sources prefixes its ids
+(``cam2023/IMG_1.jpg``, ``a/shards-0000.tar/key``); ``absolute`` prefixes absolute paths.
+:func:`open_sources` refuses what would still collide as a whole (a folder inside another,
+two shards with one label); an input whose id an earlier input already has (a list naming
+a path twice, a key repeated in a tar, colliding ``relative`` ids) becomes a
+:class:`Duplicate`: one ``duplicate_id`` row under ``<id>#2`` (``#3``, ...), never a
+silent overwrite of the first.
+
 Readers only list and read bytes; decoding is :mod:`batchcap.data.image_decode`'s job and the
 split into shards and DataLoader workers is :mod:`batchcap.data.loader`'s. Every reader is a
 small frozen dataclass of paths, so a :class:`SourceSet` pickles into worker processes.
@@ -33,7 +43,7 @@ import sys
 import tarfile
 import tempfile
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -91,13 +101,25 @@ class ShardFailure:
 
 
 @dataclass(frozen=True)
+class Duplicate:
+    """An input whose id an earlier input already has; ``item.id`` is the id made unique (``<id>#2``).
+
+    It becomes one ``duplicate_id`` row naming both inputs and is never decoded.
+    """
+
+    item: InputItem
+    error: str
+    member: bool = False  # a tar sample (done by id alone), not a file (done by id and fingerprint)
+
+
+@dataclass(frozen=True)
 class Ignored:
     """A hidden or non-image name a folder walk passed over (counted, never decoded)."""
 
     path: str
 
 
-Entry = FileEntry | MemberEntry | ShardFailure | Ignored
+Entry = FileEntry | MemberEntry | ShardFailure | Duplicate | Ignored
 
 
 def fingerprinted(item: InputItem) -> InputItem:
@@ -111,6 +133,40 @@ def fingerprinted(item: InputItem) -> InputItem:
     except OSError:
         return dataclasses.replace(item, size=None, mtime_ns=None)
     return dataclasses.replace(item, size=st.st_size, mtime_ns=st.st_mtime_ns)
+
+
+def _duplicate(item: InputItem, seen: dict[str, str], error: str, member: bool = False) -> Duplicate:
+    """``item`` under the first free ``<id>#N`` (N = 2, 3, ...), recorded in ``seen``."""
+    n = 2
+    while f"{item.id}#{n}" in seen:
+        n += 1
+    renamed = dataclasses.replace(item, id=f"{item.id}#{n}")
+    seen[renamed.id] = item.source
+    return Duplicate(renamed, one_line(error), member)
+
+
+def unique_entries(entries: Iterable[Entry], seen: dict[str, str]) -> Iterator[Entry]:
+    """``entries`` with every file whose id is in ``seen`` (id -> source) turned into a :class:`Duplicate`.
+
+    ``seen`` is shared by all the readers of a run, so that a collision between two sources
+    is caught too; every DataLoader worker walks the same listing in the same order, so
+    they all name the same input the duplicate.
+    """
+    for entry in entries:
+        if not isinstance(entry, FileEntry):
+            yield entry
+            continue
+        first = seen.get(entry.item.id)
+        if first is None:
+            seen[entry.item.id] = entry.item.source
+            yield entry
+        else:
+            yield _duplicate(
+                entry.item,
+                seen,
+                f"{entry.item.source} has the id {entry.item.id!r}, which {first} already has; only {first} "
+                "was captioned (ids must be unique: see --id-from)",
+            )
 
 
 # -- readers -------------------------------------------------------------------------------
@@ -127,6 +183,7 @@ class FolderReader:
     """
 
     root: str
+    prefix: str = ""  # put before every id (``cam2023/``): see ``--id-from``
     kind: str = field(default="folder", init=False)
 
     def entries(self) -> Iterator[FileEntry | Ignored]:
@@ -163,7 +220,7 @@ class FolderReader:
             if not is_image_name(entry.name):
                 yield Ignored(rel)
                 continue
-            yield FileEntry(InputItem(id=rel, source=entry.path))
+            yield FileEntry(InputItem(id=self.prefix + rel, source=entry.path))
 
     @staticmethod
     def _sorted(path: str) -> Iterator[os.DirEntry[str]]:
@@ -180,6 +237,7 @@ class ListReader:
     """A text file of paths, one a line (blank lines skipped); every line is a candidate."""
 
     path: str
+    absolute: bool = False  # ids are the absolute paths, not the lines as written
     kind: str = field(default="list", init=False)
 
     def _lines(self) -> Iterator[str]:
@@ -191,7 +249,7 @@ class ListReader:
 
     def entries(self) -> Iterator[FileEntry]:
         for line in self._lines():
-            yield FileEntry(InputItem(id=line, source=line))
+            yield FileEntry(InputItem(id=os.path.abspath(line) if self.absolute else line, source=line))
 
     def count(self) -> int:
         return sum(1 for _ in self._lines())
@@ -202,10 +260,11 @@ class FileReader:
     """A single picture named on the command line; its id is the path as given."""
 
     path: str
+    item_id: str | None = None  # None: the path as given
     kind: str = field(default="file", init=False)
 
     def entries(self) -> Iterator[FileEntry]:
-        yield FileEntry(InputItem(id=self.path, source=self.path))
+        yield FileEntry(InputItem(id=self.item_id or self.path, source=self.path))
 
     def count(self) -> int:
         return 1
@@ -235,26 +294,44 @@ class TarReader:
 
     urls: tuple[str, ...]
     image_keys: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
+    #: What prefixes each shard's ids, one per url (``--id-from``); empty: the shard's basename.
+    labels: tuple[str, ...] = ()
     kind: str = field(default="tar", init=False)
 
-    def read_shard(self, url: str) -> Iterator[MemberEntry | ShardFailure]:
+    def shards(self) -> Iterator[tuple[str, str]]:
+        """Each shard's url and the label its ids start with."""
+        for index, url in enumerate(self.urls):
+            yield url, self.labels[index] if self.labels else shard_name(url)
+
+    def read_shard(self, url: str, label: str | None = None) -> Iterator[MemberEntry | ShardFailure | Duplicate]:
         """The samples of one shard, then a :class:`ShardFailure` if it broke off early.
 
         Members are grouped by webdataset's rule (key = name up to the first dot of the
         basename). A sample being assembled when the damage hit is still yielded when
-        it has an image: every member read so far arrived whole.
+        it has an image: every member read so far arrived whole. A key met again after
+        other samples (members not stored together) is a :class:`Duplicate`.
         """
         from webdataset.gopen import gopen
         from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
-        name = shard_name(url)
+        name = label if label is not None else shard_name(url)
         keys = tuple(k.lower() for k in self.image_keys)
         current: dict[str, bytes] = {}
         current_key: str | None = None
+        finished: dict[str, str] = {}  # ids of this shard's samples so far -> their source
 
-        def finish() -> MemberEntry:
+        def finish() -> MemberEntry | Duplicate:
             data = next((current[k] for k in keys if k in current), None)
             item = InputItem(id=f"{name}/{current_key}", source=url)
+            if item.id in finished:
+                return _duplicate(
+                    item,
+                    finished,
+                    f"key {current_key!r} appears twice in {url} (members of one sample stored apart); "
+                    "only the first sample was captioned",
+                    member=True,
+                )
+            finished[item.id] = url
             return MemberEntry(item, data, tuple(sorted(current)))
 
         stream = None
@@ -297,18 +374,41 @@ Reader = FolderReader | ListReader | FileReader | TarReader
 
 @dataclass(frozen=True)
 class SourceSet:
-    """The readers for one run, in command-line order; picklable into DataLoader workers."""
+    """The readers for one run, in command-line order; picklable into DataLoader workers.
+
+    ``id_scheme`` is the resolved ``--id-from`` (``relative``, ``source-relative`` or
+    ``absolute``) the readers' ids were made with.
+    """
 
     readers: tuple[Reader, ...]
+    id_scheme: str = "relative"
+
+    @property
+    def may_collide(self) -> bool:
+        """Whether two files could get one id: a list (it may name a path twice), or several
+        sources under ``relative`` ids. Otherwise ids are unique by construction (see
+        :func:`open_sources`) and nobody needs to remember every id seen."""
+        files = [r for r in self.readers if not isinstance(r, TarReader)]
+        return any(isinstance(r, ListReader) for r in files) or (self.id_scheme == "relative" and len(files) > 1)
+
+    def id_tracker(self) -> dict[str, str] | None:
+        """A fresh id -> source map for :meth:`entries` to share across readers; None when not needed."""
+        return {} if self.may_collide else None
+
+    def entries(self, reader: FolderReader | ListReader | FileReader, seen: dict[str, str] | None) -> Iterator[Entry]:
+        """``reader``'s entries, a file whose id ``seen`` holds made a :class:`Duplicate`."""
+        entries: Iterator[Entry] = reader.entries()
+        return entries if seen is None else unique_entries(entries, seen)
 
     def count(self, shard_index: int = 0, shard_count: int = 1) -> int | None:
         """Candidate pictures (in one shard), by a listing pass; None when tars are involved."""
         if any(isinstance(r, TarReader) for r in self.readers):
             return None
         total = 0
+        seen = self.id_tracker()
         for reader in self.readers:
-            for entry in reader.entries():  # type: ignore[union-attr]
-                if isinstance(entry, FileEntry) and in_shard(entry.item.id, shard_index, shard_count):
+            for entry in self.entries(reader, seen):  # type: ignore[arg-type]
+                if isinstance(entry, (FileEntry, Duplicate)) and in_shard(entry.item.id, shard_index, shard_count):
                     total += 1
         return total
 
@@ -406,12 +506,25 @@ def _open_spec(spec: str, policy: ImagePolicy) -> Reader:
     raise SourceError(f"{spec}: no such file or folder")
 
 
-def open_sources(specs: Sequence[str], files_from: str | None = None, policy: ImagePolicy = ImagePolicy()) -> SourceSet:
+#: ``--id-from`` values; ``auto`` is ``relative`` for one source, ``source-relative`` for several.
+ID_SCHEMES = ("auto", "relative", "source-relative", "absolute")
+
+
+def open_sources(
+    specs: Sequence[str],
+    files_from: str | None = None,
+    policy: ImagePolicy = ImagePolicy(),
+    id_from: str = "auto",
+) -> SourceSet:
     """Build the readers for ``specs`` (and ``--files-from``), checking that each exists.
 
-    Raises :class:`SourceError` for a spec that names nothing, or when there is no
-    source at all. Folders and lists are not walked here (see :meth:`SourceSet.count`).
+    Raises :class:`SourceError` for a spec that names nothing, when there is no source at
+    all, and when the sources would collide as a whole under the ``id_from`` scheme (a
+    folder given twice or inside another, two shards whose ids share one prefix). Folders
+    and lists are not walked here (see :meth:`SourceSet.count`).
     """
+    if id_from not in ID_SCHEMES:
+        raise ValueError(f"id_from must be one of {', '.join(ID_SCHEMES)}, not {id_from!r}")
     readers: list[Reader] = [_open_spec(str(spec), policy) for spec in specs]
     if files_from is not None:
         if files_from == "-":
@@ -422,4 +535,86 @@ def open_sources(specs: Sequence[str], files_from: str | None = None, policy: Im
             readers.append(ListReader(str(Path(files_from))))
     if not readers:
         raise SourceError("no input: name folders, shards or pictures, or pass --files-from")
-    return SourceSet(tuple(readers))
+    _refuse_nested(readers)
+    scheme = id_from if id_from != "auto" else ("relative" if len(readers) == 1 else "source-relative")
+    readers = _with_ids(readers, scheme)
+    _refuse_shared_labels(readers, scheme)
+    return SourceSet(tuple(readers), scheme)
+
+
+def _refuse_nested(readers: Sequence[Reader]) -> None:
+    """A folder or picture given twice, or inside a folder also given, would be read twice."""
+    given = [(os.path.realpath(r.root), r.root, True) for r in readers if isinstance(r, FolderReader)]
+    given += [(os.path.realpath(r.path), r.path, False) for r in readers if isinstance(r, FileReader)]
+    for i, (real, spec, _) in enumerate(given):
+        for j, (outer_real, outer, is_folder) in enumerate(given):
+            if i == j:
+                continue
+            if real == outer_real and i > j:
+                raise SourceError(f"{spec} and {outer} are the same: its pictures would be read twice; give it once")
+            if is_folder and real.startswith(outer_real.rstrip(os.sep) + os.sep):
+                raise SourceError(f"{spec} is inside {outer}: its pictures would be read twice; give one of them")
+
+
+def _local_path(reader: Reader, url: str | None = None) -> str | None:
+    """The local path a reader (or one of a tar reader's shards) stands for; None for a URL or a list."""
+    if isinstance(reader, FolderReader):
+        return reader.root
+    if isinstance(reader, FileReader):
+        return reader.path
+    if url is not None and not _is_url(url):
+        return url
+    return None
+
+
+def _with_ids(readers: list[Reader], scheme: str) -> list[Reader]:
+    """The readers, told how to make their ids under ``scheme`` (``relative`` changes nothing)."""
+    if scheme == "relative":
+        return readers
+    paths = [os.path.abspath(p) for r in readers for p in _local_paths(r)]
+    common = os.path.commonpath([os.path.dirname(p) for p in paths]) if paths else ""
+
+    def label(path: str) -> str:
+        full = os.path.abspath(path)
+        return full if scheme == "absolute" else os.path.relpath(full, common).replace(os.sep, "/")
+
+    out: list[Reader] = []
+    for reader in readers:
+        if isinstance(reader, FolderReader):
+            out.append(dataclasses.replace(reader, prefix=label(reader.root).rstrip("/") + "/"))
+        elif isinstance(reader, FileReader):
+            out.append(dataclasses.replace(reader, item_id=label(reader.path)))
+        elif isinstance(reader, ListReader):
+            out.append(dataclasses.replace(reader, absolute=scheme == "absolute"))
+        else:
+            labels = []
+            for url in reader.urls:
+                local = _local_path(reader, url)
+                labels.append(label(local) if local is not None else (url if scheme == "absolute" else shard_name(url)))
+            out.append(dataclasses.replace(reader, labels=tuple(labels)))
+    return out
+
+
+def _local_paths(reader: Reader) -> list[str]:
+    if isinstance(reader, TarReader):
+        return [u for u in reader.urls if not _is_url(u)]
+    path = _local_path(reader)
+    return [path] if path is not None else []
+
+
+def _refuse_shared_labels(readers: Sequence[Reader], scheme: str) -> None:
+    """Two shards whose ids would share one prefix: every sample key they share would collide."""
+    first: dict[str, str] = {}
+    for reader in readers:
+        if not isinstance(reader, TarReader):
+            continue
+        for url, name in reader.shards():
+            if name in first:
+                if first[name] == url:
+                    raise SourceError(f"{url} is given twice: its samples would be read twice; give it once")
+                hint = "use --id-from source-relative or absolute" if scheme == "relative" else "rename one of them"
+                raise SourceError(
+                    f"{first[name]} and {url} would both give ids {name}/<key>, so samples with one key would "
+                    f"collide; {hint}"
+                )
+            first.setdefault(name, url)

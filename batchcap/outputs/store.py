@@ -77,6 +77,10 @@ DONE_COLUMNS = ["id", "size", "mtime_ns", "status"]
 # fingerprint would fail the same way again, so it counts as done.
 RETRY_STATUSES = frozenset({"missing", "unreadable", "shard_error"})
 
+#: Resume settings that outputs written before they were recorded implied: such an output
+#: resumes as before (ids were always made ``relative``).
+UNRECORDED_SETTINGS: dict[str, Any] = {"id_from": "relative"}
+
 ROW_GROUP_ROWS = 65_536  # final Parquet row groups: large enough to scan fast, small in RAM
 _PART_RE = re.compile(r"^part-(\d{8})-([0-9a-f]+)\.parquet$")
 
@@ -459,7 +463,8 @@ def _check_previous(out: Path, previous: dict[str, Any] | None, meta: dict[str, 
             f"{what} is {previous.get('format')}, not {meta['format']}; "
             "rerun with --overwrite to start over, or choose another --out"
         )
-    old = flatten_settings(previous.get("resume_settings") or {})
+    implied = {k: v for k, v in UNRECORDED_SETTINGS.items() if k in meta["resume_settings"]}
+    old = flatten_settings({**implied, **(previous.get("resume_settings") or {})})
     new = flatten_settings(meta["resume_settings"])
     differ = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
     if differ:

@@ -43,13 +43,22 @@ def model_identity(meta: dict[str, Any]) -> str:
     return f"{meta.get('name', 'batchcap-model')}@{str(meta.get('tensors_sha256', ''))[:12]}"
 
 
-def resume_settings(meta: dict[str, Any], beam: BeamConfig, min_confidence: float | None = None) -> dict[str, Any]:
-    """The settings a resumed run must share with the first: model, caption search, abstention.
+def resume_settings(
+    meta: dict[str, Any], beam: BeamConfig, min_confidence: float | None = None, id_from: str = "relative"
+) -> dict[str, Any]:
+    """The settings a resumed run must share with the first: model, caption search, abstention, id scheme.
 
-    Device, precision, batch size and workers are execution details and may change
-    between attempts (a job pre-empted on a GPU node may resume on a CPU node).
+    ``id_from`` is the resolved scheme (never ``auto``): resuming with ids made another way
+    would caption every picture again under a second id. Device, precision, batch size and
+    workers are execution details and may change between attempts (a job pre-empted on a
+    GPU node may resume on a CPU node).
     """
-    settings = {"model": model_identity(meta), "preprocess": meta.get("preprocess"), "beam": to_dict(beam)}
+    settings = {
+        "model": model_identity(meta),
+        "preprocess": meta.get("preprocess"),
+        "beam": to_dict(beam),
+        "id_from": id_from,
+    }
     if min_confidence is not None:
         settings["min_confidence"] = min_confidence
     return settings
@@ -176,18 +185,18 @@ def run_job(
     stream = stream if stream is not None else sys.stderr
     out = Path(cfg.out)
     check_output_location(cfg.out)
-    sources = open_sources(cfg.sources, cfg.files_from, policy)  # before anything is created
+    sources = open_sources(cfg.sources, cfg.files_from, policy, cfg.id_from)  # before anything is created
     check_output_writable(out, work_dir_for(out))
     max_failures = parse_max_failures(cfg.max_failures)
     meta = read_metadata(model_path)
     preprocess = from_dict(Preprocess, meta["preprocess"])
     identity = model_identity(meta)
-    run_config = _run_configuration(cfg, model_path, meta, identity, beam, runtime, policy)
+    run_config = _run_configuration(cfg, model_path, meta, identity, beam, runtime, policy, sources.id_scheme)
     with StopSignals(stream, EXIT_INTERRUPTED) as stop, hold_lock(out):
         store = OutputStore.open(
             out,
             cfg.format,
-            resume_settings(meta, beam, cfg.min_confidence),
+            resume_settings(meta, beam, cfg.min_confidence, sources.id_scheme),
             run_config,
             overwrite=cfg.overwrite,
             commit_every=cfg.commit_every,
@@ -251,6 +260,7 @@ def _run_configuration(
     beam: BeamConfig,
     runtime: RuntimeConfig,
     policy: ImagePolicy,
+    id_scheme: str,
 ) -> dict[str, Any]:
     """What is stored beside the output, so that a result can be explained months later."""
     return {
@@ -264,6 +274,7 @@ def _run_configuration(
         "runtime": to_dict(runtime),
         "image_policy": to_dict(policy),
         "preprocess": meta.get("preprocess"),
+        "ids": id_scheme,
     }
 
 
