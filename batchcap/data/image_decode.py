@@ -32,6 +32,7 @@ import torch
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from batchcap.config import ImagePolicy, Preprocess
+from batchcap.data.extensions import enable_heif
 from batchcap.data.preprocess import DEVICE_INTERPOLATIONS, draft_request, to_input_tensor
 from batchcap.messages import one_line
 
@@ -169,6 +170,7 @@ def to_rgb(img: Image.Image, background: tuple[int, int, int]) -> Image.Image:
 def decode_bytes(data: bytes, preprocess: Preprocess, policy: ImagePolicy) -> Decoded:
     """Decode one picture's bytes under ``policy`` into ``preprocess``'s uint8 (3, H, W) tensor."""
     assert not ImageFile.LOAD_TRUNCATED_IMAGES, "truncated pictures must fail, not be padded"
+    enable_heif()
     if not data:
         return _fail(CORRUPT, "empty file (0 bytes)")
     try:
@@ -237,6 +239,7 @@ def open_rgb(data: bytes, policy: ImagePolicy = ImagePolicy()) -> Image.Image:
 
     Raises the data error instead of returning a status.
     """
+    enable_heif()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         img = Image.open(io.BytesIO(data))

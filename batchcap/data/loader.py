@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from batchcap.config import ImagePolicy, Preprocess
 from batchcap.data.device_decode import DEVICE_DECODE_ERRORS, decode_jpegs, orient, resize_on_device
+from batchcap.data.extensions import enable_heif
 from batchcap.data.image_decode import (
     DUPLICATE_ID,
     OK,
@@ -85,6 +86,8 @@ class Batch:
     orientations: list[int] = field(default_factory=list)
     encoded_data: torch.Tensor | None = None
     encoded_ends: list[int] = field(default_factory=list)
+    #: The names counted in ``ignored``: (what they are, e.g. ``.heic`` or ``hidden``; the path).
+    ignored_paths: list[tuple[str, str]] = field(default_factory=list)
 
     def encoded(self) -> list[torch.Tensor]:
         """Each undecoded JPEG's bytes, a view into ``encoded_data``."""
@@ -114,6 +117,7 @@ class _Builder:
         self.ok: list[ItemResult] = []
         self.failed: list[ItemResult] = []
         self.ignored = 0
+        self.ignored_paths: list[tuple[str, str]] = []
         self.skipped = 0
         self.encoded_rows: list[int] = []
         self.encoded: list[bytes] = []
@@ -154,6 +158,7 @@ class _Builder:
         batch = Batch(
             images, self.ok, self.failed, self.ignored, self.skipped, self.encoded_rows, self.orientations, data, ends
         )
+        batch.ignored_paths = self.ignored_paths
         self.reset()
         return batch
 
@@ -196,6 +201,7 @@ class BatchDataset(IterableDataset):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         allow_pillow_up_to(self.policy)
+        enable_heif()  # in this worker, before its first picture
         builder = _Builder(self.preprocess, self.batch_size)
         counter = [0]
         seen = self.sources.id_tracker()  # every worker walks every listing in one order: one owner each
@@ -216,6 +222,7 @@ class BatchDataset(IterableDataset):
     def _handle(self, entry: Entry, builder: _Builder) -> Iterator[Batch]:
         if isinstance(entry, Ignored):
             builder.ignored += 1
+            builder.ignored_paths.append((entry.category, entry.source or entry.path))
         elif isinstance(entry, Duplicate):
             item = entry.item if entry.member else fingerprinted(entry.item)
             if self._is_done(item, member=entry.member):

@@ -114,9 +114,18 @@ class Duplicate:
 
 @dataclass(frozen=True)
 class Ignored:
-    """A hidden or non-image name a folder walk passed over (counted, never decoded)."""
+    """A hidden or non-image name a folder walk passed over (never decoded; counted and listed)."""
 
-    path: str
+    path: str  # relative to the folder
+    source: str = ""  # the path as walked
+    kind: str = ""  # "hidden", "unreadable folder"; empty: not a picture (its extension says more)
+
+    @property
+    def category(self) -> str:
+        """What the run summary counts it under: its kind, else its extension (``.heic``)."""
+        if self.kind:
+            return self.kind
+        return os.path.splitext(self.path)[1].lower() or "no extension"
 
 
 Entry = FileEntry | MemberEntry | ShardFailure | Duplicate | Ignored
@@ -200,7 +209,7 @@ class FolderReader:
                 continue
             rel = f"{rel_dir}/{entry.name}" if rel_dir else entry.name
             if entry.name.startswith("."):
-                yield Ignored(rel)
+                yield Ignored(rel, entry.path, "hidden")
                 continue
             try:
                 is_dir = entry.is_dir(follow_symlinks=True)
@@ -215,10 +224,10 @@ class FolderReader:
                     seen.add(key)
                     stack.append((rel, self._sorted(entry.path)))
                 except OSError:
-                    yield Ignored(rel)  # unreadable directory: counted, not fatal
+                    yield Ignored(rel, entry.path, "unreadable folder")  # counted and listed, not fatal
                 continue
             if not is_image_name(entry.name):
-                yield Ignored(rel)
+                yield Ignored(rel, entry.path)
                 continue
             yield FileEntry(InputItem(id=self.prefix + rel, source=entry.path))
 

@@ -42,7 +42,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image, ImageOps
 
-from batchcap.data.extensions import IMAGE_KEYS, TAR_SUFFIXES
+from batchcap.data.extensions import IMAGE_KEYS, TAR_SUFFIXES, enable_heif
 from batchcap.hardware import available_cpus
 from batchcap.outputs.schema import METADATA_KEY_BYTES, flatten_settings, sniff_format
 from batchcap.outputs.schema import SCHEMA as OUTPUT_SCHEMA
@@ -404,6 +404,7 @@ def _read_members(tar_path: Path, wanted: dict[str, list[int]], exts: tuple[str,
 
 def _thumbnail(data: bytes | Path, size: int) -> _Thumb:
     """A JPEG data URI no larger than ``size`` px, or the reason the picture would not open."""
+    enable_heif()
     try:
         with Image.open(data if isinstance(data, Path) else io.BytesIO(data)) as img:
             if img.width * img.height > THUMB_MAX_PIXELS and img.format != "JPEG":

@@ -26,6 +26,7 @@ from batchcap.outputs.background_writer import BackgroundWriter
 from batchcap.outputs.lock import check_output_location, check_output_writable, hold_lock
 from batchcap.outputs.store import OutputStore, work_dir_for
 from batchcap.pipeline.captioner import Captioner, caption_batch
+from batchcap.pipeline.ignored import IgnoredFiles
 from batchcap.pipeline.interrupt import StopSignals
 from batchcap.pipeline.progress import EXIT_INTERRUPTED, EXIT_OK, EXIT_TOO_MANY_FAILURES, Progress, parse_max_failures
 
@@ -231,7 +232,16 @@ def run_job(
                 done=store.done,
                 pin_memory=runtime.device.startswith("cuda"),
             )
-            if not _caption_batches(batches, rows, BackgroundWriter(store, cfg.commit_seconds), progress, stop):
+            ignored = IgnoredFiles(out)
+            finished = False
+            try:
+                finished = _caption_batches(
+                    batches, rows, BackgroundWriter(store, cfg.commit_seconds), progress, stop, ignored
+                )
+            finally:
+                if not finished:
+                    ignored.discard()
+            if not finished:
                 notes = {
                     **_fault_notes(store),
                     "interrupted": (
@@ -241,9 +251,9 @@ def run_job(
                 }
                 return RunResult(EXIT_INTERRUPTED, progress.summary(str(out), extra=notes))
             processed = progress.processed
-            extra = _finished_notes(
-                store, store.finalize(), processed, rows.set_aside, cfg.min_confidence, stop.requested
-            )
+            final = store.finalize()
+            progress.ignored_note = ignored.finish()  # a complete pass: its list replaces the last one
+            extra = _finished_notes(store, final, processed, rows.set_aside, cfg.min_confidence, stop.requested)
             summary = progress.summary(str(out), extra=extra)
     failed = sum(progress.failed.values())
     if max_failures.exceeded(failed, processed):
@@ -323,7 +333,12 @@ class _BatchRows:
 
 
 def _caption_batches(
-    batches: Any, rows: _BatchRows, writer: BackgroundWriter, progress: Progress, stop: StopSignals
+    batches: Any,
+    rows: _BatchRows,
+    writer: BackgroundWriter,
+    progress: Progress,
+    stop: StopSignals,
+    ignored: IgnoredFiles,
 ) -> bool:
     """Caption and write every batch; False when a signal stopped it first (committed rows are kept)."""
     try:
@@ -331,6 +346,7 @@ def _caption_batches(
             if stop.requested:  # arrived while this batch was on its way: take it no further
                 return False
             writer.add(rows(batch))
+            ignored.add(batch.ignored_paths)
             progress.advance(
                 ok=len(batch.ok),
                 failed=Counter(i.status for i in batch.failed),
