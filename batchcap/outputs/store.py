@@ -469,10 +469,13 @@ def _check_previous(out: Path, previous: dict[str, Any] | None, meta: dict[str, 
     differ = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
     if differ:
         changes = "; ".join(f"{option_name(k)}: {json.dumps(old.get(k))} -> {json.dumps(new.get(k))}" for k in differ)
+        also = ""
+        if "id_from" in differ and old.get("id_from") is not None:
+            also = f", or pass --id-from {old['id_from']} to continue it with the ids it has"
         raise ResumeRefused(
             f"refusing to continue {out}: {what} was made with other settings ({changes}). "
             "Mixing them would put captions from different settings in one file; rerun with "
-            "--overwrite to start over, or choose another --out"
+            f"--overwrite to start over, or choose another --out{also}"
         )
 
 

@@ -155,6 +155,7 @@ def test_resuming_with_another_id_scheme_is_refused(tmp_path: Path, tiny_model_p
     proc = run(command(folders, out, tiny_model_path, "--id-from", "absolute"))
     assert proc.returncode == EXIT_RESUME_REFUSED, proc.stdout
     assert '--id-from: "source-relative" -> "absolute"' in proc.stdout
+    assert "pass --id-from source-relative to continue it" in proc.stdout
 
 
 def test_sources_that_would_collide_as_a_whole_are_refused(tmp_path: Path, tiny_model_path: Path) -> None:
