@@ -154,15 +154,18 @@ def _duplicate(item: InputItem, seen: dict[str, str], error: str, member: bool =
     return Duplicate(renamed, one_line(error), member)
 
 
-def unique_entries(entries: Iterable[Entry], seen: dict[str, str]) -> Iterator[Entry]:
+def unique_entries(
+    entries: Iterable[Entry], seen: dict[str, str], only: frozenset[str] | None = None
+) -> Iterator[Entry]:
     """``entries`` with every file whose id is in ``seen`` (id -> source) turned into a :class:`Duplicate`.
 
     ``seen`` is shared by all the readers of a run, so that a collision between two sources
     is caught too; every DataLoader worker walks the same listing in the same order, so
-    they all name the same input the duplicate.
+    they all name the same input the duplicate. With ``only`` (the ids a survey found
+    repeated, see :meth:`SourceSet.surveyed`), only those ids are remembered.
     """
     for entry in entries:
-        if not isinstance(entry, FileEntry):
+        if not isinstance(entry, FileEntry) or (only is not None and entry.item.id not in only):
             yield entry
             continue
         first = seen.get(entry.item.id)
@@ -391,6 +394,8 @@ class SourceSet:
 
     readers: tuple[Reader, ...]
     id_scheme: str = "relative"
+    #: The ids the listing holds more than once (:meth:`surveyed`); None: not surveyed, remember every id.
+    repeated: frozenset[str] | None = None
 
     @property
     def may_collide(self) -> bool:
@@ -407,7 +412,26 @@ class SourceSet:
     def entries(self, reader: FolderReader | ListReader | FileReader, seen: dict[str, str] | None) -> Iterator[Entry]:
         """``reader``'s entries, a file whose id ``seen`` holds made a :class:`Duplicate`."""
         entries: Iterator[Entry] = reader.entries()
-        return entries if seen is None else unique_entries(entries, seen)
+        return entries if seen is None else unique_entries(entries, seen, self.repeated)
+
+    def surveyed(self) -> SourceSet:
+        """This set with :attr:`repeated` filled in by one listing pass (when ids may collide at all).
+
+        Every DataLoader worker walks the whole listing; remembering every id there would cost
+        each worker memory in proportion to the collection. After this pass in one process,
+        workers remember only the few ids that repeat.
+        """
+        if not self.may_collide or self.repeated is not None:
+            return self
+        once: set[str] = set()
+        repeated: set[str] = set()
+        for reader in self.readers:
+            if isinstance(reader, TarReader):
+                continue
+            for entry in reader.entries():
+                if isinstance(entry, FileEntry):
+                    (repeated if entry.item.id in once else once).add(entry.item.id)
+        return dataclasses.replace(self, repeated=frozenset(repeated))
 
     def count(self, shard_index: int = 0, shard_count: int = 1) -> int | None:
         """Candidate pictures (in one shard), by a listing pass; None when tars are involved."""

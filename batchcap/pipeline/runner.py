@@ -187,6 +187,7 @@ def run_job(
     out = Path(cfg.out)
     check_output_location(cfg.out)
     sources = open_sources(cfg.sources, cfg.files_from, policy, cfg.id_from)  # before anything is created
+    sources = sources.surveyed()  # the ids that repeat, so that workers need not remember every id
     check_output_writable(out, work_dir_for(out))
     max_failures = parse_max_failures(cfg.max_failures)
     meta = read_metadata(model_path)

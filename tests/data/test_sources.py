@@ -262,6 +262,10 @@ def test_a_list_with_a_folder_tracks_repeats(tmp_path: Path) -> None:
     seen, _, _ = collect(sources)
     assert seen == {"p/img00000.jpg": "ok", "p/img00001.jpg": "ok", str(paths[1]): "ok",
                     f"{paths[1]}#2": "duplicate_id"}  # fmt: skip
+    surveyed = sources.surveyed()  # what a run does: workers then remember only the repeated ids
+    assert surveyed.repeated == {str(paths[1])}
+    assert collect(surveyed, workers=2)[0] == seen
+    assert open_sources([str(tmp_path / "p")]).surveyed().repeated is None  # one folder: nothing to survey
 
 
 @pytest.mark.parametrize("spec", ["s3://bucket/photos", "gs://b/x-{0..3}.tar", "hdfs://n/x.tar"])
