@@ -509,8 +509,19 @@ def test_url_output_is_refused_before_any_work(tmp_path: Path, tiny_model_path: 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["photos"]
 
 
-def test_a_reader_failing_in_a_worker_ends_the_run_promptly(tmp_path: Path, tiny_model_path: Path) -> None:
-    """A bug in a reader raises inside a DataLoader worker: a crash with its traceback, never a hang.
+@pytest.mark.parametrize(
+    "failure, says",
+    [
+        ("raise RuntimeError('a reader bug, raised in a worker')", "a reader bug, raised in a worker"),
+        ("os.kill(os.getpid(), signal.SIGKILL)", "exited unexpectedly"),
+    ],
+    ids=["raises", "killed"],
+)
+def test_a_reader_failing_in_a_worker_ends_the_run_promptly(
+    tmp_path: Path, tiny_model_path: Path, failure: str, says: str
+) -> None:
+    """A reader's bug raising in a DataLoader worker, or a worker killed (the OOM killer): a crash with
+    its traceback, never a hang.
 
     The traceback kept the loader, and so its workers (which ignore SIGTERM), alive until exit, where
     multiprocessing's exit handler waited for them for ever.
@@ -519,13 +530,13 @@ def test_a_reader_failing_in_a_worker_ends_the_run_promptly(tmp_path: Path, tiny
     write_images(folder, 4)
     cmd = command([folder], tmp_path / "captions.parquet", tiny_model_path)
     code = (
-        "import sys\n"
+        "import os, signal, sys\n"
         "from torch.utils.data import get_worker_info\n"
         "from batchcap.data import sources\n"
         "listed = sources.FolderReader.entries\n"
         "def entries(self):\n"
         "    if get_worker_info() is not None:\n"
-        "        raise RuntimeError('a reader bug, raised in a worker')\n"
+        f"        {failure}\n"
         "    return listed(self)\n"
         "sources.FolderReader.entries = entries\n"
         "from batchcap.cli import main\n"
@@ -543,8 +554,8 @@ def test_a_reader_failing_in_a_worker_ends_the_run_promptly(tmp_path: Path, tiny
     try:
         output, _ = proc.communicate(timeout=90)
     except subprocess.TimeoutExpired:
-        pytest.fail("the run hung after a worker raised")
+        pytest.fail("the run hung after a worker failed")
     finally:
         reap_groups([proc.pid])
     assert proc.returncode == 1, output  # a bug is a crash, with the worker's traceback
-    assert "a reader bug, raised in a worker" in output
+    assert says in output
