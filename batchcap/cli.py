@@ -313,8 +313,8 @@ def cli() -> None:
     show_default=True,
     help="How picture ids are made. relative: path within its folder, <shard name>/<key> in a tar; "
     "source-relative: prefixed with the source's path relative to the sources' common parent "
-    "(cam2023/IMG_1.jpg); absolute: prefixed with its absolute path. auto: relative for one source, "
-    "source-relative for several. A resume setting.",
+    "(cam2023/IMG_1.jpg); absolute: prefixed with its absolute path. auto: relative for one folder or "
+    "tar source, or for pictures and lists only; source-relative otherwise. A resume setting.",
 )
 @output_options
 @click.option(

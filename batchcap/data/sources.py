@@ -14,8 +14,8 @@ One factory, :func:`open_sources`, looks at each spec and picks a reader:
   the id is ``<shard basename>/<__key__>``. A damaged shard yields the samples read
   before the damage and one ``shard_error`` entry, and the next shard goes on.
 
-Those are the ``relative`` ids, which one source keeps unique. With several sources
-(``--id-from auto``, the default) ids are ``source-relative``: each folder's, picture's or
+Those are the ``relative`` ids, which one source keeps unique. With a folder or tar source
+beside another source (``--id-from auto``, the default) ids are ``source-relative``: each folder's, picture's or
 shard's path relative to the common parent of all the sources prefixes its ids
 (``cam2023/IMG_1.jpg``, ``a/shards-0000.tar/key``); ``absolute`` prefixes absolute paths.
 :func:`open_sources` refuses what would still collide as a whole (a folder inside another,
@@ -569,24 +569,48 @@ def open_sources(
     if not readers:
         raise SourceError("no input: name folders, shards or pictures, or pass --files-from")
     _refuse_nested(readers)
-    scheme = id_from if id_from != "auto" else ("relative" if len(readers) == 1 else "source-relative")
+    scheme = id_from if id_from != "auto" else _auto_scheme(readers)
     readers = _with_ids(readers, scheme)
     _refuse_shared_labels(readers, scheme)
     return SourceSet(tuple(readers), scheme)
 
 
 def _refuse_nested(readers: Sequence[Reader]) -> None:
-    """A folder or picture given twice, or inside a folder also given, would be read twice."""
-    given = [(os.path.realpath(r.root), r.root, True) for r in readers if isinstance(r, FolderReader)]
-    given += [(os.path.realpath(r.path), r.path, False) for r in readers if isinstance(r, FileReader)]
-    for i, (real, spec, _) in enumerate(given):
-        for j, (outer_real, outer, is_folder) in enumerate(given):
-            if i == j:
-                continue
-            if real == outer_real and i > j:
-                raise SourceError(f"{spec} and {outer} are the same: its pictures would be read twice; give it once")
-            if is_folder and real.startswith(outer_real.rstrip(os.sep) + os.sep):
-                raise SourceError(f"{spec} is inside {outer}: its pictures would be read twice; give one of them")
+    """A folder or picture given twice, or inside a folder also given, would be read twice.
+
+    Linear in the number of sources (``batchcap run photos/*.jpg`` may name thousands): each
+    path's ancestors are looked up among the folders given.
+    """
+    given: dict[str, str] = {}
+    folders: dict[str, str] = {}
+    for reader in readers:
+        if not isinstance(reader, (FolderReader, FileReader)):
+            continue
+        spec = reader.root if isinstance(reader, FolderReader) else reader.path
+        real = os.path.realpath(spec)
+        if real in given:
+            raise SourceError(f"{spec} and {given[real]} are the same: it would be read twice; give it once")
+        given[real] = spec
+        if isinstance(reader, FolderReader):
+            folders[real] = spec
+    for real, spec in given.items():
+        child, parent = real, os.path.dirname(real)
+        while parent != child:  # up to the root, whose parent is itself
+            if parent in folders:
+                raise SourceError(f"{spec} is inside {folders[parent]}: it would be read twice; give one of them")
+            child, parent = parent, os.path.dirname(parent)
+
+
+def _auto_scheme(readers: Sequence[Reader]) -> str:
+    """``relative`` where those ids cannot collide, else ``source-relative``.
+
+    Relative ids are relative to each folder, and a shard's name within its folder: two
+    folders or tar sources (or a folder beside pictures and lists, whose ids are paths as
+    written) can give one id to two inputs. One folder or tar source alone, or pictures and
+    lists only, keep the ids they always had.
+    """
+    roots = sum(isinstance(r, (FolderReader, TarReader)) for r in readers)
+    return "relative" if roots == 0 or len(readers) == 1 else "source-relative"
 
 
 def _local_path(reader: Reader, url: str | None = None) -> str | None:

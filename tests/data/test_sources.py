@@ -233,6 +233,11 @@ def test_one_source_keeps_relative_ids_and_several_are_told_apart(tmp_path: Path
     two = open_sources([a, b])
     assert two.id_scheme == "source-relative" and not two.may_collide
     assert sorted(collect(two)[0]) == [f"{y}/photos/img0000{i}.jpg" for y in ("2023", "2024") for i in (0, 1)]
+    pictures = [str(p) for p in sorted(Path(a).iterdir())]
+    assert open_sources(pictures).id_scheme == "relative"  # `photos/*.jpg`: the paths as given, as always
+    assert sorted(collect(open_sources(pictures))[0]) == pictures
+    with pytest.raises(SourceError, match="is inside"):
+        open_sources([*pictures, str(tmp_path / "data")])
     absolute = open_sources([a, b], id_from="absolute")
     assert sorted(collect(absolute)[0]) == sorted(f"{d}/img0000{i}.jpg" for d in (a, b) for i in (0, 1))
     relative = open_sources([a, b], id_from="relative")
