@@ -313,6 +313,16 @@ def cli() -> None:
 @cli.command()
 @click.argument("sources", nargs=-1)
 @input_options
+@click.option(
+    "--id-from",
+    type=click.Choice(["auto", "relative", "source-relative", "absolute"]),
+    default="auto",
+    show_default=True,
+    help="How picture ids are made. relative: path within its folder, <shard name>/<key> in a tar; "
+    "source-relative: prefixed with the source's path relative to the sources' common parent "
+    "(cam2023/IMG_1.jpg); absolute: prefixed with its absolute path. auto: relative for one folder or "
+    "tar source, or for pictures and lists only; source-relative otherwise. A resume setting.",
+)
 @output_options
 @click.option(
     "--min-confidence",

@@ -166,6 +166,7 @@ class RunConfig:
     commit_seconds: float = 60.0
     min_confidence: float | None = None  # rows below get status low_confidence (None: off)
     id_column: str | None = None  # Parquet sources: the column of ids (None: key, else id, else file/row)
+    id_from: str = "auto"  # how ids are made: auto | relative | source-relative | absolute
 
 
 @dataclass(frozen=True)
@@ -212,6 +213,7 @@ _OPTION_OF_SETTING = {
     "no_repeat_ngram": "--no-repeat-ngram",
     "n_best": "--n-best",
     "min_confidence": "--min-confidence",
+    "id_from": "--id-from",
 }
 
 

@@ -101,6 +101,22 @@ def write_images(
     return paths
 
 
+def write_oriented(path: Path, orientation: int = 6, size: tuple[int, int] = (40, 20)) -> Path:
+    """A ``size`` (w, h) picture in the format of ``path``'s suffix (.heic/.heif through pillow-heif's
+    writer, anything else through Pillow) with EXIF ``orientation``; 6 means it shows turned to (h, w)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = Image.fromarray(np.random.default_rng(orientation).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    if path.suffix.lower() in (".heic", ".heif"):
+        import pillow_heif  # its writer only: Pillow is taught to read HEIC by batchcap, not by the test
+
+        pillow_heif.from_pillow(img).save(path, exif=exif.tobytes(), quality=90)
+    else:
+        img.save(path, exif=exif.tobytes())
+    return path
+
+
 @pytest.fixture
 def one_torch_thread() -> Iterator[None]:
     """Run a test at one torch thread: on a busy 2-core machine two OpenMP threads can be 100x slower."""

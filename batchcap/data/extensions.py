@@ -1,13 +1,20 @@
-"""Which file names are pictures and which are WebDataset shards: one list for run, train, calibrate and report."""
+"""Which file names are pictures and which are WebDataset shards: one list for run, train, calibrate and report.
+
+And what lets Pillow open every picture format listed here (:func:`enable_heif`).
+"""
 
 from __future__ import annotations
 
+import functools
 import os
 
 #: Picture file extensions (lower case, with the dot). A folder's other files are listed as ignored.
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+#: HEIC/HEIF (iPhones) are read through pillow-heif, AVIF by Pillow itself.
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".heic", ".heif", ".avif"}
+)
 #: The same, as WebDataset member extensions (no dot), in a fixed order of preference.
-IMAGE_KEYS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+IMAGE_KEYS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "heic", "heif", "avif")
 #: File names read as WebDataset shards.
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 
@@ -24,3 +31,20 @@ TABLE_SUFFIXES = (".parquet", ".pq")
 def is_table_name(name: str) -> bool:
     """Whether ``name`` is a Parquet file name (case-insensitive)."""
     return name.lower().endswith(TABLE_SUFFIXES)
+
+
+@functools.cache
+def enable_heif() -> bool:
+    """Teach Pillow HEIC/HEIF (iPhone photos) through pillow-heif, once per process; False without it.
+
+    Called where pictures are opened, so that a DataLoader worker registers it too however it
+    was started. pillow-heif applies the HEIF rotation and mirroring itself and resets the
+    EXIF orientation to 1, so the orientation is never applied twice. AVIF needs nothing:
+    Pillow reads it (and its EXIF orientation) natively.
+    """
+    try:
+        from pillow_heif import register_heif_opener
+    except ImportError:
+        return False
+    register_heif_opener()
+    return True

@@ -32,6 +32,7 @@ import torch
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from batchcap.config import ImagePolicy, Preprocess
+from batchcap.data.extensions import enable_heif
 from batchcap.data.preprocess import DEVICE_INTERPOLATIONS, draft_request, to_input_tensor
 from batchcap.messages import one_line
 
@@ -44,7 +45,9 @@ OK, CORRUPT, UNREADABLE, TOO_LARGE, UNSUPPORTED, MISSING, SHARD_ERROR = (
     "missing",
     "shard_error",
 )
-STATUSES = (OK, CORRUPT, UNREADABLE, TOO_LARGE, UNSUPPORTED, MISSING, SHARD_ERROR)
+#: An input whose id an earlier input of the run already has (see ``batchcap.data.sources.Duplicate``).
+DUPLICATE_ID = "duplicate_id"
+STATUSES = (OK, CORRUPT, UNREADABLE, TOO_LARGE, UNSUPPORTED, MISSING, SHARD_ERROR, DUPLICATE_ID)
 
 #: What Pillow raises for damaged data: truncation and bad streams (OSError), broken
 #: headers (SyntaxError), bad values (ValueError), short reads (EOFError), bad EXIF/TIFF
@@ -167,6 +170,7 @@ def to_rgb(img: Image.Image, background: tuple[int, int, int]) -> Image.Image:
 def decode_bytes(data: bytes, preprocess: Preprocess, policy: ImagePolicy) -> Decoded:
     """Decode one picture's bytes under ``policy`` into ``preprocess``'s uint8 (3, H, W) tensor."""
     assert not ImageFile.LOAD_TRUNCATED_IMAGES, "truncated pictures must fail, not be padded"
+    enable_heif()
     if not data:
         return _fail(CORRUPT, "empty file (0 bytes)")
     try:
@@ -291,6 +295,7 @@ def open_rgb(data: bytes, policy: ImagePolicy = ImagePolicy()) -> Image.Image:
 
     Raises the data error instead of returning a status.
     """
+    enable_heif()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         img = Image.open(io.BytesIO(data))

@@ -59,13 +59,34 @@ class ShardFailure:
 
 
 @dataclass(frozen=True)
+class Duplicate:
+    """An input whose id an earlier input already has; ``item.id`` is the id made unique (``<id>#2``).
+
+    It becomes one ``duplicate_id`` row naming both inputs and is never decoded.
+    """
+
+    item: InputItem
+    error: str
+    member: bool = False  # a tar sample (done by id alone), not a file (done by id and fingerprint)
+
+
+@dataclass(frozen=True)
 class Ignored:
-    """A hidden or non-image name a folder walk passed over (counted, never decoded)."""
+    """A hidden or non-image name a folder walk passed over (never decoded; counted and listed)."""
 
-    path: str
+    path: str  # relative to the folder
+    source: str = ""  # the path as walked
+    kind: str = ""  # "hidden", "unreadable folder"; empty: not a picture (its extension says more)
+
+    @property
+    def category(self) -> str:
+        """What the run summary counts it under: its kind, else its extension (``.heic``)."""
+        if self.kind:
+            return self.kind
+        return os.path.splitext(self.path)[1].lower() or "no extension"
 
 
-Entry = FileEntry | MemberEntry | ShardFailure | Ignored
+Entry = FileEntry | MemberEntry | ShardFailure | Duplicate | Ignored
 
 
 def fingerprinted(item: InputItem) -> InputItem:

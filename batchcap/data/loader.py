@@ -29,7 +29,9 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from batchcap.config import ImagePolicy, Preprocess
 from batchcap.data.device_decode import DEVICE_DECODE_ERRORS, decode_jpegs, orient, resize_on_device
+from batchcap.data.extensions import enable_heif
 from batchcap.data.image_decode import (
+    DUPLICATE_ID,
     OK,
     SHARD_ERROR,
     UNSUPPORTED,
@@ -38,7 +40,15 @@ from batchcap.data.image_decode import (
     decode_bytes,
     decode_file,
 )
-from batchcap.data.inputs import FileEntry, Ignored, InputItem, MemberEntry, ShardFailure, fingerprinted
+from batchcap.data.inputs import (
+    Duplicate,
+    Entry,
+    FileEntry,
+    Ignored,
+    InputItem,
+    ShardFailure,
+    fingerprinted,
+)
 from batchcap.data.sharding import in_shard
 from batchcap.data.sources import SourceSet, TarReader, shard_name
 from batchcap.data.tables import TableReader
@@ -75,6 +85,8 @@ class Batch:
     orientations: list[int] = field(default_factory=list)
     encoded_data: torch.Tensor | None = None
     encoded_ends: list[int] = field(default_factory=list)
+    #: The names counted in ``ignored``: (what they are, e.g. ``.heic`` or ``hidden``; the path).
+    ignored_paths: list[tuple[str, str]] = field(default_factory=list)
 
     def encoded(self) -> list[torch.Tensor]:
         """Each undecoded JPEG's bytes, a view into ``encoded_data``."""
@@ -104,6 +116,7 @@ class _Builder:
         self.ok: list[ItemResult] = []
         self.failed: list[ItemResult] = []
         self.ignored = 0
+        self.ignored_paths: list[tuple[str, str]] = []
         self.skipped = 0
         self.encoded_rows: list[int] = []
         self.encoded: list[bytes] = []
@@ -144,6 +157,7 @@ class _Builder:
         batch = Batch(
             images, self.ok, self.failed, self.ignored, self.skipped, self.encoded_rows, self.orientations, data, ends
         )
+        batch.ignored_paths = self.ignored_paths
         self.reset()
         return batch
 
@@ -186,13 +200,15 @@ class BatchDataset(IterableDataset):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         allow_pillow_up_to(self.policy)
+        enable_heif()  # in this worker, before its first picture
         builder = _Builder(self.preprocess, self.batch_size)
         counter = [0]
+        seen = self.sources.id_tracker()  # every worker walks every listing in one order: one owner each
         for reader in self.sources.readers:
             if isinstance(reader, TarReader):
-                for url in reader.urls:
+                for url, label in reader.shards():
                     if self._mine(shard_name(url), counter, worker, workers):
-                        for shard_entry in reader.read_shard(url):
+                        for shard_entry in reader.read_shard(url, label):
                             yield from self._handle(shard_entry, builder)
                 continue
             if isinstance(reader, TableReader):  # a row group at a time
@@ -202,16 +218,23 @@ class BatchDataset(IterableDataset):
                             for row in table.read(group):
                                 yield from self._handle(row, builder)
                 continue
-            for entry in reader.entries():
+            for entry in self.sources.entries(reader, seen):
                 key = entry.path if isinstance(entry, Ignored) else entry.item.id
                 if self._mine(key, counter, worker, workers):
                     yield from self._handle(entry, builder)
         if not builder.empty():
             yield builder.take()
 
-    def _handle(self, entry: FileEntry | MemberEntry | ShardFailure | Ignored, builder: _Builder) -> Iterator[Batch]:
+    def _handle(self, entry: Entry, builder: _Builder) -> Iterator[Batch]:
         if isinstance(entry, Ignored):
             builder.ignored += 1
+            builder.ignored_paths.append((entry.category, entry.source or entry.path))
+        elif isinstance(entry, Duplicate):
+            item = entry.item if entry.member else fingerprinted(entry.item)
+            if self._is_done(item, member=entry.member):
+                builder.skipped += 1
+            else:
+                builder.add(item, Decoded(DUPLICATE_ID, entry.error))
         elif isinstance(entry, ShardFailure):
             builder.add(entry.item, Decoded(SHARD_ERROR, entry.error))
         elif isinstance(entry, FileEntry):
@@ -286,7 +309,25 @@ def iter_batches(
         prefetch_factor=2 if workers > 0 else None,
         persistent_workers=False,
     )
-    yield from loader
+    batches = iter(loader)
+    try:
+        yield from batches
+    finally:
+        _stop_workers(batches)
+
+
+def _stop_workers(batches: Iterator[Batch]) -> None:
+    """Shut the DataLoader's workers down now, however the loop over ``batches`` ended.
+
+    When a worker raises (a reader's bug) or dies, torch re-raises in this process; the
+    traceback then keeps the loader's iterator, and with it its workers, alive until the
+    interpreter exits. Workers ignore SIGTERM (see :func:`_worker_init`), so
+    multiprocessing's exit handler, which terminates and then joins them, would wait for
+    ever. Stopping them here makes a failing worker a prompt crash, not a hang.
+    """
+    shutdown = getattr(batches, "_shutdown_workers", None)  # absent with workers=0
+    if shutdown is not None:
+        shutdown()
 
 
 def fill_batch(batch: Batch, preprocess: Preprocess, policy: ImagePolicy, device: str | torch.device) -> None:

@@ -17,6 +17,16 @@ One factory, :func:`open_sources`, looks at each spec and picks a reader:
   them, or a folder that holds ``.parquet`` files and no pictures at its top (img2dataset's
   output folder); :mod:`batchcap.data.tables` reads them. The run's own output is never a source.
 
+Those are the ``relative`` ids, which one source keeps unique. With a folder or tar source
+beside another source (``--id-from auto``, the default) ids are ``source-relative``: each folder's, picture's or
+shard's path relative to the common parent of all the sources prefixes its ids
+(``cam2023/IMG_1.jpg``, ``a/shards-0000.tar/key``); ``absolute`` prefixes absolute paths.
+:func:`open_sources` refuses what would still collide as a whole (a folder inside another,
+two shards with one label); an input whose id an earlier input already has (a list naming
+a path twice, a key repeated in a tar, colliding ``relative`` ids) becomes a
+:class:`Duplicate`: one ``duplicate_id`` row under ``<id>#2`` (``#3``, ...), never a
+silent overwrite of the first.
+
 Readers only list and read bytes; decoding is :mod:`batchcap.data.image_decode`'s job and the
 split into shards and DataLoader workers is :mod:`batchcap.data.loader`'s. Every reader is a
 small frozen dataclass of paths, so a :class:`SourceSet` pickles into worker processes.
@@ -25,6 +35,7 @@ small frozen dataclass of paths, so a :class:`SourceSet` pickles into worker pro
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import glob
 import os
 import posixpath
@@ -35,13 +46,22 @@ import sys
 import tarfile
 import tempfile
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from batchcap.config import ImagePolicy
 from batchcap.data.extensions import TAR_SUFFIXES, is_image_name, is_table_name
-from batchcap.data.inputs import FileEntry, Ignored, InputItem, MemberEntry, ShardFailure, SourceError
+from batchcap.data.inputs import (
+    Duplicate,
+    Entry,
+    FileEntry,
+    Ignored,
+    InputItem,
+    MemberEntry,
+    ShardFailure,
+    SourceError,
+)
 from batchcap.data.sharding import in_shard
 from batchcap.data.tables import TableReader, open_tables
 from batchcap.messages import one_line
@@ -51,6 +71,43 @@ _BRACE = re.compile(r"\{[^{}]*(\.\.|,)[^{}]*\}")
 
 #: What a damaged tar stream raises while it is read (tarfile, gzip, a failing ``pipe:``).
 SHARD_ERRORS = (tarfile.TarError, OSError, EOFError, zlib.error)
+
+
+def _duplicate(item: InputItem, seen: dict[str, str], error: str, member: bool = False) -> Duplicate:
+    """``item`` under the first free ``<id>#N`` (N = 2, 3, ...), recorded in ``seen``."""
+    n = 2
+    while f"{item.id}#{n}" in seen:
+        n += 1
+    renamed = dataclasses.replace(item, id=f"{item.id}#{n}")
+    seen[renamed.id] = item.source
+    return Duplicate(renamed, one_line(error), member)
+
+
+def unique_entries(
+    entries: Iterable[Entry], seen: dict[str, str], only: frozenset[str] | None = None
+) -> Iterator[Entry]:
+    """``entries`` with every file whose id is in ``seen`` (id -> source) turned into a :class:`Duplicate`.
+
+    ``seen`` is shared by all the readers of a run, so that a collision between two sources
+    is caught too; every DataLoader worker walks the same listing in the same order, so
+    they all name the same input the duplicate. With ``only`` (the ids a survey found
+    repeated, see :meth:`SourceSet.surveyed`), only those ids are remembered.
+    """
+    for entry in entries:
+        if not isinstance(entry, FileEntry) or (only is not None and entry.item.id not in only):
+            yield entry
+            continue
+        first = seen.get(entry.item.id)
+        if first is None:
+            seen[entry.item.id] = entry.item.source
+            yield entry
+        else:
+            yield _duplicate(
+                entry.item,
+                seen,
+                f"{entry.item.source} has the id {entry.item.id!r}, which {first} already has; only {first} "
+                "was captioned (ids must be unique: see --id-from)",
+            )
 
 
 # -- readers -------------------------------------------------------------------------------
@@ -67,6 +124,7 @@ class FolderReader:
     """
 
     root: str
+    prefix: str = ""  # put before every id (``cam2023/``): see ``--id-from``
     kind: str = field(default="folder", init=False)
 
     def entries(self) -> Iterator[FileEntry | Ignored]:
@@ -83,7 +141,7 @@ class FolderReader:
                 continue
             rel = f"{rel_dir}/{entry.name}" if rel_dir else entry.name
             if entry.name.startswith("."):
-                yield Ignored(rel)
+                yield Ignored(rel, entry.path, "hidden")
                 continue
             try:
                 is_dir = entry.is_dir(follow_symlinks=True)
@@ -98,12 +156,12 @@ class FolderReader:
                     seen.add(key)
                     stack.append((rel, self._sorted(entry.path)))
                 except OSError:
-                    yield Ignored(rel)  # unreadable directory: counted, not fatal
+                    yield Ignored(rel, entry.path, "unreadable folder")  # counted and listed, not fatal
                 continue
             if not is_image_name(entry.name):
-                yield Ignored(rel)
+                yield Ignored(rel, entry.path)
                 continue
-            yield FileEntry(InputItem(id=rel, source=entry.path))
+            yield FileEntry(InputItem(id=self.prefix + rel, source=entry.path))
 
     @staticmethod
     def _sorted(path: str) -> Iterator[os.DirEntry[str]]:
@@ -120,6 +178,7 @@ class ListReader:
     """A text file of paths, one a line (blank lines skipped); every line is a candidate."""
 
     path: str
+    absolute: bool = False  # ids are the absolute paths, not the lines as written
     kind: str = field(default="list", init=False)
 
     def _lines(self) -> Iterator[str]:
@@ -131,7 +190,7 @@ class ListReader:
 
     def entries(self) -> Iterator[FileEntry]:
         for line in self._lines():
-            yield FileEntry(InputItem(id=line, source=line))
+            yield FileEntry(InputItem(id=os.path.abspath(line) if self.absolute else line, source=line))
 
     def count(self) -> int:
         return sum(1 for _ in self._lines())
@@ -142,10 +201,11 @@ class FileReader:
     """A single picture named on the command line; its id is the path as given."""
 
     path: str
+    item_id: str | None = None  # None: the path as given
     kind: str = field(default="file", init=False)
 
     def entries(self) -> Iterator[FileEntry]:
-        yield FileEntry(InputItem(id=self.path, source=self.path))
+        yield FileEntry(InputItem(id=self.item_id or self.path, source=self.path))
 
     def count(self) -> int:
         return 1
@@ -175,26 +235,44 @@ class TarReader:
 
     urls: tuple[str, ...]
     image_keys: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
+    #: What prefixes each shard's ids, one per url (``--id-from``); empty: the shard's basename.
+    labels: tuple[str, ...] = ()
     kind: str = field(default="tar", init=False)
 
-    def read_shard(self, url: str) -> Iterator[MemberEntry | ShardFailure]:
+    def shards(self) -> Iterator[tuple[str, str]]:
+        """Each shard's url and the label its ids start with."""
+        for index, url in enumerate(self.urls):
+            yield url, self.labels[index] if self.labels else shard_name(url)
+
+    def read_shard(self, url: str, label: str | None = None) -> Iterator[MemberEntry | ShardFailure | Duplicate]:
         """The samples of one shard, then a :class:`ShardFailure` if it broke off early.
 
         Members are grouped by webdataset's rule (key = name up to the first dot of the
         basename). A sample being assembled when the damage hit is still yielded when
-        it has an image: every member read so far arrived whole.
+        it has an image: every member read so far arrived whole. A key met again after
+        other samples (members not stored together) is a :class:`Duplicate`.
         """
         from webdataset.gopen import gopen
         from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
-        name = shard_name(url)
+        name = label if label is not None else shard_name(url)
         keys = tuple(k.lower() for k in self.image_keys)
         current: dict[str, bytes] = {}
         current_key: str | None = None
+        finished: dict[str, str] = {}  # ids of this shard's samples so far -> their source
 
-        def finish() -> MemberEntry:
+        def finish() -> MemberEntry | Duplicate:
             data = next((current[k] for k in keys if k in current), None)
             item = InputItem(id=f"{name}/{current_key}", source=url)
+            if item.id in finished:
+                return _duplicate(
+                    item,
+                    finished,
+                    f"key {current_key!r} appears twice in {url} (members of one sample stored apart); "
+                    "only the first sample was captioned",
+                    member=True,
+                )
+            finished[item.id] = url
             return MemberEntry(item, data, tuple(sorted(current)))
 
         stream = None
@@ -237,21 +315,65 @@ Reader = FolderReader | ListReader | FileReader | TarReader | TableReader
 
 @dataclass(frozen=True)
 class SourceSet:
-    """The readers for one run, in command-line order; picklable into DataLoader workers."""
+    """The readers for one run, in command-line order; picklable into DataLoader workers.
+
+    ``id_scheme`` is the resolved ``--id-from`` (``relative``, ``source-relative`` or
+    ``absolute``) the readers' ids were made with.
+    """
 
     readers: tuple[Reader, ...]
+    id_scheme: str = "relative"
+    #: The ids the listing holds more than once (:meth:`surveyed`); None: not surveyed, remember every id.
+    repeated: frozenset[str] | None = None
+
+    @property
+    def may_collide(self) -> bool:
+        """Whether two files could get one id: a list (it may name a path twice), or several
+        sources under ``relative`` ids. Otherwise ids are unique by construction (see
+        :func:`open_sources`) and nobody needs to remember every id seen."""
+        files = [r for r in self.readers if not isinstance(r, (TarReader, TableReader))]
+        return any(isinstance(r, ListReader) for r in files) or (self.id_scheme == "relative" and len(files) > 1)
+
+    def id_tracker(self) -> dict[str, str] | None:
+        """A fresh id -> source map for :meth:`entries` to share across readers; None when not needed."""
+        return {} if self.may_collide else None
+
+    def entries(self, reader: FolderReader | ListReader | FileReader, seen: dict[str, str] | None) -> Iterator[Entry]:
+        """``reader``'s entries, a file whose id ``seen`` holds made a :class:`Duplicate`."""
+        entries: Iterator[Entry] = reader.entries()
+        return entries if seen is None else unique_entries(entries, seen, self.repeated)
+
+    def surveyed(self) -> SourceSet:
+        """This set with :attr:`repeated` filled in by one listing pass (when ids may collide at all).
+
+        Every DataLoader worker walks the whole listing; remembering every id there would cost
+        each worker memory in proportion to the collection. After this pass in one process,
+        workers remember only the few ids that repeat.
+        """
+        if not self.may_collide or self.repeated is not None:
+            return self
+        once: set[str] = set()
+        repeated: set[str] = set()
+        for reader in self.readers:
+            if isinstance(reader, (TarReader, TableReader)):  # ids from keys and id columns: never walked here
+                continue
+            for entry in reader.entries():
+                if isinstance(entry, FileEntry):
+                    (repeated if entry.item.id in once else once).add(entry.item.id)
+        return dataclasses.replace(self, repeated=frozenset(repeated))
 
     def count(self, shard_index: int = 0, shard_count: int = 1) -> int | None:
         """Candidate pictures (in one shard), by a listing pass; None when tars are involved."""
         if any(isinstance(r, TarReader) for r in self.readers):
             return None
         total = 0
+        seen = self.id_tracker()
         for reader in self.readers:
             if isinstance(reader, TableReader):  # rows per row group, from the footers
                 total += reader.count(shard_index, shard_count)
                 continue
-            for entry in reader.entries():  # type: ignore[union-attr]
-                if isinstance(entry, FileEntry) and in_shard(entry.item.id, shard_index, shard_count):
+            for entry in self.entries(reader, seen):  # type: ignore[arg-type]
+                if isinstance(entry, (FileEntry, Duplicate)) and in_shard(entry.item.id, shard_index, shard_count):
                     total += 1
         return total
 
@@ -267,8 +389,33 @@ def _is_tar_name(path: str) -> bool:
     return path.lower().endswith(TAR_SUFFIXES)
 
 
+#: URL schemes batchcap reads shards from: a command's output, and curl's downloads.
+READABLE_SCHEMES = ("http", "https")
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
 def _is_url(spec: str) -> bool:
     return spec.startswith("pipe:") or "://" in spec
+
+
+def url_scheme(spec: str) -> str | None:
+    """The scheme of ``scheme://...`` (lower case), ``pipe`` for ``pipe:``, None for a path."""
+    if spec.startswith("pipe:"):
+        return "pipe"
+    match = _SCHEME.match(spec)
+    return match.group(1).lower() if match else None
+
+
+def _check_readable_url(spec: str) -> None:
+    """Refuse a URL no reader can open, before any worker tries (and fails) to."""
+    scheme = url_scheme(spec)
+    if scheme is None or scheme == "pipe" or scheme in READABLE_SCHEMES:
+        return
+    raise SourceError(
+        f"{spec}: batchcap cannot read {scheme}:// sources (object stores are not supported yet); "
+        "copy or mount the pictures on a local or network disk, or stream one shard through a "
+        f"command, e.g. 'pipe:aws s3 cp s3://bucket/shard.tar -'"
+    )
 
 
 def _stdin_to_file() -> str:
@@ -316,6 +463,7 @@ def _table_folder(root: str, exclude: Sequence[str]) -> list[str]:
 def _open_spec(spec: str, policy: ImagePolicy, id_column: str | None, exclude: Sequence[str]) -> Reader:
     keys = tuple(policy.image_keys)
     if _is_url(spec):
+        _check_readable_url(spec)
         from webdataset.shardlists import expand_urls
 
         return TarReader(tuple(expand_urls(spec)), keys)
@@ -365,12 +513,17 @@ def _open_spec(spec: str, policy: ImagePolicy, id_column: str | None, exclude: S
     raise SourceError(f"{spec}: no such file or folder")
 
 
+#: ``--id-from`` values; ``auto`` is ``relative`` for one source, ``source-relative`` for several.
+ID_SCHEMES = ("auto", "relative", "source-relative", "absolute")
+
+
 def open_sources(
     specs: Sequence[str],
     files_from: str | None = None,
     policy: ImagePolicy = ImagePolicy(),
     id_column: str | None = None,
     exclude: Sequence[str | os.PathLike[str]] = (),
+    id_from: str = "auto",
 ) -> SourceSet:
     """Build the readers for ``specs`` (and ``--files-from``), checking that each exists.
 
@@ -378,9 +531,13 @@ def open_sources(
     ``exclude`` lists paths a folder of tables or a pattern must not pick up (the run's own
     output and work folder, which are Parquet files too).
 
-    Raises :class:`SourceError` for a spec that names nothing, or when there is no
-    source at all. Folders and lists are not walked here (see :meth:`SourceSet.count`).
+    Raises :class:`SourceError` for a spec that names nothing, when there is no source at
+    all, and when the sources would collide as a whole under the ``id_from`` scheme (a
+    folder given twice or inside another, two shards whose ids share one prefix). Folders
+    and lists are not walked here (see :meth:`SourceSet.count`).
     """
+    if id_from not in ID_SCHEMES:
+        raise ValueError(f"id_from must be one of {', '.join(ID_SCHEMES)}, not {id_from!r}")
     skip = [os.path.realpath(e) for e in exclude]
     readers: list[Reader] = [_open_spec(str(spec), policy, id_column, skip) for spec in specs]
     if files_from is not None:
@@ -392,4 +549,114 @@ def open_sources(
             readers.append(ListReader(str(Path(files_from))))
     if not readers:
         raise SourceError("no input: name folders, shards or pictures, or pass --files-from")
-    return SourceSet(tuple(readers))
+    _refuse_nested(readers)
+    scheme = id_from if id_from != "auto" else _auto_scheme(readers)
+    readers = _with_ids(readers, scheme)
+    _refuse_shared_labels(readers, scheme)
+    return SourceSet(tuple(readers), scheme)
+
+
+def _refuse_nested(readers: Sequence[Reader]) -> None:
+    """A folder or picture given twice, or inside a folder also given, would be read twice.
+
+    Linear in the number of sources (``batchcap run photos/*.jpg`` may name thousands): each
+    path's ancestors are looked up among the folders given.
+    """
+    given: dict[str, str] = {}
+    folders: dict[str, str] = {}
+    for reader in readers:
+        if not isinstance(reader, (FolderReader, FileReader)):
+            continue
+        spec = reader.root if isinstance(reader, FolderReader) else reader.path
+        real = os.path.realpath(spec)
+        if real in given:
+            raise SourceError(f"{spec} and {given[real]} are the same: it would be read twice; give it once")
+        given[real] = spec
+        if isinstance(reader, FolderReader):
+            folders[real] = spec
+    for real, spec in given.items():
+        child, parent = real, os.path.dirname(real)
+        while parent != child:  # up to the root, whose parent is itself
+            if parent in folders:
+                raise SourceError(f"{spec} is inside {folders[parent]}: it would be read twice; give one of them")
+            child, parent = parent, os.path.dirname(parent)
+
+
+def _auto_scheme(readers: Sequence[Reader]) -> str:
+    """``relative`` where those ids cannot collide, else ``source-relative``.
+
+    Relative ids are relative to each folder, and a shard's name within its folder: two
+    folders or tar sources (or a folder beside pictures and lists, whose ids are paths as
+    written) can give one id to two inputs. One folder or tar source alone, or pictures and
+    lists only, keep the ids they always had.
+    """
+    roots = sum(isinstance(r, (FolderReader, TarReader)) for r in readers)
+    return "relative" if roots == 0 or len(readers) == 1 else "source-relative"
+
+
+def _local_path(reader: Reader, url: str | None = None) -> str | None:
+    """The local path a reader (or one of a tar reader's shards) stands for; None for a URL or a list."""
+    if isinstance(reader, FolderReader):
+        return reader.root
+    if isinstance(reader, FileReader):
+        return reader.path
+    if url is not None and not _is_url(url):
+        return url
+    return None
+
+
+def _with_ids(readers: list[Reader], scheme: str) -> list[Reader]:
+    """The readers, told how to make their ids under ``scheme`` (``relative`` changes nothing)."""
+    if scheme == "relative":
+        return readers
+    paths = [os.path.abspath(p) for r in readers for p in _local_paths(r)]
+    common = os.path.commonpath([os.path.dirname(p) for p in paths]) if paths else ""
+
+    def label(path: str) -> str:
+        full = os.path.abspath(path)
+        return full if scheme == "absolute" else os.path.relpath(full, common).replace(os.sep, "/")
+
+    out: list[Reader] = []
+    for reader in readers:
+        if isinstance(reader, FolderReader):
+            out.append(dataclasses.replace(reader, prefix=label(reader.root).rstrip("/") + "/"))
+        elif isinstance(reader, FileReader):
+            out.append(dataclasses.replace(reader, item_id=label(reader.path)))
+        elif isinstance(reader, ListReader):
+            out.append(dataclasses.replace(reader, absolute=scheme == "absolute"))
+        elif isinstance(reader, TableReader):  # ids come from the table's id column or file/row
+            out.append(reader)
+        else:
+            labels = []
+            for url in reader.urls:
+                local = _local_path(reader, url)
+                labels.append(label(local) if local is not None else (url if scheme == "absolute" else shard_name(url)))
+            out.append(dataclasses.replace(reader, labels=tuple(labels)))
+    return out
+
+
+def _local_paths(reader: Reader) -> list[str]:
+    if isinstance(reader, TableReader):
+        return []
+    if isinstance(reader, TarReader):
+        return [u for u in reader.urls if not _is_url(u)]
+    path = _local_path(reader)
+    return [path] if path is not None else []
+
+
+def _refuse_shared_labels(readers: Sequence[Reader], scheme: str) -> None:
+    """Two shards whose ids would share one prefix: every sample key they share would collide."""
+    first: dict[str, str] = {}
+    for reader in readers:
+        if not isinstance(reader, TarReader):
+            continue
+        for url, name in reader.shards():
+            if name in first:
+                if first[name] == url:
+                    raise SourceError(f"{url} is given twice: its samples would be read twice; give it once")
+                hint = "use --id-from source-relative or absolute" if scheme == "relative" else "rename one of them"
+                raise SourceError(
+                    f"{first[name]} and {url} would both give ids {name}/<key>, so samples with one key would "
+                    f"collide; {hint}"
+                )
+            first.setdefault(name, url)

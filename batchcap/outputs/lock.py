@@ -29,6 +29,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -68,6 +69,7 @@ def check_output_writable(out: str | os.PathLike[str], work_dir: Path | None = N
     empty file, because permission bits say nothing for root and nothing about a
     read-only mount.
     """
+    check_output_location(out)
     out = Path(out)
     folder = out.parent
     try:
@@ -95,6 +97,24 @@ def check_output_writable(out: str | os.PathLike[str], work_dir: Path | None = N
             raise OutputUnwritable(
                 f"cannot open the lock file {lock}: {exc.strerror or exc}; choose another --out, or make it writable"
             ) from None
+
+
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def check_output_location(out: str | os.PathLike[str]) -> None:
+    """Raise :class:`OutputUnwritable` when ``out`` is a URL, not a path on a POSIX file system.
+
+    Checked before anything is created: ``Path("s3://b/x.parquet")`` is the local folder
+    ``s3:/b``, which a run would otherwise make and fill.
+    """
+    text = os.fspath(out)
+    if _URL.match(text) or text.startswith("pipe:"):
+        raise OutputUnwritable(
+            f"--out {text}: batchcap writes outputs only to a local or mounted POSIX file system, not to a URL "
+            "(object stores are not supported yet): resuming exactly once needs an atomic rename and flock. "
+            "Write to a local or network disk and copy the finished output, e.g. with `aws s3 cp`"
+        )
 
 
 def lock_path_for(out: str | os.PathLike[str]) -> Path:

@@ -42,7 +42,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image, ImageOps
 
-from batchcap.data.extensions import IMAGE_KEYS, TAR_SUFFIXES, is_table_name
+from batchcap.data.extensions import IMAGE_KEYS, TAR_SUFFIXES, enable_heif, is_table_name
 from batchcap.data.tables import pictures_by_id
 from batchcap.hardware import available_cpus
 from batchcap.outputs.schema import CAPTIONED, METADATA_KEY_BYTES, flatten_settings, sniff_format
@@ -436,6 +436,7 @@ def _read_members(tar_path: Path, wanted: dict[str, list[int]], exts: tuple[str,
 
 def _thumbnail(data: bytes | Path, size: int) -> _Thumb:
     """A JPEG data URI no larger than ``size`` px, or the reason the picture would not open."""
+    enable_heif()
     try:
         with Image.open(data if isinstance(data, Path) else io.BytesIO(data)) as opened:
             if opened.width * opened.height > THUMB_MAX_PIXELS and opened.format != "JPEG":

@@ -91,6 +91,10 @@ DONE_COLUMNS = ["id", "size", "mtime_ns", "status"]
 # fingerprint would fail the same way again, so it counts as done.
 RETRY_STATUSES = frozenset({"missing", "unreadable", "shard_error"})
 
+#: Resume settings that outputs written before they were recorded implied: such an output
+#: resumes as before (ids were always made ``relative``).
+UNRECORDED_SETTINGS: dict[str, Any] = {"id_from": "relative"}
+
 ROW_GROUP_ROWS = 65_536  # final Parquet row groups: large enough to scan fast, small in RAM
 _PART_RE = re.compile(r"^part-(\d{8})-([0-9a-f]+)\.parquet$")
 
@@ -542,15 +546,19 @@ def _check_previous(out: Path, previous: dict[str, Any] | None, meta: dict[str, 
             f"{what} is {previous.get('format')}, not {meta['format']}; "
             "rerun with --overwrite to start over, or choose another --out"
         )
-    old = flatten_settings(_without_min_confidence(previous.get("resume_settings") or {}))
+    implied = {k: v for k, v in UNRECORDED_SETTINGS.items() if k in meta["resume_settings"]}
+    old = flatten_settings({**implied, **_without_min_confidence(previous.get("resume_settings") or {})})
     new = flatten_settings(meta["resume_settings"])
     differ = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
     if differ:
         changes = "; ".join(f"{option_name(k)}: {json.dumps(old.get(k))} -> {json.dumps(new.get(k))}" for k in differ)
+        also = ""
+        if "id_from" in differ and old.get("id_from") is not None:
+            also = f", or pass --id-from {old['id_from']} to continue it with the ids it has"
         raise ResumeRefused(
             f"refusing to continue {out}: {what} was made with other settings ({changes}). "
             "Mixing them would put captions from different settings in one file; rerun with "
-            "--overwrite to start over, or choose another --out"
+            f"--overwrite to start over, or choose another --out{also}"
         )
 
 

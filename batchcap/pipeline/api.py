@@ -305,6 +305,7 @@ def run(
     decode_on_device: bool = False,
     image_key: str | Sequence[str] = "jpg,jpeg,png,webp",
     id_column: str | None = None,
+    id_from: str = "auto",
     format: str | None = None,
     overwrite: bool = False,
     commit_every: int = 512,
@@ -386,6 +387,7 @@ def run(
         commit_seconds=commit_seconds,
         min_confidence=min_confidence,
         id_column=id_column,
+        id_from=id_from,
     )
     runtime = runtime_config(
         device, precision, batch_size, str(workers), backend, _path_or_env(encoder_cache, "BATCHCAP_ENCODER_CACHE")

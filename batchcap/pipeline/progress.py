@@ -106,6 +106,7 @@ class Progress:
         self.failed: Counter[str] = Counter()
         self.skipped = 0
         self.ignored = 0
+        self.ignored_note = ""  # what the ignored files were (batchcap.pipeline.ignored), for the summary
         self._start = self._clock()
         self._last_log = self._start
         self._bar: Any = None
@@ -225,7 +226,7 @@ class Progress:
                 ("captioned now", self.ok),
                 ("failed now", f"{result['failed_total']}" + (f" ({by_status})" if by_status else "")),
                 ("already done", self.skipped),
-                ("ignored", self.ignored),
+                ("ignored", f"{self.ignored}" + (f" ({self.ignored_note})" if self.ignored_note else "")),
                 *(extra or {}).items(),
             ]
             if output:

@@ -22,10 +22,11 @@ from batchcap.data.loader import Batch, ItemResult, fill_batch, iter_batches
 from batchcap.data.sources import open_sources
 from batchcap.model.modelfile import load_model, read_metadata
 from batchcap.outputs.background_writer import BackgroundWriter
-from batchcap.outputs.lock import check_output_writable, hold_lock
+from batchcap.outputs.lock import check_output_location, check_output_writable, hold_lock
 from batchcap.outputs.schema import OK, label
 from batchcap.outputs.store import OutputStore, work_dir_for
 from batchcap.pipeline.captioner import Captioner, caption_batch
+from batchcap.pipeline.ignored import IgnoredFiles
 from batchcap.pipeline.interrupt import StopSignals
 from batchcap.pipeline.progress import EXIT_INTERRUPTED, EXIT_OK, EXIT_TOO_MANY_FAILURES, Progress, parse_max_failures
 from batchcap.version import __version__
@@ -44,15 +45,22 @@ def model_identity(meta: dict[str, Any]) -> str:
     return f"{meta.get('name', 'batchcap-model')}@{str(meta.get('tensors_sha256', ''))[:12]}"
 
 
-def resume_settings(meta: dict[str, Any], beam: BeamConfig) -> dict[str, Any]:
-    """The settings a resumed run must share with the first: model, preprocessing, caption search.
+def resume_settings(meta: dict[str, Any], beam: BeamConfig, id_from: str = "relative") -> dict[str, Any]:
+    """The settings a resumed run must share with the first: model, preprocessing, caption search, id scheme.
 
-    Device, precision, batch size and workers are execution details and may change
-    between attempts (a job pre-empted on a GPU node may resume on a CPU node).
-    ``--min-confidence`` is not one of them: it only labels captioned rows, so the store
-    relabels the output when it changes (``OutputStore.open(min_confidence=...)``).
+    ``id_from`` is the resolved scheme (never ``auto``): resuming with ids made another way
+    would caption every picture again under a second id. Device, precision, batch size and
+    workers are execution details and may change between attempts (a job pre-empted on a
+    GPU node may resume on a CPU node). ``--min-confidence`` is not one of them: it only
+    labels captioned rows, so the store relabels the output when it changes
+    (``OutputStore.open(min_confidence=...)``).
     """
-    return {"model": model_identity(meta), "preprocess": meta.get("preprocess"), "beam": to_dict(beam)}
+    return {
+        "model": model_identity(meta),
+        "preprocess": meta.get("preprocess"),
+        "beam": to_dict(beam),
+        "id_from": id_from,
+    }
 
 
 def output_summary(final: Any, processed: int) -> dict[str, Any]:
@@ -171,19 +179,24 @@ def run_job(
     """
     stream = stream if stream is not None else sys.stderr
     out = Path(cfg.out)
+    check_output_location(cfg.out)
+    # before anything is created; the output and its parts are Parquet files too, so a folder or
+    # pattern of tables must not read them
+    sources = open_sources(
+        cfg.sources, cfg.files_from, policy, cfg.id_column, exclude=(out, work_dir_for(out)), id_from=cfg.id_from
+    )
+    sources = sources.surveyed()  # the ids that repeat, so that workers need not remember every id
     check_output_writable(out, work_dir_for(out))
     max_failures = parse_max_failures(cfg.max_failures)
     meta = read_metadata(model_path)
     preprocess = from_dict(Preprocess, meta["preprocess"])
     identity = model_identity(meta)
-    # the output and its parts are Parquet files too: a folder or pattern of tables must not read them
-    sources = open_sources(cfg.sources, cfg.files_from, policy, cfg.id_column, exclude=(out, work_dir_for(out)))
-    run_config = _run_configuration(cfg, model_path, meta, identity, beam, runtime, policy)
+    run_config = _run_configuration(cfg, model_path, meta, identity, beam, runtime, policy, sources.id_scheme)
     with StopSignals(stream, EXIT_INTERRUPTED) as stop, hold_lock(out):
         store = OutputStore.open(
             out,
             cfg.format,
-            resume_settings(meta, beam),
+            resume_settings(meta, beam, sources.id_scheme),
             run_config,
             overwrite=cfg.overwrite,
             commit_every=cfg.commit_every,
@@ -219,7 +232,16 @@ def run_job(
                 done=store.done,
                 pin_memory=runtime.device.startswith("cuda"),
             )
-            if not _caption_batches(batches, rows, BackgroundWriter(store, cfg.commit_seconds), progress, stop):
+            ignored = IgnoredFiles(out)
+            finished = False
+            try:
+                finished = _caption_batches(
+                    batches, rows, BackgroundWriter(store, cfg.commit_seconds), progress, stop, ignored
+                )
+            finally:
+                if not finished:
+                    ignored.discard()
+            if not finished:
                 notes = {
                     **_fault_notes(store),
                     "interrupted": (
@@ -229,7 +251,9 @@ def run_job(
                 }
                 return RunResult(EXIT_INTERRUPTED, progress.summary(str(out), extra=notes))
             processed = progress.processed
-            extra = _finished_notes(store, store.finalize(), processed, cfg.min_confidence, stop.requested)
+            final = store.finalize()
+            progress.ignored_note = ignored.finish()  # a complete pass: its list replaces the last one
+            extra = _finished_notes(store, final, processed, cfg.min_confidence, stop.requested)
             summary = progress.summary(str(out), extra=extra)
     failed = sum(progress.failed.values())
     if max_failures.exceeded(failed, processed):
@@ -246,6 +270,7 @@ def _run_configuration(
     beam: BeamConfig,
     runtime: RuntimeConfig,
     policy: ImagePolicy,
+    id_scheme: str,
 ) -> dict[str, Any]:
     """What is stored beside the output, so that a result can be explained months later."""
     return {
@@ -259,6 +284,7 @@ def _run_configuration(
         "runtime": to_dict(runtime),
         "image_policy": to_dict(policy),
         "preprocess": meta.get("preprocess"),
+        "ids": id_scheme,
     }
 
 
@@ -305,7 +331,12 @@ class _BatchRows:
 
 
 def _caption_batches(
-    batches: Any, rows: _BatchRows, writer: BackgroundWriter, progress: Progress, stop: StopSignals
+    batches: Any,
+    rows: _BatchRows,
+    writer: BackgroundWriter,
+    progress: Progress,
+    stop: StopSignals,
+    ignored: IgnoredFiles,
 ) -> bool:
     """Caption and write every batch; False when a signal stopped it first (committed rows are kept)."""
     try:
@@ -313,6 +344,7 @@ def _caption_batches(
             if stop.requested:  # arrived while this batch was on its way: take it no further
                 return False
             writer.add(rows(batch))
+            ignored.add(batch.ignored_paths)
             progress.advance(
                 ok=len(batch.ok),
                 failed=Counter(i.status for i in batch.failed),

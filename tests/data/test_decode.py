@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import shared_path
+from conftest import shared_path, write_oriented
 from PIL import Image, ImageFile
 
 from batchcap.config import ImagePolicy, Preprocess
@@ -276,3 +276,19 @@ def test_draft_stays_close_to_full_decode(tmp_path: Path) -> None:
         mad = (full - drafted).abs().mean().item()
         cos = torch.nn.functional.cosine_similarity(full.flatten() - 127.5, drafted.flatten() - 127.5, dim=0)
         assert mad < 1.5 and cos > 0.999, (photo.name, mad, cos.item())
+
+
+# -- HEIC/HEIF (iPhones) and AVIF -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["IMG_0001.HEIC", "photo.heif", "photo.avif"])
+def test_heic_and_avif_are_decoded_turned_by_their_exif_orientation(tmp_path: Path, name: str) -> None:
+    """Written 40x20 with EXIF orientation 6 (turned 90 degrees): decoded as 20x40, like a JPEG would be."""
+    path = write_oriented(tmp_path / "photos" / name, orientation=6, size=(40, 20))
+    outcome = decode_file(str(path), PRE, POLICY)
+    assert outcome.status == "ok", outcome.error
+    assert (outcome.width, outcome.height) == (20, 40)
+    # The same in a DataLoader worker, which registers the HEIC opener for itself.
+    [batch] = list(iter_batches(open_sources([str(tmp_path / "photos")]), PRE, POLICY, batch_size=4, workers=1))
+    assert [(r.item.id, r.status, r.width, r.height) for r in batch.ok] == [(name, "ok", 20, 40)]
+    assert batch.ignored == 0

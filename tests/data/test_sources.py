@@ -218,3 +218,62 @@ def test_done_skips_unchanged_files_and_known_members(tmp_path: Path) -> None:
         open_sources([str(tmp_path / "t" / "shards-0000.tar")]), done={"shards-0000.tar/s0_001": (None, None)}
     )
     assert set(seen) == {"shards-0000.tar/s0_000", "shards-0000.tar/s0_002"} and skipped == 1
+
+
+# -- ids across sources (--id-from) ----------------------------------------------------------
+
+
+def test_one_source_keeps_relative_ids_and_several_are_told_apart(tmp_path: Path) -> None:
+    for year in ("2023", "2024"):
+        write_images(tmp_path / "data" / year / "photos", 2)
+    a, b = (str(tmp_path / "data" / y / "photos") for y in ("2023", "2024"))
+    one = open_sources([a])
+    assert one.id_scheme == "relative"
+    assert sorted(collect(one)[0]) == ["img00000.jpg", "img00001.jpg"]
+    two = open_sources([a, b])
+    assert two.id_scheme == "source-relative" and not two.may_collide
+    assert sorted(collect(two)[0]) == [f"{y}/photos/img0000{i}.jpg" for y in ("2023", "2024") for i in (0, 1)]
+    pictures = [str(p) for p in sorted(Path(a).iterdir())]
+    assert open_sources(pictures).id_scheme == "relative"  # `photos/*.jpg`: the paths as given, as always
+    assert sorted(collect(open_sources(pictures))[0]) == pictures
+    with pytest.raises(SourceError, match="is inside"):
+        open_sources([*pictures, str(tmp_path / "data")])
+    absolute = open_sources([a, b], id_from="absolute")
+    assert sorted(collect(absolute)[0]) == sorted(f"{d}/img0000{i}.jpg" for d in (a, b) for i in (0, 1))
+    relative = open_sources([a, b], id_from="relative")
+    assert relative.may_collide
+    seen, _, _ = collect(relative, workers=2)
+    assert seen == {"img00000.jpg": "ok", "img00001.jpg": "ok", "img00000.jpg#2": "duplicate_id",
+                    "img00001.jpg#2": "duplicate_id"}  # fmt: skip
+
+
+def test_shards_of_one_name_get_their_folders_as_labels(tmp_path: Path) -> None:
+    x = write_shards(tmp_path / "x", 1, 2)[0]
+    y = write_shards(tmp_path / "y", 1, 2)[0]
+    seen, _, _ = collect(open_sources([str(x), str(y)]))
+    assert sorted(seen) == [f"{d}/shards-0000.tar/s0_00{i}" for d in ("x", "y") for i in (0, 1)]
+    with pytest.raises(SourceError, match="would both give ids shards-0000.tar"):
+        open_sources([str(x), str(y)], id_from="relative")
+    with pytest.raises(SourceError, match="given twice"):
+        open_sources([str(x), str(x)])
+
+
+def test_a_list_with_a_folder_tracks_repeats(tmp_path: Path) -> None:
+    paths = write_images(tmp_path / "p", 2)
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{paths[1]}\n{paths[1]}\n")
+    sources = open_sources([str(tmp_path / "p")], files_from=str(listing))
+    assert sources.may_collide and sources.count() == 4
+    seen, _, _ = collect(sources)
+    assert seen == {"p/img00000.jpg": "ok", "p/img00001.jpg": "ok", str(paths[1]): "ok",
+                    f"{paths[1]}#2": "duplicate_id"}  # fmt: skip
+    surveyed = sources.surveyed()  # what a run does: workers then remember only the repeated ids
+    assert surveyed.repeated == {str(paths[1])}
+    assert collect(surveyed, workers=2)[0] == seen
+    assert open_sources([str(tmp_path / "p")]).surveyed().repeated is None  # one folder: nothing to survey
+
+
+@pytest.mark.parametrize("spec", ["s3://bucket/photos", "gs://b/x-{0..3}.tar", "hdfs://n/x.tar"])
+def test_a_url_no_reader_opens_is_refused(spec: str) -> None:
+    with pytest.raises(SourceError, match="not supported yet"):
+        open_sources([spec])

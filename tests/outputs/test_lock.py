@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from batchcap.outputs.lock import LockHeld, hold_lock, lock_path_for
+from batchcap.outputs.lock import LockHeld, OutputUnwritable, check_output_writable, hold_lock, lock_path_for
 
 HOLDER = """
 import sys, time
@@ -100,3 +100,13 @@ def test_forked_children_do_not_keep_the_lock(tmp_path: Path) -> None:
             pass
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("out", ["s3://bucket/x.parquet", "gs://b/x.jsonl", "file:///tmp/x.parquet", "pipe:cat"])
+def test_a_url_output_is_refused_before_anything_is_made(
+    tmp_path: Path, out: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(OutputUnwritable, match="not to a URL"):
+        check_output_writable(out)
+    assert list(tmp_path.iterdir()) == []

@@ -479,3 +479,83 @@ def test_signal_while_torch_is_importing_is_exit_6_not_a_crash(tmp_path: Path, t
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == EXIT_INTERRUPTED, proc.stderr
     assert "interrupted before captioning began" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# -- sources and outputs batchcap cannot use ------------------------------------------------
+
+
+@pytest.mark.parametrize("url", ["s3://bucket/photos", "gs://bucket/shards-{0000..0003}.tar", "anything://x/y.tar"])
+def test_object_store_source_is_refused_at_once(tmp_path: Path, tiny_model_path: Path, url: str) -> None:
+    """Such a source used to print a worker's traceback and then hang until Ctrl-C."""
+    out = tmp_path / "out" / "captions.parquet"
+    proc = run([*command([], out, tiny_model_path)[:4], url, *command([], out, tiny_model_path)[4:]], 60)
+    assert proc.returncode == EXIT_USAGE, proc.stdout
+    assert "Traceback" not in proc.stdout
+    assert "not supported yet" in proc.stdout and url.split("://")[0] + "://" in proc.stdout
+    assert not (tmp_path / "out").exists()  # nothing made: no output folder, no lock, no work folder
+
+
+@pytest.mark.parametrize("url", ["s3://bucket/captions.parquet", "gs://bucket/captions.jsonl"])
+def test_url_output_is_refused_before_any_work(tmp_path: Path, tiny_model_path: Path, url: str) -> None:
+    """It used to caption everything, fail at the first commit and leave a folder named ``s3:``."""
+    folder = tmp_path / "photos"
+    write_images(folder, 2)
+    cmd = command([folder], Path("x"), tiny_model_path)
+    cmd[cmd.index("--out") + 1] = url
+    proc = subprocess.run(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=60)
+    assert proc.returncode == EXIT_USAGE, proc.stdout
+    assert "Traceback" not in proc.stdout
+    assert "not to a URL" in proc.stdout and "flock" in proc.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["photos"]
+
+
+@pytest.mark.parametrize(
+    "failure, says",
+    [
+        ("raise RuntimeError('a reader bug, raised in a worker')", "a reader bug, raised in a worker"),
+        ("os.kill(os.getpid(), signal.SIGKILL)", "exited unexpectedly"),
+    ],
+    ids=["raises", "killed"],
+)
+def test_a_reader_failing_in_a_worker_ends_the_run_promptly(
+    tmp_path: Path, tiny_model_path: Path, failure: str, says: str
+) -> None:
+    """A reader's bug raising in a DataLoader worker, or a worker killed (the OOM killer): a crash with
+    its traceback, never a hang.
+
+    The traceback kept the loader, and so its workers (which ignore SIGTERM), alive until exit, where
+    multiprocessing's exit handler waited for them for ever.
+    """
+    folder = tmp_path / "photos"
+    write_images(folder, 4)
+    cmd = command([folder], tmp_path / "captions.parquet", tiny_model_path)
+    code = (
+        "import os, signal, sys\n"
+        "from torch.utils.data import get_worker_info\n"
+        "from batchcap.data import sources\n"
+        "listed = sources.FolderReader.entries\n"
+        "def entries(self):\n"
+        "    if get_worker_info() is not None:\n"
+        f"        {failure}\n"
+        "    return listed(self)\n"
+        "sources.FolderReader.entries = entries\n"
+        "from batchcap.cli import main\n"
+        f"sys.argv = {['batchcap', *cmd[3:]]!r}\n"
+        "main()\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        output, _ = proc.communicate(timeout=90)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the run hung after a worker failed")
+    finally:
+        reap_groups([proc.pid])
+    assert proc.returncode == 1, output  # a bug is a crash, with the worker's traceback
+    assert says in output
