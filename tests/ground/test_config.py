@@ -140,7 +140,7 @@ def test_train_config_extra_is_not_shared_between_instances() -> None:
         ("format", "--format"),
         ("preprocess.resize", "the model's preprocessing (resize)"),
         ("resume_settings.preprocess.input_size", "the model's preprocessing (input size)"),
-        ("min_confidence", "min confidence"),
+        ("min_confidence", "--min-confidence"),
     ],
 )
 def test_option_name_maps_settings_to_the_flags_users_type(setting: str, option: str) -> None:

@@ -47,10 +47,16 @@ def test_model_identity_is_name_at_twelve_hex_digits(tiny_model_path: Path) -> N
 def test_resume_settings_hold_what_a_resumed_run_must_share() -> None:
     meta = {"name": "m", "tensors_sha256": "ab" * 32, "preprocess": {"resize": "squash"}}
     settings = resume_settings(meta, BEAM)
-    assert settings == {"model": "m@" + "ab" * 6, "preprocess": {"resize": "squash"}, "beam": to_dict(BEAM)}
+    assert settings == {
+        "model": "m@" + "ab" * 6,
+        "preprocess": {"resize": "squash"},
+        "beam": to_dict(BEAM),
+        "id_from": "relative",
+    }
     json.dumps(settings)
-    assert resume_settings(meta, BEAM, 0.3)["min_confidence"] == 0.3
-    assert resume_settings(meta, BEAM, 0.3) != resume_settings(meta, BEAM, 0.4)
+    # the id scheme is shared by every attempt; --min-confidence is not (it only relabels rows)
+    assert resume_settings(meta, BEAM, "source-relative")["id_from"] == "source-relative"
+    assert resume_settings(meta, BEAM, "source-relative") != resume_settings(meta, BEAM, "absolute")
     assert resume_settings(meta, BEAM) != resume_settings(meta, BeamConfig(beam_size=3, max_len=6))
     other = {**meta, "tensors_sha256": "cd" * 32}
     assert resume_settings(meta, BEAM) != resume_settings(other, BEAM)

@@ -157,11 +157,9 @@ def test_signal_commits_captioned_rows_and_rerun_resumes(tmp_path: Path, tiny_mo
     assert summary_count(again.stdout, "already done") == ok
 
 
-def test_signal_after_the_last_batch_finishes_the_output_and_says_so(
-    tmp_path: Path, tiny_model_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A SIGTERM that lands once every row is captioned (here: as finalize begins) ends in a finished
-    output, exit 0 and a note, not in an unfinalised output that a rerun must finish."""
+def check_signal_after_the_last_batch(folder: str, out: str, model: str) -> None:
+    """In a fresh interpreter: run_job with a real SIGTERM sent as finalize begins (the one moment a
+    subprocess cannot aim at); see the test below."""
     import io
 
     from batchcap.config import BeamConfig, ImagePolicy, RunConfig
@@ -169,20 +167,17 @@ def test_signal_after_the_last_batch_finishes_the_output_and_says_so(
     from batchcap.pipeline.runner import run_job
     from batchcap.pipeline.settings import runtime_config
 
-    folder = tmp_path / "photos"
-    write_images(folder, 6)
-    out = tmp_path / "captions.parquet"
     finalize = OutputStore.finalize
 
-    def signalled_finalize(store: OutputStore):  # a real SIGTERM, at the one moment a subprocess can't aim at
+    def signalled_finalize(store: OutputStore):  # a real SIGTERM, then the real finalize
         os.kill(os.getpid(), signal.SIGTERM)
         return finalize(store)
 
-    monkeypatch.setattr(OutputStore, "finalize", signalled_finalize)
+    OutputStore.finalize = signalled_finalize  # type: ignore[method-assign]
     stream = io.StringIO()
     result = run_job(
-        RunConfig(sources=(str(folder),), out=str(out), log_every=0),
-        tiny_model_path,
+        RunConfig(sources=(folder,), out=out, log_every=0),
+        Path(model),
         BeamConfig(beam_size=2, max_len=8),
         runtime_config("cpu", "fp32", 4, "0", "torch"),
         ImagePolicy(),
@@ -191,9 +186,28 @@ def test_signal_after_the_last_batch_finishes_the_output_and_says_so(
     assert result.exit_code == EXIT_OK, stream.getvalue()
     assert result.summary["note"] == "SIGTERM arrived after the last batch: the output was finished first"
     assert "SIGTERM" in stream.getvalue()
+
+
+def test_signal_after_the_last_batch_finishes_the_output_and_says_so(tmp_path: Path, tiny_model_path: Path) -> None:
+    """A SIGTERM that lands once every row is captioned (here: as finalize begins) ends in a finished
+    output, exit 0 and a note, not in an unfinalised output that a rerun must finish.
+
+    The signal goes to the process that runs ``run_job``: a fresh interpreter, as ``batchcap run``
+    is, not the test process, where native libraries loaded by earlier tests (OpenVINO's graph
+    conversion) may receive it and crash the suite.
+    """
+    folder = tmp_path / "photos"
+    write_images(folder, 6)
+    out = tmp_path / "captions.parquet"
+    code = (
+        f"import sys; sys.path[:0] = [{str(Path(__file__).parent)!r}, {str(Path(__file__).parents[1])!r}]; "
+        "from test_faults import check_signal_after_the_last_batch as check; "
+        f"check({str(folder)!r}, {str(out)!r}, {str(tiny_model_path)!r})"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert done.returncode == 0, done.stdout + done.stderr
     assert_exactly_once(out, ids_of(folder))
     assert not work_dir_for(out).exists()
-    monkeypatch.setattr(OutputStore, "finalize", finalize)
     again = run(command([folder], out, tiny_model_path, "--beam", "2", "--max-len", "8"))  # nothing left to do
     assert again.returncode == EXIT_OK and "nothing new to caption" in again.stdout, again.stdout
 
