@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -1303,4 +1304,11 @@ def bench(
 
 def main() -> None:
     """Console-script entry point."""
-    cli(prog_name="batchcap")
+    try:
+        cli(prog_name="batchcap")
+    finally:
+        # The command is over and its exit status decided. A signal that arrives while the
+        # interpreter shuts down (Slurm's time-limit warning, forwarded as SIGTERM just as a task
+        # finished) must not turn a finished run's status into a kill, which fails the task.
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, signal.SIG_IGN)

@@ -573,3 +573,17 @@ def test_a_reader_failing_in_a_worker_ends_the_run_promptly(
         reap_groups([proc.pid])
     assert proc.returncode == 1, output  # a bug is a crash, with the worker's traceback
     assert says in output
+
+
+def test_a_signal_while_the_finished_command_shuts_down_keeps_its_exit_status() -> None:
+    """Slurm's time-limit warning can reach a task just as batchcap ends: the status stays the command's."""
+    code = (
+        "import atexit, os, signal, sys, time\n"
+        "atexit.register(lambda: (os.kill(os.getpid(), signal.SIGTERM), time.sleep(0.2)))  # during shutdown\n"
+        "sys.argv = ['batchcap', '--version']\n"
+        "from batchcap.cli import main\n"
+        "main()\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == EXIT_OK, (done.returncode, done.stderr)
+    assert "batchcap" in done.stdout
