@@ -521,9 +521,10 @@ def test_time_limit_warning_stops_and_requeues_until_done(slurm: None, tmp_path:
     photos, out_dir, logs = tmp_path / "photos", tmp_path / "out", tmp_path / "out" / "logs"
     # Each run has about 20 s before the warning. How many pictures that is depends on the machine
     # (100 to 170 a second when quiet, far fewer when busy), so measure the rate with the task's own
-    # settings first and give the job about 90 s of work. Slurm sends the warning on its own periodic
+    # settings first and give the job about 60 s of work. Slurm sends the warning on its own periodic
     # check, so it came anywhere from 5 to 32 s into a run here, and the probe (start-up included)
-    # underestimates a long run's rate by up to 1.6x: 50 s of work sometimes finished in one run.
+    # underestimates a long run's rate by up to 1.6x (32 s x 1.6 = 51 s: never one run). A run the
+    # warning stops before captioning begins makes no progress, so the task may requeue up to 50 times.
     # Commits every 200 rows: the SIGTERM still commits what is captioned, and a resume does not
     # spend its few seconds before the warning reading thousands of two-row parts (a fast CPU,
     # 400 pictures a second, left 5,000 of them and then stalled before captioning began).
@@ -551,13 +552,14 @@ def test_time_limit_warning_stops_and_requeues_until_done(slurm: None, tmp_path:
         timeout=600,
     )
     rate = float(re.findall(r"\(([\d.]+) images/s\)", timed.stderr + timed.stdout)[-1])
-    images = max(1000, int(rate * 90))
+    images = max(1000, int(rate * 60))
     write_images(photos, images)
     env = dict(
         slurm_env(tiny_model_path, images, "--batch-size 1 --commit-every 200"),
         TASKS="1",
         INPUT=str(photos),
         OUT_DIR=str(out_dir),
+        MAX_REQUEUES="50",
     )
     logs.mkdir(parents=True)
     submitted = subprocess.run(
