@@ -45,7 +45,7 @@ from PIL import Image, ImageOps
 from batchcap.data.extensions import IMAGE_KEYS, TAR_SUFFIXES, enable_heif, is_table_name
 from batchcap.data.tables import pictures_by_id
 from batchcap.hardware import available_cpus
-from batchcap.outputs.schema import CAPTIONED, METADATA_KEY_BYTES, flatten_settings, sniff_format
+from batchcap.outputs.schema import CAPTIONED, LOW_CONFIDENCE, METADATA_KEY_BYTES, OK, flatten_settings, sniff_format
 from batchcap.outputs.schema import SCHEMA as OUTPUT_SCHEMA
 
 ORDERS = ("confidence", "score", "id")
@@ -736,8 +736,8 @@ def _render(
     bad_lines: list[int],
     failure_cap: int,
 ) -> str:
-    ok = scan.statuses.get("ok", 0)
-    low = scan.statuses.get("low_confidence", 0)
+    ok = scan.statuses.get(OK, 0)
+    low = scan.statuses.get(LOW_CONFIDENCE, 0)
     failed = scan.total - ok - low
     tiles = [
         ("Rows", f"{scan.total:,}", ""),
