@@ -593,3 +593,54 @@ def test_time_limit_warning_stops_and_requeues_until_done(slurm: None, tmp_path:
         assert_exactly_once(out_dir / "part-0.parquet", photos)
     finally:
         cancel(array)
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_a_warning_before_batchcap_handles_signals_still_requeues(
+    slurm: None, tmp_path: Path, tiny_model_path: Path
+) -> None:
+    """The warning may land while Python starts: batchcap dies of the SIGTERM (143), and the task still requeues."""
+    photos, out_dir, logs = tmp_path / "photos", tmp_path / "out", tmp_path / "out" / "logs"
+    write_images(photos, 30)
+    # A first run that never gets as far as handling signals: the command is still "starting" (a
+    # sleep) when the warning comes, so the SIGTERM the script forwards kills it outright.
+    starting = tmp_path / "slow-start"
+    starting.write_text(f'#!/bin/sh\n[ "${{SLURM_RESTART_COUNT:-0}}" -gt 0 ] || exec sleep 600\nexec {BATCHCAP} "$@"\n')
+    starting.chmod(0o755)
+    env = dict(
+        slurm_env(tiny_model_path, 30, "--batch-size 4"),
+        BATCHCAP=str(starting),
+        TASKS="1",
+        INPUT=str(photos),
+        OUT_DIR=str(out_dir),
+    )
+    logs.mkdir(parents=True)
+    submitted = subprocess.run(
+        [
+            "sbatch",
+            "--parsable",
+            "--array=0",
+            "--time=2",
+            "--signal=B:USR1@100",
+            f"--chdir={out_dir}",
+            f"--output={logs}/caption-%A_%a.log",
+            str(SLURM_DIR / "caption-array.sbatch"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    array = submitted.stdout.strip().split(";")[0]
+    task = f"{array}_0"
+    try:
+        wait_for(lambda: job_state(task) in FINAL_STATES, 600, f"{task} to finish after a requeue", logs)
+        log = (logs / f"caption-{array}_0.log").read_text()
+        assert job_state(task) == "COMPLETED", dump_logs(logs)
+        assert "time limit near: stopping batchcap" in log and f"requeued {task}" in log, log
+        assert "restarts=1" in log
+        assert_exactly_once(out_dir / "part-0.parquet", photos)
+    finally:
+        cancel(array)
