@@ -215,7 +215,9 @@ def input_options(func: F) -> F:
     func = click.option(
         "--id-column",
         default=None,
-        help="Parquet tables: the column of ids [default: key if present, else id, else FILE/ROW].",
+        help="Parquet tables: the column of ids [default: key if present, else id, else FILE/ROW]. "
+        "A --files-from manifest: the column whose value is each row's id, verbatim, so captions join back "
+        "[default: none, the path is the id]. A resume setting.",
     )(func)
     func = click.option(
         "--image-key",
@@ -251,7 +253,14 @@ def input_options(func: F) -> F:
         "--files-from",
         type=click.Path(allow_dash=True),
         default=None,
-        help="Read input paths from FILE, one per line ('-' for stdin).",
+        help="Read input paths from FILE, one per line ('-' for stdin); a .parquet, .csv, .tsv, .jsonl or "
+        ".ndjson FILE is a manifest: a table with a column of paths (see --path-column, --id-column).",
+    )(func)
+    func = click.option(
+        "--path-column",
+        default=None,
+        help="A --files-from manifest: the column of picture paths "
+        "[default: the first of path, filepath, file, url, image_path it has].",
     )(func)
     return func
 
@@ -352,6 +361,7 @@ def run(sources: tuple[str, ...], **options: Any) -> None:
         batchcap run 'shards/train-{0000..0099}.tar' --out captions.jsonl --beam 5 --n-best 3
         batchcap run ./photos --out part-0.parquet --shard 0/4
         batchcap run 'laion/*.parquet' --out captions.parquet --id-column key
+        batchcap run --files-from manifest.csv --path-column file --id-column sku --out captions.parquet
     """
     from batchcap.config import UsageError
     from batchcap.outputs.lock import LockHeld

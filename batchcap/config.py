@@ -167,6 +167,7 @@ class RunConfig:
     min_confidence: float | None = None  # rows below get status low_confidence (None: off)
     id_column: str | None = None  # Parquet sources: the column of ids (None: key, else id, else file/row)
     id_from: str = "auto"  # how ids are made: auto | relative | source-relative | absolute
+    path_column: str | None = None  # a --files-from manifest's column of paths (None: path, filepath, ...)
 
 
 @dataclass(frozen=True)
@@ -214,6 +215,7 @@ _OPTION_OF_SETTING = {
     "n_best": "--n-best",
     "min_confidence": "--min-confidence",
     "id_from": "--id-from",
+    "id_column": "--id-column",
 }
 
 

@@ -59,6 +59,17 @@ class ShardFailure:
 
 
 @dataclass(frozen=True)
+class RowFailure:
+    """A manifest row that names no picture (a null or empty path or id, a row that cannot be parsed).
+
+    It becomes one ``missing`` row with ``error``, so a fixed manifest is read again on the next run.
+    """
+
+    item: InputItem
+    error: str
+
+
+@dataclass(frozen=True)
 class Duplicate:
     """An input whose id an earlier input already has; ``item.id`` is the id made unique (``<id>#2``).
 
@@ -86,7 +97,7 @@ class Ignored:
         return os.path.splitext(self.path)[1].lower() or "no extension"
 
 
-Entry = FileEntry | MemberEntry | ShardFailure | Duplicate | Ignored
+Entry = FileEntry | MemberEntry | ShardFailure | RowFailure | Duplicate | Ignored
 
 
 def fingerprinted(item: InputItem) -> InputItem:

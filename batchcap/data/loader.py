@@ -32,6 +32,7 @@ from batchcap.data.device_decode import DEVICE_DECODE_ERRORS, decode_jpegs, orie
 from batchcap.data.extensions import enable_heif
 from batchcap.data.image_decode import (
     DUPLICATE_ID,
+    MISSING,
     OK,
     SHARD_ERROR,
     UNSUPPORTED,
@@ -46,6 +47,7 @@ from batchcap.data.inputs import (
     FileEntry,
     Ignored,
     InputItem,
+    RowFailure,
     ShardFailure,
     fingerprinted,
 )
@@ -237,6 +239,8 @@ class BatchDataset(IterableDataset):
                 builder.add(item, Decoded(DUPLICATE_ID, entry.error))
         elif isinstance(entry, ShardFailure):
             builder.add(entry.item, Decoded(SHARD_ERROR, entry.error))
+        elif isinstance(entry, RowFailure):
+            builder.add(entry.item, Decoded(MISSING, entry.error))
         elif isinstance(entry, FileEntry):
             item = fingerprinted(entry.item)  # stat only what this worker owns
             if self._is_done(item, member=False):

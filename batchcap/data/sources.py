@@ -6,7 +6,8 @@ One factory, :func:`open_sources`, looks at each spec and picks a reader:
   visited once, so loops end), hidden names and non-image files passed over and counted;
   the id is the path relative to the folder, with ``/`` separators;
 * a **file list** (``--files-from FILE``, ``-`` for stdin) -- one path per line; the id is
-  the path as listed;
+  the path as listed; a ``.parquet``, ``.csv``, ``.tsv``, ``.jsonl`` or ``.ndjson`` file is a
+  manifest, a table with a path column and maybe an id column (:mod:`batchcap.data.manifests`);
 * a single **image file** -- its id is the path as given;
 * **WebDataset shards** -- a local ``.tar``, a brace pattern (``shards-{0000..0099}.tar``),
   a glob, or a URL such as ``pipe:cat x.tar``; read with webdataset's ``gopen`` and
@@ -59,9 +60,11 @@ from batchcap.data.inputs import (
     Ignored,
     InputItem,
     MemberEntry,
+    RowFailure,
     ShardFailure,
     SourceError,
 )
+from batchcap.data.manifests import Manifest, manifest_entries, manifest_format, open_manifest
 from batchcap.data.sharding import in_shard
 from batchcap.data.tables import TableReader, open_tables
 from batchcap.messages import one_line
@@ -94,7 +97,7 @@ def unique_entries(
     repeated, see :meth:`SourceSet.surveyed`), only those ids are remembered.
     """
     for entry in entries:
-        if not isinstance(entry, FileEntry) or (only is not None and entry.item.id not in only):
+        if not isinstance(entry, (FileEntry, RowFailure)) or (only is not None and entry.item.id not in only):
             yield entry
             continue
         first = seen.get(entry.item.id)
@@ -175,10 +178,14 @@ class FolderReader:
 
 @dataclass(frozen=True)
 class ListReader:
-    """A text file of paths, one a line (blank lines skipped); every line is a candidate."""
+    """A text file of paths, one a line (blank lines skipped); every line is a candidate.
+
+    With ``manifest``, the file is a table instead, read by :func:`batchcap.data.manifests.manifest_entries`.
+    """
 
     path: str
     absolute: bool = False  # ids are the absolute paths, not the lines as written
+    manifest: Manifest | None = None
     kind: str = field(default="list", init=False)
 
     def _lines(self) -> Iterator[str]:
@@ -188,11 +195,17 @@ class ListReader:
                 if line.strip():
                     yield line
 
-    def entries(self) -> Iterator[FileEntry]:
+    def entries(self) -> Iterator[FileEntry | RowFailure]:
+        if self.manifest is not None:
+            yield from manifest_entries(self.manifest, self.absolute)
+            return
         for line in self._lines():
             yield FileEntry(InputItem(id=os.path.abspath(line) if self.absolute else line, source=line))
 
     def count(self) -> int:
+        """Lines, or a manifest's rows: one entry each."""
+        if self.manifest is not None:
+            return self.manifest.count()
         return sum(1 for _ in self._lines())
 
 
@@ -358,7 +371,7 @@ class SourceSet:
             if isinstance(reader, (TarReader, TableReader)):  # ids from keys and id columns: never walked here
                 continue
             for entry in reader.entries():
-                if isinstance(entry, FileEntry):
+                if isinstance(entry, (FileEntry, RowFailure)):
                     (repeated if entry.item.id in once else once).add(entry.item.id)
         return dataclasses.replace(self, repeated=frozenset(repeated))
 
@@ -372,8 +385,13 @@ class SourceSet:
             if isinstance(reader, TableReader):  # rows per row group, from the footers
                 total += reader.count(shard_index, shard_count)
                 continue
+            if isinstance(reader, ListReader) and shard_count == 1:  # every row is one entry; ids matter not
+                total += reader.count()
+                continue
             for entry in self.entries(reader, seen):  # type: ignore[arg-type]
-                if isinstance(entry, (FileEntry, Duplicate)) and in_shard(entry.item.id, shard_index, shard_count):
+                if isinstance(entry, (FileEntry, Duplicate, RowFailure)) and in_shard(
+                    entry.item.id, shard_index, shard_count
+                ):
                     total += 1
         return total
 
@@ -524,10 +542,12 @@ def open_sources(
     id_column: str | None = None,
     exclude: Sequence[str | os.PathLike[str]] = (),
     id_from: str = "auto",
+    path_column: str | None = None,
 ) -> SourceSet:
     """Build the readers for ``specs`` (and ``--files-from``), checking that each exists.
 
-    ``id_column`` names the id column of Parquet tables (:mod:`batchcap.data.tables`);
+    ``id_column`` names the id column of Parquet tables (:mod:`batchcap.data.tables`) and of a
+    ``files_from`` manifest, ``path_column`` a manifest's path column (:mod:`batchcap.data.manifests`);
     ``exclude`` lists paths a folder of tables or a pattern must not pick up (the run's own
     output and work folder, which are Parquet files too).
 
@@ -538,15 +558,12 @@ def open_sources(
     """
     if id_from not in ID_SCHEMES:
         raise ValueError(f"id_from must be one of {', '.join(ID_SCHEMES)}, not {id_from!r}")
+    if path_column is not None and files_from is None:
+        raise SourceError("--path-column names the path column of a --files-from manifest; pass --files-from too")
     skip = [os.path.realpath(e) for e in exclude]
     readers: list[Reader] = [_open_spec(str(spec), policy, id_column, skip) for spec in specs]
     if files_from is not None:
-        if files_from == "-":
-            readers.append(ListReader(_stdin_to_file()))
-        elif not os.path.isfile(files_from):
-            raise SourceError(f"--files-from {files_from}: no such file")
-        else:
-            readers.append(ListReader(str(Path(files_from))))
+        readers.append(_list_reader(files_from, id_column, path_column))
     if not readers:
         raise SourceError("no input: name folders, shards or pictures, or pass --files-from")
     _refuse_nested(readers)
@@ -554,6 +571,24 @@ def open_sources(
     readers = _with_ids(readers, scheme)
     _refuse_shared_labels(readers, scheme)
     return SourceSet(tuple(readers), scheme)
+
+
+def _list_reader(files_from: str, id_column: str | None, path_column: str | None) -> ListReader:
+    """The reader of ``--files-from``: a text list of paths, or a manifest (a table; see :func:`manifest_format`)."""
+    if files_from == "-":
+        path = _stdin_to_file()
+    elif not os.path.isfile(files_from):
+        raise SourceError(f"--files-from {files_from}: no such file")
+    else:
+        path = str(Path(files_from))
+    if manifest_format(files_from) is not None:
+        return ListReader(path, manifest=open_manifest(path, path_column, id_column))
+    if path_column is not None:
+        raise SourceError(
+            f"--path-column: --files-from {files_from} is a text list, one path a line; a manifest with columns "
+            "must be named .parquet, .csv, .tsv, .jsonl or .ndjson"
+        )
+    return ListReader(path)
 
 
 def _refuse_nested(readers: Sequence[Reader]) -> None:

@@ -94,6 +94,9 @@ RETRY_STATUSES = frozenset({"missing", "unreadable", "shard_error"})
 #: Resume settings that outputs written before they were recorded implied: such an output
 #: resumes as before (ids were always made ``relative``).
 UNRECORDED_SETTINGS: dict[str, Any] = {"id_from": "relative"}
+#: Resume settings not compared with an output written before they were recorded: what it was made
+#: with is not known, so it resumes as before.
+UNKNOWN_WHEN_UNRECORDED = frozenset({"id_column"})
 
 ROW_GROUP_ROWS = 65_536  # final Parquet row groups: large enough to scan fast, small in RAM
 _PART_RE = re.compile(r"^part-(\d{8})-([0-9a-f]+)\.parquet$")
@@ -547,14 +550,20 @@ def _check_previous(out: Path, previous: dict[str, Any] | None, meta: dict[str, 
             "rerun with --overwrite to start over, or choose another --out"
         )
     implied = {k: v for k, v in UNRECORDED_SETTINGS.items() if k in meta["resume_settings"]}
-    old = flatten_settings({**implied, **_without_min_confidence(previous.get("resume_settings") or {})})
-    new = flatten_settings(meta["resume_settings"])
+    recorded = _without_min_confidence(previous.get("resume_settings") or {})
+    old = flatten_settings({**implied, **recorded})
+    new = flatten_settings(
+        {k: v for k, v in meta["resume_settings"].items() if k in recorded or k not in UNKNOWN_WHEN_UNRECORDED}
+    )
     differ = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
     if differ:
         changes = "; ".join(f"{option_name(k)}: {json.dumps(old.get(k))} -> {json.dumps(new.get(k))}" for k in differ)
         also = ""
         if "id_from" in differ and old.get("id_from") is not None:
             also = f", or pass --id-from {old['id_from']} to continue it with the ids it has"
+        elif "id_column" in differ:
+            given = f"--id-column {old['id_column']}" if old.get("id_column") else "no --id-column"
+            also = f", or pass {given} to continue it with the ids it has"
         raise ResumeRefused(
             f"refusing to continue {out}: {what} was made with other settings ({changes}). "
             "Mixing them would put captions from different settings in one file; rerun with "

@@ -306,6 +306,7 @@ def run(
     image_key: str | Sequence[str] = "jpg,jpeg,png,webp",
     id_column: str | None = None,
     id_from: str = "auto",
+    path_column: str | None = None,
     format: str | None = None,
     overwrite: bool = False,
     commit_every: int = 512,
@@ -388,6 +389,7 @@ def run(
         min_confidence=min_confidence,
         id_column=id_column,
         id_from=id_from,
+        path_column=path_column,
     )
     runtime = runtime_config(
         device, precision, batch_size, str(workers), backend, _path_or_env(encoder_cache, "BATCHCAP_ENCODER_CACHE")

@@ -45,21 +45,24 @@ def model_identity(meta: dict[str, Any]) -> str:
     return f"{meta.get('name', 'batchcap-model')}@{str(meta.get('tensors_sha256', ''))[:12]}"
 
 
-def resume_settings(meta: dict[str, Any], beam: BeamConfig, id_from: str = "relative") -> dict[str, Any]:
+def resume_settings(
+    meta: dict[str, Any], beam: BeamConfig, id_from: str = "relative", id_column: str | None = None
+) -> dict[str, Any]:
     """The settings a resumed run must share with the first: model, preprocessing, caption search, id scheme.
 
-    ``id_from`` is the resolved scheme (never ``auto``): resuming with ids made another way
-    would caption every picture again under a second id. Device, precision, batch size and
-    workers are execution details and may change between attempts (a job pre-empted on a
-    GPU node may resume on a CPU node). ``--min-confidence`` is not one of them: it only
-    labels captioned rows, so the store relabels the output when it changes
-    (``OutputStore.open(min_confidence=...)``).
+    ``id_from`` is the resolved scheme (never ``auto``) and ``id_column`` the ``--id-column`` given:
+    resuming with ids made another way would caption every picture again under a second id.
+    Device, precision, batch size and workers are execution details and may change between
+    attempts (a job pre-empted on a GPU node may resume on a CPU node). ``--min-confidence`` is
+    not one of them: it only labels captioned rows, so the store relabels the output when it
+    changes (``OutputStore.open(min_confidence=...)``).
     """
     return {
         "model": model_identity(meta),
         "preprocess": meta.get("preprocess"),
         "beam": to_dict(beam),
         "id_from": id_from,
+        "id_column": id_column,
     }
 
 
@@ -183,7 +186,13 @@ def run_job(
     # before anything is created; the output and its parts are Parquet files too, so a folder or
     # pattern of tables must not read them
     sources = open_sources(
-        cfg.sources, cfg.files_from, policy, cfg.id_column, exclude=(out, work_dir_for(out)), id_from=cfg.id_from
+        cfg.sources,
+        cfg.files_from,
+        policy,
+        cfg.id_column,
+        exclude=(out, work_dir_for(out)),
+        id_from=cfg.id_from,
+        path_column=cfg.path_column,
     )
     sources = sources.surveyed()  # the ids that repeat, so that workers need not remember every id
     check_output_writable(out, work_dir_for(out))
@@ -196,7 +205,7 @@ def run_job(
         store = OutputStore.open(
             out,
             cfg.format,
-            resume_settings(meta, beam, sources.id_scheme),
+            resume_settings(meta, beam, sources.id_scheme, cfg.id_column),
             run_config,
             overwrite=cfg.overwrite,
             commit_every=cfg.commit_every,

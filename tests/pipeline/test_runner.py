@@ -52,11 +52,13 @@ def test_resume_settings_hold_what_a_resumed_run_must_share() -> None:
         "preprocess": {"resize": "squash"},
         "beam": to_dict(BEAM),
         "id_from": "relative",
+        "id_column": None,
     }
     json.dumps(settings)
     # the id scheme is shared by every attempt; --min-confidence is not (it only relabels rows)
     assert resume_settings(meta, BEAM, "source-relative")["id_from"] == "source-relative"
     assert resume_settings(meta, BEAM, "source-relative") != resume_settings(meta, BEAM, "absolute")
+    assert resume_settings(meta, BEAM, id_column="sku") != resume_settings(meta, BEAM)  # ids from another column
     assert resume_settings(meta, BEAM) != resume_settings(meta, BeamConfig(beam_size=3, max_len=6))
     other = {**meta, "tensors_sha256": "cd" * 32}
     assert resume_settings(meta, BEAM) != resume_settings(other, BEAM)
