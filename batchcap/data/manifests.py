@@ -93,19 +93,22 @@ class Manifest:
             )
 
     def count(self) -> int:
-        """Data rows, read cheaply: Parquet's footer, CSV's path column only, JSON lines' non-blank lines."""
-        if self.format == "parquet":
-            return int(pq.read_metadata(self.path).num_rows)
-        if self.format == "jsonl":
-            with open(self.path, "rb") as f:
-                return sum(1 for line in f if line.strip())
-        bad: list[str] = []  # rows with the wrong number of fields: rows too (failures)
-        reader = pcsv.open_csv(self.path, **_csv_options(self.format, [self.path_column], bad_rows=bad))
+        """Entries :meth:`rows` yields, read cheaply: Parquet's footer, CSV's path column only, JSON lines'
+        non-blank lines; a manifest that breaks off counts the rows before the damage and one failure."""
         rows = 0
-        for batch in reader:
-            rows += batch.num_rows + len(bad)
-            bad.clear()
-        return rows + len(bad)
+        bad: list[str] = []  # CSV rows with the wrong number of fields: rows too (failures)
+        try:
+            if self.format == "parquet":
+                return int(pq.read_metadata(self.path).num_rows)
+            if self.format == "jsonl":
+                with open(self.path, "rb") as f:
+                    return sum(1 for line in f if line.strip())
+            for batch in pcsv.open_csv(self.path, **_csv_options(self.format, [self.path_column], bad_rows=bad)):
+                rows += batch.num_rows + len(bad)
+                bad.clear()
+            return rows + len(bad)
+        except MANIFEST_ERRORS:
+            return rows + 1
 
     def _parquet_rows(self) -> Iterator[tuple[Any, Any]]:
         batches = pq.ParquetFile(self.path).iter_batches(batch_size=READ_ROWS, columns=self.columns, use_threads=False)
@@ -137,13 +140,20 @@ class Manifest:
 
 
 def _pairs(batch: pa.RecordBatch, has_id: bool) -> Iterator[tuple[Any, Any]]:
-    paths = batch.column(0).to_pylist()
-    ids = batch.column(1).to_pylist() if has_id else [None] * len(paths)
+    """``(path, id)`` cells of a batch whose first column is the path and second, if ``has_id``, the id."""
+    paths = [_decoded(v) for v in batch.column(0).to_pylist()]
+    ids = [_decoded(v) for v in batch.column(1).to_pylist()] if has_id else [None] * len(paths)
     yield from zip(paths, ids, strict=True)
 
 
+def _decoded(value: Any) -> Any:
+    """A bytes cell as text (bytes that are not UTF-8 kept as a text list keeps them); others as they are."""
+    return value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else value
+
+
 def _csv_options(fmt: str, columns: list[str], bad_rows: list[str] | None) -> dict[str, Any]:
-    """``open_csv`` keywords that read ``columns`` as text, verbatim (``007`` stays ``007``, ``NA`` is a name)."""
+    """``open_csv`` keywords that read ``columns`` verbatim (``007`` stays ``007``, ``NA`` is a name), as bytes:
+    a path that is not UTF-8 is still a path (decoded as a text list's lines are)."""
 
     def keep_bad_row(row: Any) -> str:
         if bad_rows is not None:
@@ -154,7 +164,7 @@ def _csv_options(fmt: str, columns: list[str], bad_rows: list[str] | None) -> di
         "read_options": pcsv.ReadOptions(use_threads=False, block_size=CSV_BLOCK_BYTES),
         "parse_options": pcsv.ParseOptions(delimiter="\t" if fmt == "tsv" else ",", invalid_row_handler=keep_bad_row),
         "convert_options": pcsv.ConvertOptions(
-            include_columns=columns, column_types=dict.fromkeys(columns, pa.string()), strings_can_be_null=False
+            include_columns=columns, column_types=dict.fromkeys(columns, pa.binary()), strings_can_be_null=False
         ),
     }
 
@@ -210,8 +220,6 @@ def open_manifest(path: str, path_column: str | None = None, id_column: str | No
 
 def _text(value: Any) -> str | None:
     """A cell as an id or a path: text as it is, a whole number in decimals; None for null, empty or other."""
-    if isinstance(value, bytes):
-        value = value.decode("utf-8", "surrogateescape")
     if isinstance(value, str):
         return value if value.strip() else None
     if isinstance(value, int) and not isinstance(value, bool):

@@ -208,3 +208,22 @@ def test_a_resumed_read_skips_what_is_done(tmp_path: Path) -> None:
     st = pictures[0].stat()
     done = {pictures[0].stem: (st.st_size, st.st_mtime_ns)}
     assert set(collect(sources, done=done)) == set(first) - {pictures[0].stem}
+
+
+def test_a_spreadsheet_csv_with_a_bom_and_a_name_that_is_not_utf8(tmp_path: Path) -> None:
+    manifest = tmp_path / "m.csv"
+    manifest.write_bytes(b"\xef\xbb\xbfpath,id\na.jpg,1\n\xff\xfe.jpg,2\n")
+    entries = list(open_sources([], files_from=str(manifest)).readers[0].entries())
+    assert [e.item.source for e in entries] == ["a.jpg", b"\xff\xfe.jpg".decode("utf-8", "surrogateescape")]
+
+
+def test_rows_streamed_block_by_block_are_all_read_and_counted(tmp_path: Path) -> None:
+    manifest = tmp_path / "m.csv"
+    body = "".join(f"p{i:06d}.jpg,{i}\n" for i in range(70_000))  # more than one block of the CSV reader
+    manifest.write_text(f"path,id\n{body}broken-after-the-first-block\nlast.jpg,x\n")
+    reader = open_sources([], files_from=str(manifest), id_column="id").readers[0]
+    entries = list(reader.entries())
+    assert len(entries) == reader.count() == 70_002
+    failures = [e for e in entries if isinstance(e, RowFailure)]
+    assert len(failures) == 1 and "broken-after-the-first-block" in failures[0].error
+    assert {e.item.id for e in entries if isinstance(e, FileEntry)} == {*map(str, range(70_000)), "x"}
