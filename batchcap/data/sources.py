@@ -89,7 +89,8 @@ def _duplicate(item: InputItem, seen: dict[str, str], error: str, member: bool =
 def unique_entries(
     entries: Iterable[Entry], seen: dict[str, str], only: frozenset[str] | None = None
 ) -> Iterator[Entry]:
-    """``entries`` with every file whose id is in ``seen`` (id -> source) turned into a :class:`Duplicate`.
+    """``entries`` with every file (or manifest row) whose id is in ``seen`` (id -> source) turned into a
+    :class:`Duplicate`.
 
     ``seen`` is shared by all the readers of a run, so that a collision between two sources
     is caught too; every DataLoader worker walks the same listing in the same order, so
