@@ -1,0 +1,208 @@
+"""`batchcap run --ray`: shard tasks on a real local Ray, each into its own part, then the verified merge.
+
+One Ray (2 CPUs, no dashboard) is started for the module and shut down after it; ``run_on_ray``
+and the command join it instead of starting their own. The tests that need Ray skip when it is
+not installed (``pip install "batchcap[ray]"``); the refusals run without it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+from conftest import REPO, write_images
+
+from batchcap.cli import cli
+from batchcap.config import UsageError
+from batchcap.outputs.lock import lock_path_for
+from batchcap.outputs.store import work_dir_for
+from batchcap.pipeline.ray_engine import TASKS_FILE, RayRunResult, parts_dir_for, run_on_ray
+
+#: Small, fast runs: in-process decoding, a commit every few rows.
+FAST = {"workers": 0, "batch_size": 4, "commit_every": 4, "log_every": 600.0}
+
+
+@pytest.fixture(scope="module")
+def local_ray() -> Iterator[Any]:
+    """A Ray of 2 CPUs on this machine for the module's tests (its workers inherit PYTHONPATH, so run this code)."""
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def read_ids(out: Path) -> list[str]:
+    return [str(v) for v in pq.read_table(out, columns=["id"]).column("id").to_pylist()]
+
+
+def assert_every_picture_once(out: Path, folder: Path) -> None:
+    ids = read_ids(out)
+    assert len(ids) == len(set(ids)), "an id occurs twice"
+    assert set(ids) == {p.name for p in folder.iterdir()}
+    statuses = set(pq.read_table(out, columns=["status"]).column("status").to_pylist())
+    assert statuses == {"ok"}
+
+
+def test_three_tasks_write_three_parts_and_merge_every_picture_once(
+    local_ray: Any, tmp_path: Path, tiny_model_path: Path
+) -> None:
+    folder = tmp_path / "photos"
+    write_images(folder, 40)
+    out = tmp_path / "captions.parquet"
+    result = run_on_ray(folder, out, tasks=3, model=tiny_model_path, **FAST)
+    assert isinstance(result, RayRunResult) and result.exit_code == 0
+    parts = parts_dir_for(out)
+    assert [Path(p).name for p in result.parts] == ["part-0.parquet", "part-1.parquet", "part-2.parquet"]
+    assert all(Path(p).parent == parts for p in result.parts)
+    assert_every_picture_once(out, folder)
+    part_rows = [pq.read_metadata(p).num_rows for p in result.parts]
+    assert sum(part_rows) == 40 and min(part_rows) > 0  # every task captioned its own share
+    assert result.merge is not None and result.merge.rows == 40
+
+    # The same call again resumes every part (nothing left to caption) and merges the same rows.
+    again = run_on_ray(folder, out, tasks=3, model=tiny_model_path, **FAST)
+    assert again.exit_code == 0
+    assert [s.summary["ok"] for s in again.shards] == [0, 0, 0]
+    assert [s.summary["skipped"] for s in again.shards] == part_rows
+    assert_every_picture_once(out, folder)
+
+
+def test_the_command_runs_on_ray_and_merges(local_ray: Any, tmp_path: Path, tiny_model_path: Path) -> None:
+    folder = tmp_path / "photos"
+    write_images(folder, 12, seed=1)
+    out = tmp_path / "captions.parquet"
+    parts = tmp_path / "shared" / "parts"
+    args = ["run", str(folder), "--out", str(out), "--model", str(tiny_model_path), "--workers", "0"]
+    args += ["--ray", "--tasks", "2", "--ray-cpus", "1", "--ray-retries", "1", "--ray-parts", str(parts)]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    assert {"part-0.parquet", "part-1.parquet"} <= set(os.listdir(parts))
+    assert json.loads((parts / TASKS_FILE).read_text()) == {"tasks": 2}
+    assert_every_picture_once(out, folder)
+    assert "2 tasks (1 CPU, 0 GPU each, up to 1 retries)" in result.output
+
+
+def _lock_is_held(part: Path) -> bool:
+    """Whether a run holds ``part``'s lock now (tried without waiting, released at once)."""
+    try:
+        fd = os.open(lock_path_for(part), os.O_RDWR)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing also releases a lock this test took
+    return False
+
+
+def _kill_a_task_after_its_first_commit(parts: Path, tasks: int, deadline: float) -> tuple[int, int] | None:
+    """SIGKILL the Ray worker running a shard that has committed rows and not finished: (shard, pid)."""
+    while time.monotonic() < deadline:
+        for index in range(tasks):
+            part = parts / f"part-{index}.parquet"
+            committed = [n for n in os.listdir(work_dir_for(part))] if work_dir_for(part).is_dir() else []
+            if not any(n.startswith("part-") for n in committed) or not _lock_is_held(part):
+                continue
+            pid = json.loads(lock_path_for(part).read_text())["pid"]  # the holder: the task's worker
+            os.kill(pid, signal.SIGKILL)
+            return index, pid
+        time.sleep(0.005)
+    return None
+
+
+def test_a_killed_task_is_retried_and_resumes_its_part(local_ray: Any, tmp_path: Path, tiny_model_path: Path) -> None:
+    folder = tmp_path / "photos"
+    write_images(folder, 90, seed=2)
+    out = tmp_path / "captions.parquet"
+    results: list[RayRunResult] = []
+    slow = dict(FAST, batch_size=1, commit_every=1)  # a commit per row: a wide window between first and last
+    driver = threading.Thread(
+        target=lambda: results.append(run_on_ray(folder, out, tasks=3, model=tiny_model_path, max_retries=2, **slow))
+    )
+    driver.start()
+    killed = _kill_a_task_after_its_first_commit(parts_dir_for(out), 3, time.monotonic() + 120)
+    driver.join(timeout=300)
+    assert not driver.is_alive()
+    assert killed is not None, "no task was seen between its first commit and its end"
+    shard, pid = killed
+    assert results and results[0].exit_code == 0
+    assert_every_picture_once(out, folder)
+    outcome = results[0].shards[shard]
+    # Another attempt finished the part, in another worker, starting from the rows the killed one committed.
+    part = Path(outcome.part)
+    assert json.loads(lock_path_for(part).read_text())["pid"] != pid
+    assert outcome.summary["skipped"] > 0
+    assert outcome.summary["rows in output"] == pq.read_metadata(part).num_rows
+
+
+def test_parts_of_another_task_count_are_not_resumed(local_ray: Any, tmp_path: Path, tiny_model_path: Path) -> None:
+    out = tmp_path / "captions.parquet"
+    parts = parts_dir_for(out)
+    parts.mkdir()
+    (parts / TASKS_FILE).write_text('{"tasks": 4}\n')
+    with pytest.raises(UsageError, match=r"cut into 4 shards; rerun with --tasks 4"):
+        run_on_ray(tmp_path, out, tasks=3, model=tiny_model_path, **FAST)
+    assert not out.exists()
+
+
+# -- refusals: these need no Ray ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--ray", "--tasks", "0"], "0 is not in the range x>=1"),
+        (["--ray"], "--ray needs --tasks N"),
+        (["--tasks", "3"], "--tasks only work(s) with --ray"),
+        (["--ray-cpus", "4"], "--ray-cpus only work(s) with --ray"),
+        (["--ray", "--tasks", "2", "--shard", "0/2"], "--shard and --ray do not go together"),
+        (["--ray", "--tasks", "2", "--device", "cuda:1"], "use --device cuda"),
+        (["--ray", "--tasks", "2", "--files-from", "-"], "cannot reach Ray workers"),
+    ],
+)
+def test_bad_ray_options_are_refused(tmp_path: Path, extra: list[str], message: str) -> None:
+    out = tmp_path / "captions.parquet"
+    result = CliRunner().invoke(cli, ["run", str(tmp_path), "--out", str(out), *extra])
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert not out.exists() and not parts_dir_for(out).exists()
+
+
+def test_without_ray_installed_the_command_says_what_to_install(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError, as where it is not installed
+    out = tmp_path / "captions.parquet"
+    result = CliRunner().invoke(cli, ["run", str(tmp_path), "--out", str(out), "--ray", "--tasks", "2"])
+    assert result.exit_code == 2, result.output
+    assert 'pip install "batchcap[ray]"' in result.output
+    assert not out.exists()
+
+
+def test_import_and_help_do_not_import_ray() -> None:
+    code = (
+        "import sys, batchcap;"
+        "from click.testing import CliRunner;"
+        "from batchcap.cli import cli;"
+        "assert CliRunner().invoke(cli, ['--help']).exit_code == 0;"
+        "assert '--ray' in CliRunner().invoke(cli, ['run', '--help']).output;"
+        "batchcap.run_on_ray;"
+        "assert 'ray' not in sys.modules, 'ray was imported'"
+    )
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
