@@ -334,7 +334,6 @@ def ray_options(func: F) -> F:
     )(func)
     func = click.option(
         "--ray",
-        "ray_address",
         is_flag=False,
         flag_value="auto",
         default=None,
@@ -403,7 +402,7 @@ def run(sources: tuple[str, ...], **options: Any) -> None:
         batchcap run /shared/photos --out /shared/captions.parquet --ray --tasks 16 --ray-cpus 4
     """
     ray_settings = {key: options.pop(key) for key in _RAY_OPTIONS}
-    if ray_settings["ray_address"] is not None:
+    if ray_settings["ray"] is not None:
         _run_on_ray(sources, ray_settings, options)
     given = [f"--{key.replace('_', '-')}" for key, default in _RAY_OPTIONS.items() if ray_settings[key] != default]
     if given:
@@ -433,7 +432,7 @@ def run(sources: tuple[str, ...], **options: Any) -> None:
 
 #: The options of `run --ray` and their defaults (a changed one without --ray is refused).
 _RAY_OPTIONS = {
-    "ray_address": None,
+    "ray": None,
     "tasks": None,
     "ray_cpus": 1.0,
     "ray_gpus": None,
@@ -452,17 +451,7 @@ def _run_on_ray(sources: tuple[str, ...], ray_settings: dict[str, Any], options:
     if ray_settings["tasks"] is None:
         raise click.UsageError("--ray needs --tasks N: how many shard tasks to cut the work into")
     try:
-        result = run_on_ray(
-            sources,
-            options.pop("out"),
-            tasks=ray_settings["tasks"],
-            address=ray_settings["ray_address"],
-            parts_dir=ray_settings["ray_parts"],
-            cpus_per_task=ray_settings["ray_cpus"],
-            gpus_per_task=ray_settings["ray_gpus"],
-            max_retries=ray_settings["ray_retries"],
-            **options,
-        )
+        result = run_on_ray(sources, options.pop("out"), **ray_settings, **options)
     except UsageError as exc:
         raise click.UsageError(str(exc)) from exc
     except ShardError as exc:

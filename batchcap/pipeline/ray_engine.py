@@ -262,11 +262,11 @@ def run_on_ray(
     out: str | os.PathLike[str],
     *,
     tasks: int,
-    address: str | None = None,
-    parts_dir: str | os.PathLike[str] | None = None,
-    cpus_per_task: float = 1.0,
-    gpus_per_task: float | None = None,
-    max_retries: int = 3,
+    ray: str | None = None,
+    ray_parts: str | os.PathLike[str] | None = None,
+    ray_cpus: float = 1.0,
+    ray_gpus: float | None = None,
+    ray_retries: int = 3,
     stream: TextIO | None = None,
     **options: Any,
 ) -> RayRunResult:
@@ -276,14 +276,14 @@ def run_on_ray(
         sources, out: as :func:`batchcap.run`; every other ``batchcap.run`` keyword (``model``,
             ``beam``, ``commit_every``, ``workers``...) passes through to each task.
         tasks: how many shards (Ray tasks); part I captions ``--shard I/N``.
-        address: ``None`` or ``"auto"``: what ``ray.init()`` does by default (``RAY_ADDRESS``,
+        ray: the cluster's address. ``None`` or ``"auto"``: what ``ray.init()`` does by default (``RAY_ADDRESS``,
             else the cluster started on this machine, else a new local one); ``HOST:6379`` or
             ``ray://HOST:10001``: that cluster. A Ray already initialised in this process is used as it is.
-        parts_dir: where the parts go (default ``<out>.parts/``), on storage every worker shares.
-        cpus_per_task, gpus_per_task: Ray resources per task. GPUs ``None``: 1 with
+        ray_parts: where the parts go (default ``<out>.parts/``), on storage every worker shares.
+        ray_cpus, ray_gpus: Ray resources per task. GPUs ``None``: 1 with
             ``device="cuda"``, 0 with ``"cpu"``, and with ``"auto"`` 1 where the cluster has GPUs.
             ``workers="auto"`` becomes the task's CPUs but one (at least 1), as in the Slurm array.
-        max_retries: how often Ray reruns a task whose worker died or which crashed; each
+        ray_retries: how often Ray reruns a task whose worker died or which crashed; each
             attempt resumes the part where the last one committed.
         stream: where the driver's lines go (default: standard error).
 
@@ -292,15 +292,15 @@ def run_on_ray(
         failures than ``max_failures``, which applies to each task) or 6 (interrupted).
 
     Raises:
-        batchcap.config.UsageError: bad options, Ray not installed, or no cluster at ``address``.
+        batchcap.config.UsageError: bad options, Ray not installed, or no cluster at ``ray``.
         ShardError: a task could not finish (its ``exit_code`` says why); nothing is merged.
         batchcap.outputs.merge.MergeError: the parts do not merge (a missing part, a repeated id).
     """
     stream = stream or sys.stderr
     given = [sources] if isinstance(sources, (str, os.PathLike)) else list(sources)
     specs = tuple(os.fspath(s) for s in given)
-    _check_options(tasks, cpus_per_task, gpus_per_task, max_retries, options)
-    ray = _import_ray()
+    _check_options(tasks, ray_cpus, ray_gpus, ray_retries, options)
+    ray_lib = _import_ray()
     if not specs and not options.get("files_from"):
         raise UsageError("give at least one SOURCE (folder, image, .tar shard) or --files-from FILE")
     check_output_location(out)  # before abspath, which would turn s3://b/x into a local folder
@@ -309,7 +309,7 @@ def run_on_ray(
         fmt = infer_format(out_path, options.get("format"))
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
-    parts = Path(os.path.abspath(os.fspath(parts_dir))) if parts_dir is not None else parts_dir_for(out_path)
+    parts = Path(os.path.abspath(os.fspath(ray_parts))) if ray_parts is not None else parts_dir_for(out_path)
     check_output_writable(out_path)
     check_output_writable(parts / f"part-0.{fmt}")
     options = dict(options, format=fmt)
@@ -321,29 +321,29 @@ def run_on_ray(
         if options.get(keyword) is None and os.environ.get(variable):
             options[keyword] = os.environ[variable]  # the driver's setting, not whatever a worker has
     if str(options.get("workers", "auto")) == "auto":
-        options["workers"] = max(1, math.floor(cpus_per_task) - 1)
+        options["workers"] = max(1, math.floor(ray_cpus) - 1)
 
     _check_tasks_file(parts, tasks, bool(options.get("overwrite")))
     if options.pop("overwrite", False):  # here, once: a task Ray retries must resume, not start over
         for index in range(tasks):
             _start_part_over(Path(os.path.join(parts, f"part-{index}.{fmt}")))
-    started_here = _connect(ray, address)
+    started_here = _connect(ray_lib, ray)
     try:
-        gpus = _gpus_per_task(ray, gpus_per_task, str(options.get("device", "auto")))
+        gpus = _gpus_per_task(ray_lib, ray_gpus, str(options.get("device", "auto")))
         job = ShardJob(specs, str(parts), fmt, tasks, os.getcwd(), options)
         print(
-            f"batchcap: ray: {tasks} tasks ({cpus_per_task:g} CPU, {gpus:g} GPU each, up to {max_retries} retries), "
+            f"batchcap: ray: {tasks} tasks ({ray_cpus:g} CPU, {gpus:g} GPU each, up to {ray_retries} retries), "
             f"parts in {parts}",
             file=stream,
             flush=True,
         )
-        task = ray.remote(caption_shard).options(
-            num_cpus=cpus_per_task, num_gpus=gpus, max_retries=max_retries, retry_exceptions=True
+        task = ray_lib.remote(caption_shard).options(
+            num_cpus=ray_cpus, num_gpus=gpus, max_retries=ray_retries, retry_exceptions=True
         )
-        outcomes = _wait_for_shards(ray, [task.remote(job, i) for i in range(tasks)], job, max_retries, stream)
+        outcomes = _wait_for_shards(ray_lib, [task.remote(job, i) for i in range(tasks)], job, ray_retries, stream)
     finally:
         if started_here:
-            ray.shutdown()
+            ray_lib.shutdown()
     if outcomes is None:
         print(
             f"batchcap: ray: interrupted; committed rows are kept in {parts}: rerun the same command to resume",

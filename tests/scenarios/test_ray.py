@@ -131,7 +131,7 @@ def test_a_killed_task_is_retried_and_resumes_its_part(local_ray: Any, tmp_path:
     results: list[RayRunResult] = []
     slow = dict(FAST, batch_size=1, commit_every=1)  # a commit per row: a wide window between first and last
     driver = threading.Thread(
-        target=lambda: results.append(run_on_ray(folder, out, tasks=3, model=tiny_model_path, max_retries=2, **slow))
+        target=lambda: results.append(run_on_ray(folder, out, tasks=3, model=tiny_model_path, ray_retries=2, **slow))
     )
     driver.start()
     killed = _kill_a_task_after_its_first_commit(parts_dir_for(out), 3, time.monotonic() + 120)
