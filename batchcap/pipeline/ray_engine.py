@@ -34,6 +34,7 @@ from typing import Any, TextIO
 from batchcap.config import OptionError, UsageError
 from batchcap.data.sources import SourceError
 from batchcap.encode.weights import EncoderError
+from batchcap.fileio import atomic_write_bytes
 from batchcap.hardware import HardwareError
 from batchcap.model.modelfile import ModelFileError
 from batchcap.outputs.lock import (
@@ -224,12 +225,16 @@ def _check_tasks_file(parts_dir: Path, tasks: int, overwrite: bool) -> None:
             recorded = json.loads(path.read_text()).get("tasks")
         except (OSError, ValueError, AttributeError):
             recorded = None
+        if recorded is None:
+            raise UsageError(
+                f"cannot read {path}, which says how many shards the parts in {parts_dir} were cut into; "
+                "start over with --overwrite, or choose another --ray-parts"
+            )
         if recorded != tasks:
             raise UsageError(
                 f"--tasks {tasks}: the parts in {parts_dir} were cut into {recorded} shards; rerun with "
                 f"--tasks {recorded} to resume them, or start over with --overwrite (or another --ray-parts)"
             )
-    path.write_text(json.dumps({"tasks": tasks}) + "\n")
 
 
 def _start_part_over(part: Path) -> None:
@@ -323,12 +328,14 @@ def run_on_ray(
     if str(options.get("workers", "auto")) == "auto":
         options["workers"] = max(1, math.floor(ray_cpus) - 1)
 
-    _check_tasks_file(parts, tasks, bool(options.get("overwrite")))
-    if options.pop("overwrite", False):  # here, once: a task Ray retries must resume, not start over
-        for index in range(tasks):
-            _start_part_over(Path(os.path.join(parts, f"part-{index}.{fmt}")))
+    overwrite = bool(options.pop("overwrite", False))  # done here, once: a task Ray retries must resume
+    _check_tasks_file(parts, tasks, overwrite)
     started_here = _connect(ray_lib, ray)
     try:
+        if overwrite:
+            for index in range(tasks):
+                _start_part_over(Path(os.path.join(parts, f"part-{index}.{fmt}")))
+        atomic_write_bytes(parts / TASKS_FILE, (json.dumps({"tasks": tasks}) + "\n").encode())
         gpus = _gpus_per_task(ray_lib, ray_gpus, str(options.get("device", "auto")))
         job = ShardJob(specs, str(parts), fmt, tasks, os.getcwd(), options)
         print(

@@ -28,19 +28,30 @@ from batchcap.cli import cli
 from batchcap.config import UsageError
 from batchcap.outputs.lock import lock_path_for
 from batchcap.outputs.store import work_dir_for
-from batchcap.pipeline.ray_engine import TASKS_FILE, RayRunResult, parts_dir_for, run_on_ray
+from batchcap.pipeline.ray_engine import TASKS_FILE, RayRunResult, ShardError, parts_dir_for, run_on_ray
 
 #: Small, fast runs: in-process decoding, a commit every few rows.
 FAST = {"workers": 0, "batch_size": 4, "commit_every": 4, "log_every": 600.0}
+
+
+#: A test's Ray needs no token: Ray would otherwise write one to ~/.ray, shared by every Ray of the user.
+NO_TOKEN = {"RAY_AUTH_MODE": "disabled"}
 
 
 @pytest.fixture(scope="module")
 def local_ray() -> Iterator[Any]:
     """A Ray of 2 CPUs on this machine for the module's tests (its workers inherit PYTHONPATH, so run this code)."""
     ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    before = {name: os.environ.get(name) for name in NO_TOKEN}
+    os.environ.update(NO_TOKEN)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)  # never a Ray running here
     yield ray
     ray.shutdown()
+    for name, value in before.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 def read_ids(out: Path) -> list[str]:
@@ -147,6 +158,49 @@ def test_a_killed_task_is_retried_and_resumes_its_part(local_ray: Any, tmp_path:
     assert json.loads(lock_path_for(part).read_text())["pid"] != pid
     assert outcome.summary["skipped"] > 0
     assert outcome.summary["rows in output"] == pq.read_metadata(part).num_rows
+
+
+def test_overwrite_starts_every_part_over(local_ray: Any, tmp_path: Path, tiny_model_path: Path) -> None:
+    folder = tmp_path / "photos"
+    write_images(folder, 10, seed=3)
+    out = tmp_path / "captions.jsonl"
+    first = run_on_ray(folder, out, tasks=2, model=tiny_model_path, **FAST)
+    assert first.exit_code == 0 and [Path(p).name for p in first.parts] == ["part-0.jsonl", "part-1.jsonl"]
+    again = run_on_ray(folder, out, tasks=2, model=tiny_model_path, overwrite=True, **FAST)
+    assert again.exit_code == 0
+    assert sum(s.summary["ok"] for s in again.shards) == 10 and all(s.summary["skipped"] == 0 for s in again.shards)
+    ids = [json.loads(line)["id"] for line in out.read_text().splitlines()]
+    assert sorted(ids) == sorted(p.name for p in folder.iterdir())
+
+
+def test_too_many_failures_in_a_shard_still_merges_and_exits_5(
+    local_ray: Any, tmp_path: Path, tiny_model_path: Path
+) -> None:
+    folder = tmp_path / "photos"
+    write_images(folder, 12, seed=4)
+    for i in range(4):
+        (folder / f"broken{i}.jpg").write_bytes(b"not a picture")
+    out = tmp_path / "captions.parquet"
+    result = run_on_ray(folder, out, tasks=2, model=tiny_model_path, max_failures="0", **FAST)
+    assert result.exit_code == 5  # as `batchcap run`: the output is complete, with more failures than allowed
+    ids = read_ids(out)
+    assert sorted(ids) == sorted(p.name for p in folder.iterdir())
+    statuses = dict(zip(ids, pq.read_table(out, columns=["status"]).column("status").to_pylist()))
+    assert {statuses[f"broken{i}.jpg"] for i in range(4)} == {"unsupported"}  # a row each, with its status
+
+
+def test_bad_input_in_a_task_is_reported_not_retried(local_ray: Any, tmp_path: Path) -> None:
+    write_images(tmp_path / "photos", 4)
+    not_a_model = tmp_path / "model.safetensors"
+    not_a_model.write_bytes(b"plain text, not a model file")
+    out = tmp_path / "captions.parquet"
+    with pytest.raises(ShardError) as caught:
+        run_on_ray(tmp_path / "photos", out, tasks=2, model=not_a_model, ray_retries=3, **FAST)
+    assert caught.value.exit_code == 2
+    message = str(caught.value)
+    assert "model.safetensors" in message and "nothing was merged" in message
+    assert "attempts" not in message  # reported by the task itself, not a crash Ray retried
+    assert not out.exists()
 
 
 def test_parts_of_another_task_count_are_not_resumed(local_ray: Any, tmp_path: Path, tiny_model_path: Path) -> None:
