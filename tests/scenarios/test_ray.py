@@ -7,12 +7,16 @@ not installed (``pip install "batchcap[ray]"``); the refusals run without it.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -211,6 +215,63 @@ def test_parts_of_another_task_count_are_not_resumed(local_ray: Any, tmp_path: P
     with pytest.raises(UsageError, match=r"cut into 4 shards; rerun with --tasks 4"):
         run_on_ray(tmp_path, out, tasks=3, model=tiny_model_path, **FAST)
     assert not out.exists()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def ray_head() -> Iterator[str]:
+    """A one-node Ray cluster (`ray start --head`) on 127.0.0.1, stopped after the test: its address."""
+    pytest.importorskip("ray")
+    port = _free_port()
+    temp = tempfile.mkdtemp(prefix="bcray")  # short: Ray's socket paths must fit in 107 bytes
+    env = dict(os.environ, PYTHONPATH=str(REPO), **NO_TOKEN)
+    command = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", f"--port={port}"]
+    command += ["--node-ip-address=127.0.0.1", "--num-cpus=2", "--include-dashboard=false"]
+    command += ["--disable-usage-stats", f"--temp-dir={temp}"]
+    log = open(Path(temp) / "head.log", "w")  # noqa: SIM115 -- open for the head's lifetime
+    head = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert head.poll() is None, (Path(temp) / "head.log").read_text()
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+            assert time.monotonic() < deadline, "the Ray head did not open its port in 90 s"
+            time.sleep(0.5)
+        yield f"127.0.0.1:{port}"
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)  # `ray start --block` stops what it started; its group is the rest
+        try:
+            head.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(head.pid, signal.SIGKILL)
+        head.wait()
+        log.close()
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_the_command_joins_a_cluster_by_address_with_relative_paths(
+    ray_head: str, tmp_path: Path, tiny_model_path: Path
+) -> None:
+    write_images(tmp_path / "photos", 16, seed=5)
+    shutil.copy(tiny_model_path, tmp_path / "tiny.safetensors")
+    command = [sys.executable, "-m", "batchcap", "run", "photos", "--out", "out/captions.parquet"]
+    command += ["--model", "tiny.safetensors", "--commit-every", "4", "--ray", ray_head, "--tasks", "2"]
+    env = dict(os.environ, PYTHONPATH=str(REPO), **NO_TOKEN)
+    # Run from tmp_path: the workers, started elsewhere, must read the paths relative to it.
+    proc = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_every_picture_once(tmp_path / "out" / "captions.parquet", tmp_path / "photos")
+    assert "merged parts=2 rows=16 ok=16" in proc.stderr
+    assert "Connected to Ray cluster" in proc.stderr  # it joined the head, not a Ray of its own
 
 
 # -- refusals: these need no Ray ---------------------------------------------------------------
