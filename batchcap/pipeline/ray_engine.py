@@ -148,6 +148,7 @@ def parts_dir_for(out: str | os.PathLike[str]) -> Path:
 def _in_directory(path: str, sources: Sequence[str], files_from: str | None) -> Iterator[None]:
     """Run in the driver's working directory, so relative paths mean what they meant where batchcap started."""
     if not os.path.isdir(path):
+        # a ":" marks a URL or pipe: command, which no working directory changes
         relative = [s for s in (*sources, files_from or "") if s and not os.path.isabs(s) and ":" not in s]
         if relative:
             raise UsageError(
@@ -245,6 +246,22 @@ def _start_part_over(part: Path) -> None:
         shutil.rmtree(work_dir_for(part), ignore_errors=True)
 
 
+def _task_options(options: dict[str, Any], fmt: str, ray_cpus: float) -> dict[str, Any]:
+    """The ``batchcap.run`` keywords every task gets: the driver's environment settings, workers for its CPUs."""
+    options = dict(options, format=fmt)
+    options.pop("shard", None)  # None (checked): each task gets its own
+    for keyword, variable in (
+        ("encoder_weights", "BATCHCAP_ENCODER_WEIGHTS"),
+        ("encoder_cache", "BATCHCAP_ENCODER_CACHE"),
+    ):
+        if options.get(keyword) is None and os.environ.get(variable):
+            options[keyword] = os.environ[variable]  # the driver's setting, not whatever a worker has
+    if str(options.get("workers", "auto")) == "auto":
+        # a Ray worker may run on every core of its node: decode with the task's CPUs, as the Slurm array does
+        options["workers"] = max(1, math.floor(ray_cpus) - 1)
+    return options
+
+
 def _check_options(tasks: int, cpus: float, gpus: float | None, retries: int, options: dict[str, Any]) -> None:
     if tasks < 1:
         raise UsageError(f"--tasks must be 1 or more, not {tasks}")
@@ -317,24 +334,14 @@ def run_on_ray(
     parts = Path(os.path.abspath(os.fspath(ray_parts))) if ray_parts is not None else parts_dir_for(out_path)
     check_output_writable(out_path)
     check_output_writable(parts / f"part-0.{fmt}")
-    options = dict(options, format=fmt)
-    options.pop("shard", None)  # None here (checked above): each task gets its own
-    for keyword, variable in (
-        ("encoder_weights", "BATCHCAP_ENCODER_WEIGHTS"),
-        ("encoder_cache", "BATCHCAP_ENCODER_CACHE"),
-    ):
-        if options.get(keyword) is None and os.environ.get(variable):
-            options[keyword] = os.environ[variable]  # the driver's setting, not whatever a worker has
-    if str(options.get("workers", "auto")) == "auto":
-        options["workers"] = max(1, math.floor(ray_cpus) - 1)
-
     overwrite = bool(options.pop("overwrite", False))  # done here, once: a task Ray retries must resume
+    options = _task_options(options, fmt, ray_cpus)
     _check_tasks_file(parts, tasks, overwrite)
     started_here = _connect(ray_lib, ray)
     try:
         if overwrite:
             for index in range(tasks):
-                _start_part_over(Path(os.path.join(parts, f"part-{index}.{fmt}")))
+                _start_part_over(parts / f"part-{index}.{fmt}")
         atomic_write_bytes(parts / TASKS_FILE, (json.dumps({"tasks": tasks}) + "\n").encode())
         gpus = _gpus_per_task(ray_lib, ray_gpus, str(options.get("device", "auto")))
         job = ShardJob(specs, str(parts), fmt, tasks, os.getcwd(), options)
