@@ -124,8 +124,10 @@ def _lock_is_held(part: Path) -> bool:
     return False
 
 
-def _kill_a_task_after_its_first_commit(parts: Path, tasks: int, deadline: float) -> tuple[int, int] | None:
-    """SIGKILL the Ray worker running a shard that has committed rows and not finished: (shard, pid)."""
+def _kill_a_task_after_its_first_commit(
+    parts: Path, tasks: int, deadline: float, signum: int
+) -> tuple[int, int] | None:
+    """Send ``signum`` to the Ray worker running a shard that has committed rows and not finished: (shard, pid)."""
     while time.monotonic() < deadline:
         for index in range(tasks):
             part = parts / f"part-{index}.parquet"
@@ -133,13 +135,23 @@ def _kill_a_task_after_its_first_commit(parts: Path, tasks: int, deadline: float
             if not any(n.startswith("part-") for n in committed) or not _lock_is_held(part):
                 continue
             pid = json.loads(lock_path_for(part).read_text())["pid"]  # the holder: the task's worker
-            os.kill(pid, signal.SIGKILL)
+            os.kill(pid, signum)
             return index, pid
         time.sleep(0.005)
     return None
 
 
-def test_a_killed_task_is_retried_and_resumes_its_part(local_ray: Any, tmp_path: Path, tiny_model_path: Path) -> None:
+@pytest.mark.parametrize(
+    "signum",
+    [
+        signal.SIGKILL,  # the worker dies (a lost node, an OOM kill): Ray retries the task elsewhere
+        signal.SIGTERM,  # the run commits and exits 6; the task raises and Ray retries it (retry_exceptions)
+    ],
+    ids=["SIGKILL", "SIGTERM"],
+)
+def test_a_killed_task_is_retried_and_resumes_its_part(
+    local_ray: Any, tmp_path: Path, tiny_model_path: Path, signum: int
+) -> None:
     folder = tmp_path / "photos"
     write_images(folder, 90, seed=2)
     out = tmp_path / "captions.parquet"
@@ -149,7 +161,7 @@ def test_a_killed_task_is_retried_and_resumes_its_part(local_ray: Any, tmp_path:
         target=lambda: results.append(run_on_ray(folder, out, tasks=3, model=tiny_model_path, ray_retries=2, **slow))
     )
     driver.start()
-    killed = _kill_a_task_after_its_first_commit(parts_dir_for(out), 3, time.monotonic() + 120)
+    killed = _kill_a_task_after_its_first_commit(parts_dir_for(out), 3, time.monotonic() + 120, signum)
     driver.join(timeout=300)
     assert not driver.is_alive()
     assert killed is not None, "no task was seen between its first commit and its end"
@@ -157,10 +169,12 @@ def test_a_killed_task_is_retried_and_resumes_its_part(local_ray: Any, tmp_path:
     assert results and results[0].exit_code == 0
     assert_every_picture_once(out, folder)
     outcome = results[0].shards[shard]
-    # Another attempt finished the part, in another worker, starting from the rows the killed one committed.
+    # Another attempt finished the part, starting from the rows the stopped one committed (a first
+    # attempt starts from none); after SIGKILL it ran in another worker.
     part = Path(outcome.part)
-    assert json.loads(lock_path_for(part).read_text())["pid"] != pid
     assert outcome.summary["skipped"] > 0
+    if signum == signal.SIGKILL:
+        assert json.loads(lock_path_for(part).read_text())["pid"] != pid
     assert outcome.summary["rows in output"] == pq.read_metadata(part).num_rows
 
 
