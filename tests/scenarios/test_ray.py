@@ -38,6 +38,8 @@ from batchcap.pipeline.ray_engine import TASKS_FILE, RayRunResult, ShardError, p
 FAST = {"workers": 0, "batch_size": 4, "commit_every": 4, "log_every": 600.0}
 
 
+#: The tasks pass only small results: a small object store spares the machine's shared memory.
+SMALL_STORE = 100 * 1024 * 1024
 #: A test's Ray needs no token: Ray would otherwise write one to ~/.ray, shared by every Ray of the user.
 NO_TOKEN = {"RAY_AUTH_MODE": "disabled"}
 
@@ -48,7 +50,14 @@ def local_ray() -> Iterator[Any]:
     ray = pytest.importorskip("ray")
     before = {name: os.environ.get(name) for name in NO_TOKEN}
     os.environ.update(NO_TOKEN)
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)  # never a Ray running here
+    ray.init(  # address="local": a Ray of its own, never one already running here
+        address="local",
+        num_cpus=2,
+        num_gpus=0,
+        object_store_memory=SMALL_STORE,
+        include_dashboard=False,
+        log_to_driver=False,
+    )
     yield ray
     ray.shutdown()
     for name, value in before.items():
@@ -245,7 +254,8 @@ def ray_head() -> Iterator[str]:
     temp = tempfile.mkdtemp(prefix="bcray")  # short: Ray's socket paths must fit in 107 bytes
     env = dict(os.environ, PYTHONPATH=str(REPO), **NO_TOKEN)
     command = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", f"--port={port}"]
-    command += ["--node-ip-address=127.0.0.1", "--num-cpus=2", "--include-dashboard=false"]
+    command += ["--node-ip-address=127.0.0.1", "--num-cpus=2", "--num-gpus=0", "--include-dashboard=false"]
+    command += [f"--object-store-memory={SMALL_STORE}"]
     command += ["--disable-usage-stats", f"--temp-dir={temp}"]
     log = open(Path(temp) / "head.log", "w")  # noqa: SIM115 -- open for the head's lifetime
     head = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
