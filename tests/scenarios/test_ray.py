@@ -118,6 +118,13 @@ def test_the_command_runs_on_ray_and_merges(local_ray: Any, tmp_path: Path, tiny
     assert "2 tasks (1 CPU, 0 GPU each, up to 1 retries)" in result.output
 
 
+def _names(folder: Path) -> list[str]:
+    try:
+        return os.listdir(folder)
+    except FileNotFoundError:
+        return []
+
+
 def _lock_is_held(part: Path) -> bool:
     """Whether a run holds ``part``'s lock now (tried without waiting, released at once)."""
     try:
@@ -140,8 +147,7 @@ def _kill_a_task_after_its_first_commit(
     while time.monotonic() < deadline:
         for index in range(tasks):
             part = parts / f"part-{index}.parquet"
-            committed = [n for n in os.listdir(work_dir_for(part))] if work_dir_for(part).is_dir() else []
-            if not any(n.startswith("part-") for n in committed) or not _lock_is_held(part):
+            if not any(n.startswith("part-") for n in _names(work_dir_for(part))) or not _lock_is_held(part):
                 continue
             pid = json.loads(lock_path_for(part).read_text())["pid"]  # the holder: the task's worker
             os.kill(pid, signum)
@@ -246,7 +252,7 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def ray_head() -> Iterator[str]:
     """A one-node Ray cluster (`ray start --head`) on 127.0.0.1, stopped after the test: its address."""
     pytest.importorskip("ray")
@@ -296,6 +302,39 @@ def test_the_command_joins_a_cluster_by_address_with_relative_paths(
     assert_every_picture_once(tmp_path / "out" / "captions.parquet", tmp_path / "photos")
     assert "merged parts=2 rows=16 ok=16" in proc.stderr
     assert "Connected to Ray cluster" in proc.stderr  # it joined the head, not a Ray of its own
+
+
+@pytest.mark.slow
+def test_ctrl_c_of_the_command_keeps_the_committed_rows_and_a_rerun_resumes(
+    ray_head: str, tmp_path: Path, tiny_model_path: Path
+) -> None:
+    folder = tmp_path / "photos"
+    write_images(folder, 60, seed=6)
+    out = tmp_path / "captions.parquet"
+    command = [sys.executable, "-m", "batchcap", "run", str(folder), "--out", str(out), "--model", str(tiny_model_path)]
+    command += ["--commit-every", "1", "--batch-size", "1", "--workers", "0", "--ray", ray_head, "--tasks", "2"]
+    env = dict(os.environ, PYTHONPATH=str(REPO), **NO_TOKEN)
+    parts = parts_dir_for(out)
+    driver = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    while not any(n.startswith("part-") for i in range(2) for n in _names(work_dir_for(parts / f"part-{i}.parquet"))):
+        assert driver.poll() is None, driver.communicate()[0][-3000:]
+        assert time.monotonic() < deadline, "no task committed in 120 s"
+        time.sleep(0.01)
+    driver.send_signal(signal.SIGINT)
+    output, _ = driver.communicate(timeout=120)
+    assert driver.returncode == 6, output[-3000:]
+    assert "interrupted; committed rows are kept" in output
+    assert not out.exists()
+
+    # Ray stops the cancelled tasks' workers on its own time; a rerun starts once their locks are free.
+    deadline = time.monotonic() + 60
+    while any(_lock_is_held(parts / f"part-{i}.parquet") for i in range(2)):
+        assert time.monotonic() < deadline, "the cancelled tasks still hold their parts after 60 s"
+        time.sleep(0.2)
+    rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert_every_picture_once(out, folder)
 
 
 # -- refusals: these need no Ray ---------------------------------------------------------------
