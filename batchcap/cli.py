@@ -14,7 +14,7 @@ import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
@@ -406,7 +406,7 @@ def run(sources: tuple[str, ...], **options: Any) -> None:
         _run_on_ray(sources, ray_settings, options)
     given = [f"--{key.replace('_', '-')}" for key, default in _RAY_OPTIONS.items() if ray_settings[key] != default]
     if given:
-        raise click.UsageError(f"{', '.join(given)} only work(s) with --ray [ADDRESS]")
+        raise click.UsageError(f"{', '.join(given)}: only with --ray [ADDRESS]")
     from batchcap.config import UsageError
     from batchcap.outputs.lock import LockHeld
     from batchcap.outputs.store import OutputIOError, ResumeRefused
@@ -441,7 +441,7 @@ _RAY_OPTIONS = {
 }
 
 
-def _run_on_ray(sources: tuple[str, ...], ray_settings: dict[str, Any], options: dict[str, Any]) -> None:
+def _run_on_ray(sources: tuple[str, ...], ray_settings: dict[str, Any], options: dict[str, Any]) -> NoReturn:
     """`run --ray`: the shards as Ray tasks, then the merge; exits with the run's code."""
     from batchcap.config import UsageError
     from batchcap.outputs.lock import LockHeld

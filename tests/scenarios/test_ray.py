@@ -345,8 +345,8 @@ def test_ctrl_c_of_the_command_keeps_the_committed_rows_and_a_rerun_resumes(
     [
         (["--ray", "--tasks", "0"], "0 is not in the range x>=1"),
         (["--ray"], "--ray needs --tasks N"),
-        (["--tasks", "3"], "--tasks only work(s) with --ray"),
-        (["--ray-cpus", "4"], "--ray-cpus only work(s) with --ray"),
+        (["--tasks", "3"], "--tasks: only with --ray"),
+        (["--ray-cpus", "4"], "--ray-cpus: only with --ray"),
         (["--ray", "--tasks", "2", "--shard", "0/2"], "--shard and --ray do not go together"),
         (["--ray", "--tasks", "2", "--device", "cuda:1"], "use --device cuda"),
         (["--ray", "--tasks", "2", "--files-from", "-"], "cannot reach Ray workers"),
