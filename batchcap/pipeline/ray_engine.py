@@ -199,6 +199,8 @@ def _connect(ray: Any, address: str | None) -> bool:
     target = None if address in (None, "", "auto") else address
     try:
         ray.init(address=target)
+    except ImportError as exc:  # ray:// without grpcio (Ray installed without its client)
+        raise UsageError(f"--ray {address}: Ray cannot connect there without {exc.name}: {INSTALL_HINT}") from exc
     except (ConnectionError, ValueError, RuntimeError) as exc:
         raise UsageError(
             f"--ray {address}: cannot connect to a Ray cluster there ({exc}); start one with `ray start --head` "
