@@ -14,7 +14,7 @@ import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
@@ -307,6 +307,52 @@ def output_options(func: F) -> F:
     return func
 
 
+def ray_options(func: F) -> F:
+    """--ray and its task settings: run the shards as Ray tasks, then merge (batchcap.pipeline.ray_engine)."""
+    func = click.option(
+        "--ray-parts",
+        type=click.Path(file_okay=False),
+        default=None,
+        help="With --ray: folder of the part files, on storage every worker mounts [default: OUT.parts].",
+    )(func)
+    func = click.option(
+        "--ray-retries",
+        type=click.IntRange(0),
+        default=3,
+        show_default=True,
+        help="With --ray: how often Ray reruns a task that crashed or whose worker died; it resumes its part.",
+    )(func)
+    func = click.option(
+        "--ray-gpus",
+        type=click.FloatRange(0),
+        default=None,
+        help="With --ray: GPUs per task [default: 1 with --device cuda, 0 with cpu; auto: 1 if the cluster has GPUs].",
+    )(func)
+    func = click.option(
+        "--ray-cpus",
+        type=click.FloatRange(0, min_open=True),
+        default=1.0,
+        show_default=True,
+        help="With --ray: CPUs per task; --workers auto becomes this minus one (at least 1).",
+    )(func)
+    func = click.option(
+        "--tasks",
+        type=click.IntRange(1),
+        default=None,
+        help="With --ray: how many shard tasks (part I captions --shard I/N).",
+    )(func)
+    func = click.option(
+        "--ray",
+        is_flag=False,
+        flag_value="auto",
+        default=None,
+        metavar="[ADDRESS]",
+        help="Run --tasks shard tasks on a Ray cluster, each into OUT.parts/part-I, then merge them into --out. "
+        "ADDRESS: HOST:6379 or ray://HOST:10001; none or auto: what ray.init() finds. Needs batchcap[ray].",
+    )(func)
+    return func
+
+
 # -- the group ---------------------------------------------------------------------------------
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="batchcap")
@@ -345,6 +391,7 @@ def cli() -> None:
 @runtime_options
 @backend_options
 @beam_options
+@ray_options
 @user_errors
 @interruptible
 def run(sources: tuple[str, ...], **options: Any) -> None:
@@ -362,7 +409,14 @@ def run(sources: tuple[str, ...], **options: Any) -> None:
         batchcap run ./photos --out part-0.parquet --shard 0/4
         batchcap run 'laion/*.parquet' --out captions.parquet --id-column key
         batchcap run --files-from manifest.csv --path-column file --id-column sku --out captions.parquet
+        batchcap run /shared/photos --out /shared/captions.parquet --ray --tasks 16 --ray-cpus 4
     """
+    ray_settings = {key: options.pop(key) for key in _RAY_OPTIONS}
+    if ray_settings["ray"] is not None:
+        _run_on_ray(sources, ray_settings, options)
+    given = [f"--{key.replace('_', '-')}" for key, default in _RAY_OPTIONS.items() if ray_settings[key] != default]
+    if given:
+        raise click.UsageError(f"{', '.join(given)}: only with --ray [ADDRESS]")
     from batchcap.config import UsageError
     from batchcap.outputs.lock import LockHeld
     from batchcap.outputs.store import OutputIOError, ResumeRefused
@@ -383,6 +437,39 @@ def run(sources: tuple[str, ...], **options: Any) -> None:
     except OutputIOError as exc:
         click.echo(f"Error: {exc}", err=True)
         sys.exit(EXIT_IO_ERROR)
+    sys.exit(result.exit_code)
+
+
+#: The options of `run --ray` and their defaults (a changed one without --ray is refused).
+_RAY_OPTIONS = {
+    "ray": None,
+    "tasks": None,
+    "ray_cpus": 1.0,
+    "ray_gpus": None,
+    "ray_retries": 3,
+    "ray_parts": None,
+}
+
+
+def _run_on_ray(sources: tuple[str, ...], ray_settings: dict[str, Any], options: dict[str, Any]) -> NoReturn:
+    """`run --ray`: the shards as Ray tasks, then the merge; exits with the run's code."""
+    from batchcap.config import UsageError
+    from batchcap.outputs.lock import LockHeld
+    from batchcap.pipeline.progress import EXIT_LOCKED
+    from batchcap.pipeline.ray_engine import ShardError, run_on_ray
+
+    if ray_settings["tasks"] is None:
+        raise click.UsageError("--ray needs --tasks N: how many shard tasks to cut the work into")
+    try:
+        result = run_on_ray(sources, options.pop("out"), **ray_settings, **options)
+    except UsageError as exc:
+        raise click.UsageError(str(exc)) from exc
+    except ShardError as exc:
+        click.echo(f"Error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except LockHeld as exc:  # --overwrite found a part being written
+        click.echo(f"Error: {exc}", err=True)
+        sys.exit(EXIT_LOCKED)
     sys.exit(result.exit_code)
 
 

@@ -197,11 +197,16 @@ def test_run_refuses_what_the_command_refuses(tiny_model_path: Path, tmp_path: P
 def test_the_run_command_and_batchcap_run_take_the_same_options_with_the_same_defaults() -> None:
     from batchcap.cli import run as run_command
 
-    api = inspect.signature(batchcap.run).parameters
+    api = dict(inspect.signature(batchcap.run).parameters)
+    # --ray and its settings are run_on_ray's own keywords; the rest it passes on to batchcap.run
+    on_ray = inspect.signature(batchcap.run_on_ray).parameters
+    api.update({name: p for name, p in on_ray.items() if p.kind == p.KEYWORD_ONLY and name not in api})
     options = [p for p in run_command.params if isinstance(p, click.Option)]
     assert {p.name for p in options} | {"sources", "stream"} == set(api)
     for param in options:
         assert param.opts[0] == "--" + param.name.replace("_", "-"), param.name  # --no-draft is no_draft
-        if not param.required:
+        if param.name == "tasks":
+            assert api["tasks"].default is inspect.Parameter.empty  # required with --ray; the command says so
+        elif not param.required:
             default = param.default is True if param.is_flag else param.default  # an unset flag is off
             assert api[param.name].default == default, param.name
