@@ -32,8 +32,9 @@ import torch
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from batchcap.config import ImagePolicy, Preprocess
-from batchcap.data.extensions import enable_heif
+from batchcap.data.extensions import enable_heif, is_remote
 from batchcap.data.preprocess import DEVICE_INTERPOLATIONS, draft_request, to_input_tensor
+from batchcap.data.remote import RemoteUnreadable, fetch
 from batchcap.messages import one_line
 
 OK, CORRUPT, UNREADABLE, TOO_LARGE, UNSUPPORTED, MISSING, SHARD_ERROR = (
@@ -98,6 +99,8 @@ def max_file_bytes(policy: ImagePolicy) -> int:
 
 def read_file(path: str, policy: ImagePolicy) -> bytes | Decoded:
     """The bytes of ``path``, or a ``missing`` / ``unreadable`` / ``unsupported`` / ``too_large`` outcome."""
+    if is_remote(path):
+        return _read_url(path, policy)
     try:
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
@@ -115,6 +118,25 @@ def read_file(path: str, policy: ImagePolicy) -> bytes | Decoded:
         if exc.errno == errno.ELOOP:
             return _fail(UNREADABLE, f"symbolic link loop: {exc}")
         return _fail(UNREADABLE, _describe(exc))
+
+
+def _read_url(url: str, policy: ImagePolicy) -> bytes | Decoded:
+    """The bytes at ``url`` (transient failures retried), or the outcome a local file would get.
+
+    A missing object is ``missing`` at once; a failure that outlasts the retries, or one no
+    retry mends (a refusal, a 4xx), is ``unreadable`` with the error.
+    """
+    try:
+        data = fetch(url)
+    except FileNotFoundError as exc:
+        return _fail(MISSING, _describe(exc))
+    except RemoteUnreadable as exc:
+        return _fail(UNREADABLE, str(exc))
+    if len(data) > max_file_bytes(policy):
+        return _fail(
+            TOO_LARGE, f"file of {len(data)} bytes is larger than any picture under the {policy.max_pixels}-pixel cap"
+        )
+    return data
 
 
 def allow_pillow_up_to(policy: ImagePolicy) -> None:

@@ -23,11 +23,14 @@ from __future__ import annotations
 import os
 from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from batchcap.data.extensions import is_remote
 from batchcap.data.inputs import FileEntry, InputItem, MemberEntry, ShardFailure, SourceError
+from batchcap.data.remote import arrow_location
 from batchcap.data.sharding import in_shard
 from batchcap.messages import one_line
 
@@ -37,6 +40,11 @@ DEFAULT_ID_COLUMNS = ("key", "id")
 READ_ROWS = 256
 #: What reading a damaged Parquet file raises (bad footer, bad page, short file).
 TABLE_ERRORS = (OSError, pa.ArrowException, ValueError, EOFError)
+
+
+def _location(path: str) -> tuple[str, Any]:
+    """``(path, filesystem)`` for pyarrow: a local path as it is, a URL through fsspec (:mod:`batchcap.data.remote`)."""
+    return arrow_location(path) if is_remote(path) else (path, None)
 
 
 def _is_bytes(kind: pa.DataType) -> bool:
@@ -99,7 +107,8 @@ class TableFile:
         while True:
             try:  # only the reading: an error in the code below is a bug, not a damaged table
                 if batches is None:
-                    parquet = pq.ParquetFile(self.path)
+                    where, filesystem = _location(self.path)
+                    parquet = pq.ParquetFile(where, filesystem=filesystem)
                     batches = parquet.iter_batches(
                         batch_size=READ_ROWS, row_groups=[group], columns=columns, use_threads=False
                     )
@@ -124,7 +133,8 @@ class TableFile:
         if self.is_struct and isinstance(cell, dict):
             data, path = cell.get("bytes"), cell.get("path")
             if data is None and path:
-                where = path if os.path.isabs(path) else os.path.join(os.path.dirname(self.path), path)
+                beside = os.path.isabs(path) or is_remote(path)
+                where = path if beside else os.path.join(os.path.dirname(self.path), path)
                 return FileEntry(InputItem(id=rid, source=where))
             cell = data
         if cell is None:
@@ -139,7 +149,8 @@ def open_table(path: str, image_keys: Sequence[str], id_column: str | None) -> T
     asked for; a file whose footer cannot be read becomes a :class:`TableFile` with ``error``.
     """
     try:
-        meta = pq.read_metadata(path)
+        where, filesystem = _location(path)
+        meta = pq.read_metadata(where, filesystem=filesystem)
         schema = meta.schema.to_arrow_schema()
     except TABLE_ERRORS as exc:
         return TableFile(path, error=f"{type(exc).__name__}: {exc}")
