@@ -79,7 +79,7 @@ def filesystem(url: str) -> tuple[Any, str]:
 
 
 @functools.cache
-def _read_errors() -> tuple[type[BaseException], ...]:
+def read_errors() -> tuple[type[BaseException], ...]:
     """What reading a URL raises for I/O reasons: OS and timeout errors, aiohttp's (HTTP statuses), botocore's."""
     from fsspec.exceptions import FSTimeoutError
 
@@ -127,7 +127,7 @@ def fetch(
     Raises ``FileNotFoundError`` for a missing object (at once: it will not appear by waiting),
     and :class:`RemoteUnreadable` for anything else that fails, saying how many tries were made.
     """
-    errors = _read_errors()
+    errors = read_errors()
     for attempt in range(1, tries + 1):
         try:
             fs, path = filesystem(url)
@@ -179,8 +179,19 @@ def is_folder(url: str) -> bool:
     try:
         fs, path = filesystem(url)
         return bool(fs.isdir(path))
-    except _read_errors() as exc:
+    except read_errors() as exc:
         raise SourceError(f"{url}: cannot ask the store whether it is a folder: {describe(exc)}") from exc
+
+
+def check_folder(url: str) -> None:
+    """Refuse a folder URL that cannot be listed (no such bucket, no credentials, the store unreachable)
+    or that holds nothing, by reading the first entry of its listing: one request, not the whole listing."""
+    try:
+        first = next(walk(url), None)
+    except read_errors() as exc:
+        raise SourceError(f"{url}: cannot list the folder: {describe(exc)}") from exc
+    if first is None:
+        raise SourceError(f"{url}: no such folder, or it is empty; check the URL")
 
 
 def walk(url: str) -> Iterator[tuple[str, str, int | None, int | None]]:

@@ -63,7 +63,17 @@ from batchcap.data.inputs import (
     ShardFailure,
     SourceError,
 )
-from batchcap.data.remote import check_protocol, folder_url, is_folder, open_stream, open_text, walk
+from batchcap.data.remote import (
+    check_folder,
+    check_protocol,
+    describe,
+    folder_url,
+    is_folder,
+    open_stream,
+    open_text,
+    read_errors,
+    walk,
+)
 from batchcap.data.sharding import in_shard
 from batchcap.data.tables import TableReader, open_tables
 from batchcap.messages import one_line
@@ -203,14 +213,21 @@ class UrlFolderReader:
     kind: str = field(default="folder", init=False)
 
     def entries(self) -> Iterator[FileEntry | Ignored]:
-        for rel, url, size, mtime_ns in walk(self.root):
-            if any(part.startswith(".") for part in rel.split("/")):
-                yield Ignored(rel, url, "hidden")
-            elif not is_image_name(rel):
-                yield Ignored(rel, url)
-            else:
-                item_id = url if self.absolute else self.prefix + rel
-                yield FileEntry(InputItem(id=item_id, source=url, size=size, mtime_ns=mtime_ns))
+        """The folder's objects in listing order; a listing that breaks off (after the store's own
+        retries) raises :class:`SourceError`: the run stops, and a rerun resumes."""
+        rel = ""
+        try:
+            for rel, url, size, mtime_ns in walk(self.root):
+                if any(part.startswith(".") for part in rel.split("/")):
+                    yield Ignored(rel, url, "hidden")
+                elif not is_image_name(rel):
+                    yield Ignored(rel, url)
+                else:
+                    item_id = url if self.absolute else self.prefix + rel
+                    yield FileEntry(InputItem(id=item_id, source=url, size=size, mtime_ns=mtime_ns))
+        except read_errors() as exc:
+            after = f"after {rel}" if rel else "at the start"
+            raise SourceError(f"{self.root}: the listing broke off {after}: {describe(exc)}; rerun to resume") from exc
 
     def count(self) -> int:
         return sum(1 for e in self.entries() if isinstance(e, FileEntry))
@@ -506,6 +523,7 @@ def _open_url(spec: str, keys: tuple[str, ...], id_column: str | None) -> Reader
     if is_image_name(name):
         return FileReader(spec)
     if is_folder(spec):
+        check_folder(folder_url(spec))
         return UrlFolderReader(folder_url(spec))
     raise SourceError(
         f"{spec}: not a folder, a .tar shard, a .parquet table or a picture (a web server's folder URL "

@@ -101,6 +101,21 @@ def test_a_folder_url_beside_a_local_folder_gets_source_relative_ids(site: Path,
     assert set(rows) == {"photos/img00000.jpg", "photos/img00001.jpg", "photos/sub/deep00000.jpg", "cam/img00000.jpg"}
 
 
+def test_a_folder_url_that_cannot_be_listed_is_refused_before_any_work(site: Path) -> None:
+    with serve_folder(site) as served:
+        with pytest.raises(SourceError, match="cannot list the folder: FileNotFoundError"):
+            open_sources([served.url + "nothing/"])
+        with pytest.raises(SourceError, match="a web server's folder URL ends in /"):
+            open_sources([served.url + "photos"])
+
+
+def test_a_listing_that_breaks_off_stops_the_run_with_a_clear_error(site: Path) -> None:
+    with serve_folder(site) as served:
+        reader = UrlFolderReader(served.url + "broken/photos/")  # as if the server failed after the run began
+        with pytest.raises(SourceError, match=r"listing broke off at the start: .*503.*rerun to resume"):
+            list(reader.entries())
+
+
 def test_the_same_folder_url_twice_is_refused(site: Path) -> None:
     with serve_folder(site) as served:
         with pytest.raises(SourceError, match="read twice"):
@@ -216,3 +231,5 @@ def test_a_missing_s3_object_or_folder(bucket: Any) -> None:
     assert collect(open_sources(["s3://bucket/photos/nope.jpg"]))["s3://bucket/photos/nope.jpg"][0] == MISSING
     with pytest.raises(SourceError, match="not a folder"):
         open_sources(["s3://bucket/nothing-here"])
+    with pytest.raises(SourceError, match="no such folder, or it is empty"):
+        open_sources(["s3://bucket/nothing-here/"])
