@@ -2,7 +2,8 @@
 
 * :func:`serve_folder`: Python's ``http.server`` over a folder. The same files are also served
   under ``/flaky/`` (each path answers 503 to its first ``fail_first`` GETs) and ``/broken/``
-  (always 503); every request is counted by path, so a test can see the retries.
+  (always 503), and the paths in :attr:`Served.failing` fail while they are there; every request
+  is counted by path, so a test can see the retries.
 * :func:`moto_s3`: moto's S3-compatible server, with dummy credentials and the endpoint in the
   standard AWS variables (``AWS_ENDPOINT_URL``), which s3fs, boto3 and a ``batchcap`` subprocess read.
 """
@@ -29,6 +30,8 @@ class Served:
 
     url: str
     requests: Counter[str] = field(default_factory=Counter)
+    #: Paths (no trailing ``/``) that answer 503 while listed here; a test adds and removes them.
+    failing: set[str] = field(default_factory=set)
 
 
 class _Handler(SimpleHTTPRequestHandler):
@@ -38,6 +41,9 @@ class _Handler(SimpleHTTPRequestHandler):
     def do_GET(self) -> None:  # noqa: N802 (http.server's name)
         path = self.path.split("?", 1)[0]
         self.served.requests[path] += 1
+        if path.rstrip("/") in self.served.failing:
+            self.send_error(503, "Service Unavailable")
+            return
         for prefix in ("/flaky/", "/broken/"):
             if path.startswith(prefix):
                 if prefix == "/broken/" or self.served.requests[path] <= self.fail_first:

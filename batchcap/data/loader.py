@@ -47,6 +47,7 @@ from batchcap.data.inputs import (
     Ignored,
     InputItem,
     ShardFailure,
+    SourceError,
     fingerprinted,
 )
 from batchcap.data.sharding import in_shard
@@ -87,6 +88,10 @@ class Batch:
     encoded_ends: list[int] = field(default_factory=list)
     #: The names counted in ``ignored``: (what they are, e.g. ``.heic`` or ``hidden``; the path).
     ignored_paths: list[tuple[str, str]] = field(default_factory=list)
+    #: A source that failed in a worker (a folder URL's listing broke off): :func:`iter_batches`
+    #: raises it as :class:`SourceError` in the main process, where it is a one-line error, not a
+    #: worker's traceback. The batch's rows are dropped with it (a rerun captions them).
+    source_error: str | None = None
 
     def encoded(self) -> list[torch.Tensor]:
         """Each undecoded JPEG's bytes, a view into ``encoded_data``."""
@@ -202,6 +207,18 @@ class BatchDataset(IterableDataset):
         allow_pillow_up_to(self.policy)
         enable_heif()  # in this worker, before its first picture
         builder = _Builder(self.preprocess, self.batch_size)
+        try:
+            yield from self._batches(builder, worker, workers)
+        except SourceError as exc:
+            stopped = builder.take()
+            stopped.source_error = str(exc)
+            yield stopped
+            return
+        if not builder.empty():
+            yield builder.take()
+
+    def _batches(self, builder: _Builder, worker: int, workers: int) -> Iterator[Batch]:
+        """This worker's full batches, reader after reader; the last, partial one stays in ``builder``."""
         counter = [0]
         seen = self.sources.id_tracker()  # every worker walks every listing in one order: one owner each
         for reader in self.sources.readers:
@@ -222,8 +239,6 @@ class BatchDataset(IterableDataset):
                 key = entry.path if isinstance(entry, Ignored) else entry.item.id
                 if self._mine(key, counter, worker, workers):
                     yield from self._handle(entry, builder)
-        if not builder.empty():
-            yield builder.take()
 
     def _handle(self, entry: Entry, builder: _Builder) -> Iterator[Batch]:
         if isinstance(entry, Ignored):
@@ -311,7 +326,10 @@ def iter_batches(
     )
     batches = iter(loader)
     try:
-        yield from batches
+        for batch in batches:
+            if batch.source_error is not None:
+                raise SourceError(batch.source_error)
+            yield batch
     finally:
         _stop_workers(batches)
 

@@ -110,6 +110,26 @@ def test_web_pictures_alone_in_a_list_and_by_folder_with_failures_as_rows(
     assert "503" in rows[listed[1]]["error"] and "failed 4 times" in rows[listed[1]]["error"]
 
 
+def test_a_listing_that_breaks_off_mid_run_is_one_line_and_a_rerun_completes(
+    tmp_path: Path, tiny_model_path: Path
+) -> None:
+    site = tmp_path / "site"
+    write_images(site / "photos", 3)
+    write_images(site / "photos" / "sub", 3, prefix="deep")
+    out = tmp_path / "out" / "captions.parquet"
+    with serve_folder(site) as served:
+        cmd = with_sources(command([], out, tiny_model_path), served.url + "photos/")
+        served.failing.add("/photos/sub")  # the folder opens; a worker's walk then fails inside it
+        proc = run(cmd)
+        assert proc.returncode == EXIT_USAGE, proc.stdout
+        assert "Traceback" not in proc.stdout
+        assert "listing broke off after img00002.jpg" in proc.stdout and "rerun to resume" in proc.stdout
+        served.failing.clear()
+        proc = run(cmd)
+    assert proc.returncode == EXIT_OK, proc.stdout
+    assert_exactly_once(out, {f"img0000{i}.jpg" for i in range(3)} | {f"sub/deep0000{i}.jpg" for i in range(3)})
+
+
 def test_a_protocol_whose_package_is_missing_names_the_extra(tmp_path: Path, tiny_model_path: Path) -> None:
     if importlib.util.find_spec("gcsfs") is not None:
         pytest.skip("gcsfs is installed here")
