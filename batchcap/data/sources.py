@@ -82,7 +82,7 @@ _GLOB_CHARS = re.compile(r"[*?\[]")
 _BRACE = re.compile(r"\{[^{}]*(\.\.|,)[^{}]*\}")
 
 #: What a damaged tar stream raises while it is read (tarfile, gzip, a failing ``pipe:``).
-SHARD_ERRORS = (tarfile.TarError, OSError, EOFError, zlib.error)
+SHARD_ERRORS: tuple[type[BaseException], ...] = (tarfile.TarError, OSError, EOFError, zlib.error)
 
 
 def _duplicate(item: InputItem, seen: dict[str, str], error: str, member: bool = False) -> Duplicate:
@@ -351,10 +351,13 @@ class TarReader:
                     raise tarfile.ReadError(f"duplicate member {member['fname']!r} in sample {key!r}")
                 current[suffix] = member["data"]
             stream.close()
-        except SHARD_ERRORS as exc:
+        except (*SHARD_ERRORS, *read_errors()) as exc:  # the second: a URL's stream (an HTTP error, a cut)
             if current_key is not None and any(k in current for k in keys):
                 yield finish()
-            message = str(exc.args[0]).split(" @ ")[0] if exc.args else type(exc).__name__
+            if is_remote(url):
+                message = describe(exc)
+            else:
+                message = str(exc.args[0]).split(" @ ")[0] if exc.args else type(exc).__name__
             yield ShardFailure(
                 InputItem(id=name, source=url),
                 one_line(f"shard unreadable after {current_key or 'the start'}: {message}"),
@@ -364,7 +367,7 @@ class TarReader:
             if stream is not None:
                 try:
                     stream.close()
-                except SHARD_ERRORS:
+                except (*SHARD_ERRORS, *read_errors()):
                     pass
         if current_key is not None:
             yield finish()

@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 
 from batchcap.data.extensions import is_remote
 from batchcap.data.inputs import FileEntry, InputItem, MemberEntry, ShardFailure, SourceError
-from batchcap.data.remote import arrow_location
+from batchcap.data.remote import arrow_location, read_errors
 from batchcap.data.sharding import in_shard
 from batchcap.messages import one_line
 
@@ -117,7 +117,7 @@ class TableFile:
                     return
                 images = batch.column(0).to_pylist()
                 ids = batch.column(1).to_pylist() if self.id_column else [None] * len(images)
-            except TABLE_ERRORS as exc:
+            except (*TABLE_ERRORS, *read_errors()) as exc:  # the second: a table at a URL
                 yield ShardFailure(
                     InputItem(id=f"{self.name}#{group}", source=self.path),
                     one_line(f"row group {group} unreadable at row {row}: {type(exc).__name__}: {exc}"),
@@ -152,7 +152,7 @@ def open_table(path: str, image_keys: Sequence[str], id_column: str | None) -> T
         where, filesystem = _location(path)
         meta = pq.read_metadata(where, filesystem=filesystem)
         schema = meta.schema.to_arrow_schema()
-    except TABLE_ERRORS as exc:
+    except (*TABLE_ERRORS, *read_errors()) as exc:
         return TableFile(path, error=f"{type(exc).__name__}: {exc}")
     found = image_column(schema, image_keys)
     if found is None:

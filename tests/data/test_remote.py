@@ -122,6 +122,14 @@ def test_the_same_folder_url_twice_is_refused(site: Path) -> None:
             open_sources([served.url + "photos/", served.url + "photos/sub/"])
 
 
+def test_a_tar_shard_at_a_web_url(site: Path) -> None:
+    (site / "x.tar").write_bytes(_tar({"k.jpg": (site / "photos" / "img00000.jpg").read_bytes()}))
+    with serve_folder(site) as served:
+        assert collect(open_sources([served.url + "x.tar"])) == {"x.tar/k": (OK, None)}
+        rows = collect(open_sources([served.url + "broken/x.tar"]))
+    assert rows["x.tar"][0] == "shard_error" and "Error: " in rows["x.tar"][1] and "broken/x.tar" in rows["x.tar"][1]
+
+
 def test_a_transient_503_is_retried_with_backoff_until_it_reads(site: Path) -> None:
     waits: list[float] = []
     with serve_folder(site, fail_first=2) as served:
@@ -188,6 +196,8 @@ def bucket(tmp_path: Path) -> Any:
             "bucket/shards/x.tar",
             _tar({"k1.jpg": pictures[0].read_bytes(), "k1.txt": b"one", "k2.jpg": pictures[1].read_bytes()}),
         )
+        fs.pipe("bucket/shards/r-0.tar", _tar({"a.jpg": pictures[0].read_bytes()}))
+        fs.pipe("bucket/shards/r-1.tar", _tar({"a.jpg": pictures[1].read_bytes()}))
         table = pa.table({"key": ["r0", "r1"], "jpg": [pictures[0].read_bytes(), pictures[1].read_bytes()]})
         sink = io.BytesIO()
         pq.write_table(table, sink)
@@ -224,6 +234,10 @@ def test_an_s3_tar_shard_and_an_s3_table(bucket: Any) -> None:
     shard = open_sources(["s3://bucket/shards/x.tar"])
     assert isinstance(shard.readers[0], TarReader)
     assert collect(shard) == {"x.tar/k1": (OK, None), "x.tar/k2": (OK, None)}
+    assert collect(open_sources(["s3://bucket/shards/r-{0..1}.tar"]), workers=2) == {
+        "r-0.tar/a": (OK, None),
+        "r-1.tar/a": (OK, None),
+    }
     assert collect(open_sources(["s3://bucket/tables/t.parquet"])) == {"r0": (OK, None), "r1": (OK, None)}
 
 
