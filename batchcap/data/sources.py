@@ -9,13 +9,16 @@ One factory, :func:`open_sources`, looks at each spec and picks a reader:
   the path as listed;
 * a single **image file** -- its id is the path as given;
 * **WebDataset shards** -- a local ``.tar``, a brace pattern (``shards-{0000..0099}.tar``),
-  a glob, or a URL such as ``pipe:cat x.tar``; read with webdataset's ``gopen`` and
-  ``tar_file_iterator``. The image is the first present of ``ImagePolicy.image_keys``;
-  the id is ``<shard basename>/<__key__>``. A damaged shard yields the samples read
-  before the damage and one ``shard_error`` entry, and the next shard goes on.
+  a glob, ``pipe:cat x.tar`` (read with webdataset's ``gopen``) or a URL (through fsspec), each
+  streamed through webdataset's ``tar_file_iterator``. The image is the first present of
+  ``ImagePolicy.image_keys``; the id is ``<shard basename>/<__key__>``. A damaged shard yields
+  the samples read before the damage and one ``shard_error`` entry, and the next shard goes on.
 * **Parquet tables** of encoded pictures -- a ``.parquet`` file, a pattern or brace range of
   them, or a folder that holds ``.parquet`` files and no pictures at its top (img2dataset's
   output folder); :mod:`batchcap.data.tables` reads them. The run's own output is never a source.
+* **URLs** that fsspec reads (``s3://``, ``gs://``, ``https://``, ...) -- each of the above, told
+  apart by name (:func:`_open_url`); a folder URL is a :class:`UrlFolderReader`, listed as a
+  stream. :mod:`batchcap.data.remote` does the reading, retries and listing.
 
 Those are the ``relative`` ids, which one source keeps unique. With a folder or tar source
 beside another source (``--id-from auto``, the default) ids are ``source-relative``: each folder's, picture's or
