@@ -15,6 +15,7 @@ import functools
 import logging
 import os
 import threading
+import time
 import urllib.request
 from collections import Counter
 from collections.abc import Iterator
@@ -32,6 +33,11 @@ class Served:
     requests: Counter[str] = field(default_factory=Counter)
     #: Paths (no trailing ``/``) that answer 503 while listed here; a test adds and removes them.
     failing: set[str] = field(default_factory=set)
+    #: Seconds each picture's answer waits (a distant store), and the most GETs answered at once.
+    delay_s: float = 0.0
+    most_at_once: int = 0
+    _at_once: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 class _Handler(SimpleHTTPRequestHandler):
@@ -50,7 +56,18 @@ class _Handler(SimpleHTTPRequestHandler):
                     self.send_error(503, "Service Unavailable")
                     return
                 self.path = "/" + self.path[len(prefix) :]
-        super().do_GET()
+        if not self.served.delay_s or path.endswith("/"):
+            super().do_GET()
+            return
+        with self.served._lock:
+            self.served._at_once += 1
+            self.served.most_at_once = max(self.served.most_at_once, self.served._at_once)
+        try:
+            time.sleep(self.served.delay_s)
+            super().do_GET()
+        finally:
+            with self.served._lock:
+                self.served._at_once -= 1
 
     def log_message(self, format: str, *args: Any) -> None:
         pass  # quiet: pytest shows what failed

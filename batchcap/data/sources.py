@@ -219,6 +219,7 @@ class UrlFolderReader:
         """The folder's objects in listing order; a listing that breaks off (after the store's own
         retries) raises :class:`SourceError`: the run stops, and a rerun resumes."""
         rel = ""
+        errors = read_errors()  # looked up now: an except clause is evaluated even for GeneratorExit
         try:
             for rel, url, size, mtime_ns in walk(self.root):
                 if any(part.startswith(".") for part in rel.split("/")):
@@ -228,7 +229,7 @@ class UrlFolderReader:
                 else:
                     item_id = url if self.absolute else self.prefix + rel
                     yield FileEntry(InputItem(id=item_id, source=url, size=size, mtime_ns=mtime_ns))
-        except read_errors() as exc:
+        except errors as exc:
             after = f"after {rel}" if rel else "at the start"
             raise SourceError(f"{self.root}: the listing broke off {after}: {describe(exc)}; rerun to resume") from exc
 
@@ -339,6 +340,7 @@ class TarReader:
             return MemberEntry(item, data, tuple(sorted(current)))
 
         stream = None
+        errors = (*SHARD_ERRORS, *read_errors()) if is_remote(url) else SHARD_ERRORS  # + a URL's (HTTP, a cut)
         try:
             stream = open_stream(url) if is_remote(url) else gopen(url, "rb")
             for member in tar_file_iterator(stream):
@@ -354,7 +356,7 @@ class TarReader:
                     raise tarfile.ReadError(f"duplicate member {member['fname']!r} in sample {key!r}")
                 current[suffix] = member["data"]
             stream.close()
-        except (*SHARD_ERRORS, *read_errors()) as exc:  # the second: a URL's stream (an HTTP error, a cut)
+        except errors as exc:
             if current_key is not None and any(k in current for k in keys):
                 yield finish()
             if is_remote(url):
@@ -370,7 +372,7 @@ class TarReader:
             if stream is not None:
                 try:
                     stream.close()
-                except (*SHARD_ERRORS, *read_errors()):
+                except errors:
                     pass
         if current_key is not None:
             yield finish()

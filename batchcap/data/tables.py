@@ -47,6 +47,11 @@ def _location(path: str) -> tuple[str, Any]:
     return arrow_location(path) if is_remote(path) else (path, None)
 
 
+def _errors(path: str) -> tuple[type[BaseException], ...]:
+    """What reading ``path`` raises for damage or I/O: :data:`TABLE_ERRORS`, and at a URL the network's too."""
+    return (*TABLE_ERRORS, *read_errors()) if is_remote(path) else TABLE_ERRORS
+
+
 def _is_bytes(kind: pa.DataType) -> bool:
     return pa.types.is_binary(kind) or pa.types.is_large_binary(kind) or pa.types.is_fixed_size_binary(kind)
 
@@ -104,6 +109,7 @@ class TableFile:
         row = sum(self.group_rows[:group])
         columns = [self.image] + ([self.id_column] if self.id_column else [])
         batches: Iterator[pa.RecordBatch] | None = None
+        errors = _errors(self.path)
         while True:
             try:  # only the reading: an error in the code below is a bug, not a damaged table
                 if batches is None:
@@ -117,7 +123,7 @@ class TableFile:
                     return
                 images = batch.column(0).to_pylist()
                 ids = batch.column(1).to_pylist() if self.id_column else [None] * len(images)
-            except (*TABLE_ERRORS, *read_errors()) as exc:  # the second: a table at a URL
+            except errors as exc:
                 yield ShardFailure(
                     InputItem(id=f"{self.name}#{group}", source=self.path),
                     one_line(f"row group {group} unreadable at row {row}: {type(exc).__name__}: {exc}"),
@@ -152,7 +158,7 @@ def open_table(path: str, image_keys: Sequence[str], id_column: str | None) -> T
         where, filesystem = _location(path)
         meta = pq.read_metadata(where, filesystem=filesystem)
         schema = meta.schema.to_arrow_schema()
-    except (*TABLE_ERRORS, *read_errors()) as exc:
+    except _errors(path) as exc:
         return TableFile(path, error=f"{type(exc).__name__}: {exc}")
     found = image_column(schema, image_keys)
     if found is None:

@@ -93,6 +93,15 @@ def test_a_folder_url_is_walked_with_relative_ids_and_the_same_ignored_names(sit
         assert set(absolute) == {served.url + "photos/" + i for i in expected}
 
 
+def test_a_worker_reads_pictures_at_urls_ahead_several_at_once(tmp_path: Path) -> None:
+    write_images(tmp_path / "photos", 12)
+    with serve_folder(tmp_path) as served:
+        served.delay_s = 0.2  # each picture's GET takes this long: in turn, 12 would take 2.4 s
+        rows = collect(open_sources([served.url + "photos/"]))
+    assert len(rows) == 12 and all(status == OK for status, _ in rows.values())
+    assert served.most_at_once > 1
+
+
 def test_a_folder_url_beside_a_local_folder_gets_source_relative_ids(site: Path, tmp_path: Path) -> None:
     local = tmp_path / "local" / "cam"
     write_images(local, 1)
