@@ -261,7 +261,7 @@ class BatchDataset(IterableDataset):
                 if isinstance(entry, FileEntry) and is_remote(entry.item.source):
                     if not self._is_done(entry.item, member=False):  # a URL's fingerprint is its listing's
                         pool = pool or ThreadPoolExecutor(READ_AHEAD, thread_name_prefix="batchcap-read")
-                        read = pool.submit(read_file, entry.item.source, self.policy)
+                        read = pool.submit(read_file, entry.item.source, self.policy, entry.item.size)
                 window.append((entry, read))
                 if len(window) > READ_AHEAD:
                     yield window.popleft()

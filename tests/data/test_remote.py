@@ -19,7 +19,7 @@ from conftest import write_images
 from remote_servers import moto_s3, serve_folder
 
 from batchcap.config import ImagePolicy, Preprocess
-from batchcap.data.image_decode import MISSING, OK, UNREADABLE, decode_file
+from batchcap.data.image_decode import CORRUPT, MISSING, OK, TOO_LARGE, UNREADABLE, Decoded, decode_file, read_file
 from batchcap.data.inputs import FileEntry, Ignored, SourceError
 from batchcap.data.loader import iter_batches
 from batchcap.data.remote import RemoteUnreadable, fetch
@@ -166,6 +166,16 @@ def test_a_404_is_missing_at_once_without_retries(site: Path) -> None:
         outcome = decode_file(served.url + "photos/gone.jpg", PRE, ImagePolicy())
         assert outcome.status == MISSING and "gone.jpg" in (outcome.error or "")
         assert served.requests["/photos/gone.jpg"] == 1
+
+
+def test_an_object_listed_too_large_is_refused_unread_and_an_empty_one_is_corrupt(site: Path) -> None:
+    (site / "photos" / "empty.jpg").write_bytes(b"")
+    with serve_folder(site) as served:
+        outcome = read_file(served.url + "photos/img00000.jpg", ImagePolicy(), size=1 << 40)  # size from a listing
+        assert isinstance(outcome, Decoded) and outcome.status == TOO_LARGE
+        assert served.requests["/photos/img00000.jpg"] == 0
+        empty = decode_file(served.url + "photos/empty.jpg", PRE, ImagePolicy())
+        assert empty.status == CORRUPT and "empty file" in (empty.error or "")
 
 
 def _listing(folder: Path, lines: list[str]) -> str:
