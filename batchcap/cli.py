@@ -397,6 +397,8 @@ def cli() -> None:
 def run(sources: tuple[str, ...], **options: Any) -> None:
     """Caption every picture in SOURCES (folders, files, WebDataset shards, Parquet tables) into --out.
 
+    Sources may be URLs (s3://, gs://, https://, ...); --out is a local or mounted path.
+
     Rerunning the same command resumes: only pictures not yet in the output are
     captioned, and pictures whose size or modification time changed are captioned
     again. A second run on the same output while one is active exits at once.
@@ -408,6 +410,7 @@ def run(sources: tuple[str, ...], **options: Any) -> None:
         batchcap run 'shards/train-{0000..0099}.tar' --out captions.jsonl --beam 5 --n-best 3
         batchcap run ./photos --out part-0.parquet --shard 0/4
         batchcap run 'laion/*.parquet' --out captions.parquet --id-column key
+        batchcap run s3://bucket/photos/ --out captions.parquet
         batchcap run --files-from manifest.csv --path-column file --id-column sku --out captions.parquet
         batchcap run /shared/photos --out /shared/captions.parquet --ray --tasks 16 --ray-cpus 4
     """

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 
 #: Picture file extensions (lower case, with the dot). A folder's other files are listed as ignored.
 #: HEIC/HEIF (iPhones) are read through pillow-heif, AVIF by Pillow itself.
@@ -22,6 +23,22 @@ TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 def is_image_name(name: str) -> bool:
     """Whether ``name`` has one of the picture extensions (case-insensitive)."""
     return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
+def url_scheme(spec: str) -> str | None:
+    """The scheme of ``scheme://...`` (lower case), ``pipe`` for ``pipe:``, None for a path."""
+    if spec.startswith("pipe:"):
+        return "pipe"
+    match = _SCHEME.match(spec)
+    return match.group(1).lower() if match else None
+
+
+def is_remote(spec: str) -> bool:
+    """Whether ``spec`` is a URL read through fsspec (``s3://``, ``gs://``, ``https://``), not a path or ``pipe:``."""
+    return url_scheme(spec) not in (None, "pipe")
 
 
 #: File names read as Parquet tables of encoded pictures (img2dataset, Hugging Face datasets).

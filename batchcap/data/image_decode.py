@@ -32,8 +32,9 @@ import torch
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from batchcap.config import ImagePolicy, Preprocess
-from batchcap.data.extensions import enable_heif
+from batchcap.data.extensions import enable_heif, is_remote
 from batchcap.data.preprocess import DEVICE_INTERPOLATIONS, draft_request, to_input_tensor
+from batchcap.data.remote import RemoteUnreadable, fetch
 from batchcap.messages import one_line
 
 OK, CORRUPT, UNREADABLE, TOO_LARGE, UNSUPPORTED, MISSING, SHARD_ERROR = (
@@ -96,8 +97,13 @@ def max_file_bytes(policy: ImagePolicy) -> int:
     return policy.max_pixels * 8 + (16 << 20)
 
 
-def read_file(path: str, policy: ImagePolicy) -> bytes | Decoded:
-    """The bytes of ``path``, or a ``missing`` / ``unreadable`` / ``unsupported`` / ``too_large`` outcome."""
+def read_file(path: str, policy: ImagePolicy, size: int | None = None) -> bytes | Decoded:
+    """The bytes of ``path``, or a ``missing`` / ``unreadable`` / ``unsupported`` / ``too_large`` outcome.
+
+    ``size``: a URL's size from its folder's listing, so that an object too large is refused unread.
+    """
+    if is_remote(path):
+        return _read_url(path, policy, size)
     try:
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
@@ -115,6 +121,33 @@ def read_file(path: str, policy: ImagePolicy) -> bytes | Decoded:
         if exc.errno == errno.ELOOP:
             return _fail(UNREADABLE, f"symbolic link loop: {exc}")
         return _fail(UNREADABLE, _describe(exc))
+
+
+def _too_large(size: int, policy: ImagePolicy) -> Decoded | None:
+    if size > max_file_bytes(policy):
+        return _fail(
+            TOO_LARGE, f"file of {size} bytes is larger than any picture under the {policy.max_pixels}-pixel cap"
+        )
+    return None
+
+
+def _read_url(url: str, policy: ImagePolicy, size: int | None) -> bytes | Decoded:
+    """The bytes at ``url`` (transient failures retried), or the outcome a local file would get.
+
+    A missing object is ``missing`` at once; a failure that outlasts the retries, or one no
+    retry mends (a refusal, a 4xx), is ``unreadable`` with the error. With no ``size`` known
+    (a URL named alone or in a list), the size cap is checked once the object is read.
+    """
+    refused = _too_large(size, policy) if size is not None else None
+    if refused is not None:
+        return refused
+    try:
+        data = fetch(url)
+    except FileNotFoundError as exc:
+        return _fail(MISSING, _describe(exc))
+    except RemoteUnreadable as exc:
+        return _fail(UNREADABLE, str(exc))
+    return _too_large(len(data), policy) or data
 
 
 def allow_pillow_up_to(policy: ImagePolicy) -> None:

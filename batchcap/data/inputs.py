@@ -11,6 +11,8 @@ import dataclasses
 import os
 from dataclasses import dataclass
 
+from batchcap.data.extensions import is_remote
+
 
 class SourceError(Exception):
     """A source spec the user must fix; the message says what is wrong and what to do."""
@@ -104,8 +106,11 @@ def fingerprinted(item: InputItem) -> InputItem:
     """``item`` with its file's (size, mtime_ns), following symlinks; (None, None) if stat fails.
 
     Readers list names only; the loader stats the inputs it owns, so N workers walking
-    the same tree do not each stat every file.
+    the same tree do not each stat every file. A URL keeps the fingerprint its folder's
+    listing gave it (none for a URL named alone or in a list: such inputs are done by id).
     """
+    if is_remote(item.source):
+        return item
     try:
         st = os.stat(item.source)
     except OSError:

@@ -13,7 +13,8 @@ Who handles what:
   so every worker walks the listing but decodes only its share.
 
 Memory is bounded: a worker holds one directory's sorted entries per level of the walk,
-one tar member at a time and one batch; the DataLoader keeps ``2 * workers`` batches in flight.
+one tar member at a time and one batch (and up to :data:`READ_AHEAD` pictures read ahead from
+URLs); the DataLoader keeps ``2 * workers`` batches in flight.
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import signal
+from collections import deque
 from collections.abc import Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -29,7 +32,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from batchcap.config import ImagePolicy, Preprocess
 from batchcap.data.device_decode import DEVICE_DECODE_ERRORS, decode_jpegs, orient, resize_on_device
-from batchcap.data.extensions import enable_heif
+from batchcap.data.extensions import enable_heif, is_remote
 from batchcap.data.image_decode import (
     DUPLICATE_ID,
     MISSING,
@@ -40,6 +43,7 @@ from batchcap.data.image_decode import (
     allow_pillow_up_to,
     decode_bytes,
     decode_file,
+    read_file,
 )
 from batchcap.data.inputs import (
     Duplicate,
@@ -49,12 +53,15 @@ from batchcap.data.inputs import (
     InputItem,
     RowFailure,
     ShardFailure,
+    SourceError,
     fingerprinted,
 )
 from batchcap.data.sharding import in_shard
 from batchcap.data.sources import SourceSet, TarReader, shard_name
 from batchcap.data.tables import TableReader
 
+#: Pictures at URLs a worker reads ahead of its decoding, concurrently (files on disk are read in turn).
+READ_AHEAD = 8
 #: A worker sends a batch early once this many inputs failed, were skipped or ignored,
 #: so a resumed run over a finished collection still shows progress.
 COUNT_FLUSH = 4096
@@ -89,6 +96,10 @@ class Batch:
     encoded_ends: list[int] = field(default_factory=list)
     #: The names counted in ``ignored``: (what they are, e.g. ``.heic`` or ``hidden``; the path).
     ignored_paths: list[tuple[str, str]] = field(default_factory=list)
+    #: A source that failed in a worker (a folder URL's listing broke off): :func:`iter_batches`
+    #: raises it as :class:`SourceError` in the main process, where it is a one-line error, not a
+    #: worker's traceback. The batch's rows are dropped with it (a rerun captions them).
+    source_error: str | None = None
 
     def encoded(self) -> list[torch.Tensor]:
         """Each undecoded JPEG's bytes, a view into ``encoded_data``."""
@@ -204,6 +215,18 @@ class BatchDataset(IterableDataset):
         allow_pillow_up_to(self.policy)
         enable_heif()  # in this worker, before its first picture
         builder = _Builder(self.preprocess, self.batch_size)
+        try:
+            yield from self._batches(builder, worker, workers)
+        except SourceError as exc:
+            stopped = builder.take()
+            stopped.source_error = str(exc)
+            yield stopped
+            return
+        if not builder.empty():
+            yield builder.take()
+
+    def _batches(self, builder: _Builder, worker: int, workers: int) -> Iterator[Batch]:
+        """This worker's full batches, reader after reader; the last, partial one stays in ``builder``."""
         counter = [0]
         seen = self.sources.id_tracker()  # every worker walks every listing in one order: one owner each
         for reader in self.sources.readers:
@@ -220,14 +243,37 @@ class BatchDataset(IterableDataset):
                             for row in table.read(group):
                                 yield from self._handle(row, builder)
                 continue
-            for entry in self.sources.entries(reader, seen):
-                key = entry.path if isinstance(entry, Ignored) else entry.item.id
-                if self._mine(key, counter, worker, workers):
-                    yield from self._handle(entry, builder)
-        if not builder.empty():
-            yield builder.take()
+            mine = (
+                entry
+                for entry in self.sources.entries(reader, seen)
+                if self._mine(entry.path if isinstance(entry, Ignored) else entry.item.id, counter, worker, workers)
+            )
+            for entry, read in self._read_ahead(mine):
+                yield from self._handle(entry, builder, read)
 
-    def _handle(self, entry: Entry, builder: _Builder) -> Iterator[Batch]:
+    def _read_ahead(self, entries: Iterator[Entry]) -> Iterator[tuple[Entry, Future[bytes | Decoded] | None]]:
+        """``entries`` in order, each picture at a URL not yet done paired with its read, started up to
+        :data:`READ_AHEAD` entries early on a few threads: a request's latency, not this worker's CPU,
+        would otherwise bound its rate. Local files are read when decoded (None), as before."""
+        pool: ThreadPoolExecutor | None = None
+        window: deque[tuple[Entry, Future[bytes | Decoded] | None]] = deque()
+        try:
+            for entry in entries:
+                read = None
+                if isinstance(entry, FileEntry) and is_remote(entry.item.source):
+                    if not self._is_done(entry.item, member=False):  # a URL's fingerprint is its listing's
+                        pool = pool or ThreadPoolExecutor(READ_AHEAD, thread_name_prefix="batchcap-read")
+                        read = pool.submit(read_file, entry.item.source, self.policy, entry.item.size)
+                window.append((entry, read))
+                if len(window) > READ_AHEAD:
+                    yield window.popleft()
+            while window:
+                yield window.popleft()
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
+
+    def _handle(self, entry: Entry, builder: _Builder, read: Future[bytes | Decoded] | None = None) -> Iterator[Batch]:
         if isinstance(entry, Ignored):
             builder.ignored += 1
             builder.ignored_paths.append((entry.category, entry.source or entry.path))
@@ -246,7 +292,7 @@ class BatchDataset(IterableDataset):
             if self._is_done(item, member=False):
                 builder.skipped += 1
             else:
-                builder.add(item, decode_file(item.source, self.preprocess, self.policy))
+                builder.add(item, self._decode_file(item.source, read))
         elif self._is_done(entry.item, member=True):
             builder.skipped += 1
         elif entry.data is None:
@@ -264,6 +310,13 @@ class BatchDataset(IterableDataset):
             builder.add(entry.item, decode_bytes(entry.data, self.preprocess, self.policy))
         if builder.full():
             yield builder.take()
+
+    def _decode_file(self, path: str, read: Future[bytes | Decoded] | None) -> Decoded:
+        """``path`` decoded, from the bytes ``read`` already fetched when there is one."""
+        if read is None:
+            return decode_file(path, self.preprocess, self.policy)
+        data = read.result()
+        return data if isinstance(data, Decoded) else decode_bytes(data, self.preprocess, self.policy)
 
     def _is_done(self, item: InputItem, member: bool) -> bool:
         """A tar member is done when its id is known; a file when its fingerprint also matches."""
@@ -315,7 +368,10 @@ def iter_batches(
     )
     batches = iter(loader)
     try:
-        yield from batches
+        for batch in batches:
+            if batch.source_error is not None:
+                raise SourceError(batch.source_error)
+            yield batch
     finally:
         _stop_workers(batches)
 

@@ -33,6 +33,7 @@ import pyarrow as pa
 import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 
+from batchcap.data.extensions import is_remote
 from batchcap.data.inputs import FileEntry, InputItem, RowFailure, SourceError
 from batchcap.messages import one_line
 
@@ -250,7 +251,7 @@ def manifest_entries(manifest: Manifest, absolute: bool = False) -> Iterator[Fil
                 one_line(f"no picture: column {manifest.path_column!r} is {_shown(raw_path)} in row {row}"),
             )
         else:
-            rid = key if key is not None else (os.path.abspath(path) if absolute else path)
+            rid = key if key is not None else (os.path.abspath(path) if absolute and not is_remote(path) else path)
             yield FileEntry(InputItem(id=rid, source=path))
 
 

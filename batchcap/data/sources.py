@@ -10,13 +10,16 @@ One factory, :func:`open_sources`, looks at each spec and picks a reader:
   manifest, a table with a path column and maybe an id column (:mod:`batchcap.data.manifests`);
 * a single **image file** -- its id is the path as given;
 * **WebDataset shards** -- a local ``.tar``, a brace pattern (``shards-{0000..0099}.tar``),
-  a glob, or a URL such as ``pipe:cat x.tar``; read with webdataset's ``gopen`` and
-  ``tar_file_iterator``. The image is the first present of ``ImagePolicy.image_keys``;
-  the id is ``<shard basename>/<__key__>``. A damaged shard yields the samples read
-  before the damage and one ``shard_error`` entry, and the next shard goes on.
+  a glob, ``pipe:cat x.tar`` (read with webdataset's ``gopen``) or a URL (through fsspec), each
+  streamed through webdataset's ``tar_file_iterator``. The image is the first present of
+  ``ImagePolicy.image_keys``; the id is ``<shard basename>/<__key__>``. A damaged shard yields
+  the samples read before the damage and one ``shard_error`` entry, and the next shard goes on.
 * **Parquet tables** of encoded pictures -- a ``.parquet`` file, a pattern or brace range of
   them, or a folder that holds ``.parquet`` files and no pictures at its top (img2dataset's
   output folder); :mod:`batchcap.data.tables` reads them. The run's own output is never a source.
+* **URLs** that fsspec reads (``s3://``, ``gs://``, ``https://``, ...) -- each of the above, told
+  apart by name (:func:`_open_url`); a folder URL is a :class:`UrlFolderReader`, listed as a
+  stream. :mod:`batchcap.data.remote` does the reading, retries and listing.
 
 Those are the ``relative`` ids, which one source keeps unique. With a folder or tar source
 beside another source (``--id-from auto``, the default) ids are ``source-relative``: each folder's, picture's or
@@ -50,9 +53,10 @@ import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 from batchcap.config import ImagePolicy
-from batchcap.data.extensions import TAR_SUFFIXES, is_image_name, is_table_name
+from batchcap.data.extensions import TAR_SUFFIXES, is_image_name, is_remote, is_table_name
 from batchcap.data.inputs import (
     Duplicate,
     Entry,
@@ -65,6 +69,17 @@ from batchcap.data.inputs import (
     SourceError,
 )
 from batchcap.data.manifests import Manifest, manifest_entries, manifest_format, open_manifest
+from batchcap.data.remote import (
+    check_folder,
+    check_protocol,
+    describe,
+    folder_url,
+    is_folder,
+    open_stream,
+    open_text,
+    read_errors,
+    walk,
+)
 from batchcap.data.sharding import in_shard
 from batchcap.data.tables import TableReader, open_tables
 from batchcap.messages import one_line
@@ -73,7 +88,7 @@ _GLOB_CHARS = re.compile(r"[*?\[]")
 _BRACE = re.compile(r"\{[^{}]*(\.\.|,)[^{}]*\}")
 
 #: What a damaged tar stream raises while it is read (tarfile, gzip, a failing ``pipe:``).
-SHARD_ERRORS = (tarfile.TarError, OSError, EOFError, zlib.error)
+SHARD_ERRORS: tuple[type[BaseException], ...] = (tarfile.TarError, OSError, EOFError, zlib.error)
 
 
 def _duplicate(item: InputItem, seen: dict[str, str], error: str, member: bool = False) -> Duplicate:
@@ -177,6 +192,55 @@ class FolderReader:
         return sum(1 for e in self.entries() if isinstance(e, FileEntry))
 
 
+def open_list(path: str) -> IO[str]:
+    """A list of paths (``--files-from``) opened for reading, whether ``path`` is a local file or a URL."""
+    if is_remote(path):
+        return open_text(path)
+    return open(path, encoding="utf-8", errors="surrogateescape", newline="")
+
+
+def absolute_id(path: str) -> str:
+    """``path`` made absolute for ``--id-from absolute``; a URL is absolute already."""
+    return path if is_remote(path) else os.path.abspath(path)
+
+
+@dataclass(frozen=True)
+class UrlFolderReader:
+    """A folder URL (an object-store prefix, a web server's index page), listed as a stream.
+
+    Ids are the keys relative to the folder URL (``--id-from absolute``: the objects' URLs).
+    Hidden names and non-pictures are passed over and counted, as in a local folder; each
+    object's size and modification time from the listing are its fingerprint for resuming.
+    The order is the store's (:func:`batchcap.data.remote.walk`), the same on every pass.
+    """
+
+    root: str
+    prefix: str = ""  # put before every id: see ``--id-from``
+    absolute: bool = False  # ids are the objects' URLs
+    kind: str = field(default="folder", init=False)
+
+    def entries(self) -> Iterator[FileEntry | Ignored]:
+        """The folder's objects in listing order; a listing that breaks off (after the store's own
+        retries) raises :class:`SourceError`: the run stops, and a rerun resumes."""
+        rel = ""
+        errors = read_errors()  # looked up now: an except clause is evaluated even for GeneratorExit
+        try:
+            for rel, url, size, mtime_ns in walk(self.root):
+                if any(part.startswith(".") for part in rel.split("/")):
+                    yield Ignored(rel, url, "hidden")
+                elif not is_image_name(rel):
+                    yield Ignored(rel, url)
+                else:
+                    item_id = url if self.absolute else self.prefix + rel
+                    yield FileEntry(InputItem(id=item_id, source=url, size=size, mtime_ns=mtime_ns))
+        except errors as exc:
+            after = f"after {rel}" if rel else "at the start"
+            raise SourceError(f"{self.root}: the listing broke off {after}: {describe(exc)}; rerun to resume") from exc
+
+    def count(self) -> int:
+        return sum(1 for e in self.entries() if isinstance(e, FileEntry))
+
+
 @dataclass(frozen=True)
 class ListReader:
     """A text file of paths, one a line (blank lines skipped); every line is a candidate.
@@ -190,7 +254,7 @@ class ListReader:
     kind: str = field(default="list", init=False)
 
     def _lines(self) -> Iterator[str]:
-        with open(self.path, encoding="utf-8", errors="surrogateescape", newline="") as f:
+        with open_list(self.path) as f:
             for line in f:
                 line = line.rstrip("\r\n")
                 if line.strip():
@@ -201,7 +265,7 @@ class ListReader:
             yield from manifest_entries(self.manifest, self.absolute)
             return
         for line in self._lines():
-            yield FileEntry(InputItem(id=os.path.abspath(line) if self.absolute else line, source=line))
+            yield FileEntry(InputItem(id=absolute_id(line) if self.absolute else line, source=line))
 
     def count(self) -> int:
         """Lines, or a manifest's rows: one entry each."""
@@ -290,8 +354,9 @@ class TarReader:
             return MemberEntry(item, data, tuple(sorted(current)))
 
         stream = None
+        errors = (*SHARD_ERRORS, *read_errors()) if is_remote(url) else SHARD_ERRORS  # + a URL's (HTTP, a cut)
         try:
-            stream = gopen(url, "rb")
+            stream = open_stream(url) if is_remote(url) else gopen(url, "rb")
             for member in tar_file_iterator(stream):
                 key, suffix = base_plus_ext(member["fname"])
                 if key is None:
@@ -305,10 +370,13 @@ class TarReader:
                     raise tarfile.ReadError(f"duplicate member {member['fname']!r} in sample {key!r}")
                 current[suffix] = member["data"]
             stream.close()
-        except SHARD_ERRORS as exc:
+        except errors as exc:
             if current_key is not None and any(k in current for k in keys):
                 yield finish()
-            message = str(exc.args[0]).split(" @ ")[0] if exc.args else type(exc).__name__
+            if is_remote(url):
+                message = describe(exc)
+            else:
+                message = str(exc.args[0]).split(" @ ")[0] if exc.args else type(exc).__name__
             yield ShardFailure(
                 InputItem(id=name, source=url),
                 one_line(f"shard unreadable after {current_key or 'the start'}: {message}"),
@@ -318,13 +386,13 @@ class TarReader:
             if stream is not None:
                 try:
                     stream.close()
-                except SHARD_ERRORS:
+                except errors:
                     pass
         if current_key is not None:
             yield finish()
 
 
-Reader = FolderReader | ListReader | FileReader | TarReader | TableReader
+Reader = FolderReader | UrlFolderReader | ListReader | FileReader | TarReader | TableReader
 
 
 @dataclass(frozen=True)
@@ -352,7 +420,9 @@ class SourceSet:
         """A fresh id -> source map for :meth:`entries` to share across readers; None when not needed."""
         return {} if self.may_collide else None
 
-    def entries(self, reader: FolderReader | ListReader | FileReader, seen: dict[str, str] | None) -> Iterator[Entry]:
+    def entries(
+        self, reader: FolderReader | UrlFolderReader | ListReader | FileReader, seen: dict[str, str] | None
+    ) -> Iterator[Entry]:
         """``reader``'s entries, a file whose id ``seen`` holds made a :class:`Duplicate`."""
         entries: Iterator[Entry] = reader.entries()
         return entries if seen is None else unique_entries(entries, seen, self.repeated)
@@ -377,8 +447,12 @@ class SourceSet:
         return dataclasses.replace(self, repeated=frozenset(repeated))
 
     def count(self, shard_index: int = 0, shard_count: int = 1) -> int | None:
-        """Candidate pictures (in one shard), by a listing pass; None when tars are involved."""
-        if any(isinstance(r, TarReader) for r in self.readers):
+        """Candidate pictures (in one shard), by a listing pass; None when tars or folder URLs are involved.
+
+        A folder URL is not listed here: a bucket of millions of keys would be listed once before
+        the first picture is captioned (the run's progress then shows no total).
+        """
+        if any(isinstance(r, (TarReader, UrlFolderReader)) for r in self.readers):
             return None
         total = 0
         seen = self.id_tracker()
@@ -408,33 +482,8 @@ def _is_tar_name(path: str) -> bool:
     return path.lower().endswith(TAR_SUFFIXES)
 
 
-#: URL schemes batchcap reads shards from: a command's output, and curl's downloads.
-READABLE_SCHEMES = ("http", "https")
-_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
-
-
 def _is_url(spec: str) -> bool:
     return spec.startswith("pipe:") or "://" in spec
-
-
-def url_scheme(spec: str) -> str | None:
-    """The scheme of ``scheme://...`` (lower case), ``pipe`` for ``pipe:``, None for a path."""
-    if spec.startswith("pipe:"):
-        return "pipe"
-    match = _SCHEME.match(spec)
-    return match.group(1).lower() if match else None
-
-
-def _check_readable_url(spec: str) -> None:
-    """Refuse a URL no reader can open, before any worker tries (and fails) to."""
-    scheme = url_scheme(spec)
-    if scheme is None or scheme == "pipe" or scheme in READABLE_SCHEMES:
-        return
-    raise SourceError(
-        f"{spec}: batchcap cannot read {scheme}:// sources (object stores are not supported yet); "
-        "copy or mount the pictures on a local or network disk, or stream one shard through a "
-        f"command, e.g. 'pipe:aws s3 cp s3://bucket/shard.tar -'"
-    )
 
 
 def _stdin_to_file() -> str:
@@ -479,10 +528,41 @@ def _table_folder(root: str, exclude: Sequence[str]) -> list[str]:
     return [f for f in found if not _excluded(f, exclude)]
 
 
+def _open_url(spec: str, keys: tuple[str, ...], id_column: str | None) -> Reader:
+    """The reader for a URL fsspec reads, by its name: shards, tables, a picture or a folder.
+
+    Only a folder is looked up here (is it one?); a single picture that is not there
+    becomes a ``missing`` row, as a path in a list does.
+    """
+    check_protocol(spec)
+    name = spec.split("?", 1)[0]
+    if _BRACE.search(name):
+        from webdataset.shardlists import expand_urls
+
+        urls = tuple(expand_urls(spec))
+        if all(is_table_name(u.split("?", 1)[0]) for u in urls):
+            return open_tables(urls, keys, id_column)
+        return TarReader(urls, keys)
+    if _is_tar_name(name):
+        return TarReader((spec,), keys)
+    if is_table_name(name):
+        return open_tables([spec], keys, id_column)
+    if is_image_name(name):
+        return FileReader(spec)
+    if is_folder(spec):
+        check_folder(folder_url(spec))
+        return UrlFolderReader(folder_url(spec))
+    raise SourceError(
+        f"{spec}: not a folder, a .tar shard, a .parquet table or a picture (a web server's folder URL "
+        "ends in /); a list of paths goes to --files-from"
+    )
+
+
 def _open_spec(spec: str, policy: ImagePolicy, id_column: str | None, exclude: Sequence[str]) -> Reader:
     keys = tuple(policy.image_keys)
+    if is_remote(spec):
+        return _open_url(spec, keys, id_column)
     if _is_url(spec):
-        _check_readable_url(spec)
         from webdataset.shardlists import expand_urls
 
         return TarReader(tuple(expand_urls(spec)), keys)
@@ -578,11 +658,19 @@ def _list_reader(files_from: str, id_column: str | None, path_column: str | None
     """The reader of ``--files-from``: a text list of paths, or a manifest (a table; see :func:`manifest_format`)."""
     if files_from == "-":
         path = _stdin_to_file()
+    elif is_remote(files_from):
+        check_protocol(files_from)
+        path = files_from
     elif not os.path.isfile(files_from):
         raise SourceError(f"--files-from {files_from}: no such file")
     else:
         path = str(Path(files_from))
     if manifest_format(files_from) is not None:
+        if is_remote(files_from):
+            raise SourceError(
+                f"--files-from {files_from}: a manifest is read from a local or network disk; copy it there "
+                "first (its paths may still be URLs), or give a text list of paths, which may be a URL"
+            )
         return ListReader(path, manifest=open_manifest(path, path_column, id_column))
     if path_column is not None:
         raise SourceError(
@@ -601,14 +689,14 @@ def _refuse_nested(readers: Sequence[Reader]) -> None:
     given: dict[str, str] = {}
     folders: dict[str, str] = {}
     for reader in readers:
-        if not isinstance(reader, (FolderReader, FileReader)):
+        if not isinstance(reader, (FolderReader, UrlFolderReader, FileReader)):
             continue
-        spec = reader.root if isinstance(reader, FolderReader) else reader.path
-        real = os.path.realpath(spec)
+        spec = reader.path if isinstance(reader, FileReader) else reader.root
+        real = spec.rstrip("/") if is_remote(spec) else os.path.realpath(spec)  # a URL's parents: up to its /
         if real in given:
             raise SourceError(f"{spec} and {given[real]} are the same: it would be read twice; give it once")
         given[real] = spec
-        if isinstance(reader, FolderReader):
+        if not isinstance(reader, FileReader):
             folders[real] = spec
     for real, spec in given.items():
         child, parent = real, os.path.dirname(real)
@@ -626,7 +714,7 @@ def _auto_scheme(readers: Sequence[Reader]) -> str:
     written) can give one id to two inputs. One folder or tar source alone, or pictures and
     lists only, keep the ids they always had.
     """
-    roots = sum(isinstance(r, (FolderReader, TarReader)) for r in readers)
+    roots = sum(isinstance(r, (FolderReader, UrlFolderReader, TarReader)) for r in readers)
     return "relative" if roots == 0 or len(readers) == 1 else "source-relative"
 
 
@@ -635,7 +723,7 @@ def _local_path(reader: Reader, url: str | None = None) -> str | None:
     if isinstance(reader, FolderReader):
         return reader.root
     if isinstance(reader, FileReader):
-        return reader.path
+        return None if is_remote(reader.path) else reader.path
     if url is not None and not _is_url(url):
         return url
     return None
@@ -648,7 +736,11 @@ def _with_ids(readers: list[Reader], scheme: str) -> list[Reader]:
     paths = [os.path.abspath(p) for r in readers for p in _local_paths(r)]
     common = os.path.commonpath([os.path.dirname(p) for p in paths]) if paths else ""
 
+    url_parent = _common_url_parent([u for r in readers for u in _remote_roots(r)])
+
     def label(path: str) -> str:
+        if is_remote(path):
+            return path if scheme == "absolute" else _url_label(path, url_parent)
         full = os.path.abspath(path)
         return full if scheme == "absolute" else os.path.relpath(full, common).replace(os.sep, "/")
 
@@ -656,6 +748,11 @@ def _with_ids(readers: list[Reader], scheme: str) -> list[Reader]:
     for reader in readers:
         if isinstance(reader, FolderReader):
             out.append(dataclasses.replace(reader, prefix=label(reader.root).rstrip("/") + "/"))
+        elif isinstance(reader, UrlFolderReader):
+            absolute = scheme == "absolute"
+            out.append(
+                dataclasses.replace(reader, prefix="" if absolute else label(reader.root) + "/", absolute=absolute)
+            )
         elif isinstance(reader, FileReader):
             out.append(dataclasses.replace(reader, item_id=label(reader.path)))
         elif isinstance(reader, ListReader):
@@ -671,11 +768,44 @@ def _with_ids(readers: list[Reader], scheme: str) -> list[Reader]:
     return out
 
 
+def _remote_roots(reader: Reader) -> list[str]:
+    """The folder or picture URL a reader stands for (shards keep their own labels: see :func:`shard_name`)."""
+    if isinstance(reader, UrlFolderReader):
+        return [reader.root]
+    if isinstance(reader, FileReader) and is_remote(reader.path):
+        return [reader.path]
+    return []
+
+
+def _common_url_parent(urls: Sequence[str]) -> list[str]:
+    """The ``/``-separated parts the parents of ``urls`` share (``s3:``, ``""``, bucket, folders...)."""
+    parents = [url.rstrip("/").split("/")[:-1] for url in urls]
+    if not parents:
+        return []
+    common = parents[0]
+    for parts in parents[1:]:
+        n = 0
+        while n < min(len(common), len(parts)) and common[n] == parts[n]:
+            n += 1
+        common = common[:n]
+    return common
+
+
+def _url_label(url: str, parent: list[str]) -> str:
+    """``url`` relative to the sources' common parent; with no common host or bucket, the URL after ``scheme://``."""
+    parts = url.rstrip("/").split("/")
+    if len(parent) < 3 or parts[: len(parent)] != parent:  # scheme:, "", host: the least two URLs must share
+        return url.split("://", 1)[1].rstrip("/")
+    return "/".join(parts[len(parent) :])
+
+
 def _local_paths(reader: Reader) -> list[str]:
     if isinstance(reader, TableReader):
         return []
     if isinstance(reader, TarReader):
         return [u for u in reader.urls if not _is_url(u)]
+    if isinstance(reader, UrlFolderReader):
+        return []
     path = _local_path(reader)
     return [path] if path is not None else []
 

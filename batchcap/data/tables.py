@@ -23,11 +23,14 @@ from __future__ import annotations
 import os
 from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from batchcap.data.extensions import is_remote
 from batchcap.data.inputs import FileEntry, InputItem, MemberEntry, ShardFailure, SourceError
+from batchcap.data.remote import arrow_location, read_errors
 from batchcap.data.sharding import in_shard
 from batchcap.messages import one_line
 
@@ -37,6 +40,16 @@ DEFAULT_ID_COLUMNS = ("key", "id")
 READ_ROWS = 256
 #: What reading a damaged Parquet file raises (bad footer, bad page, short file).
 TABLE_ERRORS = (OSError, pa.ArrowException, ValueError, EOFError)
+
+
+def _location(path: str) -> tuple[str, Any]:
+    """``(path, filesystem)`` for pyarrow: a local path as it is, a URL through fsspec (:mod:`batchcap.data.remote`)."""
+    return arrow_location(path) if is_remote(path) else (path, None)
+
+
+def _errors(path: str) -> tuple[type[BaseException], ...]:
+    """What reading ``path`` raises for damage or I/O: :data:`TABLE_ERRORS`, and at a URL the network's too."""
+    return (*TABLE_ERRORS, *read_errors()) if is_remote(path) else TABLE_ERRORS
 
 
 def _is_bytes(kind: pa.DataType) -> bool:
@@ -96,10 +109,12 @@ class TableFile:
         row = sum(self.group_rows[:group])
         columns = [self.image] + ([self.id_column] if self.id_column else [])
         batches: Iterator[pa.RecordBatch] | None = None
+        errors = _errors(self.path)
         while True:
             try:  # only the reading: an error in the code below is a bug, not a damaged table
                 if batches is None:
-                    parquet = pq.ParquetFile(self.path)
+                    where, filesystem = _location(self.path)
+                    parquet = pq.ParquetFile(where, filesystem=filesystem)
                     batches = parquet.iter_batches(
                         batch_size=READ_ROWS, row_groups=[group], columns=columns, use_threads=False
                     )
@@ -108,7 +123,7 @@ class TableFile:
                     return
                 images = batch.column(0).to_pylist()
                 ids = batch.column(1).to_pylist() if self.id_column else [None] * len(images)
-            except TABLE_ERRORS as exc:
+            except errors as exc:
                 yield ShardFailure(
                     InputItem(id=f"{self.name}#{group}", source=self.path),
                     one_line(f"row group {group} unreadable at row {row}: {type(exc).__name__}: {exc}"),
@@ -124,7 +139,8 @@ class TableFile:
         if self.is_struct and isinstance(cell, dict):
             data, path = cell.get("bytes"), cell.get("path")
             if data is None and path:
-                where = path if os.path.isabs(path) else os.path.join(os.path.dirname(self.path), path)
+                beside = os.path.isabs(path) or is_remote(path)
+                where = path if beside else os.path.join(os.path.dirname(self.path), path)
                 return FileEntry(InputItem(id=rid, source=where))
             cell = data
         if cell is None:
@@ -139,9 +155,10 @@ def open_table(path: str, image_keys: Sequence[str], id_column: str | None) -> T
     asked for; a file whose footer cannot be read becomes a :class:`TableFile` with ``error``.
     """
     try:
-        meta = pq.read_metadata(path)
+        where, filesystem = _location(path)
+        meta = pq.read_metadata(where, filesystem=filesystem)
         schema = meta.schema.to_arrow_schema()
-    except TABLE_ERRORS as exc:
+    except _errors(path) as exc:
         return TableFile(path, error=f"{type(exc).__name__}: {exc}")
     found = image_column(schema, image_keys)
     if found is None:

@@ -112,7 +112,7 @@ def check_output_location(out: str | os.PathLike[str]) -> None:
     if _URL.match(text) or text.startswith("pipe:"):
         raise OutputUnwritable(
             f"--out {text}: batchcap writes outputs only to a local or mounted POSIX file system, not to a URL "
-            "(object stores are not supported yet): resuming exactly once needs an atomic rename and flock. "
+            "(sources may be URLs, outputs may not): resuming exactly once needs an atomic rename and flock. "
             "Write to a local or network disk and copy the finished output, e.g. with `aws s3 cp`"
         )
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import os
 import sys
@@ -273,7 +274,22 @@ def test_a_list_with_a_folder_tracks_repeats(tmp_path: Path) -> None:
     assert open_sources([str(tmp_path / "p")]).surveyed().repeated is None  # one folder: nothing to survey
 
 
-@pytest.mark.parametrize("spec", ["s3://bucket/photos", "gs://b/x-{0..3}.tar", "hdfs://n/x.tar"])
-def test_a_url_no_reader_opens_is_refused(spec: str) -> None:
-    with pytest.raises(SourceError, match="not supported yet"):
+@pytest.mark.parametrize(
+    "spec, says",
+    [
+        ("anything://n/x.tar", "fsspec knows no such protocol"),
+        ("nosuch://bucket/photos/", "fsspec knows no such protocol"),
+    ],
+)
+def test_a_url_no_reader_opens_is_refused(spec: str, says: str) -> None:
+    with pytest.raises(SourceError, match=says):
         open_sources([spec])
+    with pytest.raises(SourceError, match=says):
+        open_sources([], files_from=spec)
+
+
+def test_a_url_whose_filesystem_is_not_installed_names_the_extra() -> None:
+    if importlib.util.find_spec("gcsfs") is not None:
+        pytest.skip("gcsfs is installed here")
+    with pytest.raises(SourceError, match=r'pip install "batchcap\[gcs\]"'):
+        open_sources(["gs://b/x-{0..3}.tar"])
