@@ -842,7 +842,7 @@ def evaluate(
     "-o",
     required=True,
     type=click.Path(dir_okay=False),
-    help="Model file to write: the input model plus ending rule, familiarity and calibrator.",
+    help="Model file to write: the input model plus word rules, familiarity and calibrator.",
 )
 @click.option(
     "--format",

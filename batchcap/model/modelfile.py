@@ -49,7 +49,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from batchcap.config import DecoderConfig, Preprocess, from_dict, to_dict
+from batchcap.config import BeamConfig, DecoderConfig, Preprocess, from_dict, to_dict
 from batchcap.fileio import atomic_save_safetensors, file_sha256, tensors_sha256
 from batchcap.model.confidence import Calibrator, Familiarity, Neighbours
 from batchcap.model.decoder import CaptionDecoder
@@ -154,6 +154,17 @@ class CaptionModel:
     def repeatable_ids(self) -> tuple[int, ...]:
         """Ids of the words that may follow themselves: the stored exceptions, else none."""
         return self.vocab.ids_of(self.repeatable_words or ())
+
+    def word_rules(self, beam: BeamConfig) -> dict[str, Any]:
+        """The word rules' keywords of :func:`batchcap.model.beam.beam_search` under ``beam``'s switches:
+        one place that turns the model file's rules and ``--no-ending-rule`` / ``--allow-repeated-words``
+        into a search, for captioning and dev sweeps alike."""
+        return {
+            "unendable_ids": self.unendable_ids if beam.ending_rule else (),
+            "unendable_pairs": self.unendable_pair_ids if beam.ending_rule else (),
+            "block_repeats": not beam.allow_repeated_words,
+            "repeatable_ids": self.repeatable_ids,
+        }
 
     def encoder_weights_id(self) -> str:
         """What this model's features depend on among weights: the file or download, and any encoder

@@ -166,11 +166,8 @@ class Captioner:
             end_id=vocab.end_id,
             pad_id=vocab.pad_id,
             banned_ids=vocab.never_generated,
-            unendable_ids=model.unendable_ids if self._search_cfg.ending_rule else (),
-            unendable_pairs=model.unendable_pair_ids if self._search_cfg.ending_rule else (),
-            block_repeats=not self._search_cfg.allow_repeated_words,
-            repeatable_ids=model.repeatable_ids,
             per_image=self.decoder.per_image_state,
+            **model.word_rules(self._search_cfg),
         )
         familiarity = neighbours = None
         if model.familiarity is not None:

@@ -84,12 +84,14 @@ def caption_features(
     beam: BeamConfig,
     batch_size: int = 100,
     unendable_ids: Sequence[int] = (),
+    **word_rules: Any,
 ) -> list[str]:
     """Beam-search captions for features (on any device), in order: validation and dev sweeps.
 
     The features move to the decoder's device chunk by chunk, so a CPU feature cache
     validates a CUDA decoder without holding the whole split on the GPU. ``unendable_ids``
-    is the model's ending rule (training validates without one).
+    is the model's ending rule (training validates without one); ``word_rules`` are the
+    search's other rules (:meth:`batchcap.model.modelfile.CaptionModel.word_rules`).
     """
     decoder.eval()
     device = next(decoder.parameters()).device
@@ -108,6 +110,7 @@ def caption_features(
                 banned_ids=vocab.never_generated,
                 unendable_ids=unendable_ids,
                 per_image=decoder.per_image_state,
+                **word_rules,
             )
             out.extend(vocab.decode(row[0]) for row in result.tokens.cpu().tolist())
     return out

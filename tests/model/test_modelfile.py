@@ -214,3 +214,19 @@ def test_word_rules_round_trip_and_an_ending_rule_without_pairs_still_loads(tmp_
     assert loaded.unendable_pair_ids == ((4, 5), (5, 6))  # pairs of words the vocabulary lacks are left out
     assert loaded.repeatable_words == (third, "not-a-word") and loaded.repeatable_ids == (6,)
     assert loaded.repeat_rule == {"learnt_from": "a test", "min_count": 5}
+
+
+def test_word_rules_follow_the_search_switches(tmp_path: Path) -> None:
+    from batchcap.config import BeamConfig
+
+    model = make_tiny_model(tmp_path / "m.safetensors")
+    first, second = model.vocab.words[4:6]
+    model.unendable_words, model.unendable_pairs, model.repeatable_words = (first,), ((first, second),), (second,)
+    assert model.word_rules(BeamConfig()) == {
+        "unendable_ids": (4,),
+        "unendable_pairs": ((4, 5),),
+        "block_repeats": True,
+        "repeatable_ids": (5,),
+    }
+    loose = model.word_rules(BeamConfig(ending_rule=False, allow_repeated_words=True))
+    assert loose["unendable_ids"] == () and loose["unendable_pairs"] == () and not loose["block_repeats"]
