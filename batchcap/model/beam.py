@@ -17,14 +17,14 @@ Semantics, exactly (the reference implements the same rules one image at a time)
   (the shrinking beam of Show, Attend and Tell's reference search). So an image finishes
   at most ``K`` hypotheses, each a distinct word sequence.
 * **Masks.** ``banned_ids`` always score ``-inf``; ``<end>`` scores ``-inf`` while the
-  hypothesis has fewer than ``min_len`` words, and right after any word of
-  ``unendable_ids`` (words that cannot end a caption: "a", "of", "red"; the ending rule of
-  :func:`batchcap.model.text.learn_unendable`), and right after a pair of ``unendable_pairs``
-  (a determiner and a word that may end a caption, but not after it: "... in a black";
-  :func:`batchcap.model.text.learn_unendable_pairs`); with ``block_repeats`` a word may not
-  follow itself unless it is one of ``repeatable_ids`` ("a a", "is is"; ``<start>`` is no
-  word); with ``no_repeat_ngram = N > 0`` a word that
-  would complete an N-gram already present in the hypothesis' words scores ``-inf``
+  hypothesis has fewer than ``min_len`` words, and right after any word of ``unendable_ids``
+  (words that cannot end a caption: "a", "of", "red"; the ending rule of
+  :func:`batchcap.model.text.learn_unendable`), and right after a pair of
+  ``unendable_pairs`` (a determiner and a word that may end a caption, but not after it:
+  "... in a black"; :func:`batchcap.model.text.learn_unendable_pairs`); with
+  ``block_repeats`` a word may not follow itself unless it is one of ``repeatable_ids``
+  (never "a a", "is is"; ``<start>`` is no word); with ``no_repeat_ngram = N > 0`` a word
+  that would complete an N-gram already present in the hypothesis' words scores ``-inf``
   (fairseq's rule; ``<start>`` and ``<end>`` are not words).
 * **Scores.** A hypothesis' raw score is the fp32 sum of its log-probabilities. One that
   emits ``<end>`` after ``L`` words has length ``L + 1`` (``<end>`` counts); one still live

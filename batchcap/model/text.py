@@ -258,7 +258,7 @@ def learn_unendable_pairs(
     ending: Counter = Counter()
     for words in captions:
         half = len(words) / 2
-        for i in range(max(1, int(half)), len(words)):
+        for i in range(1, len(words)):
             if i >= half and words[i - 1] in heads and words[i] not in skip:
                 late[words[i - 1], words[i]] += 1
         if len(words) >= 2 and words[-2] in heads:
