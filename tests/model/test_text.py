@@ -152,3 +152,19 @@ def test_learn_repeatable_needs_both_a_count_and_a_share_of_the_words_uses() -> 
     assert learn_repeatable(yoyo + typos, min_share=0.005) == ("a", "yo")  # more often doubled first
     assert learn_repeatable(yoyo, min_count=6) == ()
     assert learn_repeatable([["<unk>", "<unk>"]] * 10) == ()
+
+
+def test_the_word_rules_learnt_from_flickr8k_train_captions() -> None:
+    from conftest import shared_path
+
+    from batchcap.data.captions.flickr8k import load_flickr8k
+
+    train = load_flickr8k(str(shared_path("data", "flickr8k"))).splits["train"]
+    captions = [normalize_caption(c) for r in train for c in r.captions]
+    unendable = learn_unendable(captions)
+    pairs = learn_unendable_pairs(captions, unendable)
+    # "black" may end a caption ("dressed in black"), but not right after "a"
+    assert "black" not in unendable and ("a", "black") in pairs and ("the", "edge") in pairs
+    assert not {w for _, w in pairs} & set(unendable) and {d for d, _ in pairs} <= {"a", "an", "the"}
+    assert 10 <= len(pairs) <= 60
+    assert learn_repeatable(captions) == ()  # no word is doubled 5 times in Flickr8k's train captions
