@@ -382,7 +382,8 @@ def test_cuda_matches_reference() -> None:
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
     decoder = make_decoder(17).cuda()
-    got, want = run_both(decoder, features(17, 6).cuda(), BeamConfig(beam_size=3, max_len=8, n_best=2))
+    rules = dict(unendable=(5, 6), pairs=((7, 8), (9, 10), (8, 11)), repeats=(12,))  # the word rules on the GPU too
+    got, want = run_both(decoder, features(17, 6).cuda(), BeamConfig(beam_size=3, max_len=8, n_best=2), **rules)
     assert got.tokens.device.type == "cuda"
     assert_same(
         BeamResult(*(x.cpu() for x in (got.tokens, got.lengths, got.scores, got.ended, got.token_logprobs))), want
