@@ -176,7 +176,17 @@ def backend_options(func: F) -> F:
 
 
 def beam_options(func: F) -> F:
-    """Caption search settings, shared by run, eval and bench."""
+    """Caption search settings, shared by run, eval, calibrate and bench."""
+    func = click.option(
+        "--allow-repeated-words",
+        is_flag=True,
+        help="Let any word follow itself. Default: only the words the model learnt may ('yo yo').",
+    )(func)
+    func = click.option(
+        "--no-ending-rule",
+        is_flag=True,
+        help="Let captions end on any word. Default: never on a word like 'a' or 'of', nor on 'a black'.",
+    )(func)
     func = click.option(
         "--n-best",
         type=click.IntRange(1),
@@ -872,6 +882,8 @@ def evaluate(
     length_penalty: float,
     no_repeat_ngram: int,
     n_best: int,
+    no_ending_rule: bool,
+    allow_repeated_words: bool,
 ) -> None:
     """Caption a split of DATA the way `run` does and score it with the COCO caption metrics.
 
@@ -890,7 +902,17 @@ def evaluate(
 
     require_metrics()
     model_obj = load_model(resolve_model_path(model))
-    beam_cfg = beam_config(beam, max_len, min_len, length_penalty, no_repeat_ngram, n_best, model_obj.max_caption_len)
+    beam_cfg = beam_config(
+        beam,
+        max_len,
+        min_len,
+        length_penalty,
+        no_repeat_ngram,
+        n_best,
+        model_obj.max_caption_len,
+        no_ending_rule=no_ending_rule,
+        allow_repeated_words=allow_repeated_words,
+    )
     runtime = runtime_config(device, precision, batch_size, workers, backend, encoder_cache)
     dataset = load_caption_dataset(data, fmt, images=images)
     if split not in dataset.splits or not dataset.splits[split]:
@@ -920,7 +942,7 @@ def evaluate(
     "-o",
     required=True,
     type=click.Path(dir_okay=False),
-    help="Model file to write: the input model plus ending rule, familiarity and calibrator.",
+    help="Model file to write: the input model plus word rules, familiarity and calibrator.",
 )
 @click.option(
     "--format",
@@ -958,6 +980,12 @@ def evaluate(
 )
 @click.option("--refit-familiarity", is_flag=True, help="Refit familiarity even when the model has it.")
 @click.option(
+    "--word-rules-only",
+    is_flag=True,
+    help="Only add the word rules the model lacks (ending rule, repeat rule), learnt from DATA's train "
+    "captions; nothing is encoded, and familiarity and calibrator stay as they are.",
+)
+@click.option(
     "--folds",
     type=click.IntRange(2),
     default=5,
@@ -992,6 +1020,7 @@ def calibrate(
     train_images: int,
     components: int,
     refit_familiarity: bool,
+    word_rules_only: bool,
     folds: int,
     label_threshold: float,
     json_out: str | None,
@@ -1007,27 +1036,49 @@ def calibrate(
     length_penalty: float,
     no_repeat_ngram: int,
     n_best: int,
+    no_ending_rule: bool,
+    allow_repeated_words: bool,
 ) -> None:
     """Fit the confidence of a model's captions on DATA's dev split and write the model to --out.
 
-    Adds what a caption's `confidence` needs: the ending rule (learnt from the train
-    captions when the model lacks it), familiarity statistics of train pictures' encoder
-    features, and a logistic calibrator fitted on dev pictures against per-image CIDEr-D.
-    Prints the cross-validated AUROC and a reliability table; the decoder is unchanged.
+    Adds what a caption's `confidence` needs: the word rules (the ending and repeat rules,
+    learnt from the train captions when the model lacks them), familiarity statistics of
+    train pictures' encoder features, and a logistic calibrator fitted on dev pictures
+    against per-image CIDEr-D. Prints the cross-validated AUROC and a reliability table; the
+    decoder is unchanged. With --word-rules-only, only the word rules are added.
 
     \b
-    Example:
+    Examples:
         batchcap calibrate flickr8k/ --unfamiliar ./everyday-photos \\
             --out calibrated.safetensors
+        batchcap calibrate flickr8k/ --model old.safetensors --word-rules-only --out ruled.safetensors
     """
     from batchcap.data.captions.factory import load_caption_dataset
     from batchcap.model.modelfile import load_model, resolve_model_path, save_model
     from batchcap.pipeline.settings import beam_config, runtime_config
+    from batchcap.training.calibrate import add_missing_word_rules, format_report
     from batchcap.training.calibrate import calibrate as fit
-    from batchcap.training.calibrate import format_report
 
     model_obj = load_model(resolve_model_path(model))
-    beam_cfg = beam_config(beam, max_len, min_len, length_penalty, no_repeat_ngram, n_best, model_obj.max_caption_len)
+    if word_rules_only:
+        dataset = load_caption_dataset(data, fmt, images=images)
+        if not dataset.splits.get("train"):
+            raise click.UsageError(f"{data}: no train split to learn the word rules from; give a captioned dataset")
+        add_missing_word_rules(model_obj, dataset.splits["train"], str(dataset.root), lambda m: click.echo(m, err=True))
+        save_model(model_obj, out)
+        click.echo(f"wrote {out} ({model_obj.identity})", err=True)
+        return
+    beam_cfg = beam_config(
+        beam,
+        max_len,
+        min_len,
+        length_penalty,
+        no_repeat_ngram,
+        n_best,
+        model_obj.max_caption_len,
+        no_ending_rule=no_ending_rule,
+        allow_repeated_words=allow_repeated_words,
+    )
     runtime = runtime_config(device, precision, batch_size, workers)
     dataset = load_caption_dataset(data, fmt, images=images)
     try:
@@ -1369,6 +1420,8 @@ def bench(
     length_penalty: float,
     no_repeat_ngram: int,
     n_best: int,
+    no_ending_rule: bool,
+    allow_repeated_words: bool,
 ) -> None:
     """Measure this machine: encoder images/s per precision, decode rate, beam search, end-to-end run.
 
@@ -1399,6 +1452,8 @@ def bench(
         length_penalty=length_penalty,
         no_repeat_ngram=no_repeat_ngram,
         n_best=n_best,
+        no_ending_rule=no_ending_rule,
+        allow_repeated_words=allow_repeated_words,
     )
 
 

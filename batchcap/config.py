@@ -97,7 +97,9 @@ class BeamConfig:
     """Caption search settings shared by ``run``, ``eval`` and ``bench``.
 
     A hypothesis' score is ``sum(log p) / length ** length_penalty``; ``beam_size=1``
-    is greedy decoding.
+    is greedy decoding. ``ending_rule`` applies the model's ending rule (no caption ends on
+    "a", nor on "a black"); ``allow_repeated_words`` lets any word follow itself, not only
+    the model's learnt exceptions.
     """
 
     beam_size: int = 5
@@ -106,6 +108,8 @@ class BeamConfig:
     length_penalty: float = 0.0
     no_repeat_ngram: int = 0
     n_best: int = 1
+    ending_rule: bool = True
+    allow_repeated_words: bool = False
 
     def __post_init__(self) -> None:
         if self.beam_size < 1:
@@ -213,6 +217,8 @@ _OPTION_OF_SETTING = {
     "length_penalty": "--length-penalty",
     "no_repeat_ngram": "--no-repeat-ngram",
     "n_best": "--n-best",
+    "ending_rule": "the ending rule (--no-ending-rule turns it off)",
+    "allow_repeated_words": "--allow-repeated-words",
     "min_confidence": "--min-confidence",
     "id_from": "--id-from",
     "id_column": "--id-column",

@@ -41,9 +41,18 @@ def _blocked_words(words: list[int], n: int) -> set[int]:
     return {words[i + n - 1] for i in range(len(words) - n + 1) if words[i : i + n - 1] == suffix}
 
 
-def _cut_back(words: list[int], logprobs: list[float], unendable: set[int]) -> tuple[list[int], list[float]]:
+def _may_end(words: list[int], unendable: set[int], pairs: set[tuple[int, int]]) -> bool:
+    """Whether ``<end>`` may follow ``words``: not after an unendable word, nor after an unendable pair."""
+    if words and words[-1] in unendable:
+        return False
+    return not (len(words) >= 2 and (words[-2], words[-1]) in pairs)
+
+
+def _cut_back(
+    words: list[int], logprobs: list[float], unendable: set[int], pairs: set[tuple[int, int]]
+) -> tuple[list[int], list[float]]:
     """``words`` up to its last word that may end a caption (all of it when none may)."""
-    keep = max((i + 1 for i, w in enumerate(words) if w not in unendable), default=len(words))
+    keep = max((i + 1 for i in range(len(words)) if _may_end(words[: i + 1], unendable, pairs)), default=len(words))
     return words[:keep], logprobs[:keep]
 
 
@@ -55,7 +64,10 @@ def _search_one(
     end_id: int,
     banned_ids: Sequence[int],
     unendable: set[int],
+    pairs: set[tuple[int, int]],
+    repeats: set[int] | None,
 ) -> list[_Done]:
+    """One image's finished hypotheses; ``repeats`` None: any word may follow itself, else only these."""
     alpha, device = float(cfg.length_penalty), state[0].device
     live = [_Hyp([], torch.zeros((), dtype=torch.float32, device=device), 0, [])]
     open_slots = cfg.beam_size
@@ -67,8 +79,10 @@ def _search_one(
         log_probs = log_probs.float().clone()  # (n_live, V)
         for i, h in enumerate(live):
             log_probs[i, list(banned_ids)] = float("-inf")
-            if t < cfg.min_len or (h.words and h.words[-1] in unendable):
+            if t < cfg.min_len or not _may_end(h.words, unendable, pairs):
                 log_probs[i, end_id] = float("-inf")
+            if repeats is not None and h.words and h.words[-1] not in repeats:
+                log_probs[i, h.words[-1]] = float("-inf")
             for w in _blocked_words(h.words, cfg.no_repeat_ngram):
                 log_probs[i, w] = float("-inf")
         vocab = log_probs.shape[1]
@@ -92,7 +106,7 @@ def _search_one(
         if not live:
             return done
     for h in live:  # still running after max_len words: finalised, cut back to a clean ending
-        words, logprobs = _cut_back(h.words, h.logprobs, unendable)
+        words, logprobs = _cut_back(h.words, h.logprobs, unendable, pairs)
         done.append(_Done(words, float(h.raw / float(cfg.max_len**alpha)), False, logprobs))
     return done
 
@@ -107,6 +121,9 @@ def reference_beam_search(
     pad_id: int = 0,
     banned_ids: Sequence[int] = (),
     unendable_ids: Sequence[int] = (),
+    unendable_pairs: Sequence[tuple[int, int]] = (),
+    block_repeats: bool = False,
+    repeatable_ids: Sequence[int] = (),
 ) -> BeamResult:
     """Same contract as ``batchcap.model.beam.beam_search``, one image after another."""
     batch = state[0].shape[0]
@@ -118,7 +135,15 @@ def reference_beam_search(
     with torch.inference_mode():
         for b in range(batch):
             done = _search_one(
-                step, tuple(s[b : b + 1] for s in state), cfg, start_id, end_id, banned_ids, set(unendable_ids)
+                step,
+                tuple(s[b : b + 1] for s in state),
+                cfg,
+                start_id,
+                end_id,
+                banned_ids,
+                set(unendable_ids),
+                {(int(a), int(w)) for a, w in unendable_pairs},
+                set(repeatable_ids) if block_repeats else None,
             )
             best = sorted(done, key=lambda d: -d.score)[: cfg.n_best]  # stable: ties to first finished
             for j, d in enumerate(best):

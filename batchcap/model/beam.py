@@ -17,20 +17,25 @@ Semantics, exactly (the reference implements the same rules one image at a time)
   (the shrinking beam of Show, Attend and Tell's reference search). So an image finishes
   at most ``K`` hypotheses, each a distinct word sequence.
 * **Masks.** ``banned_ids`` always score ``-inf``; ``<end>`` scores ``-inf`` while the
-  hypothesis has fewer than ``min_len`` words, and right after any word of
-  ``unendable_ids`` (words that cannot end a caption: "a", "of", "red"; the ending rule of
-  :func:`batchcap.model.text.learn_unendable`); with ``no_repeat_ngram = N > 0`` a word that
-  would complete an N-gram already present in the hypothesis' words scores ``-inf``
+  hypothesis has fewer than ``min_len`` words, and right after any word of ``unendable_ids``
+  (words that cannot end a caption: "a", "of", "red"; the ending rule of
+  :func:`batchcap.model.text.learn_unendable`), and right after a pair of
+  ``unendable_pairs`` (a determiner and a word that may end a caption, but not after it:
+  "... in a black"; :func:`batchcap.model.text.learn_unendable_pairs`); with
+  ``block_repeats`` a word may not follow itself unless it is one of ``repeatable_ids``
+  (never "a a", "is is"; ``<start>`` is no word); with ``no_repeat_ngram = N > 0`` a word
+  that would complete an N-gram already present in the hypothesis' words scores ``-inf``
   (fairseq's rule; ``<start>`` and ``<end>`` are not words).
 * **Scores.** A hypothesis' raw score is the fp32 sum of its log-probabilities. One that
   emits ``<end>`` after ``L`` words has length ``L + 1`` (``<end>`` counts); one still live
   after ``max_len`` words is finalised, length ``max_len``, so every image gets a caption.
   Its score is ``raw / length ** length_penalty``.
-* **Clean ending at max_len.** A finalised hypothesis whose last word is in
-  ``unendable_ids`` is cut back to its last word that may end a caption (kept whole when it
-  has none); it keeps the score the search ranked it by (that of all its ``max_len`` words),
-  so a hypothesis that did end with ``<end>`` ranks above it whenever it scores higher, and
-  the list stays ordered by score. A cut caption may repeat a shorter one's words.
+* **Clean ending at max_len.** A finalised hypothesis whose last word may not end a caption
+  (a word of ``unendable_ids``, or the second word of a pair of ``unendable_pairs`` right
+  after the first) is cut back to its last word that may (kept whole when it has none); it
+  keeps the score the search ranked it by (that of all its ``max_len`` words), so a
+  hypothesis that did end with ``<end>`` ranks above it whenever it scores higher, and the
+  list stays ordered by score. A cut caption may repeat a shorter one's words.
 * **Token log-probabilities.** ``token_logprobs[b, j, i]`` is the log-probability of word
   ``i`` of the caption and, at ``i = length`` when it ended, of ``<end>``; 0 beyond.
 * **Early stop** (only with ``length_penalty == 0``, where a live score can only fall): an
@@ -102,6 +107,9 @@ def beam_search(
     pad_id: int = 0,
     banned_ids: Sequence[int] = (),
     unendable_ids: Sequence[int] = (),
+    unendable_pairs: Sequence[tuple[int, int]] = (),
+    block_repeats: bool = False,
+    repeatable_ids: Sequence[int] = (),
     per_image: Sequence[bool] = (),
     sync_every: int | None = None,
 ) -> BeamResult:
@@ -154,6 +162,8 @@ def beam_search(
     fin_lp = torch.zeros((B, K + 1, T + 1), device=device)  # (B, K+1, T+1)
     n_fin = torch.zeros((B,), **long)  # (B,) finished so far = next free slot
 
+    # (first, second) pairs as the keys first * V + second, known once V is (at t == 0)
+    pair_keys = repeatable = None
     base_mask = end_mask = unendable = None
     all_done = False
     for t in range(T):
@@ -169,10 +179,22 @@ def beam_search(
             unendable = torch.zeros(V, dtype=torch.bool, device=device)  # (V,)
             if len(unendable_ids):
                 unendable[torch.tensor(list(unendable_ids), **long)] = True
+            pair_keys = torch.tensor([a * V + b for a, b in unendable_pairs], **long)  # (P,)
+            repeatable = torch.zeros(V, dtype=torch.bool, device=device)  # (V,)
+            if len(repeatable_ids):
+                repeatable[torch.tensor(list(repeatable_ids), **long)] = True
         assert base_mask is not None and end_mask is not None and unendable is not None  # built at t == 0
+        assert pair_keys is not None and repeatable is not None
         log_probs = log_probs + (end_mask if t < min_len else base_mask)  # (B*K, V)
         if t > 0 and len(unendable_ids):
             log_probs[:, end_id] = log_probs[:, end_id].masked_fill(unendable[last], _NEG_INF)
+        if t > 1 and len(unendable_pairs):
+            before = words.reshape(BK, T)[:, t - 2]  # (B*K,) the word before the last
+            log_probs[:, end_id] = log_probs[:, end_id].masked_fill(torch.isin(before * V + last, pair_keys), _NEG_INF)
+        if block_repeats and t > 0:
+            rows = torch.arange(BK, device=device)  # (B*K,)
+            again = log_probs[rows, last].masked_fill(~repeatable[last], _NEG_INF)  # (B*K,) the last word again
+            log_probs[rows, last] = again
         if ngram and t >= ngram:
             blocked = _ngram_blocked(words.reshape(BK, T), t, ngram, V)  # (B*K, V)
             log_probs = log_probs.masked_fill(blocked, _NEG_INF)
@@ -231,8 +253,12 @@ def beam_search(
         alive = torch.isfinite(beam_scores)  # (B, K); dead beams are exactly the -inf ones
         fin_pos = torch.where(alive, n_fin[:, None] + alive.cumsum(1) - 1, K)
         lengths = torch.full_like(fin_pos, T)  # (B, K)
-        if len(unendable_ids) and unendable is not None:  # cut back to the last clean word
+        if (len(unendable_ids) or len(unendable_pairs)) and unendable is not None:  # cut back to a clean word
             clean = ~unendable[words]  # (B, K, T)
+            if len(unendable_pairs) and pair_keys is not None and T > 1:
+                V = unendable.shape[0]
+                bad_pair = torch.isin(words[:, :, :-1] * V + words[:, :, 1:], pair_keys)  # (B, K, T-1)
+                clean[:, :, 1:] &= ~bad_pair
             last_clean = (clean * torch.arange(1, T + 1, **long)).amax(2)  # (B, K) 0 = none
             lengths = torch.where(last_clean > 0, last_clean, T)
             kept = torch.arange(T, **long)[None, None, :] < lengths[:, :, None]  # (B, K, T)

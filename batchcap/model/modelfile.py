@@ -12,8 +12,12 @@ Layout (format version 1):
 
 Optional, for trusting captions (files without them still load):
 
-* ``ending_rule`` -- ``{"unendable_words": [...], ...}``, the words ``<end>`` may not follow
-  (:func:`batchcap.model.text.learn_unendable`); absent, :data:`batchcap.model.text.FALLBACK_UNENDABLE`;
+* ``ending_rule`` -- ``{"unendable_words": [...], "unendable_pairs": [[determiner, word], ...], ...}``,
+  the words ``<end>`` may not follow (:func:`batchcap.model.text.learn_unendable`; absent,
+  :data:`batchcap.model.text.FALLBACK_UNENDABLE`) and the word pairs it may not follow
+  (:func:`batchcap.model.text.learn_unendable_pairs`; absent, none);
+* ``repeat_rule`` -- ``{"repeatable_words": [...], ...}``, the words that may follow themselves
+  (:func:`batchcap.model.text.learn_repeatable`); absent, none may;
 * ``familiarity`` + tensors ``familiarity.mean|components|variances`` -- the training
   pictures' feature statistics (:class:`batchcap.model.confidence.Familiarity`);
 * ``neighbours`` (their reference captions) + tensor ``familiarity.neighbours`` (those
@@ -45,7 +49,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from batchcap.config import DecoderConfig, Preprocess, from_dict, to_dict
+from batchcap.config import BeamConfig, DecoderConfig, Preprocess, from_dict, to_dict
 from batchcap.fileio import atomic_save_safetensors, file_sha256, tensors_sha256
 from batchcap.model.confidence import Calibrator, Familiarity, Neighbours
 from batchcap.model.decoder import CaptionDecoder
@@ -111,7 +115,10 @@ class CaptionModel:
     tensors_sha256: str = ""
     path: str | None = None
     unendable_words: tuple[str, ...] | None = None  # None: not stored, the fallback applies
-    ending_rule: dict[str, Any] = field(default_factory=dict)  # how unendable_words were learnt
+    unendable_pairs: tuple[tuple[str, str], ...] | None = None  # None: not stored, no pair is unendable
+    ending_rule: dict[str, Any] = field(default_factory=dict)  # how unendable_words and pairs were learnt
+    repeatable_words: tuple[str, ...] | None = None  # None: not stored, no word may follow itself
+    repeat_rule: dict[str, Any] = field(default_factory=dict)  # how repeatable_words were learnt
     familiarity: Familiarity | None = None
     neighbours: Neighbours | None = None
     calibration: Calibrator | None = None
@@ -135,6 +142,29 @@ class CaptionModel:
         """Ids of the words ``<end>`` may not follow: the stored set, else the built-in fallback."""
         words = FALLBACK_UNENDABLE if self.unendable_words is None else self.unendable_words
         return self.vocab.ids_of(words)
+
+    @property
+    def unendable_pair_ids(self) -> tuple[tuple[int, int], ...]:
+        """Id pairs ``<end>`` may not follow (both words in the vocabulary): the stored pairs, else none."""
+        index = {w: i for i, w in enumerate(self.vocab.words)}
+        pairs = self.unendable_pairs or ()
+        return tuple((index[a], index[b]) for a, b in pairs if a in index and b in index)
+
+    @property
+    def repeatable_ids(self) -> tuple[int, ...]:
+        """Ids of the words that may follow themselves: the stored exceptions, else none."""
+        return self.vocab.ids_of(self.repeatable_words or ())
+
+    def word_rules(self, beam: BeamConfig) -> dict[str, Any]:
+        """The word rules' keywords of :func:`batchcap.model.beam.beam_search` under ``beam``'s switches:
+        one place that turns the model file's rules and ``--no-ending-rule`` / ``--allow-repeated-words``
+        into a search, for captioning and dev sweeps alike."""
+        return {
+            "unendable_ids": self.unendable_ids if beam.ending_rule else (),
+            "unendable_pairs": self.unendable_pair_ids if beam.ending_rule else (),
+            "block_repeats": not beam.allow_repeated_words,
+            "repeatable_ids": self.repeatable_ids,
+        }
 
     def encoder_weights_id(self) -> str:
         """What this model's features depend on among weights: the file or download, and any encoder
@@ -168,11 +198,7 @@ class CaptionModel:
             "encoder_embedded": (
                 False if self.encoder_state is None else "exit_flow" if self.encoder.finetuned else True
             ),
-            **(
-                {"ending_rule": {**self.ending_rule, "unendable_words": list(self.unendable_words)}}
-                if self.unendable_words is not None
-                else {}
-            ),
+            **self._word_rules(),
             **({"familiarity": self.familiarity.meta()} if self.familiarity is not None else {}),
             **(
                 {"neighbours": {"k": self.neighbours.k, "captions": self.neighbours.captions}}
@@ -186,6 +212,20 @@ class CaptionModel:
                 else {}
             ),
         }
+
+    def _word_rules(self) -> dict[str, Any]:
+        """The ``ending_rule`` and ``repeat_rule`` metadata keys, each only when it holds something learnt."""
+        rules: dict[str, Any] = {}
+        ending = dict(self.ending_rule)
+        if self.unendable_words is not None:
+            ending["unendable_words"] = list(self.unendable_words)
+        if self.unendable_pairs is not None:
+            ending["unendable_pairs"] = [list(pair) for pair in self.unendable_pairs]
+        if self.unendable_words is not None or self.unendable_pairs is not None:
+            rules["ending_rule"] = ending
+        if self.repeatable_words is not None:
+            rules["repeat_rule"] = {**self.repeat_rule, "repeatable_words": list(self.repeatable_words)}
+        return rules
 
     def build_decoder(self, dtype: torch.dtype | None = None) -> CaptionDecoder | EnsembleDecoder:
         """The decoder module with this file's weights, in eval mode, fp32 (or ``dtype``).
@@ -306,6 +346,7 @@ def load_model(path: str | os.PathLike[str], verify: bool = True) -> CaptionMode
             f"{path}: corrupt model file (tensor checksum does not match the one recorded); re-download or re-train it"
         )
     try:
+        ending, repeat = meta.get("ending_rule") or {}, meta.get("repeat_rule") or {}
         vocab = Vocabulary(tuple(meta["vocabulary"]))
         decoder = from_dict(DecoderConfig, meta["decoder"])
         model = CaptionModel(
@@ -321,8 +362,13 @@ def load_model(path: str | os.PathLike[str], verify: bool = True) -> CaptionMode
             metrics=meta.get("metrics", {}),
             tensors_sha256=meta.get("tensors_sha256", ""),
             path=str(path),
-            unendable_words=(tuple(meta["ending_rule"]["unendable_words"]) if "ending_rule" in meta else None),
-            ending_rule={k: v for k, v in meta.get("ending_rule", {}).items() if k != "unendable_words"},
+            unendable_words=tuple(ending["unendable_words"]) if "unendable_words" in ending else None,
+            unendable_pairs=(
+                tuple((str(a), str(b)) for a, b in ending["unendable_pairs"]) if "unendable_pairs" in ending else None
+            ),
+            ending_rule={k: v for k, v in ending.items() if k not in ("unendable_words", "unendable_pairs")},
+            repeatable_words=tuple(repeat["repeatable_words"]) if "repeatable_words" in repeat else None,
+            repeat_rule={k: v for k, v in repeat.items() if k != "repeatable_words"},
             familiarity=Familiarity.from_file(tensors, meta["familiarity"]) if "familiarity" in meta else None,
             neighbours=Neighbours(
                 tensors["familiarity.neighbours"], meta["neighbours"]["captions"], int(meta["neighbours"]["k"])

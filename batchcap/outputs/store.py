@@ -92,8 +92,13 @@ DONE_COLUMNS = ["id", "size", "mtime_ns", "status"]
 RETRY_STATUSES = frozenset({"missing", "unreadable", "shard_error"})
 
 #: Resume settings that outputs written before they were recorded implied: such an output
-#: resumes as before (ids were always made ``relative``).
-UNRECORDED_SETTINGS: dict[str, Any] = {"id_from": "relative"}
+#: resumes as before (ids were always made ``relative``; the ending rule was on and any word
+#: could follow itself, so such an output continues with ``--allow-repeated-words``).
+UNRECORDED_SETTINGS: dict[str, Any] = {
+    "id_from": "relative",
+    "beam.ending_rule": True,
+    "beam.allow_repeated_words": True,
+}
 #: Resume settings not compared with an output written before they were recorded: what it was made
 #: with is not known, so it resumes as before.
 UNKNOWN_WHEN_UNRECORDED = frozenset({"id_column"})
@@ -549,7 +554,7 @@ def _check_previous(out: Path, previous: dict[str, Any] | None, meta: dict[str, 
             f"{what} is {previous.get('format')}, not {meta['format']}; "
             "rerun with --overwrite to start over, or choose another --out"
         )
-    implied = {k: v for k, v in UNRECORDED_SETTINGS.items() if k in meta["resume_settings"]}
+    implied = {k: v for k, v in UNRECORDED_SETTINGS.items() if k in flatten_settings(meta["resume_settings"])}
     recorded = _without_min_confidence(previous.get("resume_settings") or {})
     old = flatten_settings({**implied, **recorded})
     new = flatten_settings(

@@ -248,6 +248,8 @@ def load_model(
     min_len: int = 1,
     length_penalty: float = 0.0,
     no_repeat_ngram: int = 0,
+    no_ending_rule: bool = False,
+    allow_repeated_words: bool = False,
     batch_size: int | None = None,
     encoder_weights: str | os.PathLike[str] | None = None,
     encoder_cache: str | os.PathLike[str] | None = None,
@@ -269,6 +271,8 @@ def load_model(
         min_len: fewest words before the caption may end.
         length_penalty: ALPHA in ``score = log p / length ** ALPHA``.
         no_repeat_ngram: forbid repeating any n-gram of this size (0: off).
+        no_ending_rule: let captions end on any word (not only where the model's ending rule allows).
+        allow_repeated_words: let any word follow itself (not only the model's learnt exceptions).
         batch_size: default pictures per encoder batch (16 on CPU, 256 on CUDA).
         encoder_weights: encoder weights, when the model file neither embeds nor ships them
             (default: ``$BATCHCAP_ENCODER_WEIGHTS``).
@@ -284,7 +288,17 @@ def load_model(
     """
     model_path = resolve_model_path(None if path is None else os.fspath(path))
     model = read_model_file(model_path)
-    beam_cfg = beam_config(beam, max_len, min_len, length_penalty, no_repeat_ngram, 1, model.max_caption_len)
+    beam_cfg = beam_config(
+        beam,
+        max_len,
+        min_len,
+        length_penalty,
+        no_repeat_ngram,
+        1,
+        model.max_caption_len,
+        no_ending_rule=no_ending_rule,
+        allow_repeated_words=allow_repeated_words,
+    )
     runtime = runtime_config(
         device, precision, batch_size, "0", backend, _path_or_env(encoder_cache, "BATCHCAP_ENCODER_CACHE")
     )
@@ -328,6 +342,8 @@ def run(
     length_penalty: float = 0.0,
     no_repeat_ngram: int = 0,
     n_best: int = 1,
+    no_ending_rule: bool = False,
+    allow_repeated_words: bool = False,
     stream: TextIO | None = None,
 ) -> RunResult:
     """``batchcap run SOURCES --out OUT``: caption every picture in ``sources`` not yet in ``out``.
@@ -372,7 +388,15 @@ def run(
             "fit one with `batchcap calibrate`, or drop --min-confidence"
         )
     beam_cfg = beam_config(
-        beam, max_len, min_len, length_penalty, no_repeat_ngram, n_best, int(meta["max_caption_len"])
+        beam,
+        max_len,
+        min_len,
+        length_penalty,
+        no_repeat_ngram,
+        n_best,
+        int(meta["max_caption_len"]),
+        no_ending_rule=no_ending_rule,
+        allow_repeated_words=allow_repeated_words,
     )
     cfg = RunConfig(
         sources=tuple(specs),

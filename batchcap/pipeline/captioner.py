@@ -134,12 +134,14 @@ class Captioner:
         self.fixed_batch = torch.device(runtime.device).type == "cuda"
         # A second hypothesis gives the calibrator its margin; asking for it never changes the best.
         self._search_cfg = dataclasses.replace(beam, n_best=max(beam.n_best, min(2, beam.beam_size)))
+        self._word_rules = model.word_rules(beam)  # once, not per batch
 
     def with_beam(self, beam: BeamConfig) -> Captioner:
         """This captioner with other search settings, sharing its loaded encoder and decoder."""
         other = copy.copy(self)
         other.beam = beam
         other._search_cfg = dataclasses.replace(beam, n_best=max(beam.n_best, min(2, beam.beam_size)))
+        other._word_rules = self.model.word_rules(beam)
         return other
 
     @torch.inference_mode()
@@ -166,8 +168,8 @@ class Captioner:
             end_id=vocab.end_id,
             pad_id=vocab.pad_id,
             banned_ids=vocab.never_generated,
-            unendable_ids=model.unendable_ids,
             per_image=self.decoder.per_image_state,
+            **self._word_rules,
         )
         familiarity = neighbours = None
         if model.familiarity is not None:

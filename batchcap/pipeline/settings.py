@@ -82,6 +82,9 @@ def beam_config(
     no_repeat_ngram: int,
     n_best: int,
     model_max_len: int,
+    *,
+    no_ending_rule: bool = False,
+    allow_repeated_words: bool = False,
 ) -> BeamConfig:
     """A validated :class:`BeamConfig`; ``max_len`` None means the model's own maximum."""
     max_len = max_len or model_max_len
@@ -100,6 +103,8 @@ def beam_config(
         length_penalty=length_penalty,
         no_repeat_ngram=no_repeat_ngram,
         n_best=n_best,
+        ending_rule=not no_ending_rule,
+        allow_repeated_words=allow_repeated_words,
     )
 
 

@@ -659,6 +659,8 @@ def run_bench(
     encoder_cache: str | None = None,
     reference_images: int = 8,
     sweep: bool = True,
+    no_ending_rule: bool = False,
+    allow_repeated_words: bool = False,
 ) -> dict[str, Any]:
     """Measure everything ``batchcap bench`` reports; print a table (or JSON) and return the results.
 
@@ -675,7 +677,17 @@ def run_bench(
     model_path = resolve_model_path(model)
     loaded = load_model(model_path)
     runtime = runtime_config(device, precision, batch_size, workers, backend, encoder_cache)
-    beam_cfg = beam_config(beam, max_len, min_len, length_penalty, no_repeat_ngram, n_best, loaded.max_caption_len)
+    beam_cfg = beam_config(
+        beam,
+        max_len,
+        min_len,
+        length_penalty,
+        no_repeat_ngram,
+        n_best,
+        loaded.max_caption_len,
+        no_ending_rule=no_ending_rule,
+        allow_repeated_words=allow_repeated_words,
+    )
     dev = torch.device(runtime.device)
     policy = ImagePolicy()
     results: dict[str, Any] = {"machine": machine_info(dev)}

@@ -25,8 +25,10 @@ def ensemble_models(models: Sequence[CaptionModel], combine: str = "logprob", na
     first = models[0]
     for other in models:
         differences = setup_differences(first, other)
-        if other.unendable_words != first.unendable_words:
+        if (other.unendable_words, other.unendable_pairs) != (first.unendable_words, first.unendable_pairs):
             differences.append("ending rule")
+        if other.repeatable_words != first.repeatable_words:
+            differences.append("repeat rule")
         if differences:
             raise EnsembleError(
                 f"{other.path or other.name} differs from {first.path or first.name} in {', '.join(differences)}; "

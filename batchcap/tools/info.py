@@ -133,7 +133,20 @@ def describe_model(model: CaptionModel, show_vocab: bool = False, console: Conso
         if model.unendable_words is not None
         else "built-in closed-class words (none stored)"
     )
+    if model.unendable_pairs is not None:
+        shown = ", ".join(" ".join(pair) for pair in model.unendable_pairs[:5])
+        more = ", ..." if len(model.unendable_pairs) > 5 else ""
+        ending += f"; {len(model.unendable_pairs)} word pairs may not end one ({shown}{more})"
+    else:
+        ending += "; no word pairs stored"
     table.add_row("ending rule", ending)
+    repeat = (
+        f"{len(model.repeatable_words)} words may follow themselves ({', '.join(model.repeatable_words) or 'none'}; "
+        f"learnt from {model.repeat_rule.get('learnt_from', 'training captions')})"
+        if model.repeatable_words is not None
+        else "no word may follow itself (no exceptions stored)"
+    )
+    table.add_row("repeat rule", repeat)
     if model.familiarity is not None:
         table.add_row("familiarity", model.familiarity.note or f"{model.familiarity.images} training pictures")
     if model.calibration is not None:

@@ -39,7 +39,17 @@ from batchcap.model.confidence import (
     reliability_table,
 )
 from batchcap.model.modelfile import CaptionModel
-from batchcap.model.text import ENDING_MAX_RATE, ENDING_MIN_COUNT, learn_unendable, normalize_caption
+from batchcap.model.text import (
+    DETERMINERS,
+    ENDING_MAX_RATE,
+    ENDING_MIN_COUNT,
+    REPEAT_MIN_COUNT,
+    REPEAT_MIN_SHARE,
+    learn_repeatable,
+    learn_unendable,
+    learn_unendable_pairs,
+    normalize_caption,
+)
 from batchcap.pipeline.captioner import Captioner
 from batchcap.training.feature_cache import FeatureCache, FeatureKey
 
@@ -92,6 +102,65 @@ def ending_and_familiarity(
         pooled, components, note=familiarity_note(len(chosen_records), len(records), precision, components)
     )
     return words, rule, familiarity, fit_neighbours(familiarity, pooled, chosen_records)
+
+
+@dataclass(frozen=True)
+class WordRules:
+    """The search's word rules besides the unendable words, learnt from training captions.
+
+    ``unendable_pairs``: (determiner, word) pairs ``<end>`` may not follow ("a black");
+    ``repeatable_words``: the only words that may follow themselves.
+    """
+
+    unendable_pairs: tuple[tuple[str, str], ...]
+    repeatable_words: tuple[str, ...]
+    learnt_from: str
+
+    def apply(self, model: CaptionModel) -> None:
+        """Store both rules, and how they were learnt, in ``model``'s ending and repeat rules."""
+        self.apply_pairs(model)
+        self.apply_repeats(model)
+
+    def apply_pairs(self, model: CaptionModel) -> None:
+        """Store the pairs in ``model``'s ending rule (learnt with the unendable words' thresholds)."""
+        model.unendable_pairs = self.unendable_pairs
+        model.ending_rule.setdefault("max_end_rate", ENDING_MAX_RATE)
+        model.ending_rule.setdefault("min_count", ENDING_MIN_COUNT)
+        model.ending_rule["determiners"] = list(DETERMINERS)
+
+    def apply_repeats(self, model: CaptionModel) -> None:
+        """Store the repeatable words as ``model``'s repeat rule."""
+        model.repeatable_words = self.repeatable_words
+        model.repeat_rule = {
+            "learnt_from": self.learnt_from,
+            "min_count": REPEAT_MIN_COUNT,
+            "min_share": REPEAT_MIN_SHARE,
+        }
+
+
+def learn_word_rules(records: Sequence[CaptionRecord], unendable: Sequence[str], learnt_from: str) -> WordRules:
+    """:class:`WordRules` from the captions of ``records``; pairs whose word is in ``unendable`` are left
+    to the ending rule (such a word may not end a caption after anything)."""
+    captions = [normalize_caption(c) for r in records for c in r.captions]
+    return WordRules(learn_unendable_pairs(captions, unendable), learn_repeatable(captions), learnt_from)
+
+
+def add_missing_word_rules(model: CaptionModel, records: Sequence[CaptionRecord], source: str, log: Log) -> None:
+    """Learn the ending rule and the repeat rule from ``records`` (a train split of ``source``) where
+    ``model`` lacks them; rules it has are kept, so an older model file gains the newer rules alone."""
+    learnt_from = f"{len(records)} train images of {source}"
+    if model.unendable_words is None:
+        model.unendable_words, model.ending_rule, _, _ = ending_and_familiarity(records, [], torch.empty(0), "")
+        model.ending_rule["learnt_from"] = learnt_from
+        log(f"ending rule: {len(model.unendable_words)} words may not end a caption")
+    if model.unendable_pairs is None or model.repeatable_words is None:
+        rules = learn_word_rules(records, model.unendable_words, learnt_from)
+        if model.unendable_pairs is None:
+            rules.apply_pairs(model)
+            log(f"ending rule: {len(rules.unendable_pairs)} word pairs may not end a caption")
+        if model.repeatable_words is None:
+            rules.apply_repeats(model)
+            log(f"repeat rule: {len(rules.repeatable_words)} words may follow themselves")
 
 
 def fit_neighbours(familiarity: Familiarity, pooled: torch.Tensor, records: Sequence[CaptionRecord]) -> Neighbours:
@@ -218,7 +287,7 @@ def calibrate(
     encoder_weights: str | None = None,
     log: Log = print,
 ) -> dict[str, Any]:
-    """Give ``model`` an ending rule (if it lacks one), familiarity statistics and a fitted calibrator.
+    """Give ``model`` word rules (those it lacks), familiarity statistics and a fitted calibrator.
 
     Returns the report stored as ``calibration.report``: what was fitted on what, the
     cross-validated AUROC of ``confidence`` against that of the scores, per-feature
@@ -230,10 +299,7 @@ def calibrate(
             f"{dataset.root}: calibration needs a train split (familiarity, ending rule) and a "
             "val split (the calibrator's labels)"
         )
-    if model.unendable_words is None:
-        model.unendable_words, model.ending_rule, _, _ = ending_and_familiarity(train, [], torch.empty(0), "")
-        model.ending_rule["learnt_from"] += f" of {dataset.root}"
-        log(f"ending rule: {len(model.unendable_words)} words may not end a caption")
+    add_missing_word_rules(model, train, str(dataset.root), log)
     model.calibration = None  # the captioner must not use an old calibrator while we fit a new one
     captioner = Captioner(model, runtime, beam, encoder_weights)
     _fit_familiarity_and_neighbours(

@@ -51,7 +51,7 @@ from batchcap.model.beam import beam_search
 from batchcap.model.decoder import CaptionDecoder
 from batchcap.model.modelfile import EXIT_FLOW, CaptionModel, EncoderSpec, load_model, save_model
 from batchcap.model.text import Vocabulary, normalize_caption
-from batchcap.training.calibrate import ending_and_familiarity
+from batchcap.training.calibrate import ending_and_familiarity, learn_word_rules
 from batchcap.training.checkpoints import load_checkpoint, save_checkpoint
 from batchcap.training.feature_cache import feature_memory_budget
 from batchcap.training.feature_sources import (
@@ -84,12 +84,14 @@ def caption_features(
     beam: BeamConfig,
     batch_size: int = 100,
     unendable_ids: Sequence[int] = (),
+    **word_rules: Any,
 ) -> list[str]:
     """Beam-search captions for features (on any device), in order: validation and dev sweeps.
 
     The features move to the decoder's device chunk by chunk, so a CPU feature cache
     validates a CUDA decoder without holding the whole split on the GPU. ``unendable_ids``
-    is the model's ending rule (training validates without one).
+    is the model's ending rule (training validates without one); ``word_rules`` are the
+    search's other rules (:meth:`batchcap.model.modelfile.CaptionModel.word_rules`).
     """
     decoder.eval()
     device = next(decoder.parameters()).device
@@ -108,6 +110,7 @@ def caption_features(
                 banned_ids=vocab.never_generated,
                 unendable_ids=unendable_ids,
                 per_image=decoder.per_image_state,
+                **word_rules,
             )
             out.extend(vocab.decode(row[0]) for row in result.tokens.cpu().tolist())
     return out
@@ -151,6 +154,7 @@ def train(
         torch.empty(0) if cfg.finetune_exit_flow else train_split.features,
         runtime.precision,
     )
+    word_rules = learn_word_rules(train_split.records, trust[0], trust[1]["learnt_from"])
     log(
         f"train: {len(train_split.image_ids)} images, {train_split.captions.shape[0]} captions; "
         f"val: {len(val_split.image_ids)} images"
@@ -238,6 +242,8 @@ def train(
                 start_model=start_model,
             )
             best_model.unendable_words, best_model.ending_rule, best_model.familiarity, best_model.neighbours = trust
+            best_model.ending_rule = dict(best_model.ending_rule)  # apply adds to it: not shared across epochs
+            word_rules.apply(best_model)
             save_model(best_model, out, half=bool(cfg.extra.get("half", False)))
             log(f"saved {out} (best so far)")
         else:

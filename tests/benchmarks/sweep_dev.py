@@ -7,7 +7,8 @@ reproduces the model card's dev scores exactly; the model card's "What else was 
 came from it.
 
     python tests/benchmarks/sweep_dev.py flickr8k/ MODEL [MODEL...] --cache-dir .batchcap-features \\
-        --settings 3:0,5:0,3:0.6 [--no-ending-rule] [--bf16-search] [--fast] [--json out.json]
+        --settings 3:0,5:0,3:0.6 [--no-ending-rule] [--allow-repeated-words] [--bf16-search] [--fast] \\
+        [--json out.json]
 
 A setting is ``BEAM:LENGTH_PENALTY[:NO_REPEAT_NGRAM]``. ``--cache-dir`` is the folder given to
 (or defaulted by) ``batchcap train --cache-dir``; the sub-folder whose key matches the model's
@@ -70,6 +71,7 @@ def main() -> None:
     parser.add_argument("--cache-dir", required=True, type=Path)
     parser.add_argument("--settings", default="3:0")
     parser.add_argument("--no-ending-rule", action="store_true")
+    parser.add_argument("--allow-repeated-words", action="store_true")
     parser.add_argument("--fast", action="store_true", help="BLEU and CIDEr-D with batchcap's tokenisation only")
     parser.add_argument(
         "--bf16-search",
@@ -100,11 +102,11 @@ def main() -> None:
                 max_len=model.max_caption_len,
                 length_penalty=float(parts[1]),
                 no_repeat_ngram=int(parts[2]) if len(parts) > 2 else 0,
+                ending_rule=not args.no_ending_rule,
+                allow_repeated_words=args.allow_repeated_words,
             )
             started = time.perf_counter()
-            captions = caption_features(
-                decoder, features, vocab, cfg, unendable_ids=() if args.no_ending_rule else model.unendable_ids
-            )
+            captions = caption_features(decoder, features, vocab, cfg, **model.word_rules(cfg))
             seconds = time.perf_counter() - started
             scores = score_captions(dict(zip(ids, captions)), references, full=not args.fast)
             row = {

@@ -81,11 +81,23 @@ def run_both(
     cfg: BeamConfig,
     banned: tuple[int, ...] = BANNED,
     unendable: tuple[int, ...] = (),
+    pairs: tuple[tuple[int, int], ...] = (),
+    repeats: tuple[int, ...] | None = None,
 ) -> tuple[BeamResult, BeamResult]:
+    """Both searches on the same rows; ``repeats`` None lets words follow themselves, else only these."""
     with torch.inference_mode():
         state = decoder.init_state(feats)
     step = rowwise(decoder)
-    kw = dict(start_id=START, end_id=END, pad_id=PAD, banned_ids=banned, unendable_ids=unendable)
+    kw = dict(
+        start_id=START,
+        end_id=END,
+        pad_id=PAD,
+        banned_ids=banned,
+        unendable_ids=unendable,
+        unendable_pairs=pairs,
+        block_repeats=repeats is not None,
+        repeatable_ids=repeats or (),
+    )
     return beam_search(step, state, cfg, **kw), reference_beam_search(step, state, cfg, **kw)
 
 
@@ -170,7 +182,18 @@ def test_batched_equals_reference(seed: int) -> None:
         if seed % 2 == 0
         else ()
     )
-    got, want = run_both(decoder, features(seed, batch), cfg, unendable=unendable)
+    # a third of the seeds with the pair rule (pairs of frequent words, so that it bites) and the
+    # repetition rule with a few exceptions; some seeds with both ending rules
+    words = np.arange(4, 40)
+    pairs = (
+        tuple((int(a), int(w)) for a, w in rng.choice(words, size=(int(rng.integers(20, 200)), 2)))
+        if seed % 3 != 1
+        else ()
+    )
+    repeats = tuple(int(w) for w in rng.choice(words, size=int(rng.integers(0, 6)), replace=False))
+    got, want = run_both(
+        decoder, features(seed, batch), cfg, unendable=unendable, pairs=pairs, repeats=repeats if seed % 4 else None
+    )
     assert_same(got, want)
     assert got.tokens.shape == (batch, cfg.n_best, cfg.max_len)
     assert got.token_logprobs.shape == (batch, cfg.n_best, cfg.max_len + 1)
@@ -359,7 +382,8 @@ def test_cuda_matches_reference() -> None:
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
     decoder = make_decoder(17).cuda()
-    got, want = run_both(decoder, features(17, 6).cuda(), BeamConfig(beam_size=3, max_len=8, n_best=2))
+    rules = dict(unendable=(5, 6), pairs=((7, 8), (9, 10), (8, 11)), repeats=(12,))  # the word rules on the GPU too
+    got, want = run_both(decoder, features(17, 6).cuda(), BeamConfig(beam_size=3, max_len=8, n_best=2), **rules)
     assert got.tokens.device.type == "cuda"
     assert_same(
         BeamResult(*(x.cpu() for x in (got.tokens, got.lengths, got.scores, got.ended, got.token_logprobs))), want
@@ -382,3 +406,66 @@ def test_fewer_candidates_than_beams_and_empty_batch() -> None:
             banned_ids=BANNED,
         )
     assert empty.tokens.shape == (0, 2, 5) and empty.scores.shape == (0, 2)
+
+
+def table_step(table: dict[int, dict[int, float]], vocab: int) -> StepFn:
+    """A step function whose next-word probabilities depend on the last word alone: ``table[last]``."""
+    rows = torch.full((vocab, vocab), -30.0)
+    for last, nexts in table.items():
+        for word, prob in nexts.items():
+            rows[last, word] = float(np.log(prob))
+    rows = rows.log_softmax(1)
+
+    def step(tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        return rows[tokens], state
+
+    return step
+
+
+def search_table(
+    table: dict[int, dict[int, float]], cfg: BeamConfig, **rules: object
+) -> tuple[list[list[int]], list[bool]]:
+    """The best caption of both searches (which must agree) for a one-image ``table_step``."""
+    step, state = table_step(table, 12), (torch.zeros(1, 1),)
+    kw: dict = dict(start_id=START, end_id=END, pad_id=PAD, banned_ids=BANNED, **rules)
+    got, want = beam_search(step, state, cfg, **kw), reference_beam_search(step, state, cfg, **kw)
+    assert_same(got, want)
+    return captions(got, 0), got.ended[0].tolist()
+
+
+MAN, IS, STANDING, IN, A, BLACK, SHIRT = 4, 5, 6, 7, 8, 9, 10
+
+
+def test_a_word_may_not_follow_itself_unless_it_is_an_exception() -> None:
+    # "is" again is the likeliest word after "is": "man is is is" beats "man is standing"
+    table = {START: {MAN: 0.9}, MAN: {IS: 0.9}, IS: {IS: 0.9, STANDING: 0.1}, STANDING: {END: 0.9}}
+    cfg = BeamConfig(beam_size=3, max_len=4, n_best=1)
+    free, _ = search_table(table, cfg)
+    assert free == [[MAN, IS, IS, IS]]
+    ruled, ended = search_table(table, cfg, block_repeats=True)
+    assert ruled == [[MAN, IS, STANDING]] and ended == [True]
+    allowed, _ = search_table(table, cfg, block_repeats=True, repeatable_ids=(IS,))
+    assert allowed == free  # an exception learnt from the captions may be doubled
+
+
+def test_no_caption_ends_on_a_determiner_and_a_word_that_does_not_end_after_it() -> None:
+    # "in a black" ends more likely than "in a black shirt"; "in black" may end
+    table = {START: {IN: 0.9}, IN: {A: 0.9}, A: {BLACK: 0.9}, BLACK: {END: 0.7, SHIRT: 0.3}, SHIRT: {END: 0.9}}
+    cfg = BeamConfig(beam_size=2, max_len=8, n_best=1)
+    free, _ = search_table(table, cfg, unendable_ids=(A,))
+    assert free == [[IN, A, BLACK]]
+    ruled, ended = search_table(table, cfg, unendable_ids=(A,), unendable_pairs=((A, BLACK),))
+    assert ruled == [[IN, A, BLACK, SHIRT]] and ended == [True]
+    other_pair, _ = search_table(table, cfg, unendable_ids=(A,), unendable_pairs=((IN, BLACK),))
+    assert other_pair == free  # the pair rule reads the word before, not the word alone
+
+
+def test_max_len_cuts_back_past_an_unendable_pair() -> None:
+    # never ends: "man in a black" at max_len 4 is cut back past "a black" and "a" to "man in"... and
+    # "in" may not end either, so to "man"
+    table = {START: {MAN: 0.9}, MAN: {IN: 0.9}, IN: {A: 0.9}, A: {BLACK: 0.9}, BLACK: {SHIRT: 0.9}}
+    cfg = BeamConfig(beam_size=1, max_len=4, n_best=1)
+    words, ended = search_table(table, cfg, unendable_ids=(A, IN), unendable_pairs=((A, BLACK),))
+    assert words == [[MAN]] and ended == [False]
+    kept, _ = search_table(table, cfg, unendable_ids=(A, IN))
+    assert kept == [[MAN, IN, A, BLACK]]  # without the pair, "black" may end

@@ -181,3 +181,52 @@ def test_model_files_without_trust_statistics_still_load(tmp_path: Path) -> None
     assert old.unendable_words is None and old.familiarity is None and old.calibration is None
     # the ending rule falls back to closed-class words, of those the vocabulary has
     assert old.unendable_ids == old.vocab.ids_of(FALLBACK_UNENDABLE)
+    # no pair may not end a caption, and no word may follow itself
+    assert "repeat_rule" not in meta and old.unendable_pairs is None and old.repeatable_words is None
+    assert old.unendable_pair_ids == () and old.repeatable_ids == ()
+
+
+def test_word_rules_round_trip_and_an_ending_rule_without_pairs_still_loads(tmp_path: Path) -> None:
+    from batchcap.model.modelfile import save_model
+
+    model = make_tiny_model(tmp_path / "plain.safetensors", seed=3)
+    first, second, third = model.vocab.words[4:7]
+    model.unendable_words, model.ending_rule = (first,), {"learnt_from": "a test", "min_count": 20}
+    save_model(model, tmp_path / "words-only.safetensors")  # as files written before the pair rule
+    older = load_model(tmp_path / "words-only.safetensors")
+    assert set(read_metadata(tmp_path / "words-only.safetensors")["ending_rule"]) == {
+        "unendable_words",
+        "learnt_from",
+        "min_count",
+    }
+    assert older.unendable_ids == (4,) and older.unendable_pairs is None and older.unendable_pair_ids == ()
+
+    model.unendable_pairs = ((first, second), (second, third), (first, "not-a-word"))
+    model.ending_rule["determiners"] = [first, second]
+    model.repeatable_words, model.repeat_rule = (third, "not-a-word"), {"learnt_from": "a test", "min_count": 5}
+    save_model(model, tmp_path / "rules.safetensors")
+    meta = read_metadata(tmp_path / "rules.safetensors")
+    assert meta["ending_rule"]["unendable_pairs"] == [[first, second], [second, third], [first, "not-a-word"]]
+    assert meta["repeat_rule"] == {"learnt_from": "a test", "min_count": 5, "repeatable_words": [third, "not-a-word"]}
+    loaded = load_model(tmp_path / "rules.safetensors")
+    assert loaded.metadata() == model.metadata()
+    assert loaded.unendable_pairs == model.unendable_pairs and loaded.ending_rule["determiners"] == [first, second]
+    assert loaded.unendable_pair_ids == ((4, 5), (5, 6))  # pairs of words the vocabulary lacks are left out
+    assert loaded.repeatable_words == (third, "not-a-word") and loaded.repeatable_ids == (6,)
+    assert loaded.repeat_rule == {"learnt_from": "a test", "min_count": 5}
+
+
+def test_word_rules_follow_the_search_switches(tmp_path: Path) -> None:
+    from batchcap.config import BeamConfig
+
+    model = make_tiny_model(tmp_path / "m.safetensors")
+    first, second = model.vocab.words[4:6]
+    model.unendable_words, model.unendable_pairs, model.repeatable_words = (first,), ((first, second),), (second,)
+    assert model.word_rules(BeamConfig()) == {
+        "unendable_ids": (4,),
+        "unendable_pairs": ((4, 5),),
+        "block_repeats": True,
+        "repeatable_ids": (5,),
+    }
+    loose = model.word_rules(BeamConfig(ending_rule=False, allow_repeated_words=True))
+    assert loose["unendable_ids"] == () and loose["unendable_pairs"] == () and not loose["block_repeats"]

@@ -5,7 +5,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from batchcap.model.text import END, PAD, SPECIAL_TOKENS, START, UNK, Vocabulary, learn_unendable, normalize_caption
+from batchcap.model.text import (
+    END,
+    PAD,
+    SPECIAL_TOKENS,
+    START,
+    UNK,
+    Vocabulary,
+    learn_repeatable,
+    learn_unendable,
+    learn_unendable_pairs,
+    normalize_caption,
+)
 
 
 @pytest.mark.parametrize(
@@ -107,3 +118,53 @@ def test_learn_unendable_respects_max_rate_and_orders_by_frequency() -> None:
     many = [["p", "q", "r", "the", "on", "end"]] * 40 + [["p", "q", "r", "s", "on", "end"]] * 10
     assert learn_unendable(many, min_count=20) == ("on", "the")  # on: 50 late, the: 40 late
     assert learn_unendable([[], ["<end>"] * 4] * 30, min_count=1) == ()
+
+
+def test_learn_unendable_pairs_finds_words_that_end_a_caption_but_not_after_a_determiner() -> None:
+    # "black" ends "dressed in black" but never "... in a black"; "a shirt" ends captions
+    captions = (
+        [["a", "man", "dressed", "in", "black"]] * 30
+        + [["a", "man", "in", "a", "black", "shirt"]] * 30
+        + [["a", "boy", "wearing", "a", "shirt"]] * 30
+    )
+    assert learn_unendable_pairs(captions, min_count=20) == (("a", "black"),)
+    # a word that may never end a caption is the ending rule's, not a pair's
+    assert learn_unendable_pairs(captions, unendable=("black",), min_count=20) == ()
+    # any word list may open pairs: after "in", "black" ends every caption, "a" none
+    assert learn_unendable_pairs(captions, determiners=("in",), min_count=20) == (("in", "a"),)
+
+
+def test_learn_unendable_pairs_counts_the_second_half_respects_max_rate_and_orders() -> None:
+    early = [["the", "dog", "runs", "far", "away", "now"]] * 30  # "the dog" only in the first half
+    assert learn_unendable_pairs(early, min_count=20) == ()
+    sometimes = [["x", "y", "the", "dog", "runs"]] * 19 + [["x", "y", "z", "the", "dog"]]  # ends 1 in 20
+    assert learn_unendable_pairs(sometimes, max_rate=0.03, min_count=20) == ()
+    assert learn_unendable_pairs(sometimes, max_rate=0.06, min_count=20) == (("the", "dog"),)
+    many = [["p", "q", "in", "his", "red", "car"]] * 40 + [["p", "q", "on", "a", "blue", "car"]] * 25
+    assert learn_unendable_pairs(many, min_count=20) == (("his", "red"), ("a", "blue"))
+    assert learn_unendable_pairs(many, min_count=30) == (("his", "red"),)
+
+
+def test_learn_repeatable_needs_both_a_count_and_a_share_of_the_words_uses() -> None:
+    yoyo = [["a", "girl", "plays", "with", "a", "yo", "yo"]] * 5
+    typos = [["a", "a", "dog", "runs"]] * 6 + [["a", "cat", "on", "a", "mat"]] * 400
+    assert learn_repeatable(yoyo + typos) == ("yo",)  # "a a" 6 times, but 0.7 % of 811 uses of "a"
+    assert learn_repeatable(yoyo + typos, min_share=0.005) == ("a", "yo")  # more often doubled first
+    assert learn_repeatable(yoyo, min_count=6) == ()
+    assert learn_repeatable([["<unk>", "<unk>"]] * 10) == ()
+
+
+def test_the_word_rules_learnt_from_flickr8k_train_captions() -> None:
+    from conftest import shared_path
+
+    from batchcap.data.captions.flickr8k import load_flickr8k
+
+    train = load_flickr8k(str(shared_path("data", "flickr8k"))).splits["train"]
+    captions = [normalize_caption(c) for r in train for c in r.captions]
+    unendable = learn_unendable(captions)
+    pairs = learn_unendable_pairs(captions, unendable)
+    # "black" may end a caption ("dressed in black"), but not right after "a"
+    assert "black" not in unendable and ("a", "black") in pairs and ("the", "edge") in pairs
+    assert not {w for _, w in pairs} & set(unendable) and {d for d, _ in pairs} <= {"a", "an", "the"}
+    assert 10 <= len(pairs) <= 60
+    assert learn_repeatable(captions) == ()  # no word is doubled 5 times in Flickr8k's train captions

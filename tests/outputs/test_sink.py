@@ -144,6 +144,21 @@ def test_refusal_names_the_nested_setting_that_changed(out: Path, fmt: str) -> N
         open_store(out, fmt, {**nested, "beam": {"beam_size": 5, "max_len": 12}})
 
 
+def test_an_output_from_before_the_word_rules_were_recorded_resumes_only_with_repeats_allowed(
+    out: Path, fmt: str
+) -> None:
+    # Such an output was searched with the ending rule on and any word free to follow itself.
+    before = {"model": "tiny@0123456789ab", "beam": {"beam_size": 3, "max_len": 12}}
+    open_store(out, fmt, before).add([row(0)])
+    now = {**before, "beam": {**before["beam"], "ending_rule": True, "allow_repeated_words": False}}
+    with pytest.raises(ResumeRefused, match=r"\(--allow-repeated-words: true -> false\)"):
+        open_store(out, fmt, now)
+    with pytest.raises(ResumeRefused, match=r"\(the ending rule \(--no-ending-rule turns it off\): true -> false\)"):
+        open_store(out, fmt, {**before, "beam": {**now["beam"], "ending_rule": False, "allow_repeated_words": True}})
+    allowed = {**before, "beam": {**now["beam"], "allow_repeated_words": True}}
+    open_store(out, fmt, allowed).finalize()
+
+
 def test_refuses_foreign_or_unreadable_output(out: Path, fmt: str) -> None:
     out.write_text("not ours\n")
     with pytest.raises(ResumeRefused, match="--overwrite"):

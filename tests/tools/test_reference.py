@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import pytest
@@ -21,11 +20,13 @@ def batchcap_greedy(
 ) -> list[str]:
     """Captions from batchcap's own path: decode stage, batched encoder, beam 1, fp32.
 
-    Without the ending rule: the tutorial's path has none, and like is compared with like.
+    Without the word rules: the tutorial's path has none, and like is compared with like.
     """
-    model = dataclasses.replace(load_model(model_path), unendable_words=())
+    model = load_model(model_path)
     runtime = RuntimeConfig(device="cpu", precision="fp32", batch_size=len(paths), workers=0)
-    beam = BeamConfig(beam_size=1, max_len=model.max_caption_len, min_len=min_len)
+    beam = BeamConfig(
+        beam_size=1, max_len=model.max_caption_len, min_len=min_len, ending_rule=False, allow_repeated_words=True
+    )
     captioner = Captioner(model, runtime, beam, encoder_weights)
     decoded = [decode_file(str(p), model.preprocess, ImagePolicy()) for p in paths]
     images = torch.stack([d.tensor for d in decoded])  # (B, 3, H, W) uint8
@@ -49,9 +50,12 @@ def test_reference_greedy_matches_beam_one(
     """From the same features, varied enough that the captions differ between pictures."""
     model_path = tmp_path / "tiny.safetensors"
     make_tiny_model(model_path, seed=seed, attention=attention)
-    model = dataclasses.replace(load_model(model_path), unendable_words=())  # the tutorial has no ending rule
+    model = load_model(model_path)
     runtime = RuntimeConfig(device="cpu", precision="fp32", batch_size=8, workers=0)
-    beam = BeamConfig(beam_size=1, max_len=model.max_caption_len, min_len=min_len)
+    # the tutorial has no word rules
+    beam = BeamConfig(
+        beam_size=1, max_len=model.max_caption_len, min_len=min_len, ending_rule=False, allow_repeated_words=True
+    )
     captioner = Captioner(model, runtime, beam)
     ref = ReferenceCaptioner(model, min_len=min_len)
     regions = 4 if attention else 1

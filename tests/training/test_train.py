@@ -83,6 +83,9 @@ def test_training_learns_from_pictures(tmp_path: Path) -> None:
     assert model.preprocess.width == 64 and model.encoder.name == "resnet10t"
     # what trusting captions needs is computed at train time: the ending rule and familiarity
     assert {"on", "the"} <= set(model.unendable_words) and not {"side", "left", "right"} & set(model.unendable_words)
+    # "the left" ends half the captions ("on the left"): no pair; and no caption doubles a word
+    assert model.unendable_pairs == () and model.repeatable_words == ()
+    assert model.ending_rule["determiners"][:3] == ["a", "an", "the"] and model.repeat_rule["min_count"] == 5
     assert model.familiarity is not None and model.familiarity.images == 240
     assert model.familiarity.mean.shape == (model.encoder.feature_dim,)
     log = [json.loads(line) for line in (tmp_path / "shapes.safetensors.log.jsonl").read_text().splitlines()]
