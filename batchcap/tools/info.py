@@ -38,11 +38,14 @@ def _stage(identity: str, training: dict[str, Any]) -> str:
         chosen: dict[str, Any] = next((h for h in history if h.get("epoch") == selected), {})
         val = chosen.get("val") or {}
         cider = val.get("CIDEr")
+        each = [
+            f"{name} {scores['CIDEr']:.3f}"
+            for name, scores in (val.get("datasets") or {}).items()
+            if isinstance(scores.get("CIDEr"), (int, float))
+        ]
         if isinstance(cider, (int, float)):
-            parts.append(f"val CIDEr-D {cider:.3f}")
-        for name, each in (val.get("datasets") or {}).items():
-            if isinstance(each.get("CIDEr"), (int, float)):
-                parts.append(f"{name} {each['CIDEr']:.3f}")
+            how = f" ({val.get('selected_by', 'selection')}: {'; '.join(each)})" if each else ""
+            parts.append(f"val CIDEr-D {cider:.3f}{how}")
     return f"{identity}: {', '.join(parts)}"
 
 

@@ -21,6 +21,7 @@ from batchcap.data.captions.mixture import dataset_name, mix_datasets
 from batchcap.data.captions.records import DatasetError
 from batchcap.model.modelfile import load_model
 from batchcap.model.terms import model_terms
+from batchcap.tools.info import lineage
 from batchcap.training import driver
 from batchcap.training.calibrate import selective_figure
 from batchcap.training.checkpoints import save_checkpoint
@@ -141,6 +142,18 @@ def test_terms_of_a_model_trained_on_flickr8k_and_everyday_photos_name_both() ->
     assert model_terms(meta)["terms"].startswith("research use only")
 
 
+def test_lineage_names_each_dataset_score_of_the_selected_epoch() -> None:
+    val = {"CIDEr": 0.4, "selected_by": "mean of the datasets' CIDEr-D", "datasets": {"a": {"CIDEr": 0.6}}}
+    val["datasets"]["b"] = {"CIDEr": 0.2}
+    training = {"config": {"lr": 1e-4}, "epoch": 2, "history": [{"epoch": 1, "val": {}}, {"epoch": 2, "val": val}]}
+    start = {"identity": "start@1", "training": {"config": {"lr": 4e-4}, "epoch": 1, "history": []}}
+    stages = lineage("both@2", {**training, "init_model": start})
+    assert stages[-1] == (
+        "both@2: teacher forcing, lr 0.0001, epoch 2 selected, val CIDEr-D 0.400 (mean of the datasets' CIDEr-D: "
+        "a 0.600; b 0.200)"
+    )
+
+
 # -- end to end ---------------------------------------------------------------------------------------
 
 
@@ -236,9 +249,13 @@ def test_training_on_two_datasets_records_them_and_validates_each(two_datasets: 
     shown = CliRunner().invoke(cli, ["info", str(out)])
     assert "everyday: karpathy at" in shown.output and "MS-COCO captions" in shown.output, shown.output
 
-    first = CliRunner().invoke(cli, train_args(two_datasets, out.with_name("first.safetensors"), "--epochs", "3"))
+    first_out = out.with_name("first.safetensors")
+    first = CliRunner().invoke(cli, train_args(two_datasets, first_out, "--epochs", "2", "--select", "first"))
     assert first.exit_code == 0, first.output
     assert "each once an epoch" in first.output  # no weights: every training image once
+    for line in first_out.with_name(first_out.name + ".log.jsonl").read_text().splitlines():
+        val = json.loads(line)["val"]
+        assert val["CIDEr"] == val["datasets"]["shapes"]["CIDEr"] and val["selected_by"].startswith("first")
 
 
 def test_a_resumed_run_on_two_datasets_equals_an_uninterrupted_one(
