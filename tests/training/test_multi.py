@@ -12,7 +12,7 @@ import pytest
 import timm
 import torch
 from click.testing import CliRunner
-from conftest import COLOURS, SHAPES, SIDES, _draw, write_shapes_dataset
+from conftest import COLOURS, SHAPES, SIDES, _draw, shared_path, write_shapes_dataset
 from safetensors.torch import save_file
 
 from batchcap.cli import cli
@@ -117,6 +117,19 @@ def test_mixed_datasets_keep_every_record_and_refuse_an_id_naming_two_files(tmp_
     write_shapes_dataset(tmp_path / "other", n_train=6, n_val=4, seed=5)  # same file names, other photos
     with pytest.raises(DatasetError, match="'train0000.jpg'.*unique across the datasets"):
         mix_datasets([shapes, load_caption_dataset(tmp_path / "other")])
+
+
+def test_flickr8k_and_the_everyday_photos_train_together() -> None:
+    """The project's two captioned sets: no id names two photos, and 3 : 1 oversamples the everyday ones."""
+    flickr8k = load_caption_dataset(shared_path("data", "flickr8k"))
+    everyday = load_caption_dataset(shared_path("data", "everyday-captioned", "dataset_everyday.json"))
+    mix = mix_datasets([flickr8k, everyday], [3, 1])
+    assert mix.names == ["flickr8k", "everyday"] and everyday.label == "coco-everyday"
+    train = mix.merged.splits["train"]
+    assert len(train) == len(flickr8k.splits["train"]) + 1080 and len(mix.merged.splits["val"]) == 1000 + 230
+    assert draw_counts(len(train), [3, 1])[1] > 1.5 * 1080  # each everyday photo more than once and a half an epoch
+    terms = model_terms({"training": {"data": mix.summary()}})
+    assert len(terms["sources"]) == 2 and terms["terms"].startswith("research use only")
 
 
 def test_selective_figure_keeps_four_fifths_of_the_good_captions() -> None:
