@@ -708,9 +708,7 @@ def train(
         pretrain_epochs=pretrain_epochs,
         extra={"label_smoothing": label_smoothing, "attention_penalty": attention_penalty, "half": half},
     )
-    mix = mix_datasets(
-        [load_caption_dataset(d, fmt, images=images) for d in data], cfg.dataset_weights, val_images=val_images
-    )
+    mix = mix_datasets([load_caption_dataset(d, fmt, images=images) for d in data], cfg.dataset_weights)
     for note in mix.merged.notes:
         click.echo(f"note: {note}", err=True)
     choice = describe_encoder(EncoderConfig(name=encoder_name, weights=encoder_weights, spatial=not pooled), preprocess)

@@ -40,7 +40,7 @@ from typing import Any
 import torch
 
 from batchcap.config import BeamConfig, DecoderConfig, RuntimeConfig, TrainConfig, to_dict
-from batchcap.data.captions.mixture import DatasetMix
+from batchcap.data.captions.mixture import DatasetMix, mix_datasets
 from batchcap.data.captions.records import CaptionRecord
 from batchcap.encode.exit_flow import (
     TRUNK_LAYER,
@@ -159,6 +159,8 @@ def train(
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     out = Path(cfg.out)
+    if mix.several:  # validation takes the first --val-images of each dataset; the epoch draws follow the config
+        mix = mix_datasets(mix.datasets, cfg.dataset_weights, val_images=cfg.val_images)
     dataset = mix.merged
     train_records = dataset.splits.get("train", [])
     if not train_records:

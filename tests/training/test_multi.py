@@ -263,9 +263,13 @@ def test_training_on_two_datasets_records_them_and_validates_each(two_datasets: 
     assert "everyday: karpathy at" in shown.output and "MS-COCO captions" in shown.output, shown.output
 
     first_out = out.with_name("first.safetensors")
-    first = CliRunner().invoke(cli, train_args(two_datasets, first_out, "--epochs", "2", "--select", "first"))
+    first = CliRunner().invoke(
+        cli, train_args(two_datasets, first_out, "--epochs", "2", "--select", "first", "--val-images", "3")
+    )
     assert first.exit_code == 0, first.output
-    assert "each once an epoch" in first.output  # no weights: every training image once
+    # no weights: every training image once; --val-images: the first 3 of each dataset's val split
+    assert "shapes: 24 train images (each once an epoch), 3 val images" in first.output
+    assert "everyday: 16 train images (each once an epoch), 3 val images" in first.output
     for line in first_out.with_name(first_out.name + ".log.jsonl").read_text().splitlines():
         val = json.loads(line)["val"]
         assert val["CIDEr"] == val["datasets"]["shapes"]["CIDEr"] and val["selected_by"].startswith("first")
