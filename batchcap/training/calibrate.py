@@ -184,7 +184,7 @@ def selective_figure(confidence: np.ndarray, labels: np.ndarray, keep: float = 0
     """At the confidence threshold that keeps ``keep`` of the acceptable captions, the share of bad ones kept.
 
     What a reviewer gets from a threshold: the lower ``unacceptable_kept``, the more of the bad
-    captions the threshold sets aside while losing only a fifth of the good ones. ``None``
+    captions the threshold sets aside while losing only ``1 - keep`` of the good ones. ``None``
     where the set has no acceptable (or no unacceptable) caption.
     """
     good, bad = np.sort(confidence[labels == 1])[::-1], confidence[labels == 0]

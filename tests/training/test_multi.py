@@ -23,7 +23,7 @@ from batchcap.model.modelfile import load_model
 from batchcap.model.terms import model_terms
 from batchcap.tools.info import lineage
 from batchcap.training import driver
-from batchcap.training.calibrate import selective_figure
+from batchcap.training.calibrate import format_report, selective_figure
 from batchcap.training.checkpoints import save_checkpoint
 from batchcap.training.mixing import combined_scores, draw_counts, epoch_order, selection_score
 
@@ -138,6 +138,16 @@ def test_selective_figure_keeps_four_fifths_of_the_good_captions() -> None:
     figure = selective_figure(confidence, labels)
     assert figure == {"threshold": 0.6, "acceptable_kept": 0.8, "unacceptable_kept": 0.2}
     assert selective_figure(confidence, np.ones(10, dtype=np.int64))["unacceptable_kept"] is None
+    report = {
+        "label": "x",
+        "acceptable_share": 0.5,
+        "auroc": {},
+        "reliability": [],
+        "recommended_min_confidence": 0.3,
+        "dev": {"set_aside_share": 0.3, "mean_confidence": 0.4},
+        "pooled": {"pictures": 10, "acceptable_share": 0.5, "auroc": 0.9, "selective": figure},
+    }
+    assert "    dev: 10 / 50.0% / 0.9 / 20.0% (confidence >= 0.6)" in format_report(report).splitlines()
 
 
 def test_terms_of_a_model_trained_on_flickr8k_and_everyday_photos_name_both() -> None:
