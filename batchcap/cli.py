@@ -487,7 +487,7 @@ def _run_on_ray(sources: tuple[str, ...], ray_settings: dict[str, Any], options:
 
 
 @cli.command()
-@click.argument("data")
+@click.argument("data", nargs=-1, required=True)
 @click.option("--out", "-o", required=True, type=click.Path(dir_okay=False), help="Model file to write.")
 @click.option(
     "--format",
@@ -495,13 +495,29 @@ def _run_on_ray(sources: tuple[str, ...], ray_settings: dict[str, Any], options:
     default="auto",
     show_default=True,
     type=click.Choice(["auto", "flickr8k", "kaggle", "karpathy", "coco", "wds"]),
-    help="Dataset layout (auto-detected by default).",
+    help="Dataset layout (auto-detected by default; with several DATA, detected for each).",
 )
 @click.option(
     "--images",
     type=click.Path(file_okay=False),
     default=None,
-    help="Image folder, when it is not where the layout expects it.",
+    help="Image folder, when it is not where the layout expects it (one DATA only).",
+)
+@click.option(
+    "--dataset-weight",
+    "dataset_weights",
+    type=click.FloatRange(0, min_open=True),
+    multiple=True,
+    help="With several DATA: one per DATA, in order; each dataset's share of an epoch's draws "
+    "(e.g. 3 and 1: three quarters Flickr8k, a quarter everyday photos). Default: every training "
+    "image once per epoch.",
+)
+@click.option(
+    "--select",
+    type=click.Choice(["mean", "min", "first"]),
+    default="mean",
+    show_default=True,
+    help="With several DATA: the best epoch is the one with the best mean, lowest or first DATA's val CIDEr-D.",
 )
 @click.option(
     "--encoder", "encoder_name", default="legacy_xception", show_default=True, help="timm model name of the encoder."
@@ -660,10 +676,12 @@ def _run_on_ray(sources: tuple[str, ...], ray_settings: dict[str, Any], options:
 @click.option("--workers", default="auto", show_default=True, help="Image decoding processes.")
 @user_errors
 def train(
-    data: str,
+    data: tuple[str, ...],
     out: str,
     fmt: str,
     images: str | None,
+    dataset_weights: tuple[float, ...],
+    select: str,
     encoder_name: str,
     encoder_weights: str | None,
     input_size: int | None,
@@ -710,6 +728,9 @@ def train(
     DATA is a Flickr8k folder (Flickr8k.token.txt + split files + photos), a Kaggle
     captions.txt folder, a Karpathy split JSON, COCO caption JSON + images, or
     WebDataset shards with jpg + txt/json. Encoder features are cached and reused.
+    Several DATA train one model on all of them: the vocabulary comes from all their
+    training captions, --dataset-weight sets each one's share of an epoch, and each
+    one's val split is scored every epoch (--select combines them).
 
     \b
     Examples:
@@ -717,15 +738,24 @@ def train(
             --encoder-weights legacy_xception.safetensors
         batchcap train flickr8k/ --out flickr8k-scst.safetensors \\
             --init-model flickr8k.safetensors --self-critical --epochs 10
+        batchcap train flickr8k/ everyday/dataset_everyday.json --out both.safetensors \\
+            --init-model flickr8k.safetensors --dataset-weight 3 --dataset-weight 1
     """
     from batchcap.config import EncoderConfig, TrainConfig
     from batchcap.data.captions.factory import load_caption_dataset
+    from batchcap.data.captions.mixture import mix_datasets
     from batchcap.pipeline.settings import runtime_config
     from batchcap.training.driver import train as train_decoder
     from batchcap.training.feature_sources import describe_encoder
     from batchcap.training.metrics import require_metrics
 
     require_metrics()  # every epoch is scored on the validation split
+    _one_data_options(data, fmt, images)
+    if dataset_weights and len(dataset_weights) != len(data):
+        raise click.UsageError(
+            f"{len(dataset_weights)} --dataset-weight for {len(data)} DATA: give one per DATA, in the "
+            "order of DATA (or none: every training image once per epoch)"
+        )
     if init_model and pretrain_captions:
         raise click.UsageError(
             "--pretrain-captions pretrains a fresh decoder and --init-model starts from a "
@@ -757,7 +787,10 @@ def train(
     if lr is None:
         lr = 1e-4 if self_critical else 4e-4
     cfg = TrainConfig(
-        data=data,
+        data=data[0],
+        datasets=data if len(data) > 1 else (),
+        dataset_weights=dataset_weights if len(data) > 1 else (),
+        select=select,
         out=out,
         format=fmt,
         epochs=epochs,
@@ -785,8 +818,8 @@ def train(
         pretrain_epochs=pretrain_epochs,
         extra={"label_smoothing": label_smoothing, "attention_penalty": attention_penalty, "half": half},
     )
-    dataset = load_caption_dataset(data, fmt, images=images)
-    for note in dataset.notes:
+    mix = mix_datasets([load_caption_dataset(d, fmt, images=images) for d in data], cfg.dataset_weights)
+    for note in mix.merged.notes:
         click.echo(f"note: {note}", err=True)
     choice = describe_encoder(EncoderConfig(name=encoder_name, weights=encoder_weights, spatial=not pooled), preprocess)
     decoder_cfg = {
@@ -798,8 +831,17 @@ def train(
         "attention_dim": attention_dim,
         "deep_output": deep_output,
     }
-    model = train_decoder(cfg, dataset, choice, decoder_cfg, runtime, log=lambda m: click.echo(m, err=True))
+    model = train_decoder(cfg, mix, choice, decoder_cfg, runtime, log=lambda m: click.echo(m, err=True))
     click.echo(json.dumps({"model": out, "metrics": model.metrics}, indent=2))
+
+
+def _one_data_options(data: tuple[str, ...], fmt: str, images: str | None) -> None:
+    """--format and --images describe one dataset: refused with several DATA."""
+    if len(data) > 1 and (images or fmt != "auto"):
+        raise click.UsageError(
+            "--images and --format apply to one DATA; with several DATA each layout is detected "
+            "and its photos found where the layout keeps them"
+        )
 
 
 # train options that --init-model takes from the model file instead.
@@ -838,7 +880,7 @@ def _encoder_preprocess(encoder_name: str, resize: str, input_size: int | None) 
 
 
 @cli.command(name="eval")
-@click.argument("data")
+@click.argument("data", nargs=-1, required=True)
 @click.option("--split", default="val", show_default=True, help="train, val (Flickr8k dev) or test.")
 @click.option(
     "--format",
@@ -862,7 +904,7 @@ def _encoder_preprocess(encoder_name: str, resize: str, input_size: int | None) 
 @beam_options
 @user_errors
 def evaluate(
-    data: str,
+    data: tuple[str, ...],
     split: str,
     fmt: str,
     images: str | None,
@@ -888,19 +930,23 @@ def evaluate(
     """Caption a split of DATA the way `run` does and score it with the COCO caption metrics.
 
     BLEU-1..4, METEOR (needs Java), ROUGE-L and CIDEr-D from pycocoevalcap, with the
-    COCO toolkit's PTB tokenizer when Java is available.
+    COCO toolkit's PTB tokenizer when Java is available. Several DATA are scored one by
+    one (--limit applies to each); --json then holds one result per dataset.
 
     \b
-    Example:
+    Examples:
         batchcap eval flickr8k/ --split val --beam 3 --json dev-scores.json
+        batchcap eval flickr8k/ everyday/dataset_everyday.json --split val
     """
     from batchcap.data.captions.factory import load_caption_dataset
+    from batchcap.data.captions.mixture import dataset_names
     from batchcap.model.modelfile import load_model, resolve_model_path
     from batchcap.pipeline.settings import beam_config, runtime_config
     from batchcap.training.evaluate import evaluate_split, format_scores
     from batchcap.training.metrics import require_metrics
 
     require_metrics()
+    _one_data_options(data, fmt, images)
     model_obj = load_model(resolve_model_path(model))
     beam_cfg = beam_config(
         beam,
@@ -914,29 +960,34 @@ def evaluate(
         allow_repeated_words=allow_repeated_words,
     )
     runtime = runtime_config(device, precision, batch_size, workers, backend, encoder_cache)
-    dataset = load_caption_dataset(data, fmt, images=images)
-    if split not in dataset.splits or not dataset.splits[split]:
-        raise click.ClickException(
-            f"{data} has no images in split {split!r} (it has: {', '.join(s for s, r in dataset.splits.items() if r)})"
+    datasets = [load_caption_dataset(d, fmt, images=images) for d in data]
+    for path, dataset in zip(data, datasets):  # every DATA is checked before the first is captioned
+        if split not in dataset.splits or not dataset.splits[split]:
+            raise click.ClickException(
+                f"{path} has no images in split {split!r} "
+                f"(it has: {', '.join(s for s, r in dataset.splits.items() if r)})"
+            )
+    results = {}
+    for name, dataset in zip(dataset_names(datasets), datasets):
+        results[name] = evaluate_split(
+            dataset,
+            split,
+            model_obj,
+            runtime,
+            beam_cfg,
+            encoder_weights=encoder_weights,
+            limit=limit,
+            log=lambda m: click.echo(m, err=True),
         )
-    result = evaluate_split(
-        dataset,
-        split,
-        model_obj,
-        runtime,
-        beam_cfg,
-        encoder_weights=encoder_weights,
-        limit=limit,
-        log=lambda m: click.echo(m, err=True),
-    )
-    click.echo(format_scores(result))
+        click.echo((f"{name}: " if len(datasets) > 1 else "") + format_scores(results[name]))
     if json_out:
-        Path(json_out).write_text(json.dumps(result, indent=2) + "\n")
+        written = next(iter(results.values())) if len(results) == 1 else {"datasets": results}
+        Path(json_out).write_text(json.dumps(written, indent=2) + "\n")
         click.echo(f"wrote {json_out}", err=True)
 
 
 @cli.command()
-@click.argument("data")
+@click.argument("data", nargs=-1, required=True)
 @click.option(
     "--out",
     "-o",
@@ -1011,7 +1062,7 @@ def evaluate(
 @beam_options
 @user_errors
 def calibrate(
-    data: str,
+    data: tuple[str, ...],
     out: str,
     fmt: str,
     images: str | None,
@@ -1046,24 +1097,33 @@ def calibrate(
     train pictures' encoder features, and a logistic calibrator fitted on dev pictures
     against per-image CIDEr-D. Prints the cross-validated AUROC and a reliability table; the
     decoder is unchanged. With --word-rules-only, only the word rules are added.
+    Several DATA calibrate on the union of their dev splits, with familiarity from all
+    their train pictures, and report each dev set and the pool.
 
     \b
     Examples:
         batchcap calibrate flickr8k/ --unfamiliar ./everyday-photos \\
             --out calibrated.safetensors
         batchcap calibrate flickr8k/ --model old.safetensors --word-rules-only --out ruled.safetensors
+        batchcap calibrate flickr8k/ everyday/dataset_everyday.json \\
+            --model both.safetensors --out both-calibrated.safetensors
     """
     from batchcap.data.captions.factory import load_caption_dataset
+    from batchcap.data.captions.mixture import mix_datasets
     from batchcap.model.modelfile import load_model, resolve_model_path, save_model
     from batchcap.pipeline.settings import beam_config, runtime_config
     from batchcap.training.calibrate import add_missing_word_rules, format_report
     from batchcap.training.calibrate import calibrate as fit
 
+    _one_data_options(data, fmt, images)
     model_obj = load_model(resolve_model_path(model))
+    mix = mix_datasets([load_caption_dataset(d, fmt, images=images) for d in data])
     if word_rules_only:
-        dataset = load_caption_dataset(data, fmt, images=images)
+        dataset = mix.merged
         if not dataset.splits.get("train"):
-            raise click.UsageError(f"{data}: no train split to learn the word rules from; give a captioned dataset")
+            raise click.UsageError(
+                f"{' '.join(data)}: no train split to learn the word rules from; give a captioned dataset"
+            )
         add_missing_word_rules(model_obj, dataset.splits["train"], str(dataset.root), lambda m: click.echo(m, err=True))
         save_model(model_obj, out)
         click.echo(f"wrote {out} ({model_obj.identity})", err=True)
@@ -1080,11 +1140,10 @@ def calibrate(
         allow_repeated_words=allow_repeated_words,
     )
     runtime = runtime_config(device, precision, batch_size, workers)
-    dataset = load_caption_dataset(data, fmt, images=images)
     try:
         report = fit(
             model_obj,
-            dataset,
+            mix,
             runtime,
             beam_cfg,
             cache_dir=cache_dir or str(Path(out).parent / ".batchcap-features"),

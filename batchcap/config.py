@@ -204,6 +204,9 @@ class TrainConfig:
     samples_per_image: int = 5  # captions sampled per image in a self-critical step
     pretrain_captions: str | None = None  # caption text (no photos) to pretrain a fresh decoder on
     pretrain_epochs: int = 1  # epochs over pretrain_captions
+    datasets: tuple[str, ...] = ()  # every DATA trained on, in order, when there are several (data is the first)
+    dataset_weights: tuple[float, ...] = ()  # each dataset's share of an epoch's draws (empty: each image once)
+    select: str = "mean"  # how several datasets' val CIDEr-D pick the best epoch: mean, min or first
     extra: dict[str, Any] = field(default_factory=dict)
 
 

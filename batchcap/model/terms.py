@@ -62,11 +62,16 @@ def _stages(training: dict[str, Any]) -> Iterator[dict[str, Any]]:
 
 
 def _data_names(record: dict[str, Any]) -> Iterator[str]:
+    """What names each data set of a training record: its label (Karpathy's ``dataset``), format and root.
+
+    ``data`` is one data set's summary, or a list of them (a model trained on several at once).
+    """
     data = record.get("data")
-    if isinstance(data, dict):
-        yield " ".join(str(data.get(k, "")) for k in ("format", "root"))
-    elif data:
-        yield str(data)
+    for each in data if isinstance(data, list) else [data]:
+        if isinstance(each, dict):
+            yield " ".join(str(each.get(k, "")) for k in ("label", "format", "root"))
+        elif each:
+            yield str(each)
     pretrain = record.get("pretrain")
     if isinstance(pretrain, dict) and pretrain.get("file"):
         yield str(pretrain["file"])

@@ -36,10 +36,27 @@ def _stage(identity: str, training: dict[str, Any]) -> str:
     if selected:
         parts.append(f"epoch {selected} selected")
         chosen: dict[str, Any] = next((h for h in history if h.get("epoch") == selected), {})
-        cider = (chosen.get("val") or {}).get("CIDEr")
+        val = chosen.get("val") or {}
+        cider = val.get("CIDEr")
+        each = [
+            f"{name} {scores['CIDEr']:.3f}"
+            for name, scores in (val.get("datasets") or {}).items()
+            if isinstance(scores.get("CIDEr"), (int, float))
+        ]
         if isinstance(cider, (int, float)):
-            parts.append(f"val CIDEr-D {cider:.3f}")
+            how = f" ({val.get('selected_by', 'selection')}: {'; '.join(each)})" if each else ""
+            parts.append(f"val CIDEr-D {cider:.3f}{how}")
     return f"{identity}: {', '.join(parts)}"
+
+
+def _data_line(data: dict[str, Any]) -> str:
+    """One data set of a training record: its layout, where it was, its splits and its epoch weight."""
+    splits = ", ".join(
+        f"{name} {s.get('images', 0)} images" for name, s in (data.get("splits") or {}).items() if s.get("images")
+    )
+    name = f"{data['name']}: " if data.get("name") else ""
+    weight = f" (weight {data['weight']:g})" if isinstance(data.get("weight"), (int, float)) else ""
+    return f"{name}{data.get('format')} at {data.get('root')}: {splits}{weight}"
 
 
 def lineage(identity: str, training: dict[str, Any]) -> list[str]:
@@ -114,11 +131,10 @@ def describe_model(model: CaptionModel, show_vocab: bool = False, console: Conso
     if len(stages) > 1 and len(members) == 1:
         table.add_row("lineage", "\n".join(f"{n}. {stage}" for n, stage in enumerate(stages, 1)))
     data = training.get("data") or {}
-    if isinstance(data, dict) and "splits" in data:
-        splits = ", ".join(
-            f"{name} {s.get('images', 0)} images" for name, s in data["splits"].items() if s.get("images")
-        )
-        table.add_row("training data", f"{data.get('format')} at {data.get('root')}: {splits}")
+    if isinstance(data, list):  # several data sets trained on at once
+        table.add_row("training data", "\n".join(_data_line(each) for each in data))
+    elif isinstance(data, dict) and "splits" in data:
+        table.add_row("training data", _data_line(data))
     elif data:
         table.add_row("training data", str(data))
     if training.get("epoch"):

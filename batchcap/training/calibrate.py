@@ -11,7 +11,12 @@ The flow is ``encode (cached) -> caption -> label -> fit -> measure -> model fil
   frequencies from the dev references) reaches the threshold;
 * the calibrator (:func:`batchcap.model.confidence.fit_calibrator`) is measured by k-fold
   cross-validated AUROC on dev, then refitted on all of dev; the figures (AUROC, reliability
-  table, confidence on unfamiliar pictures) are returned and stored with it.
+  table, confidence on unfamiliar pictures) are returned and stored with it;
+* several datasets calibrate together (:class:`batchcap.data.captions.mixture.DatasetMix`):
+  familiarity and neighbours come from the training pictures of all of them, the calibrator is
+  fitted on the union of their dev sets (each set labelled against its own references), and the
+  AUROC and the selective-captioning figure (:func:`selective_figure`) are reported per dev set
+  and pooled.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import numpy as np
 import torch
 
 from batchcap.config import BeamConfig, RuntimeConfig
+from batchcap.data.captions.mixture import DatasetMix, mix_datasets
 from batchcap.data.captions.records import CaptionDataset, CaptionRecord
 from batchcap.data.extensions import is_image_name
 from batchcap.model.cider import CiderD
@@ -243,6 +249,29 @@ def quality_labels(
     return values, (values >= threshold).astype(np.int64)
 
 
+def selective_figure(confidence: np.ndarray, labels: np.ndarray, keep: float = 0.8) -> dict[str, Any]:
+    """At the confidence threshold that keeps ``keep`` of the acceptable captions, the share of bad ones kept.
+
+    What a reviewer gets from a threshold: the lower ``unacceptable_kept``, the more of the bad
+    captions the threshold sets aside while losing only ``1 - keep`` of the good ones. ``None``
+    where the set has no acceptable (or no unacceptable) caption.
+    """
+    good, bad = np.sort(confidence[labels == 1])[::-1], confidence[labels == 0]
+    if not len(good) or not len(bad):
+        return {"threshold": None, "acceptable_kept": None, "unacceptable_kept": None}
+    threshold = float(good[max(0, int(np.ceil(keep * len(good))) - 1)])
+    return {
+        "threshold": round(threshold, 4),
+        "acceptable_kept": round(float((good >= threshold).mean()), 3),
+        "unacceptable_kept": round(float((bad >= threshold).mean()), 3),
+    }
+
+
+def _rounded_auroc(scores: np.ndarray, labels: np.ndarray) -> float | None:
+    value = auroc(scores, labels)
+    return None if np.isnan(value) else round(value, 3)
+
+
 def cross_validated(
     evidence: np.ndarray, labels: np.ndarray, folds: int, features: Sequence[str] = EVIDENCE, l2: float = 1.0
 ) -> np.ndarray:
@@ -272,7 +301,7 @@ def recommend_threshold(confidence: np.ndarray, labels: np.ndarray, bad_share: f
 
 def calibrate(
     model: CaptionModel,
-    dataset: CaptionDataset,
+    dataset: CaptionDataset | DatasetMix,
     runtime: RuntimeConfig,
     beam: BeamConfig,
     *,
@@ -291,14 +320,20 @@ def calibrate(
 
     Returns the report stored as ``calibration.report``: what was fitted on what, the
     cross-validated AUROC of ``confidence`` against that of the scores, per-feature
-    AUROCs, a reliability table, and confidence on the ``unfamiliar`` pictures.
+    AUROCs, a reliability table, the selective-captioning figure, and confidence on the
+    ``unfamiliar`` pictures. ``dataset`` may be several datasets (a :class:`DatasetMix`): then
+    their train and dev splits are pooled, and ``per_set`` reports each dev set on its own.
     """
+    mix = dataset if isinstance(dataset, DatasetMix) else mix_datasets([dataset])
+    dataset = mix.merged
     train, dev = dataset.splits.get("train", []), dataset.splits.get("val", [])
-    if not train or not dev:
-        raise ValueError(
-            f"{dataset.root}: calibration needs a train split (familiarity, ending rule) and a "
-            "val split (the calibrator's labels)"
-        )
+    for name, each in zip(mix.names, mix.datasets):
+        if not each.splits.get("train") or not each.splits.get("val"):
+            raise ValueError(
+                f"{each.root}: calibration needs a train split (familiarity, ending rule) and a "
+                "val split (the calibrator's labels)"
+                + (f" in every dataset given ({name} lacks one)" if mix.several else "")
+            )
     add_missing_word_rules(model, train, str(dataset.root), log)
     model.calibration = None  # the captioner must not use an old calibrator while we fit a new one
     captioner = Captioner(model, runtime, beam, encoder_weights)
@@ -318,7 +353,15 @@ def calibrate(
     by_id = {r.image_id: r for r in dev}
     captions, evidence = caption_encoded(captioner, encoded)
     texts = [c.text for c in captions]
-    cider, labels = quality_labels(texts, [by_id[i].captions for i in encoded.ids], label_threshold)
+    # Each dev set is labelled against its own references (CIDEr-D's document frequencies are that set's).
+    sets = [np.array([mix.owner[i] == d for i in encoded.ids]) for d in range(len(mix.datasets))]
+    cider, labels = np.zeros(len(texts)), np.zeros(len(texts), dtype=np.int64)
+    for members in sets:
+        if members.any():
+            where = np.flatnonzero(members)
+            cider[where], labels[where] = quality_labels(
+                [texts[i] for i in where], [by_id[encoded.ids[i]].captions for i in where], label_threshold
+            )
     log(f"dev: {labels.mean():.1%} of captions reach CIDEr-D {label_threshold}")
 
     oof = cross_validated(evidence, labels, folds, EVIDENCE, l2)
@@ -339,6 +382,12 @@ def calibrate(
         "label": f"per-image CIDEr-D >= {label_threshold} (batchcap.model.cider.CiderD, document frequencies from "
         "the dev references)",
         "fitted_on": f"{len(labels)} val pictures of {dataset.root}",
+        "pooled": {
+            "pictures": len(labels),
+            "acceptable_share": round(float(labels.mean()), 3),
+            "auroc": _rounded_auroc(oof, labels),
+            "selective": selective_figure(oof, labels),
+        },
         "beam": {"beam_size": beam.beam_size, "max_len": beam.max_len, "length_penalty": beam.length_penalty},
         "precision": runtime.precision,
         "acceptable_share": round(float(labels.mean()), 3),
@@ -360,6 +409,23 @@ def calibrate(
             "mean_cider": round(float(cider.mean()), 3),
         },
     }
+    if mix.several:
+        pooled_threshold = report["pooled"]["selective"]["threshold"]
+        report["per_set"] = {
+            name: {
+                "root": each.root,
+                "pictures": int(members.sum()),
+                "acceptable_share": round(float(labels[members].mean()), 3) if members.any() else None,
+                "auroc": _rounded_auroc(oof[members], labels[members]),
+                "selective": selective_figure(oof[members], labels[members]),
+                "unacceptable_kept_at_pooled_threshold": (
+                    round(float((oof[members & (labels == 0)] >= pooled_threshold).mean()), 3)
+                    if pooled_threshold is not None and (members & (labels == 0)).any()
+                    else None
+                ),
+            }
+            for name, each, members in zip(mix.names, mix.datasets, sets)
+        }
     grid = (0.2, 0.3, 0.4, 0.5)
     report["thresholds"] = [
         {
@@ -451,6 +517,22 @@ def format_report(report: dict[str, Any]) -> str:
     lines = [f"label: {report['label']}; acceptable on dev: {report['acceptable_share']:.1%}"]
     for name, value in report["auroc"].items():
         lines.append(f"  AUROC {name}: {value}")
+    sets = dict(report.get("per_set", {}))
+    if "pooled" in report:
+        sets["pooled" if sets else "dev"] = report["pooled"]
+    if sets:
+        lines.append(
+            "  per dev set (out-of-fold): pictures / acceptable / AUROC / bad captions kept when 80% of good ones are"
+        )
+    for name, row in sets.items():
+        figure = row["selective"]
+        kept = figure["unacceptable_kept"]
+        lines.append(
+            f"    {name}: {row.get('pictures', '-')} / "
+            + (f"{row['acceptable_share']:.1%}" if row.get("acceptable_share") is not None else "-")
+            + f" / {row.get('auroc', '-')} / "
+            + (f"{kept:.1%} (confidence >= {figure['threshold']})" if kept is not None else "n/a")
+        )
     lines.append("  reliability (out-of-fold, dev): bin / pictures / mean confidence / acceptable")
     for row in report["reliability"]:
         lines.append(f"    {row['bin']}  {row['images']:>5}  {row['mean_confidence']}  {row['acceptable']}")

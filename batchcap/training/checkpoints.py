@@ -1,5 +1,10 @@
 """Epoch checkpoints for ``train --resume``: decoder, optimiser and progress in one safetensors file, written
 atomically (no pickle), so a killed run continues where its last epoch ended.
+
+The random generators' states (the CPU's, and each CUDA device's once CUDA is in use) travel with it:
+dropout and self-critical sampling draw from them, so a resumed run trains the epochs after the
+checkpoint exactly as the uninterrupted run did. A checkpoint without them (written before they were
+stored) resumes as before, with the generators as the restart left them.
 """
 
 from __future__ import annotations
@@ -32,6 +37,10 @@ def save_checkpoint(
             tensors[f"adam.exp_avg.{name}"] = s["exp_avg"]
             tensors[f"adam.exp_avg_sq.{name}"] = s["exp_avg_sq"]
             steps[name] = float(s["step"])
+    tensors["rng.cpu"] = torch.get_rng_state()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for index, device_state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{index}"] = device_state
     meta = {"state": json.dumps(state), "adam_steps": json.dumps(steps)}
     atomic_save_safetensors(tensors, path, meta)
 
@@ -46,7 +55,7 @@ def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]
 def restore_checkpoint(
     tensors: dict[str, torch.Tensor], meta: dict[str, str], decoder: torch.nn.Module, optimizer: torch.optim.Optimizer
 ) -> dict[str, Any]:
-    """Put a checkpoint's weights and AdamW moments back; returns the loop state.
+    """Put a checkpoint's weights, AdamW moments and random generator states back; returns the loop state.
 
     The moments go through ``optimizer.load_state_dict``, which moves each to its
     parameter's device and dtype (a CUDA run resumes with CUDA moments) and keeps
@@ -68,6 +77,12 @@ def restore_checkpoint(
                 }
             index += 1
     optimizer.load_state_dict({"state": moments, "param_groups": optimizer.state_dict()["param_groups"]})
+    if "rng.cpu" in tensors:
+        torch.set_rng_state(tensors["rng.cpu"])
+    cuda_states = sorted(k for k in tensors if k.startswith("rng.cuda."))
+    if cuda_states and torch.cuda.is_available():
+        for key in cuda_states[: torch.cuda.device_count()]:
+            torch.cuda.set_rng_state(tensors[key], device=int(key.rsplit(".", 1)[1]))
     return json.loads(meta["state"])
 
 

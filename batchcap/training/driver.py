@@ -20,7 +20,10 @@ The flow is ``dataset -> vocabulary -> feature cache -> epochs -> best model fil
   atomically each epoch (safetensors, no pickle) so ``--resume`` continues after a kill;
 * ``--init-model`` starts from a trained model file (its decoder, vocabulary and encoder),
   and ``--self-critical`` then fine-tunes it on the CIDEr-D of its own sampled captions
-  (:mod:`batchcap.training.scst`) instead of on the reference words.
+  (:mod:`batchcap.training.scst`) instead of on the reference words;
+* several datasets train as one merged dataset (:mod:`batchcap.data.captions.mixture`): the
+  vocabulary comes from all their training captions, an epoch draws from each by its weight and
+  validation scores each dataset's val split (:mod:`batchcap.training.mixing`).
 """
 
 from __future__ import annotations
@@ -37,7 +40,8 @@ from typing import Any
 import torch
 
 from batchcap.config import BeamConfig, DecoderConfig, RuntimeConfig, TrainConfig, to_dict
-from batchcap.data.captions.records import CaptionDataset, CaptionRecord
+from batchcap.data.captions.mixture import DatasetMix, mix_datasets
+from batchcap.data.captions.records import CaptionRecord
 from batchcap.encode.exit_flow import (
     TRUNK_LAYER,
     ExitFlowError,
@@ -65,6 +69,7 @@ from batchcap.training.feature_sources import (
     fits_on_device,
 )
 from batchcap.training.metrics import score_captions
+from batchcap.training.mixing import combined_scores, draw_counts, epoch_order
 from batchcap.training.pretrain import PretrainError, pretrain_for_training
 from batchcap.training.scst import CaptionReward
 from batchcap.training.steps import Split, StepTotals, TrainStep, use_tf32
@@ -117,36 +122,64 @@ def caption_features(
 
 
 def validate(
-    decoder: CaptionDecoder, split: Split, features: torch.Tensor, vocab: Vocabulary, beam: BeamConfig
+    decoder: CaptionDecoder,
+    split: Split,
+    features: torch.Tensor,
+    vocab: Vocabulary,
+    beam: BeamConfig,
+    groups: Sequence[tuple[str, list[str]]] = (),
+    select: str = "mean",
 ) -> dict[str, Any]:
-    """BLEU and CIDEr-D of beam-search captions on ``split`` (batchcap tokenisation: fast, no Java)."""
+    """BLEU and CIDEr-D of beam-search captions on ``split`` (batchcap tokenisation: fast, no Java).
+
+    With ``groups`` (dataset name, its image ids) each dataset is scored on its own and the
+    result combines them (:func:`batchcap.training.mixing.combined_scores`, by ``select``).
+    """
     captions = caption_features(decoder, features, vocab, beam)
     predictions = dict(zip(split.image_ids, captions))
-    scores = score_captions(predictions, split.references, full=False)
-    scores["examples"] = [[i, predictions[i]] for i in split.image_ids[:3]]
-    return scores
+    if not groups:
+        scores = score_captions(predictions, split.references, full=False)
+        scores["examples"] = [[i, predictions[i]] for i in split.image_ids[:3]]
+        return scores
+    per_dataset = {}
+    for name, ids in groups:
+        per_dataset[name] = score_captions(
+            {i: predictions[i] for i in ids}, {i: split.references[i] for i in ids}, full=False
+        )
+        per_dataset[name]["examples"] = [[i, predictions[i]] for i in ids[:3]]
+    return combined_scores(per_dataset, select)
 
 
 def train(
     cfg: TrainConfig,
-    dataset: CaptionDataset,
+    mix: DatasetMix,
     choice: EncoderChoice,
     decoder_cfg: dict[str, Any],
     runtime: RuntimeConfig,
     log: Log = print,
 ) -> CaptionModel:
-    """Train a decoder on ``dataset``'s train split, select on its val split, save ``cfg.out``."""
+    """Train a decoder on the train splits of ``mix``'s datasets, select on their val splits, save ``cfg.out``."""
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     out = Path(cfg.out)
+    if mix.several:  # validation takes the first --val-images of each dataset; the epoch draws follow the config
+        mix = mix_datasets(mix.datasets, cfg.dataset_weights, val_images=cfg.val_images)
+    dataset = mix.merged
     train_records = dataset.splits.get("train", [])
     if not train_records:
         raise TrainingError("the dataset has no training images")
+    for name, each in zip(mix.names, mix.datasets):
+        if mix.several and not each.splits.get("train"):
+            raise TrainingError(f"{name} ({each.root}) has no training images: every dataset given needs a train split")
     _refuse_conflicting_options(cfg)
     start_model = load_start_model(cfg, choice)
     vocab = _vocabulary(cfg, start_model, train_records, log)
-    data = _training_data(cfg, dataset, choice, runtime, vocab, start_model, log)
+    if start_model is not None and mix.several:
+        _log_unknown_words(mix, vocab, log)
+    data = _training_data(cfg, mix, choice, runtime, vocab, start_model, log)
     train_split, val_split, source = data.train, data.val, data.source
+    owners = [mix.owner[i] for i in train_split.image_ids]
+    groups = _validation_groups(mix, val_split) if mix.several else []
     # Trunk activations are not the model's features: an exit-flow model gets familiarity from calibrate.
     trust = ending_and_familiarity(
         train_split.records,
@@ -159,6 +192,14 @@ def train(
         f"train: {len(train_split.image_ids)} images, {train_split.captions.shape[0]} captions; "
         f"val: {len(val_split.image_ids)} images"
     )
+    epoch_images = len(train_split.image_ids)
+    if mix.several:
+        counts = draw_counts(epoch_images, cfg.dataset_weights) if cfg.dataset_weights else None
+        epoch_images = sum(counts) if counts else epoch_images
+        for d, name in enumerate(mix.names):
+            images = owners.count(d)
+            drawn = f"{counts[d]} draws an epoch" if counts else "each once an epoch"
+            log(f"  {name}: {images} train images ({drawn}), {len(groups[d][1])} val images")
     dcfg = _decoder_config(cfg, start_model, len(vocab), data.feature_dim, decoder_cfg)
     # Seeded again here: building an encoder to fill a missing feature cache draws from the global
     # generator, and the same --seed must give the same model whether the cache was there or not.
@@ -168,7 +209,7 @@ def train(
     assert isinstance(decoder, CaptionDecoder)  # load_start_model refuses ensembles
     decoder.to(runtime.device)
     trained, optimizer = _optimizer(cfg, decoder, source)
-    total_steps = math.ceil(len(train_split.image_ids) / cfg.batch_size) * cfg.epochs
+    total_steps = math.ceil(epoch_images / cfg.batch_size) * cfg.epochs
     checkpoint = out.with_name(out.name + ".ckpt")
     log_path = out.with_name(out.name + ".log.jsonl")
     loop: dict[str, Any] = {"epoch": 0, "step": 0, "best": None, "best_epoch": None, "bad_epochs": 0, "history": []}
@@ -199,7 +240,7 @@ def train(
             decoder,
             stepper,
             source,
-            train_split,
+            owners,
             loop,
             total_steps,
             self_critical=rewarder is not None,
@@ -208,7 +249,7 @@ def train(
         )
         train_loss = totals.mean_loss()  # waits for the epoch's last steps, so the time below is theirs
         train_time = time.time() - started
-        scores = validate(decoder, val_split, source.val_features(val_split), vocab, val_beam)
+        scores = validate(decoder, val_split, source.val_features(val_split), vocab, val_beam, groups, cfg.select)
         record = {
             "epoch": epoch,
             "step": loop["step"],
@@ -226,6 +267,8 @@ def train(
             f"epoch {epoch}: loss {record['train_loss']:.3f}, val BLEU-4 {scores['BLEU-4']:.3f}, "
             f"CIDEr {scores['CIDEr']:.3f}, e.g. {scores['examples'][0][1]!r}"
         )
+        for name, each in scores.get("datasets", {}).items():
+            log(f"  {name}: val BLEU-4 {each['BLEU-4']:.3f}, CIDEr {each['CIDEr']:.3f}")
         if loop["best"] is None or scores["CIDEr"] > loop["best"]:
             loop["best"], loop["best_epoch"], loop["bad_epochs"] = scores["CIDEr"], epoch, 0
             best_model = _model_file(
@@ -234,7 +277,7 @@ def train(
                 dcfg,
                 vocab,
                 decoder,
-                dataset,
+                mix,
                 data.failures,
                 loop,
                 scores,
@@ -288,6 +331,26 @@ def _vocabulary(
     return vocab
 
 
+def _log_unknown_words(mix: DatasetMix, vocab: Vocabulary, log: Log) -> None:
+    """How many of each dataset's training words the start model's vocabulary cannot say (they train as <unk>)."""
+    for name, dataset in zip(mix.names, mix.datasets):
+        words = [w for r in dataset.splits.get("train", []) for c in r.captions for w in normalize_caption(c)]
+        unknown = vocab.encode(words).count(vocab.unk_id)
+        log(f"  {name}: {unknown / max(1, len(words)):.1%} of training words are <unk> in the start model's vocabulary")
+
+
+def _validation_groups(mix: DatasetMix, val_split: Split) -> list[tuple[str, list[str]]]:
+    """Each dataset's name and its images in the val split; every dataset must have some."""
+    groups = [(name, mix.ids_of(d, val_split.image_ids)) for d, name in enumerate(mix.names)]
+    empty = [name for name, ids in groups if not ids]
+    if empty:
+        raise TrainingError(
+            f"{', '.join(empty)}: no usable validation images; with several datasets each one's val split "
+            "is scored, so every dataset needs one"
+        )
+    return groups
+
+
 @dataclass
 class _TrainingData:
     """The splits a run trains and selects on, and where a step's features come from."""
@@ -301,19 +364,24 @@ class _TrainingData:
 
 def _training_data(
     cfg: TrainConfig,
-    dataset: CaptionDataset,
+    mix: DatasetMix,
     choice: EncoderChoice,
     runtime: RuntimeConfig,
     vocab: Vocabulary,
     start_model: CaptionModel | None,
     log: Log,
 ) -> _TrainingData:
-    """Features for the whole network fine-tuned, for the exit flow fine-tuned, or cached for a frozen encoder."""
+    """Features for the whole network fine-tuned, for the exit flow fine-tuned, or cached for a frozen encoder.
+
+    With several datasets the merged val split already holds at most ``--val-images`` of each.
+    """
+    dataset = mix.merged
+    val_limit = None if mix.several else cfg.val_images
     failures: dict[str, str] = {}
     source: CachedFeatures | FinetunedEncoder | CachedTrunk
     if cfg.finetune_encoder:
         train_split = build_split(dataset.splits.get("train", []), None, vocab, cfg.max_caption_len)
-        val_split = build_split(dataset.splits.get("val", []), None, vocab, cfg.max_caption_len, limit=cfg.val_images)
+        val_split = build_split(dataset.splits.get("val", []), None, vocab, cfg.max_caption_len, limit=val_limit)
         backbone = build_backbone(choice.config, choice.source)
         source = FinetunedEncoder(backbone, choice.preprocess, train_split.records, runtime, cfg.augment)
         feature_dim = int(backbone.num_features)
@@ -323,7 +391,7 @@ def _training_data(
         except ExitFlowError as exc:
             raise TrainingError(str(exc)) from exc
         train_split, train_views, val_split, failures = cached_splits(
-            dataset, choice, runtime, cfg, vocab, log, layer=TRUNK_LAYER
+            dataset, choice, runtime, cfg, vocab, log, layer=TRUNK_LAYER, val_limit=val_limit
         )
         backbone = build_backbone(choice.config, choice.source)
         if start_model is not None and start_model.encoder.finetuned == EXIT_FLOW:
@@ -336,7 +404,9 @@ def _training_data(
         )
         feature_dim = int(backbone.num_features)
     else:
-        train_split, train_views, val_split, failures = cached_splits(dataset, choice, runtime, cfg, vocab, log)
+        train_split, train_views, val_split, failures = cached_splits(
+            dataset, choice, runtime, cfg, vocab, log, val_limit=val_limit
+        )
         on_device = fits_on_device(sum(v.nbytes for v in train_views), runtime.device)
         source = CachedFeatures(train_views, runtime.device, on_device)
         if on_device:
@@ -380,7 +450,7 @@ def _run_epoch(
     decoder: torch.nn.Module,
     stepper: TrainStep,
     source: Any,
-    train_split: Split,
+    owners: list[int],
     loop: dict[str, Any],
     total_steps: int,
     *,
@@ -388,12 +458,15 @@ def _run_epoch(
     runtime: RuntimeConfig,
     log: Log,
 ) -> StepTotals:
-    """One pass over the training images in a seeded order; ``loop["step"]`` counts on."""
+    """One pass over the training images in a seeded order; ``loop["step"]`` counts on.
+
+    ``owners[i]`` is the dataset of training image ``i`` (:func:`batchcap.training.mixing.epoch_order`).
+    """
     # Self-critical samples come from the policy that captions at run time (no dropout):
     # measured on Flickr8k dev, it learns faster than sampling through dropout.
     decoder.train(not self_critical)
     generator = torch.Generator().manual_seed(cfg.seed + epoch)
-    order = torch.randperm(len(train_split.image_ids), generator=generator).tolist()
+    order = epoch_order(owners, cfg.dataset_weights, generator, seed=cfg.seed, epoch=epoch)
     started = time.time()
     totals = StepTotals.zeros(runtime.device)
     batches = [
@@ -471,7 +544,7 @@ def _model_file(
     dcfg: DecoderConfig,
     vocab: Vocabulary,
     decoder: CaptionDecoder,
-    dataset: CaptionDataset,
+    mix: DatasetMix,
     failures: dict[str, str],
     loop: dict[str, Any],
     scores: dict[str, Any],
@@ -503,7 +576,7 @@ def _model_file(
         decoder_state=state,
         training={
             "batchcap_version": __version__,
-            "data": dataset.summary(),
+            "data": mix.summary(),
             "unreadable_images": len(failures),
             "config": {k: v for k, v in to_dict(cfg).items() if k not in ("out",)},
             "epoch": loop["epoch"] + 1 if loop["best_epoch"] is None else loop["best_epoch"],
@@ -519,5 +592,13 @@ def _model_file(
             "selected_on": "val",
             "tokenizer": scores.get("tokenizer"),
             **{k: v for k, v in scores.items() if k.startswith(("BLEU", "CIDEr"))},
+            **(
+                {
+                    "selected_by": scores["selected_by"],
+                    **{f"CIDEr ({name})": each["CIDEr"] for name, each in scores["datasets"].items()},
+                }
+                if "datasets" in scores
+                else {}
+            ),
         },
     )

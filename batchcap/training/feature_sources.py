@@ -160,11 +160,13 @@ def cached_splits(
     vocab: Vocabulary,
     log: Log,
     layer: str = "",
+    *,
+    val_limit: int | None,
 ) -> tuple[Split, list[torch.Tensor], Split, dict]:
     """Train and val splits from the feature caches (of ``layer``, see :func:`extract_features`).
 
     Returns the train split, its views (plain, and hflip with ``--augment``), the val split
-    (``--val-images`` of it) and the pictures that could not be read.
+    (its first ``val_limit`` images, or all) and the pictures that could not be read.
     """
     views = ("plain", "hflip") if cfg.augment else ("plain",)
     cache_dir = cfg.cache_dir or str(Path(cfg.out).parent / ".batchcap-features")
@@ -174,7 +176,7 @@ def cached_splits(
     train_views = [train_split.features] + [
         build_split(train_records, caches[v], vocab, cfg.max_caption_len).features for v in views[1:]
     ]
-    val_split = build_split(val_records, caches["plain"], vocab, cfg.max_caption_len, limit=cfg.val_images)
+    val_split = build_split(val_records, caches["plain"], vocab, cfg.max_caption_len, limit=val_limit)
     return train_split, train_views, val_split, failures
 
 

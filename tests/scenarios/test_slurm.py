@@ -25,6 +25,8 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import REPO, write_images
 
+from batchcap.cli import cli
+
 SLURM_DIR = REPO / "jobs" / "slurm"
 BATCHCAP = str(Path(sys.prefix) / "bin" / "batchcap")
 FINAL_STATES = {
@@ -136,6 +138,26 @@ def test_train_command(tmp_path: Path) -> None:
         "--epochs",
         "3",
     ]
+
+
+def test_train_command_with_a_second_data_set_in_extra_args(tmp_path: Path) -> None:
+    argv = run_script(
+        "train.sbatch",
+        tmp_path,
+        DATA="/data/flickr8k",
+        MODEL_OUT=str(tmp_path / "m.safetensors"),
+        EXTRA_ARGS="/data/dataset_everyday.json --dataset-weight 3 --dataset-weight 1",
+    )
+    assert argv[:2] == ["train", "/data/flickr8k"] and argv[-5:] == [
+        "/data/dataset_everyday.json",
+        "--dataset-weight",
+        "3",
+        "--dataset-weight",
+        "1",
+    ]
+    context = cli.commands["train"].make_context("train", argv[1:])  # what batchcap makes of it
+    assert context.params["data"] == ("/data/flickr8k", "/data/dataset_everyday.json")
+    assert context.params["dataset_weights"] == (3.0, 1.0)
 
 
 def test_submit_builds_array_and_dependent_merge(tmp_path: Path) -> None:

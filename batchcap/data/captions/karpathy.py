@@ -89,7 +89,7 @@ def load_karpathy(path: str, images: str | None = None) -> CaptionDataset:
     if any(e.get("split") == "restval" for e in data["images"] if isinstance(e, dict)):
         notes.append("Karpathy 'restval' images are counted as train")
     splits, missing = place_folder_records(by_split)
-    dataset = CaptionDataset("karpathy", path, splits, missing, notes)
+    dataset = CaptionDataset("karpathy", path, splits, missing, notes, label=kind)
     missing_notes(dataset, image_dir)
     return check_nonempty(dataset, path)
 

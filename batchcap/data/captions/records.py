@@ -62,6 +62,7 @@ class CaptionDataset:
     splits: dict[str, list[CaptionRecord]]
     missing: dict[str, list[str]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    label: str = ""  # what the layout calls the collection, when it says (Karpathy's "dataset": "coco")
 
     def summary(self) -> dict[str, Any]:
         """JSON-ready counts per split (images, captions, missing), format and root, for training records."""
@@ -78,6 +79,7 @@ class CaptionDataset:
                 for name in names
             },
             "notes": list(self.notes),
+            **({"label": self.label} if self.label else {}),
         }
 
 
