@@ -652,9 +652,10 @@ def _run_on_ray(sources: tuple[str, ...], ray_settings: dict[str, Any], options:
 @click.option(
     "--pretrain-captions",
     type=click.Path(exists=True, dir_okay=False),
-    default=None,
+    multiple=True,
     help="Caption text without photos (IMAGE#N<TAB>caption lines, or one caption per line) to "
-    "pretrain the fresh decoder on as a language model first, conditioned on a null image. "
+    "pretrain the fresh decoder on as a language model first, conditioned on a null image; "
+    "repeat it for several files (e.g. Flickr30k and COCO captions), read as one text. "
     "Captions of the dataset's own photos and copies of its validation captions are dropped.",
 )
 @click.option(
@@ -716,7 +717,7 @@ def train(
     init_model: str | None,
     self_critical: bool,
     samples_per_image: int,
-    pretrain_captions: str | None,
+    pretrain_captions: tuple[str, ...],
     pretrain_epochs: int,
     half: bool,
     device: str,

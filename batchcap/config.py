@@ -202,7 +202,7 @@ class TrainConfig:
     init_model: str | None = None  # start from this model file's decoder and vocabulary
     self_critical: bool = False  # optimise CIDEr-D of sampled captions (needs init_model)
     samples_per_image: int = 5  # captions sampled per image in a self-critical step
-    pretrain_captions: str | None = None  # caption text (no photos) to pretrain a fresh decoder on
+    pretrain_captions: tuple[str, ...] = ()  # caption text files (no photos) to pretrain a fresh decoder on
     pretrain_epochs: int = 1  # epochs over pretrain_captions
     datasets: tuple[str, ...] = ()  # every DATA trained on, in order, when there are several (data is the first)
     dataset_weights: tuple[float, ...] = ()  # each dataset's share of an epoch's draws (empty: each image once)

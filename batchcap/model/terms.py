@@ -73,8 +73,11 @@ def _data_names(record: dict[str, Any]) -> Iterator[str]:
         elif each:
             yield str(each)
     pretrain = record.get("pretrain")
-    if isinstance(pretrain, dict) and pretrain.get("file"):
-        yield str(pretrain["file"])
+    if isinstance(pretrain, dict):
+        # One text file (``file``), or several (``files``, each with its own ``file``).
+        for text in [pretrain, *(pretrain.get("files") or [])]:
+            if isinstance(text, dict) and text.get("file"):
+                yield str(text["file"])
 
 
 def _classify(name: str) -> tuple[str, str]:

@@ -2,9 +2,10 @@
 
 Captioning data is photos *and* words; caption text alone is far more plentiful
 (Flickr30k's 117k captions are in Flickr8k's style and world). Before captioning training,
-``batchcap train --pretrain-captions FILE`` teaches the fresh decoder's embedding, LSTM and
-output layer to write such sentences, conditioned on a constant *null image* (all-zero
-features): the image pathway starts untrained and learns from the photos afterwards.
+``batchcap train --pretrain-captions FILE`` (repeatable: several files are read as one text)
+teaches the fresh decoder's embedding, LSTM and output layer to write such sentences,
+conditioned on a constant *null image* (all-zero features): the image pathway starts
+untrained and learns from the photos afterwards.
 
 The text is read in the captioning dataset's vocabulary (new words become ``<unk>``), and
 captions that could leak the selection split are dropped: those of any photo the captioning
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,11 +77,26 @@ def read_caption_lines(path: str, notes: list[str] | None = None) -> list[tuple[
 
 
 def prepare_caption_text(
-    path: str, vocab: Vocabulary, max_len: int, dataset_images: Iterable[str], val_captions: Iterable[str], seed: int
+    paths: str | Sequence[str],
+    vocab: Vocabulary,
+    max_len: int,
+    dataset_images: Iterable[str],
+    val_captions: Iterable[str],
+    seed: int,
 ) -> CaptionText:
-    """Tokenise ``path``'s captions in ``vocab``, drop those that could leak, hold 1 % out."""
+    """Tokenise the captions of ``paths`` (one text, in file order) in ``vocab``; drop what could leak; hold 1 % out.
+
+    The report names one file as ``file``/``sha256``, several as ``files`` (each with its own line count).
+    """
+    paths = [paths] if isinstance(paths, str) else list(paths)
     notes: list[str] = []
-    pairs = read_caption_lines(path, notes)
+    pairs: list[tuple[str | None, str]] = []
+    files: list[dict[str, Any]] = []
+    for path in paths:
+        read = read_caption_lines(path, notes)
+        files.append({"file": path, "sha256": file_sha256(path), "lines": len(read)})
+        pairs.extend(read)
+    path = " + ".join(paths)
     known_images = set(dataset_images)
     val_texts = {tuple(normalize_caption(c)) for c in val_captions}
     rows: list[list[int]] = []
@@ -110,8 +126,7 @@ def prepare_caption_text(
     tokens_all = torch.tensor(rows, dtype=torch.long)[order]
     held = max(1, int(len(rows) * HELD_OUT_SHARE))
     report = {
-        "file": path,
-        "sha256": file_sha256(path),
+        **({"file": paths[0], "sha256": files[0]["sha256"]} if len(paths) == 1 else {"files": files}),
         "lines": len(pairs),
         "captions": len(rows) - held,
         "held_out": held,
@@ -237,7 +252,7 @@ def pretrain_for_training(
     ``--batch-size`` photo); the dataset's photos and validation captions set what is dropped.
     """
     text = prepare_caption_text(
-        cfg.pretrain_captions or "",
+        cfg.pretrain_captions,
         vocab,
         cfg.max_caption_len,
         (r.image_id for records in dataset.splits.values() for r in records),

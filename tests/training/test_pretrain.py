@@ -16,6 +16,7 @@ from batchcap.cli import cli
 from batchcap.config import DecoderConfig, RuntimeConfig
 from batchcap.model.decoder import CaptionDecoder
 from batchcap.model.modelfile import load_model
+from batchcap.model.terms import model_terms
 from batchcap.model.text import Vocabulary, normalize_caption
 from batchcap.training.pretrain import (
     PretrainError,
@@ -76,6 +77,30 @@ def test_captions_that_could_leak_the_selection_split_are_dropped(tmp_path: Path
     zebra = [vocab.start_id, *vocab.encode(["a", "blue"]), vocab.unk_id, vocab.end_id] + [vocab.pad_id] * 17
     rows = torch.cat([text.train, text.held_out]).tolist()
     assert rows.count(zebra) == 50 and len(rows[0]) == 22
+
+
+def test_several_text_files_are_read_as_one_text_and_each_is_recorded(tmp_path: Path) -> None:
+    flickr, coco = tmp_path / "flickr.token.txt", tmp_path / "coco.token.txt"
+    flickr.write_text("".join(f"f{i}.jpg#0\ta dog runs on the grass\n" for i in range(30)))
+    coco.write_text("".join(f"coco_{i:012d}.jpg#0\ta pizza on a table\n" for i in range(20)) + "own.jpg#0\ta cat\n")
+    vocab = Vocabulary.build([["a", "dog", "runs", "on", "the", "grass", "pizza", "table"]], min_count=1)
+    text = prepare_caption_text([str(flickr), str(coco)], vocab, 20, ["own.jpg"], [], seed=0)
+    report = text.report
+    assert [f["file"] for f in report["files"]] == [str(flickr), str(coco)]
+    assert [f["lines"] for f in report["files"]] == [30, 21] and report["lines"] == 51
+    assert all(len(f["sha256"]) == 64 for f in report["files"]) and "file" not in report
+    assert report["dropped_dataset_photos"] == 1 and report["captions"] + report["held_out"] == 50
+    pizza = vocab.encode(["pizza"])[0]
+    assert sum(pizza in row for row in torch.cat([text.train, text.held_out]).tolist()) == 20
+    # one file keeps the single-file report
+    assert prepare_caption_text([str(flickr)], vocab, 20, [], [], seed=0).report["file"] == str(flickr)
+
+
+def test_the_terms_of_a_model_name_every_pretraining_text() -> None:
+    pretrain = {"files": [{"file": "flickr30k.token.txt"}, {"file": "coco.token.txt"}]}
+    sources = [s["source"] for s in model_terms({"training": {"data": "shapes", "pretrain": pretrain}})["sources"]]
+    assert any(s.startswith("Flickr30k captions") for s in sources)
+    assert any(s.startswith("MS-COCO captions") for s in sources)
 
 
 def test_pretraining_learns_the_language_of_the_text(tmp_path: Path) -> None:
