@@ -340,6 +340,7 @@ def run_on_ray(
     options = _task_options(options, fmt, ray_cpus)
     _check_tasks_file(parts, tasks, overwrite)
     started_here = _connect(ray_lib, ray)
+    outcomes: list[ShardOutcome] | None = None
     try:
         if overwrite:
             for index in range(tasks):
@@ -358,7 +359,10 @@ def run_on_ray(
         )
         outcomes = _wait_for_shards(ray_lib, [task.remote(job, i) for i in range(tasks)], job, ray_retries, stream)
     finally:
-        if started_here:
+        # Interrupted: disconnecting is what stops the tasks. Ray ends the tasks of a driver that has
+        # gone (their committed rows stay; a SIGKILL loses at most the uncommitted ones), whereas
+        # ray.cancel() raced with the cancelled task's own reply and aborted the driver (Ray 2.60).
+        if started_here or outcomes is None:
             ray_lib.shutdown()
     if outcomes is None:
         print(
@@ -380,7 +384,7 @@ def _wait_for_shards(
 ) -> list[ShardOutcome] | None:
     """Each shard's outcome as the tasks finish (a task that failed every attempt becomes an exit-1 outcome).
 
-    ``None`` when interrupted (Ctrl-C): the tasks are cancelled; what they committed stays.
+    ``None`` when interrupted (Ctrl-C): the caller disconnects, which ends the tasks; what they committed stays.
     """
     index_of = {ref: i for i, ref in enumerate(refs)}
     outcomes: dict[int, ShardOutcome] = {}
@@ -404,8 +408,6 @@ def _wait_for_shards(
                 outcomes[index] = outcome
                 print(_describe(outcome, job.tasks), file=stream, flush=True)
     except KeyboardInterrupt:
-        for ref in pending:
-            ray.cancel(ref)
         return None
     return [outcomes[i] for i in range(len(refs))]
 
