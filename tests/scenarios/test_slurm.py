@@ -402,6 +402,29 @@ def assert_exactly_once(path: Path, photos: Path) -> None:
     assert sorted(ids) == sorted(p.name for p in photos.iterdir())
 
 
+def submit_with_two_minute_limit(env: dict[str, str], out_dir: Path, logs: Path) -> str:
+    """One caption task with a two-minute limit and the warning 100 s before it; returns the array's id."""
+    logs.mkdir(parents=True)
+    submitted = subprocess.run(
+        [
+            "sbatch",
+            "--parsable",
+            "--array=0",
+            "--time=2",
+            "--signal=B:USR1@100",
+            f"--chdir={out_dir}",
+            f"--output={logs}/caption-%A_%a.log",
+            str(SLURM_DIR / "caption-array.sbatch"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    return submitted.stdout.strip().split(";")[0]
+
+
 def cancel(*jobs: str) -> None:
     subprocess.run(["scancel", *jobs], capture_output=True, timeout=20)
 
@@ -583,25 +606,7 @@ def test_time_limit_warning_stops_and_requeues_until_done(slurm: None, tmp_path:
         OUT_DIR=str(out_dir),
         MAX_REQUEUES="50",
     )
-    logs.mkdir(parents=True)
-    submitted = subprocess.run(
-        [
-            "sbatch",
-            "--parsable",
-            "--array=0",
-            "--time=2",
-            "--signal=B:USR1@100",
-            f"--chdir={out_dir}",
-            f"--output={logs}/caption-%A_%a.log",
-            str(SLURM_DIR / "caption-array.sbatch"),
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-    array = submitted.stdout.strip().split(";")[0]
+    array = submit_with_two_minute_limit(env, out_dir, logs)
     task = f"{array}_0"
     log_path = logs / f"caption-{array}_0.log"
     try:
@@ -637,25 +642,7 @@ def test_a_warning_before_batchcap_handles_signals_still_requeues(
         INPUT=str(photos),
         OUT_DIR=str(out_dir),
     )
-    logs.mkdir(parents=True)
-    submitted = subprocess.run(
-        [
-            "sbatch",
-            "--parsable",
-            "--array=0",
-            "--time=2",
-            "--signal=B:USR1@100",
-            f"--chdir={out_dir}",
-            f"--output={logs}/caption-%A_%a.log",
-            str(SLURM_DIR / "caption-array.sbatch"),
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-    array = submitted.stdout.strip().split(";")[0]
+    array = submit_with_two_minute_limit(env, out_dir, logs)
     task = f"{array}_0"
     try:
         wait_for(lambda: job_state(task) in FINAL_STATES, 600, f"{task} to finish after a requeue", logs)
