@@ -18,6 +18,7 @@ from typing import Any, NoReturn
 
 import click
 
+from batchcap.config import NEIGHBOURS_K
 from batchcap.version import __version__
 
 F = Callable[..., Any]
@@ -665,6 +666,13 @@ def _run_on_ray(sources: tuple[str, ...], ray_settings: dict[str, Any], options:
     show_default=True,
     help="Epochs over --pretrain-captions (at --lr, --warmup-steps, 5 captions per --batch-size photo).",
 )
+@click.option(
+    "--vocabulary-from-text",
+    is_flag=True,
+    help="Count the words of --pretrain-captions towards the vocabulary too (--min-word-count over "
+    "the training captions and the text together): words the photos show rarely but the text knows "
+    "well can then be written instead of <unk>.",
+)
 @click.option("--half", is_flag=True, help="Store the decoder weights as fp16 (half the file size).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option(
@@ -719,6 +727,7 @@ def train(
     samples_per_image: int,
     pretrain_captions: tuple[str, ...],
     pretrain_epochs: int,
+    vocabulary_from_text: bool,
     half: bool,
     device: str,
     precision: str,
@@ -762,6 +771,8 @@ def train(
             "--pretrain-captions pretrains a fresh decoder and --init-model starts from a "
             "trained one: give one of them (pretrain in the first stage of a recipe)"
         )
+    if vocabulary_from_text and not pretrain_captions:
+        raise click.UsageError("--vocabulary-from-text counts the words of --pretrain-captions: give that text too")
     runtime = runtime_config(device, precision, batch_size, workers)
     if init_model:  # the encoder, preprocessing, decoder shape and vocabulary are the start model's
         from batchcap.encode.weights import resolve_encoder_weights
@@ -817,6 +828,7 @@ def train(
         samples_per_image=samples_per_image,
         pretrain_captions=pretrain_captions,
         pretrain_epochs=pretrain_epochs,
+        vocabulary_from_text=vocabulary_from_text,
         extra={"label_smoothing": label_smoothing, "attention_penalty": attention_penalty, "half": half},
     )
     mix = mix_datasets([load_caption_dataset(d, fmt, images=images) for d in data], cfg.dataset_weights)
@@ -858,6 +870,7 @@ _MODEL_SHAPE_OPTIONS = (
     "layers",
     "dropout",
     "min_word_count",
+    "vocabulary_from_text",
 )
 
 
@@ -1019,9 +1032,18 @@ def evaluate(
 @click.option(
     "--train-images",
     type=click.IntRange(3),
-    default=1500,
+    default=None,
+    help="Train pictures (every k-th id in sorted order) for the familiarity statistics and the "
+    "neighbours a caption is compared with. Default: all of them (closer neighbours, a better "
+    "confidence; the model file keeps about 0.8 KB a picture).",
+)
+@click.option(
+    "--neighbours",
+    "neighbours_k",
+    type=click.IntRange(1),
+    default=NEIGHBOURS_K,
     show_default=True,
-    help="Train pictures (every k-th id in sorted order) for the familiarity statistics.",
+    help="Nearest training pictures whose captions a caption's consensus is measured against.",
 )
 @click.option(
     "--components",
@@ -1069,7 +1091,8 @@ def calibrate(
     images: str | None,
     unfamiliar: str | None,
     cache_dir: str | None,
-    train_images: int,
+    train_images: int | None,
+    neighbours_k: int,
     components: int,
     refit_familiarity: bool,
     word_rules_only: bool,
@@ -1150,6 +1173,7 @@ def calibrate(
             cache_dir=cache_dir or str(Path(out).parent / ".batchcap-features"),
             unfamiliar=unfamiliar,
             train_images=train_images,
+            neighbours_k=neighbours_k,
             components=components,
             folds=folds,
             label_threshold=label_threshold,

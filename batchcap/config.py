@@ -13,6 +13,10 @@ from typing import Any, TypeVar
 
 T = TypeVar("T")
 
+# Nearest training pictures whose captions a caption's consensus reads (``batchcap calibrate
+# --neighbours``); a model file stores the number it was calibrated with.
+NEIGHBOURS_K = 10
+
 
 def to_dict(obj: Any) -> dict[str, Any]:
     """A JSON-ready dict of a config dataclass (tuples become lists)."""
@@ -204,6 +208,7 @@ class TrainConfig:
     samples_per_image: int = 5  # captions sampled per image in a self-critical step
     pretrain_captions: tuple[str, ...] = ()  # caption text files (no photos) to pretrain a fresh decoder on
     pretrain_epochs: int = 1  # epochs over pretrain_captions
+    vocabulary_from_text: bool = False  # pretrain_captions' words count towards the vocabulary too
     datasets: tuple[str, ...] = ()  # every DATA trained on, in order, when there are several (data is the first)
     dataset_weights: tuple[float, ...] = ()  # each dataset's share of an epoch's draws (empty: each image once)
     select: str = "mean"  # how several datasets' val CIDEr-D pick the best epoch: mean, min or first

@@ -30,12 +30,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from batchcap.config import NEIGHBOURS_K
 from batchcap.model.beam import BeamResult
 from batchcap.model.cider import CiderD
 from batchcap.model.text import normalize_caption
 
 EVIDENCE = ("mean_logprob", "min_logprob", "margin", "length", "familiarity", "neighbour_similarity", "consensus")
-NEIGHBOURS_K = 5
+# How sharply the consensus favours the closest neighbours: weights softmax(temperature * cosine).
+NEIGHBOUR_TEMPERATURE = 10.0
 
 
 @dataclass(frozen=True)
@@ -120,15 +122,24 @@ class Neighbours:
     """Training pictures as whitened unit vectors (``Familiarity.whiten``) with their reference captions.
 
     ``query`` gives, per picture, the mean cosine similarity of its ``k`` nearest training
-    pictures and the CIDEr-D of its caption against all their references (document
-    frequencies from every stored reference).
+    pictures and the caption's ``consensus`` with what people wrote for them: the CIDEr-D of
+    the caption against each neighbour's references, averaged with weights
+    ``softmax(temperature * cosine)`` so that the closest neighbours count most (document
+    frequencies from every stored reference). ``temperature=None`` is the consensus of model
+    files fitted before the weighting: the CIDEr-D against all ``k`` neighbours' references pooled.
     """
 
-    def __init__(self, vectors: torch.Tensor, captions: Sequence[Sequence[str]], k: int = NEIGHBOURS_K) -> None:
-
+    def __init__(
+        self,
+        vectors: torch.Tensor,
+        captions: Sequence[Sequence[str]],
+        k: int = NEIGHBOURS_K,
+        temperature: float | None = NEIGHBOUR_TEMPERATURE,
+    ) -> None:
         self.vectors = vectors.float()  # (N, c)
         self.captions = [list(c) for c in captions]
         self.k = min(k, len(self.captions))
+        self.temperature = temperature
         self._words = [[normalize_caption(c) for c in refs] for refs in self.captions]
         self._cider = CiderD(self._words)
         self._refs: dict[int, list[Any]] = {}  # prepared on first use: a short run queries few pictures
@@ -142,14 +153,23 @@ class Neighbours:
 
     def query(self, whitened: torch.Tensor, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """``(similarity, consensus)`` float64 arrays for whitened unit vectors ``(B, c)`` and their captions."""
-
         sim = whitened.double() @ self.vectors.double().T  # (B, N)
         top = sim.topk(self.k, dim=1)
-        consensus = [
-            self._cider.score(normalize_caption(text), [r for j in row for r in self._prepared(j)])
-            for row, text in zip(top.indices.tolist(), texts)
-        ]
+        consensus = []
+        for row, cosines, text in zip(top.indices.tolist(), top.values, texts):
+            words = normalize_caption(text)
+            if self.temperature is None:
+                consensus.append(self._cider.score(words, [r for j in row for r in self._prepared(j)]))
+                continue
+            each = torch.tensor([self._cider.score(words, self._prepared(j)) for j in row], dtype=torch.float64)
+            weights = torch.softmax(self.temperature * cosines, 0)
+            consensus.append(float((weights * each).sum()))
         return top.values.mean(1).numpy(), np.asarray(consensus, dtype=np.float64)
+
+    def meta(self) -> dict[str, Any]:
+        """What the model file's metadata keeps: ``k``, the weighting and the reference captions."""
+        weighting = {} if self.temperature is None else {"temperature": self.temperature}
+        return {"k": self.k, **weighting, "captions": self.captions}
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"familiarity.neighbours": self.vectors}

@@ -200,11 +200,7 @@ class CaptionModel:
             ),
             **self._word_rules(),
             **({"familiarity": self.familiarity.meta()} if self.familiarity is not None else {}),
-            **(
-                {"neighbours": {"k": self.neighbours.k, "captions": self.neighbours.captions}}
-                if self.neighbours is not None
-                else {}
-            ),
+            **({"neighbours": self.neighbours.meta()} if self.neighbours is not None else {}),
             **({"calibration": self.calibration.to_dict()} if self.calibration is not None else {}),
             **(
                 {"ensemble": {"combine": self.combine, "decoders": [to_dict(m.config) for m in self.extra_decoders]}}
@@ -371,7 +367,10 @@ def load_model(path: str | os.PathLike[str], verify: bool = True) -> CaptionMode
             repeat_rule={k: v for k, v in repeat.items() if k != "repeatable_words"},
             familiarity=Familiarity.from_file(tensors, meta["familiarity"]) if "familiarity" in meta else None,
             neighbours=Neighbours(
-                tensors["familiarity.neighbours"], meta["neighbours"]["captions"], int(meta["neighbours"]["k"])
+                tensors["familiarity.neighbours"],
+                meta["neighbours"]["captions"],
+                int(meta["neighbours"]["k"]),
+                meta["neighbours"].get("temperature"),  # absent: fitted before the weighting, pooled
             )
             if "neighbours" in meta
             else None,

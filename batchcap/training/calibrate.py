@@ -29,13 +29,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from batchcap.config import BeamConfig, RuntimeConfig
+from batchcap.config import NEIGHBOURS_K, BeamConfig, RuntimeConfig
 from batchcap.data.captions.mixture import DatasetMix, mix_datasets
 from batchcap.data.captions.records import CaptionDataset, CaptionRecord
 from batchcap.data.extensions import is_image_name
 from batchcap.model.cider import CiderD
 from batchcap.model.confidence import (
     EVIDENCE,
+    NEIGHBOUR_TEMPERATURE,
     Calibrator,
     Familiarity,
     Neighbours,
@@ -62,10 +63,10 @@ from batchcap.training.feature_cache import FeatureCache, FeatureKey
 Log = Callable[[str], None]
 
 
-def train_subset(records: Sequence[CaptionRecord], count: int) -> list[CaptionRecord]:
-    """``count`` training records spread evenly over the ids in sorted order (deterministic)."""
+def train_subset(records: Sequence[CaptionRecord], count: int | None) -> list[CaptionRecord]:
+    """``count`` training records spread evenly over the ids in sorted order (deterministic); ``None``: all."""
     ordered = sorted(records, key=lambda r: r.image_id)
-    if count >= len(ordered):
+    if count is None or count >= len(ordered):
         return ordered
     step = len(ordered) / count
     return [ordered[int(i * step)] for i in range(count)]
@@ -73,6 +74,8 @@ def train_subset(records: Sequence[CaptionRecord], count: int) -> list[CaptionRe
 
 def familiarity_note(pictures: int, of: int, precision: str, components: int) -> str:
     """How familiarity statistics were fitted, in the words the model card uses."""
+    if pictures >= of:
+        return f"all {of} train pictures, {precision} encoder features, {components} components"
     return (
         f"{pictures} train pictures (every {of / max(1, pictures):.0f}th id in sorted order), "
         f"{precision} encoder features, {components} components"
@@ -169,9 +172,11 @@ def add_missing_word_rules(model: CaptionModel, records: Sequence[CaptionRecord]
             log(f"repeat rule: {len(rules.repeatable_words)} words may follow themselves")
 
 
-def fit_neighbours(familiarity: Familiarity, pooled: torch.Tensor, records: Sequence[CaptionRecord]) -> Neighbours:
-    """The familiarity pictures, whitened, with their reference captions (for ``consensus``)."""
-    return Neighbours(familiarity.whiten(pooled).float().contiguous(), [list(r.captions) for r in records])
+def fit_neighbours(
+    familiarity: Familiarity, pooled: torch.Tensor, records: Sequence[CaptionRecord], k: int = NEIGHBOURS_K
+) -> Neighbours:
+    """The training pictures, whitened, with their reference captions (for ``consensus``)."""
+    return Neighbours(familiarity.whiten(pooled).float().contiguous(), [list(r.captions) for r in records], k)
 
 
 def folder_items(folder: str | Path) -> list[tuple[str, str]]:
@@ -307,7 +312,8 @@ def calibrate(
     *,
     cache_dir: str | Path,
     unfamiliar: str | Path | None = None,
-    train_images: int = 1500,
+    train_images: int | None = None,
+    neighbours_k: int = NEIGHBOURS_K,
     components: int = 128,
     folds: int = 5,
     label_threshold: float = 0.5,
@@ -344,6 +350,7 @@ def calibrate(
         runtime,
         cache_dir=cache_dir,
         train_images=train_images,
+        neighbours_k=neighbours_k,
         components=components,
         refit=refit_familiarity,
         log=log,
@@ -452,12 +459,18 @@ def _fit_familiarity_and_neighbours(
     runtime: RuntimeConfig,
     *,
     cache_dir: str | Path,
-    train_images: int,
+    train_images: int | None,
+    neighbours_k: int,
     components: int,
     refit: bool,
     log: Log,
 ) -> None:
-    """Fit what tells familiar pictures from new ones, from pooled features of training pictures."""
+    """Fit what tells familiar pictures from new ones, from pooled features of training pictures.
+
+    Familiarity is kept when the model has it (unless ``refit``); the neighbours are fitted again
+    unless the model's are of the same pictures, ``k`` and weighting: more and closer neighbours
+    make a better consensus, so they default to every training picture.
+    """
     if model.familiarity is None or refit:
         subset = train_subset(train, train_images)
         log(f"familiarity: pooled features of {len(subset)} train pictures")
@@ -468,12 +481,19 @@ def _fit_familiarity_and_neighbours(
             note=familiarity_note(len(pooled.ids), len(train), runtime.precision, components),
         )
         model.neighbours = None
-    if model.neighbours is None:
-        subset = train_subset(train, train_images)
+    subset = train_subset(train, train_images)
+    stored = model.neighbours
+    if (
+        stored is None
+        or stored.temperature != NEIGHBOUR_TEMPERATURE
+        or stored.k != min(neighbours_k, len(subset))
+        or len(stored.captions) != len(subset)
+    ):
+        log(f"neighbours: pooled features of {len(subset)} train pictures, {neighbours_k} nearest each")
         pooled = encode_cached(captioner, [(r.image_id, r) for r in subset], cache_dir, runtime, pooled=True, log=log)
         by_train_id = {r.image_id: r for r in subset}
         model.neighbours = fit_neighbours(
-            model.familiarity, pooled.features.float(), [by_train_id[i] for i in pooled.ids]
+            model.familiarity, pooled.features.float(), [by_train_id[i] for i in pooled.ids], neighbours_k
         )
 
 

@@ -41,7 +41,7 @@ import torch
 
 from batchcap.config import BeamConfig, DecoderConfig, RuntimeConfig, TrainConfig, to_dict
 from batchcap.data.captions.mixture import DatasetMix, mix_datasets
-from batchcap.data.captions.records import CaptionRecord
+from batchcap.data.captions.records import CaptionDataset
 from batchcap.encode.exit_flow import (
     TRUNK_LAYER,
     ExitFlowError,
@@ -70,7 +70,7 @@ from batchcap.training.feature_sources import (
 )
 from batchcap.training.metrics import score_captions
 from batchcap.training.mixing import combined_scores, draw_counts, epoch_order
-from batchcap.training.pretrain import PretrainError, pretrain_for_training
+from batchcap.training.pretrain import PretrainError, pretrain_for_training, usable_caption_text
 from batchcap.training.scst import CaptionReward
 from batchcap.training.steps import Split, StepTotals, TrainStep, use_tf32
 from batchcap.version import __version__
@@ -173,7 +173,7 @@ def train(
             raise TrainingError(f"{name} ({each.root}) has no training images: every dataset given needs a train split")
     _refuse_conflicting_options(cfg)
     start_model = load_start_model(cfg, choice)
-    vocab = _vocabulary(cfg, start_model, train_records, log)
+    vocab = _vocabulary(cfg, start_model, dataset, log)
     if start_model is not None and mix.several:
         _log_unknown_words(mix, vocab, log)
     data = _training_data(cfg, mix, choice, runtime, vocab, start_model, log)
@@ -311,23 +311,34 @@ def _refuse_conflicting_options(cfg: TrainConfig) -> None:
         raise TrainingError(
             "--finetune-encoder already trains the exit flow: give one of --finetune-encoder and --finetune-exit-flow"
         )
+    if cfg.vocabulary_from_text and not cfg.pretrain_captions:
+        raise TrainingError("--vocabulary-from-text counts the words of --pretrain-captions: give that text too")
     if cfg.pretrain_captions and cfg.init_model:
         raise TrainingError(
             "--pretrain-captions pretrains a fresh decoder; --init-model already gives one: leave one of them out"
         )
 
 
-def _vocabulary(
-    cfg: TrainConfig, start_model: CaptionModel | None, train_records: list[CaptionRecord], log: Log
-) -> Vocabulary:
-    """The start model's vocabulary, or one built from the training captions."""
+def _vocabulary(cfg: TrainConfig, start_model: CaptionModel | None, dataset: CaptionDataset, log: Log) -> Vocabulary:
+    """The start model's vocabulary, or one built from the training captions (and the caption text, if asked)."""
     if start_model is not None:
         log(f"starting from {cfg.init_model}: its decoder and vocabulary ({len(start_model.vocab)} words)")
         return start_model.vocab
-    vocab = Vocabulary.build(
-        (normalize_caption(c) for r in train_records for c in r.captions), min_count=cfg.min_word_count
-    )
-    log(f"vocabulary: {len(vocab)} words (min count {cfg.min_word_count})")
+    captions = [normalize_caption(c) for r in dataset.splits.get("train", []) for c in r.captions]
+    counted = "training captions"
+    if cfg.vocabulary_from_text:
+        try:
+            text = usable_caption_text(
+                cfg.pretrain_captions,
+                (r.image_id for records in dataset.splits.values() for r in records),
+                (c for r in dataset.splits.get("val", []) for c in r.captions),
+            )
+        except PretrainError as exc:
+            raise TrainingError(f"--pretrain-captions: {exc}") from exc
+        counted = f"{len(captions)} training captions and {len(text.captions)} of the caption text"
+        captions += text.captions
+    vocab = Vocabulary.build(captions, min_count=cfg.min_word_count)
+    log(f"vocabulary: {len(vocab)} words (min count {cfg.min_word_count} over {counted})")
     return vocab
 
 

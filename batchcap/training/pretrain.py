@@ -7,7 +7,8 @@ teaches the fresh decoder's embedding, LSTM and output layer to write such sente
 conditioned on a constant *null image* (all-zero features): the image pathway starts
 untrained and learns from the photos afterwards.
 
-The text is read in the captioning dataset's vocabulary (new words become ``<unk>``), and
+The text is read in the captioning dataset's vocabulary (new words become ``<unk>``; with
+``--vocabulary-from-text`` the text's words count towards that vocabulary too), and
 captions that could leak the selection split are dropped: those of any photo the captioning
 dataset lists (by file name, for ``IMAGE#N<TAB>caption`` files) and those equal, after
 normalisation, to a validation caption.
@@ -76,17 +77,25 @@ def read_caption_lines(path: str, notes: list[str] | None = None) -> list[tuple[
     return [(image, caption) for image, texts in captions.items() for caption in texts]
 
 
-def prepare_caption_text(
-    paths: str | Sequence[str],
-    vocab: Vocabulary,
-    max_len: int,
-    dataset_images: Iterable[str],
-    val_captions: Iterable[str],
-    seed: int,
-) -> CaptionText:
-    """Tokenise the captions of ``paths`` (one text, in file order) in ``vocab``; drop what could leak; hold 1 % out.
+@dataclass(frozen=True)
+class UsableText:
+    """The captions of some caption-text files that may be trained on, normalised, and what was dropped."""
 
-    The report names one file as ``file``/``sha256``, several as ``files`` (each with its own line count).
+    captions: list[list[str]]
+    files: list[dict[str, Any]]
+    lines: int
+    dropped: dict[str, int]
+    notes: list[str]
+
+
+def usable_caption_text(
+    paths: str | Sequence[str], dataset_images: Iterable[str], val_captions: Iterable[str]
+) -> UsableText:
+    """The normalised captions of ``paths`` (one text, in file order), less what could leak the selection split.
+
+    Dropped: the captions of any photo the captioning dataset lists, those equal to a validation
+    caption after normalisation, and empty ones. Pretraining and ``--vocabulary-from-text`` read
+    the same text through this one filter.
     """
     paths = [paths] if isinstance(paths, str) else list(paths)
     notes: list[str] = []
@@ -96,11 +105,10 @@ def prepare_caption_text(
         read = read_caption_lines(path, notes)
         files.append({"file": path, "sha256": file_sha256(path), "lines": len(read)})
         pairs.extend(read)
-    path = " + ".join(paths)
     known_images = set(dataset_images)
     val_texts = {tuple(normalize_caption(c)) for c in val_captions}
-    rows: list[list[int]] = []
-    same_photo = same_text = empty = words = unknown = 0
+    captions: list[list[str]] = []
+    same_photo = same_text = empty = 0
     for image, caption in pairs:
         if image is not None and image in known_images:
             same_photo += 1
@@ -112,11 +120,35 @@ def prepare_caption_text(
         if tuple(tokens) in val_texts:
             same_text += 1
             continue
+        captions.append(tokens)
+    dropped = {"dataset_photos": same_photo, "val_captions": same_text, "empty": empty}
+    return UsableText(captions, files, len(pairs), dropped, notes)
+
+
+def prepare_caption_text(
+    paths: str | Sequence[str],
+    vocab: Vocabulary,
+    max_len: int,
+    dataset_images: Iterable[str],
+    val_captions: Iterable[str],
+    seed: int,
+) -> CaptionText:
+    """Tokenise the usable captions of ``paths`` (one text, in file order) in ``vocab``; hold 1 % out.
+
+    The report names one file as ``file``/``sha256``, several as ``files`` (each with its own line count).
+    """
+    paths = [paths] if isinstance(paths, str) else list(paths)
+    text = usable_caption_text(paths, dataset_images, val_captions)
+    path = " + ".join(paths)
+    rows: list[list[int]] = []
+    words = unknown = 0
+    for tokens in text.captions:
         ids = vocab.encode(tokens[:max_len])
         words += len(ids)
         unknown += sum(i == vocab.unk_id for i in ids)
         ids = [vocab.start_id] + ids + [vocab.end_id]
         rows.append(ids + [vocab.pad_id] * (max_len + 2 - len(ids)))
+    same_photo, same_text, empty = (text.dropped[k] for k in ("dataset_photos", "val_captions", "empty"))
     if len(rows) < 2:
         raise PretrainError(
             f"{path}: {len(rows)} usable captions after filtering ({same_photo} of the "
@@ -125,16 +157,17 @@ def prepare_caption_text(
     order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))
     tokens_all = torch.tensor(rows, dtype=torch.long)[order]
     held = max(1, int(len(rows) * HELD_OUT_SHARE))
+    files = text.files
     report = {
         **({"file": paths[0], "sha256": files[0]["sha256"]} if len(paths) == 1 else {"files": files}),
-        "lines": len(pairs),
+        "lines": text.lines,
         "captions": len(rows) - held,
         "held_out": held,
         "dropped_dataset_photos": same_photo,
         "dropped_val_captions": same_text,
         "dropped_empty": empty,
         "unknown_word_share": round(unknown / max(1, words), 4),
-        "notes": notes,
+        "notes": text.notes,
     }
     return CaptionText(tokens_all[held:], tokens_all[:held], report, vocab.pad_id)
 
@@ -200,9 +233,11 @@ def pretrain_language_model(
     total = steps_per_epoch * epochs
     started = time.time()
     step = 0
+    by_epoch: list[float] = []  # held-out perplexity after each epoch: whether another epoch pays
     decoder.train()
+    source = text.report.get("file") or " + ".join(f["file"] for f in text.report.get("files", []))
     log(
-        f"language-model pretraining on {text.train.shape[0]} captions ({text.report['file']}): {epochs} "
+        f"language-model pretraining on {text.train.shape[0]} captions ({source}): {epochs} "
         f"epoch(s) of {steps_per_epoch} steps, {batch_size} captions a step; held-out perplexity {before:.1f}"
     )
     for epoch in range(1, epochs + 1):
@@ -223,8 +258,12 @@ def pretrain_language_model(
             loss_sum, token_sum = loss_sum + float(loss.detach()) * tokens, token_sum + tokens
             if step % 100 == 0:
                 log(f"pretraining step {step}/{total}: loss {loss_sum / token_sum:.3f} ({time.time() - started:.0f} s)")
-        log(f"pretraining epoch {epoch}: train loss {loss_sum / max(1, token_sum):.3f}")
-    after = perplexity(decoder, text.held_out, runtime, text.pad_id)
+        by_epoch.append(perplexity(decoder, text.held_out, runtime, text.pad_id))
+        log(
+            f"pretraining epoch {epoch}: train loss {loss_sum / max(1, token_sum):.3f}, "
+            f"held-out perplexity {by_epoch[-1]:.1f}"
+        )
+    after = by_epoch[-1]
     seconds = round(time.time() - started, 1)
     log(f"pretraining done in {seconds:.0f} s: held-out perplexity {before:.1f} -> {after:.1f}")
     return {
@@ -234,7 +273,11 @@ def pretrain_language_model(
         "batch_size": batch_size,
         "lr": lr,
         "seconds": seconds,
-        "held_out_perplexity": {"before": round(before, 2), "after": round(after, 2)},
+        "held_out_perplexity": {
+            "before": round(before, 2),
+            "after": round(after, 2),
+            "by_epoch": [round(p, 2) for p in by_epoch],
+        },
     }
 
 

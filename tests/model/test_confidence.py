@@ -14,9 +14,11 @@ import torch
 from click.testing import CliRunner
 
 from batchcap.cli import cli
+from batchcap.model.cider import CiderD
 from batchcap.model.confidence import (
     EVIDENCE,
     Calibrator,
+    Neighbours,
     auroc,
     fit_calibrator,
     fit_familiarity,
@@ -24,6 +26,50 @@ from batchcap.model.confidence import (
     reliability_table,
 )
 from batchcap.model.modelfile import load_model, save_model
+
+
+def _three_neighbours() -> tuple[Neighbours, torch.Tensor, list[list[str]]]:
+    """Three training pictures on the unit circle with their captions, and a query near the first."""
+    angles = torch.tensor([0.0, 0.6, 2.5])
+    vectors = torch.stack([angles.cos(), angles.sin()], 1)
+    captions = [["a dog runs on the grass", "a brown dog runs"], ["a dog swims", "a wet dog"], ["a red car", "a car"]]
+    query = torch.tensor([[1.0, 0.05]]) / torch.tensor([[1.0, 0.05]]).norm()
+    return Neighbours(vectors, captions, k=3), query, captions
+
+
+def test_consensus_weights_each_neighbours_cider_by_its_closeness() -> None:
+    neighbours, query, captions = _three_neighbours()
+    caption = "a dog runs on the grass"
+    sim, consensus = neighbours.query(query, [caption])
+    # reference: CIDEr-D against each neighbour's captions, softmax(10 * cosine) weights
+    words = [[c.split() for c in refs] for refs in captions]
+    cider = CiderD(words)
+    each = np.array([cider.score(caption.split(), cider.prepare(w)) for w in words])
+    cosines = (query.double() @ neighbours.vectors.double().T)[0].numpy()
+    weights = np.exp(10 * cosines) / np.exp(10 * cosines).sum()
+    assert consensus[0] == pytest.approx(float((weights * each).sum()), rel=1e-9)
+    assert sim[0] == pytest.approx(cosines.mean(), rel=1e-9)
+    # the closest neighbour counts most: more than the plain mean of the three scores
+    assert consensus[0] > each.mean()
+
+
+def test_files_fitted_before_the_weighting_keep_the_pooled_consensus(tmp_path: Path) -> None:
+    weighted, query, captions = _three_neighbours()
+    pooled = Neighbours(weighted.vectors, captions, k=3, temperature=None)
+    caption = "a dog runs on the grass"
+    words = [[c.split() for c in refs] for refs in captions]
+    cider = CiderD(words)
+    expected = cider.score(caption.split(), [r for w in words for r in cider.prepare(w)])
+    assert pooled.query(query, [caption])[1][0] == pytest.approx(expected, rel=1e-9)
+    assert "temperature" not in pooled.meta() and weighted.meta()["temperature"] == 10.0
+    # a model file without the weighting loads as one; with it, as the other
+    model = load_model(Path(__file__).parents[2] / "batchcap" / "assets" / "default-model.safetensors")
+    for near in (pooled, weighted):
+        model.neighbours = near
+        save_model(model, tmp_path / "m.safetensors")
+        loaded = load_model(tmp_path / "m.safetensors").neighbours
+        assert loaded is not None and loaded.temperature == near.temperature
+        assert loaded.query(query, [caption])[1][0] == pytest.approx(near.query(query, [caption])[1][0])
 
 
 def test_auroc_is_the_chance_a_good_one_outscores_a_bad_one() -> None:

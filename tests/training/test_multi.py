@@ -397,6 +397,9 @@ def test_calibrate_on_two_dev_sets_reports_each_and_the_pool(two_datasets: dict[
     calibrated = load_model(out)
     assert calibrated.calibration is not None and calibrated.calibration.report["per_set"]
     assert calibrated.familiarity is not None and calibrated.familiarity.images == 40  # both train splits
+    # the neighbours are every training picture of both sets, weighted towards the closest
+    near = calibrated.neighbours
+    assert near is not None and len(near.captions) == 40 and near.k == 10 and near.temperature == 10.0
 
 
 def test_eval_scores_each_dataset(two_datasets: dict[str, Path]) -> None:

@@ -24,6 +24,7 @@ from batchcap.training.pretrain import (
     prepare_caption_text,
     pretrain_language_model,
     read_caption_lines,
+    usable_caption_text,
 )
 
 CPU = RuntimeConfig(device="cpu", precision="fp32", batch_size=8, workers=0)
@@ -94,6 +95,17 @@ def test_several_text_files_are_read_as_one_text_and_each_is_recorded(tmp_path: 
     assert sum(pizza in row for row in torch.cat([text.train, text.held_out]).tolist()) == 20
     # one file keeps the single-file report
     assert prepare_caption_text([str(flickr)], vocab, 20, [], [], seed=0).report["file"] == str(flickr)
+
+
+def test_the_vocabulary_and_pretraining_read_the_text_through_one_filter(tmp_path: Path) -> None:
+    text = tmp_path / "text.token.txt"
+    text.write_text("own.jpg#0\ta cat sleeps\nx.jpg#0\ta dog runs\ny.jpg#0\tA dog runs.\nz.jpg#0\ta kite flies\n")
+    usable = usable_caption_text([str(text)], ["own.jpg"], ["a dog runs"])
+    assert usable.captions == [["a", "kite", "flies"]] and usable.lines == 4
+    assert usable.dropped == {"dataset_photos": 1, "val_captions": 2, "empty": 0}
+    vocab = Vocabulary.build(usable.captions, min_count=1)
+    report = prepare_caption_text([str(text), str(text)], vocab, 8, ["own.jpg"], ["a dog runs"], seed=0).report
+    assert report["captions"] + report["held_out"] == 2 and report["dropped_val_captions"] == 4
 
 
 def test_the_terms_of_a_model_name_every_pretraining_text() -> None:
@@ -216,6 +228,48 @@ def test_train_pretrains_records_it_and_resumes_without_repeating_it(tmp_path: P
     assert "resumed from" in again.output and "language-model pretraining" not in again.output
     model = load_model(out)
     assert model.training["pretrain"] == pretrain and len(model.training["history"]) >= 1
+
+
+@pytest.mark.slow
+def test_the_text_can_widen_the_vocabulary_and_each_pretraining_epoch_is_scored(tmp_path: Path) -> None:
+    data = tmp_path / "shapes"
+    write_shapes_dataset(data, n_train=16, n_val=4)
+    first, second = tmp_path / "first.txt", tmp_path / "second.txt"
+    first.write_text("".join(f"a purple triangle on the {side}\n" for side in ("left", "right") * 3))
+    second.write_text("".join(f"x{i}.jpg#0\ta purple kite in the sky\n" for i in range(6)) + "y.jpg#0\ta lonely word\n")
+    weights = tmp_path / "encoder.safetensors"
+    save_file(timm.create_model("resnet10t", num_classes=0).state_dict(), weights)
+    out = tmp_path / "m.safetensors"
+    args = ["train", str(data), "--out", str(out), "--encoder", "resnet10t", "--encoder-weights", str(weights)]
+    args += ["--input-size", "64", "--batch-size", "8", "--embed-dim", "16", "--hidden-dim", "32"]
+    args += ["--attention-dim", "16", "--min-word-count", "3", "--max-caption-len", "8", "--precision", "fp32"]
+    args += ["--workers", "0", "--device", "cpu", "--cache-dir", str(tmp_path / "cache"), "--epochs", "1"]
+    args += ["--pretrain-captions", str(first), "--pretrain-captions", str(second), "--pretrain-epochs", "2"]
+    result = CliRunner().invoke(cli, [*args, "--vocabulary-from-text"])
+    assert result.exit_code == 0, result.output
+    assert f"({first} + {second})" in result.output and "held-out perplexity" in result.output
+    model = load_model(out)
+    words = set(model.vocab.words)
+    # seen 3 times or more in the text only, and not at all in the photos' captions
+    assert {"purple", "triangle", "kite", "sky"} <= words and not {"lonely", "word"} & words
+    assert model.training["config"]["vocabulary_from_text"] is True
+    by_epoch = model.training["pretrain"]["held_out_perplexity"]["by_epoch"]
+    assert len(by_epoch) == 2 and by_epoch[-1] == model.training["pretrain"]["held_out_perplexity"]["after"]
+    # without the flag the same text leaves the vocabulary to the photos' captions
+    plain = CliRunner().invoke(cli, [*args, "--out", str(tmp_path / "plain.safetensors")])
+    assert plain.exit_code == 0, plain.output
+    assert "purple" not in load_model(tmp_path / "plain.safetensors").vocab.words
+
+
+def test_widening_the_vocabulary_needs_the_text_and_a_fresh_decoder(tmp_path: Path) -> None:
+    alone = CliRunner().invoke(cli, ["train", str(tmp_path), "--out", "m.safetensors", "--vocabulary-from-text"])
+    assert alone.exit_code == 2 and "give that text too" in alone.output
+    start = Path(__file__).parents[2] / "batchcap" / "assets" / "default-model.safetensors"
+    text = tmp_path / "text.txt"
+    text.write_text("a dog\n")
+    args = ["train", str(tmp_path), "--out", "m.safetensors", "--init-model", str(start)]
+    with_model = CliRunner().invoke(cli, [*args, "--vocabulary-from-text", "--pretrain-captions", str(text)])
+    assert with_model.exit_code == 2
 
 
 def test_pretraining_a_trained_decoder_is_refused(tmp_path: Path) -> None:
