@@ -59,9 +59,15 @@ class CiderD:
 
     def score(self, words: Sequence[str], references: list[Vector]) -> float:
         """CIDEr-D of one candidate against prepared references."""
-        if not references:
-            return 0.0
-        hyp_vec, hyp_norm, hyp_len = self.vector(words)
+        return self._score(self.vector(words), references) if references else 0.0
+
+    def score_each(self, words: Sequence[str], groups: Sequence[list[Vector]]) -> list[float]:
+        """:meth:`score` of one candidate against each group of prepared references, vectorising it once."""
+        hypothesis = self.vector(words)
+        return [self._score(hypothesis, references) if references else 0.0 for references in groups]
+
+    def _score(self, hypothesis: Vector, references: list[Vector]) -> float:
+        hyp_vec, hyp_norm, hyp_len = hypothesis
         total = 0.0
         for ref_vec, ref_norm, ref_len in references:
             penalty = math.exp(-((hyp_len - ref_len) ** 2) / (2 * self.sigma**2))

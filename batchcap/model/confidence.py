@@ -140,15 +140,26 @@ class Neighbours:
         self.captions = [list(c) for c in captions]
         self.k = min(k, len(self.captions))
         self.temperature = temperature
-        self._words = [[normalize_caption(c) for c in refs] for refs in self.captions]
-        self._cider = CiderD(self._words)
+        # Built on first use (about a second for 35,000 captions): loading a model file stays quick.
+        self._words: list[list[list[str]]] | None = None
+        self._cider_d: CiderD | None = None
         self._refs: dict[int, list[Any]] = {}  # prepared on first use: a short run queries few pictures
+
+    @property
+    def _cider(self) -> CiderD:
+        """CiderD with document frequencies from every stored reference."""
+        if self._cider_d is None:
+            self._words = [[normalize_caption(c) for c in refs] for refs in self.captions]
+            self._cider_d = CiderD(self._words)
+        return self._cider_d
 
     def _prepared(self, j: int) -> list[Any]:
         """Training picture ``j``'s reference vectors, computed once."""
         refs = self._refs.get(j)
         if refs is None:
-            refs = self._refs[j] = self._cider.prepare(self._words[j])
+            cider = self._cider
+            assert self._words is not None
+            refs = self._refs[j] = cider.prepare(self._words[j])
         return refs
 
     def query(self, whitened: torch.Tensor, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -161,7 +172,7 @@ class Neighbours:
             if self.temperature is None:
                 consensus.append(self._cider.score(words, [r for j in row for r in self._prepared(j)]))
                 continue
-            each = torch.tensor([self._cider.score(words, self._prepared(j)) for j in row], dtype=torch.float64)
+            each = torch.tensor(self._cider.score_each(words, [self._prepared(j) for j in row]), dtype=torch.float64)
             weights = torch.softmax(self.temperature * cosines, 0)
             consensus.append(float((weights * each).sum()))
         return top.values.mean(1).numpy(), np.asarray(consensus, dtype=np.float64)
