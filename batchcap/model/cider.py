@@ -5,7 +5,7 @@ and the neighbours' consensus at caption time.
 from __future__ import annotations
 
 import math
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Iterable, Sequence
 
 
@@ -28,12 +28,17 @@ class CiderD:
 
     def __init__(self, corpus: Iterable[Sequence[Sequence[str]]], n: int = 4, sigma: float = 6.0) -> None:
         self.n, self.sigma = n, sigma
-        self.document_frequency: defaultdict[NGram, float] = defaultdict(float)
+        # An n-gram's document frequency: the images whose references contain it. Sets of sliced tuples,
+        # not per-caption Counters: a model's 30,000 neighbour captions are counted at every start-up.
+        self.document_frequency: Counter[NGram] = Counter()
         images = 0
         for refs in corpus:
             images += 1
-            for ngram in {g for ref in refs for g in ngram_counts(ref, n)}:
-                self.document_frequency[ngram] += 1
+            grams: set[NGram] = set()
+            for ref in refs:
+                for k in range(1, n + 1):
+                    grams.update(tuple(ref[i : i + k]) for i in range(len(ref) - k + 1))
+            self.document_frequency.update(grams)
         if images == 0:
             raise ValueError("CIDEr-D needs at least one image's references for its document frequencies")
         self.log_images = math.log(float(images))

@@ -120,6 +120,8 @@ class Captioner:
         self.model = model
         self.runtime = runtime
         self.beam = beam
+        if model.neighbours is not None:
+            model.neighbours.prepare_in_background()  # beside the encoder's start-up, not on the first batch
         source = resolve_encoder_weights(model, encoder_weights)
         self.weights_source = source
         encoder_cfg = EncoderConfig(name=model.encoder.name, spatial=model.encoder.spatial)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 import re
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,18 @@ def test_consensus_weights_each_neighbours_cider_by_its_closeness() -> None:
     assert sim[0] == pytest.approx(cosines.mean(), rel=1e-9)
     # the closest neighbour counts most: more than the plain mean of the three scores
     assert consensus[0] > each.mean()
+
+
+def test_frequencies_built_in_the_background_or_after_pickling_give_the_same_consensus() -> None:
+    fresh, query, _ = _three_neighbours()
+    expected = fresh.query(query, ["a dog runs on the grass"])
+    early, _, _ = _three_neighbours()
+    early.prepare_in_background()  # what a captioner does while its encoder starts
+    assert early.query(query, ["a dog runs on the grass"])[1] == pytest.approx(expected[1], rel=1e-12)
+    copied = pickle.loads(pickle.dumps(early))  # a used one travels to workers without its lock or caches
+    assert copied._cider_d is None and copied.query(query, ["a dog runs on the grass"])[1] == pytest.approx(
+        expected[1], rel=1e-12
+    )
 
 
 def test_files_fitted_before_the_weighting_keep_the_pooled_consensus(tmp_path: Path) -> None:
