@@ -273,7 +273,7 @@ def ray_head() -> Iterator[dict[str, str]]:
                 break
             assert time.monotonic() < deadline, "the Ray head did not open its port in 90 s"
             time.sleep(0.5)
-        yield {"gcs": f"127.0.0.1:{port}", "client": f"ray://127.0.0.1:{client_port}"}
+        yield {"gcs": f"127.0.0.1:{port}", "client": f"ray://127.0.0.1:{client_port}", "temp": temp}
     finally:
         os.killpg(head.pid, signal.SIGTERM)  # `ray start --block` stops what it started; its group is the rest
         try:
@@ -285,6 +285,12 @@ def ray_head() -> Iterator[dict[str, str]]:
         head.wait()
         log.close()
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def _client_server_logs(temp: str) -> str:
+    """The Ray Client servers' own logs, which the head's teardown deletes: what a failed connection says."""
+    logs = sorted(Path(temp).glob("session_*/logs/ray_client_server*"))
+    return "".join(f"\n--- {log.name}\n{log.read_text(errors='replace')[-2000:]}" for log in logs)
 
 
 @pytest.mark.slow
@@ -301,7 +307,7 @@ def test_the_command_joins_a_cluster_by_address_with_relative_paths(
     env = dict(os.environ, PYTHONPATH=str(REPO), **NO_TOKEN)
     # Run from tmp_path: the workers, started elsewhere, must read the paths relative to it.
     proc = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, proc.stderr[-3000:] + _client_server_logs(ray_head["temp"])
     assert_every_picture_once(tmp_path / "out" / "captions.parquet", tmp_path / "photos")
     assert "merged parts=2 rows=16 ok=16" in proc.stderr
     assert "Started a local Ray instance" not in proc.stderr  # it joined the head, not a Ray of its own
