@@ -26,6 +26,7 @@ import os
 import shutil
 import socket
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -192,21 +193,37 @@ def _import_ray() -> Any:
     return ray
 
 
-def _connect(ray: Any, address: str | None) -> bool:
+# Ray Client's server starts a process per session and can lose a race with it ("Initialization failure
+# from server": psutil finds the launcher already a zombie); a new session usually starts. Seconds between tries:
+CLIENT_SESSION_RETRY_WAITS = (1.0, 3.0)
+
+
+def _connect(ray: Any, address: str | None, stream: TextIO | None = None) -> bool:
     """Join (or start) the Ray cluster; True when this call did so and must shut it down after."""
     if ray.is_initialized():
         return False
     target = None if address in (None, "", "auto") else address
-    try:
-        ray.init(address=target)
-    except ImportError as exc:  # ray:// without grpcio (Ray installed without its client)
-        raise UsageError(f"--ray {address}: Ray cannot connect there without {exc.name}: {INSTALL_HINT}") from exc
-    except (ConnectionError, ValueError, RuntimeError) as exc:
-        raise UsageError(
-            f"--ray {address}: cannot connect to a Ray cluster there ({exc}); start one with `ray start --head` "
-            "or give its address (HOST:6379, or ray://HOST:10001 from outside the cluster)"
-        ) from exc
-    return True
+    waits = list(CLIENT_SESSION_RETRY_WAITS) if str(target).startswith("ray://") else []
+    while True:
+        try:
+            ray.init(address=target)
+            return True
+        except ImportError as exc:  # ray:// without grpcio (Ray installed without its client)
+            raise UsageError(f"--ray {address}: Ray cannot connect there without {exc.name}: {INSTALL_HINT}") from exc
+        except (ConnectionError, ValueError, RuntimeError) as exc:
+            if waits and "Initialization failure from server" in str(exc):
+                wait = waits.pop(0)
+                print(
+                    f"batchcap: --ray {address}: the cluster's Ray Client server failed to start a session; "
+                    f"trying again in {wait:g} s",
+                    file=stream or sys.stderr,
+                )
+                time.sleep(wait)
+                continue
+            raise UsageError(
+                f"--ray {address}: cannot connect to a Ray cluster there ({exc}); start one with `ray start --head` "
+                "or give its address (HOST:6379, or ray://HOST:10001 from outside the cluster)"
+            ) from exc
 
 
 def _gpus_per_task(ray: Any, gpus: float | None, device: str) -> float:
@@ -339,7 +356,7 @@ def run_on_ray(
     overwrite = bool(options.pop("overwrite", False))  # done here, once: a task Ray retries must resume
     options = _task_options(options, fmt, ray_cpus)
     _check_tasks_file(parts, tasks, overwrite)
-    started_here = _connect(ray_lib, ray)
+    started_here = _connect(ray_lib, ray, stream)
     outcomes: list[ShardOutcome] | None = None
     try:
         if overwrite:

@@ -289,7 +289,7 @@ def ray_head() -> Iterator[dict[str, str]]:
 
 def _client_server_logs(temp: str) -> str:
     """The Ray Client servers' own logs, which the head's teardown deletes: what a failed connection says."""
-    logs = sorted(Path(temp).glob("session_*/logs/ray_client_server*"))
+    logs = sorted({log.resolve() for log in Path(temp).glob("session_*/logs/ray_client_server*")})
     return "".join(f"\n--- {log.name}\n{log.read_text(errors='replace')[-2000:]}" for log in logs)
 
 
