@@ -6,16 +6,19 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+
+
+def ngrams(words: Sequence[str], n: int = 4) -> Iterator[tuple[str, ...]]:
+    """Every 1..n-gram of ``words``, repeats included."""
+    for k in range(1, n + 1):
+        for i in range(len(words) - k + 1):
+            yield tuple(words[i : i + k])
 
 
 def ngram_counts(words: Sequence[str], n: int = 4) -> Counter:
     """Counts of every 1..n-gram of ``words``."""
-    counts: Counter = Counter()
-    for k in range(1, n + 1):
-        for i in range(len(words) - k + 1):
-            counts[tuple(words[i : i + k])] += 1
-    return counts
+    return Counter(ngrams(words, n))
 
 
 class CiderD:
@@ -28,17 +31,13 @@ class CiderD:
 
     def __init__(self, corpus: Iterable[Sequence[Sequence[str]]], n: int = 4, sigma: float = 6.0) -> None:
         self.n, self.sigma = n, sigma
-        # An n-gram's document frequency: the images whose references contain it. Sets of sliced tuples,
+        # An n-gram's document frequency: the images whose references contain it. One set per image,
         # not per-caption Counters: a model's 30,000 neighbour captions are counted at every start-up.
         self.document_frequency: Counter[NGram] = Counter()
         images = 0
         for refs in corpus:
             images += 1
-            grams: set[NGram] = set()
-            for ref in refs:
-                for k in range(1, n + 1):
-                    grams.update(tuple(ref[i : i + k]) for i in range(len(ref) - k + 1))
-            self.document_frequency.update(grams)
+            self.document_frequency.update({g for ref in refs for g in ngrams(ref, n)})
         if images == 0:
             raise ValueError("CIDEr-D needs at least one image's references for its document frequencies")
         self.log_images = math.log(float(images))

@@ -158,10 +158,16 @@ class Neighbours:
         self.__dict__.update(state)
         self._building = threading.Lock()
 
-    def prepare_in_background(self) -> None:
-        """Build the document frequencies in a thread now, so the first query does not wait for them."""
-        if self._cider_d is None:
-            threading.Thread(target=lambda: self._cider, name="batchcap-neighbours", daemon=True).start()
+    def prepare_in_background(self) -> threading.Thread | None:
+        """Build the document frequencies in a thread now, so the first query does not wait for them.
+
+        Returns the thread (None when they are built already); a query waits for it by itself.
+        """
+        if self._cider_d is not None:
+            return None
+        thread = threading.Thread(target=lambda: self._cider, name="batchcap-neighbours", daemon=True)
+        thread.start()
+        return thread
 
     @property
     def _cider(self) -> CiderD:

@@ -203,7 +203,7 @@ def _connect(ray: Any, address: str | None, stream: TextIO | None = None) -> boo
     if ray.is_initialized():
         return False
     target = None if address in (None, "", "auto") else address
-    waits = list(CLIENT_SESSION_RETRY_WAITS) if str(target).startswith("ray://") else []
+    waits = list(CLIENT_SESSION_RETRY_WAITS) if target is not None and target.startswith("ray://") else []
     while True:
         try:
             ray.init(address=target)

@@ -17,21 +17,17 @@ import sys
 import tempfile
 from pathlib import Path
 
-from timed_run import run_once  # beside this script
-
-PICTURES = (".jpg", ".jpeg", ".png")
+from timed_run import first_pictures, run_once  # beside this script
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("photos", type=Path, help="a folder of pictures (the first --count by name are used)")
+    parser.add_argument("photos", type=Path, help="a folder of pictures, subfolders too (the first --count by path)")
     parser.add_argument("models", type=Path, nargs="+", help="model files; ratios are to the first")
     parser.add_argument("--count", type=int, default=300)
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
-    pictures = sorted(p for p in args.photos.rglob("*") if p.suffix.lower() in PICTURES)[: args.count]
-    if len(pictures) < args.count:
-        raise SystemExit(f"{args.photos}: {len(pictures)} pictures, fewer than --count {args.count}")
+    pictures = first_pictures(args.photos, args.count, recursive=True)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "photos"
         folder.mkdir()

@@ -27,9 +27,7 @@ TESTS = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(TESTS))
 
 from remote_servers import moto_s3  # noqa: E402  (the tests' own server helper)
-from timed_run import run_once  # noqa: E402  (beside this script)
-
-PICTURES = (".jpg", ".jpeg", ".png")
+from timed_run import first_pictures, run_once  # noqa: E402  (beside this script)
 
 
 def main() -> None:
@@ -42,9 +40,7 @@ def main() -> None:
     args = parser.parse_args()
     import s3fs
 
-    pictures = sorted(p for p in args.photos.iterdir() if p.suffix.lower() in PICTURES)[: args.count]
-    if len(pictures) < args.count:
-        raise SystemExit(f"{args.photos}: {len(pictures)} pictures, fewer than --count {args.count}")
+    pictures = first_pictures(args.photos, args.count)
     extra = ["--workers", str(args.workers)] + (["--model", args.model] if args.model else [])
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

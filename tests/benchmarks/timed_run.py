@@ -1,4 +1,4 @@
-"""One fresh, timed ``batchcap run`` for the benchmarks that compare whole runs."""
+"""One fresh, timed ``batchcap run``, and the pictures to run it on, for the benchmarks that compare whole runs."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
+
+from batchcap.data.extensions import is_image_name
 
 
 def run_once(source: str, out: Path, count: int, extra: list[str]) -> tuple[float, float]:
@@ -28,3 +30,12 @@ def run_once(source: str, out: Path, count: int, extra: list[str]) -> tuple[floa
         raise SystemExit(f"{source}: {rows} rows, expected {count}")
     summary = float(re.findall(r"\(([\d.]+) images/s\)", done.stderr + done.stdout)[-1])
     return count / wall, summary
+
+
+def first_pictures(photos: Path, count: int, recursive: bool = False) -> list[Path]:
+    """The first ``count`` pictures of ``photos`` by path (in its subfolders too when ``recursive``)."""
+    found = photos.rglob("*") if recursive else photos.iterdir()
+    pictures = sorted(p for p in found if p.is_file() and is_image_name(p.name))[:count]
+    if len(pictures) < count:
+        raise SystemExit(f"{photos}: {len(pictures)} pictures, fewer than --count {count}")
+    return pictures

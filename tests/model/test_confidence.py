@@ -58,7 +58,10 @@ def test_frequencies_built_in_the_background_or_after_pickling_give_the_same_con
     fresh, query, _ = _three_neighbours()
     expected = fresh.query(query, ["a dog runs on the grass"])
     early, _, _ = _three_neighbours()
-    early.prepare_in_background()  # what a captioner does while its encoder starts
+    building = early.prepare_in_background()  # what a captioner does while its encoder starts
+    assert building is not None
+    building.join(timeout=30)
+    assert early._cider_d is not None and early.prepare_in_background() is None  # built, before any query
     assert early.query(query, ["a dog runs on the grass"])[1] == pytest.approx(expected[1], rel=1e-12)
     copied = pickle.loads(pickle.dumps(early))  # a used one travels to workers without its lock or caches
     assert copied._cider_d is None and copied.query(query, ["a dog runs on the grass"])[1] == pytest.approx(
