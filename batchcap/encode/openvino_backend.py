@@ -17,10 +17,14 @@ run may switch between them.
 * **Precisions** -- ``fp32`` and ``bf16`` run the same fp32 graph (bf16 is the CPU
   plugin's inference-precision hint); ``int8`` is a post-training-quantised graph
   (:mod:`batchcap.encode.quantize`).
+* **Streams** -- OpenVINO's throughput hint: several streams, each encoding a contiguous share of
+  every batch, so a core taken by the decode worker or the search stalls one stream, not all
+  (:func:`stream_settings`; ``$BATCHCAP_OPENVINO_STREAMS``).
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -31,7 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from batchcap.config import Preprocess, RuntimeConfig
+from batchcap.config import OptionError, Preprocess, RuntimeConfig
 from batchcap.encode.graph_cache import backbone_identity, cache_fields, cache_root, cached_graph
 from batchcap.encode.quantize import int8_graph
 from batchcap.hardware import cpu_has_native_bf16
@@ -134,15 +138,37 @@ def inference_precision(precision: str) -> str:
     return {"fp32": "f32", "bf16": "bf16"}[precision]
 
 
-def compile_graph(xml: Path, precision: str) -> Any:
-    """The graph compiled for the CPU: one stream on every core (one batch at a time, as the pipeline feeds it)."""
+ENV_STREAMS = "BATCHCAP_OPENVINO_STREAMS"
+
+
+def stream_settings(environ: os._Environ[str] | dict[str, str] | None = None) -> dict[str, Any]:
+    """The CPU plugin's stream settings from ``$BATCHCAP_OPENVINO_STREAMS``: ``auto`` (the default) or a number.
+
+    ``auto`` is OpenVINO's throughput hint: several streams of a few threads each (two of one
+    thread on a 2-core machine), each encoding its share of a batch. ``1`` is one stream on every
+    core, whose threads wait for each other at every layer: whenever the decode worker, the search
+    or the writer takes a core, the whole encoder stalls, which cost a quarter of its rate beside
+    a decoding process (docs/performance.md).
+    """
+    value = (os.environ if environ is None else environ).get(ENV_STREAMS, "auto").strip().lower()
+    if value == "auto":
+        return {"PERFORMANCE_HINT": "THROUGHPUT"}
+    if not value.isdigit() or int(value) < 1:
+        raise OptionError(f"${ENV_STREAMS}", f"{value!r}: use auto or a number of streams (1 or more)")
+    if int(value) == 1:
+        return {"PERFORMANCE_HINT": "LATENCY"}
+    return {"PERFORMANCE_HINT": "THROUGHPUT", "NUM_STREAMS": int(value)}
+
+
+def compile_graph(xml: Path, precision: str, streams: dict[str, Any] | None = None) -> Any:
+    """The graph compiled for the CPU, with :func:`stream_settings` (default: from the environment)."""
     import openvino as ov
 
     core = ov.Core()
     return core.compile_model(
         core.read_model(str(xml)),
         "CPU",
-        {"INFERENCE_PRECISION_HINT": inference_precision(precision), "PERFORMANCE_HINT": "LATENCY"},
+        {"INFERENCE_PRECISION_HINT": inference_precision(precision), **(streams or stream_settings())},
     )
 
 
@@ -195,11 +221,22 @@ class OpenVINOEncoder:
         started = time.perf_counter()
         self.compiled = compile_graph(self.xml, precision)
         self.compile_seconds = time.perf_counter() - started
-        self._request = self.compiled.create_infer_request()
+        streams = max(1, int(self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
+        self._requests = [self.compiled.create_infer_request() for _ in range(streams)]
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        """Features of one batch: split into one contiguous share per stream, encoded at once, in order."""
         x = images.cpu().numpy()
         if x.dtype != np.uint8:
             raise TypeError(f"the OpenVINO encoder takes uint8 images, not {x.dtype}")
-        out = self._request.infer({0: np.ascontiguousarray(x)}, share_inputs=True, share_outputs=False)
-        return torch.from_numpy(np.asarray(out[0], dtype=np.float32))  # (B, R, F) or (B, F)
+        shares = [np.ascontiguousarray(s) for s in np.array_split(x, min(len(self._requests), max(1, len(x))))]
+        if len(shares) == 1:
+            out = self._requests[0].infer({0: shares[0]}, share_inputs=True, share_outputs=False)
+            return torch.from_numpy(np.asarray(out[0], dtype=np.float32))  # (B, R, F) or (B, F)
+        for request, share in zip(self._requests, shares, strict=False):
+            request.start_async({0: share}, share_inputs=True)  # `shares` keeps the inputs alive until wait()
+        features = []
+        for request, _ in zip(self._requests, shares, strict=False):
+            request.wait()
+            features.append(np.array(request.get_output_tensor(0).data, dtype=np.float32))  # a copy
+        return torch.from_numpy(np.concatenate(features))

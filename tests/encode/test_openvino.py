@@ -160,6 +160,40 @@ def test_cache_is_reused_and_rebuilt_when_the_weights_change(tmp_path: Path) -> 
     assert _cosines(changed(images), _torch_fp32(backbone, model.preprocess)(images)).min() > 0.9999
 
 
+def test_stream_settings_come_from_the_environment() -> None:
+    from batchcap.encode.openvino_backend import ENV_STREAMS, stream_settings
+
+    assert stream_settings({}) == {"PERFORMANCE_HINT": "THROUGHPUT"}
+    assert stream_settings({ENV_STREAMS: "Auto"}) == {"PERFORMANCE_HINT": "THROUGHPUT"}
+    assert stream_settings({ENV_STREAMS: "1"}) == {"PERFORMANCE_HINT": "LATENCY"}
+    assert stream_settings({ENV_STREAMS: " 3"}) == {"PERFORMANCE_HINT": "THROUGHPUT", "NUM_STREAMS": 3}
+    for bad in ("0", "-2", "two", "1.5", ""):
+        with pytest.raises(OptionError, match=r"\$BATCHCAP_OPENVINO_STREAMS.*auto or a number"):
+            stream_settings({ENV_STREAMS: bad})
+
+
+@needs_openvino
+@pytest.mark.parametrize("streams", ["2", "3"])
+def test_several_streams_give_one_streams_features_in_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, streams: str
+) -> None:
+    """A batch split between streams: the same features, in the batch's order, for every batch size."""
+    model, backbone = _tiny_backbone(tmp_path)
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("BATCHCAP_OPENVINO_STREAMS", "1")
+    one = build_encoder(backbone, model.preprocess, _ov_runtime("fp32", cache))
+    monkeypatch.setenv("BATCHCAP_OPENVINO_STREAMS", streams)
+    several = build_encoder(backbone, model.preprocess, _ov_runtime("fp32", cache))
+    assert len(one._requests) == 1 and len(several._requests) >= 2  # OpenVINO may cap streams at the cores
+    generator = torch.Generator().manual_seed(2)
+    for size in (1, 2, 5, 8):
+        images = torch.randint(0, 256, (size, 3, 64, 64), dtype=torch.uint8, generator=generator)
+        expected, got = one(images), several(images)
+        assert got.shape == expected.shape
+        assert _cosines(got, expected).min() > 0.99999  # each picture its own: not its neighbour's
+    assert not torch.allclose(several(images)[0], several(images.flip(0))[0])  # order matters, and is kept
+
+
 @needs_openvino
 def test_a_cached_graph_is_found_without_building_the_network(
     tmp_path: Path, tiny_model_path: Path, monkeypatch: pytest.MonkeyPatch
