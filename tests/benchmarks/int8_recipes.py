@@ -36,10 +36,8 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from batchcap.config import ImagePolicy  # noqa: E402
 from batchcap.data.captions.factory import load_caption_dataset  # noqa: E402
-from batchcap.data.image_decode import decode_file  # noqa: E402
-from batchcap.encode.openvino_backend import compile_graph  # noqa: E402
+from batchcap.encode.openvino_backend import ENV_STREAMS, compile_graph, stream_settings  # noqa: E402
 from batchcap.encode.quantize import calibration_arrays, calibration_photos  # noqa: E402
 from batchcap.pipeline.api import load_model  # noqa: E402
 from batchcap.training.metrics import score_captions  # noqa: E402
@@ -100,14 +98,8 @@ def accuracy_controlled(
     )
 
 
-def decode_all(paths: list[str], preprocess: Any) -> np.ndarray:
-    arrays = []
-    for path in paths:
-        decoded = decode_file(path, preprocess, ImagePolicy())
-        if decoded.tensor is None:
-            raise SystemExit(f"{path}: {decoded.status} {decoded.error}")
-        arrays.append(decoded.tensor.numpy())
-    return np.stack(arrays)
+#: One request at a time, so one stream on every core (as the table in docs/performance.md was measured).
+ONE_STREAM = stream_settings({ENV_STREAMS: "1"})
 
 
 def encode_all(compiled: Any, images: np.ndarray, batch: int = 16) -> np.ndarray:
@@ -158,7 +150,9 @@ def main() -> None:
             paths.append(str(r.path))
             references[key] = list(r.captions)
     print(f"decoding {len(paths)} val photos", flush=True)
-    images = decode_all(paths, preprocess)
+    images = np.concatenate(calibration_arrays(paths, preprocess))  # decoded as the encoder sees them
+    if len(images) != len(paths):
+        raise SystemExit(f"{len(paths) - len(images)} val photos could not be decoded")
 
     results: dict[str, Any] = json.loads(args.out.read_text()) if args.out.exists() else {}
     results.setdefault("photos", len(ids))
@@ -181,14 +175,14 @@ def main() -> None:
 
     reference_texts: list[str] | None = None
     started = time.perf_counter()
-    fp32_features = encode_all(compile_graph(fp32_xml, "fp32"), images)
+    fp32_features = encode_all(compile_graph(fp32_xml, "fp32", ONE_STREAM), images)
     fp32_texts = search_all(captioner, fp32_features)
     results["fp32"] = {"scores": groups(fp32_texts), "seconds": round(time.perf_counter() - started, 1)}
     reference_texts = fp32_texts
     print("fp32", results["fp32"], flush=True)
 
     def measure(name: str, xml: Path, precision: str, extra: dict[str, Any]) -> None:
-        features = encode_all(compile_graph(xml, precision), images)
+        features = encode_all(compile_graph(xml, precision, ONE_STREAM), images)
         cos = torch.nn.functional.cosine_similarity(
             torch.from_numpy(features).flatten(1), torch.from_numpy(fp32_features).flatten(1)
         )
@@ -237,7 +231,7 @@ def main() -> None:
     if args.rounds:
         batch = images[: args.time_images]
         rates: dict[str, list[float]] = {n: [] for n in ["bf16", *wanted]}
-        compiled = {n: compile_graph(graphs[n], "bf16" if n == "bf16" else "int8") for n in rates}
+        compiled = {n: compile_graph(graphs[n], "bf16" if n == "bf16" else "int8", ONE_STREAM) for n in rates}
         for n in rates:
             encode_all(compiled[n], batch[:32])  # warm-up
         for _ in range(args.rounds):

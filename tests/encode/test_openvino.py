@@ -191,7 +191,8 @@ def test_several_streams_give_one_streams_features_in_order(
         expected, got = one(images), several(images)
         assert got.shape == expected.shape
         assert _cosines(got, expected).min() > 0.99999  # each picture its own: not its neighbour's
-    assert not torch.allclose(several(images)[0], several(images.flip(0))[0])  # order matters, and is kept
+    # The pictures' features differ, so a share put back out of order fails the cosines above.
+    assert not torch.allclose(several(images)[0], several(images.flip(0))[0])
 
 
 @needs_openvino
