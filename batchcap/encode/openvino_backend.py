@@ -147,8 +147,8 @@ def stream_settings(environ: os._Environ[str] | dict[str, str] | None = None) ->
     ``auto`` is OpenVINO's throughput hint: several streams of a few threads each (two of one
     thread on a 2-core machine), each encoding its share of a batch. ``1`` is one stream on every
     core, whose threads wait for each other at every layer: whenever the decode worker, the search
-    or the writer takes a core, the whole encoder stalls, which cost a quarter of its rate beside
-    a decoding process (docs/performance.md).
+    or the writer takes a core, the whole encoder stalls: beside a process decoding on one core it
+    ran at under half its rate alone, and two streams at 1.34x one (docs/performance.md).
     """
     value = (os.environ if environ is None else environ).get(ENV_STREAMS, "auto").strip().lower()
     if value == "auto":
