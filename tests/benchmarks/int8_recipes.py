@@ -134,6 +134,12 @@ def main() -> None:
     import openvino as ov
     from nncf import Dataset, quantize
 
+    available = recipes()
+    wanted = [n for n in args.only.split(",") if n] or list(available)
+    unknown = [n for n in wanted if n not in available and not n.startswith("accuracy-control-")]
+    if unknown:
+        raise SystemExit(f"unknown recipes {unknown}: use {sorted(available)} or accuracy-control-DROP")
+
     captioner = load_model(args.model, precision="fp32", backend="openvino")._captioner
     preprocess = captioner.model.preprocess
     fp32_xml = Path(captioner.encoder.xml)
@@ -155,30 +161,29 @@ def main() -> None:
         raise SystemExit(f"{len(paths) - len(images)} val photos could not be decoded")
 
     results: dict[str, Any] = json.loads(args.out.read_text()) if args.out.exists() else {}
-    results.setdefault("photos", len(ids))
-    graphs: dict[str, Path] = {"fp32": fp32_xml}
+    if results.setdefault("photos", len(ids)) != len(ids):  # a rerun adds to the same table, or to none
+        raise SystemExit(f"{args.out} holds results for {results['photos']} photos, not {len(ids)}: use another --out")
+    graphs: dict[str, Path] = {"bf16": fp32_xml}
     work = args.out.with_suffix(".graphs")
     work.mkdir(exist_ok=True)
 
-    def groups(texts: list[str]) -> dict[str, Any]:
-        """Equal share and CIDEr-D per dataset and pooled, against fp32's captions."""
+    def groups(texts: list[str], fp32_texts: list[str] | None) -> dict[str, Any]:
+        """CIDEr-D per dataset and pooled, and the share of captions equal to ``fp32_texts`` (when given)."""
         by_set: dict[str, Any] = {}
         for prefix in sorted({k.split("/")[0] for k in ids}) + ["all"]:
             keep = [i for i, k in enumerate(ids) if prefix == "all" or k.startswith(prefix + "/")]
             predictions = {ids[i]: texts[i] for i in keep}
             scores = score_captions(predictions, {ids[i]: references[ids[i]] for i in keep}, full=False)
             entry: dict[str, Any] = {"CIDEr-D": round(float(scores["CIDEr"]), 4)}  # type: ignore[arg-type]
-            if reference_texts is not None:
-                entry["equal"] = sum(texts[i] == reference_texts[i] for i in keep) / len(keep)
+            if fp32_texts is not None:
+                entry["equal"] = sum(texts[i] == fp32_texts[i] for i in keep) / len(keep)
             by_set[prefix] = entry
         return by_set
 
-    reference_texts: list[str] | None = None
     started = time.perf_counter()
     fp32_features = encode_all(compile_graph(fp32_xml, "fp32", ONE_STREAM), images)
     fp32_texts = search_all(captioner, fp32_features)
-    results["fp32"] = {"scores": groups(fp32_texts), "seconds": round(time.perf_counter() - started, 1)}
-    reference_texts = fp32_texts
+    results["fp32"] = {"scores": groups(fp32_texts, None), "seconds": round(time.perf_counter() - started, 1)}
     print("fp32", results["fp32"], flush=True)
 
     def measure(name: str, xml: Path, precision: str, extra: dict[str, Any]) -> None:
@@ -191,7 +196,7 @@ def main() -> None:
             **extra,
             "cosine_mean": round(float(cos.mean()), 5),
             "cosine_min": round(float(cos.min()), 5),
-            "scores": groups(texts),
+            "scores": groups(texts, fp32_texts),
         }
         for group, value in entry["scores"].items():
             value["delta_CIDEr-D"] = round(value["CIDEr-D"] - results["fp32"]["scores"][group]["CIDEr-D"], 4)
@@ -201,11 +206,6 @@ def main() -> None:
 
     if "bf16" not in results:
         measure("bf16", fp32_xml, "bf16", {})
-    graphs["bf16"] = fp32_xml
-    wanted = [n for n in args.only.split(",") if n] or list(recipes())
-    unknown = [n for n in wanted if n not in recipes() and not n.startswith("accuracy-control-")]
-    if unknown:
-        raise SystemExit(f"unknown recipes {unknown}: use {sorted(recipes())} or accuracy-control-DROP")
     calibration_set = calibration_photos(args.calibration)
     calibration = calibration_arrays(calibration_set, preprocess)
     # Validation for accuracy control: other training photos, never the dev photos scored here.
@@ -219,7 +219,7 @@ def main() -> None:
             if name.startswith("accuracy-control-"):
                 quantised = accuracy_controlled(model, calibration, validation, float(name.rsplit("-", 1)[1]))
             else:
-                quantised = quantize(model, Dataset(calibration), subset_size=len(calibration), **recipes()[name])
+                quantised = quantize(model, Dataset(calibration), subset_size=len(calibration), **available[name])
             ov.save_model(quantised, str(xml))
             seconds = round(time.perf_counter() - started, 1)
         else:
