@@ -179,6 +179,13 @@ def backend_options(func: F) -> F:
 def beam_options(func: F) -> F:
     """Caption search settings, shared by run, eval, calibrate and bench."""
     func = click.option(
+        "--style",
+        default="auto",
+        show_default=True,
+        help="Models trained with --dataset-styles: the caption style to write (a training dataset's name, as "
+        "`batchcap info` lists them), or auto: each picture the style of most of its nearest training pictures.",
+    )(func)
+    func = click.option(
         "--allow-repeated-words",
         is_flag=True,
         help="Let any word follow itself. Default: only the words the model learnt may ('yo yo').",
@@ -521,6 +528,14 @@ def _run_on_ray(sources: tuple[str, ...], ray_settings: dict[str, Any], options:
     help="With several DATA: the best epoch is the one with the best mean, lowest or first DATA's val CIDEr-D.",
 )
 @click.option(
+    "--dataset-styles",
+    is_flag=True,
+    help="With several DATA: learn one caption style per DATA (how its annotators describe), each "
+    "caption trained in its own dataset's style; `run` picks a picture's style from its nearest "
+    "training pictures once the model is calibrated (--style chooses one). With --init-model the "
+    "styles start from the model's unstyled decoder.",
+)
+@click.option(
     "--encoder", "encoder_name", default="legacy_xception", show_default=True, help="timm model name of the encoder."
 )
 @click.option(
@@ -673,6 +688,14 @@ def _run_on_ray(sources: tuple[str, ...], ray_settings: dict[str, Any], options:
     "the training captions and the text together): words the photos show rarely but the text knows "
     "well can then be written instead of <unk>.",
 )
+@click.option(
+    "--vocabulary-from",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="With --init-model: write with this model file's vocabulary instead of the start model's. Words "
+    "both know keep what the start model learnt; the others start fresh (train them with teacher "
+    "forcing before --self-critical): a model grows the words of another data set.",
+)
 @click.option("--half", is_flag=True, help="Store the decoder weights as fp16 (half the file size).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option(
@@ -691,6 +714,7 @@ def train(
     images: str | None,
     dataset_weights: tuple[float, ...],
     select: str,
+    dataset_styles: bool,
     encoder_name: str,
     encoder_weights: str | None,
     input_size: int | None,
@@ -728,6 +752,7 @@ def train(
     pretrain_captions: tuple[str, ...],
     pretrain_epochs: int,
     vocabulary_from_text: bool,
+    vocabulary_from: str | None,
     half: bool,
     device: str,
     precision: str,
@@ -766,6 +791,8 @@ def train(
             f"{len(dataset_weights)} --dataset-weight for {len(data)} DATA: give one per DATA, in the "
             "order of DATA (or none: every training image once per epoch)"
         )
+    if dataset_styles and len(data) < 2:
+        raise click.UsageError("--dataset-styles learns one caption style per DATA: give two or more DATA")
     if init_model and pretrain_captions:
         raise click.UsageError(
             "--pretrain-captions pretrains a fresh decoder and --init-model starts from a "
@@ -773,6 +800,11 @@ def train(
         )
     if vocabulary_from_text and not pretrain_captions:
         raise click.UsageError("--vocabulary-from-text counts the words of --pretrain-captions: give that text too")
+    if vocabulary_from and not init_model:
+        raise click.UsageError(
+            "--vocabulary-from changes the vocabulary of an --init-model; a fresh model builds its own "
+            "(--min-word-count, --vocabulary-from-text)"
+        )
     runtime = runtime_config(device, precision, batch_size, workers)
     if init_model:  # the encoder, preprocessing, decoder shape and vocabulary are the start model's
         from batchcap.encode.weights import resolve_encoder_weights
@@ -803,6 +835,7 @@ def train(
         datasets=data if len(data) > 1 else (),
         dataset_weights=dataset_weights if len(data) > 1 else (),
         select=select,
+        dataset_styles=dataset_styles,
         out=out,
         format=fmt,
         epochs=epochs,
@@ -829,6 +862,7 @@ def train(
         pretrain_captions=pretrain_captions,
         pretrain_epochs=pretrain_epochs,
         vocabulary_from_text=vocabulary_from_text,
+        vocabulary_from=vocabulary_from,
         extra={"label_smoothing": label_smoothing, "attention_penalty": attention_penalty, "half": half},
     )
     mix = mix_datasets([load_caption_dataset(d, fmt, images=images) for d in data], cfg.dataset_weights)
@@ -940,6 +974,7 @@ def evaluate(
     n_best: int,
     no_ending_rule: bool,
     allow_repeated_words: bool,
+    style: str,
 ) -> None:
     """Caption a split of DATA the way `run` does and score it with the COCO caption metrics.
 
@@ -972,6 +1007,7 @@ def evaluate(
         model_obj.max_caption_len,
         no_ending_rule=no_ending_rule,
         allow_repeated_words=allow_repeated_words,
+        style=style,
     )
     runtime = runtime_config(device, precision, batch_size, workers, backend, encoder_cache)
     datasets = [load_caption_dataset(d, fmt, images=images) for d in data]
@@ -1113,6 +1149,7 @@ def calibrate(
     n_best: int,
     no_ending_rule: bool,
     allow_repeated_words: bool,
+    style: str,
 ) -> None:
     """Fit the confidence of a model's captions on DATA's dev split and write the model to --out.
 
@@ -1162,6 +1199,7 @@ def calibrate(
         model_obj.max_caption_len,
         no_ending_rule=no_ending_rule,
         allow_repeated_words=allow_repeated_words,
+        style=style,
     )
     runtime = runtime_config(device, precision, batch_size, workers)
     try:
@@ -1506,6 +1544,7 @@ def bench(
     n_best: int,
     no_ending_rule: bool,
     allow_repeated_words: bool,
+    style: str,
 ) -> None:
     """Measure this machine: encoder images/s per precision, decode rate, beam search, end-to-end run.
 
@@ -1538,6 +1577,7 @@ def bench(
         n_best=n_best,
         no_ending_rule=no_ending_rule,
         allow_repeated_words=allow_repeated_words,
+        style=style,
     )
 
 

@@ -94,6 +94,9 @@ class DecoderConfig:
     attention: bool = True
     attention_dim: int = 512
     deep_output: bool = False  # SAT's output layer: words from embedding + h + context, not h alone
+    # Caption styles, one per training dataset (``train --dataset-styles``): a learnt offset of the
+    # initial state lets one decoder write each dataset's way of describing; empty: no styles.
+    styles: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -103,7 +106,7 @@ class BeamConfig:
     A hypothesis' score is ``sum(log p) / length ** length_penalty``; ``beam_size=1``
     is greedy decoding. ``ending_rule`` applies the model's ending rule (no caption ends on
     "a", nor on "a black"); ``allow_repeated_words`` lets any word follow itself, not only
-    the model's learnt exceptions.
+    the model's learnt exceptions. ``style`` picks a decoder's caption style (``DecoderConfig.styles``).
     """
 
     beam_size: int = 5
@@ -114,6 +117,9 @@ class BeamConfig:
     n_best: int = 1
     ending_rule: bool = True
     allow_repeated_words: bool = False
+    # A decoder with caption styles: "auto" (each picture the style of most of its nearest training
+    # pictures) or a style's name; a decoder without styles only takes "auto".
+    style: str = "auto"
 
     def __post_init__(self) -> None:
         if self.beam_size < 1:
@@ -209,9 +215,11 @@ class TrainConfig:
     pretrain_captions: tuple[str, ...] = ()  # caption text files (no photos) to pretrain a fresh decoder on
     pretrain_epochs: int = 1  # epochs over pretrain_captions
     vocabulary_from_text: bool = False  # pretrain_captions' words count towards the vocabulary too
+    vocabulary_from: str | None = None  # with init_model: that model's words, in this model file's vocabulary
     datasets: tuple[str, ...] = ()  # every DATA trained on, in order, when there are several (data is the first)
     dataset_weights: tuple[float, ...] = ()  # each dataset's share of an epoch's draws (empty: each image once)
     select: str = "mean"  # how several datasets' val CIDEr-D pick the best epoch: mean, min or first
+    dataset_styles: bool = False  # one caption style per dataset (DecoderConfig.styles)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -227,6 +235,7 @@ _OPTION_OF_SETTING = {
     "n_best": "--n-best",
     "ending_rule": "the ending rule (--no-ending-rule turns it off)",
     "allow_repeated_words": "--allow-repeated-words",
+    "style": "--style",
     "min_confidence": "--min-confidence",
     "id_from": "--id-from",
     "id_column": "--id-column",

@@ -128,6 +128,9 @@ class Neighbours:
     ``softmax(temperature * cosine)`` so that the closest neighbours count most (document
     frequencies from every stored reference). ``temperature=None`` is the consensus of model
     files fitted before the weighting: the CIDEr-D against all ``k`` neighbours' references pooled.
+
+    ``datasets`` names each picture's dataset (None: not recorded); a decoder with caption styles
+    writes a picture in the style of most of its neighbours' datasets (:meth:`styles`).
     """
 
     def __init__(
@@ -136,9 +139,13 @@ class Neighbours:
         captions: Sequence[Sequence[str]],
         k: int = NEIGHBOURS_K,
         temperature: float | None = NEIGHBOUR_TEMPERATURE,
+        datasets: Sequence[str] | None = None,
     ) -> None:
         self.vectors = vectors.float()  # (N, c)
         self.captions = [list(c) for c in captions]
+        if datasets is not None and len(datasets) != len(self.captions):
+            raise ValueError(f"{len(datasets)} dataset names for {len(self.captions)} neighbours")
+        self.datasets = None if datasets is None else list(datasets)
         self.k = min(k, len(self.captions))
         self.temperature = temperature
         # Built on first use (about half a second for 30,000 captions), or in the background while the
@@ -187,12 +194,37 @@ class Neighbours:
             refs = self._refs[j] = cider.prepare(self._words[j])
         return refs
 
-    def query(self, whitened: torch.Tensor, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        """``(similarity, consensus)`` float64 arrays for whitened unit vectors ``(B, c)`` and their captions."""
+    def nearest(self, whitened: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``k`` nearest training pictures of whitened unit vectors ``(B, c)``: float64 cosines and
+        indices, both ``(B, k)``, closest first."""
         sim = whitened.double() @ self.vectors.double().T  # (B, N)
         top = sim.topk(self.k, dim=1)
+        return top.values, top.indices
+
+    def styles(self, indices: torch.Tensor, styles: Sequence[str]) -> torch.Tensor:
+        """Each picture's caption style, an index into ``styles``: the one most of its neighbours
+        (``indices`` from :meth:`nearest`) were trained in, ties to the earlier style; the first style
+        when no neighbour's dataset is one of ``styles`` (or datasets were not recorded)."""
+        rows = indices.shape[0]
+        if self.datasets is None or not styles:
+            return torch.zeros(rows, dtype=torch.long)
+        index = {name: i for i, name in enumerate(styles)}
+        of = torch.tensor([index.get(name, len(styles)) for name in self.datasets], dtype=torch.long)  # (N,)
+        votes = torch.zeros(rows, len(styles) + 1, dtype=torch.long)
+        votes.scatter_add_(1, of[indices.cpu()], torch.ones_like(indices, dtype=torch.long, device="cpu"))
+        return votes[:, : len(styles)].argmax(1)  # argmax takes the first of equal counts
+
+    def query(
+        self,
+        whitened: torch.Tensor,
+        texts: Sequence[str],
+        nearest: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``(similarity, consensus)`` float64 arrays for whitened unit vectors ``(B, c)`` and their
+        captions; ``nearest`` is :meth:`nearest`'s answer for them, when already asked."""
+        values, indices = self.nearest(whitened) if nearest is None else nearest
         consensus = []
-        for row, cosines, text in zip(top.indices.tolist(), top.values, texts):
+        for row, cosines, text in zip(indices.tolist(), values, texts):
             words = normalize_caption(text)
             if self.temperature is None:
                 consensus.append(self._cider.score(words, [r for j in row for r in self._prepared(j)]))
@@ -200,12 +232,19 @@ class Neighbours:
             each = torch.tensor(self._cider.score_each(words, [self._prepared(j) for j in row]), dtype=torch.float64)
             weights = torch.softmax(self.temperature * cosines, 0)
             consensus.append(float((weights * each).sum()))
-        return top.values.mean(1).numpy(), np.asarray(consensus, dtype=np.float64)
+        return values.mean(1).numpy(), np.asarray(consensus, dtype=np.float64)
 
     def meta(self) -> dict[str, Any]:
-        """What the model file's metadata keeps: ``k``, the weighting and the reference captions."""
+        """What the model file's metadata keeps: ``k``, the weighting, the reference captions and datasets.
+
+        The datasets are stored as their names once and an index per picture.
+        """
         weighting = {} if self.temperature is None else {"temperature": self.temperature}
-        return {"k": self.k, **weighting, "captions": self.captions}
+        datasets = {}
+        if self.datasets is not None:
+            names = list(dict.fromkeys(self.datasets))
+            datasets = {"datasets": {"names": names, "index": [names.index(d) for d in self.datasets]}}
+        return {"k": self.k, **weighting, "captions": self.captions, **datasets}
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"familiarity.neighbours": self.vectors}

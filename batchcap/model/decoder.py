@@ -10,6 +10,13 @@ Image features enter twice, for different reasons:
   With ``attention=False`` the context is the pooled feature at every step, which is
   the tutorial's "merge" model with state.
 
+A decoder trained on several datasets may know their **styles** (``cfg.styles``): Flickr8k's
+annotators wrote "a man in a red shirt is climbing a rock", COCO's "a kitchen with a stove and
+a sink". A learnt offset per style, added to every region of the projected features, says which
+way to write: it moves the initial ``(h, c)`` (through the mean) and the context of every step
+(attention weights sum to one, and the keys shift alike, so where the decoder looks is unchanged).
+Offsets start at zero, so a decoder gains styles without forgetting.
+
 Attention scores are scaled dot products between a query from ``h`` and per-region
 keys (Luong's "general" form) rather than SAT's additive MLP: the additive form
 materialises an ``(N, R, D)`` tensor at every step, and on CPU that memory traffic,
@@ -62,14 +69,22 @@ class CaptionDecoder(nn.Module):
         else:
             self.out = nn.Linear(cfg.hidden_dim, cfg.vocab_size, **kw)
         self._scale = d**-0.5
+        if cfg.styles:  # (S, D): an offset of every region's projected feature, zero until trained
+            self.style_memory = nn.Embedding(len(cfg.styles), d, **kw)
+            nn.init.zeros_(self.style_memory.weight)
 
     # -- state ---------------------------------------------------------------------------
     #: Which tensors of the state are one row per image (memory, keys), shared by all of the
     #: image's hypotheses: beam search keeps them unrepeated (``beam_search(per_image=...)``).
     per_image_state = (False, False, True, True)
 
-    def init_state(self, features: torch.Tensor, captions_per_image: int = 1) -> State:
+    def init_state(
+        self, features: torch.Tensor, captions_per_image: int = 1, styles: torch.Tensor | None = None
+    ) -> State:
         """Initial state from encoder features ``(M, R, F)`` or pooled ``(M, F)``.
+
+        ``styles`` ``(M,)`` are indices into ``cfg.styles``, one per image; ``None`` (or a
+        decoder without styles) adds no offset.
 
         The state describes ``N = M * captions_per_image`` hypotheses, image-major: the
         memory and keys stay per image ``(M, R, D)`` and only ``h, c`` are per hypothesis,
@@ -81,6 +96,8 @@ class CaptionDecoder(nn.Module):
         if features.dim() == 2:
             features = features[:, None, :]  # (M, 1, F)
         memory = F.relu(self.feature_proj(features))  # (M, R, D)
+        if styles is not None and self.cfg.styles:
+            memory = memory + self.style_memory(styles.to(memory.device))[:, None, :]  # (M, R, D)
         keys = self.att_key(memory) if self.cfg.attention else memory[:, :0]  # (M, R, D) or empty
         mean = memory.mean(dim=1)  # (M, D)
         m, layers, hid = memory.shape[0], self.cfg.num_layers, self.cfg.hidden_dim
@@ -129,15 +146,19 @@ class CaptionDecoder(nn.Module):
 
     # -- training ------------------------------------------------------------------------
     def forward(
-        self, features: torch.Tensor, captions: torch.Tensor, captions_per_image: int = 1
+        self,
+        features: torch.Tensor,
+        captions: torch.Tensor,
+        captions_per_image: int = 1,
+        styles: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Teacher-forced logits ``(N, T-1, V)`` for ``captions`` ``(N, T)`` = ``<start> w1 .. <end> <pad>..``.
 
         ``N = M * captions_per_image``, image-major. Also returns the attention weights
         ``(N, T-1, R)`` (``None`` without attention), which training uses for the doubly
-        stochastic regulariser.
+        stochastic regulariser. ``styles`` ``(M,)``: each image's style (:meth:`init_state`).
         """
-        state = self.init_state(features, captions_per_image)
+        state = self.init_state(features, captions_per_image, styles)
         steps = captions.shape[1] - 1
         logits, alphas = [], []
         for t in range(steps):

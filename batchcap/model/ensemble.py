@@ -43,6 +43,12 @@ class EnsembleDecoder(nn.Module):
             raise EnsembleError(f"combine rule {combine!r}: expected one of {', '.join(COMBINE_RULES)}")
         if len(members) < 1:
             raise EnsembleError("an ensemble needs at least one decoder")
+        if len({m.cfg.styles for m in members}) > 1:
+            raise EnsembleError(
+                "the decoders know different caption styles ("
+                + "; ".join(", ".join(m.cfg.styles) or "none" for m in members)
+                + "): ensemble models trained with the same --dataset-styles datasets"
+            )
         self.members = nn.ModuleList(members)
         self.combine = combine
         self._sizes = [len(m.per_image_state) for m in members]
@@ -59,9 +65,9 @@ class EnsembleDecoder(nn.Module):
     def _decoders(self) -> list[CaptionDecoder]:
         return list(self.members)  # type: ignore[arg-type]  # a ModuleList of CaptionDecoders
 
-    def init_state(self, features: torch.Tensor) -> State:
-        """Every member's initial state from the same features, laid end to end."""
-        return tuple(t for member in self._decoders() for t in member.init_state(features))
+    def init_state(self, features: torch.Tensor, styles: torch.Tensor | None = None) -> State:
+        """Every member's initial state from the same features (and styles), laid end to end."""
+        return tuple(t for member in self._decoders() for t in member.init_state(features, styles=styles))
 
     def step(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         """One word for N hypotheses: the combined fp32 log-probabilities ``(N, V)`` and new state.

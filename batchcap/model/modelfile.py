@@ -57,8 +57,11 @@ from batchcap.model.ensemble import EnsembleDecoder
 from batchcap.model.text import FALLBACK_UNENDABLE, Vocabulary
 
 FORMAT_NAME = "batchcap-model"
-FORMAT_VERSION = 2  # the newest this batchcap reads; single-decoder files are still written as 1
+FORMAT_VERSION = 3  # the newest this batchcap reads; other files are still written as 1 or 2
 ENSEMBLE_FORMAT_VERSION = 2
+# A decoder with caption styles: an earlier batchcap would not know their tensor, so it must refuse the file
+# ("upgrade batchcap") rather than call it corrupt.
+STYLES_FORMAT_VERSION = 3
 _MAX_HEADER = 100 * 1024 * 1024
 
 
@@ -264,7 +267,7 @@ def save_model(model: CaptionModel, path: str | os.PathLike[str], half: bool = F
     model.tensors_sha256 = tensors_sha256(tensors)
     metadata = {
         "batchcap.format": FORMAT_NAME,
-        "batchcap.format_version": str(ENSEMBLE_FORMAT_VERSION if model.extra_decoders else 1),
+        "batchcap.format_version": str(_format_version(model)),
         "batchcap.meta": json.dumps(model.metadata(), sort_keys=True),
     }
     atomic_save_safetensors(tensors, path, metadata)
@@ -371,6 +374,7 @@ def load_model(path: str | os.PathLike[str], verify: bool = True) -> CaptionMode
                 meta["neighbours"]["captions"],
                 int(meta["neighbours"]["k"]),
                 meta["neighbours"].get("temperature"),  # absent: fitted before the weighting, pooled
+                _neighbour_datasets(meta["neighbours"].get("datasets")),
             )
             if "neighbours" in meta
             else None,
@@ -442,3 +446,18 @@ def resolve_model_path(model: str | None) -> Path:
 
 #: What ``EncoderSpec.finetuned`` says when the model file holds the fine-tuned exit flow.
 EXIT_FLOW = "exit_flow"
+
+
+def _neighbour_datasets(stored: dict[str, Any] | None) -> list[str] | None:
+    """Each neighbour's dataset name from the metadata's ``{"names", "index"}`` (None: not recorded)."""
+    if stored is None:
+        return None
+    names = list(stored["names"])
+    return [names[int(i)] for i in stored["index"]]
+
+
+def _format_version(model: CaptionModel) -> int:
+    """The oldest format version that describes ``model``: 3 with caption styles, 2 for an ensemble, else 1."""
+    if any(member.config.styles for member in model.decoders()):
+        return STYLES_FORMAT_VERSION
+    return ENSEMBLE_FORMAT_VERSION if model.extra_decoders else 1

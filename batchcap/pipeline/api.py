@@ -250,6 +250,7 @@ def load_model(
     no_repeat_ngram: int = 0,
     no_ending_rule: bool = False,
     allow_repeated_words: bool = False,
+    style: str = "auto",
     batch_size: int | None = None,
     encoder_weights: str | os.PathLike[str] | None = None,
     encoder_cache: str | os.PathLike[str] | None = None,
@@ -273,6 +274,8 @@ def load_model(
         no_repeat_ngram: forbid repeating any n-gram of this size (0: off).
         no_ending_rule: let captions end on any word (not only where the model's ending rule allows).
         allow_repeated_words: let any word follow itself (not only the model's learnt exceptions).
+        style: a model with caption styles: the style to write, or ``auto`` (each picture its nearest
+            training pictures' style).
         batch_size: default pictures per encoder batch (16 on CPU, 256 on CUDA).
         encoder_weights: encoder weights, when the model file neither embeds nor ships them
             (default: ``$BATCHCAP_ENCODER_WEIGHTS``).
@@ -298,6 +301,7 @@ def load_model(
         model.max_caption_len,
         no_ending_rule=no_ending_rule,
         allow_repeated_words=allow_repeated_words,
+        style=style,
     )
     runtime = runtime_config(
         device, precision, batch_size, "0", backend, _path_or_env(encoder_cache, "BATCHCAP_ENCODER_CACHE")
@@ -344,6 +348,7 @@ def run(
     n_best: int = 1,
     no_ending_rule: bool = False,
     allow_repeated_words: bool = False,
+    style: str = "auto",
     stream: TextIO | None = None,
 ) -> RunResult:
     """``batchcap run SOURCES --out OUT``: caption every picture in ``sources`` not yet in ``out``.
@@ -397,6 +402,7 @@ def run(
         int(meta["max_caption_len"]),
         no_ending_rule=no_ending_rule,
         allow_repeated_words=allow_repeated_words,
+        style=style,
     )
     cfg = RunConfig(
         sources=tuple(specs),

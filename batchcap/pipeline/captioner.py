@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from batchcap.config import BeamConfig, EncoderConfig, RuntimeConfig
+from batchcap.config import BeamConfig, EncoderConfig, OptionError, RuntimeConfig
 from batchcap.data.loader import Batch
 from batchcap.encode.factory import build_encoder
 from batchcap.encode.torch_backend import build_backbone
@@ -111,12 +111,46 @@ def caption_batch(captioner: Callable[[torch.Tensor], list[Caption]], batch: Bat
     return [caption for _, caption in kept]
 
 
+def style_index(model: CaptionModel, beam: BeamConfig) -> int | None:
+    """The index of ``beam.style`` among the model's caption styles; None for ``auto``.
+
+    Raises :class:`OptionError` for a style the model does not write.
+    """
+    if beam.style == "auto":
+        return None
+    styles = model.decoder.styles
+    if beam.style not in styles:
+        known = f"it writes {', '.join(styles)} (or auto)" if styles else "it has no caption styles: leave --style out"
+        raise OptionError("--style", f"{beam.style!r} is not a caption style of {model.name}; {known}")
+    return styles.index(beam.style)
+
+
+def caption_styles(
+    model: CaptionModel, count: int, nearest: tuple[torch.Tensor, torch.Tensor] | None, chosen: int | None = None
+) -> torch.Tensor | None:
+    """Each of ``count`` pictures' caption style (CPU long ``(count,)``) for a decoder with styles.
+
+    ``chosen`` (from :func:`style_index`) for every picture; else (``auto``) the style of most of the
+    picture's neighbours (``nearest``: :meth:`batchcap.model.confidence.Neighbours.nearest`), or the
+    first style for a model without neighbours. None for a decoder without styles.
+    """
+    styles = model.decoder.styles
+    if not styles:
+        return None
+    if chosen is not None:
+        return torch.full((count,), chosen, dtype=torch.long)
+    if nearest is not None and model.neighbours is not None:
+        return model.neighbours.styles(nearest[1], styles)
+    return torch.zeros(count, dtype=torch.long)
+
+
 class Captioner:
     """Batched encoder + vectorised beam search for one model and one set of settings."""
 
     def __init__(
         self, model: CaptionModel, runtime: RuntimeConfig, beam: BeamConfig, encoder_weights: str | None = None
     ) -> None:
+        self._style = style_index(model, beam)  # a style the model lacks is refused before the encoder loads
         self.model = model
         self.runtime = runtime
         self.beam = beam
@@ -144,6 +178,7 @@ class Captioner:
         other.beam = beam
         other._search_cfg = dataclasses.replace(beam, n_best=max(beam.n_best, min(2, beam.beam_size)))
         other._word_rules = self.model.word_rules(beam)
+        other._style = style_index(model=self.model, beam=beam)
         return other
 
     @torch.inference_mode()
@@ -161,7 +196,14 @@ class Captioner:
     def search_with_evidence(self, features: torch.Tensor) -> tuple[list[Caption], np.ndarray]:
         """:meth:`search`, plus each image's calibrator inputs (:func:`caption_evidence`)."""
         vocab, model = self.model.vocab, self.model
-        state = self.decoder.init_state(features)
+        familiarity = whitened = nearest = None
+        if model.familiarity is not None:
+            pooled = features.float().mean(1) if features.dim() == 3 else features.float()
+            familiarity = model.familiarity.score(pooled)
+            if model.neighbours is not None:
+                whitened = model.familiarity.whiten(pooled)
+                nearest = model.neighbours.nearest(whitened)
+        state = self.decoder.init_state(features, styles=self._styles(features.shape[0], nearest))
         result = beam_search(
             self.decoder.step,
             state,
@@ -173,13 +215,10 @@ class Captioner:
             per_image=self.decoder.per_image_state,
             **self._word_rules,
         )
-        familiarity = neighbours = None
-        if model.familiarity is not None:
-            pooled = features.float().mean(1) if features.dim() == 3 else features.float()
-            familiarity = model.familiarity.score(pooled)
-            if model.neighbours is not None:
-                best = [vocab.decode(row[0]) for row in result.tokens.cpu().tolist()]
-                neighbours = model.neighbours.query(model.familiarity.whiten(pooled), best)
+        neighbours = None
+        if model.neighbours is not None and whitened is not None:
+            best = [vocab.decode(row[0]) for row in result.tokens.cpu().tolist()]
+            neighbours = model.neighbours.query(whitened, best, nearest)
         evidence = caption_evidence(result, familiarity, neighbours)
         confidence = None if model.calibration is None else model.calibration(evidence).tolist()
         tokens = result.tokens[:, : self.beam.n_best].cpu().tolist()
@@ -211,6 +250,10 @@ class Captioner:
                 )
             )
         return captions, evidence
+
+    def _styles(self, count: int, nearest: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor | None:
+        styles = caption_styles(self.model, count, nearest, self._style)
+        return None if styles is None else styles.to(self.runtime.device)
 
     def __call__(self, images: torch.Tensor) -> list[Caption]:
         features = self.encode(images)

@@ -85,6 +85,7 @@ def beam_config(
     *,
     no_ending_rule: bool = False,
     allow_repeated_words: bool = False,
+    style: str = "auto",
 ) -> BeamConfig:
     """A validated :class:`BeamConfig`; ``max_len`` None means the model's own maximum."""
     max_len = max_len or model_max_len
@@ -105,6 +106,7 @@ def beam_config(
         n_best=n_best,
         ending_rule=not no_ending_rule,
         allow_repeated_words=allow_repeated_words,
+        style=style,
     )
 
 

@@ -661,6 +661,7 @@ def run_bench(
     sweep: bool = True,
     no_ending_rule: bool = False,
     allow_repeated_words: bool = False,
+    style: str = "auto",
 ) -> dict[str, Any]:
     """Measure everything ``batchcap bench`` reports; print a table (or JSON) and return the results.
 
@@ -687,6 +688,7 @@ def run_bench(
         loaded.max_caption_len,
         no_ending_rule=no_ending_rule,
         allow_repeated_words=allow_repeated_words,
+        style=style,
     )
     dev = torch.device(runtime.device)
     policy = ImagePolicy()

@@ -116,6 +116,17 @@ def describe_model(model: CaptionModel, show_vocab: bool = False, console: Conso
             f"{'soft attention ' + str(dec.attention_dim) + '-d' if dec.attention else 'no attention'}"
             f", dropout {dec.dropout}, {n_params / 1e6:.2f} M parameters",
         )
+    if model.decoder.styles:
+        routed = model.neighbours is not None and model.neighbours.datasets is not None
+        table.add_row(
+            "caption styles",
+            f"{', '.join(model.decoder.styles)} (--style); auto: "
+            + (
+                "each picture its nearest training pictures' style"
+                if routed
+                else f"{model.decoder.styles[0]} (no neighbours with datasets: calibrate the model)"
+            ),
+        )
     table.add_row("vocabulary", f"{len(model.vocab)} words (ids 0-3: <pad> <start> <end> <unk>)")
     table.add_row("max caption length", f"{model.max_caption_len} words")
     training = model.training

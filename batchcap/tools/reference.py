@@ -30,6 +30,7 @@ from batchcap.data.preprocess import resize_target
 from batchcap.encode.torch_backend import build_backbone
 from batchcap.encode.weights import resolve_encoder_weights
 from batchcap.model.modelfile import CaptionModel
+from batchcap.pipeline.captioner import caption_styles
 
 
 def reference_pixels(path: str | Path, cfg: Preprocess) -> torch.Tensor:
@@ -85,11 +86,23 @@ class ReferenceCaptioner:
             return fmap.flatten(2).transpose(1, 2)  # (1, h*w, F)
         return fmap.mean(dim=(2, 3))  # (1, F)
 
+    def styles(self, features: torch.Tensor) -> torch.Tensor | None:
+        """A decoder with caption styles: the picture's ``auto`` style, as ``run`` chooses it."""
+        model = self.model
+        if not model.decoder.styles:
+            return None
+        nearest = None
+        if model.familiarity is not None and model.neighbours is not None:
+            pooled = features.float().mean(1) if features.dim() == 3 else features.float()
+            nearest = model.neighbours.nearest(model.familiarity.whiten(pooled.cpu()))
+        styles = caption_styles(model, features.shape[0], nearest)
+        return None if styles is None else styles.to(self.device)
+
     @torch.inference_mode()
     def next_word(self, features: torch.Tensor, prefix: list[int]) -> int:
         """The arg-max word after ``prefix``, recomputed from scratch (the tutorial's cost)."""
         vocab = self.model.vocab
-        state = self.decoder.init_state(features)
+        state = self.decoder.init_state(features, styles=self.styles(features))
         log_probs = None
         for token in prefix:  # re-run the whole prefix, keep the last output
             log_probs, state = self.decoder.step(torch.tensor([token], device=self.device), state)

@@ -89,11 +89,13 @@ def ending_and_familiarity(
     precision: str,
     count: int = 1500,
     components: int = 128,
+    dataset_of: dict[str, str] | None = None,
 ) -> tuple[tuple[str, ...], dict[str, Any], Familiarity | None, Neighbours | None]:
     """What ``batchcap train`` stores for trusting captions: the ending rule and familiarity.
 
     ``ids`` / ``features`` are the training split's cached features (empty when the encoder is
-    fine-tuned: then there is no familiarity, as the features change with the encoder).
+    fine-tuned: then there is no familiarity, as the features change with the encoder);
+    ``dataset_of`` names each training picture's dataset, for the neighbours.
     """
     words = learn_unendable(normalize_caption(c) for r in records for c in r.captions)
     rule = {
@@ -110,7 +112,8 @@ def ending_and_familiarity(
     familiarity = fit_familiarity(
         pooled, components, note=familiarity_note(len(chosen_records), len(records), precision, components)
     )
-    return words, rule, familiarity, fit_neighbours(familiarity, pooled, chosen_records)
+    datasets = None if dataset_of is None else [dataset_of[r.image_id] for r in chosen_records]
+    return words, rule, familiarity, fit_neighbours(familiarity, pooled, chosen_records, datasets=datasets)
 
 
 @dataclass(frozen=True)
@@ -173,10 +176,17 @@ def add_missing_word_rules(model: CaptionModel, records: Sequence[CaptionRecord]
 
 
 def fit_neighbours(
-    familiarity: Familiarity, pooled: torch.Tensor, records: Sequence[CaptionRecord], k: int = NEIGHBOURS_K
+    familiarity: Familiarity,
+    pooled: torch.Tensor,
+    records: Sequence[CaptionRecord],
+    k: int = NEIGHBOURS_K,
+    datasets: Sequence[str] | None = None,
 ) -> Neighbours:
-    """The training pictures, whitened, with their reference captions (for ``consensus``)."""
-    return Neighbours(familiarity.whiten(pooled).float().contiguous(), [list(r.captions) for r in records], k)
+    """The training pictures, whitened, with their reference captions (for ``consensus``) and the name
+    of each one's dataset (for caption styles)."""
+    return Neighbours(
+        familiarity.whiten(pooled).float().contiguous(), [list(r.captions) for r in records], k, datasets=datasets
+    )
 
 
 def folder_items(folder: str | Path) -> list[tuple[str, str]]:
@@ -347,6 +357,7 @@ def calibrate(
         model,
         captioner,
         train,
+        {i: mix.names[d] for i, d in mix.owner.items()},
         runtime,
         cache_dir=cache_dir,
         train_images=train_images,
@@ -456,6 +467,7 @@ def _fit_familiarity_and_neighbours(
     model: CaptionModel,
     captioner: Captioner,
     train: Sequence[CaptionRecord],
+    dataset_of: dict[str, str],
     runtime: RuntimeConfig,
     *,
     cache_dir: str | Path,
@@ -469,7 +481,8 @@ def _fit_familiarity_and_neighbours(
 
     Familiarity is kept when the model has it (unless ``refit``); the neighbours are fitted again
     unless the model's are of the same pictures, ``k`` and weighting: more and closer neighbours
-    make a better consensus, so they default to every training picture.
+    make a better consensus, so they default to every training picture. ``dataset_of`` names each
+    training picture's dataset; neighbours stored without them are fitted again.
     """
     if model.familiarity is None or refit:
         subset = train_subset(train, train_images)
@@ -488,12 +501,17 @@ def _fit_familiarity_and_neighbours(
         or stored.temperature != NEIGHBOUR_TEMPERATURE
         or stored.k != min(neighbours_k, len(subset))
         or len(stored.captions) != len(subset)
+        or stored.datasets is None
     ):
         log(f"neighbours: pooled features of {len(subset)} train pictures, {neighbours_k} nearest each")
         pooled = encode_cached(captioner, [(r.image_id, r) for r in subset], cache_dir, runtime, pooled=True, log=log)
         by_train_id = {r.image_id: r for r in subset}
         model.neighbours = fit_neighbours(
-            model.familiarity, pooled.features.float(), [by_train_id[i] for i in pooled.ids], neighbours_k
+            model.familiarity,
+            pooled.features.float(),
+            [by_train_id[i] for i in pooled.ids],
+            neighbours_k,
+            [dataset_of[i] for i in pooled.ids],
         )
 
 

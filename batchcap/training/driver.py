@@ -77,6 +77,11 @@ from batchcap.version import __version__
 
 Log = Callable[[str], None]
 
+#: Caption styles new to a trained decoder (``--init-model`` without styles) learn at this multiple of
+#: ``--lr``, like new layers in a fine-tuned network: at the decoder's rate (2e-4 over 900 steps) they
+#: moved by under 0.02, too little to change a caption. A fresh decoder's styles learn with the rest.
+STYLE_LR_SCALE = 50.0
+
 
 class TrainingError(Exception):
     """A training request that cannot work as given (no data in a split, a start model that does not fit)."""
@@ -89,6 +94,7 @@ def caption_features(
     beam: BeamConfig,
     batch_size: int = 100,
     unendable_ids: Sequence[int] = (),
+    styles: torch.Tensor | None = None,
     **word_rules: Any,
 ) -> list[str]:
     """Beam-search captions for features (on any device), in order: validation and dev sweeps.
@@ -96,7 +102,8 @@ def caption_features(
     The features move to the decoder's device chunk by chunk, so a CPU feature cache
     validates a CUDA decoder without holding the whole split on the GPU. ``unendable_ids``
     is the model's ending rule (training validates without one); ``word_rules`` are the
-    search's other rules (:meth:`batchcap.model.modelfile.CaptionModel.word_rules`).
+    search's other rules (:meth:`batchcap.model.modelfile.CaptionModel.word_rules`); ``styles``
+    ``(M,)`` the caption style of each picture, for a decoder with styles.
     """
     decoder.eval()
     device = next(decoder.parameters()).device
@@ -104,7 +111,8 @@ def caption_features(
     with torch.inference_mode():
         for start in range(0, features.shape[0], batch_size):
             chunk = features[start : start + batch_size].to(device, non_blocking=True)
-            state = decoder.init_state(chunk.float())
+            chunk_styles = None if styles is None else styles[start : start + batch_size]
+            state = decoder.init_state(chunk.float(), styles=chunk_styles)
             result = beam_search(
                 decoder.step,
                 state,
@@ -129,13 +137,15 @@ def validate(
     beam: BeamConfig,
     groups: Sequence[tuple[str, list[str]]] = (),
     select: str = "mean",
+    styles: torch.Tensor | None = None,
 ) -> dict[str, Any]:
     """BLEU and CIDEr-D of beam-search captions on ``split`` (batchcap tokenisation: fast, no Java).
 
     With ``groups`` (dataset name, its image ids) each dataset is scored on its own and the
-    result combines them (:func:`batchcap.training.mixing.combined_scores`, by ``select``).
+    result combines them (:func:`batchcap.training.mixing.combined_scores`, by ``select``). A decoder
+    with styles writes each picture in its own dataset's style (``styles``).
     """
-    captions = caption_features(decoder, features, vocab, beam)
+    captions = caption_features(decoder, features, vocab, beam, styles=styles)
     predictions = dict(zip(split.image_ids, captions))
     if not groups:
         scores = score_captions(predictions, split.references, full=False)
@@ -186,6 +196,7 @@ def train(
         train_split.image_ids,
         torch.empty(0) if cfg.finetune_exit_flow else train_split.features,
         runtime.precision,
+        dataset_of={i: mix.names[d] for i, d in mix.owner.items()},
     )
     word_rules = learn_word_rules(train_split.records, trust[0], trust[1]["learnt_from"])
     log(
@@ -200,15 +211,17 @@ def train(
             images = owners.count(d)
             drawn = f"{counts[d]} draws an epoch" if counts else "each once an epoch"
             log(f"  {name}: {images} train images ({drawn}), {len(groups[d][1])} val images")
-    dcfg = _decoder_config(cfg, start_model, len(vocab), data.feature_dim, decoder_cfg)
+    dcfg = _decoder_config(cfg, start_model, len(vocab), data.feature_dim, decoder_cfg, mix.names)
     # Seeded again here: building an encoder to fill a missing feature cache draws from the global
     # generator, and the same --seed must give the same model whether the cache was there or not.
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-    decoder = CaptionDecoder(dcfg) if start_model is None else start_model.build_decoder()
-    assert isinstance(decoder, CaptionDecoder)  # load_start_model refuses ensembles
+    decoder = _start_decoder(dcfg, start_model, vocab, log)
     decoder.to(runtime.device)
-    trained, optimizer = _optimizer(cfg, decoder, source)
+    train_styles = _style_indices(dcfg, mix, train_split.image_ids)
+    val_styles = _style_indices(dcfg, mix, val_split.image_ids)
+    new_styles = bool(dcfg.styles) and start_model is not None and not start_model.decoder.styles
+    trained, optimizer = _optimizer(cfg, decoder, source, STYLE_LR_SCALE if new_styles else 1.0)
     total_steps = math.ceil(epoch_images / cfg.batch_size) * cfg.epochs
     checkpoint = out.with_name(out.name + ".ckpt")
     log_path = out.with_name(out.name + ".log.jsonl")
@@ -228,7 +241,9 @@ def train(
         rewarder = CaptionReward(
             [[normalize_caption(c) for c in train_split.references[i]] for i in train_split.image_ids], vocab
         )
-    stepper = TrainStep(decoder, trained, optimizer, cfg, runtime, vocab, train_split, total_steps, rewarder)
+    stepper = TrainStep(
+        decoder, trained, optimizer, cfg, runtime, vocab, train_split, total_steps, rewarder, train_styles
+    )
     if use_tf32(runtime.device):
         log("fp32 matmuls use TF32 (Ampere or later GPU)")
 
@@ -249,7 +264,9 @@ def train(
         )
         train_loss = totals.mean_loss()  # waits for the epoch's last steps, so the time below is theirs
         train_time = time.time() - started
-        scores = validate(decoder, val_split, source.val_features(val_split), vocab, val_beam, groups, cfg.select)
+        scores = validate(
+            decoder, val_split, source.val_features(val_split), vocab, val_beam, groups, cfg.select, val_styles
+        )
         record = {
             "epoch": epoch,
             "step": loop["step"],
@@ -321,6 +338,14 @@ def _refuse_conflicting_options(cfg: TrainConfig) -> None:
 
 def _vocabulary(cfg: TrainConfig, start_model: CaptionModel | None, dataset: CaptionDataset, log: Log) -> Vocabulary:
     """The start model's vocabulary, or one built from the training captions (and the caption text, if asked)."""
+    if start_model is not None and cfg.vocabulary_from:
+        vocab = load_model(cfg.vocabulary_from).vocab
+        known = len(set(vocab.words) & set(start_model.vocab.words))
+        log(
+            f"starting from {cfg.init_model}: its decoder, with the vocabulary of {cfg.vocabulary_from} "
+            f"({len(vocab)} words: {known} it knows, {len(vocab) - known} new)"
+        )
+        return vocab
     if start_model is not None:
         log(f"starting from {cfg.init_model}: its decoder and vocabulary ({len(start_model.vocab)} words)")
         return start_model.vocab
@@ -431,23 +456,109 @@ def _training_data(
 
 
 def _decoder_config(
-    cfg: TrainConfig, start_model: CaptionModel | None, vocab_size: int, feature_dim: int, decoder_cfg: dict[str, Any]
+    cfg: TrainConfig,
+    start_model: CaptionModel | None,
+    vocab_size: int,
+    feature_dim: int,
+    decoder_cfg: dict[str, Any],
+    dataset_names: Sequence[str],
 ) -> DecoderConfig:
-    """The start model's decoder shape (which must fit the features), or a new one from the options."""
+    """The start model's decoder shape (which must fit the features), or a new one from the options.
+
+    With ``--dataset-styles`` the decoder has one style per dataset, named and ordered like the datasets;
+    a start model with styles keeps them, and must have been trained on datasets of the same names.
+    """
+    styles = tuple(dataset_names) if cfg.dataset_styles else ()
     if start_model is None:
-        return DecoderConfig(vocab_size=vocab_size, feature_dim=feature_dim, **decoder_cfg)
+        return DecoderConfig(vocab_size=vocab_size, feature_dim=feature_dim, **decoder_cfg, styles=styles)
     if start_model.decoder.feature_dim != feature_dim:
         raise TrainingError(
             f"{cfg.init_model} expects {start_model.decoder.feature_dim}-dim features; the encoder gives {feature_dim}"
         )
+    theirs = start_model.decoder.styles
+    if theirs and tuple(dataset_names) != theirs:
+        raise TrainingError(
+            f"{cfg.init_model} writes the caption styles of {', '.join(theirs)}; these DATA are "
+            f"{', '.join(dataset_names)}: give the datasets it was trained on, in the same order"
+        )
+    if theirs and not cfg.dataset_styles:
+        raise TrainingError(
+            f"{cfg.init_model} has one caption style per dataset: continue with --dataset-styles "
+            "(each caption trains in its own dataset's style)"
+        )
+    if styles or vocab_size != start_model.decoder.vocab_size:
+        return DecoderConfig(**{**to_dict(start_model.decoder), "styles": styles, "vocab_size": vocab_size})
     return start_model.decoder
 
 
+def _start_decoder(
+    dcfg: DecoderConfig, start_model: CaptionModel | None, vocab: Vocabulary, log: Log
+) -> CaptionDecoder:
+    """A fresh decoder, or the start model's: one that gains styles starts them at zero offsets, and one
+    that gains words (``--vocabulary-from``) keeps the rows of the words it knew."""
+    if start_model is None:
+        return CaptionDecoder(dcfg)
+    new_styles = bool(dcfg.styles) and not start_model.decoder.styles
+    if not new_styles and vocab == start_model.vocab:
+        built = start_model.build_decoder()
+        assert isinstance(built, CaptionDecoder)  # load_start_model refuses ensembles
+        return built
+    decoder = CaptionDecoder(dcfg)
+    state = {k: v.float() for k, v in start_model.decoder_state.items()}
+    if vocab != start_model.vocab:
+        state = grown_vocabulary(state, start_model.vocab, vocab)
+    missing, unexpected = decoder.load_state_dict(state, strict=False)
+    assert not unexpected and all(k.startswith("style_memory.") for k in missing), (missing, unexpected)
+    if new_styles:
+        log(f"caption styles: {', '.join(dcfg.styles)}, starting from the start model's unstyled decoder")
+    return decoder.train()
+
+
+def grown_vocabulary(state: dict[str, torch.Tensor], old: Vocabulary, new: Vocabulary) -> dict[str, torch.Tensor]:
+    """A decoder state moved from vocabulary ``old`` to ``new``: each word the two share keeps its rows
+    of the word embedding and the output layer.
+
+    A new word starts as the mean of the known words' embeddings (an average word as input), with zero
+    output weights and the lowest known output bias, so it is as unlikely as the rarest known word until
+    teacher forcing teaches it; a word ``new`` lacks is dropped.
+    """
+    index = {word: i for i, word in enumerate(old.words)}
+    source = torch.tensor([index.get(word, -1) for word in new.words])  # (V_new,) -1: a new word
+    known = source >= 0
+    grown = dict(state)
+    for key in ("embed.weight", "out.weight", "out.bias"):
+        rows = state[key]
+        fresh = rows.new_zeros((len(new.words), *rows.shape[1:]))
+        if key == "embed.weight":
+            fresh[:] = rows.mean(0)
+        elif key == "out.bias":
+            fresh[:] = rows.min()
+        fresh[known] = rows[source[known]]
+        grown[key] = fresh
+    return grown
+
+
+def _style_indices(dcfg: DecoderConfig, mix: DatasetMix, image_ids: Sequence[str]) -> torch.Tensor | None:
+    """Each image's caption style (its dataset's index in ``dcfg.styles``); None for a decoder without styles."""
+    if not dcfg.styles:
+        return None
+    index = {name: i for i, name in enumerate(dcfg.styles)}
+    return torch.tensor([index[mix.names[mix.owner[i]]] for i in image_ids], dtype=torch.long)
+
+
 def _optimizer(
-    cfg: TrainConfig, decoder: torch.nn.Module, source: Any
+    cfg: TrainConfig, decoder: torch.nn.Module, source: Any, style_lr_scale: float = 1.0
 ) -> tuple[torch.nn.ModuleDict, torch.optim.Optimizer]:
-    """What is trained (the decoder, and a fine-tuned encoder part at its own rate) and its AdamW."""
-    groups = [{"params": list(decoder.parameters()), "lr": cfg.lr, "base_lr": cfg.lr}]
+    """What is trained (the decoder, and a fine-tuned encoder part at its own rate) and its AdamW.
+
+    A decoder's caption styles learn at ``style_lr_scale`` times ``--lr`` (:data:`STYLE_LR_SCALE`).
+    """
+    styles = [p for name, p in decoder.named_parameters() if name.startswith("style_memory.")]
+    rest = [p for name, p in decoder.named_parameters() if not name.startswith("style_memory.")]
+    groups = [{"params": rest, "lr": cfg.lr, "base_lr": cfg.lr}]
+    if styles:
+        style_lr = cfg.lr * style_lr_scale
+        groups.append({"params": styles, "lr": style_lr, "base_lr": style_lr})
     trained = torch.nn.ModuleDict({"decoder": decoder})
     if source.trainable is not None:
         groups.append({"params": list(source.trainable.parameters()), "lr": cfg.encoder_lr, "base_lr": cfg.encoder_lr})

@@ -81,14 +81,15 @@ def sample_captions(
     end_id: int,
     pad_id: int,
     banned_ids: Sequence[int] = (),
+    styles: torch.Tensor | None = None,
 ) -> Samples:
     """Sample ``samples_per_image`` captions for each image from the decoder's distribution.
 
     Runs with autograd on (unlike beam search) so the chosen tokens' log-probabilities
     carry gradients. ``banned_ids`` are never sampled; ``<end>`` is not allowed as the
-    first word (an empty caption).
+    first word (an empty caption). ``styles`` ``(M,)``: each image's caption style.
     """
-    state = decoder.init_state(features, samples_per_image)
+    state = decoder.init_state(features, samples_per_image, styles)
     rows = state[0].shape[0]
     device = state[0].device
     tokens = torch.full((rows,), start_id, dtype=torch.long, device=device)

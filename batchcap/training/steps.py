@@ -100,8 +100,11 @@ class TrainStep:
         split: Split,
         total_steps: int,
         rewarder: CaptionReward | None = None,
+        styles: torch.Tensor | None = None,
     ) -> None:
+        """``styles`` ``(M,)``: the caption style of each of the split's images (a decoder with styles)."""
         self.decoder, self.trained, self.optimizer = decoder, trained, optimizer
+        self.styles = styles
         self.cfg, self.runtime, self.vocab, self.split = cfg, runtime, vocab, split
         self.total_steps, self.rewarder = total_steps, rewarder
         self.per_image: list[list[int]] = [[] for _ in split.image_ids]
@@ -114,6 +117,7 @@ class TrainStep:
     def __call__(self, step: int, images: list[int], feats: torch.Tensor, generator: torch.Generator) -> StepResult:
         """Train on ``images`` (indices into the split) with their features ``(M, R, F)`` on the device."""
         cfg, vocab = self.cfg, self.vocab
+        styles = None if self.styles is None else self.styles[images].to(feats.device, non_blocking=True)
         for group in self.optimizer.param_groups:
             group["lr"] = group["base_lr"] * lr_factor(step, cfg.warmup_steps, self.total_steps)
         with training_autocast(self.runtime):
@@ -127,6 +131,7 @@ class TrainStep:
                     end_id=vocab.end_id,
                     pad_id=vocab.pad_id,
                     banned_ids=vocab.never_generated,
+                    styles=styles,
                 )
                 rewards = self.rewarder(images, samples.tokens, cfg.samples_per_image)
                 loss = self_critical_loss(samples, rewards, cfg.samples_per_image)
@@ -142,6 +147,7 @@ class TrainStep:
                     vocab.pad_id,
                     self.attention_penalty,
                     self.label_smoothing,
+                    styles,
                 )
                 result = StepResult(loss, tokens)
         self.optimizer.zero_grad(set_to_none=True)
@@ -165,9 +171,10 @@ def teacher_forced_loss(
     pad_id: int,
     attention_penalty: float,
     label_smoothing: float,
+    styles: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Cross-entropy on the reference words (plus SAT's attention penalty) for captions cut to length."""
-    logits, alphas = decoder(feats, caps, per_step)  # (N, T-1, V), (N, T-1, R)
+    logits, alphas = decoder(feats, caps, per_step, styles)  # (N, T-1, V), (N, T-1, R)
     logits = logits.float()
     targets = caps[:, 1:]
     loss = F.cross_entropy(

@@ -8,7 +8,7 @@ came from it.
 
     python tests/benchmarks/sweep_dev.py flickr8k/ MODEL [MODEL...] --cache-dir .batchcap-features \\
         --settings 3:0,5:0,3:0.6 [--no-ending-rule] [--allow-repeated-words] [--bf16-search] [--fast] \\
-        [--json out.json]
+        [--style NAME] [--json out.json]
 
 A setting is ``BEAM:LENGTH_PENALTY[:NO_REPEAT_NGRAM]``. ``--cache-dir`` is the folder given to
 (or defaulted by) ``batchcap train --cache-dir``; the sub-folder whose key matches the model's
@@ -78,6 +78,11 @@ def main() -> None:
         action="store_true",
         help="search with bf16 decoder weights, as `run` does at bf16 (default: fp32)",
     )
+    parser.add_argument(
+        "--style",
+        default=None,
+        help="a model with caption styles: write every dev photo in this style (default: the first)",
+    )
     parser.add_argument("--json", dest="json_out", default=None)
     args = parser.parse_args()
     torch.set_num_threads(1)  # as run searches on a CPU
@@ -95,6 +100,10 @@ def main() -> None:
             features = stock
         # fp32, as the card was scored; --bf16-search: the decoder `run` uses at bf16
         decoder, vocab = model.build_decoder(torch.bfloat16 if args.bf16_search else None), model.vocab
+        styles = None
+        if model.decoder.styles:
+            index = model.decoder.styles.index(args.style) if args.style else 0
+            styles = torch.full((len(ids),), index, dtype=torch.long)
         for setting in args.settings.split(","):
             parts = setting.split(":")
             cfg = BeamConfig(
@@ -106,7 +115,7 @@ def main() -> None:
                 allow_repeated_words=args.allow_repeated_words,
             )
             started = time.perf_counter()
-            captions = caption_features(decoder, features, vocab, cfg, **model.word_rules(cfg))
+            captions = caption_features(decoder, features, vocab, cfg, styles=styles, **model.word_rules(cfg))
             seconds = time.perf_counter() - started
             scores = score_captions(dict(zip(ids, captions)), references, full=not args.fast)
             row = {

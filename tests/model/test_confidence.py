@@ -88,6 +88,29 @@ def test_files_fitted_before_the_weighting_keep_the_pooled_consensus(tmp_path: P
         assert loaded.query(query, [caption])[1][0] == pytest.approx(near.query(query, [caption])[1][0])
 
 
+def test_a_pictures_style_is_that_of_most_of_its_neighbours_datasets(tmp_path: Path) -> None:
+    vectors = torch.eye(4)
+    captions = [["a dog"], ["a cat"], ["a car"], ["a bus"]]
+    near = Neighbours(vectors, captions, k=3, datasets=["flickr8k", "everyday", "everyday", "other"])
+    indices = torch.tensor([[1, 2, 0], [0, 1, 3], [3, 0, 2], [3, 3, 3]])
+    # two everyday neighbours; a tie (one each, "other" is no style) goes to the earlier style; none: the first
+    assert near.styles(indices, ["flickr8k", "everyday"]).tolist() == [1, 0, 0, 0]
+    assert near.styles(indices, ["everyday", "flickr8k"]).tolist() == [0, 0, 0, 0]
+    values, nearest = near.nearest(torch.tensor([[0.0, 0.9, 0.1, 0.0]]))
+    assert nearest[0, :2].tolist() == [1, 2] and values[0, 0] == pytest.approx(0.9)
+    unrecorded = Neighbours(vectors, captions, k=3)
+    assert unrecorded.styles(indices, ["flickr8k", "everyday"]).tolist() == [0, 0, 0, 0]
+    with pytest.raises(ValueError, match="3 dataset names for 4 neighbours"):
+        Neighbours(vectors, captions, datasets=["a", "b", "c"])
+    # the model file keeps each neighbour's dataset (names once, an index per picture)
+    assert near.meta()["datasets"] == {"names": ["flickr8k", "everyday", "other"], "index": [0, 1, 1, 2]}
+    model = load_model(Path(__file__).parents[2] / "batchcap" / "assets" / "default-model.safetensors")
+    model.neighbours = near
+    save_model(model, tmp_path / "m.safetensors")
+    loaded = load_model(tmp_path / "m.safetensors").neighbours
+    assert loaded is not None and loaded.datasets == ["flickr8k", "everyday", "everyday", "other"]
+
+
 def test_auroc_is_the_chance_a_good_one_outscores_a_bad_one() -> None:
     rng = np.random.default_rng(0)
     scores, labels = rng.normal(size=60).round(1), rng.integers(0, 2, 60)  # rounded: ties happen

@@ -7,6 +7,7 @@ import torch
 
 from batchcap.config import DecoderConfig
 from batchcap.model.decoder import CaptionDecoder
+from batchcap.model.ensemble import EnsembleDecoder, EnsembleError
 
 V, F, E, H, D = 11, 12, 8, 10, 6
 
@@ -156,3 +157,41 @@ def test_dropout_is_active_in_training_mode_only() -> None:
         torch.manual_seed(1)
         b = dec(features, words)[0]
     assert not torch.equal(a, b)
+
+
+def test_styles_start_at_zero_and_each_image_gets_its_own() -> None:
+    plain = make(seed=3)
+    styled = make(seed=3, styles=("flickr8k", "everyday"))
+    missing, unexpected = styled.load_state_dict(plain.state_dict(), strict=False)
+    assert missing == ["style_memory.weight"] and not unexpected
+    features, caps = torch.randn(3, 5, F), captions(3, 6)
+    which = torch.tensor([0, 1, 1])
+    # zero offsets: the same state and logits as the decoder without styles
+    for a, b in zip(plain.init_state(features), styled.init_state(features, styles=which)):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(plain(features, caps)[0], styled(features, caps, styles=which)[0])
+    with torch.no_grad():
+        styled.style_memory.weight.copy_(torch.randn_like(styled.style_memory.weight))
+    h = styled.init_state(features, styles=which)[0]
+    same_picture = features[[0, 0, 0]]
+    h_each = styled.init_state(same_picture, styles=torch.tensor([0, 1, 0]))[0]
+    assert torch.equal(h_each[0], h_each[2]) and not torch.allclose(h_each[0], h_each[1])
+    # teacher forcing and the step path agree with styles too
+    logits, _ = styled(features, caps, styles=which)
+    state = styled.init_state(features, styles=which)
+    for t in range(caps.shape[1] - 1):
+        step_lp, state = styled.step(caps[:, t], state)
+        torch.testing.assert_close(step_lp, torch.log_softmax(logits[:, t].float(), -1))
+    assert h.shape == (3, 1, H)
+    # a decoder without styles ignores them
+    torch.testing.assert_close(plain.init_state(features, styles=which)[0], plain.init_state(features)[0])
+
+
+def test_an_ensemble_of_decoders_with_other_styles_is_refused() -> None:
+    with pytest.raises(EnsembleError, match="different caption styles"):
+        EnsembleDecoder([make(styles=("flickr8k", "everyday")), make(styles=("everyday", "flickr8k"))])
+    both = EnsembleDecoder([make(seed=1, styles=("a", "b")), make(seed=2, styles=("a", "b"))])
+    features, which = torch.randn(2, 5, F), torch.tensor([0, 1])
+    state = both.init_state(features, styles=which)
+    for got, member in zip(state[:4], both.members[0].init_state(features, styles=which)):
+        torch.testing.assert_close(got, member)

@@ -159,6 +159,14 @@ def test_an_output_from_before_the_word_rules_were_recorded_resumes_only_with_re
     open_store(out, fmt, allowed).finalize()
 
 
+def test_an_output_from_before_caption_styles_resumes_with_style_auto_only(out: Path, fmt: str) -> None:
+    before = {"model": "tiny@0123456789ab", "beam": {"beam_size": 3, "ending_rule": True}}
+    open_store(out, fmt, before).add([row(0)])
+    with pytest.raises(ResumeRefused, match=r"\(--style: \"?auto\"? -> \"?everyday\"?\)"):
+        open_store(out, fmt, {**before, "beam": {**before["beam"], "style": "everyday"}})
+    open_store(out, fmt, {**before, "beam": {**before["beam"], "style": "auto"}}).finalize()
+
+
 def test_refuses_foreign_or_unreadable_output(out: Path, fmt: str) -> None:
     out.write_text("not ours\n")
     with pytest.raises(ResumeRefused, match="--overwrite"):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -13,14 +14,20 @@ import timm
 import torch
 from click.testing import CliRunner
 from conftest import COLOURS, SHAPES, SIDES, _draw, shared_path, write_shapes_dataset
+from safetensors import safe_open
 from safetensors.torch import save_file
 
+import batchcap
 from batchcap.cli import cli
+from batchcap.config import DecoderConfig, OptionError, TrainConfig
 from batchcap.data.captions.factory import load_caption_dataset
 from batchcap.data.captions.mixture import dataset_name, mix_datasets
 from batchcap.data.captions.records import DatasetError
+from batchcap.model.decoder import CaptionDecoder
 from batchcap.model.modelfile import load_model
 from batchcap.model.terms import model_terms
+from batchcap.model.text import Vocabulary
+from batchcap.pipeline.api import decode_item
 from batchcap.tools.info import lineage
 from batchcap.training import driver
 from batchcap.training.calibrate import format_report, selective_figure
@@ -238,6 +245,18 @@ def train_args(data: dict[str, Path], out: Path, *extra: str) -> list[str]:
     ]
 
 
+SHAPE_OPTIONS = ("--encoder", "--input-size", "--embed-dim", "--hidden-dim", "--attention-dim", "--min-word-count")
+
+
+def without_shape_options(args: list[str]) -> list[str]:
+    """``args`` without the options an ``--init-model`` run refuses (the model file fixes them)."""
+    args = list(args)
+    for option in SHAPE_OPTIONS:
+        at = args.index(option)
+        del args[at : at + 2]
+    return args
+
+
 def test_training_on_two_datasets_records_them_and_validates_each(two_datasets: dict[str, Path]) -> None:
     out = two_datasets["root"] / "both.safetensors"
     result = CliRunner().invoke(
@@ -288,7 +307,18 @@ def test_training_on_two_datasets_records_them_and_validates_each(two_datasets: 
 def test_a_resumed_run_on_two_datasets_equals_an_uninterrupted_one(
     two_datasets: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    options = ("--epochs", "3", "--dataset-weight", "2", "--dataset-weight", "1", "--dropout", "0.3", "--augment")
+    options = (
+        "--epochs",
+        "3",
+        "--dataset-weight",
+        "2",
+        "--dataset-weight",
+        "1",
+        "--dropout",
+        "0.3",
+        "--augment",
+        "--dataset-styles",
+    )
     whole = two_datasets["root"] / "whole.safetensors"
     assert CliRunner().invoke(cli, train_args(two_datasets, whole, *options)).exit_code == 0
 
@@ -325,17 +355,54 @@ def test_init_model_keeps_its_vocabulary_with_several_datasets(two_datasets: dic
     assert CliRunner().invoke(cli, one).exit_code == 0
     assert "kitchen" not in load_model(start).vocab.words
     out = two_datasets["root"] / "continued.safetensors"
-    args = [a for a in train_args(two_datasets, out, "--epochs", "1") if a not in ()]
-    shape_options = ("--encoder", "--input-size", "--embed-dim", "--hidden-dim", "--attention-dim", "--min-word-count")
-    for option in shape_options:
-        at = args.index(option)
-        del args[at : at + 2]
+    args = without_shape_options(train_args(two_datasets, out, "--epochs", "1"))
     result = CliRunner().invoke(cli, args + ["--init-model", str(start)])
     assert result.exit_code == 0, result.output
     assert "everyday: " in result.output and "are <unk> in the start model's vocabulary" in result.output
     continued = load_model(out)
     assert continued.vocab == load_model(start).vocab
     assert len(continued.training["data"]) == 2 and continued.training["init_model"]["identity"]
+
+
+def test_vocabulary_from_grows_a_start_model_into_another_models_words(two_datasets: dict[str, Path]) -> None:
+    root = two_datasets["root"]
+    start, both = root / "grow-start.safetensors", root / "grow-both.safetensors"
+    one = train_args(two_datasets, start, "--epochs", "1")
+    one.remove(str(two_datasets["everyday"]))
+    assert CliRunner().invoke(cli, one).exit_code == 0
+    assert CliRunner().invoke(cli, train_args(two_datasets, both, "--epochs", "1")).exit_code == 0
+    args = without_shape_options(train_args(two_datasets, root / "grown.safetensors", "--epochs", "1", "--lr", "1e-9"))
+    refused = CliRunner().invoke(cli, train_args(two_datasets, root / "x.safetensors", "--vocabulary-from", str(both)))
+    assert refused.exit_code == 2 and "--vocabulary-from changes the vocabulary of an --init-model" in refused.output
+    result = CliRunner().invoke(cli, args + ["--init-model", str(start), "--vocabulary-from", str(both)])
+    assert result.exit_code == 0, result.output
+    old, new, grown = load_model(start), load_model(both), load_model(root / "grown.safetensors")
+    assert "kitchen" not in old.vocab.words and grown.vocab == new.vocab
+    shared = [w for w in new.vocab.words if w in old.vocab.words]
+    assert f"({len(new.vocab)} words: {len(shared)} it knows, {len(new.vocab) - len(shared)} new)" in result.output
+    # at a vanishing rate the known words keep their rows
+    rows_old = old.decoder_state["embed.weight"][[old.vocab.words.index(w) for w in shared]]
+    rows_new = grown.decoder_state["embed.weight"][[new.vocab.words.index(w) for w in shared]]
+    torch.testing.assert_close(rows_new, rows_old, atol=1e-4, rtol=0)
+
+
+def test_a_grown_vocabulary_keeps_known_rows_and_starts_new_words_unlikely() -> None:
+    old = Vocabulary(("<pad>", "<start>", "<end>", "<unk>", "dog", "runs"))
+    new = Vocabulary(("<pad>", "<start>", "<end>", "<unk>", "kitchen", "dog"))
+    state = {
+        "embed.weight": torch.arange(12.0).view(6, 2),
+        "out.weight": torch.arange(18.0).view(6, 3) + 1,
+        "out.bias": torch.tensor([0.5, -1.0, 0.0, -2.0, 1.0, -3.0]),
+        "cells.0.weight_ih": torch.ones(2, 2),
+    }
+    grown = driver.grown_vocabulary(state, old, new)
+    assert torch.equal(grown["embed.weight"][[0, 1, 2, 3, 5]], state["embed.weight"][[0, 1, 2, 3, 4]])
+    assert torch.equal(grown["embed.weight"][4], state["embed.weight"].mean(0))  # an average word as input
+    assert torch.equal(grown["out.weight"][4], torch.zeros(3)) and grown["out.bias"][4] == -3.0  # the rarest's
+    assert (
+        torch.equal(grown["out.bias"][5], torch.tensor(1.0))
+        and grown["cells.0.weight_ih"] is state["cells.0.weight_ih"]
+    )
 
 
 def test_bad_multi_dataset_requests_are_refused_with_what_to_do(two_datasets: dict[str, Path]) -> None:
@@ -347,45 +414,128 @@ def test_bad_multi_dataset_requests_are_refused_with_what_to_do(two_datasets: di
     assert not out.exists()
 
 
+def test_styles_new_to_a_trained_decoder_learn_faster_than_the_rest() -> None:
+    decoder = CaptionDecoder(DecoderConfig(vocab_size=9, feature_dim=4, embed_dim=4, hidden_dim=4, styles=("a", "b")))
+    cfg = TrainConfig(data="d", out="o", lr=2e-4)
+    no_encoder = SimpleNamespace(trainable=None)
+    _, optimizer = driver._optimizer(cfg, decoder, no_encoder, driver.STYLE_LR_SCALE)
+    rates = [(group["lr"], len(group["params"])) for group in optimizer.param_groups]
+    assert rates == [(2e-4, len(list(decoder.parameters())) - 1), (2e-4 * 50, 1)]
+    _, fresh = driver._optimizer(cfg, decoder, no_encoder)
+    assert [group["lr"] for group in fresh.param_groups] == [2e-4, 2e-4]
+
+
+def calibrate_args(data: dict[str, Path], model: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "calibrate",
+        str(data["shapes"]),
+        str(data["everyday"]),
+        "--model",
+        str(model),
+        "--out",
+        str(out),
+        "--encoder-weights",
+        str(data["weights"]),
+        "--cache-dir",
+        str(data["root"] / "cache"),
+        "--components",
+        "4",
+        "--refit-familiarity",
+        "--folds",
+        "2",
+        "--label-threshold",
+        "0.3",
+        "--beam",
+        "2",
+        "--precision",
+        "fp32",
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+        *extra,
+    ]
+
+
+def test_dataset_styles_write_each_datasets_way_and_auto_follows_the_neighbours(
+    two_datasets: dict[str, Path],
+) -> None:
+    styled = two_datasets["root"] / "styled.safetensors"
+    trained = CliRunner().invoke(
+        cli, train_args(two_datasets, styled, "--epochs", "20", "--lr", "1e-2", "--dataset-styles")
+    )
+    assert trained.exit_code == 0, trained.output
+    model = load_model(styled)
+    assert model.decoder.styles == ("shapes", "everyday")
+    assert model.decoder_state["style_memory.weight"].abs().sum() > 0  # learnt, from zero
+    with safe_open(styled, "pt") as header:  # an earlier batchcap refuses it: "upgrade batchcap"
+        assert header.metadata()["batchcap.format_version"] == "3"
+    calibrated = two_datasets["root"] / "styled-calibrated.safetensors"
+    result = CliRunner().invoke(cli, calibrate_args(two_datasets, styled, calibrated))
+    assert result.exit_code == 0, result.output
+    near = load_model(calibrated).neighbours
+    assert near is not None and near.datasets is not None
+    assert Counter(near.datasets) == {"shapes": 24, "everyday": 16}  # every training picture, by its dataset
+    shown = CliRunner().invoke(cli, ["info", str(calibrated)])
+    assert "shapes, everyday (--style)" in shown.output, shown.output
+
+    photos = sorted((two_datasets["shapes"] / "Flicker8k_Dataset").glob("*.jpg"))[:8]
+    photos += sorted((two_datasets["everyday"].parent / "images").glob("coco_val_*.jpg"))[:8]
+
+    def captions(style: str) -> list[str]:
+        captioner = batchcap.load_model(
+            calibrated,
+            style=style,
+            beam=2,
+            device="cpu",
+            precision="fp32",
+            backend="torch",
+            encoder_weights=two_datasets["weights"],
+        )
+        return [r.caption for r in captioner.caption(photos)]
+
+    shapes_way, everyday_way, auto = captions("shapes"), captions("everyday"), captions("auto")
+    # the everyday annotators' "a photo of" comes with their style, whatever the picture
+    assert sum("photo" in c for c in everyday_way) >= sum("photo" in c for c in shapes_way) + 8, (
+        shapes_way,
+        everyday_way,
+    )
+    # auto: each picture in the style of most of its nearest training pictures
+    captioner = batchcap.load_model(
+        calibrated, beam=2, device="cpu", precision="fp32", backend="torch", encoder_weights=two_datasets["weights"]
+    )
+    pictures = torch.stack([decode_item(p, captioner.model.preprocess, captioner.policy).tensor for p in photos])
+    features = captioner._captioner.encode(pictures)
+    familiarity = captioner.model.familiarity
+    assert familiarity is not None
+    whitened = familiarity.whiten(features.float().mean(1) if features.dim() == 3 else features.float())
+    votes = near.styles(near.nearest(whitened)[1], ("shapes", "everyday")).tolist()
+    assert auto == [(shapes_way, everyday_way)[v][i] for i, v in enumerate(votes)]
+
+    # refused, saying what to do: a style the model lacks, styles from one DATA, losing or reordering the styles
+    with pytest.raises(OptionError, match="'coco' is not a caption style of styled; it writes shapes, everyday"):
+        batchcap.load_model(calibrated, style="coco", device="cpu", encoder_weights=two_datasets["weights"])
+    one = train_args(two_datasets, two_datasets["root"] / "x.safetensors", "--dataset-styles")
+    one.remove(str(two_datasets["everyday"]))
+    alone = CliRunner().invoke(cli, one)
+    assert alone.exit_code == 2 and "give two or more DATA" in alone.output
+    continued = without_shape_options(train_args(two_datasets, two_datasets["root"] / "y.safetensors", "--epochs", "1"))
+    unstyled = CliRunner().invoke(cli, continued + ["--init-model", str(styled)])
+    assert unstyled.exit_code != 0 and "continue with --dataset-styles" in unstyled.output
+    swapped = continued[:]
+    swapped[1], swapped[2] = swapped[2], swapped[1]
+    reordered = CliRunner().invoke(cli, swapped + ["--init-model", str(styled), "--dataset-styles"])
+    assert reordered.exit_code != 0 and "in the same order" in reordered.output
+    assert not (two_datasets["root"] / "y.safetensors").exists()
+
+
 def test_calibrate_on_two_dev_sets_reports_each_and_the_pool(two_datasets: dict[str, Path]) -> None:
     model = two_datasets["root"] / "for-calibration.safetensors"
     trained = CliRunner().invoke(cli, train_args(two_datasets, model, "--epochs", "2"))
     assert trained.exit_code == 0, trained.output
     out = two_datasets["root"] / "calibrated.safetensors"
     report_path = two_datasets["root"] / "calibration.json"
-    result = CliRunner().invoke(
-        cli,
-        [
-            "calibrate",
-            str(two_datasets["shapes"]),
-            str(two_datasets["everyday"]),
-            "--model",
-            str(model),
-            "--out",
-            str(out),
-            "--encoder-weights",
-            str(two_datasets["weights"]),
-            "--cache-dir",
-            str(two_datasets["root"] / "cache"),
-            "--components",
-            "4",
-            "--refit-familiarity",
-            "--folds",
-            "2",
-            "--label-threshold",
-            "0.3",
-            "--beam",
-            "2",
-            "--precision",
-            "fp32",
-            "--workers",
-            "0",
-            "--device",
-            "cpu",
-            "--json",
-            str(report_path),
-        ],
-    )
+    result = CliRunner().invoke(cli, calibrate_args(two_datasets, model, out, "--json", str(report_path)))
     assert result.exit_code == 0, result.output
     report = json.loads(report_path.read_text())
     assert set(report["per_set"]) == {"shapes", "everyday"}
