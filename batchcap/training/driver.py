@@ -78,8 +78,9 @@ from batchcap.version import __version__
 Log = Callable[[str], None]
 
 #: Caption styles new to a trained decoder (``--init-model`` without styles) learn at this multiple of
-#: ``--lr``, like new layers in a fine-tuned network: at the decoder's rate (2e-4 over 900 steps) they
-#: moved by under 0.02, too little to change a caption. A fresh decoder's styles learn with the rest.
+#: ``--lr``, like new layers in a fine-tuned network: at the decoder's rate (2e-4), offsets of its initial
+#: state moved by under 0.02 in an epoch, too little to change a caption. A fresh decoder's styles learn
+#: with the rest.
 STYLE_LR_SCALE = 50.0
 
 
@@ -372,7 +373,7 @@ def _log_unknown_words(mix: DatasetMix, vocab: Vocabulary, log: Log) -> None:
     for name, dataset in zip(mix.names, mix.datasets):
         words = [w for r in dataset.splits.get("train", []) for c in r.captions for w in normalize_caption(c)]
         unknown = vocab.encode(words).count(vocab.unk_id)
-        log(f"  {name}: {unknown / max(1, len(words)):.1%} of training words are <unk> in the start model's vocabulary")
+        log(f"  {name}: {unknown / max(1, len(words)):.1%} of training words are <unk> in the vocabulary trained with")
 
 
 def _validation_groups(mix: DatasetMix, val_split: Split) -> list[tuple[str, list[str]]]:

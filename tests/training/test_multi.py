@@ -358,7 +358,7 @@ def test_init_model_keeps_its_vocabulary_with_several_datasets(two_datasets: dic
     args = without_shape_options(train_args(two_datasets, out, "--epochs", "1"))
     result = CliRunner().invoke(cli, args + ["--init-model", str(start)])
     assert result.exit_code == 0, result.output
-    assert "everyday: " in result.output and "are <unk> in the start model's vocabulary" in result.output
+    assert "everyday: " in result.output and "are <unk> in the vocabulary trained with" in result.output
     continued = load_model(out)
     assert continued.vocab == load_model(start).vocab
     assert len(continued.training["data"]) == 2 and continued.training["init_model"]["identity"]
