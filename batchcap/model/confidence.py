@@ -153,12 +153,13 @@ class Neighbours:
         self._words: list[list[list[str]]] | None = None
         self._cider_d: CiderD | None = None
         self._refs: dict[int, list[Any]] = {}  # prepared on first use: a short run queries few pictures
+        self._style_of: dict[tuple[str, ...], torch.Tensor] = {}  # per style list: each picture's style index
         self._building = threading.Lock()
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state.pop("_building")  # a lock does not pickle; the copy builds its own frequencies
-        state.update(_words=None, _cider_d=None, _refs={})
+        state.update(_words=None, _cider_d=None, _refs={}, _style_of={})
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -208,8 +209,11 @@ class Neighbours:
         rows = indices.shape[0]
         if self.datasets is None or not styles:
             return torch.zeros(rows, dtype=torch.long)
-        index = {name: i for i, name in enumerate(styles)}
-        of = torch.tensor([index.get(name, len(styles)) for name in self.datasets], dtype=torch.long)  # (N,)
+        key = tuple(styles)
+        of = self._style_of.get(key)
+        if of is None:  # once per style list, not per batch: N names looked up
+            index = {name: i for i, name in enumerate(styles)}
+            of = self._style_of[key] = torch.tensor([index.get(name, len(styles)) for name in self.datasets])  # (N,)
         votes = torch.zeros(rows, len(styles) + 1, dtype=torch.long)
         votes.scatter_add_(1, of[indices.cpu()], torch.ones_like(indices, dtype=torch.long, device="cpu"))
         return votes[:, : len(styles)].argmax(1)  # argmax takes the first of equal counts
