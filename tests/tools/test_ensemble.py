@@ -227,3 +227,29 @@ def test_refusals(three_models: list[Path], tmp_path: Path) -> None:
     assert averaged.exit_code == 2 and "is an ensemble of 3 decoders" in averaged.output, averaged.output
     bad = runner.invoke(cli, ["ensemble", str(three_models[0]), "--out", str(tmp_path / "x.safetensors")])
     assert bad.exit_code == 2 and "at least two" in bad.output, bad.output
+
+
+def test_an_ensemble_over_own_features_gives_each_member_its_own_slice() -> None:
+    """The exit-flow ensemble sweep lays each member's features side by side; each member must see only its own."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from sweep_exit_flow_ensembles import OwnFeaturesEnsemble, parse_ensemble
+
+    members = _members(seed=5)
+    own = [torch.randn(3, 5, 6) for _ in members]
+    ensemble = OwnFeaturesEnsemble(members, "logprob")
+    state = ensemble.init_state(torch.cat(own, dim=-1))
+    want = tuple(t for member, features in zip(members, own) for t in member.init_state(features))
+    assert len(state) == len(want) and all(torch.allclose(a, b, atol=1e-6) for a, b in zip(state, want))
+    tokens = torch.tensor([1, 4, 7])
+    with torch.inference_mode():
+        got, _ = ensemble.step(tokens, state)
+        reference, _ = _reference_step(members, "logprob")(tokens, want)
+    assert torch.allclose(got, reference, atol=1e-5)
+    # the same features for every member is the product's ensemble
+    shared = torch.randn(3, 5, 6)
+    same = OwnFeaturesEnsemble(members, "prob").init_state(torch.cat([shared] * 3, dim=-1))
+    product = EnsembleDecoder(members, "prob").init_state(shared)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(same, product))
+    assert parse_ensemble("a+b+b:prob") == (["a", "b", "b"], "prob") and parse_ensemble("a") == (["a"], "logprob")
