@@ -71,10 +71,13 @@ def test_lock_of_killed_holder_never_blocks(tmp_path: Path) -> None:
 FORKING_HOLDER = """
 import os, sys, time
 from batchcap.outputs.lock import hold_lock
+started_r, started_w = os.pipe()
 with hold_lock(sys.argv[1]):
     if os.fork() == 0:  # like a DataLoader worker: outlives a parent killed with -9
+        os.write(started_w, b"x")  # the child runs (a busy machine may not have scheduled it yet)
         time.sleep(30)
         os._exit(0)
+    os.read(started_r, 1)
     print("locked", flush=True)
     time.sleep(60)
 """
