@@ -77,6 +77,10 @@ def main() -> None:
     for name, model in models.items():
         if not model.encoder.finetuned:
             raise SystemExit(f"{name} has no fine-tuned exit flow; score it with sweep_dev.py or batchcap eval")
+    searches = []  # (members, rule, decoder): built once, searched on every DATA
+    for members, rule in ensembles:
+        decoders = [models[m].build_decoder(torch.bfloat16) for m in members]
+        searches.append((members, rule, decoders[0] if len(decoders) == 1 else OwnFeaturesEnsemble(decoders, rule)))
     rows = []
     for path in args.data:
         dataset = load_caption_dataset(path)
@@ -85,14 +89,12 @@ def main() -> None:
         references = {r.image_id: list(r.captions) for r in dev}
         trunk = dev_features(args.cache_dir, ids, TRUNK_LAYER)
         features: dict[str, torch.Tensor] = {}
-        for members, rule in ensembles:
+        for members, rule, decoder in searches:
             for member in members:
                 if member not in features:
                     features[member] = exit_flow_features(models[member], trunk)
             first = models[members[0]]
             cfg = BeamConfig(beam_size=3, max_len=first.max_caption_len, length_penalty=0.0)
-            decoders = [models[m].build_decoder(torch.bfloat16) for m in members]
-            decoder = decoders[0] if len(decoders) == 1 else OwnFeaturesEnsemble(decoders, combine=rule)
             joined = torch.cat([features[m] for m in members], dim=-1)
             captions = caption_features(decoder, joined, first.vocab, cfg, **first.word_rules(cfg))
             scores = score_captions(dict(zip(ids, captions)), references, full=True)

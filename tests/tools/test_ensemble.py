@@ -229,11 +229,9 @@ def test_refusals(three_models: list[Path], tmp_path: Path) -> None:
     assert bad.exit_code == 2 and "at least two" in bad.output, bad.output
 
 
-def test_an_ensemble_over_own_features_gives_each_member_its_own_slice() -> None:
+def test_an_ensemble_over_own_features_gives_each_member_its_own_slice(monkeypatch: pytest.MonkeyPatch) -> None:
     """The exit-flow ensemble sweep lays each member's features side by side; each member must see only its own."""
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
     from sweep_exit_flow_ensembles import OwnFeaturesEnsemble, parse_ensemble
 
     members = _members(seed=5)
