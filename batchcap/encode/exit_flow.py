@@ -19,6 +19,9 @@ pictures a step would only add noise to ImageNet's.
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
@@ -79,6 +82,34 @@ class XceptionExitFlow(_Flow):
 
     def __init__(self, backbone: nn.Module) -> None:
         super().__init__(backbone, EXIT_MODULES)
+
+
+class SideBySideExitFlows(nn.Module):
+    """The trunk once, then several exit flows on its output: their feature maps side by side.
+
+    What an ensemble of decoders fine-tuned with their own exit flows encodes with: ``forward_features``
+    gives ``(B, 2048 * n, h, w)``, the backbone's own exit flow first and then one per entry of
+    ``exit_flows``, so each decoder finds its own channels (:class:`batchcap.model.ensemble.EnsembleDecoder`).
+    Costs one more exit flow (about a ninth of the network) per extra member.
+    """
+
+    def __init__(self, backbone: nn.Module, exit_flows: Sequence[dict[str, torch.Tensor]], what: str) -> None:
+        super().__init__()
+        self.trunk = XceptionTrunk(backbone)
+        first = XceptionExitFlow(backbone)
+        others = []
+        for i, state in enumerate(exit_flows, 1):
+            flow = copy.deepcopy(first)  # the exit modules only: the trunk stays one copy
+            apply_exit_flow(flow, state, f"{what}, member {i}'s exit flow")
+            others.append(flow)
+        self.exit_flows = nn.ModuleList([first, *others])
+        self.num_features = int(getattr(backbone, "num_features", 2048)) * len(self.exit_flows)
+        self.pretrained_cfg = getattr(backbone, "pretrained_cfg", {})
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Pictures ``(B, 3, H, W)`` to every exit flow's map, concatenated along channels."""
+        trunk = self.trunk(x)
+        return torch.cat([flow(trunk) for flow in self.exit_flows], dim=1)
 
 
 def trunk_to_map(rows: torch.Tensor) -> torch.Tensor:

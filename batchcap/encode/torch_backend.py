@@ -14,13 +14,17 @@ import torch
 from torch import nn
 
 from batchcap.config import EncoderConfig, Preprocess, RuntimeConfig
-from batchcap.encode.exit_flow import ExitFlowError, apply_exit_flow
+from batchcap.encode.exit_flow import ExitFlowError, SideBySideExitFlows, apply_exit_flow
 from batchcap.encode.weights import ENV_WEIGHTS, EncoderError, WeightsSource, load_state_dict_file
 from batchcap.hardware import autocast
 
 
 def build_backbone(cfg: EncoderConfig, source: WeightsSource) -> Any:
-    """The timm network as a feature extractor (``num_classes=0``) with weights loaded, eval mode."""
+    """The timm network as a feature extractor (``num_classes=0``) with weights loaded, eval mode.
+
+    With several exit flows (an ensemble whose members each fine-tuned their own), the trunk
+    followed by every exit flow, their maps side by side (:class:`SideBySideExitFlows`).
+    """
     import timm
 
     try:
@@ -51,6 +55,8 @@ def build_backbone(cfg: EncoderConfig, source: WeightsSource) -> Any:
     if source.exit_flow is not None:
         try:
             apply_exit_flow(model, source.exit_flow, source.describe())
+            if source.member_exit_flows:
+                return SideBySideExitFlows(model, source.member_exit_flows, source.describe()).eval()
         except ExitFlowError as exc:
             raise EncoderError(str(exc)) from exc
     return model.eval()

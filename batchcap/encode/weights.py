@@ -56,11 +56,15 @@ class WeightsSource:
     file_sha256: str | None = None  # the file's, when the model's check already hashed it
     #: A model file's fine-tuned exit flow, loaded over the file's or the download's weights.
     exit_flow: dict[str, torch.Tensor] | None = None
+    #: An ensemble's further members' own exit flows, each run beside ``exit_flow`` on the shared trunk.
+    member_exit_flows: tuple[dict[str, torch.Tensor], ...] = ()
 
     def describe(self) -> str:
         base = {"embedded": "embedded in the model file", "pretrained": "timm pretrained download"}.get(
             self.kind, str(self.path)
         )
+        if self.member_exit_flows:
+            return base + f" with the model file's {1 + len(self.member_exit_flows)} fine-tuned exit flows"
         return base + (" with the model file's fine-tuned exit flow" if self.exit_flow is not None else "")
 
 
@@ -94,6 +98,8 @@ def stored_identity(cfg: EncoderConfig, source: WeightsSource) -> tuple[str, str
         digest = "file:" + file_sha256(source.path or "")
     if source.exit_flow is not None:
         digest += "+exit_flow:" + tensors_sha256(source.exit_flow)
+    for flow in source.member_exit_flows:
+        digest += "+exit_flow:" + tensors_sha256(flow)
     return cfg.name, digest
 
 
@@ -111,8 +117,10 @@ def resolve_encoder_weights(
     if model.encoder_state is not None and not model.encoder.finetuned:
         return WeightsSource("embedded", state=model.encoder_state)
     base = _base_weights(model, explicit, environ)
-    if model.encoder.finetuned:  # the file holds the fine-tuned exit flow, the rest is the base weights
-        return dataclasses.replace(base, exit_flow=model.encoder_state or {})
+    if model.encoder.finetuned:  # the file holds the fine-tuned exit flow(s), the rest is the base weights
+        return dataclasses.replace(
+            base, exit_flow=model.encoder_state or {}, member_exit_flows=model.member_exit_flows()
+        )
     return base
 
 

@@ -10,13 +10,16 @@ from batchcap.config import to_dict
 from batchcap.model.modelfile import EXIT_FLOW, CaptionModel
 
 
+def same_tensors(a: dict[str, torch.Tensor] | None, b: dict[str, torch.Tensor] | None) -> bool:
+    """Both state dicts are absent, or hold the very same tensors under the same names."""
+    if a is None or b is None:
+        return a is None and b is None
+    return a.keys() == b.keys() and all(torch.equal(v, b[k]) for k, v in a.items())
+
+
 def same_encoder_state(a: CaptionModel, b: CaptionModel) -> bool:
     """Both models embed no encoder, or the very same encoder weights."""
-    if a.encoder_state is None or b.encoder_state is None:
-        return a.encoder_state is None and b.encoder_state is None
-    return a.encoder_state.keys() == b.encoder_state.keys() and all(
-        torch.equal(v, b.encoder_state[k]) for k, v in a.encoder_state.items()
-    )
+    return same_tensors(a.encoder_state, b.encoder_state)
 
 
 def same_exit_flow_keys(a: CaptionModel, b: CaptionModel) -> bool:

@@ -13,6 +13,10 @@ states laid end to end, and the encoder memory and attention keys of each member
 copy per image (:attr:`EnsembleDecoder.per_image_state`). Members share the vocabulary,
 the encoder and the preprocessing; their architectures may differ.
 
+Members fine-tuned with their own exit flows (``--finetune-exit-flow``) keep them: the encoder
+then lays each member's feature map beside the others' (member 0's first), and with
+``split_features`` each member reads only its own ``feature_dim`` slice.
+
 Unlike weight averaging (:mod:`batchcap.tools.average`), an ensemble works for decoders trained
 from different random starts, and costs one decoder step per member at run time.
 """
@@ -37,7 +41,9 @@ class EnsembleError(Exception):
 class EnsembleDecoder(nn.Module):
     """Several :class:`CaptionDecoder` s behind one ``init_state`` / ``step`` interface."""
 
-    def __init__(self, members: Sequence[CaptionDecoder], combine: str = "logprob") -> None:
+    def __init__(
+        self, members: Sequence[CaptionDecoder], combine: str = "logprob", split_features: bool = False
+    ) -> None:
         super().__init__()
         if combine not in COMBINE_RULES:
             raise EnsembleError(f"combine rule {combine!r}: expected one of {', '.join(COMBINE_RULES)}")
@@ -51,6 +57,13 @@ class EnsembleDecoder(nn.Module):
             )
         self.members = nn.ModuleList(members)
         self.combine = combine
+        #: Where each member's features start and end along the last dimension; None: all read the same.
+        self.feature_slices: list[tuple[int, int]] | None = None
+        if split_features:
+            ends = [0]
+            for member in members:
+                ends.append(ends[-1] + member.cfg.feature_dim)
+            self.feature_slices = list(zip(ends[:-1], ends[1:]))
         self._sizes = [len(m.per_image_state) for m in members]
         #: Concatenation of the members' flags, in the order of the concatenated state.
         self.per_image_state = tuple(flag for m in members for flag in m.per_image_state)
@@ -66,8 +79,27 @@ class EnsembleDecoder(nn.Module):
         return list(self.members)  # type: ignore[arg-type]  # a ModuleList of CaptionDecoders
 
     def init_state(self, features: torch.Tensor, styles: torch.Tensor | None = None) -> State:
-        """Every member's initial state from the same features (and styles), laid end to end."""
-        return tuple(t for member in self._decoders() for t in member.init_state(features, styles=styles))
+        """Every member's initial state from the features (and styles), laid end to end.
+
+        With ``feature_slices``, member ``i`` reads ``features[..., start_i:end_i]`` only.
+        """
+        return tuple(
+            t
+            for member, member_features in zip(self._decoders(), self.member_features(features))
+            for t in member.init_state(member_features, styles=styles)
+        )
+
+    def member_features(self, features: torch.Tensor) -> list[torch.Tensor]:
+        """What each member reads of ``features``: its own slice, or all of them when members share an encoder."""
+        if self.feature_slices is None:
+            return [features] * len(self.members)
+        expected = self.feature_slices[-1][1]
+        if features.shape[-1] != expected:
+            raise EnsembleError(
+                f"features of {features.shape[-1]} dimensions, but the members' exit flows give {expected}: "
+                "encode with this model's encoder (each member's exit flow side by side)"
+            )
+        return [features[..., start:end] for start, end in self.feature_slices]
 
     def step(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         """One word for N hypotheses: the combined fp32 log-probabilities ``(N, V)`` and new state.

@@ -32,6 +32,13 @@ holds the hyper-parameters of members 1, 2, ... (member 0's are the top-level ``
 ``training.ensemble`` lists every member's ``identity`` and ``training`` record, once.
 Single-decoder files stay version 1.
 
+An ensemble of decoders fine-tuned with their own exit flows (``--finetune-exit-flow``) is format
+version 4: ``encoder.*`` is member 0's exit flow, tensors ``exit_flow.<i>.*`` are member ``i``'s, and
+``ensemble.exit_flows`` = ``"per_member"``. The encoder runs the shared trunk once and every member's
+exit flow on it; the features are the members' maps side by side, and each decoder reads its own
+(:class:`batchcap.model.ensemble.EnsembleDecoder`). An earlier batchcap, which would feed member 0's
+features to every decoder, refuses the file.
+
 Loading reads the header with plain JSON, never unpickles, and refuses files that are
 not batchcap models, come from a newer format, are truncated or corrupt.
 Saving writes a temp file beside the target and ``os.replace``s it.
@@ -57,11 +64,15 @@ from batchcap.model.ensemble import EnsembleDecoder
 from batchcap.model.text import FALLBACK_UNENDABLE, Vocabulary
 
 FORMAT_NAME = "batchcap-model"
-FORMAT_VERSION = 3  # the newest this batchcap reads; other files are still written as 1 or 2
+FORMAT_VERSION = 4  # the newest this batchcap reads; other files are still written as 1, 2 or 3
 ENSEMBLE_FORMAT_VERSION = 2
 # A decoder with caption styles: an earlier batchcap would not know their tensor, so it must refuse the file
 # ("upgrade batchcap") rather than call it corrupt.
 STYLES_FORMAT_VERSION = 3
+# An ensemble whose members each read their own exit flow's features.
+MEMBER_EXIT_FLOWS_FORMAT_VERSION = 4
+#: ``ensemble.exit_flows`` of such a file.
+PER_MEMBER = "per_member"
 _MAX_HEADER = 100 * 1024 * 1024
 
 
@@ -99,6 +110,8 @@ class DecoderMember:
     state: dict[str, torch.Tensor]
     identity: str
     training: dict[str, Any] = field(default_factory=dict)
+    #: The member's own fine-tuned exit flow, in an ensemble whose members each have one; else None.
+    exit_flow: dict[str, torch.Tensor] | None = None
 
 
 @dataclass
@@ -130,15 +143,30 @@ class CaptionModel:
     combine: str = "logprob"  # how an ensemble's log-probabilities are combined (batchcap.model.ensemble)
 
     def decoders(self) -> list[DecoderMember]:
-        """Every decoder of the file, member 0 first (a single-decoder model has one)."""
+        """Every decoder of the file, member 0 first (a single-decoder model has one).
+
+        In an ensemble with an exit flow per member, member 0's ``exit_flow`` is the file's ``encoder_state``.
+        """
         if self.extra_decoders:
             records = self.training.get("ensemble") or []
             first: dict[str, Any] = records[0] if records else {"identity": self.identity, "training": {}}
+            own = self.encoder_state if self.exit_flow_per_member else None
             return [
-                DecoderMember(self.decoder, self.decoder_state, first["identity"], first.get("training") or {}),
+                DecoderMember(self.decoder, self.decoder_state, first["identity"], first.get("training") or {}, own),
                 *self.extra_decoders,
             ]
         return [DecoderMember(self.decoder, self.decoder_state, self.identity, self.training)]
+
+    @property
+    def exit_flow_per_member(self) -> bool:
+        """An ensemble whose decoders each read the features of their own fine-tuned exit flow."""
+        return any(member.exit_flow is not None for member in self.extra_decoders)
+
+    def member_exit_flows(self) -> tuple[dict[str, torch.Tensor], ...]:
+        """The exit flows of members 1, 2, ... that the encoder runs beside member 0's; empty when they share one."""
+        if not self.exit_flow_per_member:
+            return ()
+        return tuple(member.exit_flow or {} for member in self.extra_decoders)
 
     @property
     def unendable_ids(self) -> tuple[int, ...]:
@@ -178,6 +206,8 @@ class CaptionModel:
         if self.encoder_state is None:
             return base
         stored = tensors_sha256(self.encoder_state)
+        for flow in self.member_exit_flows():
+            stored += "+" + tensors_sha256(flow)
         return f"{base}+{enc.finetuned}:{stored}" if enc.finetuned else f"embedded:{stored}"
 
     @property
@@ -205,12 +235,15 @@ class CaptionModel:
             **({"familiarity": self.familiarity.meta()} if self.familiarity is not None else {}),
             **({"neighbours": self.neighbours.meta()} if self.neighbours is not None else {}),
             **({"calibration": self.calibration.to_dict()} if self.calibration is not None else {}),
-            **(
-                {"ensemble": {"combine": self.combine, "decoders": [to_dict(m.config) for m in self.extra_decoders]}}
-                if self.extra_decoders
-                else {}
-            ),
+            **({"ensemble": self._ensemble_meta()} if self.extra_decoders else {}),
         }
+
+    def _ensemble_meta(self) -> dict[str, Any]:
+        """The ``ensemble`` metadata key: how members combine, members 1..'s hyper-parameters, their exit flows."""
+        meta: dict[str, Any] = {"combine": self.combine, "decoders": [to_dict(m.config) for m in self.extra_decoders]}
+        if self.exit_flow_per_member:
+            meta["exit_flows"] = PER_MEMBER
+        return meta
 
     def _word_rules(self) -> dict[str, Any]:
         """The ``ending_rule`` and ``repeat_rule`` metadata keys, each only when it holds something learnt."""
@@ -231,6 +264,7 @@ class CaptionModel:
 
         For an ensemble, an :class:`batchcap.model.ensemble.EnsembleDecoder` of all members: the
         same ``init_state`` / ``step`` / ``per_image_state`` interface, so searches need not know.
+        With an exit flow per member, each member reads its own slice of the features.
         """
 
         modules = []
@@ -241,7 +275,7 @@ class CaptionModel:
         if len(modules) == 1:
             return modules[0]
 
-        return EnsembleDecoder(modules, self.combine).eval()
+        return EnsembleDecoder(modules, self.combine, split_features=self.exit_flow_per_member).eval()
 
 
 def save_model(model: CaptionModel, path: str | os.PathLike[str], half: bool = False) -> CaptionModel:
@@ -256,6 +290,8 @@ def save_model(model: CaptionModel, path: str | os.PathLike[str], half: bool = F
     tensors = {f"decoder.{k}": stored(v) for k, v in model.decoder_state.items()}
     for i, member in enumerate(model.extra_decoders, 1):
         tensors.update({f"ensemble.{i}.{k}": stored(v) for k, v in member.state.items()})
+        if member.exit_flow is not None:
+            tensors.update({f"exit_flow.{i}.{k}": stored(v) for k, v in member.exit_flow.items()})
     if model.encoder_state is not None:  # a fine-tuned exit flow halves like the decoder (the base file is fp16)
         tensors.update(
             {f"encoder.{k}": stored(v) if model.encoder.finetuned else v for k, v in model.encoder_state.items()}
@@ -400,18 +436,30 @@ def _extra_decoders(
     if not ensemble:
         return ()
     records = training["ensemble"]
+    per_member = ensemble.get("exit_flows") == PER_MEMBER
     members = []
     for i, config in enumerate(ensemble["decoders"], 1):
-        prefix = f"ensemble.{i}."
-        state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+        state = _prefixed(tensors, f"ensemble.{i}.")
         if not state:
             raise KeyError(f"tensors of ensemble member {i}")
+        exit_flow = _prefixed(tensors, f"exit_flow.{i}.") if per_member else None
+        if per_member and not exit_flow:
+            raise KeyError(f"exit-flow tensors of ensemble member {i}")
         members.append(
             DecoderMember(
-                from_dict(DecoderConfig, config), state, records[i]["identity"], records[i].get("training") or {}
+                from_dict(DecoderConfig, config),
+                state,
+                records[i]["identity"],
+                records[i].get("training") or {},
+                exit_flow,
             )
         )
     return tuple(members)
+
+
+def _prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The tensors whose names start with ``prefix``, under the rest of their names."""
+    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
 def check_encoder_weights(model: CaptionModel, weights_path: str | os.PathLike[str]) -> str:
@@ -457,7 +505,10 @@ def _neighbour_datasets(stored: dict[str, Any] | None) -> list[str] | None:
 
 
 def _format_version(model: CaptionModel) -> int:
-    """The oldest format version that describes ``model``: 3 with caption styles, 2 for an ensemble, else 1."""
+    """The oldest format version that describes ``model``: 4 for an ensemble with an exit flow per member,
+    3 with caption styles, 2 for another ensemble, else 1."""
+    if model.exit_flow_per_member:
+        return MEMBER_EXIT_FLOWS_FORMAT_VERSION
     if any(member.config.styles for member in model.decoders()):
         return STYLES_FORMAT_VERSION
     return ENSEMBLE_FORMAT_VERSION if model.extra_decoders else 1

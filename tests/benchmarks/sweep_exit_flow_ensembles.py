@@ -1,13 +1,13 @@
 """Score ensembles of models that each keep their own fine-tuned exit flow, on every DATA's dev split.
 
-Model selection, not a benchmark. `batchcap ensemble` needs members that share one encoder; models
-fine-tuned with `--finetune-exit-flow` each have their own exit flow, so they cannot be ensembled by
-the product yet. This script measures what such an ensemble would score before it is built: the
-trunk activations (entry and middle flow, shared by every member) come from the cache `batchcap
-train --cache-dir` wrote, each member runs its own exit flow on them, and each member's decoder reads
-its own features inside one beam search (beam 3, the first member's word rules, bf16 decoder weights
-as `run` uses at bf16). Captions are scored with the COCO toolkit (PTB tokenizer when Java is
-present), as `batchcap eval` scores them.
+Model selection, not a benchmark. `batchcap ensemble` joins models fine-tuned with
+`--finetune-exit-flow`, each keeping its own exit flow; this script scores many such ensembles
+before any is built, from cached trunk activations: the entry and middle flow, shared by every
+member, come from the cache `batchcap train --cache-dir` wrote, each member runs its own exit flow
+on them, and each member's decoder reads its own features inside one beam search, as the built
+ensemble does (beam 3, the first member's word rules, bf16 decoder weights as `run` uses at bf16).
+Captions are scored with the COCO toolkit (PTB tokenizer when Java is present), as `batchcap eval`
+scores them.
 
     python tests/benchmarks/sweep_exit_flow_ensembles.py flickr8k/ everyday-captioned/dataset_everyday.json \\
         --model a=a.safetensors --model b=b.safetensors --cache-dir .batchcap-features \\
@@ -37,19 +37,10 @@ from batchcap.config import BeamConfig  # noqa: E402
 from batchcap.data.captions.factory import load_caption_dataset  # noqa: E402
 from batchcap.data.captions.mixture import dataset_name  # noqa: E402
 from batchcap.encode.exit_flow import TRUNK_LAYER  # noqa: E402
-from batchcap.model.decoder import State  # noqa: E402
 from batchcap.model.ensemble import EnsembleDecoder  # noqa: E402
 from batchcap.model.modelfile import CaptionModel, load_model  # noqa: E402
 from batchcap.training.driver import caption_features  # noqa: E402
 from batchcap.training.metrics import score_captions  # noqa: E402
-
-
-class OwnFeaturesEnsemble(EnsembleDecoder):
-    """An ensemble whose members each read their own slice of the features, laid side by side."""
-
-    def init_state(self, features: torch.Tensor, styles: torch.Tensor | None = None) -> State:
-        slices = features.split(features.shape[-1] // len(self.members), dim=-1)
-        return tuple(t for member, own in zip(self._decoders(), slices) for t in member.init_state(own, styles=styles))
 
 
 def parse_ensemble(spec: str) -> tuple[list[str], str]:
@@ -80,7 +71,9 @@ def main() -> None:
     searches = []  # (members, rule, decoder): built once, searched on every DATA
     for members, rule in ensembles:
         decoders = [models[m].build_decoder(torch.bfloat16) for m in members]
-        searches.append((members, rule, decoders[0] if len(decoders) == 1 else OwnFeaturesEnsemble(decoders, rule)))
+        searches.append(
+            (members, rule, decoders[0] if len(decoders) == 1 else EnsembleDecoder(decoders, rule, split_features=True))
+        )
     rows = []
     for path in args.data:
         dataset = load_caption_dataset(path)

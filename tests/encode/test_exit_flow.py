@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import timm
 import torch
 from click.testing import CliRunner
-from conftest import write_shapes_dataset
+from conftest import TINY_WORDS, write_shapes_dataset
 from safetensors.torch import save_file
 
 from batchcap.cli import cli
-from batchcap.config import EncoderConfig, Preprocess, RuntimeConfig
+from batchcap.config import DecoderConfig, EncoderConfig, Preprocess, RuntimeConfig
 from batchcap.encode.exit_flow import (
     EXIT_MODULES,
     ExitFlowError,
@@ -26,7 +27,12 @@ from batchcap.encode.exit_flow import (
 )
 from batchcap.encode.torch_backend import build_backbone
 from batchcap.encode.weights import EncoderError, WeightsSource, resolve_encoder_weights, stored_identity
-from batchcap.model.modelfile import load_model, save_model
+from batchcap.fileio import file_sha256
+from batchcap.model.decoder import CaptionDecoder
+from batchcap.model.ensemble import EnsembleError
+from batchcap.model.modelfile import EXIT_FLOW, CaptionModel, EncoderSpec, load_model, read_header, save_model
+from batchcap.model.text import SPECIAL_TOKENS, Vocabulary
+from batchcap.tools.ensemble import ensemble_models
 
 
 @pytest.fixture(scope="module")
@@ -212,3 +218,110 @@ def test_training_features_match_captioning_features(tmp_path: Path, xception: t
     captioning = Encoder(xception, pre, runtime)(images)
     cos = torch.nn.functional.cosine_similarity(trained_view.flatten(1), captioning.flatten(1))
     assert cos.min() > 0.999, cos
+
+
+def _tuned_model(models: Path, xception: torch.nn.Module, seed: int) -> CaptionModel:
+    """A model over ``models/xception.safetensors`` with its own (perturbed) exit flow and a random decoder."""
+    generator = torch.Generator().manual_seed(seed)
+    exit_flow = {
+        k: v + 0.05 * torch.randn(v.shape, generator=generator) if v.is_floating_point() else v
+        for k, v in exit_flow_state(XceptionExitFlow(xception)).items()
+    }
+    vocab = Vocabulary(SPECIAL_TOKENS + TINY_WORDS)
+    cfg = DecoderConfig(vocab_size=len(vocab), embed_dim=16, hidden_dim=32, attention_dim=16, dropout=0.0)
+    torch.manual_seed(seed)
+    decoder = CaptionDecoder(cfg)
+    with torch.no_grad():
+        decoder.out.bias[vocab.end_id] += 1.5
+    model = CaptionModel(
+        name=f"tuned{seed}",
+        encoder=EncoderSpec(
+            weights_sha256=file_sha256(models / "xception.safetensors"),
+            weights_file="xception.safetensors",
+            finetuned=EXIT_FLOW,
+        ),
+        preprocess=Preprocess(input_size=(3, 64, 64), resize="squash", mean=(0.5,) * 3, std=(0.5,) * 3),
+        decoder=cfg,
+        vocab=vocab,
+        max_caption_len=8,
+        decoder_state=decoder.state_dict(),
+        encoder_state=exit_flow,
+    )
+    save_model(model, models / f"tuned{seed}.safetensors")
+    return load_model(models / f"tuned{seed}.safetensors")
+
+
+def test_an_ensemble_keeps_each_members_exit_flow(
+    tmp_path: Path, xception: torch.nn.Module, image_folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Members with their own exit flows: one trunk, each exit flow on it, each decoder on its own features."""
+    models = tmp_path / "models"
+    models.mkdir()
+    save_file({k: v.contiguous() for k, v in xception.state_dict().items()}, models / "xception.safetensors")
+    first, second = _tuned_model(models, xception, 1), _tuned_model(models, xception, 2)
+    out = models / "pair.safetensors"
+    runner = CliRunner()
+    made = runner.invoke(cli, ["ensemble", str(first.path), str(second.path), "--out", str(out), "--half"])
+    assert made.exit_code == 0, made.output
+    pair = load_model(out)
+    assert read_header(out)["__metadata__"]["batchcap.format_version"] == "4"
+    assert pair.exit_flow_per_member and len(pair.member_exit_flows()) == 1
+    for member, single in zip(pair.decoders(), (first, second)):
+        assert member.exit_flow is not None and single.encoder_state is not None
+        assert all(torch.equal(member.exit_flow[k].float(), v.half().float()) for k, v in single.encoder_state.items())
+
+    # The encoder: the trunk once, then each member's exit flow, their maps side by side, member 0 first.
+    cfg = EncoderConfig(name="legacy_xception")
+    source = resolve_encoder_weights(pair)
+    joined = build_backbone(cfg, source)
+    alone = [build_backbone(cfg, resolve_encoder_weights(load_model(m.path or ""))) for m in (first, second)]
+    halved = [
+        replace(m, encoder_state={k: v.half() for k, v in (m.encoder_state or {}).items()}) for m in (first, second)
+    ]
+    alone = [build_backbone(cfg, resolve_encoder_weights(m)) for m in halved]
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        want = torch.cat([net.forward_features(x) for net in alone], dim=1)
+        torch.testing.assert_close(joined.forward_features(x), want)
+    # Feature and graph caches tell the pair from either member.
+    assert stored_identity(cfg, source) != stored_identity(cfg, resolve_encoder_weights(halved[0]))
+    assert pair.encoder_weights_id() != halved[0].encoder_weights_id()
+
+    # Captioning: both backends run the pair; the decoders see the right features, so captions agree.
+    captions = {}
+    for backend in ("torch", "openvino"):
+        result = runner.invoke(
+            cli,
+            [
+                "run",
+                str(image_folder),
+                "--out",
+                str(tmp_path / f"{backend}.jsonl"),
+                "--model",
+                str(out),
+                "--backend",
+                backend,
+                "--precision",
+                "fp32",
+                "--workers",
+                "0",
+            ],
+        )
+        assert result.exit_code == 0, result.output
+        rows = [json.loads(line) for line in (tmp_path / f"{backend}.jsonl").read_text().splitlines()]
+        assert len(rows) == 20 and {r["status"] for r in rows} == {"ok"}
+        assert {r["model"] for r in rows} == {pair.identity}
+        captions[backend] = {r["id"]: r["caption"] for r in rows}
+    same = sum(captions["torch"][k] == captions["openvino"][k] for k in captions["torch"])
+    assert same >= 18, captions
+
+    # A member whose whole encoder is embedded cannot join: there is no exit flow to run beside the others.
+    whole = replace(first, encoder=replace(first.encoder, finetuned=""), encoder_state=xception.state_dict())
+    with pytest.raises(EnsembleError, match="embedded encoder weights"):
+        ensemble_models([first, whole])
+    # A batchcap that would feed member 0's features to every decoder refuses the file.
+    import batchcap.model.modelfile as modelfile
+
+    monkeypatch.setattr(modelfile, "FORMAT_VERSION", 3)
+    with pytest.raises(modelfile.ModelFileError, match="version 4 is newer"):
+        load_model(out)

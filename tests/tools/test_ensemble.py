@@ -229,14 +229,11 @@ def test_refusals(three_models: list[Path], tmp_path: Path) -> None:
     assert bad.exit_code == 2 and "at least two" in bad.output, bad.output
 
 
-def test_an_ensemble_over_own_features_gives_each_member_its_own_slice(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The exit-flow ensemble sweep lays each member's features side by side; each member must see only its own."""
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    from sweep_exit_flow_ensembles import OwnFeaturesEnsemble, parse_ensemble
-
+def test_members_with_their_own_features_each_read_their_own_slice() -> None:
+    """Members fine-tuned with their own exit flows get the features side by side; each must see only its own."""
     members = _members(seed=5)
     own = [torch.randn(3, 5, 6) for _ in members]
-    ensemble = OwnFeaturesEnsemble(members, "logprob")
+    ensemble = EnsembleDecoder(members, "logprob", split_features=True)
     state = ensemble.init_state(torch.cat(own, dim=-1))
     want = tuple(t for member, features in zip(members, own) for t in member.init_state(features))
     assert len(state) == len(want) and all(torch.allclose(a, b, atol=1e-6) for a, b in zip(state, want))
@@ -245,9 +242,17 @@ def test_an_ensemble_over_own_features_gives_each_member_its_own_slice(monkeypat
         got, _ = ensemble.step(tokens, state)
         reference, _ = _reference_step(members, "logprob")(tokens, want)
     assert torch.allclose(got, reference, atol=1e-5)
-    # the same features for every member is the product's ensemble
+    # the same features for every member is the shared-encoder ensemble
     shared = torch.randn(3, 5, 6)
-    same = OwnFeaturesEnsemble(members, "prob").init_state(torch.cat([shared] * 3, dim=-1))
+    same = EnsembleDecoder(members, "prob", split_features=True).init_state(torch.cat([shared] * 3, dim=-1))
     product = EnsembleDecoder(members, "prob").init_state(shared)
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(same, product))
+    with pytest.raises(EnsembleError, match="features of 6 dimensions, but the members' exit flows give 18"):
+        ensemble.init_state(shared)
+
+
+def test_the_exit_flow_sweep_reads_ensembles(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from sweep_exit_flow_ensembles import parse_ensemble
+
     assert parse_ensemble("a+b+b:prob") == (["a", "b", "b"], "prob") and parse_ensemble("a") == (["a"], "logprob")
