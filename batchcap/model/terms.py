@@ -37,6 +37,7 @@ _KERAS_XCEPTION = ("Xception ImageNet weights from Keras (keras-applications)", 
 DEFAULT_MODEL_SOURCES = (
     ("Flickr8k (Hodosh, Young & Hockenmaier, 2013)", RESEARCH),
     ("Flickr30k captions (Young et al., 2014)", RESEARCH),
+    _KNOWN_DATA[2][1:],
     _KERAS_XCEPTION,
 )
 
@@ -44,7 +45,7 @@ CODE_LICENCE = "MIT (see LICENSE)"
 
 
 def _stages(training: dict[str, Any]) -> Iterator[dict[str, Any]]:
-    """Every training record inside ``training``: itself, its --init-model chain, averaged members."""
+    """Every training record inside ``training``: itself, its --init-model chain, averaged and ensembled members."""
     seen = 0
     stack = [training]
     while stack and seen < 1000:
@@ -56,7 +57,7 @@ def _stages(training: dict[str, Any]) -> Iterator[dict[str, Any]]:
         start = record.get("init_model")
         if isinstance(start, dict):
             stack.append(start.get("training") or {})
-        for member in record.get("averaged") or []:
+        for member in [*(record.get("averaged") or []), *(record.get("ensemble") or [])]:
             if isinstance(member, dict):
                 stack.append(member.get("training") or {})
 
@@ -95,14 +96,11 @@ def model_terms(meta: dict[str, Any], is_default_model: bool = False) -> dict[st
     weights; ``terms`` sums them up in one sentence (research use only as soon as one source is
     research use only); ``basis`` says whether that was read from the file or assumed.
     """
-    trainings = [meta.get("training") or {}]
-    trainings += [(d or {}).get("training") or {} for d in meta.get("extra_decoders") or [] if isinstance(d, dict)]
     sources: dict[str, str] = {}
-    for training in trainings:
-        for record in _stages(training):
-            for name in _data_names(record):
-                what, terms = _classify(name)
-                sources.setdefault(what, terms)
+    for record in _stages(meta.get("training") or {}):
+        for name in _data_names(record):
+            what, terms = _classify(name)
+            sources.setdefault(what, terms)
     basis = "the training records in the model file"
     if not sources and is_default_model:
         sources = dict(DEFAULT_MODEL_SOURCES)
