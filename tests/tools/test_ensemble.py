@@ -256,3 +256,22 @@ def test_the_exit_flow_sweep_reads_ensembles(monkeypatch: pytest.MonkeyPatch) ->
     from sweep_exit_flow_ensembles import parse_ensemble
 
     assert parse_ensemble("a+b+b:prob") == (["a", "b", "b"], "prob") and parse_ensemble("a") == (["a"], "logprob")
+
+
+def test_caption_words_counts_distinct_words_and_referenced_content_words(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The script that compares how specific the pair's captions are against a single model's."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from caption_words import datasets_of, word_figures
+
+    rows = [
+        # content words: plate, broccoli -> both in the references
+        {"caption": "A plate of broccoli.", "references": ["broccoli on a white plate"]},
+        # content words: dog, running, snow -> dog only
+        {"caption": "a dog running in the snow", "references": ["a dog sleeps", "the dog is brown"]},
+        {"caption": "a the of", "references": ["a cat"]},  # no content word: not counted in the share
+    ]
+    figures = word_figures(rows)
+    assert figures["distinct_words"] == 9  # a plate of broccoli dog running in the snow
+    assert figures["content_words_in_references"] == pytest.approx(round((1.0 + 1 / 3) / 2, 3))
+    assert set(datasets_of({"datasets": {"x": {}, "y": {}}})) == {"x", "y"}
+    assert list(datasets_of({"data": "/d/flickr8k", "captions": []})) == ["flickr8k"]
