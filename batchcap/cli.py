@@ -96,16 +96,19 @@ def interruptible(func: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         import signal
 
+        from batchcap.pipeline.interrupt import STOP_SIGNALS, forget_startup_signal, startup_signal
         from batchcap.pipeline.progress import EXIT_INTERRUPTED
 
-        previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+        previous = {signum: signal.signal(signum, startup_signal) for signum in STOP_SIGNALS}
         try:
             return func(*args, **kwargs)
         except KeyboardInterrupt:
             click.echo("batchcap: interrupted before captioning began; nothing was written", err=True)
             sys.exit(EXIT_INTERRUPTED)
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            forget_startup_signal()
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
 
     return wrapper
 

@@ -13,6 +13,12 @@ A second signal exits at once without any clean-up, which is exactly as safe as
 repeat that arrives within ``repeat_window`` seconds of the first counts as the same
 request, because one event is often delivered twice: Slurm's ``scancel`` signals every
 process of a job, including the batch shell, whose trap forwards it again.
+
+Before the run loop takes the signals over (imports, loading the model), :func:`startup_signal`
+raises ``KeyboardInterrupt``, so the command stops before it writes anything. Python drops an
+exception raised where it cannot propagate (a weak-reference callback inside the import
+machinery prints "Exception ignored" and goes on), so the signal is also remembered:
+:class:`StopSignals` starts with it as its request, and the run stops before its first batch.
 """
 
 from __future__ import annotations
@@ -25,6 +31,22 @@ from types import FrameType
 from typing import Any, TextIO
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+#: A stop signal received during start-up (its name), until a :class:`StopSignals` takes it over.
+_startup_request: str | None = None
+
+
+def startup_signal(signum: int, frame: FrameType | None) -> None:
+    """The handler before the run loop's: remember the signal, then interrupt whatever is running."""
+    global _startup_request
+    _startup_request = signal.Signals(signum).name
+    raise KeyboardInterrupt
+
+
+def forget_startup_signal() -> None:
+    """Start-up is over without a run loop (the command ended or stopped): nothing is pending any more."""
+    global _startup_request
+    _startup_request = None
 
 
 class StopSignals:
@@ -43,10 +65,18 @@ class StopSignals:
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> StopSignals:
+        global _startup_request
         if threading.current_thread() is threading.main_thread():
             self._pid = os.getpid()
             for signum in STOP_SIGNALS:
                 self._previous[signum] = signal.signal(signum, self._handle)
+            if _startup_request is not None:  # arrived during start-up, where Python dropped its interrupt
+                self.requested, self._first_at = _startup_request, time.monotonic()
+                self._say(
+                    f"batchcap: {_startup_request} received while starting: stopping before the first batch; "
+                    "rerun the same command to resume\n"
+                )
+                _startup_request = None
         return self
 
     def __exit__(self, *exc: Any) -> None:

@@ -469,6 +469,24 @@ def test_merge_refuses_a_truncated_part(tmp_path: Path, tiny_model_path: Path) -
     assert_exactly_once(tmp_path / "all.parquet", ids_of(folder))
 
 
+def run_with_import_hook(cmd: list[str], hook_body: str) -> subprocess.CompletedProcess[str]:
+    """``batchcap`` with the arguments of ``cmd``, in a Python whose every import first runs ``hook_body``
+    (indented code that sees ``name``, ``seen`` (a list) and ``Held`` (a class to make weak references to))."""
+    code = (
+        "import builtins, signal, sys, weakref\n"
+        "real, seen = builtins.__import__, []\n"
+        "class Held: pass\n"
+        "def hook(name, *a, **k):\n"
+        f"{hook_body}"
+        "    return real(name, *a, **k)\n"
+        "builtins.__import__ = hook\n"
+        "from batchcap.cli import main\n"
+        f"sys.argv = {['batchcap', *cmd[3:]]!r}\n"
+        "main()\n"
+    )
+    return subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+
+
 def test_signal_while_torch_is_importing_is_exit_6_not_a_crash(tmp_path: Path, tiny_model_path: Path) -> None:
     """A signal can cut ``import torch`` short (seen on a loaded Slurm node): the error handling must
     not import it again, which segfaulted. Simulated: the first import of torch is interrupted, any
@@ -476,23 +494,42 @@ def test_signal_while_torch_is_importing_is_exit_6_not_a_crash(tmp_path: Path, t
     folder = tmp_path / "photos"
     write_images(folder, 2)
     cmd = command([folder], tmp_path / "captions.parquet", tiny_model_path)
-    code = (
-        "import builtins, sys\n"
-        "real, seen = builtins.__import__, []\n"
-        "def hook(name, *a, **k):\n"
+    proc = run_with_import_hook(
+        cmd,
         "    if name == 'torch' or name.startswith('torch.'):\n"
         "        if not seen:\n"
         "            seen.append(name); raise KeyboardInterrupt\n"
-        "        raise SystemError('torch is half imported')\n"
-        "    return real(name, *a, **k)\n"
-        "builtins.__import__ = hook\n"
-        "from batchcap.cli import main\n"
-        f"sys.argv = {['batchcap', *cmd[3:]]!r}\n"
-        "main()\n"
+        "        raise SystemError('torch is half imported')\n",
     )
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == EXIT_INTERRUPTED, proc.stderr
     assert "interrupted before captioning began" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_signal_python_drops_during_start_up_still_stops_the_run(tmp_path: Path, tiny_model_path: Path) -> None:
+    """Slurm's time-limit warning reached a task while it was importing, inside a weak-reference callback of
+    the import machinery: Python printed "Exception ignored" for the interrupt and went on, and the run
+    captioned everything instead of stopping. Simulated: the handler in place at the first import of torch
+    runs inside such a callback. The run must still stop, commit nothing, and resume completely."""
+    folder = tmp_path / "photos"
+    write_images(folder, 6)
+    out = tmp_path / "captions.parquet"
+    cmd = command([folder], out, tiny_model_path)
+    proc = run_with_import_hook(
+        cmd,
+        "    if name == 'torch' and not seen:\n"
+        "        seen.append(name)\n"
+        "        handler = signal.getsignal(signal.SIGTERM)\n"
+        "        held = Held()\n"
+        "        ref = weakref.ref(held, lambda _: handler(signal.SIGTERM, None))\n"
+        "        del held  # the callback runs now; an exception it raises is printed and dropped\n",
+    )
+    assert "Exception ignored" in proc.stderr  # the interrupt itself was dropped, as on the Slurm node
+    assert proc.returncode == EXIT_INTERRUPTED, proc.stderr
+    assert "SIGTERM received while starting" in proc.stderr
+    assert not out.exists()  # not finalised: nothing was captioned
+    again = run(cmd, 120)
+    assert again.returncode == EXIT_OK, again.stdout
+    assert_exactly_once(out, ids_of(folder))
 
 
 # -- sources and outputs batchcap cannot use ------------------------------------------------
