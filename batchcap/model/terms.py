@@ -17,19 +17,12 @@ from typing import Any
 RESEARCH = "research use"
 
 #: What a training source is, by a word in its format, root or file name; first match wins.
+_MS_COCO = "MS-COCO captions (annotations CC BY 4.0; the photos are Flickr photos under their own licences)"
 _KNOWN_DATA = (
     ("flickr30k", "Flickr30k captions (Young et al., 2014)", RESEARCH),
     ("flickr8k", "Flickr8k (Hodosh, Young & Hockenmaier, 2013)", RESEARCH),
-    (
-        "coco",
-        "MS-COCO captions (annotations CC BY 4.0; the photos are Flickr photos under their own licences)",
-        RESEARCH,
-    ),
-    (
-        "everyday",
-        "MS-COCO captions (annotations CC BY 4.0; the photos are Flickr photos under their own licences)",
-        RESEARCH,
-    ),
+    ("coco", _MS_COCO, RESEARCH),
+    ("everyday", _MS_COCO, RESEARCH),
 )
 _KERAS_XCEPTION = ("Xception ImageNet weights from Keras (keras-applications)", "MIT")
 
@@ -37,7 +30,7 @@ _KERAS_XCEPTION = ("Xception ImageNet weights from Keras (keras-applications)", 
 DEFAULT_MODEL_SOURCES = (
     ("Flickr8k (Hodosh, Young & Hockenmaier, 2013)", RESEARCH),
     ("Flickr30k captions (Young et al., 2014)", RESEARCH),
-    _KNOWN_DATA[2][1:],
+    (_MS_COCO, RESEARCH),
     _KERAS_XCEPTION,
 )
 

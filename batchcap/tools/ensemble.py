@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import Any
 
 import torch
 
@@ -58,10 +57,11 @@ def ensemble_models(models: Sequence[CaptionModel], combine: str = "logprob", na
         for member, flow in zip(model.decoders(), _flows(model))
     ]
     head = members[0]
-    trust: dict[str, Any] = {"familiarity": None, "neighbours": None} if per_member else {}
     return replace(
         first,
-        **trust,
+        # fitted on member 0's features alone: calibrate fits them again on the joined ones
+        familiarity=None if per_member else first.familiarity,
+        neighbours=None if per_member else first.neighbours,
         encoder_state=head.exit_flow if per_member else first.encoder_state,
         name=name,
         decoder=head.config,

@@ -92,10 +92,9 @@ def describe_model(model: CaptionModel, show_vocab: bool = False, console: Conso
     if enc.finetuned:
         weights += f", with the {enc.finetuned.replace('_', ' ')} fine-tuned and stored in the model file"
     flows = 1 + len(model.member_exit_flows())
-    if flows > 1:
-        weights += f" once per decoder ({flows} exit flows on one shared trunk, each decoder reading its own)"
     features = f"{enc.feature_dim}-d"
     if flows > 1:
+        weights += f" once per decoder ({flows} exit flows on one shared trunk, each decoder reading its own)"
         features += f" per exit flow, {enc.feature_dim * flows}-d side by side"
     table.add_row("encoder", f"{enc.name}, {'spatial map' if enc.spatial else 'pooled'} features, {features}")
     table.add_row("encoder weights", weights)
