@@ -18,7 +18,7 @@ from typing import Any, NoReturn
 
 import click
 
-from batchcap.config import NEIGHBOURS_K
+from batchcap.config import DEFAULT_CONSENSUS_WEIGHT, NEIGHBOURS_K
 from batchcap.version import __version__
 
 F = Callable[..., Any]
@@ -181,6 +181,14 @@ def backend_options(func: F) -> F:
 
 def beam_options(func: F) -> F:
     """Caption search settings, shared by run, eval, calibrate and bench."""
+    func = click.option(
+        "--consensus-weight",
+        type=float,
+        default=None,
+        help="Rerank the search's captions by mean log-probability + W x their agreement (CIDEr-D) with what "
+        "people wrote for the picture's nearest training pictures; 0: keep the search's order. "
+        f"[default: {DEFAULT_CONSENSUS_WEIGHT} for a model with neighbour statistics, else 0]",
+    )(func)
     func = click.option(
         "--style",
         default="auto",
@@ -978,6 +986,7 @@ def evaluate(
     no_ending_rule: bool,
     allow_repeated_words: bool,
     style: str,
+    consensus_weight: float | None,
 ) -> None:
     """Caption a split of DATA the way `run` does and score it with the COCO caption metrics.
 
@@ -1011,6 +1020,8 @@ def evaluate(
         no_ending_rule=no_ending_rule,
         allow_repeated_words=allow_repeated_words,
         style=style,
+        consensus_weight=consensus_weight,
+        has_neighbours=model_obj.neighbours is not None,
     )
     runtime = runtime_config(device, precision, batch_size, workers, backend, encoder_cache)
     datasets = [load_caption_dataset(d, fmt, images=images) for d in data]
@@ -1153,6 +1164,7 @@ def calibrate(
     no_ending_rule: bool,
     allow_repeated_words: bool,
     style: str,
+    consensus_weight: float | None,
 ) -> None:
     """Fit the confidence of a model's captions on DATA's dev split and write the model to --out.
 
@@ -1203,6 +1215,8 @@ def calibrate(
         no_ending_rule=no_ending_rule,
         allow_repeated_words=allow_repeated_words,
         style=style,
+        consensus_weight=consensus_weight,
+        has_neighbours=True,  # calibrate fits the neighbour statistics before it captions dev
     )
     runtime = runtime_config(device, precision, batch_size, workers)
     try:
@@ -1548,6 +1562,7 @@ def bench(
     no_ending_rule: bool,
     allow_repeated_words: bool,
     style: str,
+    consensus_weight: float | None,
 ) -> None:
     """Measure this machine: encoder images/s per precision, decode rate, beam search, end-to-end run.
 
@@ -1581,6 +1596,7 @@ def bench(
         no_ending_rule=no_ending_rule,
         allow_repeated_words=allow_repeated_words,
         style=style,
+        consensus_weight=consensus_weight,
     )
 
 

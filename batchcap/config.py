@@ -16,6 +16,10 @@ T = TypeVar("T")
 # Nearest training pictures whose captions a caption's consensus reads (``batchcap calibrate
 # --neighbours``); a model file stores the number it was calibrated with.
 NEIGHBOURS_K = 10
+# How much a hypothesis' consensus with its neighbours' captions counts against its mean token
+# log-probability when the search's hypotheses are reranked (``--consensus-weight``). 1.0 scored best
+# of 0.5, 1, 2 and 4 on both dev sets (docs/experiments.md); a model without neighbours is not reranked.
+DEFAULT_CONSENSUS_WEIGHT = 1.0
 
 
 def to_dict(obj: Any) -> dict[str, Any]:
@@ -107,6 +111,11 @@ class BeamConfig:
     is greedy decoding. ``ending_rule`` applies the model's ending rule (no caption ends on
     "a", nor on "a black"); ``allow_repeated_words`` lets any word follow itself, not only
     the model's learnt exceptions. ``style`` picks a decoder's caption style (``DecoderConfig.styles``).
+
+    ``consensus_weight`` > 0 reranks the search's finished hypotheses by
+    ``mean token log-probability + consensus_weight * consensus``, the consensus being the CIDEr-D
+    of a hypothesis against what people wrote for the picture's nearest training pictures
+    (consensus reranking; needs a model with neighbour statistics). 0 keeps the search's order.
     """
 
     beam_size: int = 5
@@ -120,6 +129,7 @@ class BeamConfig:
     # A decoder with caption styles: "auto" (each picture the style of most of its nearest training
     # pictures) or a style's name; a decoder without styles only takes "auto".
     style: str = "auto"
+    consensus_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if self.beam_size < 1:
@@ -130,6 +140,8 @@ class BeamConfig:
             raise ValueError(f"n_best must be between 1 and the beam size ({self.beam_size})")
         if self.no_repeat_ngram < 0:
             raise ValueError("no_repeat_ngram must be >= 0")
+        if not self.consensus_weight >= 0:  # also refuses NaN
+            raise ValueError("consensus_weight must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -236,6 +248,7 @@ _OPTION_OF_SETTING = {
     "ending_rule": "the ending rule (--no-ending-rule turns it off)",
     "allow_repeated_words": "--allow-repeated-words",
     "style": "--style",
+    "consensus_weight": "--consensus-weight",
     "min_confidence": "--min-confidence",
     "id_from": "--id-from",
     "id_column": "--id-column",

@@ -278,3 +278,14 @@ def beam_search(
         ended=fin_ended.gather(1, order),
         token_logprobs=fin_lp.gather(1, order[:, :, None].expand(B, n_best, T + 1)),
     )
+
+
+def token_logprobs_mean(result: BeamResult) -> torch.Tensor:
+    """Mean log-probability of the tokens each caption shows (its words, and ``<end>`` when it ended).
+
+    This is the output's ``logprob`` column (what schema version 1 called ``score``, except
+    that a caption cut back to a clean word at ``max_len`` no longer counts its dropped words).
+    """
+    assert result.token_logprobs is not None
+    tokens = (result.lengths + result.ended.long()).clamp(min=1).float()  # (B, n)
+    return result.token_logprobs.float().sum(2) / tokens

@@ -227,16 +227,31 @@ class Neighbours:
         """``(similarity, consensus)`` float64 arrays for whitened unit vectors ``(B, c)`` and their
         captions; ``nearest`` is :meth:`nearest`'s answer for them, when already asked."""
         values, indices = self.nearest(whitened) if nearest is None else nearest
-        consensus = []
-        for row, cosines, text in zip(indices.tolist(), values, texts):
-            words = normalize_caption(text)
+        consensus = self.consensus([[text] for text in texts], (values, indices))
+        return values.mean(1).numpy(), consensus[:, 0]
+
+    def consensus(self, candidates: Sequence[Sequence[str]], nearest: tuple[torch.Tensor, torch.Tensor]) -> np.ndarray:
+        """float64 ``(B, n)``: the consensus of each of picture ``b``'s candidate captions with its
+        neighbours (``nearest``: :meth:`nearest`'s answer); NaN where a picture has fewer than ``n``.
+
+        The neighbours' references are prepared once per picture and each candidate is vectorised
+        once, whatever the number of candidates: what consensus reranking
+        (:func:`batchcap.model.rerank.rerank_by_consensus`) costs.
+        """
+        values, indices = nearest
+        width = max((len(c) for c in candidates), default=0)
+        out = np.full((len(candidates), width), np.nan)
+        for b, (row, cosines, texts) in enumerate(zip(indices.tolist(), values, candidates)):
             if self.temperature is None:
-                consensus.append(self._cider.score(words, [r for j in row for r in self._prepared(j)]))
+                pooled = [r for j in row for r in self._prepared(j)]
+                out[b, : len(texts)] = [self._cider.score(normalize_caption(t), pooled) for t in texts]
                 continue
-            each = torch.tensor(self._cider.score_each(words, [self._prepared(j) for j in row]), dtype=torch.float64)
+            groups = [self._prepared(j) for j in row]
             weights = torch.softmax(self.temperature * cosines, 0)
-            consensus.append(float((weights * each).sum()))
-        return values.mean(1).numpy(), np.asarray(consensus, dtype=np.float64)
+            for n, text in enumerate(texts):
+                each = torch.tensor(self._cider.score_each(normalize_caption(text), groups), dtype=torch.float64)
+                out[b, n] = float((weights * each).sum())
+        return out
 
     def meta(self) -> dict[str, Any]:
         """What the model file's metadata keeps: ``k``, the weighting, the reference captions and datasets.

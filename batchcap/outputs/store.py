@@ -94,12 +94,14 @@ RETRY_STATUSES = frozenset({"missing", "unreadable", "shard_error"})
 #: Resume settings that outputs written before they were recorded implied: such an output
 #: resumes as before (ids were always made ``relative``; the ending rule was on and any word
 #: could follow itself, so such an output continues with ``--allow-repeated-words``; models had no
-#: caption styles, so ``--style`` was ``auto``).
+#: caption styles, so ``--style`` was ``auto``; captions were not reranked, so such an output
+#: continues with ``--consensus-weight 0``).
 UNRECORDED_SETTINGS: dict[str, Any] = {
     "id_from": "relative",
     "beam.ending_rule": True,
     "beam.allow_repeated_words": True,
     "beam.style": "auto",
+    "beam.consensus_weight": 0.0,
 }
 #: Resume settings not compared with an output written before they were recorded: what it was made
 #: with is not known, so it resumes as before.

@@ -251,6 +251,7 @@ def load_model(
     no_ending_rule: bool = False,
     allow_repeated_words: bool = False,
     style: str = "auto",
+    consensus_weight: float | None = None,
     batch_size: int | None = None,
     encoder_weights: str | os.PathLike[str] | None = None,
     encoder_cache: str | os.PathLike[str] | None = None,
@@ -276,6 +277,9 @@ def load_model(
         allow_repeated_words: let any word follow itself (not only the model's learnt exceptions).
         style: a model with caption styles: the style to write, or ``auto`` (each picture its nearest
             training pictures' style).
+        consensus_weight: rerank the search's captions by mean log-probability + this weight x their
+            consensus with the nearest training pictures' captions; ``None``: 1.0 for a model with
+            neighbour statistics, else 0 (the search's order).
         batch_size: default pictures per encoder batch (16 on CPU, 256 on CUDA).
         encoder_weights: encoder weights, when the model file neither embeds nor ships them
             (default: ``$BATCHCAP_ENCODER_WEIGHTS``).
@@ -302,6 +306,8 @@ def load_model(
         no_ending_rule=no_ending_rule,
         allow_repeated_words=allow_repeated_words,
         style=style,
+        consensus_weight=consensus_weight,
+        has_neighbours=model.neighbours is not None,
     )
     runtime = runtime_config(
         device, precision, batch_size, "0", backend, _path_or_env(encoder_cache, "BATCHCAP_ENCODER_CACHE")
@@ -349,6 +355,7 @@ def run(
     no_ending_rule: bool = False,
     allow_repeated_words: bool = False,
     style: str = "auto",
+    consensus_weight: float | None = None,
     stream: TextIO | None = None,
 ) -> RunResult:
     """``batchcap run SOURCES --out OUT``: caption every picture in ``sources`` not yet in ``out``.
@@ -403,6 +410,8 @@ def run(
         no_ending_rule=no_ending_rule,
         allow_repeated_words=allow_repeated_words,
         style=style,
+        consensus_weight=consensus_weight,
+        has_neighbours="neighbours" in meta,
     )
     cfg = RunConfig(
         sources=tuple(specs),

@@ -23,33 +23,24 @@ from batchcap.data.loader import Batch
 from batchcap.encode.factory import build_encoder
 from batchcap.encode.torch_backend import build_backbone
 from batchcap.encode.weights import resolve_encoder_weights, stored_identity
-from batchcap.model.beam import BeamResult, beam_search
+from batchcap.model.beam import beam_search, token_logprobs_mean
 from batchcap.model.confidence import caption_evidence
 from batchcap.model.decoder import CaptionDecoder
 from batchcap.model.ensemble import EnsembleDecoder
 from batchcap.model.modelfile import CaptionModel
+from batchcap.model.rerank import rerank_by_consensus
 
 #: The status of a picture that decoded but got no caption: every hypothesis scored NaN or
 #: -inf, as happens with NaN or inf features (an fp16 overflow, for example).
 NO_CAPTION = "no_caption"
 
 
-def token_logprobs_mean(result: BeamResult) -> torch.Tensor:
-    """Mean log-probability of the tokens each caption shows (its words, and ``<end>`` when it ended).
-
-    This is the output's ``logprob`` column (what schema version 1 called ``score``, except
-    that a caption cut back to a clean word at ``max_len`` no longer counts its dropped words).
-    """
-    assert result.token_logprobs is not None
-    tokens = (result.lengths + result.ended.long()).clamp(min=1).float()  # (B, n)
-    return result.token_logprobs.float().sum(2) / tokens
-
-
 @dataclass(frozen=True)
 class Caption:
     """One image's result: the best caption, its scores, and the n-best list.
 
-    ``score`` is what the beam search ranked by (``sum log p / length ** length_penalty``);
+    ``score`` is what the captions were ranked by: the search's ``sum log p / length ** length_penalty``,
+    or with consensus reranking (``BeamConfig.consensus_weight``) ``mean log p + weight * consensus``;
     ``n_best`` pairs each caption with that same number, so the list reads in order.
     ``logprob`` is the best caption's mean log-probability per token; ``confidence`` the
     calibrated probability that it is acceptable (``None`` when the model has no calibrator).
@@ -168,15 +159,14 @@ class Captioner:
         )
         self.decoder = search_decoder(model, runtime)
         self.fixed_batch = torch.device(runtime.device).type == "cuda"
-        # A second hypothesis gives the calibrator its margin; asking for it never changes the best.
-        self._search_cfg = dataclasses.replace(beam, n_best=max(beam.n_best, min(2, beam.beam_size)))
+        self._search_cfg = search_settings(beam)
         self._word_rules = model.word_rules(beam)  # once, not per batch
 
     def with_beam(self, beam: BeamConfig) -> Captioner:
         """This captioner with other search settings, sharing its loaded encoder and decoder."""
         other = copy.copy(self)
         other.beam = beam
-        other._search_cfg = dataclasses.replace(beam, n_best=max(beam.n_best, min(2, beam.beam_size)))
+        other._search_cfg = search_settings(beam)
         other._word_rules = self.model.word_rules(beam)
         other._style = style_index(model=self.model, beam=beam)
         return other
@@ -217,8 +207,18 @@ class Captioner:
         )
         neighbours = None
         if model.neighbours is not None and whitened is not None:
-            best = [vocab.decode(row[0]) for row in result.tokens.cpu().tolist()]
-            neighbours = model.neighbours.query(whitened, best, nearest)
+            assert nearest is not None
+            if self.beam.consensus_weight > 0:  # every hypothesis' consensus, then the best of them
+                candidates = [
+                    [vocab.decode(t) for t, score in zip(row, scores) if math.isfinite(score)]
+                    for row, scores in zip(result.tokens.cpu().tolist(), result.scores.cpu().tolist())
+                ]
+                consensus = model.neighbours.consensus(candidates, nearest)
+                result, consensus = rerank_by_consensus(result, consensus, self.beam.consensus_weight)
+                neighbours = (nearest[0].mean(1).numpy(), consensus[:, 0])
+            else:
+                best = [vocab.decode(row[0]) for row in result.tokens.cpu().tolist()]
+                neighbours = model.neighbours.query(whitened, best, nearest)
         evidence = caption_evidence(result, familiarity, neighbours)
         confidence = None if model.calibration is None else model.calibration(evidence).tolist()
         tokens = result.tokens[:, : self.beam.n_best].cpu().tolist()
@@ -259,6 +259,16 @@ class Captioner:
         features = self.encode(images)
         with search_threads(self.runtime):
             return self.search(features)
+
+
+def search_settings(beam: BeamConfig) -> BeamConfig:
+    """What the beam search is asked for to give ``beam``'s captions and the calibrator's evidence.
+
+    A second hypothesis gives the calibrator its margin; consensus reranking needs every finished
+    hypothesis. Asking for more never changes the search's best caption.
+    """
+    wanted = beam.beam_size if beam.consensus_weight > 0 else max(beam.n_best, min(2, beam.beam_size))
+    return dataclasses.replace(beam, n_best=wanted)
 
 
 @contextlib.contextmanager

@@ -8,7 +8,7 @@ and says what to do; the click layer shows it as a usage error (exit 2).
 
 from __future__ import annotations
 
-from batchcap.config import BeamConfig, ImagePolicy, OptionError, RuntimeConfig
+from batchcap.config import DEFAULT_CONSENSUS_WEIGHT, BeamConfig, ImagePolicy, OptionError, RuntimeConfig
 from batchcap.encode import openvino_backend
 from batchcap.encode.factory import resolve_backend
 from batchcap.hardware import default_workers, resolve_device, resolve_precision
@@ -86,9 +86,26 @@ def beam_config(
     no_ending_rule: bool = False,
     allow_repeated_words: bool = False,
     style: str = "auto",
+    consensus_weight: float | None = None,
+    has_neighbours: bool = True,
 ) -> BeamConfig:
-    """A validated :class:`BeamConfig`; ``max_len`` None means the model's own maximum."""
+    """A validated :class:`BeamConfig`; ``max_len`` None means the model's own maximum.
+
+    ``consensus_weight`` None is the default: :data:`DEFAULT_CONSENSUS_WEIGHT` for a model with
+    neighbour statistics (``has_neighbours``), 0 (no reranking) for one without. A weight given for
+    a model without them is refused: it could not be honoured.
+    """
     max_len = max_len or model_max_len
+    if consensus_weight is None:
+        consensus_weight = DEFAULT_CONSENSUS_WEIGHT if has_neighbours else 0.0
+    elif not consensus_weight >= 0:
+        raise OptionError("--consensus-weight", f"{consensus_weight} is negative; use 0 (no reranking) or more")
+    elif consensus_weight > 0 and not has_neighbours:
+        raise OptionError(
+            "--consensus-weight",
+            "the model has no neighbour statistics to rerank by; fit them with `batchcap calibrate`, "
+            "or use --consensus-weight 0",
+        )
     if n_best > beam:
         raise OptionError(
             "--n-best", f"{n_best} is more than the beam keeps; use --beam {n_best} or more for --n-best {n_best}"
@@ -107,6 +124,7 @@ def beam_config(
         ending_rule=not no_ending_rule,
         allow_repeated_words=allow_repeated_words,
         style=style,
+        consensus_weight=float(consensus_weight),
     )
 
 

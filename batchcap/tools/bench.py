@@ -662,6 +662,7 @@ def run_bench(
     no_ending_rule: bool = False,
     allow_repeated_words: bool = False,
     style: str = "auto",
+    consensus_weight: float | None = None,
 ) -> dict[str, Any]:
     """Measure everything ``batchcap bench`` reports; print a table (or JSON) and return the results.
 
@@ -689,6 +690,8 @@ def run_bench(
         no_ending_rule=no_ending_rule,
         allow_repeated_words=allow_repeated_words,
         style=style,
+        consensus_weight=consensus_weight,
+        has_neighbours=loaded.neighbours is not None,
     )
     dev = torch.device(runtime.device)
     policy = ImagePolicy()

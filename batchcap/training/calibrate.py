@@ -406,7 +406,12 @@ def calibrate(
             "auroc": _rounded_auroc(oof, labels),
             "selective": selective_figure(oof, labels),
         },
-        "beam": {"beam_size": beam.beam_size, "max_len": beam.max_len, "length_penalty": beam.length_penalty},
+        "beam": {
+            "beam_size": beam.beam_size,
+            "max_len": beam.max_len,
+            "length_penalty": beam.length_penalty,
+            "consensus_weight": beam.consensus_weight,
+        },
         "precision": runtime.precision,
         "acceptable_share": round(float(labels.mean()), 3),
         "auroc": {
