@@ -99,7 +99,7 @@ def beam_config(
     if consensus_weight is None:
         consensus_weight = DEFAULT_CONSENSUS_WEIGHT if has_neighbours else 0.0
     elif not consensus_weight >= 0:
-        raise OptionError("--consensus-weight", f"{consensus_weight} is negative; use 0 (no reranking) or more")
+        raise OptionError("--consensus-weight", f"must be 0 (no reranking) or more, not {consensus_weight}")
     elif consensus_weight > 0 and not has_neighbours:
         raise OptionError(
             "--consensus-weight",

@@ -188,8 +188,9 @@ def test_the_default_weight_reranks_only_models_with_neighbours() -> None:
     assert beam_config(3, None, 1, 0.0, 0, 1, 20, consensus_weight=0, has_neighbours=False).consensus_weight == 0.0
     with pytest.raises(OptionError, match="--consensus-weight.*no neighbour statistics.*batchcap calibrate"):
         beam_config(3, None, 1, 0.0, 0, 1, 20, consensus_weight=0.5, has_neighbours=False)
-    with pytest.raises(OptionError, match="--consensus-weight.*negative"):
-        beam_config(3, None, 1, 0.0, 0, 1, 20, consensus_weight=-1.0, has_neighbours=True)
+    for bad in (-1.0, float("nan")):
+        with pytest.raises(OptionError, match="--consensus-weight.*must be 0 .no reranking. or more"):
+            beam_config(3, None, 1, 0.0, 0, 1, 20, consensus_weight=bad, has_neighbours=True)
 
 
 def test_run_refuses_a_weight_a_model_without_neighbours_cannot_honour(
