@@ -187,7 +187,8 @@ def describe_model(model: CaptionModel, show_vocab: bool = False, console: Conso
         table.add_row(
             "confidence",
             f"calibrated on {model.calibration.report.get('fitted_on', '?')}"
-            + (f"; AUROC {first[1]} ({first[0]})" if first else ""),
+            + (f"; AUROC {first[1]} ({first[0]})" if first else "")
+            + _calibrated_search(model.calibration.report.get("beam", {})),
         )
     terms = terms_of(model)
     table.add_row(
@@ -199,3 +200,15 @@ def describe_model(model: CaptionModel, show_vocab: bool = False, console: Conso
     console.print(table)
     if show_vocab:
         console.print(" ".join(model.vocab.words))
+
+
+def _calibrated_search(beam: dict[str, Any]) -> str:
+    """The search settings a calibrator was fitted for, as a sentence; other settings are uncalibrated."""
+    if "beam_size" not in beam:
+        return ""
+    weight = beam.get("consensus_weight", 0.0)
+    reranking = f"consensus weight {weight:g}" if weight else "no reranking"
+    return (
+        f"; fitted for beam {beam['beam_size']}, length penalty {beam.get('length_penalty', 0.0):g}, {reranking} "
+        "(other search settings give an uncalibrated confidence)"
+    )

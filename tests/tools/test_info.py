@@ -102,3 +102,17 @@ def test_terms_follow_the_training_data_a_model_file_records(tiny_model_path: Pa
     assert sources["unrecognised training data"].startswith("unknown")
     # A packaged model without training records: what it is known to be.
     assert model_terms({}, is_default_model=True)["terms"].startswith("research use only")
+
+
+def test_info_says_which_search_settings_the_confidence_was_fitted_for() -> None:
+    from batchcap.tools.info import _calibrated_search
+
+    reranked = _calibrated_search({"beam_size": 3, "max_len": 20, "length_penalty": 0.0, "consensus_weight": 1.0})
+    assert "beam 3" in reranked and "consensus weight 1" in reranked and "uncalibrated" in reranked
+    # a calibration from before reranking records no weight: it was fitted on the search's own order
+    assert "no reranking" in _calibrated_search({"beam_size": 5, "max_len": 20, "length_penalty": 0.6})
+    assert _calibrated_search({}) == ""
+    shown = CliRunner().invoke(cli, ["info"])
+    assert shown.exit_code == 0, shown.output
+    cells = " ".join(re.sub(r"[│┃┌┐└┘├┤┬┴┼─]", " ", shown.output).split())  # the table's wrapped cell, as one line
+    assert "fitted for beam 3, length penalty 0, consensus weight 1 (other search settings" in cells
