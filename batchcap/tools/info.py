@@ -181,6 +181,14 @@ def describe_model(model: CaptionModel, show_vocab: bool = False, console: Conso
     table.add_row("repeat rule", repeat)
     if model.familiarity is not None:
         table.add_row("familiarity", model.familiarity.note or f"{model.familiarity.images} training pictures")
+    if model.neighbours is not None:
+        nb = model.neighbours
+        captions = sum(len(c) for c in nb.captions)
+        table.add_row(
+            "neighbours",
+            f"{len(nb.captions)} training pictures with {captions} captions; the {nb.k} nearest are read by the "
+            "confidence and by consensus reranking (--consensus-weight)",
+        )
     if model.calibration is not None:
         auroc = model.calibration.report.get("auroc", {})
         first = next(iter(auroc.items()), None)

@@ -167,6 +167,15 @@ def test_an_output_from_before_caption_styles_resumes_with_style_auto_only(out: 
     open_store(out, fmt, {**before, "beam": {**before["beam"], "style": "auto"}}).finalize()
 
 
+def test_an_output_from_before_reranking_resumes_only_without_it(out: Path, fmt: str) -> None:
+    # Such an output kept the search's own order: continuing it reranked would mix two searches.
+    before = {"model": "tiny@0123456789ab", "beam": {"beam_size": 3, "ending_rule": True, "style": "auto"}}
+    open_store(out, fmt, before).add([row(0)])
+    with pytest.raises(ResumeRefused, match=r"\(--consensus-weight: 0.0 -> 1.0\)"):
+        open_store(out, fmt, {**before, "beam": {**before["beam"], "consensus_weight": 1.0}})
+    open_store(out, fmt, {**before, "beam": {**before["beam"], "consensus_weight": 0.0}}).finalize()
+
+
 def test_refuses_foreign_or_unreadable_output(out: Path, fmt: str) -> None:
     out.write_text("not ours\n")
     with pytest.raises(ResumeRefused, match="--overwrite"):

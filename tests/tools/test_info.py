@@ -116,3 +116,8 @@ def test_info_says_which_search_settings_the_confidence_was_fitted_for() -> None
     assert shown.exit_code == 0, shown.output
     cells = " ".join(re.sub(r"[│┃┌┐└┘├┤┬┴┼─]", " ", shown.output).split())  # the table's wrapped cell, as one line
     assert "fitted for beam 3, length penalty 0, consensus weight 1 (other search settings" in cells
+    assert re.search(
+        r"neighbours \d+ training pictures with \d+ captions; "
+        r"the 10 nearest are read by the confidence and by consensus reranking",
+        cells,
+    )
