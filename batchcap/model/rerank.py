@@ -12,8 +12,8 @@ where ``consensus`` is :meth:`batchcap.model.confidence.Neighbours.consensus`: t
 hypothesis against each neighbour's references, weighted towards the closest neighbours. The mean
 (not the sum) of the log-probabilities keeps short captions from winning by length alone.
 
-It is the largest gain in caption quality measured on both dev sets since the second decoder; the
-sweep of weights and beams is in docs/experiments.md.
+What it gains on both dev sets, and the sweep of weights and beams it was chosen by, are in
+docs/experiments.md.
 """
 
 from __future__ import annotations
