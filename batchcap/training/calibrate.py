@@ -300,6 +300,35 @@ def cross_validated(
     return out
 
 
+#: The ``--min-confidence`` values the report describes: review queues at the low end, unattended
+#: publishing at the high end.
+THRESHOLD_GRID = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+
+
+def threshold_table(confidence: np.ndarray, labels: np.ndarray, grid: Sequence[float]) -> list[dict[str, Any]]:
+    """What ``--min-confidence P`` does on dev, for each P of ``grid`` (out-of-fold confidences).
+
+    Both sides of the threshold: the share of captions set aside and how many of those are bad (for a
+    review queue), and the share of the acceptable captions it keeps and how many of the kept ones are
+    acceptable (for publishing unattended). A share of an empty set is ``None``.
+    """
+    rows = []
+    for p in grid:
+        aside = confidence < p
+        kept = ~aside
+        good = labels == 1
+        rows.append(
+            {
+                "min_confidence": p,
+                "dev_set_aside": round(float(aside.mean()), 3),
+                "dev_bad_among_set_aside": round(float(1 - labels[aside].mean()), 3) if aside.any() else None,
+                "dev_acceptable_kept": round(float(kept[good].mean()), 3) if good.any() else None,
+                "dev_acceptable_among_kept": round(float(labels[kept].mean()), 3) if kept.any() else None,
+            }
+        )
+    return rows
+
+
 def recommend_threshold(confidence: np.ndarray, labels: np.ndarray, bad_share: float = 0.8) -> float:
     """The highest ``--min-confidence`` (0.05 grid) whose set-aside captions are at least ``bad_share`` bad.
 
@@ -449,15 +478,8 @@ def calibrate(
             }
             for name, each, members in zip(mix.names, mix.datasets, sets)
         }
-    grid = (0.2, 0.3, 0.4, 0.5)
-    report["thresholds"] = [
-        {
-            "min_confidence": p,
-            "dev_set_aside": round(float((oof < p).mean()), 3),
-            "dev_bad_among_set_aside": round(float(1 - labels[oof < p].mean()), 3) if (oof < p).any() else None,
-        }
-        for p in grid
-    ]
+    grid = THRESHOLD_GRID
+    report["thresholds"] = threshold_table(oof, labels, grid)
     if unfamiliar is not None:
         report["unfamiliar"] = _unfamiliar_report(
             captioner, calibrator, unfamiliar, evidence, threshold, grid, cache_dir=cache_dir, runtime=runtime, log=log
@@ -586,10 +608,13 @@ def format_report(report: dict[str, Any]) -> str:
     for row in report.get("thresholds", []):
         other = report.get("unfamiliar", {}).get("set_aside_at", {}).get(str(row["min_confidence"]))
         bad = row["dev_bad_among_set_aside"]  # None when the threshold sets no dev picture aside
+        good_kept, good_among = row.get("dev_acceptable_kept"), row.get("dev_acceptable_among_kept")
         lines.append(
             f"    --min-confidence {row['min_confidence']}: sets aside {row['dev_set_aside']:.1%} of dev"
             + (f" ({bad:.0%} of them bad)" if bad is not None else "")
             + (f", {other:.1%} of the unfamiliar pictures" if other is not None else "")
+            + (f"; keeps {good_kept:.0%} of the acceptable" if good_kept is not None else "")
+            + (f", {good_among:.0%} of what it keeps acceptable" if good_among is not None else "")
         )
     if "unfamiliar" in report:
         u = report["unfamiliar"]

@@ -16,6 +16,7 @@ from batchcap.training.calibrate import (
     format_report,
     quality_labels,
     recommend_threshold,
+    threshold_table,
     train_subset,
 )
 
@@ -193,3 +194,36 @@ def test_format_report_when_a_threshold_sets_nothing_aside() -> None:
     line = text.splitlines()[-1]
     assert line.startswith("    --min-confidence 0.2: sets aside 0.0% of dev")
     assert "None" not in line and "of them bad" not in line
+
+
+def test_threshold_table_counts_both_sides_of_each_threshold() -> None:
+    # ten captions: confidence and whether each is acceptable
+    confidence = np.array([0.05, 0.15, 0.25, 0.35, 0.45, 0.55, 0.65, 0.75, 0.85, 0.95])
+    labels = np.array([0, 0, 1, 0, 1, 0, 1, 1, 0, 1])
+    rows = {row["min_confidence"]: row for row in threshold_table(confidence, labels, (0.0, 0.3, 0.7, 1.0))}
+    # 0.3 sets aside the three lowest (two bad); keeps 4 of the 5 acceptable among the 7 it keeps
+    assert rows[0.3] == {
+        "min_confidence": 0.3,
+        "dev_set_aside": 0.3,
+        "dev_bad_among_set_aside": round(2 / 3, 3),
+        "dev_acceptable_kept": 0.8,
+        "dev_acceptable_among_kept": round(4 / 7, 3),
+    }
+    # 0.7 publishes the three highest, two of them acceptable
+    assert rows[0.7]["dev_acceptable_kept"] == 0.4 and rows[0.7]["dev_acceptable_among_kept"] == round(2 / 3, 3)
+    assert rows[0.0]["dev_bad_among_set_aside"] is None and rows[0.0]["dev_acceptable_kept"] == 1.0
+    assert rows[1.0]["dev_acceptable_among_kept"] is None and rows[1.0]["dev_set_aside"] == 1.0
+
+
+def test_format_report_says_what_a_threshold_keeps() -> None:
+    row = {
+        "min_confidence": 0.6,
+        "dev_set_aside": 0.69,
+        "dev_bad_among_set_aside": 0.64,
+        "dev_acceptable_kept": 0.49,
+        "dev_acceptable_among_kept": 0.75,
+    }
+    assert format_report(report([row])).splitlines()[-1] == (
+        "    --min-confidence 0.6: sets aside 69.0% of dev (64% of them bad); keeps 49% of the acceptable, "
+        "75% of what it keeps acceptable"
+    )
