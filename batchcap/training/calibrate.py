@@ -313,10 +313,10 @@ def threshold_table(confidence: np.ndarray, labels: np.ndarray, grid: Sequence[f
     acceptable (for publishing unattended). A share of an empty set is ``None``.
     """
     rows = []
+    good = labels == 1
     for p in grid:
         aside = confidence < p
         kept = ~aside
-        good = labels == 1
         rows.append(
             {
                 "min_confidence": p,
